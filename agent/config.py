@@ -1,0 +1,131 @@
+"""The agent's one typed config object, read once from ``agent.toml`` (tomllib).
+
+A bad config stops the service at start with a message naming the key (``ConfigError``).
+"""
+
+from __future__ import annotations
+
+import tomllib
+import uuid
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+
+class ConfigError(Exception):
+    """The config file is missing, unreadable or names a bad value; the message names the key."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class StorageRootConfig(_Strict):
+    uuid: str
+    path: Path
+
+    @field_validator("uuid")
+    @classmethod
+    def _uuid(cls, value: str) -> str:
+        return _normalise_uuid(value)
+
+    @field_validator("path")
+    @classmethod
+    def _absolute(cls, value: Path) -> Path:
+        if not value.is_absolute():
+            raise ValueError("must be an absolute path")
+        return value
+
+
+class LimitsConfig(_Strict):
+    outgoing_migrations: int = Field(default=2, ge=1, le=64)
+    incoming_migrations: int = Field(default=2, ge=1, le=64)
+    max_request_bytes: int = Field(default=1024 * 1024, ge=1024)
+
+
+class ReportConfig(_Strict):
+    progress_interval_s: float = Field(default=1.0, gt=0)
+    retry_initial_s: float = Field(default=1.0, gt=0)
+    retry_max_s: float = Field(default=60.0, gt=0)
+    retry_for_s: float = Field(default=7 * 24 * 3600.0, gt=0)
+    timeout_s: float = Field(default=10.0, gt=0)
+
+
+class AgentConfig(_Strict):
+    listen_address: str = "0.0.0.0"
+    port: int = Field(default=7070, ge=1, le=65535)
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    token_file: Path
+    cluster_token_file: Path | None = None
+    host_uuid: str
+    libvirt_uri: str = "qemu:///system"
+    state_dir: Path = Path("/var/lib/kvm-storage-agent")
+    migration_address: str | None = None
+    shutdown_grace_s: float = Field(default=10.0, gt=0)
+    storage: tuple[StorageRootConfig, ...] = ()
+    limits: LimitsConfig = LimitsConfig()
+    report: ReportConfig = ReportConfig()
+    log_level: str = "INFO"
+
+    @field_validator("host_uuid")
+    @classmethod
+    def _host_uuid(cls, value: str) -> str:
+        return _normalise_uuid(value)
+
+    @field_validator("storage")
+    @classmethod
+    def _distinct(cls, roots: tuple[StorageRootConfig, ...]) -> tuple[StorageRootConfig, ...]:
+        seen: set[str] = set()
+        for root in roots:
+            if root.uuid in seen:
+                raise ValueError(f"storage uuid {root.uuid} is listed twice")
+            seen.add(root.uuid)
+        return roots
+
+    def read_token(self) -> str:
+        return read_secret(self.token_file, "token_file")
+
+    def read_cluster_token(self) -> str | None:
+        if self.cluster_token_file is None:
+            return None
+        return read_secret(self.cluster_token_file, "cluster_token_file")
+
+
+def _normalise_uuid(value: str) -> str:
+    """Accept dashed or 32-hex uuids (ZStack sends the latter); keep the 32-hex form out of the way."""
+    try:
+        return str(uuid.UUID(value))
+    except ValueError as err:
+        raise ValueError(f"{value!r} is not a uuid") from err
+
+
+def read_secret(path: Path, key: str) -> str:
+    try:
+        text = path.read_text().strip()
+    except OSError as err:
+        raise ConfigError(f"{key}: cannot read {path}: {err.strerror}") from err
+    if not text:
+        raise ConfigError(f"{key}: {path} is empty")
+    return text
+
+
+def parse_config(data: dict[str, Any], source: str = "<config>") -> AgentConfig:
+    try:
+        return AgentConfig.model_validate(data)
+    except ValidationError as err:
+        first = err.errors()[0]
+        key = ".".join(str(part) for part in first["loc"]) or "<root>"
+        raise ConfigError(f"{source}: {key}: {first['msg']}") from err
+
+
+def load_config(path: Path) -> AgentConfig:
+    try:
+        with path.open("rb") as handle:
+            data = tomllib.load(handle)
+    except OSError as err:
+        raise ConfigError(f"{path}: {err.strerror}") from err
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{path}: not valid TOML: {err}") from err
+    return parse_config(data, str(path))

@@ -1,0 +1,57 @@
+"""The contract between the task engine (``agent.tasks``) and the migration engines.
+
+The task manager builds a ``TaskContext`` for each task and calls ``engine.run(ctx)``. The engine:
+- announces each state with ``await ctx.enter(state)`` (journalled before it returns, so call it *before*
+  the step it names);
+- records engine-private resume data with ``await ctx.checkpoint(data)`` before any step that cannot be
+  undone (``ctx.resume_data`` holds the last one when the agent restarted mid-task);
+- reports bytes per item with ``ctx.progress(item, done, total)``; items are volumes or ``"memory"``;
+- reads ``ctx.bandwidth`` / ``ctx.downtime_ms`` whenever it decides, and may ``await ctx.tuning_changed()``
+  to be woken by a PATCH;
+- returns the inventory (``list[VolumeInventory]`` as dicts) on success, raises ``AgentError`` on failure;
+  on ``asyncio.CancelledError`` it undoes what it did (the VM keeps its source volumes) and re-raises.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any, Protocol
+
+from agent.migration.request import MigrationRequest
+from agent.tasks.model import TaskState
+
+
+class TaskContext(Protocol):
+    task_uuid: str
+    vm_uuid: str
+    request: MigrationRequest
+    log: logging.LoggerAdapter[logging.Logger]
+
+    @property
+    def resume_data(self) -> Mapping[str, Any] | None: ...
+
+    @property
+    def bandwidth(self) -> int | None:
+        """The task's whole budget in bytes/s (None: uncapped), current value."""
+
+    @property
+    def downtime_ms(self) -> int: ...
+
+    async def enter(self, state: TaskState, detail: str | None = None) -> None: ...
+
+    async def checkpoint(self, data: Mapping[str, Any]) -> None: ...
+
+    def progress(self, item: str, done: int, total: int) -> None: ...
+
+    def note(self, key: str, value: Any) -> None:
+        """Attach a fact to the task's public view (``details``): measured downtime, decisions, plan."""
+
+    async def tuning_changed(self) -> None:
+        """Return when a PATCH changed bandwidth or downtime."""
+
+
+class Engine(Protocol):
+    name: str
+
+    async def run(self, ctx: TaskContext) -> list[dict[str, Any]]: ...
