@@ -55,8 +55,12 @@ class PrimaryStorageMigrateVm(_Wire):
 
 class MigrateVm(_Wire):
     downTime: int = Field(default=300, ge=1, le=600_000, description="acceptable switchover pause, ms")
-    bandwidth: int | None = Field(default=None, ge=1, le=1_000_000,
-                                  description="one budget for the whole task, MiB/s; absent = uncapped")
+    bandwidth: int | None = Field(
+        default=None,
+        ge=1,
+        le=1_000_000,
+        description="one budget for the whole task, MiB/s; absent = uncapped",
+    )
 
 
 class DstHost(_Wire):

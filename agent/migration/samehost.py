@@ -1,0 +1,510 @@
+"""Same-host live storage migration: libvirt block copy of every moving disk, then one switch.
+
+Steps, each journalled (``ctx.checkpoint``) before it is taken:
+1. PREPARING: plan from the live XML and qemu-img chains; preflight (VM running, no block job, space,
+   targets absent or identical shared layers).
+2. COPYING: lower layers copied as files (sparse, rate-limited, outside the guest's I/O path) and pointed
+   at their new backing files; destination tops created; one mirror per disk (shallow onto the
+   pre-created chain, or a full copy = flatten), all in parallel, paced from the allocation maps so the
+   task's one budget is charged for real bytes.
+3. SWITCHING: when every mirror is READY (event, confirmed by ``<mirror ready='yes'>``), pivot them all. If
+   one pivot fails, the disks already pivoted are mirrored back onto their source files, so the VM runs
+   from one consistent set: all source or all destination.
+4. VERIFYING: the live XML shows the new paths; the persistent definition is rewritten to them (libvirt
+   9.0 only updates the live definition on pivot) and read back.
+Until the switch, any failure or cancel aborts the mirrors without pivot and removes every file the task
+created; the VM never stops using its source volumes. Source files stay for the management plane.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import libvirt
+
+from agent.errors import AgentError, MigrationFailed, PreflightFailed, StorageError
+from agent.migration.engine import TaskContext
+from agent.migration.inventory import volume_inventory
+from agent.migration.pacing import AllocationIndex, MirrorSample, job_speed, real_bytes_done, split_budget
+from agent.migration.plan import DiskPlan, LayerPlan, MigrationPlan, inspect_chains, plan_migration
+from agent.storage import qemuimg
+from agent.storage.filecopy import copy_sparse_async
+from agent.storage.roots import StorageRoots
+from agent.tasks.model import TaskState
+from agent.virt.domxml import block_copy_dest_xml, parse_disks, rewrite_disk_sources
+from agent.virt.host import DomainEvent, VirtHost
+
+SPACE_MARGIN = 64 * 1024 * 1024
+TICK_S = 0.5
+
+
+@dataclass
+class _Mirror:
+    disk: DiskPlan
+    index: AllocationIndex
+    ready: bool = False
+    speed: int = -1
+    done: int = 0
+    total: int = 0
+
+
+@dataclass
+class _Work:
+    """What this task has done so far: files it created and mirrors it started (for cleanup)."""
+
+    plan: MigrationPlan
+    created: list[str] = field(default_factory=list)
+    reused: list[str] = field(default_factory=list)
+    mirrors: dict[str, _Mirror] = field(default_factory=dict)
+
+    def checkpoint_data(self, step: str) -> dict[str, Any]:
+        return {
+            "engine": "same-host",
+            "step": step,
+            "plan": self.plan.to_dict(),
+            "created": self.created,
+            "reused": self.reused,
+            "mirroring": sorted(self.mirrors),
+        }
+
+
+class SameHostEngine:
+    name = "same-host"
+
+    def __init__(self, host: VirtHost, roots: StorageRoots, *, tick_s: float = TICK_S) -> None:
+        self.host = host
+        self.roots = roots
+        self.tick_s = tick_s
+
+    async def run(self, ctx: TaskContext) -> list[dict[str, Any]]:
+        if ctx.resume_data:
+            return await self._resume(ctx, ctx.resume_data)
+        await ctx.enter(TaskState.PREPARING)
+        plan = await self._plan(ctx)
+        work = _Work(plan)
+        work.reused = await self._preflight(ctx, plan)
+        ctx.note("plan", plan.summary())
+        await ctx.checkpoint(work.checkpoint_data("prepared"))
+        try:
+            async with asyncio.timeout(ctx.request.timeout):
+                await ctx.enter(TaskState.COPYING)
+                await self._copy_layers(ctx, work)
+                await self._create_tops(ctx, work)
+                await self._mirror_until_ready(ctx, work)
+        except TimeoutError:
+            await self._abandon(ctx, work)
+            raise MigrationFailed(
+                f"the copy did not finish within the task timeout of {ctx.request.timeout} s",
+                code="AGENT.TIMEOUT",
+                details="raise the timeout or the bandwidth",
+            ) from None
+        except BaseException:
+            await self._abandon(ctx, work)
+            raise
+        return await self._finish(ctx, work)
+
+    # -- planning ---------------------------------------------------------------------------------------
+
+    async def _plan(self, ctx: TaskContext) -> MigrationPlan:
+        state = await self.host.domain_state(ctx.vm_uuid)
+        if state not in ("running", "paused"):
+            raise PreflightFailed(
+                f"VM {ctx.vm_uuid} is {state}; a live storage migration needs it running",
+                field="vmUuid",
+            )
+        disks = parse_disks(await self.host.live_xml(ctx.vm_uuid))
+        chains = await inspect_chains(disks)
+        dst_root = self.roots.get(ctx.request.primaryStorageMigrateVm.dstPrimaryStorageUuid)
+        return plan_migration(ctx.vm_uuid, disks, chains, ctx.request, dst_root)
+
+    async def _preflight(self, ctx: TaskContext, plan: MigrationPlan) -> list[str]:
+        """Refuse before writing anything; returns the lower layers already present and identical."""
+        for disk in plan.disks:
+            if await self.host.block_job(ctx.vm_uuid, disk.target) is not None:
+                raise PreflightFailed(
+                    f"disk {disk.target} of VM {ctx.vm_uuid} already has a block job",
+                    field="vmUuid",
+                    details="wait for it to finish or abort it first",
+                )
+            if os.path.lexists(disk.dst_top):
+                raise PreflightFailed(
+                    f"target {disk.dst_top} already exists",
+                    field="volumes",
+                    code="AGENT.TARGET_EXISTS",
+                    details="remove it or choose another dstInstallPath",
+                )
+        reused = []
+        for layer in plan.layers:
+            if os.path.lexists(layer.dst):
+                if await self._identical_layer(layer):
+                    ctx.log.info("reusing identical copy of %s at %s", layer.src, layer.dst)
+                    reused.append(layer.dst)
+                    continue
+                raise PreflightFailed(
+                    f"{layer.dst} exists and is not a copy of {layer.src}",
+                    code="AGENT.TARGET_EXISTS",
+                    field="volumes",
+                    details="remove the stale file or choose another destination",
+                )
+        needed = sum(layer.actual_size for layer in plan.layers if layer.dst not in reused)
+        needed += sum(d.estimated_bytes for d in plan.disks)
+        root = self.roots.get(plan.dst_storage_uuid)
+        free, _total = await asyncio.to_thread(root.usage)
+        if needed * 1.1 + SPACE_MARGIN > free:
+            raise PreflightFailed(
+                f"storage {root.uuid} has {free} bytes free; this move needs about {int(needed * 1.1)} "
+                f"plus a {SPACE_MARGIN} byte margin",
+                code="AGENT.NO_SPACE",
+                field="primaryStorageMigrateVm.dstPrimaryStorageUuid",
+                details="free space there or pick another primary storage",
+            )
+        return reused
+
+    async def _identical_layer(self, layer: LayerPlan) -> bool:
+        try:
+            info = await qemuimg.info(layer.dst)
+        except StorageError:
+            return False
+        if info.format != layer.format or info.virtual_size != layer.virtual_size:
+            return False
+        if (info.backing or None) != layer.backing_dst:
+            return False
+        return await qemuimg.compare(layer.src, layer.dst)
+
+    # -- copying ----------------------------------------------------------------------------------------
+
+    async def _record_created(self, ctx: TaskContext, work: _Work, path: str, step: str) -> None:
+        """Journal a file before creating it, so a restart knows to remove it."""
+        if not self.roots.owner_of(path):
+            raise MigrationFailed(f"refusing to create {path}: not inside a storage root")
+        work.created.append(path)
+        await ctx.checkpoint(work.checkpoint_data(step))
+
+    async def _copy_layers(self, ctx: TaskContext, work: _Work) -> None:
+        for layer in work.plan.layers:
+            item = f"layer:{os.path.basename(layer.dst)}"
+            if layer.dst in work.reused:
+                ctx.progress(item, layer.actual_size, layer.actual_size)
+                continue
+            await self._record_created(ctx, work, layer.dst, "copying-layers")
+            done = 0
+
+            def on_bytes(n: int, item: str = item, size: int = layer.actual_size) -> None:
+                nonlocal done
+                done += n
+                ctx.progress(item, done, max(size, done))
+
+            ctx.progress(item, 0, layer.actual_size)
+            await copy_sparse_async(layer.src, layer.dst, rate=lambda: ctx.bandwidth, on_bytes=on_bytes)
+            if layer.backing_dst is not None:
+                await qemuimg.rebase_unsafe(layer.dst, layer.backing_dst, layer.backing_format or "qcow2")
+            if not await qemuimg.compare(layer.src, layer.dst):
+                raise MigrationFailed(
+                    f"the copy of {layer.src} at {layer.dst} differs from its source",
+                    code="AGENT.VERIFY_FAILED",
+                )
+            ctx.progress(item, done, done)
+            ctx.log.info("layer %s copied to %s (%d bytes) and verified", layer.src, layer.dst, done)
+
+    async def _create_tops(self, ctx: TaskContext, work: _Work) -> None:
+        for disk in work.plan.disks:
+            await self._record_created(ctx, work, disk.dst_top, "creating-tops")
+            await qemuimg.create(
+                disk.dst_top,
+                disk.dst_format,
+                disk.virtual_size,
+                backing=disk.dst_backing,
+                backing_format=disk.dst_backing_format,
+            )
+
+    async def _allocation(self, disk: DiskPlan) -> AllocationIndex:
+        extents = await qemuimg.allocation_map(disk.src_top)
+        return AllocationIndex(
+            (e.start, e.length) for e in extents if e.data and (disk.flatten or e.depth == 0)
+        )
+
+    async def _mirror_until_ready(self, ctx: TaskContext, work: _Work) -> None:
+        await self.host.ensure_connected()
+        events = self.host.subscribe(ctx.vm_uuid)
+        try:
+            for disk in work.plan.disks:
+                work.mirrors[disk.target] = _Mirror(disk, await self._allocation(disk))
+            await ctx.checkpoint(work.checkpoint_data("mirroring"))
+            shares = split_budget(ctx.bandwidth, list(work.mirrors))
+            for target, mirror in work.mirrors.items():
+                flags = libvirt.VIR_DOMAIN_BLOCK_COPY_REUSE_EXT | libvirt.VIR_DOMAIN_BLOCK_COPY_TRANSIENT_JOB
+                if not mirror.disk.flatten:
+                    flags |= libvirt.VIR_DOMAIN_BLOCK_COPY_SHALLOW
+                share = shares[target]
+                await self.host.block_copy(
+                    ctx.vm_uuid,
+                    target,
+                    block_copy_dest_xml(mirror.disk.dst_top, mirror.disk.dst_format),
+                    bandwidth=share,
+                    flags=flags,
+                )
+                mirror.speed = share or 0
+                ctx.log.info(
+                    "mirror of %s started: %s -> %s%s",
+                    target,
+                    mirror.disk.src_top,
+                    mirror.disk.dst_top,
+                    " (flatten)" if mirror.disk.flatten else " (shallow)",
+                )
+            await self._pace(ctx, work, events)
+        finally:
+            self.host.unsubscribe(ctx.vm_uuid, events)
+
+    async def _pace(self, ctx: TaskContext, work: _Work, events: asyncio.Queue[DomainEvent]) -> None:
+        """Steer every mirror's speed from its allocation map until all are READY."""
+        last_xml_check = 0.0
+        while True:
+            deadline = time.monotonic() + self.tick_s
+            while (timeout := deadline - time.monotonic()) > 0:
+                try:
+                    event = await asyncio.wait_for(events.get(), timeout)
+                except TimeoutError:
+                    break
+                self._on_event(work, event)
+            moving = [t for t, m in work.mirrors.items() if not m.ready]
+            shares = split_budget(ctx.bandwidth, moving or list(work.mirrors))
+            for target, mirror in work.mirrors.items():
+                job = await self.host.block_job(ctx.vm_uuid, target)
+                if job is None:
+                    raise MigrationFailed(
+                        f"the mirror of {target} disappeared",
+                        code="AGENT.BLOCK_JOB_GONE",
+                        details="libvirt or QEMU ended the job; see the libvirt log",
+                    )
+                sample = MirrorSample(job.cur, job.end, mirror.disk.virtual_size, mirror.index, mirror.ready)
+                mirror.done, mirror.total = real_bytes_done(sample)
+                ctx.progress(f"disk:{target}", mirror.done, mirror.total)
+                speed = job_speed(sample, shares.get(target), self.tick_s)
+                if speed != mirror.speed:
+                    await self.host.set_block_job_speed(ctx.vm_uuid, target, speed)
+                    mirror.speed = speed
+            if all(m.ready for m in work.mirrors.values()):
+                return
+            if time.monotonic() - last_xml_check > 5 * self.tick_s:
+                # Fallback for a lost READY event: the live XML is the authority.
+                last_xml_check = time.monotonic()
+                for disk in parse_disks(await self.host.live_xml(ctx.vm_uuid)):
+                    if disk.target in work.mirrors and disk.mirror_ready:
+                        work.mirrors[disk.target].ready = True
+
+    def _on_event(self, work: _Work, event: DomainEvent) -> None:
+        if event.kind != "block-job" or event.job_type != libvirt.VIR_DOMAIN_BLOCK_JOB_TYPE_COPY:
+            return
+        mirror = next((m for t, m in work.mirrors.items() if event.disk in (t, m.disk.src_top)), None)
+        if mirror is None:
+            return
+        if event.status == libvirt.VIR_DOMAIN_BLOCK_JOB_READY:
+            mirror.ready = True
+        elif event.status in (libvirt.VIR_DOMAIN_BLOCK_JOB_FAILED, libvirt.VIR_DOMAIN_BLOCK_JOB_CANCELED):
+            what = "failed" if event.status == libvirt.VIR_DOMAIN_BLOCK_JOB_FAILED else "was cancelled"
+            raise MigrationFailed(
+                f"the mirror of {mirror.disk.target} {what}",
+                code="AGENT.BLOCK_JOB_FAILED",
+                details="often the destination storage ran out of space; see the libvirt log",
+            )
+
+    # -- switch and verify ------------------------------------------------------------------------------
+
+    async def _finish(self, ctx: TaskContext, work: _Work) -> list[dict[str, Any]]:
+        await ctx.checkpoint(work.checkpoint_data("switching"))
+        await ctx.enter(TaskState.SWITCHING)
+        switch = asyncio.ensure_future(self._switch(ctx, work))
+        try:
+            await asyncio.shield(switch)
+        except asyncio.CancelledError:
+            # A cancel that arrives once the pivots have begun cannot undo them: finish the switch and
+            # report the truth (the VM now runs on the destination).
+            ctx.log.warning("cancel arrived during the switch; finishing the switch instead")
+            await switch
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()
+            ctx.note("cancelTooLate", "the cancel arrived after the switch had begun; the move completed")
+        await ctx.checkpoint(work.checkpoint_data("verifying"))
+        await ctx.enter(TaskState.VERIFYING)
+        return await self._verify(ctx, work)
+
+    async def _switch(self, ctx: TaskContext, work: _Work) -> None:
+        pivoted: list[str] = []
+        failure: AgentError | None = None
+        for target in work.mirrors:
+            try:
+                await self.host.abort_block_job(ctx.vm_uuid, target, pivot=True)
+                pivoted.append(target)
+            except AgentError as err:
+                ctx.log.error("pivot of %s failed: %s", target, err.description)
+                failure = err
+                break
+        if failure is None:
+            ctx.log.info("all %d disks pivoted to storage %s", len(pivoted), work.plan.dst_storage_uuid)
+            return
+        # Keep one consistent set of volumes: put the pivoted disks back on their source files.
+        for target in work.mirrors:
+            if target not in pivoted:
+                with contextlib.suppress(AgentError):
+                    await self.host.abort_block_job(ctx.vm_uuid, target)
+        for target in pivoted:
+            await self._mirror_back(ctx, work.mirrors[target].disk)
+        await self._remove_created(ctx, work)
+        raise MigrationFailed(
+            "a pivot failed; every disk runs from its source volume again",
+            code="AGENT.PIVOT_FAILED",
+            details=f"pivoted then rolled back: {', '.join(pivoted) or 'none'}",
+        ) from failure
+
+    async def _mirror_back(self, ctx: TaskContext, disk: DiskPlan) -> None:
+        """Copy a pivoted disk back onto its (intact) source top and pivot to it."""
+        flags = libvirt.VIR_DOMAIN_BLOCK_COPY_REUSE_EXT | libvirt.VIR_DOMAIN_BLOCK_COPY_TRANSIENT_JOB
+        if not disk.flatten:
+            flags |= libvirt.VIR_DOMAIN_BLOCK_COPY_SHALLOW
+        dest = block_copy_dest_xml(disk.src_top, disk.src_format)
+        await self.host.block_copy(ctx.vm_uuid, disk.target, dest, bandwidth=None, flags=flags)
+        while True:
+            job = await self.host.block_job(ctx.vm_uuid, disk.target)
+            if job is None:
+                raise MigrationFailed(
+                    f"rolling {disk.target} back to {disk.src_top} failed", code="AGENT.ROLLBACK_FAILED"
+                )
+            if any(
+                d.target == disk.target and d.mirror_ready
+                for d in parse_disks(await self.host.live_xml(ctx.vm_uuid))
+            ):
+                break
+            await asyncio.sleep(self.tick_s)
+        await self.host.abort_block_job(ctx.vm_uuid, disk.target, pivot=True)
+        ctx.log.warning("disk %s rolled back to %s", disk.target, disk.src_top)
+
+    async def _verify(self, ctx: TaskContext, work: _Work) -> list[dict[str, Any]]:
+        expected = {d.target: (d.dst_top, d.dst_format) for d in work.plan.disks}
+        live = parse_disks(await self.host.live_xml(ctx.vm_uuid))
+        for disk in live:
+            if disk.target in expected and disk.source != expected[disk.target][0]:
+                raise MigrationFailed(
+                    f"after the switch {disk.target} uses {disk.source}, not {expected[disk.target][0]}",
+                    code="AGENT.VERIFY_FAILED",
+                )
+        if await self.host.is_persistent(ctx.vm_uuid):
+            inactive = await self.host.inactive_xml(ctx.vm_uuid)
+            await self.host.define_xml(rewrite_disk_sources(inactive, expected))
+            for disk in parse_disks(await self.host.inactive_xml(ctx.vm_uuid)):
+                if disk.target in expected and disk.source != expected[disk.target][0]:
+                    raise MigrationFailed(
+                        f"the persistent definition still points {disk.target} at {disk.source}",
+                        code="AGENT.VERIFY_FAILED",
+                    )
+        for moved in work.plan.disks:
+            chain = await qemuimg.backing_chain(moved.dst_top)
+            want = 1 if moved.flatten else len(moved.src_chain)
+            if len(chain) != want or any(not self.roots.owner_of(layer.path) for layer in chain[:want]):
+                raise MigrationFailed(
+                    f"the chain of {moved.target} at the destination is not as planned",
+                    code="AGENT.VERIFY_FAILED",
+                    details=" <- ".join(layer.path for layer in chain),
+                )
+            total = work.mirrors[moved.target].total
+            ctx.progress(f"disk:{moved.target}", total, total)
+        return await volume_inventory(live, work.plan, self.roots)
+
+    # -- failure paths ----------------------------------------------------------------------------------
+
+    async def _abandon(self, ctx: TaskContext, work: _Work) -> None:
+        """Undo everything before the switch: mirrors aborted without pivot, created files removed."""
+        await asyncio.shield(self._abandon_inner(ctx, work))
+
+    async def _abandon_inner(self, ctx: TaskContext, work: _Work) -> None:
+        for target in work.mirrors:
+            try:
+                if await self.host.block_job(ctx.vm_uuid, target) is not None:
+                    await self.host.abort_block_job(ctx.vm_uuid, target)
+                    for _ in range(100):  # the abort completes asynchronously in QEMU
+                        if await self.host.block_job(ctx.vm_uuid, target) is None:
+                            break
+                        await asyncio.sleep(0.1)
+            except AgentError as err:
+                ctx.log.error("could not abort the mirror of %s: %s", target, err.description)
+        await self._remove_created(ctx, work)
+        ctx.log.info(
+            "abandoned: mirrors aborted, %d destination files removed; VM %s stays on its source volumes",
+            len(work.created),
+            ctx.vm_uuid,
+        )
+
+    async def _remove_created(self, ctx: TaskContext, work: _Work) -> None:
+        for path in reversed(work.created):
+            if not self.roots.owner_of(path):
+                continue
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+            except OSError as err:
+                ctx.log.error("could not remove %s: %s", path, err.strerror)
+
+    # -- resume after an agent restart ------------------------------------------------------------------
+
+    async def _resume(self, ctx: TaskContext, data: Any) -> list[dict[str, Any]]:
+        """Continue a task from its journal: mirrors still running are picked up; earlier steps restart
+        from clean; a switch that happened is verified."""
+        work = _Work(
+            MigrationPlan.from_dict(data["plan"]),
+            created=list(data.get("created", [])),
+            reused=list(data.get("reused", [])),
+        )
+        step = data.get("step")
+        ctx.log.info("resuming at step %s", step)
+        if step in ("switching", "verifying"):
+            live = {d.target: d for d in parse_disks(await self.host.live_xml(ctx.vm_uuid))}
+            on_dst = [d for d in work.plan.disks if live.get(d.target) and live[d.target].source == d.dst_top]
+            if len(on_dst) == len(work.plan.disks):
+                for disk in work.plan.disks:
+                    work.mirrors[disk.target] = _Mirror(disk, await self._allocation_or_empty(disk))
+                await ctx.enter(TaskState.VERIFYING)
+                return await self._verify(ctx, work)
+            for disk in work.plan.disks:
+                work.mirrors[disk.target] = _Mirror(disk, AllocationIndex([]))
+            if on_dst:
+                # Interrupted between pivots: pivot the rest forward (their mirrors were ready).
+                for disk in work.plan.disks:
+                    if disk not in on_dst:
+                        await self.host.abort_block_job(ctx.vm_uuid, disk.target, pivot=True)
+                await ctx.enter(TaskState.VERIFYING)
+                return await self._verify(ctx, work)
+        if step == "mirroring":
+            jobs = [await self.host.block_job(ctx.vm_uuid, d.target) for d in work.plan.disks]
+            if all(job is not None for job in jobs):
+                for disk in work.plan.disks:
+                    work.mirrors[disk.target] = _Mirror(disk, await self._allocation(disk))
+                events = self.host.subscribe(ctx.vm_uuid)
+                try:
+                    await self._pace(ctx, work, events)
+                except BaseException:
+                    await self._abandon(ctx, work)
+                    raise
+                finally:
+                    self.host.unsubscribe(ctx.vm_uuid, events)
+                return await self._finish(ctx, work)
+            for disk in work.plan.disks:
+                work.mirrors[disk.target] = _Mirror(disk, AllocationIndex([]))
+        await self._abandon(ctx, work)
+        raise MigrationFailed(
+            f"the agent restarted during step {step!r}; the partial copy was removed and the VM stays on "
+            "its source volumes",
+            code="AGENT.INTERRUPTED",
+            details="send the request again to retry",
+        )
+
+    async def _allocation_or_empty(self, disk: DiskPlan) -> AllocationIndex:
+        try:
+            return await self._allocation(disk)
+        except StorageError:
+            return AllocationIndex([])

@@ -1,0 +1,133 @@
+"""Reading and rewriting libvirt domain XML: the disks, and the paths of the ones that move.
+
+Pure functions over strings (ElementTree), so they are unit tested without libvirt.
+"""
+
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+from collections.abc import Mapping
+from dataclasses import dataclass
+from xml.sax.saxutils import quoteattr
+
+
+@dataclass(frozen=True)
+class DiskXml:
+    """One ``<disk>`` of a domain, as far as storage migration cares."""
+
+    target: str  # vda, sdb ...
+    device: str  # disk, cdrom, floppy, lun
+    type: str  # file, block, network, volume
+    source: str | None  # file or block path; None for network or empty cdrom
+    format: str | None  # driver type: qcow2, raw
+    readonly: bool
+    shareable: bool
+    serial: str | None
+    boot_order: int | None
+    backing: tuple[tuple[str, str | None], ...]  # (path, format) below the source, live XML only
+    mirror: bool  # a block copy job is attached to this disk
+    mirror_ready: bool
+
+
+def _source_path(elem: ET.Element, disk_type: str) -> str | None:
+    src = elem.find("source")
+    if src is None:
+        return None
+    if disk_type == "file":
+        return src.get("file")
+    if disk_type == "block":
+        return src.get("dev")
+    return None
+
+
+def _backing_chain(disk: ET.Element) -> tuple[tuple[str, str | None], ...]:
+    chain: list[tuple[str, str | None]] = []
+    node = disk.find("backingStore")
+    while node is not None and node.get("type") is not None:
+        fmt = node.find("format")
+        path = _source_path(node, node.get("type", "file"))
+        if path is None:
+            break
+        chain.append((path, fmt.get("type") if fmt is not None else None))
+        node = node.find("backingStore")
+    return tuple(chain)
+
+
+def parse_disks(xml: str) -> list[DiskXml]:
+    root = ET.fromstring(xml)
+    disks = []
+    for disk in root.findall("./devices/disk"):
+        target = disk.find("target")
+        driver = disk.find("driver")
+        serial = disk.find("serial")
+        boot = disk.find("boot")
+        mirror = disk.find("mirror")
+        disk_type = disk.get("type", "file")
+        disks.append(
+            DiskXml(
+                target=target.get("dev", "") if target is not None else "",
+                device=disk.get("device", "disk"),
+                type=disk_type,
+                source=_source_path(disk, disk_type),
+                format=driver.get("type") if driver is not None else None,
+                readonly=disk.find("readonly") is not None,
+                shareable=disk.find("shareable") is not None,
+                serial=serial.text.strip() if serial is not None and serial.text else None,
+                boot_order=int(boot.get("order", "0")) if boot is not None else None,
+                backing=_backing_chain(disk),
+                mirror=mirror is not None,
+                mirror_ready=mirror is not None and mirror.get("ready") == "yes",
+            )
+        )
+    return disks
+
+
+def domain_name(xml: str) -> str:
+    name = ET.fromstring(xml).findtext("name")
+    return name or ""
+
+
+def block_copy_dest_xml(path: str, fmt: str) -> str:
+    """The ``<disk>`` document virDomainBlockCopy takes as its destination."""
+    return f"<disk type='file'><source file={quoteattr(path)}/><driver type={quoteattr(fmt)}/></disk>"
+
+
+def rewrite_disk_sources(xml: str, new_sources: Mapping[str, tuple[str, str]]) -> str:
+    """Point the named disks (target -> (path, format)) at new files; drop their stale ``<backingStore>``.
+
+    Used for the persistent definition after a pivot (libvirt 9 updates only the live XML) and for the
+    destination XML of a migration. libvirt probes the chain again from the image headers.
+    """
+    root = ET.fromstring(xml)
+    seen = set()
+    for disk in root.findall("./devices/disk"):
+        target = disk.find("target")
+        if target is None or target.get("dev") not in new_sources:
+            continue
+        dev = target.get("dev", "")
+        path, fmt = new_sources[dev]
+        if disk.get("type") != "file":
+            disk.set("type", "file")
+        src = disk.find("source")
+        if src is None:
+            src = ET.SubElement(disk, "source")
+        for attr in list(src.attrib):
+            if attr not in ("index",):
+                del src.attrib[attr]
+        src.attrib.pop("index", None)
+        src.set("file", path)
+        for child in list(src):
+            src.remove(child)
+        driver = disk.find("driver")
+        if driver is None:
+            driver = ET.SubElement(disk, "driver", {"name": "qemu"})
+        driver.set("type", fmt)
+        for node in disk.findall("backingStore"):
+            disk.remove(node)
+        for node in disk.findall("mirror"):
+            disk.remove(node)
+        seen.add(dev)
+    missing = set(new_sources) - seen
+    if missing:
+        raise ValueError(f"disks not in the domain XML: {', '.join(sorted(missing))}")
+    return ET.tostring(root, encoding="unicode")

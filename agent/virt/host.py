@@ -1,0 +1,310 @@
+"""The narrow libvirt adapter the engines use: blocking calls run in a small thread pool, never on the loop.
+
+Only what the engines need is exposed. Every libvirt failure is raised as ``VirtError`` (or ``NotFound``
+for an unknown domain) with the original error as its cause. Domain events (block jobs, migration job
+completion, lifecycle) are delivered to asyncio queues subscribed per domain uuid.
+
+The connection is reopened on demand when libvirtd went away (restart), and event callbacks are registered
+again on the new connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import libvirt
+
+from agent.errors import NotFound, VirtError
+from agent.virt.events import ensure_event_loop
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+_DOMAIN_STATES = {
+    libvirt.VIR_DOMAIN_NOSTATE: "nostate",
+    libvirt.VIR_DOMAIN_RUNNING: "running",
+    libvirt.VIR_DOMAIN_BLOCKED: "blocked",
+    libvirt.VIR_DOMAIN_PAUSED: "paused",
+    libvirt.VIR_DOMAIN_SHUTDOWN: "shutdown",
+    libvirt.VIR_DOMAIN_SHUTOFF: "shutoff",
+    libvirt.VIR_DOMAIN_CRASHED: "crashed",
+    libvirt.VIR_DOMAIN_PMSUSPENDED: "pmsuspended",
+}
+
+
+@dataclass(frozen=True)
+class DomainEvent:
+    """One libvirt domain event, flattened: ``kind`` is ``block-job``, ``job-completed`` or ``lifecycle``."""
+
+    kind: str
+    vm_uuid: str
+    disk: str | None = None
+    job_type: int | None = None
+    status: int | None = None
+    detail: int | None = None
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class BlockJob:
+    """A block job's counters; for a mirror ``cur``/``end`` advance and ``end`` grows with guest writes."""
+
+    type: int
+    cur: int
+    end: int
+    bandwidth: int  # bytes/s, 0 = unlimited
+
+
+def _domain_state(dom: Any) -> str:
+    state, _reason = dom.state()
+    return _DOMAIN_STATES.get(state, "unknown")
+
+
+class VirtHost:
+    """One libvirt connection (reopened on demand) plus event subscriptions per domain."""
+
+    def __init__(self, uri: str, *, workers: int = 8) -> None:
+        self.uri = uri
+        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="libvirt")
+        self._conn: Any = None
+        self._conn_lock = threading.Lock()
+        self._callback_ids: list[int] = []
+        self._subscribers: dict[str, list[tuple[asyncio.AbstractEventLoop, asyncio.Queue[DomainEvent]]]] = {}
+        self._sub_lock = threading.Lock()
+
+    @classmethod
+    async def open(cls, uri: str) -> VirtHost:
+        host = cls(uri)
+        await host.call(lambda conn: conn.getHostname())
+        return host
+
+    async def close(self) -> None:
+        def _close() -> None:
+            with self._conn_lock:
+                conn, self._conn = self._conn, None
+                if conn is None:
+                    return
+                for cid in self._callback_ids:
+                    with contextlib.suppress(libvirt.libvirtError):
+                        conn.domainEventDeregisterAny(cid)
+                self._callback_ids.clear()
+                with contextlib.suppress(libvirt.libvirtError):
+                    conn.close()
+
+        await asyncio.get_running_loop().run_in_executor(self._executor, _close)
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    # -- connection -------------------------------------------------------------------------------------
+
+    def _connection(self) -> Any:
+        with self._conn_lock:
+            if self._conn is not None:
+                try:
+                    if self._conn.isAlive():
+                        return self._conn
+                except libvirt.libvirtError:
+                    pass
+                log.warning("libvirt connection to %s lost; reconnecting", self.uri)
+                self._conn = None
+                self._callback_ids.clear()
+            ensure_event_loop()
+            try:
+                conn = libvirt.open(self.uri)
+            except libvirt.libvirtError as err:
+                raise VirtError(
+                    f"cannot connect to libvirt at {self.uri}",
+                    details="check that libvirtd is running and the URI in the config is right",
+                ) from err
+            try:
+                conn.setKeepAlive(5, 3)
+            except libvirt.libvirtError:
+                log.debug("keepalive not supported on %s", self.uri)
+            self._register_events(conn)
+            self._conn = conn
+            return conn
+
+    def _register_events(self, conn: Any) -> None:
+        self._callback_ids = [
+            conn.domainEventRegisterAny(
+                None, libvirt.VIR_DOMAIN_EVENT_ID_BLOCK_JOB_2, self._on_block_job, None
+            ),
+            conn.domainEventRegisterAny(
+                None, libvirt.VIR_DOMAIN_EVENT_ID_JOB_COMPLETED, self._on_job_completed, None
+            ),
+            conn.domainEventRegisterAny(
+                None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._on_lifecycle, None
+            ),
+        ]
+
+    async def call(self, fn: Callable[[Any], T]) -> T:
+        """Run ``fn(conn)`` in the libvirt thread pool; libvirt errors become ``VirtError``."""
+
+        def _run() -> T:
+            conn = self._connection()
+            return fn(conn)
+
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._executor, _run)
+        except libvirt.libvirtError as err:
+            raise VirtError(f"libvirt: {err.get_error_message()}", code=_code_for(err)) from err
+
+    async def call_domain(self, vm_uuid: str, fn: Callable[[Any], T]) -> T:
+        """Run ``fn(domain)`` for the domain with this uuid; an unknown uuid is ``NotFound``."""
+
+        def _run(conn: Any) -> T:
+            try:
+                dom = conn.lookupByUUIDString(vm_uuid)
+            except libvirt.libvirtError as err:
+                if err.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                    raise NotFound(f"VM {vm_uuid} is not defined on this host", field="vmUuid") from err
+                raise
+            return fn(dom)
+
+        return await self.call(_run)
+
+    # -- queries ----------------------------------------------------------------------------------------
+
+    async def hostname(self) -> str:
+        return await self.call(lambda conn: str(conn.getHostname()))
+
+    async def versions(self) -> dict[str, str]:
+        def _versions(conn: Any) -> dict[str, str]:
+            return {"libvirt": _version(conn.getLibVersion()), "qemu": _version(conn.getVersion())}
+
+        return await self.call(_versions)
+
+    async def list_domains(self) -> list[dict[str, Any]]:
+        def _list(conn: Any) -> list[dict[str, Any]]:
+            out = []
+            for dom in conn.listAllDomains(0):
+                out.append(
+                    {
+                        "uuid": dom.UUIDString(),
+                        "name": dom.name(),
+                        "state": _domain_state(dom),
+                        "persistent": bool(dom.isPersistent()),
+                    }
+                )
+            return out
+
+        return await self.call(_list)
+
+    async def domain_state(self, vm_uuid: str) -> str:
+        return await self.call_domain(vm_uuid, _domain_state)
+
+    async def domain_name(self, vm_uuid: str) -> str:
+        return await self.call_domain(vm_uuid, lambda dom: str(dom.name()))
+
+    async def is_persistent(self, vm_uuid: str) -> bool:
+        return await self.call_domain(vm_uuid, lambda dom: bool(dom.isPersistent()))
+
+    async def live_xml(self, vm_uuid: str) -> str:
+        return await self.call_domain(vm_uuid, lambda dom: str(dom.XMLDesc(0)))
+
+    async def inactive_xml(self, vm_uuid: str) -> str:
+        return await self.call_domain(vm_uuid, lambda dom: str(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)))
+
+    async def define_xml(self, xml: str) -> None:
+        await self.call(lambda conn: conn.defineXML(xml))
+
+    async def undefine(self, vm_uuid: str) -> None:
+        await self.call_domain(vm_uuid, lambda dom: dom.undefine())
+
+    async def block_job(self, vm_uuid: str, disk: str) -> BlockJob | None:
+        def _info(dom: Any) -> BlockJob | None:
+            info = dom.blockJobInfo(disk, libvirt.VIR_DOMAIN_BLOCK_JOB_INFO_BANDWIDTH_BYTES)
+            if not info:
+                return None
+            return BlockJob(
+                type=int(info["type"]),
+                cur=int(info["cur"]),
+                end=int(info["end"]),
+                bandwidth=int(info.get("bandwidth", 0)),
+            )
+
+        return await self.call_domain(vm_uuid, _info)
+
+    # -- block copy -------------------------------------------------------------------------------------
+
+    async def block_copy(
+        self, vm_uuid: str, disk: str, dest_xml: str, *, bandwidth: int | None, flags: int
+    ) -> None:
+        params: dict[str, Any] = {}
+        if bandwidth:
+            params[libvirt.VIR_DOMAIN_BLOCK_COPY_BANDWIDTH] = int(bandwidth)
+        await self.call_domain(vm_uuid, lambda dom: dom.blockCopy(disk, dest_xml, params, flags))
+
+    async def set_block_job_speed(self, vm_uuid: str, disk: str, bytes_per_s: int) -> None:
+        await self.call_domain(
+            vm_uuid,
+            lambda dom: dom.blockJobSetSpeed(
+                disk, max(0, int(bytes_per_s)), libvirt.VIR_DOMAIN_BLOCK_JOB_SPEED_BANDWIDTH_BYTES
+            ),
+        )
+
+    async def abort_block_job(self, vm_uuid: str, disk: str, *, pivot: bool = False) -> None:
+        flags = libvirt.VIR_DOMAIN_BLOCK_JOB_ABORT_PIVOT if pivot else 0
+        await self.call_domain(vm_uuid, lambda dom: dom.blockJobAbort(disk, flags))
+
+    # -- events -----------------------------------------------------------------------------------------
+
+    def subscribe(self, vm_uuid: str) -> asyncio.Queue[DomainEvent]:
+        """Events for one domain, delivered into the caller's loop until ``unsubscribe``."""
+        queue: asyncio.Queue[DomainEvent] = asyncio.Queue()
+        with self._sub_lock:
+            self._subscribers.setdefault(vm_uuid, []).append((asyncio.get_running_loop(), queue))
+        return queue
+
+    def unsubscribe(self, vm_uuid: str, queue: asyncio.Queue[DomainEvent]) -> None:
+        with self._sub_lock:
+            subs = self._subscribers.get(vm_uuid, [])
+            self._subscribers[vm_uuid] = [(lp, q) for lp, q in subs if q is not queue]
+            if not self._subscribers[vm_uuid]:
+                del self._subscribers[vm_uuid]
+
+    async def ensure_connected(self) -> None:
+        """Make sure the connection (and so the event registration) is up before waiting for events."""
+        await self.call(lambda conn: None)
+
+    def _publish(self, event: DomainEvent) -> None:
+        with self._sub_lock:
+            subs = list(self._subscribers.get(event.vm_uuid, []))
+        for loop, queue in subs:
+            with contextlib.suppress(RuntimeError):  # that loop is closed; its subscriber is gone
+                loop.call_soon_threadsafe(queue.put_nowait, event)
+
+    def _on_block_job(self, _conn: Any, dom: Any, disk: str, job_type: int, status: int, _o: Any) -> None:
+        self._publish(DomainEvent("block-job", dom.UUIDString(), disk=disk, job_type=job_type, status=status))
+
+    def _on_job_completed(self, _conn: Any, dom: Any, stats: dict[str, Any], _o: Any) -> None:
+        self._publish(DomainEvent("job-completed", dom.UUIDString(), stats=dict(stats)))
+
+    def _on_lifecycle(self, _conn: Any, dom: Any, event: int, detail: int, _o: Any) -> None:
+        self._publish(DomainEvent("lifecycle", dom.UUIDString(), status=event, detail=detail))
+
+    def run_blocking(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
+        """Run any blocking helper in the libvirt pool (for callers that hold a raw handle)."""
+        return asyncio.get_running_loop().run_in_executor(self._executor, functools.partial(fn, *args))
+
+
+def _code_for(err: Any) -> str:
+    code = err.get_error_code()
+    if code == libvirt.VIR_ERR_OPERATION_INVALID:
+        return "AGENT.LIBVIRT_OPERATION_INVALID"
+    if code == libvirt.VIR_ERR_NO_DOMAIN:
+        return "AGENT.VM_NOT_FOUND"
+    return "AGENT.LIBVIRT_ERROR"
+
+
+def _version(number: int) -> str:
+    return f"{number // 1_000_000}.{number // 1000 % 1000}.{number % 1000}"
