@@ -1,0 +1,86 @@
+"""The real-bytes bandwidth steering: allocation index arithmetic and job speeds."""
+
+from __future__ import annotations
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from agent.migration.pacing import (
+    UNLIMITED_SPEED,
+    AllocationIndex,
+    MirrorSample,
+    job_speed,
+    real_bytes_done,
+    split_budget,
+)
+
+MiB = 1024 * 1024
+
+
+def test_index_merges_and_counts() -> None:
+    index = AllocationIndex([(10, 10), (0, 5), (15, 10), (100, 1)])
+    assert index.total == 5 + 15 + 1
+    assert index.below(0) == 0
+    assert index.below(5) == 5
+    assert index.below(12) == 7
+    assert index.below(1000) == 21
+
+
+def test_offset_after_skips_holes() -> None:
+    index = AllocationIndex([(0, MiB), (100 * MiB, MiB)])
+    assert index.offset_after(0, MiB // 2) == MiB // 2
+    # Half a MiB from the first extent, then the rest comes from the second one far away.
+    assert index.offset_after(MiB // 2, MiB) == 100 * MiB + MiB // 2
+    assert index.offset_after(0, 3 * MiB) is None
+
+
+@given(
+    st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 500)), max_size=30),
+    st.integers(0, 12_000),
+    st.integers(0, 3_000),
+)
+def test_offset_after_inverts_below(extents: list[tuple[int, int]], offset: int, real: int) -> None:
+    index = AllocationIndex(extents)
+    after = index.offset_after(offset, real)
+    if after is None:
+        assert index.below(offset) + real > index.total
+    else:
+        assert after >= offset
+        assert index.below(after) - index.below(offset) == real
+        if after > offset:
+            assert index.below(after - 1) - index.below(offset) < real
+
+
+def test_thin_disk_crosses_holes_fast_and_data_at_share() -> None:
+    # 1 GiB disk, 200 MiB of data at the start, then nothing.
+    index = AllocationIndex([(0, 200 * MiB)])
+    in_data = MirrorSample(cur=0, end=1024 * MiB, virtual_size=1024 * MiB, index=index, ready=False)
+    assert job_speed(in_data, 50 * MiB, 0.5) == 50 * MiB
+    past_data = MirrorSample(cur=300 * MiB, end=1024 * MiB, virtual_size=1024 * MiB, index=index, ready=False)
+    assert job_speed(past_data, 50 * MiB, 0.5) == UNLIMITED_SPEED
+    assert job_speed(in_data, None, 0.5) == 0
+
+
+def test_sparse_data_speeds_up_through_gaps() -> None:
+    # 1 MiB of data every 10 MiB: to move 25 MiB of real data per 0.5 s the job must cross ~250 MiB.
+    index = AllocationIndex([(i * 10 * MiB, MiB) for i in range(100)])
+    sample = MirrorSample(cur=0, end=1000 * MiB, virtual_size=1000 * MiB, index=index, ready=False)
+    speed = job_speed(sample, 50 * MiB, 0.5)
+    assert 450 * MiB < speed < 550 * MiB
+
+
+def test_real_bytes_done_counts_position_and_rewrites() -> None:
+    index = AllocationIndex([(0, 100 * MiB)])
+    sample = MirrorSample(cur=50 * MiB, end=1024 * MiB, virtual_size=1024 * MiB, index=index, ready=False)
+    assert real_bytes_done(sample) == (50 * MiB, 100 * MiB)
+    # Guest writes grew the job beyond one pass; those bytes count on both sides.
+    grown = MirrorSample(cur=1030 * MiB, end=1034 * MiB, virtual_size=1024 * MiB, index=index, ready=False)
+    assert real_bytes_done(grown) == (106 * MiB, 110 * MiB)
+    ready = MirrorSample(cur=1034 * MiB, end=1034 * MiB, virtual_size=1024 * MiB, index=index, ready=True)
+    assert real_bytes_done(ready) == (110 * MiB, 110 * MiB)
+
+
+def test_split_budget() -> None:
+    assert split_budget(90, ["vda", "vdb", "vdc"]) == {"vda": 30, "vdb": 30, "vdc": 30}
+    assert split_budget(None, ["vda"]) == {"vda": None}
+    assert split_budget(10, []) == {}
