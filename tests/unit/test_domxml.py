@@ -16,7 +16,8 @@ LIVE = """<domain type='qemu'><name>g1</name><devices>
   <target dev='vda' bus='virtio'/><serial>abc</serial><boot order='1'/>
   <mirror type='file' job='copy' ready='yes'><format type='qcow2'/><source file='/ps2/top.qcow2'/></mirror>
 </disk>
-<disk type='file' device='cdrom'><driver name='qemu' type='raw'/><target dev='sda' bus='sata'/><readonly/></disk>
+<disk type='file' device='cdrom'><driver name='qemu' type='raw'/><target dev='sda' bus='sata'/>
+  <readonly/></disk>
 <disk type='network' device='disk'><source protocol='nbd' name='x'><host name='h'/></source>
   <target dev='vdc' bus='virtio'/></disk>
 </devices></domain>"""
