@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any, cast
 
 from .errors import ApiError, BadResponse, ClientError
@@ -47,7 +47,7 @@ async def follow_task(
     idle_timeout: float = 15.0,
     unreachable_for: float = 30.0,
     use_events: bool = True,
-) -> AsyncIterator[TaskView]:
+) -> AsyncGenerator[TaskView, None]:
     """Yield the task's snapshots, the first at once and the last a full ``GET`` of the final task.
 
     Raises ClientError when the task is unknown or the agent stays unreachable for ``unreachable_for``.

@@ -1,0 +1,93 @@
+"""``kvm-storage-agent``: parse, run one command, turn its outcome into an exit code (see ``exits``)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import inspect
+import os
+import ssl
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from agent.client import AgentClient, ClientError
+from agent.config import ConfigError, read_secret
+
+from . import render
+from .exits import Exit, UsageError, exit_for_error
+from .output import Output
+from .parser import build_parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser(os.environ).parse_args(argv)
+    if args.command == "serve":
+        return serve(args.config)
+    out = Output(sys.stdout, sys.stderr, json_mode=args.json)
+    try:
+        return asyncio.run(_run(args, out))
+    except UsageError as err:
+        out.error(str(err))
+        return Exit.USAGE
+    except ClientError as err:
+        _report(out, err)
+        return exit_for_error(err)
+    except KeyboardInterrupt:
+        return Exit.INTERRUPTED
+
+
+def serve(config: Path) -> int:
+    """Run the service; a bad config is one line naming the key and exit 2, not a traceback."""
+    # Imported here: the client commands must work where the server's dependencies (libvirt) are missing.
+    server = importlib.import_module("agent.api.server")
+    try:
+        result = server.run(config)
+        if inspect.iscoroutine(result):
+            result = asyncio.run(result)  # tolerate an async run()
+    except ConfigError as err:
+        message = " ".join(str(err).split())
+        print(f"kvm-storage-agent: config error: {message}", file=sys.stderr)
+        return Exit.USAGE
+    return result if isinstance(result, int) else Exit.OK
+
+
+async def _run(args: argparse.Namespace, out: Output) -> int:
+    async with _client(args) as client:
+        code: int = await args.handler(client, args, out)
+        return code
+
+
+def _client(args: argparse.Namespace) -> AgentClient:
+    if not args.agent:
+        raise UsageError("--agent URL (or KSA_AGENT_URL) is required")
+    token = None
+    if args.token_file is not None:
+        try:
+            token = read_secret(args.token_file, "--token-file")
+        except ConfigError as err:
+            raise UsageError(str(err)) from err
+    context = None
+    if args.cacert is not None:
+        try:
+            context = ssl.create_default_context(cafile=str(args.cacert))
+        except (OSError, ssl.SSLError) as err:
+            raise UsageError(f"--cacert: cannot load {args.cacert}: {err}") from err
+    try:
+        return AgentClient(args.agent, token, ssl_context=context)
+    except ValueError as err:
+        raise UsageError(f"--agent: {err}") from err
+
+
+def _report(out: Output, err: ClientError) -> None:
+    """The agent's ErrorCode for people on stderr; with ``--json`` also as JSON on stdout."""
+    if out.json_mode:
+        out.json({"error": err.error, "httpStatus": err.status})
+    status = f" (HTTP {err.status})" if err.status is not None else ""
+    lines = render.error_lines(err.error)
+    out.error(lines[0].removeprefix("error").strip() + status)
+    for line in lines[1:]:
+        out.note(line)
+    if err.status == 401:
+        out.note("hint: pass the agent's token with --token-file F (or KSA_TOKEN_FILE)")

@@ -1,0 +1,155 @@
+"""The command line of DESIGN.md, as argparse; bad arguments exit 2 through argparse itself."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Mapping
+from pathlib import Path
+
+from agent import __version__
+from agent.migration.request import Strategy, normalise_uuid
+
+from . import commands
+
+
+def _uuid(value: str) -> str:
+    try:
+        return normalise_uuid(value)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from err
+
+
+def _positive_int(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number") from err
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return number
+
+
+def _positive_float(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number") from err
+    if not number > 0:
+        raise argparse.ArgumentTypeError(f"{value} must be more than 0")
+    return number
+
+
+def _agent_options(env: Mapping[str, str]) -> argparse.ArgumentParser:
+    """Options of every command that talks to an agent; defaults from the environment."""
+    opts = argparse.ArgumentParser(add_help=False)
+    group = opts.add_argument_group("agent connection")
+    group.add_argument(
+        "--agent",
+        metavar="URL",
+        default=env.get("KSA_AGENT_URL") or None,
+        help="the agent's base URL, e.g. http://10.0.0.1:7070 (env KSA_AGENT_URL)",
+    )
+    token_file = env.get("KSA_TOKEN_FILE")
+    group.add_argument(
+        "--token-file",
+        metavar="F",
+        type=Path,
+        default=Path(token_file) if token_file else None,
+        help="file holding the agent's bearer token (env KSA_TOKEN_FILE)",
+    )
+    group.add_argument("--cacert", metavar="F", type=Path, help="CA bundle to verify an https agent with")
+    opts.add_argument("--json", action="store_true", help="print machine-readable JSON only")
+    return opts
+
+
+def _follow_options() -> argparse.ArgumentParser:
+    """Options of the commands that follow a task to its end (``migrate --wait``, ``watch``)."""
+    opts = argparse.ArgumentParser(add_help=False)
+    opts.add_argument(
+        "--no-events",
+        action="store_true",
+        help="poll the task instead of using its event stream (e.g. behind a buffering proxy)",
+    )
+    opts.add_argument("--poll-interval", type=_positive_float, default=1.0, help=argparse.SUPPRESS)
+    return opts
+
+
+def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kvm-storage-agent",
+        description="Move running KVM virtual machines' storage: the agent service and its client.",
+        epilog="exit codes: 0 done, 1 task failed/cancelled or refused, 2 usage/config, 3 agent unreachable",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = sub.add_parser("serve", help="run the agent service")
+    serve.add_argument("--config", required=True, type=Path, metavar="PATH", help="agent.toml")
+
+    agent = _agent_options(env)
+    follow = _follow_options()
+
+    migrate = sub.add_parser("migrate", parents=[agent, follow], help="move a VM's storage")
+    migrate.set_defaults(handler=commands.migrate)
+    migrate.add_argument("vm_uuid", metavar="VM_UUID", type=_uuid)
+    migrate.add_argument(
+        "--dst-storage",
+        required=True,
+        metavar="UUID",
+        type=_uuid,
+        help="destination primary storage uuid (as in the agent's config)",
+    )
+    dst = migrate.add_argument_group("another host (live migration with storage)")
+    dst.add_argument("--dst-host-uuid", metavar="U", type=_uuid)
+    dst.add_argument("--dst-agent", metavar="URL", help="the destination agent's URL")
+    dst.add_argument("--dst-migration-address", metavar="ADDR", help="address QEMU migrates to")
+    dst.add_argument("--dst-token-file", metavar="F", type=Path, help="the destination agent's token")
+    migrate.add_argument("--with-data-volumes", action="store_true", help="move data volumes too")
+    migrate.add_argument(
+        "--with-snapshots",
+        action="store_true",
+        help="keep the backing chain as layers (default: one flattened image)",
+    )
+    migrate.add_argument(
+        "--bandwidth",
+        metavar="MIB_S",
+        type=_positive_int,
+        help="MiB/s for the whole task, disks and memory together",
+    )
+    migrate.add_argument("--downtime", metavar="MS", type=_positive_int, help="acceptable switchover pause")
+    migrate.add_argument("--strategy", choices=[s.value for s in Strategy], default=Strategy.AUTO.value)
+    migrate.add_argument("--allow-postcopy", action="store_true")
+    migrate.add_argument(
+        "--timeout", metavar="S", type=_positive_float, help="give the task up after S seconds"
+    )
+    migrate.add_argument(
+        "--task-uuid", metavar="U", type=_uuid, help="idempotency: the same uuid twice gives the same task"
+    )
+    migrate.add_argument("--wait", action="store_true", help="show progress until the end; exit 0 on success")
+
+    tasks = sub.add_parser("tasks", parents=[agent], help="list tasks")
+    tasks.set_defaults(handler=commands.tasks)
+
+    for name, handler, helptext, extra in (
+        ("show", commands.show, "one task's state, progress and result", []),
+        ("watch", commands.watch, "follow a task to its end; exit 0 on success", [follow]),
+        ("cancel", commands.cancel, "cancel a task (the VM keeps its source volumes)", []),
+        ("retune", commands.retune, "change a running task's bandwidth or downtime", []),
+    ):
+        cmd = sub.add_parser(name, parents=[agent, *extra], help=helptext)
+        cmd.set_defaults(handler=handler)
+        cmd.add_argument("task_uuid", metavar="TASK", type=_uuid)
+        if name == "retune":
+            cmd.add_argument("--bandwidth", metavar="MIB_S", type=_positive_int)
+            cmd.add_argument("--downtime", metavar="MS", type=_positive_int)
+
+    vms = sub.add_parser("vms", parents=[agent], help="list the host's VMs")
+    vms.set_defaults(handler=commands.vms)
+    vm = sub.add_parser("vm", parents=[agent], help="one VM's disks and backing chains")
+    vm.set_defaults(handler=commands.vm)
+    vm.add_argument("vm_uuid", metavar="VM_UUID", type=_uuid)
+    host = sub.add_parser("host", parents=[agent], help="the host's CPU, memory and storage roots")
+    host.set_defaults(handler=commands.host)
+    health = sub.add_parser("health", parents=[agent], help="is the agent up (no token needed)")
+    health.set_defaults(handler=commands.health)
+    return parser

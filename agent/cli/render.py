@@ -1,0 +1,207 @@
+"""What people read: task tables and details, the end-of-task summary, VMs and the host.
+
+Readers are lenient about the answer's shape (a missing key prints ``-``): the CLI of one version must stay
+usable against agents of the next.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich import box
+from rich.table import Table
+
+from agent.client import ErrorCodeBody, TaskView
+
+from .output import Output, human_bytes, human_duration, human_rate, number
+
+
+def _pick(data: dict[str, Any], *keys: str) -> Any:
+    for key in keys:
+        value = data.get(key)
+        if value is not None:
+            return value
+    return None
+
+
+def _text(value: Any) -> str:
+    return "-" if value is None or value == "" else str(value)
+
+
+def _percent(task: TaskView) -> str:
+    percent = number((task.get("progress") or {}).get("percent"))
+    return "-" if percent is None else f"{percent:.1f}%"
+
+
+def _table(*columns: str) -> Table:
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
+    for column in columns:
+        table.add_column(column, no_wrap=True, overflow="ignore")
+    return table
+
+
+def task_table(out: Output, tasks: list[TaskView]) -> None:
+    if not tasks:
+        out.line("no tasks")
+        return
+    table = _table("TASK", "VM", "STATE", "PHASE", "PROGRESS", "RATE", "ERROR")
+    for task in tasks:
+        error = task.get("error") or {}
+        progress = task.get("progress") or {}
+        table.add_row(
+            _text(task.get("taskUuid")),
+            _text(task.get("vmUuid")),
+            _text(task.get("state")),
+            _text(task.get("phase")),
+            _percent(task),
+            human_rate(number(progress.get("bytesPerSecond"))),
+            _text(error.get("code")),
+        )
+    out.show(table)
+
+
+def task_detail(out: Output, task: TaskView) -> None:
+    """``show``: everything the task says about itself, then what ``summary`` adds once it is done."""
+    progress = task.get("progress") or {}
+    out.line(f"task       {_text(task.get('taskUuid'))}")
+    out.line(f"vm         {_text(task.get('vmUuid'))}")
+    out.line(f"state      {_text(task.get('state'))}")
+    out.line(f"phase      {_text(task.get('phase'))}")
+    done, total = number(progress.get("bytesDone")), number(progress.get("bytesTotal"))
+    out.line(f"progress   {_percent(task)}  {human_bytes(done)} / {human_bytes(total)}")
+    out.line(f"rate       {human_rate(number(progress.get('bytesPerSecond')))}")
+    out.line(f"eta        {human_duration(number(progress.get('etaSeconds')))}")
+    for volume in task.get("volumes") or []:
+        if isinstance(volume, dict):
+            nested = volume.get("progress")
+            vprog: dict[str, Any] = nested if isinstance(nested, dict) else volume
+            vpercent = number(vprog.get("percent"))
+            shown = "-" if vpercent is None else f"{vpercent:.1f}%"
+            name = _text(_pick(volume, "uuid", "target", "installPath"))
+            out.line(f"volume     {name}  {_text(volume.get('state'))}  {shown}")
+    _outcome(out, task)
+
+
+def summary(out: Output, task: TaskView) -> None:
+    """After ``--wait``/``watch``: the final state, the measured downtime and where the volumes are now."""
+    out.line(f"task {_text(task.get('taskUuid'))}: {_text(task.get('state'))}")
+    _outcome(out, task)
+
+
+def _outcome(out: Output, task: TaskView) -> None:
+    downtime = number(task.get("downtimeMs"))
+    if downtime is not None:
+        out.line(f"downtime   {downtime:.0f} ms")
+    error = task.get("error")
+    if error:
+        for line in error_lines(error):
+            out.line(line)
+    for volume in inventory_volumes(task.get("inventory")):
+        kind = f" ({volume['type']})" if volume.get("type") else ""
+        storage = f"  storage {volume['primaryStorageUuid']}" if volume.get("primaryStorageUuid") else ""
+        out.line(f"volume     {_text(volume.get('uuid'))}{kind}: {_text(volume.get('installPath'))}{storage}")
+        for layer in _chain(volume):
+            out.line(f"             <- {layer}")
+
+
+def error_lines(error: ErrorCodeBody, prefix: str = "error") -> list[str]:
+    """``error  description [CODE]``, its details, then the cause chain, one line each."""
+    lines: list[str] = []
+    current: ErrorCodeBody | None = error
+    label = prefix
+    while current:
+        field = f" (field {current['field']})" if current.get("field") else ""
+        lines.append(f"{label:<10} {_text(current.get('description'))} [{_text(current.get('code'))}]{field}")
+        if current.get("details"):
+            lines.append(f"{'':<10} {current.get('details')}")
+        current, label = current.get("cause"), "cause"
+    return lines
+
+
+def inventory_volumes(inventory: Any) -> list[dict[str, Any]]:
+    """The volume list of a final inventory, whether it is a list or a VM inventory holding one."""
+    if isinstance(inventory, dict):
+        for key in ("volumes", "allVolumes"):
+            if isinstance(inventory.get(key), list):
+                inventory = inventory[key]
+                break
+        else:
+            inventory = [inventory] if "installPath" in inventory else []
+    if not isinstance(inventory, list):
+        return []
+    return [item for item in inventory if isinstance(item, dict)]
+
+
+def _chain(volume: dict[str, Any]) -> list[str]:
+    chain = _pick(volume, "backingChain", "chain")
+    if not isinstance(chain, list):
+        return []
+    layers = []
+    for layer in chain:
+        if isinstance(layer, dict):
+            layers.append(_text(_pick(layer, "installPath", "path", "filename")))
+        else:
+            layers.append(_text(layer))
+    return layers
+
+
+def vm_table(out: Output, vms: list[dict[str, Any]]) -> None:
+    if not vms:
+        out.line("no VMs")
+        return
+    table = _table("VM", "NAME", "STATE", "DISKS")
+    for vm in vms:
+        disks = vm.get("disks")
+        table.add_row(
+            _text(_pick(vm, "uuid", "vmUuid")),
+            _text(vm.get("name")),
+            _text(vm.get("state")),
+            str(len(disks)) if isinstance(disks, list) else "-",
+        )
+    out.show(table)
+
+
+def vm_detail(out: Output, vm: dict[str, Any]) -> None:
+    out.line(f"vm         {_text(_pick(vm, 'uuid', 'vmUuid'))}")
+    out.line(f"name       {_text(vm.get('name'))}")
+    out.line(f"state      {_text(vm.get('state'))}")
+    for disk in vm.get("disks") or []:
+        if not isinstance(disk, dict):
+            continue
+        target = _text(_pick(disk, "target", "dev", "device"))
+        path = _text(_pick(disk, "installPath", "path", "source", "file"))
+        size = human_bytes(number(_pick(disk, "virtualSize", "size")))
+        out.line(f"disk       {target}  {path}  {_text(disk.get('format'))}  {size}")
+        for layer in _chain(disk):
+            out.line(f"             <- {layer}")
+
+
+def host_detail(out: Output, host: dict[str, Any]) -> None:
+    for key, value in host.items():
+        if key in ("storage", "storageRoots"):
+            continue
+        if isinstance(value, dict):
+            flat = "  ".join(f"{k}={_fact(k, v)}" for k, v in value.items())
+            out.line(f"{key:<10} {flat}")
+        elif not isinstance(value, list):
+            out.line(f"{key:<10} {_fact(key, value)}")
+    roots = _pick(host, "storage", "storageRoots")
+    if isinstance(roots, list) and roots:
+        table = _table("STORAGE", "PATH", "FREE", "TOTAL")
+        for root in roots:
+            if isinstance(root, dict):
+                table.add_row(
+                    _text(root.get("uuid")),
+                    _text(root.get("path")),
+                    human_bytes(number(_pick(root, "freeBytes", "free"))),
+                    human_bytes(number(_pick(root, "totalBytes", "total"))),
+                )
+        out.show(table)
+
+
+def _fact(key: str, value: Any) -> str:
+    if "bytes" in key.lower() or key.lower() in ("total", "free", "available", "used"):
+        amount = number(value)
+        if amount is not None:
+            return human_bytes(amount)
+    return _text(value)
