@@ -71,14 +71,21 @@ def task_detail(out: Output, task: TaskView) -> None:
     out.line(f"progress   {_percent(task)}  {human_bytes(done)} / {human_bytes(total)}")
     out.line(f"rate       {human_rate(number(progress.get('bytesPerSecond')))}")
     out.line(f"eta        {human_duration(number(progress.get('etaSeconds')))}")
-    for volume in task.get("volumes") or []:
-        if isinstance(volume, dict):
-            nested = volume.get("progress")
-            vprog: dict[str, Any] = nested if isinstance(nested, dict) else volume
-            vpercent = number(vprog.get("percent"))
-            shown = "-" if vpercent is None else f"{vpercent:.1f}%"
-            name = _text(_pick(volume, "uuid", "target", "installPath"))
-            out.line(f"volume     {name}  {_text(volume.get('state'))}  {shown}")
+    tuning = task.get("tuning") or {}
+    if tuning:
+        bandwidth = tuning.get("bandwidth")
+        shown_bw = "uncapped" if bandwidth is None else f"{bandwidth} MiB/s"
+        out.line(f"tuning     bandwidth {shown_bw}, downtime {_text(tuning.get('downTime'))} ms")
+    for item in task.get("volumes") or []:
+        if isinstance(item, dict):
+            nested = item.get("progress")
+            counters: dict[str, Any] = nested if isinstance(nested, dict) else item
+            percent = number(counters.get("percent"))
+            shown = "-" if percent is None else f"{percent:.1f}%"
+            name = _text(_pick(item, "name", "uuid", "target", "installPath"))
+            item_done = human_bytes(number(counters.get("bytesDone")))
+            item_total = human_bytes(number(counters.get("bytesTotal")))
+            out.line(f"item       {name}  {shown}  {item_done} / {item_total}")
     _outcome(out, task)
 
 

@@ -39,7 +39,9 @@ class TaskView(TypedDict, total=False):
     state: str
     phase: str | None
     progress: Progress
+    states: list[dict[str, Any]]
     volumes: list[dict[str, Any]]
+    tuning: dict[str, Any]
     downtimeMs: float | None
     error: ErrorCodeBody | None
     inventory: Any
