@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 TOKEN = "s3cret-token"
 VM_UUID = "8a5b7c6d-1e2f-4a3b-9c8d-7e6f5a4b3c2d"
@@ -150,7 +151,7 @@ class FakeAgent:
         return app
 
     @web.middleware
-    async def _record(self, request: web.Request, handler: Any) -> web.StreamResponse:
+    async def _record(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         body = None
         if request.can_read_body:
             raw = await request.read()
@@ -164,7 +165,7 @@ class FakeAgent:
         return await handler(request)
 
     @web.middleware
-    async def _auth(self, request: web.Request, handler: Any) -> web.StreamResponse:
+    async def _auth(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         if request.path != "/v1/health":
             if request.headers.get("Authorization") != f"Bearer {TOKEN}":
                 return web.json_response(
