@@ -1,0 +1,269 @@
+"""The other subcommands (tasks, show, watch, cancel, retune, vms, vm, host, health, serve), `-m agent`."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import types
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from cli_helpers import Run, run_cli
+from fake_agent_api import (
+    NEW_PATH,
+    STORAGE_UUID,
+    TOKEN,
+    VM_UUID,
+    FakeAgent,
+    failure_script,
+    running,
+    success_script,
+)
+
+from agent.config import ConfigError, load_config
+
+TASK = "6e5d4c3b-2a19-4807-b6a5-9483726150ab"
+OTHER = "1a2b3c4d-5e6f-4a7b-8c9d-0e1f2a3b4c5d"
+REPO = Path(__file__).resolve().parents[2]
+
+Cli = Callable[..., Run]
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("KSA_AGENT_URL", raising=False)
+    monkeypatch.delenv("KSA_TOKEN_FILE", raising=False)
+
+
+@pytest.fixture
+def fake() -> FakeAgent:
+    agent = FakeAgent()
+    agent.add_task(TASK, success_script(TASK))
+    agent.add_task(OTHER, failure_script(OTHER))
+    agent.vms = [
+        {
+            "uuid": VM_UUID,
+            "name": "guest-a",
+            "state": "running",
+            "disks": [
+                {
+                    "target": "vda",
+                    "path": "/var/lib/ksa/storage-a/root.qcow2",
+                    "format": "qcow2",
+                    "virtualSize": 4 * 1024**3,
+                    "backingChain": [{"path": "/var/lib/ksa/storage-a/base.qcow2", "format": "qcow2"}],
+                }
+            ],
+        }
+    ]
+    return agent
+
+
+@pytest.fixture
+def url(fake: FakeAgent) -> Iterator[str]:
+    with running(fake) as base:
+        yield base
+
+
+@pytest.fixture
+def cli(capsys: pytest.CaptureFixture[str], url: str, tmp_path: Path) -> Cli:
+    """``COMMAND ARGS... --agent URL --token-file F``."""
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN)
+
+    def invoke(*argv: str) -> Run:
+        return run_cli(capsys, *argv, "--agent", url, "--token-file", str(token_file))
+
+    return invoke
+
+
+def test_tasks_table(cli: Cli) -> None:
+    result = cli("tasks")
+    assert result.code == 0
+    header, *rows = [line for line in result.out.splitlines() if line.strip() and not line.startswith("─")]
+    assert header.split() == ["TASK", "VM", "STATE", "PHASE", "PROGRESS", "RATE", "ERROR"]
+    assert any(TASK in row and VM_UUID in row and "PENDING" in row for row in rows)
+    assert any(OTHER in row for row in rows)
+
+
+def test_tasks_json(cli: Cli) -> None:
+    result = cli("tasks", "--json")
+    assert [task["taskUuid"] for task in json.loads(result.out)] == [TASK, OTHER]
+
+
+def test_tasks_when_there_are_none(cli: Cli, fake: FakeAgent) -> None:
+    fake.tasks.clear()
+    assert cli("tasks").out == "no tasks\n"
+
+
+def test_show(cli: Cli, fake: FakeAgent) -> None:
+    fake.tasks[TASK].cursor = 2
+    fake.tasks[TASK].snapshots[2]["tuning"] = {"bandwidth": None, "downTime": 300}
+    fake.tasks[TASK].snapshots[2]["volumes"] = [
+        {"name": "vol-root", "bytesDone": 512, "bytesTotal": 1024, "percent": 50.0}
+    ]
+    result = cli("show", TASK)
+    assert result.code == 0
+    assert f"task       {TASK}" in result.out
+    assert "state      COPYING" in result.out
+    assert "progress   60.0%  2.0 GiB / 4.0 GiB" in result.out
+    assert "rate       100.0 MiB/s" in result.out
+    assert "tuning     bandwidth uncapped, downtime 300 ms" in result.out
+    assert "item       vol-root  50.0%  512 B / 1.0 KiB" in result.out
+
+
+def test_show_json_and_an_unknown_task(cli: Cli) -> None:
+    assert json.loads(cli("show", TASK, "--json").out)["taskUuid"] == TASK
+    missing = cli("show", "00000000-0000-4000-8000-000000000000")
+    assert missing.code == 1
+    assert "no such task [AGENT.NOT_FOUND] (HTTP 404)" in missing.err
+
+
+def test_watch_exit_codes(cli: Cli) -> None:
+    ok = cli("watch", TASK)
+    assert ok.code == 0
+    assert f"task {TASK}: SUCCEEDED" in ok.out
+    assert NEW_PATH in ok.out
+    failed = cli("watch", OTHER, "--json")
+    assert failed.code == 1
+    assert json.loads(failed.out)["state"] == "FAILED"
+
+
+def test_cancel(cli: Cli, fake: FakeAgent) -> None:
+    result = cli("cancel", TASK)
+    assert result.code == 0
+    assert result.out == f"task {TASK}: CANCELLING\n"
+    assert fake.calls("POST")[-1].path == f"/v1/tasks/{TASK}/cancel"
+    assert json.loads(cli("cancel", TASK, "--json").out)["state"] == "CANCELLING"
+
+
+def test_retune(cli: Cli, fake: FakeAgent) -> None:
+    result = cli("retune", TASK, "--bandwidth", "40", "--downtime", "150")
+    assert result.code == 0
+    assert result.out == f"task {TASK}: PENDING (bandwidth 40 MiB/s, downtime 150 ms)\n"
+    assert fake.calls("PATCH")[-1].body == {"bandwidth": 40, "downTime": 150}
+    assert json.loads(cli("retune", TASK, "--downtime", "90", "--json").out)["tuning"] == {"downTime": 90}
+
+
+def test_retune_without_values_is_a_usage_error(cli: Cli, fake: FakeAgent) -> None:
+    result = cli("retune", TASK)
+    assert result.code == 2
+    assert "needs --bandwidth and/or --downtime" in result.err
+    assert fake.calls("PATCH") == []
+
+
+def test_vms_and_vm(cli: Cli) -> None:
+    listed = cli("vms")
+    assert any(
+        VM_UUID in line and "guest-a" in line and "running" in line for line in listed.out.splitlines()
+    )
+    assert json.loads(cli("vms", "--json").out)[0]["uuid"] == VM_UUID
+    detail = cli("vm", VM_UUID)
+    assert "disk       vda  /var/lib/ksa/storage-a/root.qcow2  qcow2  4.0 GiB" in detail.out
+    assert "<- /var/lib/ksa/storage-a/base.qcow2" in detail.out
+    assert cli("vm", "00000000-0000-4000-8000-000000000000").code == 1
+
+
+def test_host(cli: Cli) -> None:
+    result = cli("host")
+    assert result.code == 0
+    assert "memory     totalBytes=8.0 GiB  availableBytes=6.0 GiB" in result.out
+    assert any(
+        STORAGE_UUID in line and "50.0 GiB" in line and "100.0 GiB" in line
+        for line in result.out.splitlines()
+    )
+
+
+def test_health_needs_no_token(capsys: pytest.CaptureFixture[str], url: str, fake: FakeAgent) -> None:
+    result = run_cli(capsys, "health", "--agent", url)
+    assert result.code == 0
+    assert result.out == f"{url}: ok\n"
+
+
+def fake_server_module(monkeypatch: pytest.MonkeyPatch, run: Callable[[Path], object]) -> None:
+    """Stand in for ``agent.api.server`` (a colleague's module): ``serve`` only needs its ``run``."""
+    module = types.ModuleType("agent.api.server")
+    module.run = run  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "agent.api.server", module)
+
+
+def test_serve_runs_the_server_with_the_config_path(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: list[Path] = []
+    fake_server_module(monkeypatch, seen.append)
+    assert run_cli(capsys, "serve", "--config", "/etc/ksa/agent.toml").code == 0
+    assert seen == [Path("/etc/ksa/agent.toml")]
+
+
+def test_serve_awaits_an_async_run(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def run(config: Path) -> int:
+        return 0
+
+    fake_server_module(monkeypatch, run)
+    assert run_cli(capsys, "serve", "--config", "agent.toml").code == 0
+
+
+def test_serve_with_a_bad_config_prints_one_line_naming_the_key(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    config = tmp_path / "agent.toml"
+    config.write_text('token_file = "/etc/ksa/token"\nhost_uuid = "not-a-uuid"\n')
+    fake_server_module(monkeypatch, load_config)
+    result = run_cli(capsys, "serve", "--config", str(config))
+    assert result.code == 2
+    assert result.out == ""
+    (line,) = result.err.splitlines()
+    assert line.startswith(f"kvm-storage-agent: config error: {config}: host_uuid:")
+
+
+def test_serve_with_a_missing_config(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def run(config: Path) -> None:
+        raise ConfigError(f"{config}: No such file or directory")
+
+    fake_server_module(monkeypatch, run)
+    result = run_cli(capsys, "serve", "--config", "/nonexistent/agent.toml")
+    assert result.code == 2
+    assert (
+        result.err == "kvm-storage-agent: config error: /nonexistent/agent.toml: No such file or directory\n"
+    )
+
+
+def test_serve_needs_a_config(capsys: pytest.CaptureFixture[str]) -> None:
+    assert run_cli(capsys, "serve").code == 2
+
+
+def test_python_dash_m_agent(url: str, tmp_path: Path) -> None:
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN)
+    version = subprocess.run(
+        [sys.executable, "-m", "agent", "--version"], capture_output=True, text=True, check=False
+    )
+    assert version.returncode == 0
+    assert version.stdout.startswith("kvm-storage-agent ")
+    env = {"KSA_AGENT_URL": url, "KSA_TOKEN_FILE": str(token_file), "PATH": "/usr/bin:/bin"}
+    listed = subprocess.run(
+        [sys.executable, "-m", "agent", "tasks", "--json"],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+    )
+    assert listed.returncode == 0, listed.stderr
+    assert len(json.loads(listed.stdout)) == 2
+    watched = subprocess.run(
+        [sys.executable, "-m", "agent", "watch", OTHER],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        check=False,
+    )
+    assert watched.returncode == 1
+    assert "[AGENT.CONVERGENCE_FAILED]" in watched.stdout
