@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import json
 import logging
 import threading
 from collections.abc import Callable
@@ -255,6 +256,53 @@ class VirtHost:
     async def abort_block_job(self, vm_uuid: str, disk: str, *, pivot: bool = False) -> None:
         flags = libvirt.VIR_DOMAIN_BLOCK_JOB_ABORT_PIVOT if pivot else 0
         await self.call_domain(vm_uuid, lambda dom: dom.blockJobAbort(disk, flags))
+
+    # -- live migration ---------------------------------------------------------------------------------
+
+    async def migrate(self, vm_uuid: str, dest_uri: str, params: dict[str, Any], flags: int) -> None:
+        """virDomainMigrateToURI3, peer-to-peer: the source libvirtd drives it, not this connection.
+
+        It blocks for the whole migration, so it runs on its own thread, not in the shared pool.
+        """
+
+        def _migrate() -> None:
+            conn = self._connection()
+            try:
+                dom = conn.lookupByUUIDString(vm_uuid)
+                dom.migrateToURI3(dest_uri, params, flags)
+            except libvirt.libvirtError as err:
+                raise VirtError(f"libvirt: {err.get_error_message()}", code=_code_for(err)) from err
+
+        await asyncio.to_thread(_migrate)
+
+    async def job_stats(self, vm_uuid: str, *, completed: bool = False) -> dict[str, Any]:
+        flags = libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED if completed else 0
+        return await self.call_domain(vm_uuid, lambda dom: dict(dom.jobStats(flags)))
+
+    async def abort_job(self, vm_uuid: str) -> None:
+        await self.call_domain(vm_uuid, lambda dom: dom.abortJob())
+
+    async def set_max_downtime(self, vm_uuid: str, ms: int) -> None:
+        await self.call_domain(vm_uuid, lambda dom: dom.migrateSetMaxDowntime(int(ms), 0))
+
+    async def set_migration_speed(self, vm_uuid: str, mib_per_s: int) -> None:
+        await self.call_domain(vm_uuid, lambda dom: dom.migrateSetMaxSpeed(max(1, int(mib_per_s)), 0))
+
+    async def start_postcopy(self, vm_uuid: str) -> None:
+        await self.call_domain(vm_uuid, lambda dom: dom.migrateStartPostCopy(0))
+
+    async def qmp(self, vm_uuid: str, command: str, arguments: dict[str, Any] | None = None) -> Any:
+        """A raw QMP command through libvirt (read-only queries and job speed only).
+
+        libvirt hides the NBD mirror jobs of a migration and refuses blockJobSetSpeed while the migration
+        job holds the domain; QMP via libvirt-qemu is the one way to steer them (it marks the domain
+        tainted, "custom-monitor", which is harmless for a running guest).
+        """
+        import libvirt_qemu
+
+        payload = json.dumps({"execute": command, "arguments": arguments or {}})
+        reply = await self.call_domain(vm_uuid, lambda dom: libvirt_qemu.qemuMonitorCommand(dom, payload, 0))
+        return json.loads(reply).get("return")
 
     # -- events -----------------------------------------------------------------------------------------
 

@@ -1,0 +1,252 @@
+"""The destination side of a cross-host migration: prepare targets, then commit or abort.
+
+The source agent drives it over the authenticated agent API:
+- ``prepare``: confine every destination path in the named storage root, check free space, create the
+  target images (empty tops whose backing points at the destination's copy of the layer below, or flat
+  images when flattening) and record every created file before creating it;
+- layer transfers fill the lower layers (``agent.transfer``);
+- ``commit``: the VM runs here from the new paths; forget the record (files now belong to the VM);
+- ``abort``: remove every file this migration created; idempotent, also after an agent restart.
+
+Records live as small JSON files under ``state_dir/incoming`` so a restarted destination agent still
+knows what to remove.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from agent.errors import Conflict, MigrationFailed, NotFound, PreflightFailed
+from agent.migration.request import normalise_uuid
+from agent.storage import qemuimg
+from agent.storage.roots import StorageRoot, StorageRoots
+from agent.virt.domxml import parse_disks
+from agent.virt.host import VirtHost
+
+log = logging.getLogger(__name__)
+
+SPACE_MARGIN = 64 * 1024 * 1024
+
+
+class _Wire(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class IncomingLayer(_Wire):
+    name: str = Field(max_length=255, description="file name (or absolute path) at the destination")
+    format: str = Field(pattern="^(qcow2|raw)$")
+    virtualSize: int = Field(ge=0)
+    actualSize: int = Field(ge=0)
+
+
+class IncomingDisk(_Wire):
+    target: str = Field(pattern="^[a-z]{2,3}[a-z]{1,2}$")
+    volumeUuid: str = Field(max_length=64)
+    top: str = Field(max_length=4096, description="file name or absolute path of the destination top")
+    format: str = Field(pattern="^(qcow2|raw)$")
+    virtualSize: int = Field(ge=0)
+    estimatedBytes: int = Field(ge=0)
+    flatten: bool
+    layers: list[IncomingLayer] = Field(default_factory=list, max_length=64)  # base first
+
+
+class IncomingSpec(_Wire):
+    migrationId: str
+    vmUuid: str
+    dstPrimaryStorageUuid: str
+    disks: list[IncomingDisk] = Field(min_length=1, max_length=64)
+
+
+class IncomingService:
+    """Prepared incoming migrations on this host, by id (the source task uuid)."""
+
+    def __init__(self, roots: StorageRoots, host: VirtHost | None, state_dir: Path, *,
+                 peer_libvirt_uri: str, migration_address: str) -> None:
+        self.roots = roots
+        self.host = host
+        self.dir = state_dir / "incoming"
+        self.peer_libvirt_uri = peer_libvirt_uri
+        self.migration_address = migration_address
+        self._lock = asyncio.Lock()
+
+    def _record_path(self, migration_id: str) -> Path:
+        return self.dir / f"{normalise_uuid(migration_id)}.json"
+
+    def _load(self, migration_id: str) -> dict[str, Any]:
+        try:
+            data: dict[str, Any] = json.loads(self._record_path(migration_id).read_text())
+            return data
+        except FileNotFoundError:
+            raise NotFound(f"no incoming migration {migration_id} on this host") from None
+
+    def _save(self, record: dict[str, Any]) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        path = self._record_path(record["migrationId"])
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(record))
+        os.replace(tmp, path)
+
+    def list_ids(self) -> list[str]:
+        if not self.dir.exists():
+            return []
+        return [p.stem for p in self.dir.glob("*.json")]
+
+    async def prepare(self, spec: IncomingSpec) -> dict[str, Any]:
+        """Create the destination images; answers with their paths and where to migrate to."""
+        async with self._lock:
+            if self._record_path(spec.migrationId).exists():
+                existing = self._load(spec.migrationId)
+                if existing["spec"] != spec.model_dump():
+                    raise Conflict(f"incoming migration {spec.migrationId} exists with another spec")
+                return self._answer(existing)
+            root = self.roots.get(spec.dstPrimaryStorageUuid, field="dstPrimaryStorageUuid")
+            layout = self._layout(spec, root)
+            await self._preflight(spec, root, layout)
+            record: dict[str, Any] = {"migrationId": spec.migrationId, "vmUuid": spec.vmUuid,
+                                      "spec": spec.model_dump(), "layout": layout, "created": [],
+                                      "state": "preparing"}
+            self._save(record)
+            try:
+                for disk, paths in zip(spec.disks, layout["disks"], strict=True):
+                    await self._create_disk(record, disk, paths)
+            except BaseException:
+                await asyncio.shield(self._remove(record))
+                raise
+            record["state"] = "prepared"
+            self._save(record)
+            log.info("incoming migration %s for VM %s prepared in storage %s", spec.migrationId,
+                     spec.vmUuid, root.uuid)
+            return self._answer(record)
+
+    def _layout(self, spec: IncomingSpec, root: StorageRoot) -> dict[str, Any]:
+        disks = []
+        seen: set[str] = set()
+        for i, disk in enumerate(spec.disks):
+            top = str(root.confine(disk.top, f"disks[{i}].top"))
+            top_dir = os.path.dirname(top)
+            layers = [str(root.confine(os.path.join(top_dir, os.path.basename(layer.name)),
+                                       f"disks[{i}].layers[{j}].name"))
+                      for j, layer in enumerate(disk.layers)]
+            for path in [top, *layers]:
+                if path in seen and path not in layers:
+                    raise PreflightFailed(f"two images would be written to {path}", field=f"disks[{i}]")
+                seen.add(path)
+            disks.append({"target": disk.target, "top": top, "layers": layers})
+        return {"disks": disks}
+
+    async def _preflight(self, spec: IncomingSpec, root: StorageRoot, layout: dict[str, Any]) -> None:
+        needed = 0
+        for disk, paths in zip(spec.disks, layout["disks"], strict=True):
+            for path in [paths["top"], *paths["layers"]]:
+                if os.path.lexists(path):
+                    raise PreflightFailed(f"target {path} already exists on this host",
+                                          code="AGENT.TARGET_EXISTS", field="disks",
+                                          details="remove it or choose another destination")
+            needed += disk.estimatedBytes + sum(layer.actualSize for layer in disk.layers)
+        free, _total = await asyncio.to_thread(root.usage)
+        if needed * 1.1 + SPACE_MARGIN > free:
+            raise PreflightFailed(
+                f"storage {root.uuid} on this host has {free} bytes free; the move needs about "
+                f"{int(needed * 1.1)} plus a margin", code="AGENT.NO_SPACE", field="dstPrimaryStorageUuid",
+                details="free space there or pick another primary storage",
+            )
+
+    async def _create_disk(self, record: dict[str, Any], disk: IncomingDisk, paths: dict[str, Any]) -> None:
+        below: str | None = None
+        below_fmt: str | None = None
+        for layer, path in zip(disk.layers, paths["layers"], strict=True):
+            if path not in record["created"]:
+                record["created"].append(path)
+                self._save(record)
+                await qemuimg.create(path, layer.format, layer.virtualSize, backing=below,
+                                     backing_format=below_fmt)
+            below, below_fmt = path, layer.format
+        record["created"].append(paths["top"])
+        self._save(record)
+        await qemuimg.create(paths["top"], disk.format, disk.virtualSize,
+                             backing=None if disk.flatten else below,
+                             backing_format=None if disk.flatten else below_fmt)
+
+    def _answer(self, record: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "migrationId": record["migrationId"],
+            "state": record["state"],
+            "disks": record["layout"]["disks"],
+            "libvirtUri": self.peer_libvirt_uri,
+            "migrationUri": f"tcp://{self.migration_address}",
+            "migrationAddress": self.migration_address,
+        }
+
+    async def get(self, migration_id: str) -> dict[str, Any]:
+        return self._answer(self._load(migration_id))
+
+    async def commit(self, migration_id: str) -> dict[str, Any]:
+        """The VM arrived: check it runs here from the new paths, then forget the record."""
+        async with self._lock:
+            record = self._load(migration_id)
+            if self.host is None:
+                raise MigrationFailed("no libvirt connection on the destination agent")
+            live = {d.target: d for d in parse_disks(await self.host.live_xml(record["vmUuid"]))}
+            for disk in record["layout"]["disks"]:
+                got = live.get(disk["target"])
+                if got is None or got.source != disk["top"]:
+                    raise MigrationFailed(
+                        f"VM {record['vmUuid']} does not use {disk['top']} for {disk['target']} here",
+                        code="AGENT.VERIFY_FAILED",
+                    )
+            persistent = await self.host.is_persistent(record["vmUuid"])
+            self._record_path(migration_id).unlink(missing_ok=True)
+            log.info("incoming migration %s committed: VM %s runs here", migration_id, record["vmUuid"])
+            return {"migrationId": migration_id, "state": "committed", "persistent": persistent}
+
+    async def abort(self, migration_id: str) -> dict[str, Any]:
+        """Remove what the migration created; unknown ids are fine (idempotent)."""
+        async with self._lock:
+            try:
+                record = self._load(migration_id)
+            except NotFound:
+                return {"migrationId": migration_id, "state": "aborted", "removed": []}
+            if self.host is not None and await self._vm_runs_here(record["vmUuid"]):
+                raise Conflict(f"VM {record['vmUuid']} already runs on this host; refusing to remove its "
+                               "files", details="the migration finished; commit it instead")
+            removed = await self._remove(record)
+            self._record_path(migration_id).unlink(missing_ok=True)
+            log.info("incoming migration %s aborted; removed %d files", migration_id, len(removed))
+            return {"migrationId": migration_id, "state": "aborted", "removed": removed}
+
+    async def _vm_runs_here(self, vm_uuid: str) -> bool:
+        assert self.host is not None
+        try:
+            return await self.host.domain_state(vm_uuid) in ("running", "paused")
+        except NotFound:
+            return False
+
+    async def _remove(self, record: dict[str, Any]) -> list[str]:
+        removed = []
+        for path in reversed(record["created"]):
+            if self.roots.owner_of(path) is None:
+                continue
+            try:
+                os.unlink(path)
+                removed.append(path)
+            except FileNotFoundError:
+                pass
+        return removed
+
+    def layer_path(self, migration_id: str, target: str, index: int) -> tuple[str, dict[str, Any]]:
+        """The destination path of lower layer ``index`` (base = 0) of disk ``target``, and its spec."""
+        record = self._load(migration_id)
+        for disk, spec in zip(record["layout"]["disks"], record["spec"]["disks"], strict=True):
+            if disk["target"] == target:
+                if not 0 <= index < len(disk["layers"]):
+                    raise NotFound(f"disk {target} has no layer {index}")
+                layer_spec: dict[str, Any] = spec["layers"][index]
+                return disk["layers"][index], layer_spec
+        raise NotFound(f"incoming migration {migration_id} has no disk {target}")
