@@ -1,0 +1,91 @@
+"""Handlers that describe the host: health, host facts (psutil, storage roots), VMs, metrics.
+
+Anything that may touch a slow filesystem (``shutil.disk_usage`` on a hung NFS root) runs in a thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import socket
+from typing import Any
+
+import psutil  # type: ignore[import-untyped]
+from aiohttp import web
+
+import agent
+from agent.api.keys import CONFIG, INVENTORY, MANAGER, METRICS
+from agent.api.middleware import json_response
+from agent.api.validation import path_uuid
+from agent.config import StorageRootConfig
+from agent.errors import VirtError
+from agent.metrics import CONTENT_TYPE
+
+
+async def health(request: web.Request) -> web.StreamResponse:
+    """``GET /v1/health`` (no token): the agent answers; 503 comes from the guard while stopping."""
+    config = request.app[CONFIG]
+    return json_response({"status": "ok", "version": agent.__version__, "hostUuid": config.host_uuid})
+
+
+async def host(request: web.Request) -> web.StreamResponse:
+    """``GET /v1/host``: cpu, memory and each storage root's free/total bytes."""
+    config = request.app[CONFIG]
+    storage = await asyncio.gather(*(asyncio.to_thread(_root_usage, root) for root in config.storage))
+    counts = request.app[MANAGER].count_by_state()
+    body = {
+        "hostUuid": config.host_uuid,
+        "hostname": socket.gethostname(),
+        "version": agent.__version__,
+        "cpu": {
+            "count": psutil.cpu_count(),
+            "percent": psutil.cpu_percent(interval=None),
+            "loadAverage": list(os.getloadavg()),
+        },
+        "memory": _memory(),
+        "storage": list(storage),
+        "tasks": {state.value: count for state, count in counts.items() if count},
+    }
+    return json_response(body)
+
+
+def _memory() -> dict[str, Any]:
+    mem = psutil.virtual_memory()
+    return {"totalBytes": int(mem.total), "availableBytes": int(mem.available), "percent": float(mem.percent)}
+
+
+def _root_usage(root: StorageRootConfig) -> dict[str, Any]:
+    entry: dict[str, Any] = {"uuid": root.uuid, "path": str(root.path), "totalBytes": None, "freeBytes": None}
+    try:
+        usage = shutil.disk_usage(root.path)
+    except OSError as err:
+        entry["error"] = f"{err.strerror or err}"
+    else:
+        entry["totalBytes"] = usage.total
+        entry["freeBytes"] = usage.free
+    return entry
+
+
+async def list_vms(request: web.Request) -> web.StreamResponse:
+    """``GET /v1/vms``: the domains libvirt knows on this host."""
+    return json_response({"vms": await _inventory(request).list_vms()})
+
+
+async def describe_vm(request: web.Request) -> web.StreamResponse:
+    """``GET /v1/vms/{vmUuid}``: one VM with its disks and their backing chains (404 when unknown)."""
+    vm_uuid = path_uuid(request, "vmUuid")
+    return json_response(await _inventory(request).describe_vm(vm_uuid))
+
+
+def _inventory(request: web.Request) -> Any:
+    inventory = request.app[INVENTORY]
+    if inventory is None:
+        raise VirtError("libvirt is not connected in this agent", code="AGENT.LIBVIRT_UNAVAILABLE")
+    return inventory
+
+
+async def metrics(request: web.Request) -> web.StreamResponse:
+    """``GET /metrics``: Prometheus text format."""
+    body = request.app[METRICS].render()
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})

@@ -1,0 +1,130 @@
+"""Response models of the API: the source of the OpenAPI schemas, and checked against real answers in tests.
+
+Handlers build plain dicts (``Task.view()`` and friends); these models describe them. Extra keys are allowed
+so the agent can add facts without breaking a strict client.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Open(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class ErrorCode(_Open):
+    """ZStack's ErrorCode; ``field`` names the offending input for a 400."""
+
+    code: str = Field(examples=["AGENT.STORAGE_NOT_FOUND"])
+    description: str
+    details: str | None = None
+    cause: ErrorCode | None = None
+    field: str | None = None
+
+
+class Progress(_Open):
+    percent: float = Field(ge=0, le=100, description="never goes backwards; 100 only once SUCCEEDED")
+    bytesDone: int
+    bytesTotal: int
+    bytesPerSecond: float | None = Field(description="smoothed (EWMA)")
+    etaSeconds: float | None
+
+
+class StateEntry(_Open):
+    state: str
+    at: str = Field(description="ISO 8601, UTC")
+    detail: str | None = None
+
+
+class ItemProgressView(_Open):
+    name: str = Field(description="volume uuid (or disk name) or 'memory'")
+    kind: str = Field(examples=["volume", "memory"])
+    bytesDone: int
+    bytesTotal: int
+    percent: float
+
+
+class TuningView(_Open):
+    bandwidth: int | None = Field(description="MiB/s for the whole task; null = uncapped")
+    downTime: int = Field(description="ms")
+
+
+class TaskView(_Open):
+    """A task: ``GET /v1/tasks/{taskUuid}``, and the answer of the migration POST, PATCH and cancel."""
+
+    taskUuid: str
+    vmUuid: str
+    state: str = Field(examples=["PENDING", "COPYING", "SUCCEEDED"])
+    phase: str | None
+    states: list[StateEntry]
+    progress: Progress
+    volumes: list[ItemProgressView]
+    details: dict[str, Any]
+    downtimeMs: int | None
+    error: ErrorCode | None
+    inventory: dict[str, Any] | None = Field(description="{vmUuid, volumes: [...]} once SUCCEEDED")
+    tuning: TuningView
+    createdAt: str
+    updatedAt: str
+    request: dict[str, Any] = Field(description="the accepted request, without any token")
+
+
+class TaskList(_Open):
+    tasks: list[TaskView]
+
+
+class CallbackBody(_Open):
+    """What ``callbackUrl`` receives (header ``taskuuid``): the seed's response shape plus task facts."""
+
+    success: bool
+    error: ErrorCode | None
+    inventory: dict[str, Any] | None
+    taskUuid: str
+    vmUuid: str
+    state: str
+    downtimeMs: int | None
+
+
+class ProgressReportBody(_Open):
+    """What ``progressUrl`` receives (header ``taskuuid``), at most about once a second."""
+
+    taskUuid: str
+    vmUuid: str
+    state: str
+    phase: str | None
+    progress: Progress
+
+
+class Health(_Open):
+    status: str
+    version: str
+    hostUuid: str
+
+
+class StorageRootView(_Open):
+    uuid: str
+    path: str
+    totalBytes: int | None
+    freeBytes: int | None
+    error: str | None = None
+
+
+class HostView(_Open):
+    hostUuid: str
+    hostname: str
+    version: str
+    cpu: dict[str, Any]
+    memory: dict[str, Any]
+    storage: list[StorageRootView]
+    tasks: dict[str, int]
+
+
+class VmList(_Open):
+    vms: list[dict[str, Any]]
+
+
+class VmView(_Open):
+    """A VM with its disks and their backing chains (from libvirt and ``qemu-img info --backing-chain``)."""

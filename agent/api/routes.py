@@ -1,0 +1,215 @@
+"""The route table: one list drives both the aiohttp router and the OpenAPI document.
+
+Each ``Route`` names its handler, the request body model (if any), the answer model and status, and whether
+it needs the bearer token. ``openapi_document()`` turns the table plus the pydantic models' JSON schemas into
+an OpenAPI 3.1 document (``GET /v1/openapi.json``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+from aiohttp.typedefs import Handler
+from pydantic import BaseModel
+
+import agent
+from agent.api import events, info_handlers, models, task_handlers
+from agent.api.middleware import json_response
+from agent.migration.request import MigrationRequest, Tuning
+
+_TASK_ERRORS = (400, 401, 404, 503)
+
+
+@dataclass(frozen=True)
+class Route:
+    method: str
+    path: str
+    handler: Handler
+    summary: str
+    body: type[BaseModel] | None = None
+    answer: type[BaseModel] | None = None
+    status: int = 200
+    auth: bool = True
+    errors: tuple[int, ...] = (401, 503)
+    content_type: str = "application/json"
+    query: tuple[str, ...] = field(default=())
+
+
+async def openapi(request: web.Request) -> web.StreamResponse:
+    return json_response(openapi_document())
+
+
+ROUTES: tuple[Route, ...] = (
+    Route(
+        "GET",
+        "/v1/health",
+        info_handlers.health,
+        "Liveness; no token needed",
+        answer=models.Health,
+        auth=False,
+        errors=(503,),
+    ),
+    Route(
+        "GET",
+        "/v1/host",
+        info_handlers.host,
+        "Host facts: cpu, memory, storage roots",
+        answer=models.HostView,
+    ),
+    Route(
+        "GET",
+        "/v1/vms",
+        info_handlers.list_vms,
+        "VMs on this host",
+        answer=models.VmList,
+        errors=(401, 502, 503),
+    ),
+    Route(
+        "GET",
+        "/v1/vms/{vmUuid}",
+        info_handlers.describe_vm,
+        "One VM with its disks and backing chains",
+        answer=models.VmView,
+        errors=(400, 401, 404, 502, 503),
+    ),
+    Route(
+        "POST",
+        "/v1/vms/{vmUuid}/storage-migrations",
+        task_handlers.start_migration,
+        "Move the VM's storage (same taskUuid twice gives the same task); headers taskuuid and "
+        "callbackurl are accepted too",
+        body=MigrationRequest,
+        answer=models.TaskView,
+        status=202,
+        errors=(400, 401, 404, 408, 409, 413, 503),
+    ),
+    Route(
+        "GET",
+        "/v1/tasks",
+        task_handlers.list_tasks,
+        "Tasks of this agent",
+        answer=models.TaskList,
+        errors=(400, 401, 503),
+        query=("state", "vmUuid"),
+    ),
+    Route(
+        "GET",
+        "/v1/tasks/{taskUuid}",
+        task_handlers.get_task,
+        "One task",
+        answer=models.TaskView,
+        errors=_TASK_ERRORS,
+    ),
+    Route(
+        "PATCH",
+        "/v1/tasks/{taskUuid}",
+        task_handlers.retune_task,
+        "Retune a running task",
+        body=Tuning,
+        answer=models.TaskView,
+        errors=(*_TASK_ERRORS, 409, 413),
+    ),
+    Route(
+        "POST",
+        "/v1/tasks/{taskUuid}/cancel",
+        task_handlers.cancel_task,
+        "Cancel (idempotent); the VM keeps its source volumes",
+        answer=models.TaskView,
+        status=202,
+        errors=_TASK_ERRORS,
+    ),
+    Route(
+        "GET",
+        "/v1/tasks/{taskUuid}/events",
+        events.task_events,
+        "Server-sent events: the task view after each change (event: state | progress); ends after a "
+        "final state",
+        answer=models.TaskView,
+        errors=_TASK_ERRORS,
+        content_type="text/event-stream",
+    ),
+    Route("GET", "/v1/openapi.json", openapi, "This document"),
+    Route("GET", "/metrics", info_handlers.metrics, "Prometheus metrics", content_type="text/plain"),
+)
+
+
+def add_routes(app: web.Application) -> None:
+    for route in ROUTES:
+        app.router.add_route(route.method, route.path, route.handler)
+
+
+def openapi_document() -> dict[str, Any]:
+    """OpenAPI 3.1 from ``ROUTES`` and the models' JSON schemas (``$defs`` lifted into components)."""
+    schemas: dict[str, Any] = {}
+
+    def ref(model: type[BaseModel]) -> dict[str, str]:
+        schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        schemas.update(schema.pop("$defs", {}))
+        schemas[model.__name__] = schema
+        return {"$ref": f"#/components/schemas/{model.__name__}"}
+
+    error_ref = ref(models.ErrorCode)
+    for extra in (models.CallbackBody, models.ProgressReportBody):
+        ref(extra)
+    paths: dict[str, dict[str, Any]] = {}
+    for route in ROUTES:
+        operation: dict[str, Any] = {
+            "summary": route.summary,
+            "operationId": route.handler.__name__,
+            "responses": {},
+        }
+        parameters = [
+            {"name": name, "in": "path", "required": True, "schema": {"type": "string", "format": "uuid"}}
+            for name in _path_params(route.path)
+        ]
+        parameters += [
+            {"name": name, "in": "query", "required": False, "schema": {"type": "string"}}
+            for name in route.query
+        ]
+        if route.method == "POST" and route.body is MigrationRequest:
+            parameters += [
+                {"name": "taskuuid", "in": "header", "required": False, "schema": {"type": "string"}},
+                {"name": "callbackurl", "in": "header", "required": False, "schema": {"type": "string"}},
+            ]
+        if parameters:
+            operation["parameters"] = parameters
+        if route.body is not None:
+            operation["requestBody"] = {
+                "required": True,
+                "content": {"application/json": {"schema": ref(route.body)}},
+            }
+        answer_schema: dict[str, Any] = ref(route.answer) if route.answer is not None else {}
+        operation["responses"][str(route.status)] = {
+            "description": route.summary,
+            "content": {route.content_type: {"schema": answer_schema}},
+        }
+        for status in route.errors:
+            operation["responses"][str(status)] = {
+                "description": "ErrorCode",
+                "content": {"application/json": {"schema": error_ref}},
+            }
+        if route.auth:
+            operation["security"] = [{"bearer": []}]
+        else:
+            operation["security"] = []
+        paths.setdefault(route.path, {})[route.method.lower()] = operation
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "kvm-storage-agent",
+            "version": agent.__version__,
+            "description": "Moves running KVM virtual machines' storage; errors are ZStack ErrorCode bodies.",
+        },
+        "paths": paths,
+        "components": {
+            "schemas": dict(sorted(schemas.items())),
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        },
+        "security": [{"bearer": []}],
+    }
+
+
+def _path_params(path: str) -> list[str]:
+    return [part[1:-1] for part in path.split("/") if part.startswith("{") and part.endswith("}")]

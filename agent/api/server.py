@@ -1,0 +1,85 @@
+"""``kvm-storage-agent serve``: load the config, set up logging, run the app until SIGTERM or SIGINT.
+
+Stopping is graceful and bounded by ``shutdown_grace_s``: the listener closes, new requests get 503, event
+streams end, handlers get half the grace to finish, and the task manager detaches from running migrations
+within the other half (they go on in libvirt and are resumed from the journal at the next start).
+"""
+
+from __future__ import annotations
+
+import logging
+import logging.config
+import os
+import ssl
+from pathlib import Path
+
+from aiohttp import web
+
+from agent.api.app import make_app
+from agent.config import AgentConfig, ConfigError, load_config
+
+log = logging.getLogger(__name__)
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def setup_logging(level: str) -> None:
+    """One stdout handler for everything (journald adds its own timestamps, we keep ours for files)."""
+    if not isinstance(logging.getLevelName(level.upper()), int):
+        raise ConfigError(f"log_level: unknown level {level!r}")
+    logging.config.dictConfig(
+        {
+            "version": 1,
+            "disable_existing_loggers": False,
+            "formatters": {"plain": {"format": LOG_FORMAT}},
+            "handlers": {
+                "stdout": {
+                    "class": "logging.StreamHandler",
+                    "formatter": "plain",
+                    "stream": "ext://sys.stdout",
+                }
+            },
+            "root": {"level": level.upper(), "handlers": ["stdout"]},
+            "loggers": {"aiohttp.access": {"level": "WARNING"}},
+        }
+    )
+
+
+def ssl_context(config: AgentConfig) -> ssl.SSLContext | None:
+    if config.tls_cert is None and config.tls_key is None:
+        return None
+    if config.tls_cert is None or config.tls_key is None:
+        raise ConfigError("tls_cert and tls_key must be given together")
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(config.tls_cert, config.tls_key)
+    except (OSError, ssl.SSLError) as err:
+        raise ConfigError(f"tls_cert/tls_key: cannot load {config.tls_cert}: {err}") from err
+    return context
+
+
+def run(config_path: str | os.PathLike[str]) -> None:
+    """Serve until SIGTERM/SIGINT. Raises ``ConfigError`` (message names the key) for a bad config."""
+    config = load_config(Path(config_path))
+    setup_logging(config.log_level)
+    token = config.read_token()
+    context = ssl_context(config)
+    app = make_app(config, token=token, connect_libvirt=True)
+    log.info(
+        "kvm-storage-agent starting on %s:%d (host %s, %d storage roots, state in %s)",
+        config.listen_address,
+        config.port,
+        config.host_uuid,
+        len(config.storage),
+        config.state_dir,
+    )
+    web.run_app(
+        app,
+        host=config.listen_address,
+        port=config.port,
+        ssl_context=context,
+        shutdown_timeout=config.shutdown_grace_s / 2,
+        print=None,
+        handle_signals=True,
+    )
+    log.info("kvm-storage-agent stopped")

@@ -1,0 +1,85 @@
+"""``RunContext``: the ``TaskContext`` (``agent.migration.engine``) the manager gives an engine for one run.
+
+It is a thin view on the task: every call goes through the manager, which journals before it announces.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, MutableMapping
+from typing import TYPE_CHECKING, Any
+
+from agent.migration.request import MigrationRequest
+from agent.tasks.model import TaskState
+from agent.tasks.task import Task
+
+if TYPE_CHECKING:
+    from agent.tasks.manager import TaskManager
+
+MIB = 1024 * 1024
+
+_engine_log = logging.getLogger("agent.migration")
+
+
+class TaskLogAdapter(logging.LoggerAdapter[logging.Logger]):
+    """Prefixes every line with the task and VM uuid: ``task=<uuid> vm=<uuid>: message``."""
+
+    def process(self, msg: Any, kwargs: MutableMapping[str, Any]) -> tuple[Any, MutableMapping[str, Any]]:
+        extra = self.extra or {}
+        return f"task={extra.get('task_uuid')} vm={extra.get('vm_uuid')}: {msg}", kwargs
+
+
+class RunContext:
+    """The engine's handle on its task (see ``agent.migration.engine.TaskContext`` for the contract)."""
+
+    def __init__(self, manager: TaskManager, task: Task, *, resumed: bool) -> None:
+        self._manager = manager
+        self._task = task
+        self.task_uuid: str = task.uuid
+        self.vm_uuid: str = task.vm_uuid
+        self.request: MigrationRequest = task.request
+        self.resumed = resumed
+        self.log: logging.LoggerAdapter[logging.Logger] = TaskLogAdapter(
+            _engine_log, {"task_uuid": task.uuid, "vm_uuid": task.vm_uuid}
+        )
+
+    @property
+    def resume_data(self) -> Mapping[str, Any] | None:
+        return self._task.resume_data
+
+    @property
+    def bandwidth(self) -> int | None:
+        mib = self._task.tuning.bandwidth_mib
+        return None if mib is None else mib * MIB
+
+    @property
+    def downtime_ms(self) -> int:
+        return self._task.tuning.downtime_ms
+
+    @property
+    def detaching(self) -> bool:
+        """True while the agent stops: on ``CancelledError`` leave libvirt jobs running and undo nothing.
+
+        The task stays unfinished in the journal and is handed back with ``resume=True`` at the next start.
+        """
+        return self._manager.detaching
+
+    @property
+    def cancel_requested(self) -> bool:
+        """True once the user asked to cancel (the engine then sees ``CancelledError`` and must undo)."""
+        return self._task.cancel_requested
+
+    async def enter(self, state: TaskState, detail: str | None = None) -> None:
+        await self._manager.enter_state(self._task, state, detail)
+
+    async def checkpoint(self, data: Mapping[str, Any]) -> None:
+        await self._manager.checkpoint(self._task, data)
+
+    def progress(self, item: str, done: int, total: int) -> None:
+        self._manager.report_progress(self._task, item, done, total)
+
+    def note(self, key: str, value: Any) -> None:
+        self._manager.note(self._task, key, value)
+
+    async def tuning_changed(self) -> None:
+        await self._task.wait_retuned()

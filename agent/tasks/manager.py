@@ -1,0 +1,583 @@
+"""The task manager: accepts migrations, queues them under the limits, runs engines, cancels, retunes.
+
+Rules it keeps:
+- one active task per VM; the same ``taskUuid`` again gives the same task (idempotency, also after a restart);
+- at most ``outgoing_limit`` engines run at once, the rest wait in PENDING (queued, never refused);
+- every change is journalled before it becomes visible (``_commit``), so what the API shows is durable;
+- cancel is idempotent and safe in every state: a task that has no engine yet ends CANCELLED at once, a
+  running engine gets ``CancelledError`` (it undoes its work) after CANCELLING is journalled;
+- stopping the agent *detaches*: engines are cancelled with ``ctx.detaching`` set, nothing final is written,
+  and the tasks are handed back with ``resume=True`` at the next start.
+
+Ownership: the manager keeps one driver ``asyncio.Task`` per task run and one engine task inside it;
+``stop()`` cancels and awaits the drivers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+from agent.errors import AgentError, Conflict, MigrationFailed, NotFound, ServiceStopping
+from agent.migration.engine import Engine
+from agent.migration.request import MigrationRequest, Tuning
+from agent.tasks.context import RunContext
+from agent.tasks.hooks import ChangeKind, EngineFactory, TaskChange, TaskListener
+from agent.tasks.journal import Journal
+from agent.tasks.model import TaskState, can_transition
+from agent.tasks.records import callback_body, final_view, new_record, progress_json, task_from_record
+from agent.tasks.task import StateChange, Task
+
+log = logging.getLogger(__name__)
+
+
+class InvalidTransition(Conflict):
+    """A task was asked to move to a state its current state does not allow."""
+
+    code = "AGENT.INVALID_TRANSITION"
+
+
+def cancelled_error() -> AgentError:
+    return AgentError(
+        "the migration was cancelled on request; the VM keeps its source volumes", code="AGENT.CANCELLED"
+    )
+
+
+class TaskManager:
+    """Owns every task of this agent (see the module docstring); ``start()`` first, ``stop()`` last."""
+
+    def __init__(
+        self,
+        journal: Journal,
+        engine_factory: EngineFactory,
+        *,
+        outgoing_limit: int,
+        incoming_limit: int,
+        keep_finished: int = 1000,
+        clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._journal = journal
+        self._factory = engine_factory
+        self._keep_finished = keep_finished
+        self._clock = clock
+        self._monotonic = monotonic
+        self._tasks: dict[str, Task] = {}
+        self._drivers: dict[str, asyncio.Task[None]] = {}
+        self._engines: dict[str, asyncio.Task[list[dict[str, Any]]]] = {}
+        self._outgoing = asyncio.Semaphore(outgoing_limit)
+        #: Slots for incoming migrations (agent-to-agent endpoints): ``async with manager.incoming: ...``.
+        self.incoming = asyncio.Semaphore(incoming_limit)
+        self._listeners: list[TaskListener] = []
+        self._submit_lock = asyncio.Lock()
+        self._stopping = False
+        self._detaching = False
+
+    # -- lifecycle -----------------------------------------------------------------------------------------
+
+    def add_listener(self, listener: TaskListener) -> None:
+        self._listeners.append(listener)
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
+
+    @property
+    def detaching(self) -> bool:
+        return self._detaching
+
+    async def start(self) -> None:
+        """Load recent finished tasks (views, idempotency) and hand the unfinished ones to their engines."""
+        for record in await self._journal.load_recent_finished(self._keep_finished):
+            try:
+                self._tasks[record.uuid] = task_from_record(record)
+            except AgentError:
+                log.exception(
+                    "task=%s vm=%s: skipping an unreadable finished task", record.uuid, record.vm_uuid
+                )
+        for record in await self._journal.load_unfinished():
+            try:
+                task = task_from_record(record)
+            except AgentError as err:
+                log.exception(
+                    "task=%s vm=%s: unfinished task cannot be read back; marking it FAILED",
+                    record.uuid,
+                    record.vm_uuid,
+                )
+                await self._journal.record_state(record.uuid, TaskState.FAILED, str(err), self._clock())
+                continue
+            self._tasks[task.uuid] = task
+            task.cancel_requested = task.state is TaskState.CANCELLING
+            resume = task.state is not TaskState.PENDING or task.resume_data is not None
+            log.info(
+                "task=%s vm=%s: found unfinished in state %s, handing it back (resume=%s)",
+                task.uuid,
+                task.vm_uuid,
+                task.state,
+                resume,
+            )
+            self._start_driver(task, resume=resume)
+
+    def begin_stop(self) -> None:
+        """Refuse new work from now on (the API answers 503)."""
+        self._stopping = True
+
+    async def stop(self, grace_s: float) -> None:
+        """Detach from every running task (see the module docstring); await the drivers up to ``grace_s``."""
+        self._stopping = True
+        self._detaching = True
+        drivers = list(self._drivers.values())
+        for driver in drivers:
+            driver.cancel()
+        if not drivers:
+            return
+        _, pending = await asyncio.wait(drivers, timeout=grace_s)
+        for driver in pending:
+            log.warning("%s did not stop within %.1f s; leaving it", driver.get_name(), grace_s)
+
+    # -- queries -------------------------------------------------------------------------------------------
+
+    def get(self, task_uuid: str) -> Task:
+        task = self._tasks.get(task_uuid)
+        if task is None:
+            raise NotFound(f"no task {task_uuid}", field="taskUuid")
+        return task
+
+    async def find(self, task_uuid: str) -> Task | None:
+        """A task in memory, else from the journal (finished tasks pruned from memory)."""
+        task = self._tasks.get(task_uuid)
+        if task is not None:
+            return task
+        record = await self._journal.get_task(task_uuid)
+        return None if record is None else task_from_record(record)
+
+    def tasks(self, *, state: TaskState | None = None, vm_uuid: str | None = None) -> list[Task]:
+        found = [
+            task
+            for task in self._tasks.values()
+            if (state is None or task.state is state) and (vm_uuid is None or task.vm_uuid == vm_uuid)
+        ]
+        return sorted(found, key=lambda task: task.created_at)
+
+    def active_task_for(self, vm_uuid: str) -> Task | None:
+        return next((t for t in self._tasks.values() if t.vm_uuid == vm_uuid and t.state.active), None)
+
+    def count_by_state(self) -> dict[TaskState, int]:
+        counts = dict.fromkeys(TaskState, 0)
+        for task in self._tasks.values():
+            counts[task.state] += 1
+        return counts
+
+    # -- commands ------------------------------------------------------------------------------------------
+
+    async def submit(self, vm_uuid: str, request: MigrationRequest) -> tuple[Task, bool]:
+        """Accept a migration of ``vm_uuid``; returns ``(task, created)``. ``request.taskUuid`` must be set.
+
+        Raises ``Conflict`` when the VM has another active task or the taskUuid names a different request,
+        ``ServiceStopping`` while the agent stops.
+        """
+        task_uuid = request.taskUuid
+        if task_uuid is None:
+            raise ValueError("submit() needs request.taskUuid")
+        async with self._submit_lock:
+            existing = await self.find(task_uuid)
+            if existing is not None:
+                if existing.vm_uuid != vm_uuid or _fingerprint(existing.request) != _fingerprint(request):
+                    raise Conflict(
+                        f"taskUuid {task_uuid} is already used by a different request",
+                        field="taskUuid",
+                        taskUuid=task_uuid,
+                    )
+                return existing, False
+            if self._stopping:
+                raise ServiceStopping("the agent is stopping; no new migrations")
+            active = self.active_task_for(vm_uuid)
+            if active is not None:
+                raise Conflict(
+                    f"VM {vm_uuid} already has task {active.uuid} in state {active.state}",
+                    field="vmUuid",
+                    taskUuid=active.uuid,
+                )
+            task = Task.new(task_uuid, vm_uuid, request, self._clock())
+            await self._journal.insert_task(new_record(task))
+            self._tasks[task.uuid] = task
+        log.info(
+            "task=%s vm=%s: accepted (storage %s, host %s, strategy %s)",
+            task.uuid,
+            vm_uuid,
+            request.primaryStorageMigrateVm.dstPrimaryStorageUuid,
+            request.primaryStorageMigrateVm.dstHostUuid or "this",
+            request.primaryStorageMigrateVm.strategy,
+        )
+        self._notify(task, TaskChange(ChangeKind.CREATED))
+        self._start_driver(task, resume=False)
+        return task, True
+
+    async def cancel(self, task_uuid: str) -> Task:
+        """Cancel a task; idempotent, safe in every state (a finished task is returned unchanged)."""
+        task = self._tasks.get(task_uuid) or await self.find(task_uuid)
+        if task is None:
+            raise NotFound(f"no task {task_uuid}", field="taskUuid")
+        if _settled(task):
+            return task
+        task.cancel_requested = True  # from here on the driver never starts an engine for a PENDING task
+        async with task.lock:
+            if _settled(task):
+                return task
+            engine = self._engines.get(task.uuid)
+            if engine is None and task.state is TaskState.PENDING:
+                await self._finish_locked(
+                    task, TaskState.CANCELLED, "cancelled before start", error=cancelled_error()
+                )
+                driver = self._drivers.get(task.uuid)
+                if driver is not None:
+                    driver.cancel()
+                return task
+            # A running engine, or a task resumed from the journal still waiting for its slot: its engine
+            # will start, see CANCELLING and undo what the previous run left.
+            await self._transition_locked(task, TaskState.CANCELLING, "cancel requested")
+        if engine is not None:
+            engine.cancel()  # right after the lock is released, before the engine can take another step
+        return task
+
+    async def retune(self, task_uuid: str, tuning: Tuning) -> Task:
+        """Change bandwidth and/or downtime of an active task; wakes ``ctx.tuning_changed()``."""
+        task = self.get(task_uuid)
+        async with task.lock:
+            if _settled(task):
+                raise Conflict(
+                    f"task {task.uuid} is {task.state}; only a running task can be retuned", field="taskUuid"
+                )
+            bandwidth = tuning.bandwidth if tuning.bandwidth is not None else task.tuning.bandwidth_mib
+            downtime = tuning.downTime if tuning.downTime is not None else task.tuning.downtime_ms
+            now = self._clock()
+            await self._commit(
+                self._journal.save_tuning(task.uuid, {"bandwidth": bandwidth, "downTime": downtime}, now),
+                lambda: task.apply_tuning(tuning.bandwidth, tuning.downTime, now),
+            )
+        log.info(
+            "task=%s vm=%s: retuned to bandwidth %s MiB/s, downtime %s ms",
+            task.uuid,
+            task.vm_uuid,
+            bandwidth,
+            downtime,
+        )
+        self._notify(task, TaskChange(ChangeKind.TUNING))
+        return task
+
+    # -- the engine's side (through RunContext) ------------------------------------------------------------
+
+    async def enter_state(self, task: Task, state: TaskState, detail: str | None) -> None:
+        if state.final:
+            raise InvalidTransition(f"an engine does not enter {state}: it returns or raises instead")
+        async with task.lock:
+            if state is task.state:
+                task.apply_phase(detail or state.value.lower(), self._clock())
+                self._notify(task, TaskChange(ChangeKind.PHASE))
+                return
+            if task.state is TaskState.CANCELLING:
+                # The cancel is on its way to this engine (engine.cancel() follows the CANCELLING commit):
+                # let it arrive here instead of announcing a step that will not happen.
+                await asyncio.sleep(0)
+            if not can_transition(task.state, state):
+                raise InvalidTransition(f"task {task.uuid} cannot go from {task.state} to {state}")
+            await self._transition_locked(task, state, detail)
+
+    async def checkpoint(self, task: Task, data: Mapping[str, Any]) -> None:
+        saved = _json_copy(data, "checkpoint data")
+        async with task.lock:
+            await self._commit(
+                self._journal.save_checkpoint(task.uuid, saved, self._clock(), _json_copy(task.details)),
+                lambda: setattr(task, "resume_data", saved),
+            )
+
+    def report_progress(self, task: Task, item: str, done: int, total: int) -> None:
+        moved = task.tracker.update(item, done, total, self._monotonic())
+        task.touch(self._clock())
+        self._notify(task, TaskChange(ChangeKind.PROGRESS, moved))
+
+    def note(self, task: Task, key: str, value: Any) -> None:
+        """A fact for the view; kept in memory and journalled with the next state, checkpoint or result."""
+        try:
+            json.dumps(value)
+        except (TypeError, ValueError):
+            value = str(value)
+        task.details[key] = value
+        if key == "downtimeMs" and isinstance(value, int | float):
+            task.downtime_ms = int(value)
+        task.touch(self._clock())
+        self._notify(task, TaskChange(ChangeKind.DETAILS))
+
+    # -- driving a task ------------------------------------------------------------------------------------
+
+    def _start_driver(self, task: Task, *, resume: bool) -> None:
+        driver = asyncio.create_task(self._drive(task, resume), name=f"task-{task.uuid}")
+        self._drivers[task.uuid] = driver
+        driver.add_done_callback(lambda done: self._driver_done(task, done))
+
+    def _driver_done(self, task: Task, driver: asyncio.Task[None]) -> None:
+        if self._drivers.get(task.uuid) is driver:
+            del self._drivers[task.uuid]
+        if not driver.cancelled():
+            driver.exception()  # logged by _drive already; retrieving it keeps asyncio from warning again
+
+    async def _drive(self, task: Task, resume: bool) -> None:
+        try:
+            async with self._outgoing:
+                if task.state.final or (task.cancel_requested and task.state is TaskState.PENDING):
+                    return  # cancelled while queued: cancel() records CANCELLED, no engine is started
+                await self._execute(task, resume)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("task=%s vm=%s: task driver failed", task.uuid, task.vm_uuid)
+            raise
+        finally:
+            self._prune()
+
+    async def _execute(self, task: Task, resume: bool) -> None:
+        try:
+            engine = self._factory(task.request, task.vm_uuid, resume)
+        except AgentError as err:
+            log.error("task=%s vm=%s: no engine: %s", task.uuid, task.vm_uuid, err)
+            await self._finish(task, TaskState.FAILED, "no engine", error=err)
+            return
+        except Exception as err:
+            log.exception("task=%s vm=%s: the engine factory failed", task.uuid, task.vm_uuid)
+            wrapped = MigrationFailed(
+                "the migration engine could not be created",
+                details=f"{type(err).__name__}: {err}",
+                code="AGENT.ENGINE_UNAVAILABLE",
+            )
+            wrapped.__cause__ = err
+            await self._finish(task, TaskState.FAILED, "no engine", error=wrapped)
+            return
+        ctx = RunContext(self, task, resumed=resume)
+        log.info(
+            "task=%s vm=%s: running engine %s%s",
+            task.uuid,
+            task.vm_uuid,
+            getattr(engine, "name", type(engine).__name__),
+            " (resume)" if resume else "",
+        )
+        run = asyncio.create_task(self._run_engine(engine, ctx), name=f"engine-{task.uuid}")
+        self._engines[task.uuid] = run
+        if task.state is TaskState.CANCELLING:
+            # The cancel was journalled before a restart: let the engine take its first step (it sees
+            # ctx.cancel_requested and ctx.resume_data), then deliver the cancel so it undoes what it finds.
+            asyncio.get_running_loop().call_soon(run.cancel)
+        try:
+            inventory = await run
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if self._detaching or (current is not None and current.cancelling()):
+                log.info(
+                    "task=%s vm=%s: detached in state %s; it stays unfinished in the journal",
+                    task.uuid,
+                    task.vm_uuid,
+                    task.state,
+                )
+                raise
+            if task.state is TaskState.CANCELLING:
+                await self._finish(task, TaskState.CANCELLED, "cancelled", error=cancelled_error())
+            else:
+                await self._finish(
+                    task,
+                    TaskState.FAILED,
+                    "engine cancelled",
+                    error=MigrationFailed("the engine stopped with an unexpected cancel"),
+                )
+        except AgentError as err:
+            await self._finish(task, TaskState.FAILED, type(err).__name__, error=err)
+        except Exception as err:
+            log.exception("task=%s vm=%s: engine raised an unexpected error", task.uuid, task.vm_uuid)
+            internal = AgentError(
+                "internal error in the migration engine", details=f"{type(err).__name__}: {err}"
+            )
+            internal.__cause__ = err
+            await self._finish(task, TaskState.FAILED, "internal error", error=internal)
+        else:
+            volumes = inventory if isinstance(inventory, list) else []
+            await self._finish(
+                task, TaskState.SUCCEEDED, None, inventory={"vmUuid": task.vm_uuid, "volumes": volumes}
+            )
+        finally:
+            self._engines.pop(task.uuid, None)
+
+    async def _run_engine(self, engine: Engine, ctx: RunContext) -> list[dict[str, Any]]:
+        timeout = ctx.request.timeout
+        if timeout is None:
+            return await engine.run(ctx)
+        try:
+            async with asyncio.timeout(timeout):
+                return await engine.run(ctx)
+        except TimeoutError as err:
+            raise MigrationFailed(
+                f"the migration did not finish within {timeout:g} s (request timeout)", code="AGENT.TIMEOUT"
+            ) from err
+
+    # -- journal first, then announce ----------------------------------------------------------------------
+
+    async def _commit(self, write: Awaitable[None], apply: Callable[[], None]) -> None:
+        """Run ``write`` (a journal call), then ``apply`` the change in memory once it is durable.
+
+        The write is shielded and ``apply`` runs from its done-callback, so a caller cancelled meanwhile
+        cannot leave memory and journal disagreeing.
+        """
+        future = asyncio.ensure_future(write)
+
+        def applied(done: asyncio.Future[None]) -> None:
+            if done.cancelled():
+                return
+            err = done.exception()
+            if err is None:
+                apply()
+            else:
+                log.error("journal write failed: %s", err)
+
+        future.add_done_callback(applied)
+        await asyncio.shield(future)
+
+    async def _transition_locked(self, task: Task, state: TaskState, detail: str | None) -> None:
+        previous = task.state
+        change = StateChange(state, self._clock(), detail)
+        await self._commit(
+            self._journal.record_state(
+                task.uuid,
+                state,
+                detail,
+                change.at,
+                progress=progress_json(task),
+                details=_json_copy(task.details),
+            ),
+            lambda: task.apply_state(change),
+        )
+        log.info(
+            "task=%s vm=%s: %s -> %s%s",
+            task.uuid,
+            task.vm_uuid,
+            previous,
+            state,
+            f" ({detail})" if detail else "",
+        )
+        self._notify(task, TaskChange(ChangeKind.STATE))
+
+    async def _finish(
+        self,
+        task: Task,
+        state: TaskState,
+        detail: str | None,
+        *,
+        error: AgentError | None = None,
+        inventory: dict[str, Any] | None = None,
+    ) -> None:
+        async with task.lock:
+            await self._finish_locked(task, state, detail, error=error, inventory=inventory)
+
+    async def _finish_locked(
+        self,
+        task: Task,
+        state: TaskState,
+        detail: str | None,
+        *,
+        error: AgentError | None = None,
+        inventory: dict[str, Any] | None = None,
+    ) -> None:
+        if task.state.final:
+            return
+        if not can_transition(task.state, state):
+            log.error(
+                "task=%s vm=%s: %s -> %s is not allowed; recording FAILED",
+                task.uuid,
+                task.vm_uuid,
+                task.state,
+                state,
+            )
+            error = InvalidTransition(f"engine ended in {state} from {task.state}")
+            state, inventory = TaskState.FAILED, None
+        change = StateChange(state, self._clock(), detail)
+        view = final_view(task, change, error, inventory)
+        callback = None
+        if task.request.callbackUrl:
+            callback = (task.request.callbackUrl, json.dumps(callback_body(task, view)))
+
+        def apply() -> None:
+            task.error = view["error"]
+            task.inventory = inventory
+            if state is TaskState.SUCCEEDED:
+                task.tracker.mark_complete()
+            task.apply_state(change)
+
+        progress = progress_json(task)
+        if state is TaskState.SUCCEEDED:
+            progress["percent"] = 100.0
+        try:
+            await self._commit(
+                self._journal.finish_task(
+                    task.uuid, state, detail, change.at, result=view, progress=progress, callback=callback
+                ),
+                apply,
+            )
+        except AgentError:
+            # The result could not be made durable: still show the truth, and say loudly what is lost.
+            log.exception(
+                "task=%s vm=%s: could not journal the final state %s; the callback is lost",
+                task.uuid,
+                task.vm_uuid,
+                state,
+            )
+            apply()
+        elapsed = change.at - (task.started_at or task.created_at)
+        if error is None:
+            log.info("task=%s vm=%s: %s after %.1f s", task.uuid, task.vm_uuid, state, elapsed)
+        else:
+            log.warning(
+                "task=%s vm=%s: %s after %.1f s: %s: %s",
+                task.uuid,
+                task.vm_uuid,
+                state,
+                elapsed,
+                error.code,
+                error.description,
+            )
+        self._notify(task, TaskChange(ChangeKind.STATE))
+        self._notify(task, TaskChange(ChangeKind.FINISHED))
+
+    # -- helpers -------------------------------------------------------------------------------------------
+
+    def _notify(self, task: Task, change: TaskChange) -> None:
+        for listener in self._listeners:
+            try:
+                listener(task, change)
+            except Exception:
+                log.exception(
+                    "task=%s vm=%s: a task listener failed on %s", task.uuid, task.vm_uuid, change.kind
+                )
+
+    def _prune(self) -> None:
+        finished = [task for task in self._tasks.values() if task.state.final]
+        excess = len(finished) - self._keep_finished
+        if excess > 0:
+            for task in sorted(finished, key=lambda t: t.finished_at or t.updated_at)[:excess]:
+                del self._tasks[task.uuid]
+
+
+def _settled(task: Task) -> bool:
+    """Final, or already on its way there by a cancel (a function: mypy must not narrow the state)."""
+    return task.state.final or task.state is TaskState.CANCELLING
+
+
+def _fingerprint(request: MigrationRequest) -> dict[str, Any]:
+    return request.model_dump(mode="json")
+
+
+def _json_copy(data: Mapping[str, Any], what: str = "details") -> dict[str, Any]:
+    try:
+        copied: dict[str, Any] = json.loads(json.dumps(dict(data)))
+    except (TypeError, ValueError) as err:
+        raise MigrationFailed(f"{what} cannot be stored as JSON", details=str(err)) from err
+    return copied
