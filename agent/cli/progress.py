@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from rich.progress import BarColumn, Progress, TaskID, TextColumn
+from rich.table import Column
 
 from agent.client import TaskView
 
@@ -123,7 +124,8 @@ class RichProgressView:
     def __init__(self, out: Output) -> None:
         self._clamp = ProgressClamp()
         self._progress = Progress(
-            TextColumn("{task.fields[label]}", markup=False),
+            # A fixed width keeps the bar from jumping sideways when the state or phase changes.
+            TextColumn("{task.fields[label]}", markup=False, table_column=Column(width=24, no_wrap=True)),
             BarColumn(bar_width=None),
             TextColumn("{task.percentage:>5.1f}%"),
             TextColumn("{task.fields[amount]}", markup=False),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import types
@@ -267,3 +268,22 @@ def test_python_dash_m_agent(url: str, tmp_path: Path) -> None:
     )
     assert watched.returncode == 1
     assert "[AGENT.CONVERGENCE_FAILED]" in watched.stdout
+
+
+def test_ctrl_c_while_watching_leaves_the_task_running(url: str, fake: FakeAgent, tmp_path: Path) -> None:
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN)
+    fake.events_idle = True
+    fake.tasks[TASK].snapshots = fake.tasks[TASK].snapshots[1:2]  # stays COPYING
+    env = {"KSA_AGENT_URL": url, "KSA_TOKEN_FILE": str(token_file), "PATH": "/usr/bin:/bin"}
+    with subprocess.Popen(
+        [sys.executable, "-m", "agent", "watch", TASK],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO,
+    ) as watcher:  # fmt: skip
+        assert watcher.stdout is not None
+        assert "COPYING" in watcher.stdout.readline()  # watching now
+        watcher.send_signal(signal.SIGINT)
+        _, err = watcher.communicate(timeout=20)
+    assert watcher.returncode == 130
+    assert f"task {TASK} goes on" in err
+    assert fake.calls("POST") == []  # no cancel sent
