@@ -41,7 +41,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 def serve(config: Path) -> int:
     """Run the service; a bad config is one line naming the key and exit 2, not a traceback."""
     # Imported here: the client commands must work where the server's dependencies (libvirt) are missing.
-    server = importlib.import_module("agent.api.server")
+    try:
+        server = importlib.import_module("agent.api.server")
+    except ImportError as err:  # e.g. libvirt-python missing on this machine: say so in one line
+        print(f"kvm-storage-agent: cannot load the server: {err}", file=sys.stderr)
+        return Exit.FAILED
     try:
         result = server.run(config)
         if inspect.iscoroutine(result):

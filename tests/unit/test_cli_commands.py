@@ -287,3 +287,12 @@ def test_ctrl_c_while_watching_leaves_the_task_running(url: str, fake: FakeAgent
     assert watcher.returncode == 130
     assert f"task {TASK} goes on" in err
     assert fake.calls("POST") == []  # no cancel sent
+
+
+def test_serve_without_the_server_module_says_so(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "agent.api.server", None)  # makes the import fail
+    result = run_cli(capsys, "serve", "--config", "agent.toml")
+    assert result.code == 1
+    assert result.err.startswith("kvm-storage-agent: cannot load the server: ")
