@@ -104,7 +104,8 @@ def _outcome(out: Output, task: TaskView) -> None:
         for line in error_lines(error):
             out.line(line)
     for volume in inventory_volumes(task.get("inventory")):
-        kind = f" ({volume['type']})" if volume.get("type") else ""
+        kind = ", ".join(str(volume[k]) for k in ("deviceName", "type") if volume.get(k))
+        kind = f" ({kind})" if kind else ""
         storage = f"  storage {volume['primaryStorageUuid']}" if volume.get("primaryStorageUuid") else ""
         out.line(f"volume     {_text(volume.get('uuid'))}{kind}: {_text(volume.get('installPath'))}{storage}")
         for layer in _chain(volume):
@@ -156,31 +157,43 @@ def vm_table(out: Output, vms: list[dict[str, Any]]) -> None:
     if not vms:
         out.line("no VMs")
         return
-    table = _table("VM", "NAME", "STATE", "DISKS")
+    table = _table("VM", "NAME", "STATE", "PERSISTENT")
     for vm in vms:
-        disks = vm.get("disks")
+        persistent = vm.get("persistent")
         table.add_row(
             _text(_pick(vm, "uuid", "vmUuid")),
             _text(vm.get("name")),
             _text(vm.get("state")),
-            str(len(disks)) if isinstance(disks, list) else "-",
+            "-" if persistent is None else ("yes" if persistent else "no"),
         )
     out.show(table)
 
 
 def vm_detail(out: Output, vm: dict[str, Any]) -> None:
+    """The VM's disks, each with its backing chain below it (the agent lists the chain top first)."""
     out.line(f"vm         {_text(_pick(vm, 'uuid', 'vmUuid'))}")
     out.line(f"name       {_text(vm.get('name'))}")
     out.line(f"state      {_text(vm.get('state'))}")
     for disk in vm.get("disks") or []:
         if not isinstance(disk, dict):
             continue
-        target = _text(_pick(disk, "target", "dev", "device"))
-        path = _text(_pick(disk, "installPath", "path", "source", "file"))
-        size = human_bytes(number(_pick(disk, "virtualSize", "size")))
-        out.line(f"disk       {target}  {path}  {_text(disk.get('format'))}  {size}")
-        for layer in _chain(disk):
-            out.line(f"             <- {layer}")
+        target = _text(_pick(disk, "target", "deviceName"))
+        path = _pick(disk, "source", "installPath", "path")
+        chain = _pick(disk, "chain", "backingChain")
+        layers = [layer for layer in chain if isinstance(layer, dict)] if isinstance(chain, list) else []
+        top = layers[0] if layers and _pick(layers[0], "path", "installPath") == path else None
+        size = number(_pick(top or disk, "virtualSize", "size"))
+        kind = disk.get("device") if disk.get("device") not in (None, "disk") else None
+        extra = f"  ({kind})" if kind else ""
+        out.line(
+            f"disk       {target}  {_text(path)}  {_text(disk.get('format'))}  {human_bytes(size)}{extra}"
+        )
+        for layer in layers[1:] if top is not None else layers:
+            out.line(
+                f"             <- {_text(_pick(layer, 'path', 'installPath'))}  {_text(layer.get('format'))}"
+            )
+        if disk.get("chainError"):
+            out.line(f"             chain unknown: {disk['chainError']}")
 
 
 def host_detail(out: Output, host: dict[str, Any]) -> None:
@@ -190,16 +203,17 @@ def host_detail(out: Output, host: dict[str, Any]) -> None:
         if isinstance(value, dict):
             flat = "  ".join(f"{k}={_fact(k, v)}" for k, v in value.items())
             out.line(f"{key:<10} {flat}")
-        elif not isinstance(value, list):
+        else:
             out.line(f"{key:<10} {_fact(key, value)}")
     roots = _pick(host, "storage", "storageRoots")
     if isinstance(roots, list) and roots:
         table = _table("STORAGE", "PATH", "FREE", "TOTAL")
         for root in roots:
             if isinstance(root, dict):
+                problem = f"  ({root['error']})" if root.get("error") else ""
                 table.add_row(
                     _text(root.get("uuid")),
-                    _text(root.get("path")),
+                    _text(root.get("path")) + problem,
                     human_bytes(number(_pick(root, "freeBytes", "free"))),
                     human_bytes(number(_pick(root, "totalBytes", "total"))),
                 )
@@ -207,6 +221,8 @@ def host_detail(out: Output, host: dict[str, Any]) -> None:
 
 
 def _fact(key: str, value: Any) -> str:
+    if isinstance(value, list):
+        return " ".join(_text(item) for item in value)
     if "bytes" in key.lower() or key.lower() in ("total", "free", "available", "used"):
         amount = number(value)
         if amount is not None:

@@ -44,11 +44,14 @@ async def follow_task(
     task_uuid: str,
     *,
     poll_interval: float = 1.0,
-    idle_timeout: float = 15.0,
+    idle_timeout: float = 45.0,
     unreachable_for: float = 30.0,
     use_events: bool = True,
 ) -> AsyncGenerator[TaskView, None]:
     """Yield the task's snapshots, the first at once and the last a full ``GET`` of the final task.
+
+    ``idle_timeout``: a stream silent that long (not even the agent's 15 s keep-alive) is dropped for a poll
+    and a new stream.
 
     Raises ClientError when the task is unknown or the agent stays unreachable for ``unreachable_for``.
     """
@@ -80,18 +83,15 @@ async def follow_task(
 async def _stream(
     client: AgentClient, task_uuid: str, task: TaskView, idle_timeout: float
 ) -> AsyncGenerator[TaskView, None]:
-    """Snapshots from the event stream until it ends, goes quiet for ``idle_timeout`` or the task ends."""
-    async with contextlib.aclosing(client.events(task_uuid)) as events:
-        while not is_final(task):
-            try:
-                async with asyncio.timeout(idle_timeout):
-                    event = await anext(events)
-            except (StopAsyncIteration, TimeoutError):
-                return
+    """Snapshots from the event stream until it ends or the task does; a silent connection raises."""
+    async with contextlib.aclosing(client.events(task_uuid, read_timeout=idle_timeout)) as events:
+        async for event in events:
             updated = apply_event(task, event)
             if updated != task:
                 task = updated
                 yield task
+            if is_final(task):
+                return
 
 
 async def _get(client: AgentClient, task_uuid: str, poll_interval: float, unreachable_for: float) -> TaskView:

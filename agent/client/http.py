@@ -121,14 +121,17 @@ class AgentClient:
         """Idempotent; the VM keeps running from its source volumes."""
         return cast(TaskView, await self.request("POST", "v1", "tasks", task_uuid, "cancel"))
 
-    async def events(self, task_uuid: str) -> AsyncGenerator[ServerEvent, None]:
+    async def events(
+        self, task_uuid: str, *, read_timeout: float | None = None
+    ) -> AsyncGenerator[ServerEvent, None]:
         """``GET /v1/tasks/{taskUuid}/events`` as parsed server-sent events, until the agent ends the stream.
 
-        No total timeout (a migration takes as long as it takes): bound the wait for the next event at the
-        call site with ``asyncio.timeout``. Close the iterator (``contextlib.aclosing``) when leaving early.
+        No total timeout: a migration takes as long as it takes. ``read_timeout`` bounds a silence of the
+        connection (the agent sends a keep-alive comment every 15 s), after which the stream counts as lost
+        (``AgentUnreachable``). Close the iterator (``contextlib.aclosing``) when leaving early.
         """
         url = self._url("v1", "tasks", task_uuid, "events")
-        timeout = aiohttp.ClientTimeout(total=None, connect=self._timeout.connect, sock_connect=None)
+        timeout = aiohttp.ClientTimeout(total=None, connect=self._timeout.connect, sock_read=read_timeout)
         headers = {**self._auth_headers(), "Accept": "text/event-stream"}
         try:
             async with self._http().get(url, headers=headers, timeout=timeout, ssl=self._ssl) as resp:

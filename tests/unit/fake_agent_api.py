@@ -24,6 +24,7 @@ TOKEN = "s3cret-token"
 VM_UUID = "8a5b7c6d-1e2f-4a3b-9c8d-7e6f5a4b3c2d"
 STORAGE_UUID = "0f1e2d3c-4b5a-4978-8a9b-c0d1e2f3a4b5"
 NEW_PATH = "/var/lib/ksa/storage-b/vol-root.qcow2"
+BASE_PATH = "/var/lib/ksa/storage-b/vol-root-base.qcow2"
 
 
 def error_code(code: str, description: str, **extra: Any) -> dict[str, Any]:
@@ -51,21 +52,23 @@ def snapshot(task_uuid: str, state: str, percent: float, done: int = 0, **extra:
 
 
 def success_script(task_uuid: str) -> list[dict[str, Any]]:
-    inventory = {
-        "uuid": VM_UUID,
-        "volumes": [
-            {
-                "uuid": "vol-root",
-                "type": "Root",
-                "installPath": NEW_PATH,
-                "primaryStorageUuid": STORAGE_UUID,
-                "format": "qcow2",
-                "size": 4 * 1024**3,
-                "actualSize": 1024**3,
-                "backingChain": [],
-            },
-        ],
-    }
+    # The agent's inventory: one entry per file disk, its backing chain below the top layer.
+    inventory = [
+        {
+            "uuid": "vol-root",
+            "deviceName": "vda",
+            "type": "Root",
+            "moved": True,
+            "installPath": NEW_PATH,
+            "primaryStorageUuid": STORAGE_UUID,
+            "format": "qcow2",
+            "size": 4 * 1024**3,
+            "actualSize": 1024**3,
+            "backingChain": [
+                {"installPath": BASE_PATH, "format": "qcow2", "primaryStorageUuid": STORAGE_UUID}
+            ],
+        },
+    ]
     final = snapshot(task_uuid, "SUCCEEDED", 100.0, 4 * 1024**3, downtimeMs=23, inventory=inventory)
     return [
         snapshot(task_uuid, "PENDING", 0.0),
@@ -183,16 +186,26 @@ class FakeAgent:
         return web.json_response(
             {
                 "hostUuid": "5d2c1b0a-9f8e-4d7c-8b6a-5f4e3d2c1b0a",
-                "cpu": {"count": 2, "percent": 3.5},
-                "memory": {"totalBytes": 8 * 1024**3, "availableBytes": 6 * 1024**3},
+                "hostname": "hostB",
+                "version": "0.1.0",
+                "cpu": {"count": 2, "percent": 3.5, "loadAverage": [0.5, 0.25, 0.0]},
+                "memory": {"totalBytes": 8 * 1024**3, "availableBytes": 6 * 1024**3, "percent": 25.0},
                 "storage": [
                     {
                         "uuid": STORAGE_UUID,
                         "path": "/var/lib/ksa/storage-b",
                         "freeBytes": 50 * 1024**3,
                         "totalBytes": 100 * 1024**3,
-                    }
+                    },
+                    {
+                        "uuid": VM_UUID,
+                        "path": "/gone",
+                        "freeBytes": None,
+                        "totalBytes": None,
+                        "error": "No such file",
+                    },
                 ],
+                "tasks": {"COPYING": 1},
             }
         )
 

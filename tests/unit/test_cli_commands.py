@@ -43,19 +43,41 @@ def fake() -> FakeAgent:
     agent = FakeAgent()
     agent.add_task(TASK, success_script(TASK))
     agent.add_task(OTHER, failure_script(OTHER))
+    # The shape of agent.virt.inventory.describe_vm (the list only has uuid, name, state, persistent).
     agent.vms = [
         {
             "uuid": VM_UUID,
             "name": "guest-a",
             "state": "running",
+            "persistent": True,
             "disks": [
                 {
                     "target": "vda",
-                    "path": "/var/lib/ksa/storage-a/root.qcow2",
+                    "device": "disk",
+                    "type": "file",
+                    "source": "/var/lib/ksa/storage-a/root.qcow2",
                     "format": "qcow2",
-                    "virtualSize": 4 * 1024**3,
-                    "backingChain": [{"path": "/var/lib/ksa/storage-a/base.qcow2", "format": "qcow2"}],
-                }
+                    "chain": [
+                        {
+                            "path": "/var/lib/ksa/storage-a/root.qcow2",
+                            "format": "qcow2",
+                            "virtualSize": 4 * 1024**3,
+                        },
+                        {
+                            "path": "/var/lib/ksa/storage-a/base.qcow2",
+                            "format": "raw",
+                            "virtualSize": 4 * 1024**3,
+                        },
+                    ],
+                },
+                {
+                    "target": "sda",
+                    "device": "cdrom",
+                    "type": "file",
+                    "source": None,
+                    "format": None,
+                    "chain": [],
+                },
             ],
         }
     ]
@@ -163,14 +185,20 @@ def test_vms_and_vm(cli: Cli) -> None:
     assert json.loads(cli("vms", "--json").out)[0]["uuid"] == VM_UUID
     detail = cli("vm", VM_UUID)
     assert "disk       vda  /var/lib/ksa/storage-a/root.qcow2  qcow2  4.0 GiB" in detail.out
-    assert "<- /var/lib/ksa/storage-a/base.qcow2" in detail.out
+    assert "             <- /var/lib/ksa/storage-a/base.qcow2  raw" in detail.out
+    assert "root.qcow2  qcow2\n" not in detail.out  # the top layer is the disk line itself
+    assert "disk       sda  -  -  -  (cdrom)" in detail.out
     assert cli("vm", "00000000-0000-4000-8000-000000000000").code == 1
 
 
 def test_host(cli: Cli) -> None:
     result = cli("host")
     assert result.code == 0
-    assert "memory     totalBytes=8.0 GiB  availableBytes=6.0 GiB" in result.out
+    assert "hostname   hostB" in result.out
+    assert "cpu        count=2  percent=3.5  loadAverage=0.5 0.25 0.0" in result.out
+    assert "memory     totalBytes=8.0 GiB  availableBytes=6.0 GiB  percent=25.0" in result.out
+    assert "tasks      COPYING=1" in result.out
+    assert "/gone  (No such file)" in result.out
     assert any(
         STORAGE_UUID in line and "50.0 GiB" in line and "100.0 GiB" in line
         for line in result.out.splitlines()

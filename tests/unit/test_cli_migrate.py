@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 from cli_helpers import Run, run_cli
-from fake_agent_api import NEW_PATH, STORAGE_UUID, TOKEN, VM_UUID, FakeAgent, error_code, running
+from fake_agent_api import BASE_PATH, NEW_PATH, STORAGE_UUID, TOKEN, VM_UUID, FakeAgent, error_code, running
 
 DST_HOST = "3c2b1a09-8f7e-4d6c-9b5a-4f3e2d1c0b9a"
 TASK_UUID = "6e5d4c3b-2a19-4807-b6a5-9483726150ab"
@@ -138,7 +138,8 @@ def test_wait_shows_progress_then_the_summary_and_exits_0(migrate: Migrate) -> N
     assert "ETA" in lines[1]
     assert f"task {TASK_UUID}: SUCCEEDED" in lines
     assert "downtime   23 ms" in lines
-    assert any(NEW_PATH in line and "(Root)" in line and STORAGE_UUID in line for line in lines)
+    assert f"volume     vol-root (vda, Root): {NEW_PATH}  storage {STORAGE_UUID}" in lines
+    assert f"             <- {BASE_PATH}" in lines
 
 
 def test_wait_json_prints_only_the_final_task(migrate: Migrate) -> None:
@@ -146,7 +147,7 @@ def test_wait_json_prints_only_the_final_task(migrate: Migrate) -> None:
     assert result.code == 0
     final = json.loads(result.out)
     assert final["state"] == "SUCCEEDED"
-    assert final["inventory"]["volumes"][0]["installPath"] == NEW_PATH
+    assert final["inventory"][0]["installPath"] == NEW_PATH
 
 
 def test_wait_on_a_failed_task_exits_1_with_the_error(migrate: Migrate, fake: FakeAgent) -> None:
