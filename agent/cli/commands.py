@@ -74,7 +74,7 @@ async def follow(client: AgentClient, task_uuid: str, args: argparse.Namespace, 
 
 
 async def tasks(client: AgentClient, args: argparse.Namespace, out: Output) -> int:
-    listed = await client.tasks()
+    listed = await client.tasks(state=args.state, vm_uuid=args.vm)
     if out.json_mode:
         out.json(listed)
     else:

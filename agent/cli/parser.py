@@ -8,6 +8,7 @@ from pathlib import Path
 
 from agent import __version__
 from agent.migration.request import Strategy, normalise_uuid
+from agent.tasks.model import TaskState
 
 from . import commands
 
@@ -129,6 +130,10 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
 
     tasks = sub.add_parser("tasks", parents=[agent], help="list tasks")
     tasks.set_defaults(handler=commands.tasks)
+    tasks.add_argument(
+        "--state", type=str.upper, choices=[s.value for s in TaskState], help="only tasks in S"
+    )
+    tasks.add_argument("--vm", metavar="VM_UUID", type=_uuid, help="only the tasks of one VM")
 
     for name, handler, helptext, extra in (
         ("show", commands.show, "one task's state, progress and result", []),

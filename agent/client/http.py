@@ -98,8 +98,11 @@ class AgentClient:
         answer = await self.request("POST", "v1", "vms", vm_uuid, "storage-migrations", json_body=payload)
         return cast(TaskView, answer)
 
-    async def tasks(self) -> list[TaskView]:
-        return cast(list[TaskView], _unwrap_list(await self.request("GET", "v1", "tasks"), "tasks"))
+    async def tasks(self, *, state: str | None = None, vm_uuid: str | None = None) -> list[TaskView]:
+        """Every task the agent knows, oldest first; optionally only those in ``state`` or of one VM."""
+        query = {key: value for key, value in (("state", state), ("vmUuid", vm_uuid)) if value}
+        answer = await self.request("GET", "v1", "tasks", query=query)
+        return cast(list[TaskView], _unwrap_list(answer, "tasks"))
 
     async def task(self, task_uuid: str) -> TaskView:
         return cast(TaskView, await self.request("GET", "v1", "tasks", task_uuid))
@@ -151,12 +154,21 @@ class AgentClient:
         except _TRANSPORT_ERRORS as err:
             raise _unreachable(url, err) from err
 
-    async def request(self, method: str, *segments: str, json_body: Any = None, auth: bool = True) -> Any:
+    async def request(
+        self,
+        method: str,
+        *segments: str,
+        json_body: Any = None,
+        query: Mapping[str, str] | None = None,
+        auth: bool = True,
+    ) -> Any:
         """One JSON call to ``/seg/ments`` (each segment quoted); the decoded answer or a ClientError.
 
         Public so that later endpoints (agent-to-agent incoming migrations) need no new plumbing.
         """
         url = self._url(*segments)
+        if query:
+            url = url.with_query(dict(query))
         headers = self._auth_headers() if auth else {}
         try:
             async with self._http().request(

@@ -52,23 +52,26 @@ def snapshot(task_uuid: str, state: str, percent: float, done: int = 0, **extra:
 
 
 def success_script(task_uuid: str) -> list[dict[str, Any]]:
-    # The agent's inventory: one entry per file disk, its backing chain below the top layer.
-    inventory = [
-        {
-            "uuid": "vol-root",
-            "deviceName": "vda",
-            "type": "Root",
-            "moved": True,
-            "installPath": NEW_PATH,
-            "primaryStorageUuid": STORAGE_UUID,
-            "format": "qcow2",
-            "size": 4 * 1024**3,
-            "actualSize": 1024**3,
-            "backingChain": [
-                {"installPath": BASE_PATH, "format": "qcow2", "primaryStorageUuid": STORAGE_UUID}
-            ],
-        },
-    ]
+    # The agent's inventory (agent.migration.inventory): every file disk, its backing chain below the top.
+    inventory = {
+        "vmUuid": VM_UUID,
+        "volumes": [
+            {
+                "uuid": "vol-root",
+                "deviceName": "vda",
+                "type": "Root",
+                "moved": True,
+                "installPath": NEW_PATH,
+                "primaryStorageUuid": STORAGE_UUID,
+                "format": "qcow2",
+                "size": 4 * 1024**3,
+                "actualSize": 1024**3,
+                "backingChain": [
+                    {"installPath": BASE_PATH, "format": "qcow2", "primaryStorageUuid": STORAGE_UUID}
+                ],
+            },
+        ],
+    }
     final = snapshot(task_uuid, "SUCCEEDED", 100.0, 4 * 1024**3, downtimeMs=23, inventory=inventory)
     return [
         snapshot(task_uuid, "PENDING", 0.0),

@@ -324,3 +324,9 @@ def test_serve_without_the_server_module_says_so(
     result = run_cli(capsys, "serve", "--config", "agent.toml")
     assert result.code == 1
     assert result.err.startswith("kvm-storage-agent: cannot load the server: ")
+
+
+def test_tasks_filters_go_into_the_query(cli: Cli, fake: FakeAgent) -> None:
+    assert cli("tasks", "--state", "copying", "--vm", VM_UUID.replace("-", "")).code == 0
+    assert fake.calls("GET", "/v1/tasks")[-1].raw_path == f"/v1/tasks?state=COPYING&vmUuid={VM_UUID}"
+    assert cli("tasks", "--state", "RUNNING").code == 2

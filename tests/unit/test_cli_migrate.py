@@ -147,7 +147,7 @@ def test_wait_json_prints_only_the_final_task(migrate: Migrate) -> None:
     assert result.code == 0
     final = json.loads(result.out)
     assert final["state"] == "SUCCEEDED"
-    assert final["inventory"][0]["installPath"] == NEW_PATH
+    assert final["inventory"]["volumes"][0]["installPath"] == NEW_PATH
 
 
 def test_wait_on_a_failed_task_exits_1_with_the_error(migrate: Migrate, fake: FakeAgent) -> None:

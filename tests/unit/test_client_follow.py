@@ -63,7 +63,7 @@ async def test_follows_the_event_stream_and_ends_with_the_full_final_task(
     fake.add_task("t1", success_script("t1"))
     snapshots = [task async for task in fast(client, "t1")]
     assert [t["state"] for t in snapshots] == ["PENDING", "COPYING", "COPYING", "SWITCHING", "SUCCEEDED"]
-    assert snapshots[-1]["inventory"][0]["installPath"].endswith("vol-root.qcow2")
+    assert snapshots[-1]["inventory"]["volumes"][0]["installPath"].endswith("vol-root.qcow2")
     assert len(fake.calls("GET", "/events")) == 1
 
 
