@@ -131,7 +131,11 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     tasks = sub.add_parser("tasks", parents=[agent], help="list tasks")
     tasks.set_defaults(handler=commands.tasks)
     tasks.add_argument(
-        "--state", type=str.upper, choices=[s.value for s in TaskState], help="only tasks in S"
+        "--state",
+        metavar="STATE",
+        type=str.upper,
+        choices=[s.value for s in TaskState],
+        help="only tasks in STATE",
     )
     tasks.add_argument("--vm", metavar="VM_UUID", type=_uuid, help="only the tasks of one VM")
 
