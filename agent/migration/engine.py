@@ -9,7 +9,9 @@ The task manager builds a ``TaskContext`` for each task and calls ``engine.run(c
 - reads ``ctx.bandwidth`` / ``ctx.downtime_ms`` whenever it decides, and may ``await ctx.tuning_changed()``
   to be woken by a PATCH;
 - returns the inventory (``list[VolumeInventory]`` as dicts) on success, raises ``AgentError`` on failure;
-  on ``asyncio.CancelledError`` it undoes what it did (the VM keeps its source volumes) and re-raises.
+  on ``asyncio.CancelledError`` it undoes what it did (the VM keeps its source volumes) and re-raises,
+  except when ``ctx.detaching`` is True: the agent is stopping, so it leaves running libvirt jobs alone,
+  undoes nothing and re-raises; the task stays unfinished in the journal and comes back with ``resume=True``.
 """
 
 from __future__ import annotations
@@ -37,6 +39,14 @@ class TaskContext(Protocol):
 
     @property
     def downtime_ms(self) -> int: ...
+
+    @property
+    def detaching(self) -> bool:
+        """True while the agent stops (see the module docstring): a cancel then means "let go", not "undo"."""
+
+    @property
+    def cancel_requested(self) -> bool:
+        """True once the user asked to cancel; a resumed engine that sees it undoes what it finds."""
 
     async def enter(self, state: TaskState, detail: str | None = None) -> None: ...
 

@@ -118,6 +118,7 @@ class Journal:
         self.path = path
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="journal")
         self._db: sqlite3.Connection | None = None
+        self._closed = False
 
     @classmethod
     async def open(cls, path: Path) -> Journal:
@@ -130,9 +131,13 @@ class Journal:
         return journal
 
     async def close(self) -> None:
+        """Close the connection and the worker thread; a second call does nothing."""
+        if self._closed:
+            return
         try:
             await self._call(self._close)
         finally:
+            self._closed = True
             self._executor.shutdown(wait=True)
 
     # -- tasks ---------------------------------------------------------------------------------------------
@@ -228,6 +233,8 @@ class Journal:
     # -- worker-thread side --------------------------------------------------------------------------------
 
     async def _call(self, fn: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
+        if self._closed:
+            raise StorageError(f"journal {self.path} is closed")
         loop = asyncio.get_running_loop()
         try:
             return await loop.run_in_executor(self._executor, lambda: fn(*args, **kwargs))

@@ -183,6 +183,8 @@ class TaskManager:
         task_uuid = request.taskUuid
         if task_uuid is None:
             raise ValueError("submit() needs request.taskUuid")
+        if self._stopping:
+            raise ServiceStopping("the agent is stopping; no new migrations")
         async with self._submit_lock:
             existing = await self.find(task_uuid)
             if existing is not None:
@@ -392,7 +394,7 @@ class TaskManager:
                     error=MigrationFailed("the engine stopped with an unexpected cancel"),
                 )
         except AgentError as err:
-            await self._finish(task, TaskState.FAILED, type(err).__name__, error=err)
+            await self._finish(task, TaskState.FAILED, err.code, error=err)
         except Exception as err:
             log.exception("task=%s vm=%s: engine raised an unexpected error", task.uuid, task.vm_uuid)
             internal = AgentError(
