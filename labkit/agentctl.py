@@ -1,0 +1,105 @@
+"""The agent on each lab host: its agent.toml, and start/stop/kill inside the host's namespaces."""
+
+from __future__ import annotations
+
+import signal
+import urllib.error
+import urllib.request
+
+from . import hostsetup
+from .layout import AGENT_BIN, AGENT_PORT, STORAGE_ROOTS, TOKEN_FILE, HostSpec
+from .state import HostState
+from .sysutil import LabError, kill_pids, log, pid_matches, run, tail_file, wait_for, write_file
+
+AGENT_MARK = "kvm-storage-agent"
+# Never let a proxy from the environment see lab traffic: only the lab's own addresses are contacted.
+_NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+class AgentIncomplete(LabError):
+    """The agent died at start because part of the package is not written yet (an ImportError): the lab
+    comes up without agents and says so, instead of failing, while colleagues are still writing `serve`."""
+
+
+def config_text(host: HostSpec, hs: HostState) -> str:
+    """agent.toml in the shape agent/config.py reads (one shared lab token doubles as the cluster token)."""
+    lines = [
+        f"# written by scripts/lab for {host.name}",
+        f'listen_address = "{host.address}"',
+        f"port = {AGENT_PORT}",
+        f'token_file = "{TOKEN_FILE}"',
+        f'cluster_token_file = "{TOKEN_FILE}"',
+        f'host_uuid = "{hs.uuid}"',
+        'libvirt_uri = "qemu:///system"',
+        f'state_dir = "{host.agent_state_dir}"',
+        f'migration_address = "{host.address}"',
+    ]
+    for name, _, _ in STORAGE_ROOTS:
+        lines += ["", "[[storage]]", f'uuid = "{hs.storage[name]}"', f'path = "{host.storage_path(name)}"']
+    return "\n".join(lines) + "\n"
+
+
+def write_config(host: HostSpec, hs: HostState) -> bool:
+    host.agent_state_dir.mkdir(parents=True, exist_ok=True)
+    return write_file(host.agent_config, config_text(host, hs))
+
+
+def serve_available() -> str | None:
+    """None when `kvm-storage-agent serve` exists, else why not (the command is still being written)."""
+    if not AGENT_BIN.exists():
+        return f"{AGENT_BIN} is missing (run scripts/setup)"
+    proc = run([AGENT_BIN, "serve", "--help"], check=False, timeout=60)
+    if proc.returncode != 0:
+        last = (proc.stderr or proc.stdout).strip().splitlines()
+        return f"`kvm-storage-agent serve --help` failed: {last[-1] if last else proc.returncode}"
+    return None
+
+
+def running(hs: HostState) -> bool:
+    return pid_matches(hs.agent_pid, AGENT_MARK)
+
+
+def healthy(host: HostSpec) -> bool:
+    try:
+        with _NO_PROXY.open(f"{host.agent_url}/v1/health", timeout=2) as response:
+            return bool(200 <= response.status < 300)
+    except (OSError, urllib.error.URLError, ValueError):
+        return False
+
+
+def start(host: HostSpec, hs: HostState) -> None:
+    """Start the agent under the host's holder (so in its namespaces) and wait for /v1/health."""
+    write_config(host, hs)
+    if running(hs):
+        return
+    argv = [str(AGENT_BIN), "serve", "--config", str(host.agent_config)]
+    hs.agent_pid = hostsetup.spawn(host, argv, host.agent_log, env={"PYTHONUNBUFFERED": "1"})
+    log(f"{host.name}: agent pid {hs.agent_pid}, log {host.agent_log}")
+    wait_healthy(host, hs)
+
+
+def wait_healthy(host: HostSpec, hs: HostState) -> None:
+    def ready() -> bool:
+        if not running(hs):
+            tail = tail_file(host.agent_log)
+            last = tail.strip().splitlines()[-1:] or [""]
+            if "ModuleNotFoundError: No module named 'agent" in last[0] or "ImportError" in last[0]:
+                raise AgentIncomplete(f"{host.name}: the agent is incomplete: {last[0]}")
+            raise LabError(f"{host.name}: the agent exited; {host.agent_log}:\n{tail}")
+        return healthy(host)
+
+    wait_for(f"{host.name} agent at {host.agent_url}/v1/health", ready, timeout=60, interval=0.3)
+
+
+def stop(host: HostSpec, hs: HostState, *, hard: bool = False) -> None:
+    """SIGTERM with time for a graceful shutdown, or SIGKILL at once (`hard`, for fault tests)."""
+    if not running(hs):
+        hs.agent_pid = None
+        return
+    assert hs.agent_pid is not None
+    if hard:
+        kill_pids([hs.agent_pid], grace=0, sig=signal.SIGKILL)
+    else:
+        kill_pids([hs.agent_pid], grace=20)
+    log(f"{host.name}: agent pid {hs.agent_pid} {'killed' if hard else 'stopped'}")
+    hs.agent_pid = None

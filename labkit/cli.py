@@ -1,0 +1,113 @@
+"""`scripts/lab`: the command line over labkit. Progress goes to stderr, results to stdout."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from . import agentctl, lab, network
+from .layout import HOSTS, host_by_name
+from .state import LabState, lab_lock
+from .sysutil import LabError, log
+
+
+def _cmd_up(args: argparse.Namespace) -> int:
+    lab.up(with_agents=not args.no_agent)
+    ok, doc = lab.status()
+    for host in doc["hosts"]:
+        agent = "agent up" if host["health"]["agent"] else "no agent"
+        log(f"{host['name']}: {host['address']} {host['libvirtUri']} ({agent})")
+    return 0 if ok else 1
+
+
+def _cmd_down(args: argparse.Namespace) -> int:
+    lab.down()
+    return 0
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    ok, doc = lab.status()
+    if args.json:
+        print(json.dumps(doc, indent=2))
+    else:
+        print(f"lab {'up' if ok else 'NOT up'}; agents {'on' if doc['agents'] else 'off'}")
+        for host in doc["hosts"]:
+            health = " ".join(f"{k}={'ok' if v else 'NO'}" for k, v in host["health"].items())
+            print(f"{host['name']} {host['uuid']} {host['address']} {health}")
+            for root in host["storage"]:
+                print(f"    {root['name']:6} {root['uuid']} {root['path']}")
+    return 0 if ok else 1
+
+
+def _loaded_state() -> LabState:
+    state = LabState.load()
+    if state is None:
+        raise LabError("the lab is not up: run scripts/lab up")
+    return state
+
+
+def _cmd_agent(args: argparse.Namespace) -> int:
+    lab.require_root()
+    host = host_by_name(args.host)
+    with lab_lock():
+        state = _loaded_state()
+        hs = state.hosts[host.name]
+        try:
+            if args.action in ("stop", "restart"):
+                agentctl.stop(host, hs)
+            elif args.action == "kill":
+                agentctl.stop(host, hs, hard=True)
+            if args.action in ("start", "restart"):
+                agentctl.start(host, hs)
+                state.agents = True
+        finally:
+            state.save()
+    return 0
+
+
+def _cmd_link(args: argparse.Namespace) -> int:
+    lab.require_root()
+    host = host_by_name(args.host)
+    network.set_link(host, args.state == "up")
+    log(f"{host.name}: link {args.state}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="scripts/lab", description="The two-hypervisor lab (hostA, hostB).")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("up", help="create or repair the lab (idempotent)")
+    p.add_argument("--no-agent", action="store_true", help="do not start the agents (also LAB_NO_AGENT=1)")
+    p.set_defaults(func=_cmd_up)
+    sub.add_parser("down", help="remove everything the lab made").set_defaults(func=_cmd_down)
+    p = sub.add_parser("status", help="describe the lab; exit 1 if it is not up")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_status)
+
+    hosts = [h.name for h in HOSTS]
+    p = sub.add_parser("agent", help="start, stop, kill (SIGKILL) or restart a host's agent")
+    p.add_argument("action", choices=("start", "stop", "kill", "restart"))
+    p.add_argument("host", choices=hosts)
+    p.set_defaults(func=_cmd_agent)
+    p = sub.add_parser("link", help="cut or restore a host's network link")
+    p.add_argument("state", choices=("down", "up"))
+    p.add_argument("host", choices=hosts)
+    p.set_defaults(func=_cmd_link)
+
+    from .guestcli import add_guest_commands
+
+    add_guest_commands(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except LabError as err:
+        print(f"lab: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130

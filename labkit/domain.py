@@ -1,0 +1,151 @@
+"""Test-guest domains in libvirt: the domain XML, and finding a domain (and its disks) on any lab host."""
+
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass
+from xml.sax.saxutils import escape, quoteattr
+
+from .layout import HOSTS, HostSpec
+from .sysutil import LabError, run
+
+EMULATOR = "/usr/bin/qemu-system-x86_64"
+METADATA_NS = "urn:kvm-storage-agent:lab"
+
+
+def virsh(host: HostSpec, *args: str, check: bool = True, timeout: float = 120) -> str:
+    return run(["virsh", "-c", host.libvirt_uri, *args], check=check, timeout=timeout).stdout
+
+
+@dataclass(frozen=True)
+class DiskDef:
+    dev: str
+    path: str
+    serial: str
+    fmt: str = "qcow2"
+
+
+def domain_xml(
+    *,
+    name: str,
+    uuid: str,
+    memory_mib: int,
+    kernel: str,
+    initrd: str,
+    cmdline: str,
+    console: str,
+    disks: list[DiskDef],
+) -> str:
+    """A persistent TCG domain with direct kernel boot. TCG (type='qemu'): a Linux guest hangs under
+    nested KVM on the lab machines (LAB-NOTES). The serial console appends to a file outside the per-host
+    mounts, so after a migration the destination's QEMU adds to what the source wrote."""
+    disk_xml = []
+    for index, disk in enumerate(disks):
+        boot = "\n      <boot order='1'/>" if index == 0 else ""
+        disk_xml.append(
+            f"""    <disk type='file' device='disk'>
+      <driver name='qemu' type={quoteattr(disk.fmt)}/>
+      <source file={quoteattr(disk.path)}/>
+      <target dev={quoteattr(disk.dev)} bus='virtio'/>
+      <serial>{escape(disk.serial)}</serial>{boot}
+    </disk>"""
+        )
+    disks_text = "\n".join(disk_xml)
+    return f"""<domain type='qemu'>
+  <name>{escape(name)}</name>
+  <uuid>{escape(uuid)}</uuid>
+  <title>kvm-storage-agent lab guest</title>
+  <metadata>
+    <ksa:guest xmlns:ksa={quoteattr(METADATA_NS)}>{escape(name)}</ksa:guest>
+  </metadata>
+  <memory unit='MiB'>{memory_mib}</memory>
+  <vcpu>1</vcpu>
+  <os>
+    <type arch='x86_64' machine='pc'>hvm</type>
+    <kernel>{escape(kernel)}</kernel>
+    <initrd>{escape(initrd)}</initrd>
+    <cmdline>{escape(cmdline)}</cmdline>
+  </os>
+  <features><acpi/></features>
+  <clock offset='utc'/>
+  <on_poweroff>destroy</on_poweroff>
+  <on_reboot>restart</on_reboot>
+  <on_crash>destroy</on_crash>
+  <devices>
+    <emulator>{EMULATOR}</emulator>
+{disks_text}
+    <controller type='usb' model='none'/>
+    <serial type='file'>
+      <source path={quoteattr(console)} append='on'/>
+      <target port='0'/>
+    </serial>
+    <memballoon model='none'/>
+  </devices>
+</domain>
+"""
+
+
+@dataclass(frozen=True)
+class DiskInXml:
+    """A disk as libvirt currently describes it: the active image and the layers below it, top first."""
+
+    dev: str
+    path: str
+    fmt: str
+    chain: tuple[str, ...]  # top first, as far as the XML lists it (<backingStore>)
+
+
+def disks_in_xml(xml: str) -> list[DiskInXml]:
+    disks = []
+    for disk in ET.fromstring(xml).findall("./devices/disk[@device='disk']"):
+        target = disk.find("target")
+        source = disk.find("source")
+        if target is None or source is None or source.get("file") is None:
+            continue
+        driver = disk.find("driver")
+        chain = [source.get("file", "")]
+        store = disk.find("backingStore")
+        while store is not None and store.find("source") is not None:
+            chain.append(store.find("source").get("file", ""))  # type: ignore[union-attr]
+            store = store.find("backingStore")
+        disks.append(
+            DiskInXml(
+                dev=target.get("dev", ""),
+                path=chain[0],
+                fmt=(driver.get("type") if driver is not None else None) or "qcow2",
+                chain=tuple(p for p in chain if p),
+            )
+        )
+    return disks
+
+
+@dataclass(frozen=True)
+class Placement:
+    host: HostSpec
+    state: str  # virsh domstate: running, paused, shut off, ...
+
+    @property
+    def active(self) -> bool:
+        return self.state not in ("shut off", "crashed")
+
+
+def placements(name: str) -> list[Placement]:
+    """Every lab host that has the domain (running or only defined), active ones first."""
+    found = []
+    for host in HOSTS:
+        proc = run(["virsh", "-c", host.libvirt_uri, "domstate", name], check=False, timeout=30)
+        if proc.returncode == 0:
+            found.append(Placement(host, proc.stdout.strip()))
+    return sorted(found, key=lambda p: not p.active)
+
+
+def locate(name: str) -> Placement:
+    found = placements(name)
+    if not found:
+        raise LabError(f"no lab host has a domain named {name!r}")
+    return found[0]
+
+
+def current_xml(placement: Placement, name: str) -> str:
+    """The live XML of a running domain, else the persistent one (virsh gives whichever applies)."""
+    return virsh(placement.host, "dumpxml", name)

@@ -1,0 +1,120 @@
+#!/bin/busybox sh
+# PID 1 of the lab's test guest (packed into the initramfs by labkit/image.py).
+#
+# For every virtio disk a writer appends sequence-numbered records: record N is one 512-byte sector at
+# byte 1 MiB + N*512, holding the line "KSA1 <dev> <N> <boot id> <md5 of the first four fields>" padded with
+# zeros. Each is written with O_DIRECT and fsync, and only then acknowledged on the serial console as
+# "KSA-ACK <dev> <N> <boot id>": the host side (labkit/records.py) checks every acknowledged record.
+# After a reboot a writer continues after the highest valid record, so acknowledged records are never
+# overwritten. Records use the first half of each disk; the second half holds the host's filler data.
+# Optionally a loop dirties memory (ksa.dirty MiB/s over a ksa.ws MiB tmpfs working set).
+
+/bin/busybox mkdir -p /proc /sys /dev /tmp /dirty /bin /sbin /usr/bin /usr/sbin
+/bin/busybox --install -s
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+dmesg -n 1
+
+CON=/dev/ttyS0
+REGION=2048   # first record sector: 1 MiB
+BOOT=$(tr -d '-' < /proc/sys/kernel/random/boot_id)
+
+say() { echo "$*" > $CON; }
+
+arg() {   # arg NAME DEFAULT: the value of ksa.NAME= on the kernel command line
+    for word in $(cat /proc/cmdline); do
+        case $word in ksa.$1=*) echo "${word#*=}"; return ;; esac
+    done
+    echo "$2"
+}
+
+centis() {   # uptime in hundredths of a second, in CS (no fork: this runs in tight loops)
+    read up rest < /proc/uptime
+    CS=${up%.*}${up#*.}
+    while [ "${CS#0}" != "$CS" ]; do CS=${CS#0}; done
+    CS=${CS:-0}
+}
+
+valid() {   # valid DEV SLOT: the slot holds an intact record of this disk with that sequence number
+    local dev=$1 slot=$2 line sum
+    line=$(dd if=/dev/$dev bs=512 skip=$((REGION + slot)) count=1 2>/dev/null | tr -d '\000' | head -n 1)
+    set -- $line
+    [ "$1" = KSA1 ] && [ "$2" = "$dev" ] && [ "$3" = "$slot" ] && [ -n "$4" ] || return 1
+    sum=$(printf '%s %s %s %s' "$1" "$2" "$3" "$4" | md5sum)
+    [ "${sum%% *}" = "$5" ]
+}
+
+writer() {
+    local dev=$1 slots lo hi mid n hdr sum
+    slots=$(( $(cat /sys/block/$dev/size) / 2 - REGION ))
+    # Records are written in order, so the valid ones form a prefix: binary search for its end.
+    lo=0; hi=$slots
+    while [ $lo -lt $hi ]; do
+        mid=$(( (lo + hi) / 2 ))
+        if valid $dev $mid; then lo=$((mid + 1)); else hi=$mid; fi
+    done
+    n=$lo
+    say "KSA-START $dev $n $BOOT"
+    while [ $n -lt $slots ]; do
+        hdr="KSA1 $dev $n $BOOT"
+        sum=$(printf '%s' "$hdr" | md5sum)
+        if printf '%s %s\n' "$hdr" "${sum%% *}" |
+            dd of=/dev/$dev bs=512 count=1 seek=$((REGION + n)) iflag=fullblock \
+                conv=sync,notrunc,fsync oflag=direct 2>/dev/null; then
+            say "KSA-ACK $dev $n $BOOT"
+            n=$((n + 1))
+        else
+            say "KSA-ERR $dev $n write failed"
+            sleep 1
+        fi
+    done
+    say "KSA-FULL $dev $n"
+}
+
+dirtier() {   # dirtier MIB_PER_S WORKING_SET_MIB
+    local rate=$1 ws=$2 slot=0 j start left
+    mount -t tmpfs -o size=$((ws + 2))m tmpfs /dirty
+    dd if=/dev/urandom of=/dirty/chunk bs=1M count=1 2>/dev/null
+    dd if=/dev/zero of=/dirty/ws bs=1M count=$ws 2>/dev/null
+    say "KSA-DIRTY $rate MiB/s over $ws MiB"
+    while :; do
+        centis; start=$CS
+        j=0
+        while [ $j -lt $rate ]; do
+            dd if=/dirty/chunk of=/dirty/ws bs=1M count=1 seek=$slot conv=notrunc 2>/dev/null
+            slot=$(( (slot + 1) % ws )); j=$((j + 1))
+        done
+        centis; left=$(( 100 - (CS - start) ))
+        if [ $left -ge 100 ]; then sleep 1; elif [ $left -gt 0 ]; then sleep 0.$(printf %02d $left); fi
+    done
+}
+
+heartbeat() {
+    while :; do
+        sleep 5
+        read up rest < /proc/uptime
+        say "KSA-HB $BOOT up=$up"
+    done
+}
+
+for module in $(cat /lib/modules/load-order); do   # dependencies first (image.py sorted them)
+    insmod /lib/modules/$module
+done
+
+DISKS=$(arg disks 1)
+tries=0
+while [ "$(ls /sys/block | grep -c '^vd')" -lt "$DISKS" ] && [ $tries -lt 300 ]; do
+    sleep 0.1; tries=$((tries + 1))
+done
+say "KSA-BOOT $BOOT disks: $(ls /sys/block | grep '^vd' | tr '\n' ' ')"
+
+for dev in $(ls /sys/block | grep '^vd'); do
+    writer $dev &
+done
+DIRTY=$(arg dirty 0)
+if [ "$DIRTY" -gt 0 ]; then
+    dirtier "$DIRTY" "$(arg ws 48)" &
+fi
+heartbeat &
+while :; do sleep 3600; done   # PID 1 must never exit

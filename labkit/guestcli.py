@@ -1,0 +1,108 @@
+"""`scripts/lab guest create|verify|acks|destroy|list`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from . import guests
+from .layout import HOSTS
+from .sysutil import log
+
+
+def _create(args: argparse.Namespace) -> int:
+    opts = guests.GuestOptions(
+        name=args.name,
+        host=args.host,
+        data_volumes=args.data_volumes,
+        snapshots=args.snapshots,
+        dirty_mib_s=args.dirty_mib_s,
+        storage=args.storage,
+        disk_size_mib=args.disk_size_mib,
+        memory_mib=args.memory_mib,
+        fill_mib=args.fill_mib,
+        boot_timeout=args.boot_timeout,
+        keep_on_failure=args.keep_on_failure,
+    )
+    guest = guests.create(opts)
+    log(f"{guest.name}: {guest.uuid} on {guest.host}, disks {', '.join(d.dev for d in guest.disks)}")
+    print(guest.uuid)
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    report = guests.verify(args.name, suspend=not args.no_suspend)
+    for disk in report.disks:
+        fills = f"{disk.fill_extents} filler layers ok"
+        log(f"{args.name} on {report.host}: {disk.dev}: {disk.records} records, {fills}")
+    if report.problems:
+        print(f"FAILED: {report.problems[0]}")
+        if len(report.problems) > 1:
+            print(f"  ... and {len(report.problems) - 1} more problem(s)")
+        return 1
+    print(f"verified {report.records} records on {len(report.disks)} disks")
+    return 0
+
+
+def _acks(args: argparse.Namespace) -> int:
+    summary = guests.acks_summary(args.name)
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        disks = ", ".join(f"{dev} {count}" for dev, count in summary["disks"].items())
+        print(f"{args.name}: {summary['total']} acknowledged writes ({disks}); {summary['boots']} boot(s)")
+    return 0
+
+
+def _destroy(args: argparse.Namespace) -> int:
+    guests.destroy(args.name)
+    return 0
+
+
+def _list(args: argparse.Namespace) -> int:
+    rows = guests.list_guests()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        for row in rows:
+            where = ", ".join(f"{h}: {s}" for h, s in row["hosts"].items()) or "not defined"
+            print(f"{row['name']:24} {row['uuid'] or '-':36} {where} acks={row['acks']}")
+    return 0
+
+
+def add_guest_commands(sub: Any) -> None:
+    guest = sub.add_parser("guest", help="test guests that write verifiable records")
+    gsub = guest.add_subparsers(dest="guest_command", required=True)
+
+    p = gsub.add_parser("create", help="define and start a guest; prints its uuid (last line)")
+    p.add_argument("name")
+    p.add_argument("--host", default="hostA", choices=[h.name for h in HOSTS])
+    p.add_argument("--data-volumes", type=int, default=0, metavar="N")
+    p.add_argument("--snapshots", type=int, default=0, metavar="N", help="qcow2 chain of N+1 layers per disk")
+    p.add_argument("--dirty-mib-s", type=int, default=0, metavar="N", help="memory dirtying rate (MiB/s)")
+    p.add_argument("--storage", default="ps1", help="storage root on that host (ps1, ps2, small)")
+    p.add_argument("--disk-size-mib", type=int, default=1024, metavar="N")
+    p.add_argument("--memory-mib", type=int, default=256, metavar="N")
+    p.add_argument("--fill-mib", type=int, default=4, metavar="N", help="filler data per layer and disk")
+    p.add_argument("--boot-timeout", type=float, default=180, metavar="S")
+    p.add_argument("--keep-on-failure", action="store_true", help="leave a guest that failed to start")
+    p.set_defaults(func=_create)
+
+    p = gsub.add_parser("verify", help="check every acknowledged record on the current disks")
+    p.add_argument("name")
+    p.add_argument("--no-suspend", action="store_true", help="read a running guest without pausing it")
+    p.set_defaults(func=_verify)
+
+    p = gsub.add_parser("acks", help="acknowledged writes per disk")
+    p.add_argument("name")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_acks)
+
+    p = gsub.add_parser("destroy", help="stop, undefine and delete a guest on whatever host has it")
+    p.add_argument("name")
+    p.set_defaults(func=_destroy)
+
+    p = gsub.add_parser("list", help="guests and where they are")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_list)

@@ -1,0 +1,389 @@
+"""Test guests: create (disks, snapshot chain, boot), acks, verify, destroy, list.
+
+A guest's own record lives in /var/lib/ksa-lab/guests/NAME/ (guest.json, console.log, domain.xml), outside
+the per-host mounts, so it is the same file whichever host runs the domain.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import domain, image
+from .domain import DiskDef, Placement, virsh
+from .layout import GUESTS_DIR, HOSTS, LAB_DIR, STORAGE_ROOTS, TMP_DIR, host_by_name
+from .records import DiskAcks, DiskResult, FillExtent, parse_acks, verify_disk
+from .sysutil import LabError, log, run, wait_for, write_file
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+MIB = 1 << 20
+
+
+@dataclass
+class GuestDisk:
+    dev: str
+    volume_uuid: str
+    layers: list[str]  # image files, base first; the last is the active image <volume-uuid>.qcow2
+    fills: list[FillExtent] = field(default_factory=list)
+
+
+@dataclass
+class GuestRecord:
+    name: str
+    uuid: str
+    host: str  # where it was created; it may run elsewhere now
+    storage: str
+    disk_size_mib: int
+    memory_mib: int
+    dirty_mib_s: int
+    snapshots: int
+    fill_mib: int
+    disks: list[GuestDisk]
+
+    @staticmethod
+    def dir_of(name: str) -> Path:
+        return GUESTS_DIR / name
+
+    @property
+    def dir(self) -> Path:
+        return self.dir_of(self.name)
+
+    @property
+    def console(self) -> Path:
+        return self.dir / "console.log"
+
+    def save(self) -> None:
+        write_file(self.dir / "guest.json", json.dumps(asdict(self), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, name: str) -> GuestRecord | None:
+        try:
+            data = json.loads((cls.dir_of(name) / "guest.json").read_text())
+        except (OSError, ValueError):
+            return None
+        disks = [
+            GuestDisk(d["dev"], d["volume_uuid"], d["layers"], [FillExtent(**f) for f in d["fills"]])
+            for d in data.pop("disks")
+        ]
+        return cls(disks=disks, **data)
+
+
+def console_path(name: str) -> Path:
+    return GuestRecord.dir_of(name) / "console.log"
+
+
+def read_acks(name: str) -> dict[str, DiskAcks]:
+    try:
+        text = console_path(name).read_text(errors="replace")
+    except FileNotFoundError as err:
+        raise LabError(f"guest {name!r} has no console log ({console_path(name)})") from err
+    return parse_acks(text.splitlines())
+
+
+def acks_summary(name: str) -> dict[str, Any]:
+    acks = read_acks(name)
+    text = console_path(name).read_text(errors="replace")
+    return {
+        "name": name,
+        "total": sum(a.count for a in acks.values()),
+        "disks": {dev: a.count for dev, a in acks.items()},
+        "highest": {dev: a.highest for dev, a in acks.items()},
+        "boots": text.count("KSA-BOOT "),
+    }
+
+
+# --- create -----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GuestOptions:
+    name: str
+    host: str = "hostA"
+    data_volumes: int = 0
+    snapshots: int = 0
+    dirty_mib_s: int = 0
+    storage: str = "ps1"
+    disk_size_mib: int = 1024
+    memory_mib: int = 256
+    fill_mib: int = 4
+    boot_timeout: float = 180.0
+    keep_on_failure: bool = False
+
+
+def _check_options(opts: GuestOptions) -> None:
+    if not NAME_RE.match(opts.name):
+        raise LabError(f"bad guest name {opts.name!r}: letters, digits, _ . - (max 63)")
+    if opts.storage not in {name for name, _, _ in STORAGE_ROOTS}:
+        raise LabError(
+            f"no storage root {opts.storage!r} (known: {', '.join(n for n, _, _ in STORAGE_ROOTS)})"
+        )
+    if not 0 <= opts.data_volumes <= 20 or not 0 <= opts.snapshots <= 20 or opts.dirty_mib_s < 0:
+        raise LabError("--data-volumes and --snapshots must be 0..20, --dirty-mib-s >= 0")
+    if opts.disk_size_mib // 2 < max(4, (opts.snapshots + 1) * opts.fill_mib):
+        raise LabError(
+            "--disk-size-mib too small: half of each disk holds records, the other half the filler"
+        )
+    if opts.memory_mib < 96:
+        raise LabError("--memory-mib must be at least 96")
+    if GuestRecord.dir_of(opts.name).exists() or domain.placements(opts.name):
+        raise LabError(f"a guest named {opts.name!r} exists already")
+
+
+def _qemu_img_create(path: Path, size_mib: int, fill: FillExtent) -> None:
+    run(["qemu-img", "create", "-q", "-f", "qcow2", path, f"{size_mib}M"])
+    command = f"write -P 0x{fill.pattern:02x} {fill.offset} {fill.length}"
+    run(["qemu-io", "-f", "qcow2", "-c", command, path])
+
+
+def _make_layer(disk: GuestDisk, opts: GuestOptions, layer: int, path: Path, backing: Path | None) -> None:
+    """One layer with its own filler; an overlay is filled before it gets its backing file, so that the
+    filler write never opens (or needs) the layer below, which QEMU may be using."""
+    base = opts.disk_size_mib * MIB // 2
+    fill = FillExtent(
+        layer=layer,
+        offset=base + layer * opts.fill_mib * MIB,
+        length=opts.fill_mib * MIB,
+        pattern=0x41 + layer,
+    )
+    _qemu_img_create(path, opts.disk_size_mib, fill)
+    if backing is not None:
+        run(["qemu-img", "rebase", "-u", "-f", "qcow2", "-F", "qcow2", "-b", backing, path])
+    disk.layers.append(str(path))
+    disk.fills.append(fill)
+
+
+def create(opts: GuestOptions) -> GuestRecord:
+    _check_options(opts)
+    host = host_by_name(opts.host)
+    root = host.storage_path(opts.storage)
+    if not root.is_dir():
+        raise LabError(f"{root} does not exist: is the lab up? (scripts/lab up)")
+    img = image.ensure_image()
+    devs = [f"vd{chr(ord('a') + i)}" for i in range(opts.data_volumes + 1)]
+    # Layer file names: the lower layers are named like snapshots, the active one after the volume.
+    plan = {dev: [str(uuid.uuid4()) for _ in range(opts.snapshots)] + [str(uuid.uuid4())] for dev in devs}
+    guest = GuestRecord(
+        name=opts.name,
+        uuid=str(uuid.uuid4()),
+        host=host.name,
+        storage=opts.storage,
+        disk_size_mib=opts.disk_size_mib,
+        memory_mib=opts.memory_mib,
+        dirty_mib_s=opts.dirty_mib_s,
+        snapshots=opts.snapshots,
+        fill_mib=opts.fill_mib,
+        disks=[GuestDisk(dev, plan[dev][-1], []) for dev in devs],
+    )
+    guest.dir.mkdir(parents=True)
+    guest.console.touch()
+    guest.save()
+    try:
+        for disk in guest.disks:
+            _make_layer(disk, opts, 0, root / f"{plan[disk.dev][0]}.qcow2", None)
+        guest.save()
+        ws = max(8, min(48, opts.memory_mib // 4))
+        cmdline = "console=ttyS0 edd=off quiet loglevel=1 " + (
+            f"ksa.disks={len(devs)} ksa.dirty={opts.dirty_mib_s} ksa.ws={ws}"
+        )
+        xml = domain.domain_xml(
+            name=guest.name,
+            uuid=guest.uuid,
+            memory_mib=opts.memory_mib,
+            kernel=str(img.kernel),
+            initrd=str(img.initrd),
+            cmdline=cmdline,
+            console=str(guest.console),
+            disks=[DiskDef(d.dev, d.layers[0], uuid.UUID(d.volume_uuid).hex) for d in guest.disks],
+        )
+        (guest.dir / "domain.xml").write_text(xml)
+        virsh(host, "define", str(guest.dir / "domain.xml"))
+        virsh(host, "start", guest.name)
+        started = time.monotonic()
+        _wait_acks(guest, {d: 1 for d in devs}, opts.boot_timeout)
+        log(f"{guest.name}: writing on {len(devs)} disks {time.monotonic() - started:.1f} s after start")
+        for layer in range(1, opts.snapshots + 1):
+            _take_snapshot(guest, opts, host, layer, plan)
+        return guest
+    except BaseException:
+        log(f"{guest.name}: creation failed; console tail:\n{_console_tail(guest.console)}")
+        if not opts.keep_on_failure:
+            destroy(guest.name, quiet=True)
+        raise
+
+
+def _take_snapshot(
+    guest: GuestRecord, opts: GuestOptions, host: Any, layer: int, plan: dict[str, list[str]]
+) -> None:
+    """Let the guest write into the current top for a while, then put a pre-filled overlay on every disk
+    at once (live, external, disk-only, no libvirt metadata: as a cloud's volume snapshot looks)."""
+    before = read_acks(guest.name)
+    want = {d.dev: (before[d.dev].count if d.dev in before else 0) + 20 for d in guest.disks}
+    time.sleep(2)
+    _wait_acks(guest, want, 120)
+    specs = []
+    for disk in guest.disks:
+        path = Path(disk.layers[-1]).parent / f"{plan[disk.dev][layer]}.qcow2"
+        _make_layer(disk, opts, layer, path, Path(disk.layers[-1]))
+        specs += ["--diskspec", f"{disk.dev},snapshot=external,file={path}"]
+    guest.save()
+    virsh(
+        host,
+        "snapshot-create-as",
+        guest.name,
+        "--disk-only",
+        "--atomic",
+        "--no-metadata",
+        "--reuse-external",
+        *specs,
+    )
+    log(f"{guest.name}: layer {layer} on top of {sum(want.values())} acknowledged records")
+
+
+def _wait_acks(guest: GuestRecord, want: dict[str, int], timeout: float) -> None:
+    def enough() -> bool:
+        acks = read_acks(guest.name)
+        return all(dev in acks and acks[dev].count >= n for dev, n in want.items())
+
+    wait_for(f"{guest.name} to acknowledge writes {want}", enough, timeout=timeout, interval=0.3)
+
+
+def _console_tail(path: Path, lines: int = 12) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no console)"
+
+
+# --- verify -----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class VerifyReport:
+    host: str
+    records: int
+    disks: list[DiskResult]
+
+    @property
+    def problems(self) -> list[str]:
+        return [p for d in self.disks for p in d.problems]
+
+
+def verify(name: str, *, suspend: bool = True) -> VerifyReport:
+    """Check every acknowledged record of the guest on its disks' current images (whole backing chain).
+    A running guest is paused while its images are read (QEMU drains and flushes on pause) and resumed."""
+    placement = domain.locate(name)
+    guest = GuestRecord.load(name)
+    paused_here = False
+    if suspend and placement.state == "running":
+        virsh(placement.host, "suspend", name)
+        paused_here = True
+    try:
+        xml = domain.current_xml(placement, name)
+        acks = read_acks(name)  # after the pause: nothing is acknowledged that is not on disk yet
+        disks = {d.dev: d for d in domain.disks_in_xml(xml)}
+        results = []
+        with tempfile.TemporaryDirectory(dir=_tmp_dir()) as tmp:
+            for dev, disk_acks in acks.items():
+                if dev not in disks:
+                    results.append(
+                        DiskResult(
+                            dev,
+                            problems=[
+                                f"disk {dev}: acknowledged writes, but the domain "
+                                f"on {placement.host.name} has no such disk"
+                            ],
+                        )
+                    )
+                    continue
+                raw = Path(tmp) / f"{dev}.raw"
+                # -U: QEMU holds the image; it is paused and flushed, so the read is consistent.
+                run(
+                    ["qemu-img", "convert", "-U", "-f", disks[dev].fmt, "-O", "raw", disks[dev].path, raw],
+                    timeout=600,
+                )
+                fills = next((d.fills for d in guest.disks if d.dev == dev), []) if guest else []
+                with raw.open("rb") as handle:
+                    results.append(verify_disk(dev, disk_acks, _reader(handle.fileno()), fills))
+                raw.unlink()
+    finally:
+        if paused_here:
+            virsh(placement.host, "resume", name)
+    return VerifyReport(placement.host.name, sum(r.records for r in results), results)
+
+
+def _reader(fd: int) -> Callable[[int, int], bytes]:
+    return lambda offset, length: os.pread(fd, length, offset)
+
+
+def _tmp_dir() -> Path:
+    TMP_DIR.mkdir(parents=True, exist_ok=True)
+    return TMP_DIR
+
+
+# --- destroy and list -------------------------------------------------------------------------------------
+
+
+def _chain_files(top: str) -> list[str]:
+    proc = run(["qemu-img", "info", "-U", "--backing-chain", "--output=json", top], check=False)
+    if proc.returncode != 0:
+        return [top]
+    info = json.loads(proc.stdout)
+    return [entry["filename"] for entry in (info if isinstance(info, list) else [info])]
+
+
+def destroy(name: str, *, quiet: bool = False) -> None:
+    """Stop and undefine the domain on every lab host, and delete its image files and its guest dir.
+    Only files under the lab directory are ever deleted."""
+    files: set[str] = set()
+    for place in domain.placements(name):
+        for flag in ((), ("--inactive",)):
+            xml = virsh(place.host, "dumpxml", *flag, name, check=False)
+            if xml.strip():
+                for disk in domain.disks_in_xml(xml):
+                    files.update(_chain_files(disk.path) if Path(disk.path).exists() else disk.chain)
+        if place.active:
+            virsh(place.host, "destroy", name, check=False)
+        virsh(place.host, "undefine", name, "--snapshots-metadata", check=False)
+    guest = GuestRecord.load(name)
+    if guest is not None:
+        names = {Path(p).name for d in guest.disks for p in d.layers}
+        files.update(p for d in guest.disks for p in d.layers)
+        for host in HOSTS:  # copies the agent made elsewhere keep the names
+            for root, _, _ in STORAGE_ROOTS:
+                files.update(str(host.storage_path(root) / n) for n in names)
+    for path in files:
+        if Path(path).resolve().is_relative_to(LAB_DIR) and Path(path).is_file():
+            Path(path).unlink()
+    shutil.rmtree(GuestRecord.dir_of(name), ignore_errors=True)
+    if not quiet:
+        log(f"{name}: destroyed")
+
+
+def list_guests() -> list[dict[str, Any]]:
+    names = {p.name for p in GUESTS_DIR.iterdir() if p.is_dir()} if GUESTS_DIR.exists() else set()
+    for host in HOSTS:
+        proc = run(["virsh", "-c", host.libvirt_uri, "list", "--all", "--name"], check=False, timeout=30)
+        names.update(n for n in proc.stdout.split() if n)
+    rows = []
+    for name in sorted(names):
+        found: list[Placement] = domain.placements(name)
+        guest = GuestRecord.load(name)
+        rows.append(
+            {
+                "name": name,
+                "uuid": guest.uuid if guest else None,
+                "hosts": {p.host.name: p.state for p in found},
+                "acks": acks_summary(name)["total"] if guest else None,
+                "labGuest": guest is not None,
+            }
+        )
+    return rows

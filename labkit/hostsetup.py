@@ -1,0 +1,213 @@
+"""One lab host in its namespaces: holder, bind mounts, hostname, libvirt config, virtlogd, libvirtd."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from . import holder
+from .layout import HOSTS, LIBVIRT_DIRS, REPO_ROOT, HostSpec
+from .network import netns_file_inode
+from .state import HostState
+from .sysutil import (
+    LabError,
+    kill_pids,
+    log,
+    netns_inode,
+    pid_matches,
+    run,
+    tail_file,
+    wait_for,
+    write_file,
+)
+
+HOSTS_FILE_MOUNT = "/etc/hosts"
+
+
+# --- holder ----------------------------------------------------------------------------------------------
+
+
+def holder_ok(host: HostSpec, hs: HostState) -> bool:
+    """The recorded holder is alive, answers, and sits in the host's current network namespace."""
+    return (
+        pid_matches(hs.holder_pid, "labkit.holder")
+        and holder.ping(host.holder_socket) == hs.holder_pid
+        and hs.holder_pid is not None
+        and netns_inode(hs.holder_pid) == netns_file_inode(host.netns)
+    )
+
+
+def start_holder(host: HostSpec, hs: HostState) -> None:
+    host.dir.mkdir(parents=True, exist_ok=True)
+    argv = [
+        "ip",
+        "netns",
+        "exec",
+        host.netns,
+        "unshare",
+        "--mount",
+        "--uts",
+        "--propagation",
+        "private",
+        "--",
+    ]
+    argv += [sys.executable, "-m", "labkit.holder", host.name, str(host.holder_socket)]
+    with (host.dir / "holder.log").open("ab") as out:
+        # ip and unshare exec (they do not fork), so this pid is the holder's. It is not waited for: it
+        # outlives this command by design, and `down` stops it by pid.
+        proc = subprocess.Popen(
+            argv,
+            cwd=REPO_ROOT,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    hs.holder_pid = proc.pid
+    wait_for(f"{host.name} holder", lambda: holder.ping(host.holder_socket) == proc.pid, timeout=15)
+    hs.netns_inode = netns_inode(proc.pid)
+    log(f"{host.name}: namespaces held by pid {proc.pid}")
+
+
+def in_host(hs: HostState, argv: list[str], check: bool = True) -> subprocess.CompletedProcess[str]:
+    """Run a short command in the host's mount, UTS and network namespaces."""
+    if hs.holder_pid is None:
+        raise LabError("host has no holder")
+    return run(["nsenter", "-t", str(hs.holder_pid), "-m", "-u", "-n", "--", *argv], check=check)
+
+
+# --- files and mounts -------------------------------------------------------------------------------------
+
+
+def hosts_file_text() -> str:
+    """/etc/hosts inside the lab: the hosts resolve each other's names (libvirt uses names by default)."""
+    lines = ["127.0.0.1\tlocalhost", "::1\tlocalhost ip6-localhost ip6-loopback"]
+    lines += [f"{h.address}\t{h.name}" for h in HOSTS]
+    return "\n".join(lines) + "\n"
+
+
+def libvirtd_conf(host: HostSpec, hs: HostState) -> str:
+    return f"""# written by scripts/lab for {host.name}
+listen_tls = 0
+listen_tcp = 1
+listen_addr = "{host.address}"
+auth_tcp = "none"
+auth_unix_ro = "none"
+auth_unix_rw = "none"
+host_uuid = "{hs.uuid}"
+log_outputs = "3:file:/var/log/libvirt/libvirtd.log"
+"""
+
+
+def qemu_conf(host: HostSpec) -> str:
+    # migration_host makes the destination advertise its address, not its name, for the memory and NBD
+    # (disk) streams; cgroups are off because the host's /sys (remounted by `ip netns exec`) has none.
+    return f"""# written by scripts/lab for {host.name}
+user = "root"
+group = "root"
+dynamic_ownership = 0
+remember_owner = 0
+security_driver = "none"
+cgroup_controllers = [ ]
+migration_address = "{host.address}"
+migration_host = "{host.address}"
+"""
+
+
+VIRTLOGD_CONF = 'log_outputs = "3:file:/var/log/libvirt/virtlogd.log"\n'
+
+
+def prepare_files(host: HostSpec, hs: HostState) -> bool:
+    """Create the per-host copies of the libvirt directories and config; return whether the config changed."""
+    for system_path in LIBVIRT_DIRS:
+        Path(system_path).mkdir(parents=True, exist_ok=True)  # the mount point, in every namespace
+        host.private_dir(system_path).mkdir(parents=True, exist_ok=True)
+    for sub in (
+        "/run/libvirt/qemu",
+        "/var/lib/libvirt/qemu",
+        "/var/log/libvirt/qemu",
+        "/var/cache/libvirt/qemu",
+    ):
+        (host.private_dir(str(Path(sub).parent)) / Path(sub).name).mkdir(parents=True, exist_ok=True)
+    etc = host.private_dir("/etc/libvirt")
+    (etc / "qemu").mkdir(exist_ok=True)
+    changed = write_file(etc / "libvirtd.conf", libvirtd_conf(host, hs))
+    changed |= write_file(etc / "qemu.conf", qemu_conf(host))
+    changed |= write_file(etc / "virtlogd.conf", VIRTLOGD_CONF)
+    write_file(host.dir / "hosts", hosts_file_text())
+    return changed
+
+
+def mount_points(pid: int) -> set[str]:
+    try:
+        lines = Path(f"/proc/{pid}/mountinfo").read_text().splitlines()
+    except OSError:
+        return set()
+    return {line.split()[4] for line in lines}
+
+
+def ensure_mounts_and_name(host: HostSpec, hs: HostState) -> None:
+    assert hs.holder_pid is not None
+    present = mount_points(hs.holder_pid)
+    binds = [(host.private_dir(p), p) for p in LIBVIRT_DIRS] + [(host.dir / "hosts", HOSTS_FILE_MOUNT)]
+    for source, target in binds:
+        if target not in present:
+            in_host(hs, ["mount", "--bind", str(source), target])
+    if in_host(hs, ["hostname"]).stdout.strip() != host.name:
+        in_host(hs, ["hostname", host.name])
+
+
+# --- daemons ----------------------------------------------------------------------------------------------
+
+
+def _in_netns(pid: int | None, hs: HostState) -> bool:
+    return pid is not None and netns_inode(pid) == hs.netns_inode
+
+
+def virtlogd_ok(hs: HostState) -> bool:
+    return pid_matches(hs.virtlogd_pid, "virtlogd") and _in_netns(hs.virtlogd_pid, hs)
+
+
+def libvirtd_ok(hs: HostState) -> bool:
+    return pid_matches(hs.libvirtd_pid, "libvirtd") and _in_netns(hs.libvirtd_pid, hs)
+
+
+def libvirtd_answers(host: HostSpec) -> bool:
+    proc = run(["virsh", "-c", host.libvirt_uri, "hostname"], check=False, timeout=20)
+    return proc.returncode == 0 and proc.stdout.strip() == host.name
+
+
+def spawn(host: HostSpec, argv: list[str], log_file: Path, env: dict[str, str] | None = None) -> int:
+    reply = holder.request(
+        host.holder_socket, {"op": "spawn", "argv": argv, "log": str(log_file), "env": env}
+    )
+    if not reply.get("ok"):
+        raise LabError(f"{host.name}: holder could not start {argv[0]}: {reply.get('error')}")
+    return int(reply["pid"])
+
+
+def ensure_daemons(host: HostSpec, hs: HostState, restart_libvirtd: bool) -> None:
+    """virtlogd first (libvirtd hands it the QEMU logs), then libvirtd; both in the foreground under the
+    holder. Pid files go to the per-host /run/libvirt: the default /run/libvirtd.pid is shared by all."""
+    if not virtlogd_ok(hs):
+        hs.virtlogd_pid = spawn(
+            host, ["virtlogd", "-p", "/run/libvirt/virtlogd.pid"], host.dir / "virtlogd.out"
+        )
+    if restart_libvirtd and libvirtd_ok(hs):
+        log(f"{host.name}: libvirt config changed, restarting libvirtd")
+        kill_pids([hs.libvirtd_pid or 0])
+    if not libvirtd_ok(hs):
+        argv = ["libvirtd", "--listen", "-p", "/run/libvirt/libvirtd.pid"]
+        hs.libvirtd_pid = spawn(host, argv, host.dir / "libvirtd.out")
+        log(f"{host.name}: libvirtd pid {hs.libvirtd_pid}")
+
+
+def wait_libvirtd(host: HostSpec, hs: HostState) -> None:
+    def ready() -> bool:
+        if not libvirtd_ok(hs):
+            tail = tail_file(host.dir / "libvirtd.out")
+            raise LabError(f"{host.name}: libvirtd exited; {host.dir / 'libvirtd.out'}:\n{tail}")
+        return libvirtd_answers(host)
+
+    wait_for(f"{host.name} libvirtd on {host.libvirt_uri}", ready, timeout=90, interval=0.3)

@@ -1,0 +1,71 @@
+"""What `up` decided and started, kept in /var/lib/ksa-lab/lab.json so that later runs agree with it.
+
+Uuids are made once per lab (stable across `up`s, new after `down`). Pids and namespace inodes let `down`
+find and stop exactly what the lab started, even after a crash.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+
+from .layout import HOSTS, LOCK_FILE, STATE_FILE, STORAGE_ROOTS
+from .sysutil import write_file
+
+
+@dataclass
+class HostState:
+    uuid: str
+    storage: dict[str, str]  # root name -> storage uuid
+    netns_inode: int | None = None
+    holder_pid: int | None = None
+    virtlogd_pid: int | None = None
+    libvirtd_pid: int | None = None
+    agent_pid: int | None = None
+
+
+@dataclass
+class LabState:
+    hosts: dict[str, HostState] = field(default_factory=dict)
+    agents: bool = True  # false when the agent could not be started (not written yet, or LAB_NO_AGENT=1)
+
+    @classmethod
+    def fresh(cls) -> LabState:
+        return cls(
+            hosts={
+                host.name: HostState(
+                    uuid=str(uuid.uuid4()), storage={name: str(uuid.uuid4()) for name, _, _ in STORAGE_ROOTS}
+                )
+                for host in HOSTS
+            }
+        )
+
+    @classmethod
+    def load(cls) -> LabState | None:
+        try:
+            data = json.loads(STATE_FILE.read_text())
+        except (OSError, ValueError):
+            return None
+        hosts = {name: HostState(**host) for name, host in data.get("hosts", {}).items()}
+        if set(hosts) != {h.name for h in HOSTS}:
+            return None
+        return cls(hosts=hosts, agents=bool(data.get("agents", True)))
+
+    def save(self) -> None:
+        write_file(STATE_FILE, json.dumps(asdict(self), indent=2) + "\n", 0o600)
+
+
+@contextmanager
+def lab_lock() -> Iterator[None]:
+    """Serialise commands that change the lab (up, down, agent, link): two `up`s at once would race."""
+    LOCK_FILE.parent.mkdir(parents=True, exist_ok=True)
+    with LOCK_FILE.open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
