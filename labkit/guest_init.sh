@@ -73,17 +73,21 @@ writer() {
 }
 
 dirtier() {   # dirtier MIB_PER_S WORKING_SET_MIB
-    local rate=$1 ws=$2 slot=0 j start left
-    mount -t tmpfs -o size=$((ws + 2))m tmpfs /dirty
-    dd if=/dev/urandom of=/dirty/chunk bs=1M count=1 2>/dev/null
+    local rate=$1 ws=$2 n=0 j start left
+    mount -t tmpfs -o size=$((ws + 3))m tmpfs /dirty
+    dd if=/dev/urandom of=/dirty/chunk0 bs=1M count=1 2>/dev/null
+    dd if=/dev/urandom of=/dirty/chunk1 bs=1M count=1 2>/dev/null
     dd if=/dev/zero of=/dirty/ws bs=1M count=$ws 2>/dev/null
     say "KSA-DIRTY $rate MiB/s over $ws MiB"
     while :; do
         centis; start=$CS
         j=0
         while [ $j -lt $rate ]; do
-            dd if=/dirty/chunk of=/dirty/ws bs=1M count=1 seek=$slot conv=notrunc 2>/dev/null
-            slot=$(( (slot + 1) % ws )); j=$((j + 1))
+            # Alternate the source on every pass so each write changes the page's content too:
+            # QEMU's sampling dirty-rate estimate only sees changed content.
+            dd if=/dirty/chunk$(( (n / ws) % 2 )) of=/dirty/ws bs=1M count=1 seek=$((n % ws)) \
+                conv=notrunc 2>/dev/null
+            n=$((n + 1)); j=$((j + 1))
         done
         centis; left=$(( 100 - (CS - start) ))
         if [ $left -ge 100 ]; then sleep 1; elif [ $left -gt 0 ]; then sleep 0.$(printf %02d $left); fi

@@ -1,0 +1,68 @@
+"""Fixtures for lab tests (marker `lab`): the running two-host lab and test guests.
+
+- `lab` (session): the Lab from `scripts/lab status --json`; FAILS the test (never skips) if it is not up.
+- `lab_agents` (session): the same, and both agents answer GET /v1/health.
+- `make_guest` (function): factory `make_guest(host="hostA", data_volumes=0, snapshots=0, dirty_mib_s=0,
+  storage="ps1", disk_size_mib=1024, memory_mib=256)` -> Guest; every guest it made is destroyed at teardown.
+Guest has acks(), total_acks(), wait_for_acks(more, timeout), verify() -> VerifyResult, where(), destroy().
+"""
+
+from __future__ import annotations
+
+import re
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from labtools import Guest, Lab, LabNotUp, create_guest, load_lab
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Everything under tests/lab is a lab test, marked or not."""
+    for item in items:
+        if "tests/lab/" in str(item.path) and item.get_closest_marker("lab") is None:
+            item.add_marker(pytest.mark.lab)
+
+
+@pytest.fixture(scope="session")
+def lab() -> Lab:
+    try:
+        return load_lab()
+    except LabNotUp as err:
+        pytest.fail(str(err), pytrace=False)
+
+
+def _healthy(url: str) -> bool:
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(f"{url}/v1/health", timeout=3) as response:
+            return bool(200 <= response.status < 300)
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def lab_agents(lab: Lab) -> Lab:
+    down = [h.name for h in lab.hosts if not _healthy(h.agent_url)]
+    if down:
+        hosts = ", ".join(down)
+        pytest.fail(f"the agent does not answer on {hosts} (scripts/lab up starts it)", pytrace=False)
+    return lab
+
+
+@pytest.fixture
+def make_guest(lab: Lab, request: pytest.FixtureRequest) -> Iterator[Callable[..., Guest]]:
+    made: list[Guest] = []
+    stem = re.sub(r"[^A-Za-z0-9]+", "-", request.node.name).strip("-")[:32]
+
+    def make(**options: Any) -> Guest:
+        name = f"t-{stem}-{uuid.uuid4().hex[:6]}"
+        guest = create_guest(name, **options)
+        made.append(guest)
+        return guest
+
+    yield make
+    for guest in made:
+        guest.destroy()

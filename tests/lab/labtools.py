@@ -1,0 +1,189 @@
+"""Plain helpers for lab tests: the lab as `scripts/lab status --json` describes it, and test guests.
+
+Everything goes through `scripts/lab` (a subprocess), the same interface humans and the demo use, so tests
+exercise the real lab commands. Fixtures that hand these out are in conftest.py.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[2]
+LAB_SCRIPT = REPO / "scripts" / "lab"
+_VERIFIED = re.compile(r"verified (\d+) records on (\d+) disks")
+
+
+class LabNotUp(Exception):
+    """`scripts/lab status --json` says the lab is not (fully) up."""
+
+
+def lab_cli(*args: str, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    """Run `scripts/lab ARGS`; with check, a failure raises AssertionError carrying its stderr."""
+    proc = subprocess.run(
+        [str(LAB_SCRIPT), *args], capture_output=True, text=True, timeout=timeout, check=False
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"scripts/lab {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr}")
+    return proc
+
+
+def virsh(uri: str, *args: str, check: bool = True, timeout: float = 120) -> str:
+    proc = subprocess.run(
+        ["virsh", "-c", uri, *args], capture_output=True, text=True, timeout=timeout, check=False
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"virsh -c {uri} {' '.join(args)}: {proc.stderr.strip()}")
+    return proc.stdout
+
+
+@dataclass(frozen=True)
+class StorageRoot:
+    uuid: str
+    path: Path
+    name: str
+
+
+@dataclass(frozen=True)
+class LabHost:
+    name: str
+    uuid: str
+    address: str
+    libvirt_uri: str
+    agent_url: str
+    migration_address: str
+    storage: tuple[StorageRoot, ...]
+    agent_config: Path
+
+    def root(self, name: str) -> StorageRoot:
+        return next(r for r in self.storage if r.name == name)
+
+    def virsh(self, *args: str, check: bool = True) -> str:
+        return virsh(self.libvirt_uri, *args, check=check)
+
+
+@dataclass(frozen=True)
+class Lab:
+    token: str
+    token_file: Path
+    hosts: tuple[LabHost, ...]
+    agents: bool
+    raw: dict[str, Any] = field(repr=False, compare=False)
+
+    def host(self, name: str) -> LabHost:
+        return next(h for h in self.hosts if h.name == name)
+
+    def other(self, name: str) -> LabHost:
+        return next(h for h in self.hosts if h.name != name)
+
+    def agent(self, action: str, host: str) -> None:
+        """start | stop | kill (SIGKILL) | restart the agent of one host."""
+        lab_cli("agent", action, host)
+
+    def link(self, state: str, host: str) -> None:
+        """down | up: cut or restore the host's network link."""
+        lab_cli("link", state, host)
+
+
+def load_lab() -> Lab:
+    proc = lab_cli("status", "--json", check=False, timeout=60)
+    if proc.returncode != 0 or not proc.stdout.strip():
+        raise LabNotUp(f"the lab is not up (run scripts/lab up): {proc.stderr.strip()}")
+    doc = json.loads(proc.stdout)
+    hosts = tuple(
+        LabHost(
+            name=h["name"],
+            uuid=h["uuid"],
+            address=h["address"],
+            libvirt_uri=h["libvirtUri"],
+            agent_url=h["agentUrl"],
+            migration_address=h["migrationAddress"],
+            storage=tuple(StorageRoot(s["uuid"], Path(s["path"]), s["name"]) for s in h["storage"]),
+            agent_config=Path(h["agentConfig"]),
+        )
+        for h in doc["hosts"]
+    )
+    return Lab(doc["token"], Path(doc["tokenFile"]), hosts, bool(doc["agents"]), doc)
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    ok: bool
+    records: int
+    disks: int
+    output: str  # stdout + stderr of `guest verify`: on failure, names the first bad record
+
+
+@dataclass
+class Guest:
+    """A lab test guest (`scripts/lab guest create`); acks are the writes it acknowledged, per disk."""
+
+    name: str
+    uuid: str
+    host: str  # where it was created
+
+    def acks(self) -> dict[str, int]:
+        return dict(json.loads(lab_cli("guest", "acks", self.name, "--json").stdout)["disks"])
+
+    def total_acks(self) -> int:
+        return sum(self.acks().values())
+
+    def wait_for_acks(self, more: int = 20, timeout: float = 120) -> dict[str, int]:
+        """Wait until every disk acknowledged at least `more` writes beyond what it had at the call."""
+        start = self.acks()
+        deadline = time.monotonic() + timeout
+        while True:
+            now = self.acks()
+            if now and all(now.get(dev, 0) >= start.get(dev, 0) + more for dev in now):
+                return now
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{self.name}: acks not up by {more} in {timeout} s: {start} -> {now}")
+            time.sleep(0.5)
+
+    def verify(self, *, suspend: bool = True) -> VerifyResult:
+        args = ["guest", "verify", self.name] + ([] if suspend else ["--no-suspend"])
+        proc = lab_cli(*args, check=False)
+        match = _VERIFIED.search(proc.stdout)
+        return VerifyResult(
+            ok=proc.returncode == 0,
+            records=int(match.group(1)) if match else 0,
+            disks=int(match.group(2)) if match else 0,
+            output=proc.stdout + proc.stderr,
+        )
+
+    def where(self) -> dict[str, str]:
+        """Lab hosts that have the domain, with its state there (e.g. {"hostB": "running"})."""
+        rows = json.loads(lab_cli("guest", "list", "--json").stdout)
+        return next((dict(r["hosts"]) for r in rows if r["name"] == self.name), {})
+
+    def destroy(self) -> None:
+        lab_cli("guest", "destroy", self.name)
+
+
+def create_guest(
+    name: str,
+    *,
+    host: str = "hostA",
+    data_volumes: int = 0,
+    snapshots: int = 0,
+    dirty_mib_s: int = 0,
+    storage: str = "ps1",
+    disk_size_mib: int = 1024,
+    memory_mib: int = 256,
+) -> Guest:
+    proc = lab_cli(
+        "guest", "create", name,
+        "--host", host,
+        "--data-volumes", str(data_volumes),
+        "--snapshots", str(snapshots),
+        "--dirty-mib-s", str(dirty_mib_s),
+        "--storage", storage,
+        "--disk-size-mib", str(disk_size_mib),
+        "--memory-mib", str(memory_mib),
+    )  # fmt: skip
+    return Guest(name=name, uuid=proc.stdout.strip().splitlines()[-1], host=host)
