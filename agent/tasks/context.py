@@ -39,6 +39,7 @@ class RunContext:
         self.vm_uuid: str = task.vm_uuid
         self.request: MigrationRequest = task.request
         self.resumed = resumed
+        self._tuning_seen = task.tuning_generation
         self.log: logging.LoggerAdapter[logging.Logger] = TaskLogAdapter(
             _engine_log, {"task_uuid": task.uuid, "vm_uuid": task.vm_uuid}
         )
@@ -82,4 +83,10 @@ class RunContext:
         self._manager.note(self._task, key, value)
 
     async def tuning_changed(self) -> None:
-        await self._task.wait_retuned()
+        """Return when a PATCH changed the tuning since the previous return (or since this run started).
+
+        A PATCH that lands while the engine is busy elsewhere is not lost: the next call returns at once.
+        """
+        while self._task.tuning_generation == self._tuning_seen:
+            await self._task.wait_retuned()
+        self._tuning_seen = self._task.tuning_generation

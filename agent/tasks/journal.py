@@ -183,9 +183,22 @@ class Journal:
         )
 
     async def save_checkpoint(
-        self, task_uuid: str, data: Mapping[str, Any], at: float, details: Mapping[str, Any] | None = None
+        self,
+        task_uuid: str,
+        data: Mapping[str, Any],
+        at: float,
+        details: Mapping[str, Any] | None = None,
+        progress: Mapping[str, Any] | None = None,
     ) -> None:
-        await self._call(self._update, task_uuid, at, checkpoint=_dumps(data), details=_opt_dumps(details))
+        """The engine's resume data, with the task's facts and progress as they are now."""
+        await self._call(
+            self._update,
+            task_uuid,
+            at,
+            checkpoint=_dumps(data),
+            details=_opt_dumps(details),
+            progress=_opt_dumps(progress),
+        )
 
     async def save_tuning(self, task_uuid: str, tuning: Mapping[str, Any], at: float) -> None:
         await self._call(self._update, task_uuid, at, tuning=_dumps(tuning))

@@ -293,7 +293,9 @@ class TaskManager:
         saved = _json_copy(data, "checkpoint data")
         async with task.lock:
             await self._commit(
-                self._journal.save_checkpoint(task.uuid, saved, self._clock(), _json_copy(task.details)),
+                self._journal.save_checkpoint(
+                    task.uuid, saved, self._clock(), _json_copy(task.details), progress_json(task)
+                ),
                 lambda: setattr(task, "resume_data", saved),
             )
 

@@ -61,6 +61,7 @@ class Task:
     finished_at: float | None = None
     tracker: ProgressTracker = field(default_factory=ProgressTracker)
     cancel_requested: bool = False
+    tuning_generation: int = 0
     lock: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
     _changed: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
     _retuned: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
@@ -108,6 +109,7 @@ class Task:
             self.tuning.bandwidth_mib = bandwidth_mib
         if downtime_ms is not None:
             self.tuning.downtime_ms = downtime_ms
+        self.tuning_generation += 1
         retuned, self._retuned = self._retuned, asyncio.Event()
         retuned.set()
         self.touch(now)

@@ -357,3 +357,44 @@ async def test_listeners_see_changes_and_cannot_break_a_task(harness: Harness) -
     await eventually(lambda: seen[-1] == "finished")
     assert seen[0] == "created"
     assert "progress" in seen and "details" in seen
+
+
+async def test_cancel_of_a_resumed_task_still_waiting_for_its_slot(tmp_path: Path) -> None:
+    script = Script(gate=asyncio.Event())
+    h = Harness(tmp_path, script)
+    manager = await h.start()
+    first, _ = await manager.submit(VM_1, request(tid(1)))
+    second, _ = await manager.submit(VM_2, request(tid(2)))
+    await eventually(lambda: first.state is S.COPYING and second.state is S.COPYING)
+    await h.stop()
+
+    script2 = Script(gate=asyncio.Event())
+    h2 = Harness(tmp_path, script2, outgoing_limit=1)
+    try:
+        manager2 = await h2.start()
+        await eventually(lambda: len(script2.calls) == 1)
+        (running_vm, _) = script2.calls[0]
+        waiting = manager2.get(second.uuid if running_vm == VM_1 else first.uuid)
+        await manager2.cancel(waiting.uuid)
+        assert waiting.state is S.CANCELLING  # its engine must still undo what the first run left
+        script2.gate.set()  # type: ignore[union-attr]
+        await finished(waiting)
+        assert waiting.state_sequence[-3:] == [S.COPYING, S.CANCELLING, S.CANCELLED]
+        assert len(script2.calls) == 2 and script2.cancelled == [False]
+    finally:
+        await h2.stop()
+
+
+async def test_a_retune_before_the_engine_waits_is_not_lost(tmp_path: Path) -> None:
+    script = Script(gate=asyncio.Event(), wait_tuning=True)
+    h = Harness(tmp_path, script)
+    try:
+        manager = await h.start()
+        task, _ = await manager.submit(VM_1, request(tid(1)))
+        await eventually(lambda: task.state is S.COPYING)
+        await manager.retune(task.uuid, Tuning(downTime=900))  # the engine is still copying, not waiting
+        script.gate.set()  # type: ignore[union-attr]
+        await finished(task)
+        assert script.tuned == [(100 * 1024 * 1024, 900)]
+    finally:
+        await h.stop()
