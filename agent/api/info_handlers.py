@@ -15,7 +15,7 @@ import psutil  # type: ignore[import-untyped]
 from aiohttp import web
 
 import agent
-from agent.api.keys import CONFIG, INVENTORY, MANAGER, METRICS
+from agent.api.keys import CONFIG, INVENTORY, MANAGER, METRICS, VmInventory
 from agent.api.middleware import json_response
 from agent.api.validation import path_uuid
 from agent.config import StorageRootConfig
@@ -78,7 +78,7 @@ async def describe_vm(request: web.Request) -> web.StreamResponse:
     return json_response(await _inventory(request).describe_vm(vm_uuid))
 
 
-def _inventory(request: web.Request) -> Any:
+def _inventory(request: web.Request) -> VmInventory:
     inventory = request.app[INVENTORY]
     if inventory is None:
         raise VirtError("libvirt is not connected in this agent", code="AGENT.LIBVIRT_UNAVAILABLE")

@@ -1,12 +1,13 @@
 """``RunContext``: the ``TaskContext`` (``agent.migration.engine``) the manager gives an engine for one run.
 
-It is a thin view on the task: every call goes through the manager, which journals before it announces.
+It is a thin view on the task: every change goes through the ``TaskRecorder``, which journals before it
+announces.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, MutableMapping
+from collections.abc import Callable, Mapping, MutableMapping
 from typing import TYPE_CHECKING, Any
 
 from agent.migration.request import MigrationRequest
@@ -14,7 +15,7 @@ from agent.tasks.model import TaskState
 from agent.tasks.task import Task
 
 if TYPE_CHECKING:
-    from agent.tasks.manager import TaskManager
+    from agent.tasks.recorder import TaskRecorder
 
 MIB = 1024 * 1024
 
@@ -32,8 +33,11 @@ class TaskLogAdapter(logging.LoggerAdapter[logging.Logger]):
 class RunContext:
     """The engine's handle on its task (see ``agent.migration.engine.TaskContext`` for the contract)."""
 
-    def __init__(self, manager: TaskManager, task: Task, *, resumed: bool) -> None:
-        self._manager = manager
+    def __init__(
+        self, recorder: TaskRecorder, task: Task, *, resumed: bool, detaching: Callable[[], bool]
+    ) -> None:
+        self._recorder = recorder
+        self._detaching = detaching
         self._task = task
         self.task_uuid: str = task.uuid
         self.vm_uuid: str = task.vm_uuid
@@ -63,7 +67,7 @@ class RunContext:
 
         The task stays unfinished in the journal and is handed back with ``resume=True`` at the next start.
         """
-        return self._manager.detaching
+        return self._detaching()
 
     @property
     def cancel_requested(self) -> bool:
@@ -71,16 +75,16 @@ class RunContext:
         return self._task.cancel_requested
 
     async def enter(self, state: TaskState, detail: str | None = None) -> None:
-        await self._manager.enter_state(self._task, state, detail)
+        await self._recorder.enter_state(self._task, state, detail)
 
     async def checkpoint(self, data: Mapping[str, Any]) -> None:
-        await self._manager.checkpoint(self._task, data)
+        await self._recorder.checkpoint(self._task, data)
 
     def progress(self, item: str, done: int, total: int) -> None:
-        self._manager.report_progress(self._task, item, done, total)
+        self._recorder.report_progress(self._task, item, done, total)
 
     def note(self, key: str, value: Any) -> None:
-        self._manager.note(self._task, key, value)
+        self._recorder.note(self._task, key, value)
 
     async def tuning_changed(self) -> None:
         """Return when a PATCH changed the tuning since the previous return (or since this run started).

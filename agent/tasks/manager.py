@@ -3,7 +3,7 @@
 Rules it keeps:
 - one active task per VM; the same ``taskUuid`` again gives the same task (idempotency, also after a restart);
 - at most ``outgoing_limit`` engines run at once, the rest wait in PENDING (queued, never refused);
-- every change is journalled before it becomes visible (``_commit``), so what the API shows is durable;
+- every change is journalled before it becomes visible (``TaskRecorder``), so what the API shows is durable;
 - cancel is idempotent and safe in every state: a task that has no engine yet ends CANCELLED at once, a
   running engine gets ``CancelledError`` (it undoes its work) after CANCELLING is journalled;
 - stopping the agent *detaches*: engines are cancelled with ``ctx.detaching`` set, nothing final is written,
@@ -16,10 +16,9 @@ Ownership: the manager keeps one driver ``asyncio.Task`` per task run and one en
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 from agent.errors import AgentError, Conflict, MigrationFailed, NotFound, ServiceStopping
@@ -28,23 +27,12 @@ from agent.migration.request import MigrationRequest, Tuning
 from agent.tasks.context import RunContext
 from agent.tasks.hooks import ChangeKind, EngineFactory, TaskChange, TaskListener
 from agent.tasks.journal import Journal
-from agent.tasks.model import TaskState, can_transition
-from agent.tasks.records import callback_body, final_view, new_record, progress_json, task_from_record
-from agent.tasks.task import StateChange, Task
+from agent.tasks.model import TaskState
+from agent.tasks.recorder import TaskRecorder, cancelled_error
+from agent.tasks.records import new_record, task_from_record
+from agent.tasks.task import Task
 
 log = logging.getLogger(__name__)
-
-
-class InvalidTransition(Conflict):
-    """A task was asked to move to a state its current state does not allow."""
-
-    code = "AGENT.INVALID_TRANSITION"
-
-
-def cancelled_error() -> AgentError:
-    return AgentError(
-        "the migration was cancelled on request; the VM keeps its source volumes", code="AGENT.CANCELLED"
-    )
 
 
 class TaskManager:
@@ -62,17 +50,16 @@ class TaskManager:
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self._journal = journal
+        self.recorder = TaskRecorder(journal, clock=clock, monotonic=monotonic)
         self._factory = engine_factory
         self._keep_finished = keep_finished
         self._clock = clock
-        self._monotonic = monotonic
         self._tasks: dict[str, Task] = {}
         self._drivers: dict[str, asyncio.Task[None]] = {}
         self._engines: dict[str, asyncio.Task[list[dict[str, Any]]]] = {}
         self._outgoing = asyncio.Semaphore(outgoing_limit)
         #: Slots for incoming migrations (agent-to-agent endpoints): ``async with manager.incoming: ...``.
         self.incoming = asyncio.Semaphore(incoming_limit)
-        self._listeners: list[TaskListener] = []
         self._submit_lock = asyncio.Lock()
         self._stopping = False
         self._detaching = False
@@ -80,7 +67,7 @@ class TaskManager:
     # -- lifecycle -----------------------------------------------------------------------------------------
 
     def add_listener(self, listener: TaskListener) -> None:
-        self._listeners.append(listener)
+        self.recorder.add_listener(listener)
 
     @property
     def stopping(self) -> bool:
@@ -215,7 +202,7 @@ class TaskManager:
             request.primaryStorageMigrateVm.dstHostUuid or "this",
             request.primaryStorageMigrateVm.strategy,
         )
-        self._notify(task, TaskChange(ChangeKind.CREATED))
+        self.recorder.notify(task, TaskChange(ChangeKind.CREATED))
         self._start_driver(task, resume=False)
         return task, True
 
@@ -232,7 +219,7 @@ class TaskManager:
                 return task
             engine = self._engines.get(task.uuid)
             if engine is None and task.state is TaskState.PENDING:
-                await self._finish_locked(
+                await self.recorder.finish_locked(
                     task, TaskState.CANCELLED, "cancelled before start", error=cancelled_error()
                 )
                 driver = self._drivers.get(task.uuid)
@@ -241,7 +228,7 @@ class TaskManager:
                 return task
             # A running engine, or a task resumed from the journal still waiting for its slot: its engine
             # will start, see CANCELLING and undo what the previous run left.
-            await self._transition_locked(task, TaskState.CANCELLING, "cancel requested")
+            await self.recorder.transition_locked(task, TaskState.CANCELLING, "cancel requested")
         if engine is not None:
             engine.cancel()  # right after the lock is released, before the engine can take another step
         return task
@@ -254,67 +241,8 @@ class TaskManager:
                 raise Conflict(
                     f"task {task.uuid} is {task.state}; only a running task can be retuned", field="taskUuid"
                 )
-            bandwidth = tuning.bandwidth if tuning.bandwidth is not None else task.tuning.bandwidth_mib
-            downtime = tuning.downTime if tuning.downTime is not None else task.tuning.downtime_ms
-            now = self._clock()
-            await self._commit(
-                self._journal.save_tuning(task.uuid, {"bandwidth": bandwidth, "downTime": downtime}, now),
-                lambda: task.apply_tuning(tuning.bandwidth, tuning.downTime, now),
-            )
-        log.info(
-            "task=%s vm=%s: retuned to bandwidth %s MiB/s, downtime %s ms",
-            task.uuid,
-            task.vm_uuid,
-            bandwidth,
-            downtime,
-        )
-        self._notify(task, TaskChange(ChangeKind.TUNING))
+            await self.recorder.save_tuning(task, tuning.bandwidth, tuning.downTime)
         return task
-
-    # -- the engine's side (through RunContext) ------------------------------------------------------------
-
-    async def enter_state(self, task: Task, state: TaskState, detail: str | None) -> None:
-        if state.final:
-            raise InvalidTransition(f"an engine does not enter {state}: it returns or raises instead")
-        async with task.lock:
-            if state is task.state:
-                task.apply_phase(detail or state.value.lower(), self._clock())
-                self._notify(task, TaskChange(ChangeKind.PHASE))
-                return
-            if task.state is TaskState.CANCELLING:
-                # The cancel is on its way to this engine (engine.cancel() follows the CANCELLING commit):
-                # let it arrive here instead of announcing a step that will not happen.
-                await asyncio.sleep(0)
-            if not can_transition(task.state, state):
-                raise InvalidTransition(f"task {task.uuid} cannot go from {task.state} to {state}")
-            await self._transition_locked(task, state, detail)
-
-    async def checkpoint(self, task: Task, data: Mapping[str, Any]) -> None:
-        saved = _json_copy(data, "checkpoint data")
-        async with task.lock:
-            await self._commit(
-                self._journal.save_checkpoint(
-                    task.uuid, saved, self._clock(), _json_copy(task.details), progress_json(task)
-                ),
-                lambda: setattr(task, "resume_data", saved),
-            )
-
-    def report_progress(self, task: Task, item: str, done: int, total: int) -> None:
-        moved = task.tracker.update(item, done, total, self._monotonic())
-        task.touch(self._clock())
-        self._notify(task, TaskChange(ChangeKind.PROGRESS, moved))
-
-    def note(self, task: Task, key: str, value: Any) -> None:
-        """A fact for the view; kept in memory and journalled with the next state, checkpoint or result."""
-        try:
-            json.dumps(value)
-        except (TypeError, ValueError):
-            value = str(value)
-        task.details[key] = value
-        if key == "downtimeMs" and isinstance(value, int | float):
-            task.downtime_ms = int(value)
-        task.touch(self._clock())
-        self._notify(task, TaskChange(ChangeKind.DETAILS))
 
     # -- driving a task ------------------------------------------------------------------------------------
 
@@ -348,7 +276,7 @@ class TaskManager:
             engine = self._factory(task.request, task.vm_uuid, resume)
         except AgentError as err:
             log.error("task=%s vm=%s: no engine: %s", task.uuid, task.vm_uuid, err)
-            await self._finish(task, TaskState.FAILED, "no engine", error=err)
+            await self.recorder.finish(task, TaskState.FAILED, "no engine", error=err)
             return
         except Exception as err:
             log.exception("task=%s vm=%s: the engine factory failed", task.uuid, task.vm_uuid)
@@ -358,9 +286,9 @@ class TaskManager:
                 code="AGENT.ENGINE_UNAVAILABLE",
             )
             wrapped.__cause__ = err
-            await self._finish(task, TaskState.FAILED, "no engine", error=wrapped)
+            await self.recorder.finish(task, TaskState.FAILED, "no engine", error=wrapped)
             return
-        ctx = RunContext(self, task, resumed=resume)
+        ctx = RunContext(self.recorder, task, resumed=resume, detaching=lambda: self._detaching)
         log.info(
             "task=%s vm=%s: running engine %s%s",
             task.uuid,
@@ -387,26 +315,26 @@ class TaskManager:
                 )
                 raise
             if task.state is TaskState.CANCELLING:
-                await self._finish(task, TaskState.CANCELLED, "cancelled", error=cancelled_error())
+                await self.recorder.finish(task, TaskState.CANCELLED, "cancelled", error=cancelled_error())
             else:
-                await self._finish(
+                await self.recorder.finish(
                     task,
                     TaskState.FAILED,
                     "engine cancelled",
                     error=MigrationFailed("the engine stopped with an unexpected cancel"),
                 )
         except AgentError as err:
-            await self._finish(task, TaskState.FAILED, err.code, error=err)
+            await self.recorder.finish(task, TaskState.FAILED, err.code, error=err)
         except Exception as err:
             log.exception("task=%s vm=%s: engine raised an unexpected error", task.uuid, task.vm_uuid)
             internal = AgentError(
                 "internal error in the migration engine", details=f"{type(err).__name__}: {err}"
             )
             internal.__cause__ = err
-            await self._finish(task, TaskState.FAILED, "internal error", error=internal)
+            await self.recorder.finish(task, TaskState.FAILED, "internal error", error=internal)
         else:
             volumes = inventory if isinstance(inventory, list) else []
-            await self._finish(
+            await self.recorder.finish(
                 task, TaskState.SUCCEEDED, None, inventory={"vmUuid": task.vm_uuid, "volumes": volumes}
             )
         finally:
@@ -424,143 +352,7 @@ class TaskManager:
                 f"the migration did not finish within {timeout:g} s (request timeout)", code="AGENT.TIMEOUT"
             ) from err
 
-    # -- journal first, then announce ----------------------------------------------------------------------
-
-    async def _commit(self, write: Awaitable[None], apply: Callable[[], None]) -> None:
-        """Run ``write`` (a journal call), then ``apply`` the change in memory once it is durable.
-
-        The write is shielded and ``apply`` runs from its done-callback, so a caller cancelled meanwhile
-        cannot leave memory and journal disagreeing.
-        """
-        future = asyncio.ensure_future(write)
-
-        def applied(done: asyncio.Future[None]) -> None:
-            if done.cancelled():
-                return
-            err = done.exception()
-            if err is None:
-                apply()
-            else:
-                log.error("journal write failed: %s", err)
-
-        future.add_done_callback(applied)
-        await asyncio.shield(future)
-
-    async def _transition_locked(self, task: Task, state: TaskState, detail: str | None) -> None:
-        previous = task.state
-        change = StateChange(state, self._clock(), detail)
-        await self._commit(
-            self._journal.record_state(
-                task.uuid,
-                state,
-                detail,
-                change.at,
-                progress=progress_json(task),
-                details=_json_copy(task.details),
-            ),
-            lambda: task.apply_state(change),
-        )
-        log.info(
-            "task=%s vm=%s: %s -> %s%s",
-            task.uuid,
-            task.vm_uuid,
-            previous,
-            state,
-            f" ({detail})" if detail else "",
-        )
-        self._notify(task, TaskChange(ChangeKind.STATE))
-
-    async def _finish(
-        self,
-        task: Task,
-        state: TaskState,
-        detail: str | None,
-        *,
-        error: AgentError | None = None,
-        inventory: dict[str, Any] | None = None,
-    ) -> None:
-        async with task.lock:
-            await self._finish_locked(task, state, detail, error=error, inventory=inventory)
-
-    async def _finish_locked(
-        self,
-        task: Task,
-        state: TaskState,
-        detail: str | None,
-        *,
-        error: AgentError | None = None,
-        inventory: dict[str, Any] | None = None,
-    ) -> None:
-        if task.state.final:
-            return
-        if not can_transition(task.state, state):
-            log.error(
-                "task=%s vm=%s: %s -> %s is not allowed; recording FAILED",
-                task.uuid,
-                task.vm_uuid,
-                task.state,
-                state,
-            )
-            error = InvalidTransition(f"engine ended in {state} from {task.state}")
-            state, inventory = TaskState.FAILED, None
-        change = StateChange(state, self._clock(), detail)
-        view = final_view(task, change, error, inventory)
-        callback = None
-        if task.request.callbackUrl:
-            callback = (task.request.callbackUrl, json.dumps(callback_body(task, view)))
-
-        def apply() -> None:
-            task.error = view["error"]
-            task.inventory = inventory
-            if state is TaskState.SUCCEEDED:
-                task.tracker.mark_complete()
-            task.apply_state(change)
-
-        progress = progress_json(task)
-        if state is TaskState.SUCCEEDED:
-            progress["percent"] = 100.0
-        try:
-            await self._commit(
-                self._journal.finish_task(
-                    task.uuid, state, detail, change.at, result=view, progress=progress, callback=callback
-                ),
-                apply,
-            )
-        except AgentError:
-            # The result could not be made durable: still show the truth, and say loudly what is lost.
-            log.exception(
-                "task=%s vm=%s: could not journal the final state %s; the callback is lost",
-                task.uuid,
-                task.vm_uuid,
-                state,
-            )
-            apply()
-        elapsed = change.at - (task.started_at or task.created_at)
-        if error is None:
-            log.info("task=%s vm=%s: %s after %.1f s", task.uuid, task.vm_uuid, state, elapsed)
-        else:
-            log.warning(
-                "task=%s vm=%s: %s after %.1f s: %s: %s",
-                task.uuid,
-                task.vm_uuid,
-                state,
-                elapsed,
-                error.code,
-                error.description,
-            )
-        self._notify(task, TaskChange(ChangeKind.STATE))
-        self._notify(task, TaskChange(ChangeKind.FINISHED))
-
     # -- helpers -------------------------------------------------------------------------------------------
-
-    def _notify(self, task: Task, change: TaskChange) -> None:
-        for listener in self._listeners:
-            try:
-                listener(task, change)
-            except Exception:
-                log.exception(
-                    "task=%s vm=%s: a task listener failed on %s", task.uuid, task.vm_uuid, change.kind
-                )
 
     def _prune(self) -> None:
         finished = [task for task in self._tasks.values() if task.state.final]
@@ -577,11 +369,3 @@ def _settled(task: Task) -> bool:
 
 def _fingerprint(request: MigrationRequest) -> dict[str, Any]:
     return request.model_dump(mode="json")
-
-
-def _json_copy(data: Mapping[str, Any], what: str = "details") -> dict[str, Any]:
-    try:
-        copied: dict[str, Any] = json.loads(json.dumps(dict(data)))
-    except (TypeError, ValueError) as err:
-        raise MigrationFailed(f"{what} cannot be stored as JSON", details=str(err)) from err
-    return copied

@@ -327,7 +327,7 @@ async def test_cancelling_task_found_at_start_is_undone_by_its_engine(tmp_path: 
     await eventually(lambda: task.state is S.COPYING)
     # Journal CANCELLING the way cancel() does, then stop before the engine could finish undoing.
     async with task.lock:
-        await manager._transition_locked(task, S.CANCELLING, "cancel requested")
+        await manager.recorder.transition_locked(task, S.CANCELLING, "cancel requested")
     await h.stop()
 
     script2 = Script(gate=asyncio.Event())
