@@ -245,7 +245,8 @@ def _take_snapshot(
         "--reuse-external",
         *specs,
     )
-    log(f"{guest.name}: layer {layer} on top of {sum(want.values())} acknowledged records")
+    below = {dev: a.count for dev, a in read_acks(guest.name).items()}
+    log(f"{guest.name}: layer {layer} added; acknowledged records below it: {below}")
 
 
 def _wait_acks(guest: GuestRecord, want: dict[str, int], timeout: float) -> None:
