@@ -63,6 +63,8 @@ class AgentConfig(_Strict):
     libvirt_uri: str = "qemu:///system"
     state_dir: Path = Path("/var/lib/kvm-storage-agent")
     migration_address: str | None = None
+    #: How other hosts' libvirtd reach this one for peer-to-peer migration (default qemu+tcp://<address>/system).
+    peer_libvirt_uri: str | None = None
     shutdown_grace_s: float = Field(default=10.0, gt=0)
     storage: tuple[StorageRootConfig, ...] = ()
     limits: LimitsConfig = LimitsConfig()
@@ -83,6 +85,13 @@ class AgentConfig(_Strict):
                 raise ValueError(f"storage uuid {root.uuid} is listed twice")
             seen.add(root.uuid)
         return roots
+
+    def migration_host(self) -> str:
+        """The address migration and image-transfer traffic comes to on this host."""
+        return self.migration_address or self.listen_address
+
+    def peer_uri(self) -> str:
+        return self.peer_libvirt_uri or f"qemu+tcp://{self.migration_host()}/system"
 
     def read_token(self) -> str:
         return read_secret(self.token_file, "token_file")

@@ -19,6 +19,7 @@ from agent.api.keys import (
     CONFIG,
     CONNECT_LIBVIRT,
     ENGINE_FACTORY,
+    INCOMING,
     INVENTORY,
     JOURNAL,
     MANAGER,
@@ -36,8 +37,10 @@ from agent.api.routes import add_routes
 from agent.api.wiring import LibvirtInventory, open_virt_host, production_engine_factory
 from agent.config import AgentConfig
 from agent.metrics import AgentMetrics
+from agent.migration.incoming import IncomingService
 from agent.report.outbox import OutboxDeliverer
 from agent.report.progress import ProgressReporter
+from agent.storage.roots import StorageRoots
 from agent.tasks.hooks import ChangeKind, EngineFactory, TaskChange, TaskListener, unavailable_engine_factory
 from agent.tasks.journal import Journal
 from agent.tasks.manager import TaskManager
@@ -53,19 +56,23 @@ def make_app(
     engine_factory: EngineFactory | None = None,
     inventory: VmInventory | None = None,
     connect_libvirt: bool = False,
+    cluster_token: str | None = None,
 ) -> web.Application:
-    """The agent's app. ``connect_libvirt``: open ``config.libvirt_uri`` at startup (production)."""
+    """The agent's app. ``connect_libvirt``: open ``config.libvirt_uri`` at startup (production);
+    ``cluster_token``: also accepted, for agent-to-agent calls."""
     app = web.Application(
         client_max_size=config.limits.max_request_bytes,
         middlewares=[error_middleware, guard_middleware],
     )
     app[CONFIG] = config
-    app[SERVICE] = ServiceState(token=token)
+    others = (cluster_token,) if cluster_token and cluster_token != token else ()
+    app[SERVICE] = ServiceState(token=token, other_tokens=others)
     app[METRICS] = AgentMetrics()
     app[ENGINE_FACTORY] = engine_factory
     app[INVENTORY] = inventory
     app[CONNECT_LIBVIRT] = connect_libvirt
     app[VIRT_HOST] = None
+    app[INCOMING] = None
     add_routes(app)
     app.cleanup_ctx.extend([_virt_ctx, _session_ctx, _tasks_ctx])
     app.on_shutdown.append(_on_shutdown)
@@ -80,6 +87,13 @@ async def _virt_ctx(app: web.Application) -> AsyncIterator[None]:
         app[VIRT_HOST] = host
         if app[INVENTORY] is None:
             app[INVENTORY] = LibvirtInventory(host)
+    app[INCOMING] = IncomingService(
+        StorageRoots.from_config(config),
+        host,
+        config.state_dir,
+        peer_libvirt_uri=config.peer_uri(),
+        migration_address=config.migration_host(),
+    )
     if app[ENGINE_FACTORY] is None:
         app[ENGINE_FACTORY] = (
             production_engine_factory(config, host)

@@ -14,6 +14,7 @@ from aiohttp import web
 
 from agent.config import AgentConfig
 from agent.metrics import AgentMetrics
+from agent.migration.incoming import IncomingService
 from agent.report.outbox import OutboxDeliverer
 from agent.report.progress import ProgressReporter
 from agent.tasks.hooks import EngineFactory
@@ -34,6 +35,8 @@ class ServiceState:
     """Lifecycle flags shared by middlewares and long-lived handlers (server-sent events)."""
 
     token: str = field(repr=False)
+    #: Also accepted: the cluster token other agents use for agent-to-agent calls.
+    other_tokens: tuple[str, ...] = field(default=(), repr=False)
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
 
 
@@ -51,3 +54,5 @@ MANAGER = web.AppKey("manager", TaskManager)
 SESSION = web.AppKey("client_session", aiohttp.ClientSession)
 OUTBOX = web.AppKey("outbox", OutboxDeliverer)
 PROGRESS = web.AppKey("progress_reporter", ProgressReporter)
+#: The destination side of cross-host migrations; None without libvirt.
+INCOMING: web.AppKey[IncomingService | None] = web.AppKey("incoming")

@@ -80,16 +80,19 @@ async def guard_middleware(request: web.Request, handler: Handler) -> web.Stream
     if service.stopping.is_set():
         raise ServiceStopping("the agent is stopping")
     if request.path not in PUBLIC_PATHS:
-        check_token(request.headers.get("Authorization"), service.token)
+        check_token(request.headers.get("Authorization"), service.token, *service.other_tokens)
     return await handler(request)
 
 
-def check_token(header: str | None, token: str) -> None:
-    """Raise ``Unauthorized`` unless ``header`` is ``Bearer <token>`` (constant-time comparison)."""
+def check_token(header: str | None, token: str, *others: str) -> None:
+    """Raise ``Unauthorized`` unless ``header`` is ``Bearer <token>`` for one of the accepted tokens
+    (constant-time comparison, every token compared)."""
     if header is None:
         raise Unauthorized("missing Authorization: Bearer <token>")
     scheme, _, given = header.partition(" ")
     if scheme.lower() != "bearer" or not given:
         raise Unauthorized("Authorization must be: Bearer <token>")
-    if not hmac.compare_digest(given.strip().encode(), token.encode()):
+    presented = given.strip().encode()
+    matches = [hmac.compare_digest(presented, accepted.encode()) for accepted in (token, *others)]
+    if not any(matches):
         raise Unauthorized("wrong token")

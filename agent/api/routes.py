@@ -15,8 +15,9 @@ from aiohttp.typedefs import Handler
 from pydantic import BaseModel
 
 import agent
-from agent.api import events, info_handlers, models, task_handlers
+from agent.api import events, incoming_handlers, info_handlers, models, task_handlers
 from agent.api.middleware import json_response
+from agent.migration.incoming import IncomingSpec
 from agent.migration.request import MigrationRequest, Tuning
 
 _TASK_ERRORS = (400, 401, 404, 503)
@@ -129,6 +130,36 @@ ROUTES: tuple[Route, ...] = (
         answer=models.TaskView,
         errors=_TASK_ERRORS,
         content_type="text/event-stream",
+    ),
+    Route(
+        "POST",
+        "/v1/incoming-migrations",
+        incoming_handlers.prepare,
+        "Agent to agent: prepare this host to receive a VM's volumes (targets created, space checked)",
+        body=IncomingSpec,
+        status=201,
+        errors=(400, 401, 409, 503),
+    ),
+    Route(
+        "GET",
+        "/v1/incoming-migrations/{migrationId}",
+        incoming_handlers.get,
+        "Agent to agent: one prepared incoming migration",
+        errors=(400, 401, 404, 503),
+    ),
+    Route(
+        "POST",
+        "/v1/incoming-migrations/{migrationId}/commit",
+        incoming_handlers.commit,
+        "Agent to agent: the VM arrived; check it runs from the new paths",
+        errors=(400, 401, 404, 503),
+    ),
+    Route(
+        "DELETE",
+        "/v1/incoming-migrations/{migrationId}",
+        incoming_handlers.abort,
+        "Agent to agent: remove what the incoming migration created (idempotent)",
+        errors=(400, 401, 409, 503),
     ),
     Route("GET", "/v1/openapi.json", openapi, "This document"),
     Route("GET", "/metrics", info_handlers.metrics, "Prometheus metrics", content_type="text/plain"),

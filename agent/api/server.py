@@ -64,7 +64,7 @@ def run(config_path: str | os.PathLike[str]) -> None:
     setup_logging(config.log_level)
     token = config.read_token()
     context = ssl_context(config)
-    app = make_app(config, token=token, connect_libvirt=True)
+    app = make_app(config, token=token, connect_libvirt=True, cluster_token=config.read_cluster_token())
     log.info(
         "kvm-storage-agent starting on %s:%d (host %s, %d storage roots, state in %s)",
         config.listen_address,

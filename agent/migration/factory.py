@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 from agent.config import AgentConfig
 from agent.errors import InvalidRequest
+from agent.migration.crosshost import CrossHostEngine
 from agent.migration.engine import Engine
 from agent.migration.request import MigrationRequest
 from agent.migration.samehost import SameHostEngine
@@ -26,9 +27,11 @@ def make_engine_factory(config: AgentConfig, host: VirtHost) -> EngineFactory:
     def factory(request: MigrationRequest, vm_uuid: str, resume: bool) -> Engine:
         if is_same_host(request, config):
             return SameHostEngine(host, roots)
-        raise InvalidRequest(
-            "moving a VM to another host is not available in this version",
-            field="primaryStorageMigrateVm.dstHostUuid",
-        )
+        if request.dstHost is None or not request.dstHost.agentUrl:
+            raise InvalidRequest(
+                "a move to another host needs dstHost with the destination agent's agentUrl",
+                field="dstHost.agentUrl",
+            )
+        return CrossHostEngine(host, roots, config)
 
     return factory

@@ -104,7 +104,8 @@ class SameHostEngine:
                 details="raise the timeout or the bandwidth",
             ) from None
         except BaseException:
-            await self._abandon(ctx, work)
+            if not ctx.detaching:  # a stopping agent lets running mirrors be; resume picks them up
+                await self._abandon(ctx, work)
             raise
         return await self._finish(ctx, work)
 
@@ -486,9 +487,12 @@ class SameHostEngine:
                     work.mirrors[disk.target] = _Mirror(disk, await self._allocation(disk))
                 events = self.host.subscribe(ctx.vm_uuid)
                 try:
+                    if ctx.cancel_requested:
+                        raise MigrationFailed("cancelled while the agent was down", code="AGENT.CANCELLED")
                     await self._pace(ctx, work, events)
                 except BaseException:
-                    await self._abandon(ctx, work)
+                    if not ctx.detaching:
+                        await self._abandon(ctx, work)
                     raise
                 finally:
                     self.host.unsubscribe(ctx.vm_uuid, events)

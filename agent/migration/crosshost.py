@@ -1,0 +1,562 @@
+"""Cross-host live migration with storage: peer-to-peer libvirt migration onto targets the destination
+agent prepared, with one real-bytes bandwidth budget and a convergence controller.
+
+Steps, each journalled before it is taken:
+1. PREPARING: plan locally (which disks, chains, flatten or keep layers); the destination agent confines
+   paths in its storage root, checks space and creates the target images (``incoming``).
+2. COPYING: lower layers of kept chains travel with the transfer service (qemu-storage-daemon over NBD);
+   then ``migrateToURI3`` peer-to-peer (the source libvirtd owns the job, so an agent restart does not
+   abort it), only the moving disks in ``migrate_disks``, shallow (``NON_SHARED_INC``) onto the prepared
+   chains or a full copy (``NON_SHARED_DISK``) when flattening, destination and persistent XML with the
+   new paths. The NBD mirrors are steered from the allocation maps (QMP through libvirt).
+3. CONVERGING: memory iterations; the controller tunes downtime and bandwidth, or switches to post-copy,
+   or gives up early with figures.
+4. SWITCHING / VERIFYING: the measured downtime comes from the job-completed event; the destination agent
+   checks the VM runs there from the new paths and commits.
+Before the switch, any failure or cancel aborts the job: the VM keeps running on the source from its source
+volumes and the destination agent removes what it prepared. After post-copy started nothing can roll back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import libvirt
+
+from agent.client import AgentClient, ApiError, ClientError
+from agent.config import AgentConfig
+from agent.errors import AgentError, InvalidRequest, MigrationFailed, NotFound, PreflightFailed
+from agent.migration import convergence
+from agent.migration.engine import TaskContext
+from agent.migration.incoming import IncomingDisk, IncomingLayer, IncomingSpec
+from agent.migration.pacing import AllocationIndex, MirrorSample, job_speed, real_bytes_done, split_budget
+from agent.migration.plan import DiskPlan, MigrationPlan, inspect_chains, plan_migration
+from agent.migration.request import Strategy
+from agent.storage import qemuimg
+from agent.storage.roots import StorageRoot, StorageRoots
+from agent.tasks.model import TaskState
+from agent.virt.domxml import parse_disks, rewrite_disk_sources
+from agent.virt.host import DomainEvent, VirtHost
+
+TICK_S = 0.5
+MiB = 1024 * 1024
+
+
+class RemoteRoot(StorageRoot):
+    """The destination storage seen from the source: names only; the destination agent confines them."""
+
+    def confine(self, path: str | Path, field: str) -> Path:
+        return Path(path)
+
+
+class CrossHostEngine:
+    name = "cross-host"
+
+    def __init__(
+        self, host: VirtHost, roots: StorageRoots, config: AgentConfig, *, tick_s: float = TICK_S
+    ) -> None:
+        self.host = host
+        self.roots = roots
+        self.config = config
+        self.tick_s = tick_s
+
+    def _peer(self, ctx: TaskContext) -> AgentClient:
+        dst = ctx.request.dstHost
+        if dst is None or not dst.agentUrl:
+            raise InvalidRequest("a move to another host needs dstHost.agentUrl", field="dstHost.agentUrl")
+        token = dst.token or self.config.read_cluster_token() or self.config.read_token()
+        return AgentClient(dst.agentUrl, token)
+
+    async def run(self, ctx: TaskContext) -> list[dict[str, Any]]:
+        async with self._peer(ctx) as peer:
+            if ctx.resume_data:
+                return await self._resume(ctx, peer, ctx.resume_data)
+            await ctx.enter(TaskState.PREPARING)
+            plan = await self._plan(ctx)
+            ctx.note("plan", plan.summary())
+            data: dict[str, Any] = {"engine": "cross-host", "step": "preparing", "plan": plan.to_dict()}
+            await ctx.checkpoint(data)
+            try:
+                prepared = await _peer_call(
+                    peer, "POST", ("v1", "incoming-migrations"), self._incoming_spec(ctx, plan).model_dump()
+                )
+                data.update(step="prepared", prepared=prepared)
+                await ctx.checkpoint(data)
+                async with asyncio.timeout(ctx.request.timeout):
+                    await ctx.enter(TaskState.COPYING)
+                    await self._send_layers(ctx, peer, plan, prepared, data)
+                    data["step"] = "migrating"
+                    await ctx.checkpoint(data)
+                    stats = await self._migrate(ctx, plan, prepared)
+            except TimeoutError:
+                await self._abort_remote(ctx, peer)
+                raise MigrationFailed(
+                    f"the migration did not finish within the task timeout of {ctx.request.timeout} s; "
+                    "it was aborted and the VM keeps running on this host",
+                    code="AGENT.TIMEOUT",
+                ) from None
+            except BaseException:
+                if not ctx.detaching:  # a stopping agent leaves the p2p migration to libvirt
+                    await self._abort_remote(ctx, peer)
+                raise
+            data["step"] = "committing"
+            await ctx.checkpoint(data)
+            return await self._commit(ctx, peer, plan, prepared, stats)
+
+    # -- preparing --------------------------------------------------------------------------------------
+
+    async def _plan(self, ctx: TaskContext) -> MigrationPlan:
+        state = await self.host.domain_state(ctx.vm_uuid)
+        if state != "running":
+            raise PreflightFailed(
+                f"VM {ctx.vm_uuid} is {state}; a live migration needs it running", field="vmUuid"
+            )
+        disks = parse_disks(await self.host.live_xml(ctx.vm_uuid))
+        for disk in disks:
+            if disk.mirror:
+                raise PreflightFailed(f"disk {disk.target} already has a block job", field="vmUuid")
+        chains = await inspect_chains(disks)
+        dst_uuid = ctx.request.primaryStorageMigrateVm.dstPrimaryStorageUuid
+        return plan_migration(ctx.vm_uuid, disks, chains, ctx.request, RemoteRoot(dst_uuid, Path("/")))
+
+    def _incoming_spec(self, ctx: TaskContext, plan: MigrationPlan) -> IncomingSpec:
+        return IncomingSpec(
+            migrationId=ctx.task_uuid,
+            vmUuid=ctx.vm_uuid,
+            dstPrimaryStorageUuid=plan.dst_storage_uuid,
+            disks=[
+                IncomingDisk(
+                    target=d.target,
+                    volumeUuid=d.volume_uuid,
+                    top=str(d.dst_top),
+                    format=d.dst_format,
+                    virtualSize=d.virtual_size,
+                    estimatedBytes=d.estimated_bytes,
+                    flatten=d.flatten,
+                    layers=[
+                        IncomingLayer(
+                            name=os.path.basename(lp.src),
+                            format=lp.format,
+                            virtualSize=lp.virtual_size,
+                            actualSize=lp.actual_size,
+                        )
+                        for lp in d.lower_layers
+                    ],
+                )
+                for d in plan.disks
+            ],
+        )
+
+    async def _send_layers(
+        self,
+        ctx: TaskContext,
+        peer: AgentClient,
+        plan: MigrationPlan,
+        prepared: Mapping[str, Any],
+        data: dict[str, Any],
+    ) -> None:
+        """Fill the destination's lower layers, base first, each verified before the next (resumable)."""
+        from agent.transfer.client import send_layer_to_peer
+
+        done: dict[str, str] = data.setdefault("layersDone", {})  # destination path -> source path
+        for disk in plan.disks:
+            paths = next(d for d in prepared["disks"] if d["target"] == disk.target)["layers"]
+            for index, (layer, dst_path) in enumerate(zip(disk.lower_layers, paths, strict=True)):
+                if dst_path in done:  # sent before a restart, or a base shared with another disk
+                    continue
+                item = f"layer:{os.path.basename(layer.src)}"
+                await send_layer_to_peer(
+                    peer,
+                    ctx.task_uuid,
+                    disk.target,
+                    index,
+                    layer.src,
+                    layer.format,
+                    rate=lambda: ctx.bandwidth,
+                    on_progress=lambda d, t, item=item: ctx.progress(item, d, t),
+                    log=ctx.log,
+                )
+                done[dst_path] = layer.src
+                await ctx.checkpoint(data)
+
+    # -- migrating --------------------------------------------------------------------------------------
+
+    def _flags(self, ctx: TaskContext, policy: convergence.ConvergencePolicy) -> int:
+        flags: int = (
+            libvirt.VIR_MIGRATE_LIVE
+            | libvirt.VIR_MIGRATE_PEER2PEER
+            | libvirt.VIR_MIGRATE_PERSIST_DEST
+            | libvirt.VIR_MIGRATE_UNDEFINE_SOURCE
+            | libvirt.VIR_MIGRATE_ABORT_ON_ERROR
+        )
+        if ctx.request.primaryStorageMigrateVm.withSnapshots:
+            flags |= libvirt.VIR_MIGRATE_NON_SHARED_INC  # shallow: the lower layers are already there
+        else:
+            flags |= libvirt.VIR_MIGRATE_NON_SHARED_DISK  # full: flattens into the destination image
+        # Both capabilities must be set when the migration starts; QEMU cannot enable them later.
+        if policy.wants_auto_converge:
+            flags |= libvirt.VIR_MIGRATE_AUTO_CONVERGE
+        if policy.wants_postcopy_flag:
+            flags |= libvirt.VIR_MIGRATE_POSTCOPY
+        return flags
+
+    async def _migration_params(
+        self, ctx: TaskContext, plan: MigrationPlan, prepared: Mapping[str, Any]
+    ) -> dict[str, Any]:
+        new_sources = {
+            d["target"]: (d["top"], next(p.dst_format for p in plan.disks if p.target == d["target"]))
+            for d in prepared["disks"]
+        }
+        live = await self.host.call_domain(
+            ctx.vm_uuid, lambda dom: str(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_MIGRATABLE))
+        )
+        inactive = await self.host.inactive_xml(ctx.vm_uuid)
+        params: dict[str, Any] = {
+            libvirt.VIR_MIGRATE_PARAM_URI: prepared["migrationUri"],
+            libvirt.VIR_MIGRATE_PARAM_MIGRATE_DISKS: [d.target for d in plan.disks],
+            libvirt.VIR_MIGRATE_PARAM_DEST_XML: rewrite_disk_sources(live, new_sources),
+            libvirt.VIR_MIGRATE_PARAM_PERSIST_XML: rewrite_disk_sources(inactive, new_sources),
+        }
+        if ctx.bandwidth:
+            params[libvirt.VIR_MIGRATE_PARAM_BANDWIDTH] = max(1, ctx.bandwidth // MiB)
+        if ctx.request.primaryStorageMigrateVm.strategy in (Strategy.AUTO_CONVERGE, Strategy.AUTO):
+            params[libvirt.VIR_MIGRATE_PARAM_AUTO_CONVERGE_INITIAL] = 20
+            params[libvirt.VIR_MIGRATE_PARAM_AUTO_CONVERGE_INCREMENT] = 10
+        return params
+
+    async def _migrate(
+        self, ctx: TaskContext, plan: MigrationPlan, prepared: Mapping[str, Any]
+    ) -> dict[str, Any]:
+        """Run the libvirt migration and steer it; returns the completed job's statistics."""
+        params = await self._migration_params(ctx, plan, prepared)
+        policy = convergence.ConvergencePolicy.from_request(ctx.request)
+        flags = self._flags(ctx, policy)
+        controller = convergence.ConvergenceController(policy)
+        indexes = {d.target: await self._allocation(d) for d in plan.disks}
+        await self.host.ensure_connected()
+        events = self.host.subscribe(ctx.vm_uuid)
+        ctx.log.info(
+            "migrating VM to %s (%s), disks %s",
+            prepared["libvirtUri"],
+            prepared["migrationUri"],
+            ", ".join(d.target for d in plan.disks),
+        )
+        migration = asyncio.ensure_future(
+            self.host.migrate(ctx.vm_uuid, prepared["libvirtUri"], params, flags)
+        )
+        steer = _Steering(self, ctx, plan, indexes, controller)
+        try:
+            while not migration.done():
+                await asyncio.wait([migration], timeout=self.tick_s)
+                if migration.done():
+                    break
+                await steer.tick()
+            await migration
+        except asyncio.CancelledError:
+            if not ctx.detaching:
+                await asyncio.shield(self._cancel_migration(ctx, migration, steer))
+            raise
+        except AgentError as err:
+            if steer.verdict is not None:
+                raise steer.verdict from err
+            raise MigrationFailed(
+                f"the migration failed: {err.description}",
+                code="AGENT.MIGRATION_FAILED",
+                details="the VM keeps running on this host from its source volumes",
+            ) from err
+        finally:
+            completed = _drain_completed(events)
+            self.host.unsubscribe(ctx.vm_uuid, events)
+        ctx.note("convergence", steer.summary())
+        if completed is None:
+            ctx.log.warning("no job-completed event; downtime unknown")
+            completed = {}
+        return completed
+
+    async def _cancel_migration(
+        self, ctx: TaskContext, migration: asyncio.Future[None], steer: _Steering
+    ) -> None:
+        if steer.postcopy_started:
+            ctx.log.warning("cancel during post-copy cannot roll back; letting the migration finish")
+            with contextlib.suppress(AgentError):
+                await migration
+            return
+        with contextlib.suppress(AgentError):
+            await self.host.abort_job(ctx.vm_uuid)
+        with contextlib.suppress(AgentError):
+            await migration
+
+    async def _allocation(self, disk: DiskPlan) -> AllocationIndex:
+        extents = await qemuimg.allocation_map(disk.src_top)
+        return AllocationIndex(
+            (e.start, e.length) for e in extents if e.data and (disk.flatten or e.depth == 0)
+        )
+
+    # -- commit and abort -------------------------------------------------------------------------------
+
+    async def _commit(
+        self,
+        ctx: TaskContext,
+        peer: AgentClient,
+        plan: MigrationPlan,
+        prepared: Mapping[str, Any],
+        stats: Mapping[str, Any],
+    ) -> list[dict[str, Any]]:
+        await ctx.enter(TaskState.SWITCHING)
+        downtime = stats.get("downtime")
+        if downtime is not None:
+            ctx.note("downtimeMs", int(downtime))
+            if int(downtime) > ctx.downtime_ms:
+                ctx.note(
+                    "downtimeExceeded",
+                    f"measured downtime {int(downtime)} ms exceeded the requested {ctx.downtime_ms} ms",
+                )
+        await ctx.enter(TaskState.VERIFYING)
+        await _peer_call(peer, "POST", ("v1", "incoming-migrations", ctx.task_uuid, "commit"), {})
+        try:
+            still_here = await self.host.domain_state(ctx.vm_uuid)
+        except NotFound:
+            still_here = None
+        if still_here not in (None, "shutoff"):
+            raise MigrationFailed(
+                f"VM {ctx.vm_uuid} still runs on this host after the migration", code="AGENT.VERIFY_FAILED"
+            )
+        vm = await _peer_call(peer, "GET", ("v1", "vms", ctx.vm_uuid), None)
+        return remote_inventory(vm, plan)
+
+    async def _abort_remote(self, ctx: TaskContext, peer: AgentClient) -> None:
+        async def _abort() -> None:
+            try:
+                await _peer_call(peer, "DELETE", ("v1", "incoming-migrations", ctx.task_uuid), None)
+            except AgentError as err:
+                ctx.log.error("the destination agent could not clean up: %s", err.description)
+
+        await asyncio.shield(_abort())
+
+    # -- resume -----------------------------------------------------------------------------------------
+
+    async def _resume(
+        self, ctx: TaskContext, peer: AgentClient, data: Mapping[str, Any]
+    ) -> list[dict[str, Any]]:
+        """After a restart: a peer-to-peer migration may still be running (libvirt owns it). Wait for it to
+        end, then commit if the VM arrived, else clean the destination and fail."""
+        plan = MigrationPlan.from_dict(data["plan"])
+        step = data.get("step")
+        ctx.log.info("resuming cross-host migration at step %s", step)
+        if step in ("migrating", "committing"):
+            if ctx.cancel_requested and await self._job_active(ctx):
+                with contextlib.suppress(AgentError):
+                    await self.host.abort_job(ctx.vm_uuid)
+            while True:  # libvirt has no event for "a job I did not start ended": poll
+                if not await self._job_active(ctx):
+                    break
+                await asyncio.sleep(self.tick_s)
+            if await self._runs_on_peer(ctx, peer):
+                return await self._commit(ctx, peer, plan, data["prepared"], {})
+        await self._abort_remote(ctx, peer)
+        raise MigrationFailed(
+            f"the agent restarted during step {step!r}; the destination was cleaned up and the VM stays on "
+            "this host",
+            code="AGENT.INTERRUPTED",
+            details="send the request again to retry",
+        )
+
+    async def _job_active(self, ctx: TaskContext) -> bool:
+        try:
+            stats = await self.host.job_stats(ctx.vm_uuid)
+        except (NotFound, AgentError):
+            return False
+        return bool(int(stats.get("type", libvirt.VIR_DOMAIN_JOB_NONE)) != libvirt.VIR_DOMAIN_JOB_NONE)
+
+    async def _runs_on_peer(self, ctx: TaskContext, peer: AgentClient) -> bool:
+        try:
+            vm = await _peer_call(peer, "GET", ("v1", "vms", ctx.vm_uuid), None)
+        except NotFound:
+            return False
+        return vm.get("state") in ("running", "paused")
+
+
+class _Steering:
+    """One tick of the running migration: progress, disk pacing, and the convergence controller."""
+
+    def __init__(
+        self,
+        engine: CrossHostEngine,
+        ctx: TaskContext,
+        plan: MigrationPlan,
+        indexes: Mapping[str, AllocationIndex],
+        controller: convergence.ConvergenceController,
+    ) -> None:
+        self.engine = engine
+        self.host = engine.host
+        self.ctx = ctx
+        self.plan = plan
+        self.indexes = indexes
+        self.controller = controller
+        self.speeds: dict[str, int] = {}
+        self.postcopy_started = False
+        self.memory_phase = False
+        self.verdict: AgentError | None = None
+        self.decisions: list[dict[str, Any]] = []
+        self.samples = 0
+
+    async def tick(self) -> None:
+        try:
+            stats = await self.host.job_stats(self.ctx.vm_uuid)
+        except AgentError:
+            return  # the domain may be gone at the very end
+        if int(stats.get("type", 0)) == libvirt.VIR_DOMAIN_JOB_NONE:
+            return
+        self.samples += 1
+        await self._disks()
+        remaining = int(stats.get("memory_remaining", 0))
+        processed = int(stats.get("memory_processed", 0))
+        if processed or remaining:
+            self.ctx.progress("memory", processed, processed + remaining)
+        if int(stats.get("memory_iteration", 0)) >= 1 and not self.memory_phase:
+            self.memory_phase = True
+            await self.ctx.enter(TaskState.CONVERGING)
+        sample = convergence.MigrationSample.from_job_stats(stats, time.monotonic())
+        self.controller.retune(max_downtime_ms=self.ctx.downtime_ms, bandwidth=self.ctx.bandwidth)
+        for action in self.controller.observe(sample):
+            await self._apply(action)
+
+    async def _disks(self) -> None:
+        """Steer the NBD mirrors so the budget is charged for real bytes, across all disks."""
+        try:
+            jobs = await self.host.qmp(self.ctx.vm_uuid, "query-block-jobs")
+        except AgentError:
+            return
+        by_disk: dict[str, dict[str, Any]] = {}
+        for job in jobs or []:
+            for disk in self.plan.disks:
+                if disk.target in str(job.get("device", "")) or _alias_matches(job, disk.target):
+                    by_disk[disk.target] = job
+        if not by_disk:
+            return
+        moving = [t for t, j in by_disk.items() if not j.get("ready")]
+        budget = self.ctx.bandwidth
+        shares = split_budget(budget, moving or list(by_disk))
+        for disk in self.plan.disks:
+            job = by_disk.get(disk.target)
+            if job is None:
+                continue
+            sample = MirrorSample(
+                int(job["offset"]),
+                int(job["len"]),
+                disk.virtual_size,
+                self.indexes[disk.target],
+                bool(job.get("ready")),
+            )
+            done, total = real_bytes_done(sample)
+            self.ctx.progress(f"disk:{disk.target}", done, total)
+            speed = job_speed(sample, shares.get(disk.target), self.engine.tick_s)
+            if speed != self.speeds.get(disk.target):
+                with contextlib.suppress(AgentError):
+                    await self.host.qmp(
+                        self.ctx.vm_uuid, "block-job-set-speed", {"device": job["device"], "speed": speed}
+                    )
+                    self.speeds[disk.target] = speed
+
+    async def _apply(self, action: convergence.Action) -> None:
+        vm = self.ctx.vm_uuid
+        if isinstance(action, convergence.Note):
+            self.ctx.log.info("convergence: %s %s", action.message, action.figures)
+            self.decisions.append({"message": action.message, **dict(action.figures)})
+            self.ctx.note("decisions", self.decisions[-20:])
+        elif isinstance(action, convergence.SetDowntime):
+            await self.host.set_max_downtime(vm, action.ms)
+        elif isinstance(action, convergence.SetBandwidth):
+            if self.memory_phase:
+                await self.host.set_migration_speed(vm, max(1, action.bytes_per_s // MiB))
+        elif isinstance(action, convergence.StartPostCopy):
+            self.ctx.log.warning("switching to post-copy: from here a failure cannot roll back")
+            await self.host.start_postcopy(vm)
+            self.postcopy_started = True
+            self.ctx.note("postcopy", "started; a failure after this point cannot roll back")
+        elif isinstance(action, convergence.Abort):
+            self.verdict = action.to_error()
+            self.ctx.log.error("giving up: %s", self.verdict.description)
+            await self.host.abort_job(vm)
+
+    def summary(self) -> dict[str, Any]:
+        return {"samples": self.samples, "postcopy": self.postcopy_started, "decisions": self.decisions[-20:]}
+
+
+def _alias_matches(job: Mapping[str, Any], target: str) -> bool:
+    # libvirt names migration mirror jobs after the disk ("drive-virtio-disk0" or "migration-vda-...");
+    # the target name is the reliable part when present.
+    return f"-{target}-" in str(job.get("device", ""))
+
+
+def _drain_completed(events: asyncio.Queue[DomainEvent]) -> dict[str, Any] | None:
+    completed = None
+    while not events.empty():
+        event = events.get_nowait()
+        if event.kind == "job-completed":
+            completed = dict(event.stats)
+    return completed
+
+
+async def _peer_call(peer: AgentClient, method: str, segments: tuple[str, ...], body: Any) -> Any:
+    """Agent-to-agent call; the destination's ErrorCode is carried as the cause."""
+    try:
+        return await peer.request(method, *segments, json_body=body)
+    except ApiError as err:
+        error = err.error or {}
+        if err.status == 404:
+            raise NotFound(f"destination agent: {error.get('description', err)}") from err
+        raise MigrationFailed(
+            f"destination agent refused {method} {'/'.join(segments)}: {error.get('description', err)}",
+            code=str(error.get("code") or "AGENT.PEER_ERROR"),
+            field=error.get("field"),
+            details=error.get("details"),
+        ) from err
+    except ClientError as err:
+        raise MigrationFailed(
+            f"destination agent unreachable: {err}",
+            code="AGENT.PEER_UNREACHABLE",
+            details="check dstHost.agentUrl, the token and the network",
+        ) from err
+
+
+def remote_inventory(vm: Mapping[str, Any], plan: MigrationPlan) -> list[dict[str, Any]]:
+    """The seed-shaped inventory from the destination agent's view of the VM."""
+    planned = {d.target: d for d in plan.disks}
+    out = []
+    for disk in vm.get("disks", []):
+        if disk.get("device") != "disk" or not disk.get("chain"):
+            continue
+        moved = planned.get(disk["target"])
+        top, *below = disk["chain"]
+        storage = plan.dst_storage_uuid if moved else None
+        out.append(
+            {
+                "uuid": moved.volume_uuid if moved else (disk.get("serial") or disk["target"]),
+                "deviceName": disk["target"],
+                "type": moved.role if moved else "Data",
+                "moved": moved is not None,
+                "installPath": top["path"],
+                "primaryStorageUuid": storage,
+                "format": top["format"],
+                "size": top["virtualSize"],
+                "actualSize": top["actualSize"],
+                "backingChain": [
+                    {
+                        "installPath": layer["path"],
+                        "format": layer["format"],
+                        "size": layer["virtualSize"],
+                        "actualSize": layer["actualSize"],
+                        "primaryStorageUuid": storage,
+                    }
+                    for layer in below
+                ],
+            }
+        )
+    return out
