@@ -8,8 +8,9 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from . import agentctl, hostsetup, network
+from . import agentctl, hostsetup, image, network
 from .layout import (
+    BRIDGE,
     GUESTS_DIR,
     HOSTS,
     LAB_DIR,
@@ -24,6 +25,7 @@ from .sysutil import (
     LabError,
     kill_pids,
     log,
+    netns_inode,
     pid_alive,
     pid_cmdline,
     pids_in_netns,
@@ -64,6 +66,7 @@ def up(with_agents: bool = True) -> LabState:
             state.save()
         for host in HOSTS:
             hostsetup.wait_libvirtd(host, state.hosts[host.name])
+        image.ensure_image()  # build the guest kernel and initramfs now (cached): fail early, not mid-test
         _ensure_agents(state, with_agents)
         state.save()
     return state
@@ -136,10 +139,24 @@ def _lab_netns_inodes(state: LabState | None) -> set[int]:
     return inodes
 
 
+def _holder_netns_inodes() -> set[int]:
+    """Network namespaces of holders found by their command line, which names this lab's socket path:
+    after a crash that lost both the state file and the netns names, they still lead to the rest."""
+    inodes = set()
+    for entry in Path("/proc").iterdir():
+        argv = pid_cmdline(int(entry.name)) if entry.name.isdigit() else []
+        if "labkit.holder" in argv and any(a.startswith(f"{LAB_DIR}/") for a in argv):
+            inode = netns_inode(int(entry.name))
+            if inode is not None:
+                inodes.add(inode)
+    return inodes
+
+
 def _lab_pids(state: LabState | None) -> list[int]:
     """Processes in a lab network namespace. An inode that only the state file remembers may have been
     reused by an unrelated namespace since, so there a process must also look like one the lab starts."""
     current = {i for h in HOSTS if (i := network.netns_file_inode(h.netns)) is not None}
+    current |= _holder_netns_inodes()
     pids = set(pids_in_netns(current))
     for pid in pids_in_netns(_lab_netns_inodes(state) - current):
         if any(mark in part for part in pid_cmdline(pid) for mark in LAB_PROCESS_MARKS):
@@ -172,7 +189,7 @@ def _stop_host_processes(host: HostSpec, hs: HostState) -> None:
 
 def _leftovers() -> bool:
     return any(network.netns_exists(h.netns) or network.link_exists(h.veth) for h in HOSTS) or (
-        network.link_exists("ksabr0") or bool(_lab_mounts())
+        network.link_exists(BRIDGE) or bool(_lab_mounts()) or bool(_holder_netns_inodes())
     )
 
 
