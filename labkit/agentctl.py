@@ -59,6 +59,11 @@ def running(hs: HostState) -> bool:
     return pid_matches(hs.agent_pid, AGENT_MARK)
 
 
+def running_this_checkout(hs: HostState) -> bool:
+    """Running, and from this checkout's .venv (the lab is machine-wide; checkouts are not)."""
+    return pid_matches(hs.agent_pid, str(AGENT_BIN))
+
+
 def healthy(host: HostSpec) -> bool:
     try:
         with _NO_PROXY.open(f"{host.agent_url}/v1/health", timeout=2) as response:

@@ -14,7 +14,7 @@ from .sysutil import LabError, log
 
 
 def _cmd_up(args: argparse.Namespace) -> int:
-    lab.up(with_agents=not args.no_agent)
+    lab.up(with_agents=not args.no_agent, restart_agents=args.restart_agents)
     ok, doc = lab.status()
     for host in doc["hosts"]:
         agent = "agent up" if host["health"]["agent"] else "no agent"
@@ -81,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("up", help="create or repair the lab (idempotent)")
     p.add_argument("--no-agent", action="store_true", help="do not start the agents (also LAB_NO_AGENT=1)")
+    p.add_argument("--restart-agents", action="store_true", help="restart running agents (new agent code)")
     p.set_defaults(func=_cmd_up)
     sub.add_parser("down", help="remove everything the lab made").set_defaults(func=_cmd_down)
     p = sub.add_parser("status", help="describe the lab; exit 1 if it is not up")

@@ -10,6 +10,7 @@ from typing import Any
 
 from . import agentctl, hostsetup, image, network
 from .layout import (
+    AGENT_BIN,
     BRIDGE,
     GUESTS_DIR,
     HOSTS,
@@ -45,7 +46,7 @@ def require_root() -> None:
 # --- up ---------------------------------------------------------------------------------------------------
 
 
-def up(with_agents: bool = True) -> LabState:
+def up(with_agents: bool = True, restart_agents: bool = False) -> LabState:
     require_root()
     with lab_lock():
         state = LabState.load()
@@ -67,7 +68,7 @@ def up(with_agents: bool = True) -> LabState:
         for host in HOSTS:
             hostsetup.wait_libvirtd(host, state.hosts[host.name])
         image.ensure_image()  # build the guest kernel and initramfs now (cached): fail early, not mid-test
-        _ensure_agents(state, with_agents)
+        _ensure_agents(state, with_agents, restart_agents)
         state.save()
     return state
 
@@ -98,11 +99,16 @@ def _ensure_host(host: HostSpec, hs: HostState, rebuild: bool) -> None:
     hostsetup.ensure_daemons(host, hs, restart_libvirtd=config_changed)
 
 
-def _ensure_agents(state: LabState, with_agents: bool) -> None:
+def _ensure_agents(state: LabState, with_agents: bool, restart: bool) -> None:
     if not with_agents or os.environ.get("LAB_NO_AGENT") == "1":
         log("WARNING: agents not started (LAB_NO_AGENT=1 or --no-agent)")
         state.agents = False
         return
+    for host in HOSTS:
+        hs = state.hosts[host.name]
+        if agentctl.running(hs) and (restart or not agentctl.running_this_checkout(hs)):
+            log(f"{host.name}: restarting the agent (from {AGENT_BIN})")
+            agentctl.stop(host, hs)
     if all(agentctl.running(state.hosts[h.name]) and agentctl.healthy(h) for h in HOSTS):
         state.agents = True
         return

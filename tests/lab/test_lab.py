@@ -153,7 +153,7 @@ def test_guest_survives_a_reset_without_overwriting_acknowledged_records(
 def test_verify_follows_the_guest_to_the_other_host(lab: Lab, make_guest: Callable[..., Guest]) -> None:
     """Migrate by hand (virsh, whole disks copied to hostB's ps2): acks from both hosts are checked there."""
     guest = make_guest(data_volumes=1)
-    guest.wait_for_acks(more=10)
+    before = guest.wait_for_acks(more=10)
     src, dst = lab.host("hostA"), lab.host("hostB")
     xml = ET.fromstring(src.virsh("dumpxml", "--migratable", guest.name))
     for disk in xml.findall("./devices/disk"):
@@ -170,10 +170,13 @@ def test_verify_follows_the_guest_to_the_other_host(lab: Lab, make_guest: Callab
     )  # fmt: skip
     dest_xml.unlink()
     assert guest.where() == {"hostB": "running"}
-    guest.wait_for_acks(more=10)
+    after = guest.wait_for_acks(more=10)
     result = guest.verify()
     assert result.ok, result.output
     assert "on hostB" in result.output
+    # The console file kept what hostA's QEMU wrote (append='on'): acks from both hosts are counted.
+    assert all(after[dev] >= before[dev] + 10 for dev in before)
+    assert result.records >= sum(after.values())
 
 
 def test_guest_dirties_memory_at_the_requested_rate(lab: Lab, make_guest: Callable[..., Guest]) -> None:
