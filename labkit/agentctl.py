@@ -79,6 +79,7 @@ def start(host: HostSpec, hs: HostState) -> None:
         return
     argv = [str(AGENT_BIN), "serve", "--config", str(host.agent_config)]
     hs.agent_pid = hostsetup.spawn(host, argv, host.agent_log, env={"PYTHONUNBUFFERED": "1"})
+    write_file(host.agent_pid_file, f"{hs.agent_pid}\n")
     log(f"{host.name}: agent pid {hs.agent_pid}, log {host.agent_log}")
     wait_healthy(host, hs)
 
@@ -100,6 +101,7 @@ def stop(host: HostSpec, hs: HostState, *, hard: bool = False) -> None:
     """SIGTERM with time for a graceful shutdown, or SIGKILL at once (`hard`, for fault tests)."""
     if not running(hs):
         hs.agent_pid = None
+        host.agent_pid_file.unlink(missing_ok=True)
         return
     assert hs.agent_pid is not None
     if hard:
@@ -108,3 +110,4 @@ def stop(host: HostSpec, hs: HostState, *, hard: bool = False) -> None:
         kill_pids([hs.agent_pid], grace=20)
     log(f"{host.name}: agent pid {hs.agent_pid} {'killed' if hard else 'stopped'}")
     hs.agent_pid = None
+    host.agent_pid_file.unlink(missing_ok=True)

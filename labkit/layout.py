@@ -76,6 +76,10 @@ class HostSpec:
         return self.dir / "agent.log"
 
     @property
+    def agent_pid_file(self) -> Path:
+        return self.dir / "agent.pid"
+
+    @property
     def agent_state_dir(self) -> Path:
         return self.dir / "state"
 
