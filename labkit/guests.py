@@ -372,8 +372,7 @@ def destroy(name: str, *, quiet: bool = False) -> None:
 def list_guests() -> list[dict[str, Any]]:
     names = {p.name for p in GUESTS_DIR.iterdir() if p.is_dir()} if GUESTS_DIR.exists() else set()
     for host in HOSTS:
-        proc = run(["virsh", "-c", host.libvirt_uri, "list", "--all", "--name"], check=False, timeout=30)
-        names.update(n for n in proc.stdout.split() if n)
+        names.update(n for n in virsh(host, "list", "--all", "--name", check=False, timeout=30).split() if n)
     rows = []
     for name in sorted(names):
         found: list[Placement] = domain.placements(name)
