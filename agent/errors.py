@@ -67,8 +67,12 @@ def _cause_of(err: BaseException) -> dict[str, Any] | None:
         return None
     if isinstance(cause, AgentError):
         return cause.to_error_code()
-    return {"code": "AGENT.CAUSE", "description": f"{type(cause).__name__}: {cause}", "details": None,
-            "cause": None}
+    return {
+        "code": "AGENT.CAUSE",
+        "description": f"{type(cause).__name__}: {cause}",
+        "details": None,
+        "cause": None,
+    }
 
 
 class InvalidRequest(AgentError):

@@ -44,7 +44,7 @@ from agent.tasks.model import TaskState
 from agent.virt.domxml import parse_disks, rewrite_disk_sources
 from agent.virt.host import DomainEvent, VirtHost
 
-TICK_S = 0.5
+TICK_S = 0.25
 MiB = 1024 * 1024
 
 

@@ -67,8 +67,15 @@ class IncomingSpec(_Wire):
 class IncomingService:
     """Prepared incoming migrations on this host, by id (the source task uuid)."""
 
-    def __init__(self, roots: StorageRoots, host: VirtHost | None, state_dir: Path, *,
-                 peer_libvirt_uri: str, migration_address: str) -> None:
+    def __init__(
+        self,
+        roots: StorageRoots,
+        host: VirtHost | None,
+        state_dir: Path,
+        *,
+        peer_libvirt_uri: str,
+        migration_address: str,
+    ) -> None:
         self.roots = roots
         self.host = host
         self.dir = state_dir / "incoming"
@@ -109,9 +116,14 @@ class IncomingService:
             root = self.roots.get(spec.dstPrimaryStorageUuid, field="dstPrimaryStorageUuid")
             layout = self._layout(spec, root)
             await self._preflight(spec, root, layout)
-            record: dict[str, Any] = {"migrationId": spec.migrationId, "vmUuid": spec.vmUuid,
-                                      "spec": spec.model_dump(), "layout": layout, "created": [],
-                                      "state": "preparing"}
+            record: dict[str, Any] = {
+                "migrationId": spec.migrationId,
+                "vmUuid": spec.vmUuid,
+                "spec": spec.model_dump(),
+                "layout": layout,
+                "created": [],
+                "state": "preparing",
+            }
             self._save(record)
             try:
                 for disk, paths in zip(spec.disks, layout["disks"], strict=True):
@@ -121,8 +133,12 @@ class IncomingService:
                 raise
             record["state"] = "prepared"
             self._save(record)
-            log.info("incoming migration %s for VM %s prepared in storage %s", spec.migrationId,
-                     spec.vmUuid, root.uuid)
+            log.info(
+                "incoming migration %s for VM %s prepared in storage %s",
+                spec.migrationId,
+                spec.vmUuid,
+                root.uuid,
+            )
             return self._answer(record)
 
     def _layout(self, spec: IncomingSpec, root: StorageRoot) -> dict[str, Any]:
@@ -131,9 +147,14 @@ class IncomingService:
         for i, disk in enumerate(spec.disks):
             top = str(root.confine(disk.top, f"disks[{i}].top"))
             top_dir = os.path.dirname(top)
-            layers = [str(root.confine(os.path.join(top_dir, os.path.basename(layer.name)),
-                                       f"disks[{i}].layers[{j}].name"))
-                      for j, layer in enumerate(disk.layers)]
+            layers = [
+                str(
+                    root.confine(
+                        os.path.join(top_dir, os.path.basename(layer.name)), f"disks[{i}].layers[{j}].name"
+                    )
+                )
+                for j, layer in enumerate(disk.layers)
+            ]
             for path in [top, *layers]:
                 if path in seen and path not in layers:
                     raise PreflightFailed(f"two images would be written to {path}", field=f"disks[{i}]")
@@ -146,15 +167,20 @@ class IncomingService:
         for disk, paths in zip(spec.disks, layout["disks"], strict=True):
             for path in [paths["top"], *paths["layers"]]:
                 if os.path.lexists(path):
-                    raise PreflightFailed(f"target {path} already exists on this host",
-                                          code="AGENT.TARGET_EXISTS", field="disks",
-                                          details="remove it or choose another destination")
+                    raise PreflightFailed(
+                        f"target {path} already exists on this host",
+                        code="AGENT.TARGET_EXISTS",
+                        field="disks",
+                        details="remove it or choose another destination",
+                    )
             needed += disk.estimatedBytes + sum(layer.actualSize for layer in disk.layers)
         free, _total = await asyncio.to_thread(root.usage)
         if needed * 1.1 + SPACE_MARGIN > free:
             raise PreflightFailed(
                 f"storage {root.uuid} on this host has {free} bytes free; the move needs about "
-                f"{int(needed * 1.1)} plus a margin", code="AGENT.NO_SPACE", field="dstPrimaryStorageUuid",
+                f"{int(needed * 1.1)} plus a margin",
+                code="AGENT.NO_SPACE",
+                field="dstPrimaryStorageUuid",
                 details="free space there or pick another primary storage",
             )
 
@@ -165,14 +191,19 @@ class IncomingService:
             if path not in record["created"]:
                 record["created"].append(path)
                 self._save(record)
-                await qemuimg.create(path, layer.format, layer.virtualSize, backing=below,
-                                     backing_format=below_fmt)
+                await qemuimg.create(
+                    path, layer.format, layer.virtualSize, backing=below, backing_format=below_fmt
+                )
             below, below_fmt = path, layer.format
         record["created"].append(paths["top"])
         self._save(record)
-        await qemuimg.create(paths["top"], disk.format, disk.virtualSize,
-                             backing=None if disk.flatten else below,
-                             backing_format=None if disk.flatten else below_fmt)
+        await qemuimg.create(
+            paths["top"],
+            disk.format,
+            disk.virtualSize,
+            backing=None if disk.flatten else below,
+            backing_format=None if disk.flatten else below_fmt,
+        )
 
     def _answer(self, record: dict[str, Any]) -> dict[str, Any]:
         return {
@@ -214,8 +245,10 @@ class IncomingService:
             except NotFound:
                 return {"migrationId": migration_id, "state": "aborted", "removed": []}
             if self.host is not None and await self._vm_runs_here(record["vmUuid"]):
-                raise Conflict(f"VM {record['vmUuid']} already runs on this host; refusing to remove its "
-                               "files", details="the migration finished; commit it instead")
+                raise Conflict(
+                    f"VM {record['vmUuid']} already runs on this host; refusing to remove its files",
+                    details="the migration finished; commit it instead",
+                )
             removed = await self._remove(record)
             self._record_path(migration_id).unlink(missing_ok=True)
             log.info("incoming migration %s aborted; removed %d files", migration_id, len(removed))

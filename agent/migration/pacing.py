@@ -89,17 +89,24 @@ def real_bytes_done(sample: MirrorSample) -> tuple[int, int]:
     return min(done, total), total
 
 
+#: Plan each speed for this many ticks ahead. The job is re-steered every tick, so it only ever covers the
+#: first part of the planned stretch: before a large hole it closes in on the data geometrically (half of the
+#: way each tick) instead of racing into it at hole speed when the next tick comes late (up to twice late).
+HORIZON_TICKS = 2.0
+
+
 def job_speed(sample: MirrorSample, share: int | None, tick_s: float) -> int:
     """Bytes/s of virtual progress to allow so the job moves about ``share`` real bytes/s."""
     if share is None:
         return 0  # no limit
     if sample.ready or sample.end < sample.virtual_size * 0.9:
         return share
-    ahead = sample.index.offset_after(sample.cur, int(share * tick_s))
+    horizon = tick_s * HORIZON_TICKS
+    ahead = sample.index.offset_after(sample.cur, int(share * horizon))
     if ahead is None:  # no data left ahead: cross the rest of the disk at once
         return UNLIMITED_SPEED
     stretch = max(ahead - sample.cur, 0)
-    return int(min(max(stretch / tick_s, share), UNLIMITED_SPEED))
+    return int(min(max(stretch / horizon, share), UNLIMITED_SPEED))
 
 
 def split_budget(budget: int | None, demands: Sequence[str]) -> dict[str, int | None]:

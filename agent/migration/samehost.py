@@ -40,7 +40,7 @@ from agent.virt.domxml import block_copy_dest_xml, parse_disks, rewrite_disk_sou
 from agent.virt.host import DomainEvent, VirtHost
 
 SPACE_MARGIN = 64 * 1024 * 1024
-TICK_S = 0.5
+TICK_S = 0.25
 
 
 @dataclass

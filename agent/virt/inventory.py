@@ -36,8 +36,13 @@ async def describe_vm(host: VirtHost, vm_uuid: str) -> dict[str, Any]:
         if disk.type == "file" and disk.source:
             try:
                 entry["chain"] = [
-                    {"path": layer.path, "format": layer.format, "virtualSize": layer.virtual_size,
-                     "actualSize": layer.actual_size, "backing": layer.backing}
+                    {
+                        "path": layer.path,
+                        "format": layer.format,
+                        "virtualSize": layer.virtual_size,
+                        "actualSize": layer.actual_size,
+                        "backing": layer.backing,
+                    }
                     for layer in await qemuimg.backing_chain(disk.source)
                 ]
             except StorageError as err:

@@ -175,6 +175,7 @@ def create_guest(
     storage: str = "ps1",
     disk_size_mib: int = 1024,
     memory_mib: int = 256,
+    fill_mib: int = 4,
 ) -> Guest:
     proc = lab_cli(
         "guest", "create", name,
@@ -185,5 +186,6 @@ def create_guest(
         "--storage", storage,
         "--disk-size-mib", str(disk_size_mib),
         "--memory-mib", str(memory_mib),
+        "--fill-mib", str(fill_mib),
     )  # fmt: skip
     return Guest(name=name, uuid=proc.stdout.strip().splitlines()[-1], host=host)

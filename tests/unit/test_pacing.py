@@ -61,8 +61,21 @@ def test_thin_disk_crosses_holes_fast_and_data_at_share() -> None:
     assert job_speed(in_data, None, 0.5) == 0
 
 
+def test_closes_in_on_data_behind_a_large_hole_without_racing_into_it() -> None:
+    # 512 MiB of hole, then 64 MiB of data: each tick covers half of the way to the data (plus one tick's
+    # share), so even a tick that comes twice late cannot carry the job deep into the data at hole speed.
+    index = AllocationIndex([(512 * MiB, 64 * MiB)])
+    cur, tick, share = 0, 0.25, 10 * MiB
+    for _ in range(16):
+        sample = MirrorSample(cur=cur, end=1024 * MiB, virtual_size=1024 * MiB, index=index, ready=False)
+        covered = int(job_speed(sample, share, tick) * tick)
+        assert index.below(cur + 2 * covered) - index.below(cur) <= 2 * share * tick * 2 + 1
+        cur += covered
+    assert cur > 500 * MiB, "it must still cross the hole quickly"
+
+
 def test_sparse_data_speeds_up_through_gaps() -> None:
-    # 1 MiB of data every 10 MiB: to move 25 MiB of real data per 0.5 s the job must cross ~250 MiB.
+    # 1 MiB of data every 10 MiB: 50 MiB/s of real data means crossing about 500 MiB/s of disk.
     index = AllocationIndex([(i * 10 * MiB, MiB) for i in range(100)])
     sample = MirrorSample(cur=0, end=1000 * MiB, virtual_size=1000 * MiB, index=index, ready=False)
     speed = job_speed(sample, 50 * MiB, 0.5)

@@ -1,0 +1,109 @@
+"""Driving the lab's real agents from tests: start a migration, follow it, sample its progress."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from labtools import Lab, LabHost
+
+from agent.client import AgentClient
+
+
+@dataclass
+class Run:
+    """A migration task followed to its end, with progress samples (monotonic time, task view)."""
+
+    task: dict[str, Any]
+    samples: list[tuple[float, dict[str, Any]]] = field(default_factory=list)
+
+    @property
+    def state(self) -> str:
+        return str(self.task["state"])
+
+    @property
+    def states(self) -> list[str]:
+        return [s["state"] for s in self.task["states"]]
+
+    def volumes(self) -> dict[str, dict[str, Any]]:
+        inventory = self.task["inventory"]
+        vols = inventory["volumes"] if isinstance(inventory, dict) else inventory
+        return {v["deviceName"]: v for v in vols}
+
+
+def migration_body(dst_storage: str, **extra: Any) -> dict[str, Any]:
+    psm = {"dstPrimaryStorageUuid": dst_storage}
+    for key in ("withDataVolumes", "withSnapshots", "dstHostUuid", "strategy"):
+        if key in extra:
+            psm[key] = extra.pop(key)
+    body: dict[str, Any] = {"primaryStorageMigrateVm": psm, "taskUuid": str(uuid.uuid4())}
+    migrate_vm = {k: extra.pop(k) for k in ("bandwidth", "downTime") if k in extra}
+    if migrate_vm:
+        body["migrateVm"] = migrate_vm
+    body.update(extra)
+    return body
+
+
+async def start(lab: Lab, host: LabHost, vm_uuid: str, body: dict[str, Any]) -> dict[str, Any]:
+    async with AgentClient(host.agent_url, lab.token) as agent:
+        return dict(await agent.start_migration(vm_uuid, body))
+
+
+async def follow(
+    lab: Lab,
+    host: LabHost,
+    task_uuid: str,
+    *,
+    within_s: float = 300,
+    every: float = 0.25,
+    cancel_after: float | None = None,
+) -> Run:
+    """Poll the task until it ends; optionally cancel it after ``cancel_after`` seconds."""
+    samples: list[tuple[float, dict[str, Any]]] = []
+    t0 = time.monotonic()
+    cancelled = False
+    async with AgentClient(host.agent_url, lab.token) as agent:
+        async with asyncio.timeout(within_s):
+            while True:
+                task = dict(await agent.task(task_uuid))
+                samples.append((time.monotonic(), task))
+                if task["state"] in ("SUCCEEDED", "FAILED", "CANCELLED"):
+                    return Run(task, samples)
+                if cancel_after is not None and not cancelled and time.monotonic() - t0 > cancel_after:
+                    await agent.cancel(task_uuid)
+                    cancelled = True
+                await asyncio.sleep(every)
+
+
+async def migrate(lab: Lab, host: LabHost, vm_uuid: str, body: dict[str, Any], **kw: Any) -> Run:
+    task = await start(lab, host, vm_uuid, body)
+    return await follow(lab, host, task["taskUuid"], **kw)
+
+
+def qemu_img_chain(path: str) -> list[dict[str, Any]]:
+    out = subprocess.run(
+        ["qemu-img", "info", "-U", "--backing-chain", "--output=json", path],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    data = json.loads(out)
+    return data if isinstance(data, list) else [data]
+
+
+def images_identical(a: str, b: str) -> bool:
+    proc = subprocess.run(["qemu-img", "compare", "-U", "-q", a, b], capture_output=True, text=True)
+    assert proc.returncode in (0, 1), proc.stderr
+    return proc.returncode == 0
+
+
+def disk_sources(host: LabHost, name: str, *, inactive: bool = False) -> dict[str, str]:
+    """target -> source file from `virsh domblklist` (live or persistent definition)."""
+    args = ["domblklist", name] + (["--inactive"] if inactive else [])
+    rows = host.virsh(*args).splitlines()[2:]
+    return {parts[0]: parts[1] for parts in (r.split(None, 1) for r in rows if r.strip()) if len(parts) == 2}
