@@ -162,6 +162,8 @@ class CrossHostEngine:
         data: dict[str, Any],
     ) -> None:
         """Fill the destination's lower layers, base first, each verified before the next (resumable)."""
+        if not plan.layers:
+            return
         from agent.transfer.client import send_layer_to_peer
 
         done: dict[str, str] = data.setdefault("layersDone", {})  # destination path -> source path
@@ -239,6 +241,11 @@ class CrossHostEngine:
         flags = self._flags(ctx, policy)
         controller = convergence.ConvergenceController(policy)
         indexes = {d.target: await self._allocation(d) for d in plan.disks}
+        # Announce every item's size up front so the one percent covers disks and memory from the start
+        # (libvirt's own progress restarts from zero when the memory phase begins).
+        for disk in plan.disks:
+            ctx.progress(f"disk:{disk.target}", 0, indexes[disk.target].total)
+        ctx.progress("memory", 0, await self.host.memory_bytes(ctx.vm_uuid))
         await self.host.ensure_connected()
         events = self.host.subscribe(ctx.vm_uuid)
         ctx.log.info(
@@ -251,6 +258,9 @@ class CrossHostEngine:
             self.host.migrate(ctx.vm_uuid, prepared["libvirtUri"], params, flags)
         )
         steer = _Steering(self, ctx, plan, indexes, controller)
+        steer.aliases = {
+            d.target: d.alias for d in parse_disks(await self.host.live_xml(ctx.vm_uuid)) if d.alias
+        }
         try:
             while not migration.done():
                 await asyncio.wait([migration], timeout=self.tick_s)
@@ -405,6 +415,7 @@ class _Steering:
         self.verdict: AgentError | None = None
         self.decisions: list[dict[str, Any]] = []
         self.samples = 0
+        self.aliases: dict[str, str] = {}
 
     async def tick(self) -> None:
         try:
@@ -417,7 +428,7 @@ class _Steering:
         await self._disks()
         remaining = int(stats.get("memory_remaining", 0))
         processed = int(stats.get("memory_processed", 0))
-        if processed or remaining:
+        if processed:  # before the memory phase the guest's size announced at the start stands
             self.ctx.progress("memory", processed, processed + remaining)
         if int(stats.get("memory_iteration", 0)) >= 1 and not self.memory_phase:
             self.memory_phase = True
@@ -433,11 +444,13 @@ class _Steering:
             jobs = await self.host.qmp(self.ctx.vm_uuid, "query-block-jobs")
         except AgentError:
             return
+        # libvirt names a migration's mirror jobs after the disk's alias: "drive-virtio-disk0".
+        by_device = {str(job.get("device", "")): job for job in jobs or []}
         by_disk: dict[str, dict[str, Any]] = {}
-        for job in jobs or []:
-            for disk in self.plan.disks:
-                if disk.target in str(job.get("device", "")) or _alias_matches(job, disk.target):
-                    by_disk[disk.target] = job
+        for target, alias in self.aliases.items():
+            job = by_device.get(f"drive-{alias}") or by_device.get(alias)
+            if job is not None:
+                by_disk[target] = job
         if not by_disk:
             return
         moving = [t for t, j in by_disk.items() if not j.get("ready")]
@@ -487,12 +500,6 @@ class _Steering:
 
     def summary(self) -> dict[str, Any]:
         return {"samples": self.samples, "postcopy": self.postcopy_started, "decisions": self.decisions[-20:]}
-
-
-def _alias_matches(job: Mapping[str, Any], target: str) -> bool:
-    # libvirt names migration mirror jobs after the disk ("drive-virtio-disk0" or "migration-vda-...");
-    # the target name is the reliable part when present.
-    return f"-{target}-" in str(job.get("device", ""))
 
 
 def _drain_completed(events: asyncio.Queue[DomainEvent]) -> dict[str, Any] | None:

@@ -27,6 +27,7 @@ class DiskXml:
     backing: tuple[tuple[str, str | None], ...]  # (path, format) below the source, live XML only
     mirror: bool  # a block copy job is attached to this disk
     mirror_ready: bool
+    alias: str | None = None  # libvirt's device alias (live XML), e.g. virtio-disk0
 
 
 def _source_path(elem: ET.Element, disk_type: str) -> str | None:
@@ -62,6 +63,7 @@ def parse_disks(xml: str) -> list[DiskXml]:
         serial = disk.find("serial")
         boot = disk.find("boot")
         mirror = disk.find("mirror")
+        alias = disk.find("alias")
         disk_type = disk.get("type", "file")
         disks.append(
             DiskXml(
@@ -77,6 +79,7 @@ def parse_disks(xml: str) -> list[DiskXml]:
                 backing=_backing_chain(disk),
                 mirror=mirror is not None,
                 mirror_ready=mirror is not None and mirror.get("ready") == "yes",
+                alias=alias.get("name") if alias is not None else None,
             )
         )
     return disks

@@ -206,6 +206,10 @@ class VirtHost:
     async def domain_name(self, vm_uuid: str) -> str:
         return await self.call_domain(vm_uuid, lambda dom: str(dom.name()))
 
+    async def memory_bytes(self, vm_uuid: str) -> int:
+        """The guest's current memory (what a live migration has to move at least once)."""
+        return await self.call_domain(vm_uuid, lambda dom: int(dom.info()[2]) * 1024)
+
     async def is_persistent(self, vm_uuid: str) -> bool:
         return await self.call_domain(vm_uuid, lambda dom: bool(dom.isPersistent()))
 
