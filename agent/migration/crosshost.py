@@ -45,6 +45,8 @@ from agent.virt.domxml import parse_disks, rewrite_disk_sources
 from agent.virt.host import DomainEvent, VirtHost
 
 TICK_S = 0.25
+#: How long to keep asking an unreachable destination agent to clean up after a failure.
+ABORT_RETRY_S = 180.0
 MiB = 1024 * 1024
 
 
@@ -101,6 +103,15 @@ class CrossHostEngine:
                     "it was aborted and the VM keeps running on this host",
                     code="AGENT.TIMEOUT",
                 ) from None
+            except AgentError as err:
+                # An error reported after the switch (a lost connection at the very end) must not be taken
+                # for a rollback: where the VM runs decides.
+                if data["step"] != "migrating" or not await self._runs_on_peer(ctx, peer):
+                    await self._abort_remote(ctx, peer)
+                    raise
+                ctx.log.warning("libvirt reported %r but the VM runs on the destination; committing",
+                                err.description)
+                stats = {}
             except BaseException:
                 if not ctx.detaching:  # a stopping agent leaves the p2p migration to libvirt
                     await self._abort_remote(ctx, peer)
@@ -266,7 +277,10 @@ class CrossHostEngine:
                 await asyncio.wait([migration], timeout=self.tick_s)
                 if migration.done():
                     break
-                await steer.tick()
+                try:
+                    await steer.tick()
+                except AgentError as err:  # e.g. the job ended between two calls: the migration decides
+                    ctx.log.debug("steering step skipped: %s", err.description)
             await migration
         except asyncio.CancelledError:
             if not ctx.detaching:
@@ -341,11 +355,24 @@ class CrossHostEngine:
         return remote_inventory(vm, plan)
 
     async def _abort_remote(self, ctx: TaskContext, peer: AgentClient) -> None:
+        """Have the destination remove what it prepared; retried while it cannot be reached (a cut link
+        heals, a restarting agent comes back), and shielded from the cancel that brought us here."""
+
         async def _abort() -> None:
-            try:
-                await _peer_call(peer, "DELETE", ("v1", "incoming-migrations", ctx.task_uuid), None)
-            except AgentError as err:
-                ctx.log.error("the destination agent could not clean up: %s", err.description)
+            delay = 1.0
+            deadline = time.monotonic() + ABORT_RETRY_S
+            while True:
+                try:
+                    await _peer_call(peer, "DELETE", ("v1", "incoming-migrations", ctx.task_uuid), None)
+                    return
+                except MigrationFailed as err:
+                    if err.code != "AGENT.PEER_UNREACHABLE" or time.monotonic() > deadline:
+                        ctx.log.error("the destination agent could not clean up: %s", err.description)
+                        ctx.note("destinationCleanup", f"failed: {err.description}")
+                        return
+                    ctx.log.warning("destination agent unreachable for cleanup; retrying in %.0f s", delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
 
         await asyncio.shield(_abort())
 
@@ -387,7 +414,7 @@ class CrossHostEngine:
     async def _runs_on_peer(self, ctx: TaskContext, peer: AgentClient) -> bool:
         try:
             vm = await _peer_call(peer, "GET", ("v1", "vms", ctx.vm_uuid), None)
-        except NotFound:
+        except AgentError:  # unknown there, or the destination cannot be asked
             return False
         return vm.get("state") in ("running", "paused")
 
