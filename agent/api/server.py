@@ -17,6 +17,7 @@ from aiohttp import web
 
 from agent.api.app import make_app
 from agent.config import AgentConfig, ConfigError, load_config
+from agent.systemd import Notifier
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,8 @@ def run(config_path: str | os.PathLike[str]) -> None:
     token = config.read_token()
     context = ssl_context(config)
     app = make_app(config, token=token, connect_libvirt=True, cluster_token=config.read_cluster_token())
+    notifier = Notifier.from_environment()
+    notifier.attach(app)  # under systemd: watchdog pings from the event loop, STOPPING=1 on shutdown
     log.info(
         "kvm-storage-agent starting on %s:%d (host %s, %d storage roots, state in %s)",
         config.listen_address,
@@ -79,7 +82,7 @@ def run(config_path: str | os.PathLike[str]) -> None:
         port=config.port,
         ssl_context=context,
         shutdown_timeout=config.shutdown_grace_s / 2,
-        print=None,
+        print=notifier.listening,  # called once every site listens: READY=1 to systemd
         handle_signals=True,
     )
     log.info("kvm-storage-agent stopped")
