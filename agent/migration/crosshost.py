@@ -150,6 +150,7 @@ class CrossHostEngine:
                     virtualSize=d.virtual_size,
                     estimatedBytes=d.estimated_bytes,
                     flatten=d.flatten,
+                    precreated=d.precreated,
                     layers=[
                         IncomingLayer(
                             name=os.path.basename(lp.src),

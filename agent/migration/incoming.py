@@ -3,7 +3,9 @@
 The source agent drives it over the authenticated agent API:
 - ``prepare``: confine every destination path in the named storage root, check free space, create the
   target images (empty tops whose backing points at the destination's copy of the layer below, or flat
-  images when flattening) and record every created file before creating it;
+  images when flattening) and record every created file before creating it; a disk marked ``precreated``
+  has its target made by the management plane: it is checked (``agent.migration.targets``), never
+  created, recorded or removed;
 - layer transfers fill the lower layers (``agent.transfer``);
 - ``commit``: the VM runs here from the new paths; forget the record (files now belong to the VM);
 - ``abort``: remove every file this migration created; idempotent, also after an agent restart.
@@ -25,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from agent.errors import Conflict, MigrationFailed, NotFound, PreflightFailed
 from agent.migration.request import normalise_uuid
+from agent.migration.targets import check_precreated_target
 from agent.storage import qemuimg
 from agent.storage.roots import StorageRoot, StorageRoots
 from agent.virt.domxml import parse_disks
@@ -55,6 +58,9 @@ class IncomingDisk(_Wire):
     estimatedBytes: int = Field(ge=0)
     flatten: bool
     layers: list[IncomingLayer] = Field(default_factory=list, max_length=64)  # base first
+    precreated: bool = Field(
+        default=False, description="the target exists already; check it, never create it"
+    )
 
 
 class IncomingSpec(_Wire):
@@ -164,8 +170,16 @@ class IncomingService:
 
     async def _preflight(self, spec: IncomingSpec, root: StorageRoot, layout: dict[str, Any]) -> None:
         needed = 0
-        for disk, paths in zip(spec.disks, layout["disks"], strict=True):
-            for path in [paths["top"], *paths["layers"]]:
+        for i, (disk, paths) in enumerate(zip(spec.disks, layout["disks"], strict=True)):
+            if disk.precreated:
+                await check_precreated_target(
+                    paths["top"],
+                    fmt=disk.format,
+                    virtual_size=disk.virtualSize,
+                    flatten=disk.flatten,
+                    field=f"disks[{i}].top",
+                )
+            for path in [] if disk.precreated else [paths["top"], *paths["layers"]]:
                 if os.path.lexists(path):
                     raise PreflightFailed(
                         f"target {path} already exists on this host",
@@ -185,6 +199,8 @@ class IncomingService:
             )
 
     async def _create_disk(self, record: dict[str, Any], disk: IncomingDisk, paths: dict[str, Any]) -> None:
+        if disk.precreated:
+            return
         below: str | None = None
         below_fmt: str | None = None
         for layer, path in zip(disk.layers, paths["layers"], strict=True):

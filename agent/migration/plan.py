@@ -49,6 +49,9 @@ class DiskPlan:
     dst_backing_format: str | None
     src_chain: tuple[str, ...]  # top first
     estimated_bytes: int
+    #: The caller created ``dst_top`` (``request.targetsPrecreated``): checked, never created or removed; when
+    #: not flattening, its backing chain is the caller's and nothing is copied below the top.
+    precreated: bool = False
 
 
 @dataclass(frozen=True)
@@ -153,6 +156,20 @@ def _skip_reason(disk: DiskXml, is_root: bool, with_data: bool) -> str | None:
     return None
 
 
+def _listed(disk: DiskXml, request: MigrationRequest) -> int | None:
+    """Index of the ``volumes`` entry naming this disk (by install path, or uuid = serial), else None."""
+    for i, mapping in enumerate(request.volumes):
+        if (
+            mapping.installPath
+            and disk.source
+            and os.path.realpath(mapping.installPath) == os.path.realpath(disk.source)
+        ):
+            return i
+        if mapping.uuid and disk.serial and mapping.uuid == disk.serial:
+            return i
+    return None
+
+
 def _dst_top_for(disk: DiskXml, index: int, request: MigrationRequest, root: StorageRoot) -> str:
     for i, mapping in enumerate(request.volumes):
         if not mapping.dstInstallPath:
@@ -176,22 +193,40 @@ def plan_migration(
     request: MigrationRequest,
     dst_root: StorageRoot,
 ) -> MigrationPlan:
-    """Decide the moves. ``chains`` maps a disk target to its chain (top first) from qemu-img."""
+    """Decide the moves. ``chains`` maps a disk target to its chain (top first) from qemu-img.
+
+    With ``request.targetsPrecreated`` exactly the disks listed in ``volumes`` move (the root too only when
+    listed), each onto its ``dstInstallPath``, and no lower layer is planned: the caller's target either is
+    flat (filled completely) or already has its backing chain.
+    """
     psm = request.primaryStorageMigrateVm
+    precreated = request.targetsPrecreated
     root = root_disk(disks)
     if root is None:
         raise InvalidRequest(f"VM {vm_uuid} has no disk to move", field="vmUuid")
     planned: list[DiskPlan] = []
     skipped: list[SkippedDisk] = []
     layers: dict[str, LayerPlan] = {}
+    listed: set[int] = set()
     for index, disk in enumerate(disks):
         is_root = disk is root
-        reason = _skip_reason(disk, is_root, psm.withDataVolumes)
+        entry = _listed(disk, request) if precreated else None
+        reason = _skip_reason(disk, is_root, psm.withDataVolumes or precreated)
+        if precreated and entry is None and reason is None:
+            reason = "not listed in volumes (only disks with a pre-created target move)"
         if reason is not None:
-            if is_root:
+            if entry is not None:
+                raise PreflightFailed(f"disk {disk.target} cannot move: {reason}", field=f"volumes[{entry}]")
+            if is_root and not precreated:
                 raise PreflightFailed(f"the root disk {disk.target} cannot move: {reason}", field="vmUuid")
             skipped.append(SkippedDisk(disk.target, disk.source, reason))
             continue
+        if entry is not None:
+            listed.add(entry)
+            if not request.volumes[entry].dstInstallPath:
+                raise InvalidRequest(
+                    "a pre-created target needs its path", field=f"volumes[{entry}].dstInstallPath"
+                )
         if disk.mirror:
             raise PreflightFailed(
                 f"disk {disk.target} already has a block job",
@@ -204,7 +239,7 @@ def plan_migration(
         flatten = not psm.withSnapshots or len(chain) == 1
         lower: list[LayerPlan] = []
         dst_backing = dst_backing_fmt = None
-        if not flatten:
+        if not flatten and not precreated:
             dst_dir = os.path.dirname(dst_top)
             below_dst: str | None = None
             below_fmt: str | None = None
@@ -242,8 +277,18 @@ def plan_migration(
                 dst_backing_format=dst_backing_fmt,
                 src_chain=tuple(layer.path for layer in chain),
                 estimated_bytes=estimated,
+                precreated=precreated,
             )
         )
+    if precreated:
+        for i, mapping in enumerate(request.volumes):
+            if i not in listed:
+                raise InvalidRequest(
+                    f"{mapping.installPath or mapping.uuid} is not a disk of VM {vm_uuid} that can move",
+                    field=f"volumes[{i}]",
+                )
+        if not planned:
+            raise InvalidRequest("no disk listed in volumes: nothing to move", field="volumes")
     _check_distinct_targets(planned, layers)
     return MigrationPlan(vm_uuid, dst_root.uuid, tuple(planned), tuple(skipped), tuple(layers.values()))
 

@@ -100,6 +100,13 @@ class MigrationRequest(_Wire):
     timeout: float | None = Field(default=None, gt=0, le=7 * 24 * 3600, description="seconds")
     allowPostCopy: bool = False
     volumes: list[VolumeMapping] = Field(default_factory=list, max_length=64)
+    targetsPrecreated: bool = Field(
+        default=False,
+        description="the caller created the target of every disk listed in volumes (dstInstallPath): "
+        "exactly those disks move, onto those files, which are checked first (format, virtual size); a flat "
+        "target is filled completely, a target with a backing chain gets only the top layer "
+        "(withSnapshots) and its chain must already be in place; the agent never removes these files",
+    )
 
     @field_validator("taskUuid")
     @classmethod

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import time
 from dataclasses import dataclass, field
@@ -32,6 +33,7 @@ from agent.migration.engine import TaskContext
 from agent.migration.inventory import volume_inventory
 from agent.migration.pacing import AllocationIndex, MirrorSample, job_speed, real_bytes_done, split_budget
 from agent.migration.plan import DiskPlan, LayerPlan, MigrationPlan, inspect_chains, plan_migration
+from agent.migration.targets import check_precreated_target, check_same_content_below
 from agent.storage import qemuimg
 from agent.storage.filecopy import copy_sparse_async
 from agent.storage.roots import StorageRoots
@@ -85,7 +87,7 @@ class SameHostEngine:
         if ctx.resume_data:
             return await self._resume(ctx, ctx.resume_data)
         await ctx.enter(TaskState.PREPARING)
-        plan = await self._plan(ctx)
+        plan = await self._check_precreated(await self._plan(ctx))
         work = _Work(plan)
         work.reused = await self._preflight(ctx, plan)
         ctx.note("plan", plan.summary())
@@ -123,6 +125,26 @@ class SameHostEngine:
         dst_root = self.roots.get(ctx.request.primaryStorageMigrateVm.dstPrimaryStorageUuid)
         return plan_migration(ctx.vm_uuid, disks, chains, ctx.request, dst_root)
 
+    async def _check_precreated(self, plan: MigrationPlan) -> MigrationPlan:
+        """Check the targets the caller made (``agent.migration.targets``); their backing joins the plan."""
+        disks = []
+        for disk in plan.disks:
+            if disk.precreated:
+                chain = await check_precreated_target(
+                    disk.dst_top,
+                    fmt=disk.dst_format,
+                    virtual_size=disk.virtual_size,
+                    flatten=disk.flatten,
+                    field="volumes",
+                )
+                if not disk.flatten:
+                    await check_same_content_below(disk.src_chain, chain, "volumes")
+                    disk = dataclasses.replace(
+                        disk, dst_backing=chain[1].path, dst_backing_format=chain[1].format
+                    )
+            disks.append(disk)
+        return dataclasses.replace(plan, disks=tuple(disks))
+
     async def _preflight(self, ctx: TaskContext, plan: MigrationPlan) -> list[str]:
         """Refuse before writing anything; returns the lower layers already present and identical."""
         for disk in plan.disks:
@@ -132,7 +154,7 @@ class SameHostEngine:
                     field="vmUuid",
                     details="wait for it to finish or abort it first",
                 )
-            if os.path.lexists(disk.dst_top):
+            if not disk.precreated and os.path.lexists(disk.dst_top):
                 raise PreflightFailed(
                     f"target {disk.dst_top} already exists",
                     field="volumes",
@@ -214,6 +236,8 @@ class SameHostEngine:
 
     async def _create_tops(self, ctx: TaskContext, work: _Work) -> None:
         for disk in work.plan.disks:
+            if disk.precreated:
+                continue  # the caller's file: checked in PREPARING, never created nor removed here
             await self._record_created(ctx, work, disk.dst_top, "creating-tops")
             await qemuimg.create(
                 disk.dst_top,
@@ -406,7 +430,10 @@ class SameHostEngine:
         for moved in work.plan.disks:
             chain = await qemuimg.backing_chain(moved.dst_top)
             want = 1 if moved.flatten else len(moved.src_chain)
-            if len(chain) != want or any(not self.roots.owner_of(layer.path) for layer in chain[:want]):
+            if moved.precreated:  # below a pre-created top the chain is the caller's
+                want = 1 if moved.flatten else len(chain)
+            owned = chain[:1] if moved.precreated else chain[:want]
+            if len(chain) != want or any(not self.roots.owner_of(layer.path) for layer in owned):
                 raise MigrationFailed(
                     f"the chain of {moved.target} at the destination is not as planned",
                     code="AGENT.VERIFY_FAILED",

@@ -4,7 +4,8 @@ Coalesced, latest wins: ``push()`` only replaces the task's pending payload (a c
 send time) and wakes its sender; nothing is ever queued. Each task has one small sender task while it has
 something to say; a slow or dead server delays only that sender (bounded by the report timeout), never the
 migration, which calls ``push()`` synchronously. Failures are counted and logged at debug level: progress is
-best effort, the final result goes through the outbox (``agent.report.outbox``).
+best effort, the final result goes through the outbox (``agent.report.outbox``). A report carries the header
+``taskuuid`` unless ``push()`` names its own headers (the ZStack dialect sends ``commandpath`` instead).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +30,7 @@ class _Pending:
     url: str
     payload: Payload
     final: bool
+    headers: Mapping[str, str] | None = None
 
 
 class ProgressReporter:
@@ -51,11 +53,21 @@ class ProgressReporter:
         self._senders: dict[str, asyncio.Task[None]] = {}
         self._closed = False
 
-    def push(self, task_uuid: str, url: str, payload: Payload, *, final: bool = False) -> None:
-        """Make ``payload`` the next report of ``task_uuid`` (replacing any unsent one); ``final`` ends it."""
+    def push(
+        self,
+        task_uuid: str,
+        url: str,
+        payload: Payload,
+        *,
+        final: bool = False,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        """Make ``payload`` the next report of ``task_uuid`` (replacing any unsent one); ``final`` ends it.
+
+        ``headers`` replace the default ``taskuuid`` header (Content-Type is always JSON)."""
         if self._closed:
             return
-        self._pending[task_uuid] = _Pending(url, payload, final)
+        self._pending[task_uuid] = _Pending(url, payload, final, headers)
         wakeup = self._wakeups.get(task_uuid)
         if wakeup is None:
             wakeup = self._wakeups[task_uuid] = asyncio.Event()
@@ -85,7 +97,9 @@ class ProgressReporter:
             if pending is not None and not self._closed:
                 # Pushed after the final report was taken: start over so it is not lost.
                 del self._pending[task_uuid]
-                self.push(task_uuid, pending.url, pending.payload, final=pending.final)
+                self.push(
+                    task_uuid, pending.url, pending.payload, final=pending.final, headers=pending.headers
+                )
 
     async def _send_loop(self, task_uuid: str, wakeup: asyncio.Event) -> None:
         loop = asyncio.get_running_loop()
@@ -110,7 +124,10 @@ class ProgressReporter:
                 self._session.post(
                     pending.url,
                     data=body,
-                    headers={"taskuuid": task_uuid, "Content-Type": "application/json"},
+                    headers={
+                        **(pending.headers if pending.headers is not None else {"taskuuid": task_uuid}),
+                        "Content-Type": "application/json",
+                    },
                 ) as response,
             ):
                 await response.read()

@@ -239,6 +239,15 @@ class Journal:
             (at, error[:2000], entry_id),
         )
 
+    async def add_outbox(self, task_uuid: str, url: str, body: str, at: float, *, once: bool = False) -> bool:
+        """A callback written outside a task's final transaction (a dialect adapter's own report shape).
+
+        ``task_uuid`` is what the ``taskuuid`` header will carry, verbatim. ``once``: skip it (and return
+        False) when a row for the same ``task_uuid`` and ``url`` exists already, so a caller that retries
+        after a crash never sends twice.
+        """
+        return await self._call(self._add_outbox, task_uuid, url, body, at, once)
+
     async def outbox_entries(self, task_uuid: str) -> list[dict[str, Any]]:
         """Every outbox row of a task (for tests and diagnostics)."""
         return await self._call(self._outbox_rows, task_uuid)
@@ -345,6 +354,22 @@ class Journal:
                     " VALUES (?, ?, ?, ?, ?)",
                     (task_uuid, url, body, at, at),
                 )
+
+    def _add_outbox(self, task_uuid: str, url: str, body: str, at: float, once: bool) -> bool:
+        with self._transaction() as db:
+            if (
+                once
+                and db.execute(
+                    "SELECT 1 FROM outbox WHERE task_uuid = ? AND url = ? LIMIT 1", (task_uuid, url)
+                ).fetchone()
+            ):
+                return False
+            db.execute(
+                "INSERT INTO outbox (task_uuid, url, body, created_at, next_attempt_at)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (task_uuid, url, body, at, at),
+            )
+            return True
 
     def _update(self, task_uuid: str, at: float, **columns: str | None) -> None:
         pairs = [(name, value) for name, value in columns.items() if value is not None]
