@@ -10,7 +10,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, IPvAnyNetwork, ValidationError, field_validator
 
 
 class ConfigError(Exception):
@@ -52,6 +52,14 @@ class ReportConfig(_Strict):
     timeout_s: float = Field(default=10.0, gt=0)
 
 
+class ZStackConfig(_Strict):
+    """The ZStack agent dialect (``agent.zstack``, docs/zstack.md): off unless enabled; its paths carry no
+    token, so they answer only clients whose source address is in ``allowed_networks`` (empty: nobody)."""
+
+    enabled: bool = False
+    allowed_networks: tuple[IPvAnyNetwork, ...] = ()
+
+
 class AgentConfig(_Strict):
     listen_address: str = "0.0.0.0"
     port: int = Field(default=7070, ge=1, le=65535)
@@ -69,6 +77,7 @@ class AgentConfig(_Strict):
     storage: tuple[StorageRootConfig, ...] = ()
     limits: LimitsConfig = LimitsConfig()
     report: ReportConfig = ReportConfig()
+    zstack: ZStackConfig = ZStackConfig()
     log_level: str = "INFO"
 
     @field_validator("host_uuid")

@@ -75,6 +75,10 @@ def make_app(
     app[INCOMING] = None
     add_routes(app)
     app.cleanup_ctx.extend([_virt_ctx, _session_ctx, _tasks_ctx])
+    if config.zstack.enabled:
+        from agent.zstack import mount  # the ZStack dialect (docs/zstack.md); after the task manager's ctx
+
+        mount(app)
     app.on_shutdown.append(_on_shutdown)
     return app
 

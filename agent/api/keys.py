@@ -37,6 +37,9 @@ class ServiceState:
     token: str = field(repr=False)
     #: Also accepted: the cluster token other agents use for agent-to-agent calls.
     other_tokens: tuple[str, ...] = field(default=(), repr=False)
+    #: Paths served without the token because their handlers apply their own access rule (the ZStack
+    #: dialect's source networks, ``agent.zstack``).
+    open_paths: frozenset[str] = frozenset()
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
 
 

@@ -79,7 +79,7 @@ async def guard_middleware(request: web.Request, handler: Handler) -> web.Stream
     service = request.app[SERVICE]
     if service.stopping.is_set():
         raise ServiceStopping("the agent is stopping")
-    if request.path not in PUBLIC_PATHS:
+    if request.path not in PUBLIC_PATHS and request.path not in service.open_paths:
         check_token(request.headers.get("Authorization"), service.token, *service.other_tokens)
     return await handler(request)
 

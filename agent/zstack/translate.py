@@ -1,0 +1,186 @@
+"""ZStack commands as the agent's own migration requests (``MigrationRequest``, ``targetsPrecreated``).
+
+- ``/vm/blklivemigration``: same host, exactly one volume: ``volumes`` names it with its pre-created target.
+  The target decides the copy: a flat target is filled completely, a target with a backing file gets only
+  the top layer (its chain must already be in place; the engine compares it with the source's).
+- ``/vm/migrate``: another host; ``disks`` lists every moving volume with its pre-created target. The
+  destination agent (at ``destHostManagementIp``, same port and scheme as this one, cluster token) tells its
+  host uuid and which of its storage roots holds the targets. ``storageMigrationPolicy`` FullCopy (or
+  absent) flattens into the targets, IncCopy copies only the top layers onto targets whose chains are in
+  place (checked by the destination before anything moves).
+Bandwidth (MiB/s) is the task's one budget, whatever ZStack divided it into per disk.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import aiohttp
+
+from agent.client import AgentClient, ClientError
+from agent.config import AgentConfig
+from agent.errors import InvalidRequest, MigrationFailed, PreflightFailed, StorageError
+from agent.migration.request import MigrationRequest, Strategy, normalise_uuid
+from agent.storage import qemuimg
+from agent.storage.roots import StorageRoots
+from agent.zstack.wire import BlockLiveMigrationCmd, MigrateVmCmd
+
+#: The engine gives up this long before ZStack does, so ZStack hears the real outcome, not its own timeout.
+REPLY_MARGIN_S = 10.0
+#: The longest task timeout a request may carry.
+MAX_TIMEOUT_S = 7 * 24 * 3600.0
+
+
+def vm_uuid_of(raw: str) -> str:
+    try:
+        return normalise_uuid(raw)
+    except ValueError as err:
+        raise InvalidRequest(f"vmUuid {raw!r} is not a uuid", field="vmUuid") from err
+
+
+def task_timeout(remaining: float | None, own: int | None = None) -> float | None:
+    limits = [limit for limit in (remaining, float(own) if own else None) if limit]
+    if not limits:
+        return None
+    return min(MAX_TIMEOUT_S, max(1.0, min(limits) - REPLY_MARGIN_S))
+
+
+def _bandwidth(value: int | None) -> int | None:
+    return value if value and value > 0 else None
+
+
+async def block_copy_request(
+    cmd: BlockLiveMigrationCmd, task_uuid: str, config: AgentConfig, remaining: float | None
+) -> MigrationRequest:
+    target = cmd.newVolume.installPath
+    root = StorageRoots.from_config(config).owner_of(target)
+    if root is None:
+        raise InvalidRequest(
+            f"newVolume.installPath {target} is not inside a primary storage of this host",
+            field="newVolume.installPath",
+        )
+    try:
+        info = await qemuimg.info(target)
+    except StorageError as err:
+        raise PreflightFailed(
+            f"the pre-created target {target} cannot be read",
+            code="AGENT.TARGET_MISMATCH",
+            field="newVolume.installPath",
+            details=err.details,
+        ) from err
+    return MigrationRequest.model_validate(
+        {
+            "primaryStorageMigrateVm": {
+                "dstPrimaryStorageUuid": root.uuid,
+                "withDataVolumes": True,
+                "withSnapshots": info.backing is not None,
+            },
+            "migrateVm": {"bandwidth": _bandwidth(cmd.bandwidth)},
+            "taskUuid": task_uuid,
+            "timeout": task_timeout(remaining),
+            "volumes": [
+                {
+                    "uuid": cmd.newVolume.volumeUuid,
+                    "installPath": cmd.oldVolumePath,
+                    "dstInstallPath": target,
+                }
+            ],
+            "targetsPrecreated": True,
+        }
+    )
+
+
+def agent_url_of(host: str, config: AgentConfig) -> str:
+    scheme = "https" if config.tls_cert else "http"
+    return f"{scheme}://{host}:{config.port}"
+
+
+async def destination_host(
+    agent_url: str, config: AgentConfig, session: aiohttp.ClientSession
+) -> dict[str, Any]:
+    """``GET /v1/host`` of the destination agent (its uuid and storage roots)."""
+    token = config.read_cluster_token() or config.read_token()
+    try:
+        return await AgentClient(agent_url, token, session=session).host()
+    except ClientError as err:
+        raise MigrationFailed(
+            f"the destination agent at {agent_url} cannot be asked for its storage: {err}",
+            code="AGENT.PEER_UNREACHABLE",
+            details="destHostManagementIp must reach the destination's kvm-storage-agent",
+        ) from err
+
+
+def _root_holding(paths: list[str], roots: list[dict[str, Any]]) -> str:
+    found: set[str] = set()
+    for path in paths:
+        norm = os.path.normpath(path)
+        owner = next(
+            (
+                str(root["uuid"])
+                for root in roots
+                if (base := os.path.normpath(str(root["path"])))
+                and norm != base
+                and os.path.commonpath([base, norm]) == base
+            ),
+            None,
+        )
+        if owner is None:
+            raise InvalidRequest(
+                f"{path} is not inside a primary storage of the destination host", field="disks"
+            )
+        found.add(owner)
+    if len(found) != 1:
+        raise InvalidRequest(
+            "the new volumes are spread over several primary storages; one migration fills one",
+            field="disks",
+        )
+    return found.pop()
+
+
+async def migrate_request(
+    cmd: MigrateVmCmd,
+    task_uuid: str,
+    config: AgentConfig,
+    session: aiohttp.ClientSession,
+    remaining: float | None,
+) -> MigrationRequest:
+    if cmd.migrateFromDestination:
+        raise InvalidRequest(
+            "migrateFromDestination is not supported: send /vm/migrate to the source host",
+            field="migrateFromDestination",
+        )
+    if not cmd.disks:
+        raise InvalidRequest(
+            "disks is empty: this agent moves storage; a migration on shared storage is not its job",
+            field="disks",
+        )
+    agent_url = agent_url_of(cmd.destHostManagementIp or cmd.destHostIp, config)
+    host = await destination_host(agent_url, config, session)
+    dst_uuid = normalise_uuid(str(host.get("hostUuid")))
+    if dst_uuid == config.host_uuid:
+        raise InvalidRequest("the destination is this host", field="destHostManagementIp")
+    storage = _root_holding([to.installPath for to in cmd.disks.values()], list(host.get("storage") or []))
+    return MigrationRequest.model_validate(
+        {
+            "primaryStorageMigrateVm": {
+                "dstPrimaryStorageUuid": storage,
+                "withDataVolumes": True,
+                "withSnapshots": cmd.storageMigrationPolicy == "IncCopy",
+                "dstHostUuid": dst_uuid,
+                "strategy": Strategy.AUTO_CONVERGE if cmd.autoConverge else Strategy.AUTO,
+            },
+            "migrateVm": {
+                "downTime": min(max(cmd.downTime, 1), 600_000) if cmd.downTime else 300,
+                "bandwidth": _bandwidth(cmd.bandwidth),
+            },
+            "dstHost": {"uuid": dst_uuid, "agentUrl": agent_url, "migrationAddress": cmd.destHostIp},
+            "taskUuid": task_uuid,
+            "timeout": task_timeout(remaining, cmd.timeout),
+            "volumes": [
+                {"uuid": to.volumeUuid, "installPath": old, "dstInstallPath": to.installPath}
+                for old, to in cmd.disks.items()
+            ],
+            "targetsPrecreated": True,
+        }
+    )
