@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import ipaddress
 import signal
 import urllib.error
 import urllib.request
 
 from . import hostsetup
-from .layout import AGENT_BIN, AGENT_PORT, STORAGE_ROOTS, TOKEN_FILE, HostSpec
+from .layout import AGENT_BIN, AGENT_PORT, BRIDGE_ADDRESS, PREFIX_LEN, STORAGE_ROOTS, TOKEN_FILE, HostSpec
 from .state import HostState
 from .sysutil import LabError, kill_pids, log, pid_matches, run, tail_file, wait_for, write_file
 
@@ -36,6 +37,9 @@ def config_text(host: HostSpec, hs: HostState) -> str:
     ]
     for name, _, _ in STORAGE_ROOTS:
         lines += ["", "[[storage]]", f'uuid = "{hs.storage[name]}"', f'path = "{host.storage_path(name)}"']
+    # The ZStack dialect, for a management server played from the lab's network or inside a host.
+    lab_net = ipaddress.ip_network(f"{BRIDGE_ADDRESS}/{PREFIX_LEN}", strict=False)
+    lines += ["", "[zstack]", "enabled = true", f'allowed_networks = ["{lab_net}", "127.0.0.0/8"]']
     return "\n".join(lines) + "\n"
 
 

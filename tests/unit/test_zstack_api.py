@@ -5,9 +5,11 @@ lists. Callback bodies and headers are checked exactly, failures included."""
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import subprocess
 import time
+import tomllib
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +33,11 @@ from service_fakes import (
 )
 
 from agent.api.app import make_app
+from agent.config import parse_config
 from agent.errors import MigrationFailed
+from labkit import agentctl
+from labkit.layout import HOSTS
+from labkit.state import LabState
 
 MiB = 1024 * 1024
 ZS_HOST = "3c1a6f0b2c8e4d3f9b7a5e1d0c2b4a69"  # ZStack's uuid for this host (32 hex)
@@ -641,3 +647,14 @@ async def test_only_allowed_networks_and_only_when_enabled(tmp_path: Path) -> No
         assert (await client.post("/host/echo", headers=AUTH)).status == 404
     finally:
         await client.close()
+
+
+def test_the_lab_turns_the_dialect_on_for_its_networks() -> None:
+    state = LabState.fresh()
+    for host in HOSTS:
+        config = parse_config(tomllib.loads(agentctl.config_text(host, state.hosts[host.name])), host.name)
+        assert config.zstack.enabled
+        assert config.zstack.allowed_networks == (
+            ipaddress.ip_network("10.213.0.0/24"),
+            ipaddress.ip_network("127.0.0.0/8"),
+        )
