@@ -47,6 +47,9 @@ from agent.virt.host import DomainEvent, VirtHost
 TICK_S = 0.25
 #: How long to keep asking an unreachable destination agent to clean up after a failure.
 ABORT_RETRY_S = 180.0
+#: A migration whose byte counters do not move for this long is stuck (a cut link does not end it in
+#: libvirt 9.0: the NBD mirror fails and the job waits forever); it is aborted with a clear error.
+STALL_S = 30.0
 MiB = 1024 * 1024
 
 
@@ -109,8 +112,9 @@ class CrossHostEngine:
                 if data["step"] != "migrating" or not await self._runs_on_peer(ctx, peer):
                     await self._abort_remote(ctx, peer)
                     raise
-                ctx.log.warning("libvirt reported %r but the VM runs on the destination; committing",
-                                err.description)
+                ctx.log.warning(
+                    "libvirt reported %r but the VM runs on the destination; committing", err.description
+                )
                 stats = {}
             except BaseException:
                 if not ctx.detaching:  # a stopping agent leaves the p2p migration to libvirt
@@ -391,12 +395,12 @@ class CrossHostEngine:
             if ctx.cancel_requested and await self._job_active(ctx):
                 with contextlib.suppress(AgentError):
                     await self.host.abort_job(ctx.vm_uuid)
-            while True:  # libvirt has no event for "a job I did not start ended": poll
-                if not await self._job_active(ctx):
-                    break
-                await asyncio.sleep(self.tick_s)
+            verdict = await self._watch_running(ctx, plan)
             if await self._runs_on_peer(ctx, peer):
                 return await self._commit(ctx, peer, plan, data["prepared"], {})
+            if verdict is not None:
+                await self._abort_remote(ctx, peer)
+                raise verdict
         await self._abort_remote(ctx, peer)
         raise MigrationFailed(
             f"the agent restarted during step {step!r}; the destination was cleaned up and the VM stays on "
@@ -404,6 +408,29 @@ class CrossHostEngine:
             code="AGENT.INTERRUPTED",
             details="send the request again to retry",
         )
+
+    async def _watch_running(self, ctx: TaskContext, plan: MigrationPlan) -> AgentError | None:
+        """Keep steering a migration this agent did not start in this life (it survived a restart) until
+        libvirt ends it; returns the reason if the steering had to abort it."""
+        policy = convergence.ConvergencePolicy.from_request(ctx.request)
+        steer = _Steering(
+            self,
+            ctx,
+            plan,
+            {d.target: await self._allocation(d) for d in plan.disks},
+            convergence.ConvergenceController(policy),
+        )
+        with contextlib.suppress(AgentError):
+            steer.aliases = {
+                d.target: d.alias for d in parse_disks(await self.host.live_xml(ctx.vm_uuid)) if d.alias
+            }
+        while await self._job_active(ctx):
+            try:
+                await steer.tick()
+            except AgentError as err:
+                ctx.log.debug("steering step skipped: %s", err.description)
+            await asyncio.sleep(self.tick_s)
+        return steer.verdict
 
     async def _job_active(self, ctx: TaskContext) -> bool:
         try:
@@ -444,6 +471,8 @@ class _Steering:
         self.decisions: list[dict[str, Any]] = []
         self.samples = 0
         self.aliases: dict[str, str] = {}
+        self.last_counter = -1
+        self.last_moved_at = time.monotonic()
 
     async def tick(self) -> None:
         try:
@@ -453,6 +482,7 @@ class _Steering:
         if int(stats.get("type", 0)) == libvirt.VIR_DOMAIN_JOB_NONE:
             return
         self.samples += 1
+        await self._watch_for_stall(stats)
         await self._disks()
         remaining = int(stats.get("memory_remaining", 0))
         processed = int(stats.get("memory_processed", 0))
@@ -465,6 +495,28 @@ class _Steering:
         self.controller.retune(max_downtime_ms=self.ctx.downtime_ms, bandwidth=self.ctx.bandwidth)
         for action in self.controller.observe(sample):
             await self._apply(action)
+
+    async def _watch_for_stall(self, stats: Mapping[str, Any]) -> None:
+        counter = sum(
+            int(stats.get(key, 0)) for key in ("data_processed", "memory_processed", "disk_processed")
+        )
+        now = time.monotonic()
+        if counter != self.last_counter:
+            self.last_counter, self.last_moved_at = counter, now
+        elif now - self.last_moved_at > STALL_S and self.verdict is None:
+            await self._give_up(
+                MigrationFailed(
+                    f"the migration made no progress for {STALL_S:.0f} s and was aborted; "
+                    "the VM keeps running on this host",
+                    code="AGENT.MIGRATION_STALLED",
+                    details="the link to the destination or the destination itself does not answer",
+                )
+            )
+
+    async def _give_up(self, verdict: AgentError) -> None:
+        self.verdict = verdict
+        self.ctx.log.error("aborting the migration: %s", verdict.description)
+        await self.host.abort_job(self.ctx.vm_uuid)
 
     async def _disks(self) -> None:
         """Steer the NBD mirrors so the budget is charged for real bytes, across all disks."""
@@ -488,6 +540,15 @@ class _Steering:
             job = by_disk.get(disk.target)
             if job is None:
                 continue
+            if job.get("status") == "concluded" and job.get("error") and self.verdict is None:
+                await self._give_up(
+                    MigrationFailed(
+                        f"copying {disk.target} to the destination failed: {job['error']}",
+                        code="AGENT.DISK_COPY_FAILED",
+                        details="the link or the destination storage failed; the VM keeps running here",
+                    )
+                )
+                return
             sample = MirrorSample(
                 int(job["offset"]),
                 int(job["len"]),
@@ -522,9 +583,7 @@ class _Steering:
             self.postcopy_started = True
             self.ctx.note("postcopy", "started; a failure after this point cannot roll back")
         elif isinstance(action, convergence.Abort):
-            self.verdict = action.to_error()
-            self.ctx.log.error("giving up: %s", self.verdict.description)
-            await self.host.abort_job(vm)
+            await self._give_up(action.to_error())
 
     def summary(self) -> dict[str, Any]:
         return {"samples": self.samples, "postcopy": self.postcopy_started, "decisions": self.decisions[-20:]}

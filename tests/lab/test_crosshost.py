@@ -125,7 +125,9 @@ async def test_cut_link_fails_cleanly(lab_agents: Lab, make_guest: Callable[...,
     await asyncio.sleep(3)
     lab_agents.link("down", "hostB")
     try:
-        await asyncio.sleep(8)
+        # A cut of a few seconds heals (TCP retransmits and the migration goes on); libvirt's keepalive
+        # (5 s x 5) gives up on the peer after about 30 s.
+        await asyncio.sleep(45)
     finally:
         lab_agents.link("up", "hostB")
     run = await follow(lab_agents, src, task["taskUuid"], within_s=300)
