@@ -1,0 +1,262 @@
+"""The installer and the unit under a real systemd: a Debian 12 container (debootstrap, cached) booted with
+systemd-nspawn, ``scripts/install`` run inside it, then the service is checked through systemctl, journalctl
+and its own API on the container's loopback.
+
+The tests share one container and run in file order: install (unbooted) and boot, then restart, upgrade,
+uninstall. The first run builds the cached root (about 2 minutes, needs the Debian mirror); later runs take
+about a minute. Nothing here skips: a container that cannot be built or booted is a failure.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from nspawn import (
+    SRC_IN_CONTAINER,
+    WHEELS_IN_CONTAINER,
+    Container,
+    build_agent_wheel,
+    cached_root,
+    copy_project,
+    wheelhouse,
+)
+
+pytestmark = [pytest.mark.system, pytest.mark.timeout(900)]
+
+SERVICE = "kvm-storage-agent.service"
+HOST_UUID = "3f2d0c6a-8d1e-4f4b-9a51-6c1de0a7b001"
+STORAGE_UUID = "3f2d0c6a-8d1e-4f4b-9a51-6c1de0a7b0aa"
+STORAGE_PATH = "/srv/ksa/primary"
+INSTALL = f"{SRC_IN_CONTAINER}/scripts/install"
+TOKEN_FILE = "/etc/kvm-storage-agent/token"
+CONFIG_FILE = "/etc/kvm-storage-agent/agent.toml"
+JOURNAL_FILE = "/var/lib/kvm-storage-agent/journal.sqlite"
+VM_UUID = "3f2d0c6a-8d1e-4f4b-9a51-6c1de0a7b0f1"
+VM_DISK = f"{STORAGE_PATH}/vm1-root.qcow2"
+#: A VM that libvirt knows but that is not running: a migration request for it is accepted, then fails.
+VM_XML = f"""<domain type='qemu'>
+  <name>ksa-vm1</name><uuid>{VM_UUID}</uuid><memory unit='MiB'>64</memory><vcpu>1</vcpu>
+  <os><type arch='x86_64' machine='pc'>hvm</type></os>
+  <devices>
+    <disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='{VM_DISK}'/>
+      <target dev='vda' bus='virtio'/></disk>
+  </devices>
+</domain>
+"""
+
+_HTTP = """
+import json, sys, urllib.error, urllib.request
+method, url, token, body = sys.argv[1:5]
+headers = {"Content-Type": "application/json"}
+if token:
+    headers["Authorization"] = "Bearer " + token
+data = body.encode() if body else None
+request = urllib.request.Request(url, data=data, method=method, headers=headers)
+try:
+    with urllib.request.urlopen(request, timeout=10) as resp:
+        print(json.dumps({"status": resp.status, "body": json.loads(resp.read())}))
+except urllib.error.HTTPError as err:
+    print(json.dumps({"status": err.code, "body": json.loads(err.read() or b"null")}))
+"""
+
+
+@pytest.fixture(scope="module")
+def container() -> Iterator[Container]:
+    """Installed while not booted (as on a fresh image), then booted; removed, processes and all, at the end."""
+    root = cached_root()
+    wheels = wheelhouse()
+    box = Container(root)
+    try:
+        copy_project(box.path(SRC_IN_CONTAINER))
+        inside_wheels = box.path(WHEELS_IN_CONTAINER)
+        inside_wheels.mkdir(parents=True)
+        for wheel in wheels.glob("*.whl"):
+            (inside_wheels / wheel.name).write_bytes(wheel.read_bytes())
+        agent_wheel = build_agent_wheel(inside_wheels, wheels)
+        out = box.run_unbooted(
+            INSTALL,
+            "--wheelhouse",
+            WHEELS_IN_CONTAINER,
+            "--from-wheel",
+            f"{WHEELS_IN_CONTAINER}/{agent_wheel.name}",
+            "--storage",
+            f"{STORAGE_UUID}={STORAGE_PATH}",
+            "--host-uuid",
+            HOST_UUID,
+        )
+        assert "starts at the next boot" in out, out
+        box.boot()
+        box.exec("qemu-img", "create", "-q", "-f", "qcow2", VM_DISK, "64M")
+        box.path("/root/vm1.xml").write_text(VM_XML)
+        box.exec("virsh", "-q", "define", "/root/vm1.xml")
+        yield box
+    finally:
+        box.close()
+
+
+def api(box: Container, method: str, path: str, body: Any = None, token: str | None = None) -> Any:
+    """One HTTP call to the agent on the container's loopback; returns ``{"status", "body"}``."""
+    payload = "" if body is None else json.dumps(body)
+    url = f"http://127.0.0.1:7070{path}"
+    out = box.exec_net(sys.executable, "-c", _HTTP, method, url, token or "", payload)
+    return json.loads(out)
+
+
+def token_of(box: Container) -> str:
+    return box.path(TOKEN_FILE).read_text().strip()
+
+
+def show(box: Container, *props: str) -> dict[str, str]:
+    out = box.exec("systemctl", "show", SERVICE, *(f"-p{p}" for p in props))
+    return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+
+
+def wait_healthy(box: Container, timeout: float = 30) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            reply = api(box, "GET", "/v1/health")
+            if reply["status"] == 200:
+                return reply["body"]
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+        assert time.monotonic() < deadline, "the agent does not answer /v1/health"
+        time.sleep(0.5)
+
+
+def logs(box: Container) -> str:
+    return box.exec("journalctl", "-u", SERVICE, "--no-pager", "-o", "cat")
+
+
+def test_service_is_active_and_answers_health(container: Container) -> None:
+    assert container.exec("systemctl", "is-active", SERVICE).strip() == "active"
+    assert container.exec("systemctl", "is-enabled", SERVICE).strip() == "enabled"
+    props = show(container, "Type", "NotifyAccess", "WatchdogUSec", "KillMode", "Restart", "NRestarts")
+    assert props == {
+        "Type": "notify",
+        "NotifyAccess": "main",
+        "WatchdogUSec": "30s",
+        "KillMode": "mixed",
+        "Restart": "on-failure",
+        "NRestarts": "0",
+    }
+    health = wait_healthy(container)
+    assert health["status"] == "ok" and health["hostUuid"] == HOST_UUID
+    # The real libvirtd in the container (socket-activated) is what the agent connected to.
+    assert container.exec("systemctl", "is-active", "libvirtd.service").strip() == "active"
+    host = api(container, "GET", "/v1/host", token=token_of(container))
+    assert host["status"] == 200
+    assert [(s["uuid"], s["path"]) for s in host["body"]["storage"]] == [(STORAGE_UUID, STORAGE_PATH)]
+    assert api(container, "GET", "/v1/host", token="wrong")["status"] == 401
+    # The token file is root's alone.
+    assert container.exec("stat", "-c", "%U %a", TOKEN_FILE).split() == ["root", "600"]
+
+
+def test_journal_shows_the_agents_log_lines(container: Container) -> None:
+    text = logs(container)
+    assert "kvm-storage-agent starting on 0.0.0.0:7070" in text, text
+    assert f"host {HOST_UUID}" in text
+    assert "systemd watchdog: pinging every 7.5 s" in text  # WATCHDOG_USEC reached the agent
+    assert "listening; ready" in text
+    assert token_of(container) not in text
+
+
+def create_failing_task(box: Container) -> str:
+    """A task that fails fast (the VM is not running) and stays in the journal."""
+    task_uuid = str(uuid.uuid4())
+    body = {"primaryStorageMigrateVm": {"dstPrimaryStorageUuid": STORAGE_UUID}, "taskUuid": task_uuid}
+    reply = api(box, "POST", f"/v1/vms/{VM_UUID}/storage-migrations", body, token_of(box))
+    assert reply["status"] == 202, reply
+    deadline = time.monotonic() + 30
+    while True:
+        task = api(box, "GET", f"/v1/tasks/{task_uuid}", token=token_of(box))["body"]
+        if task["state"] in ("FAILED", "SUCCEEDED", "CANCELLED"):
+            break
+        assert time.monotonic() < deadline, task
+        time.sleep(0.2)
+    assert task["state"] == "FAILED", task
+    return task_uuid
+
+
+def test_restart_keeps_the_journals_tasks(container: Container) -> None:
+    task_uuid = create_failing_task(container)
+    before = api(container, "GET", f"/v1/tasks/{task_uuid}", token=token_of(container))["body"]
+    pid = show(container, "MainPID")["MainPID"]
+    container.exec("systemctl", "restart", SERVICE)  # Type=notify: returns once the new agent listens
+    assert container.exec("systemctl", "is-active", SERVICE).strip() == "active"
+    assert show(container, "MainPID")["MainPID"] != pid
+    wait_healthy(container)
+    after = api(container, "GET", f"/v1/tasks/{task_uuid}", token=token_of(container))["body"]
+    assert after == before
+    assert "kvm-storage-agent stopped" in logs(container)  # the old one stopped gracefully, not killed
+
+
+def test_install_again_upgrades_in_place_keeping_token_config_and_journal(container: Container) -> None:
+    task_uuid = create_failing_task(container)
+    token = token_of(container)
+    config = container.path(CONFIG_FILE).read_text()
+    live = container.exec("readlink", "/opt/kvm-storage-agent/current").strip()
+    pid = show(container, "MainPID")["MainPID"]
+
+    # From the checkout this time (built offline), with libvirtd's TCP listener on loopback; --port is a
+    # config option and the config exists: it must be ignored, not applied.
+    out = container.exec(
+        INSTALL,
+        "--wheelhouse",
+        WHEELS_IN_CONTAINER,
+        "--libvirt-tcp",
+        "--migration-address",
+        "127.0.0.1",
+        "--port",
+        "9999",
+        timeout=300,
+    )
+    assert "kept the existing /etc/kvm-storage-agent/agent.toml" in out, out
+
+    assert token_of(container) == token
+    assert container.path(CONFIG_FILE).read_text() == config
+    new_live = container.exec("readlink", "/opt/kvm-storage-agent/current").strip()
+    assert new_live != live and re.fullmatch(r"venvs/[0-9]+-[0-9]+", new_live)
+    assert container.exec("systemctl", "is-active", SERVICE).strip() == "active"
+    assert show(container, "MainPID")["MainPID"] != pid
+    units = container.exec("systemctl", "list-units", "--all", "--plain", "--no-legend", "kvm-storage-agent*")
+    assert len(units.splitlines()) == 1, units
+    wait_healthy(container)
+    task = api(container, "GET", f"/v1/tasks/{task_uuid}", token=token)
+    assert task["status"] == 200 and task["body"]["state"] == "FAILED"
+
+    # --libvirt-tcp: peers reach this libvirtd over TCP on the migration address.
+    assert container.exec("systemctl", "is-active", "libvirtd-tcp.socket").strip() == "active"
+    remote = container.exec("virsh", "-c", "qemu+tcp://127.0.0.1/system", "list", "--all", "--uuid")
+    assert VM_UUID in remote.split()
+    # A second run changes nothing in libvirt's settings (no libvirtd restart).
+    out = container.exec(INSTALL, "--wheelhouse", WHEELS_IN_CONTAINER, "--libvirt-tcp", timeout=300)
+    assert "restarting libvirtd" not in out, out
+
+
+def test_uninstall_leaves_no_unit_and_keeps_data_unless_purged(container: Container) -> None:
+    container.exec(INSTALL, "--uninstall")
+    assert not container.path("/etc/systemd/system/kvm-storage-agent.service").exists()
+    files = container.exec("systemctl", "list-unit-files", "--no-legend", SERVICE, check=False)
+    assert files.strip() == "", files
+    state = container.exec("systemctl", "is-active", SERVICE, check=False).strip()
+    assert state == "inactive", state
+    assert not container.path("/opt/kvm-storage-agent").exists()
+    assert container.path(TOKEN_FILE).exists() and container.path(JOURNAL_FILE).exists()
+    assert container.path(STORAGE_PATH).is_dir()
+    # The TCP listener set up by --libvirt-tcp is gone too.
+    assert container.exec("systemctl", "is-enabled", "libvirtd-tcp.socket", check=False).strip() == "disabled"
+    assert "kvm-storage-agent" not in container.path("/etc/libvirt/libvirtd.conf").read_text()
+
+    container.exec(INSTALL, "--uninstall", "--purge")
+    assert not container.path("/etc/kvm-storage-agent").exists()
+    assert not container.path("/var/lib/kvm-storage-agent").exists()
+    assert container.path(STORAGE_PATH).is_dir()  # VM data is never removed
