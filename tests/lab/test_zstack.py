@@ -1,0 +1,401 @@
+"""The ZStack dialect against the real lab (issue 10): a fake ZStack management server on the lab bridge
+(10.213.0.1, reachable from the agents' namespaces) sends realistic commands, pre-creates the target volumes
+as ZStack does, and records the callbacks and progress reports; the writing guest must lose nothing."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import pytest
+from agentapi import disk_sources, qemu_img_chain
+from aiohttp import web
+from labtools import Guest, Lab, LabHost
+
+pytestmark = pytest.mark.lab
+
+BRIDGE_ADDRESS = "10.213.0.1"
+ZS_HOST = {"hostA": "a0c0b6f1d2e34f5a8b9c0d1e2f3a4b01", "hostB": "a0c0b6f1d2e34f5a8b9c0d1e2f3a4b02"}
+CANCELLED = "AGENT.CANCELLED: the migration was cancelled on request; the VM keeps its source volumes"
+
+
+@dataclass
+class Call:
+    path: str
+    headers: dict[str, str]
+    body: Any
+
+
+class ManagementServer:
+    """ZStack's side, on the bridge address, in its own thread: a test that blocks its loop (guest verify,
+    lab commands) never keeps the agents' callbacks and progress reports waiting."""
+
+    CALLBACK = "/zstack/asyncrest/callback"
+    COMMAND = "/zstack/kvm/command"
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._calls: list[Call] = []
+        self._loop = asyncio.new_event_loop()
+        self._runner: web.AppRunner | None = None
+        self.port = 0
+        self._thread = threading.Thread(target=self._loop.run_forever, name="fake-zstack-mn", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+        asyncio.run_coroutine_threadsafe(self._serve(), self._loop).result(timeout=10)
+
+    def stop(self) -> None:
+        if self._runner is not None:
+            asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(timeout=10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
+        self._loop.close()
+
+    async def _serve(self) -> None:
+        app = web.Application()
+        app.router.add_post(self.CALLBACK, self._handle)
+        app.router.add_post(self.COMMAND, self._handle)
+        self._runner = web.AppRunner(app)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, BRIDGE_ADDRESS, 0)
+        await site.start()
+        self.port = self._runner.addresses[0][1]
+
+    async def _handle(self, request: web.Request) -> web.Response:
+        call = Call(request.path, dict(request.headers), json.loads(await request.read()))
+        with self._lock:
+            self._calls.append(call)
+        return web.Response(status=200)
+
+    def url(self, path: str) -> str:
+        return f"http://{BRIDGE_ADDRESS}:{self.port}{path}"
+
+    def callbacks(self, task_uuid: str) -> list[Call]:
+        with self._lock:
+            return [
+                c for c in self._calls if c.path == self.CALLBACK and c.headers.get("taskuuid") == task_uuid
+            ]
+
+    def progress(self, api: str) -> list[Call]:
+        with self._lock:
+            return [
+                c for c in self._calls if c.path == self.COMMAND and c.body["threadContextMap"]["api"] == api
+            ]
+
+    async def answer(self, task_uuid: str, within: float = 300) -> Call:
+        await poll(lambda: bool(self.callbacks(task_uuid)), within)
+        return self.callbacks(task_uuid)[0]
+
+
+async def poll(check: Callable[[], bool], within: float) -> None:
+    """Until ``check()`` holds (the fake management server lives in another thread: no event to wait on)."""
+    deadline = time.monotonic() + within
+    while not check():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"not within {within} s")
+        await asyncio.sleep(0.25)
+
+
+@pytest.fixture
+def mn() -> Iterator[ManagementServer]:
+    server = ManagementServer()
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    # One connection per call: an agent restarted by a test must not meet a stale keep-alive connection.
+    connector = aiohttp.TCPConnector(force_close=True)
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=60)) as session:
+        yield session
+
+
+# -- ZStack's commands ----------------------------------------------------------------------------------
+
+
+def context(api: str, stage: str = "0-100") -> dict[str, Any]:
+    now_ms = int(time.time() * 1000)
+    return {
+        "threadContext": {"api": api, "task-name": "MigrateVm", "task-stage": stage},
+        "threadContextStack": [],
+        "taskContext": {"__messagetimeout__": "1800000", "__messagedeadline__": str(now_ms + 1_800_000)},
+        "kvmHostAddons": {},
+    }
+
+
+def volume_to(path: str, kind: str) -> dict[str, Any]:
+    return {
+        "installPath": path,
+        "deviceId": 0 if kind == "Root" else 1,
+        "deviceType": "file",
+        "volumeUuid": os.path.basename(path).split(".")[0].replace("-", ""),
+        "useVirtio": True,
+        "useVirtioSCSI": False,
+        "shareable": False,
+        "cacheMode": "none",
+        "wwn": "0x5000c29c1a2b3c4d",
+        "bootOrder": 1 if kind == "Root" else 0,
+        "physicalBlockSize": 0,
+        "type": kind,
+        "format": "qcow2",
+        "primaryStorageType": "LocalStorage",
+    }
+
+
+async def post(
+    http: aiohttp.ClientSession, host: LabHost, path: str, body: dict[str, Any], mn: ManagementServer | None
+) -> tuple[int, bytes, str | None]:
+    """A ZStack call: asynchronous (taskuuid, callbackurl) when ``mn`` is given; returns the taskuuid."""
+    task_uuid = uuid.uuid4().hex if mn is not None else None
+    headers = {} if mn is None else {"taskuuid": task_uuid or "", "callbackurl": mn.url(mn.CALLBACK)}
+    async with http.post(f"{host.agent_url}{path}", json=body, headers=headers) as resp:
+        return resp.status, await resp.read(), task_uuid
+
+
+async def send(
+    http: aiohttp.ClientSession, host: LabHost, path: str, body: dict[str, Any], mn: ManagementServer
+) -> str:
+    status, raw, task_uuid = await post(http, host, path, body, mn)
+    assert status == 200 and raw == b"", raw
+    assert task_uuid is not None
+    return task_uuid
+
+
+async def connect(http: aiohttp.ClientSession, host: LabHost, mn: ManagementServer) -> None:
+    body = {"hostUuid": ZS_HOST[host.name], "sendCommandUrl": mn.url(mn.COMMAND), **context("api-connect")}
+    status, raw, _ = await post(http, host, "/host/connect", body, None)
+    answer = json.loads(raw)
+    assert status == 200 and answer["success"] is True, answer
+    assert answer["libvirtVersion"] and answer["qemuVersion"]
+
+
+def qemu_img(*args: str) -> None:
+    subprocess.run(["qemu-img", *args], check=True, capture_output=True, text=True)
+
+
+def precreate(path: str, size: int, backing: str | None = None) -> str:
+    """What ZStack's primary storage does before it migrates: an empty target volume."""
+    if backing is None:
+        qemu_img("create", "-q", "-f", "qcow2", path, str(size))
+    else:
+        qemu_img("create", "-q", "-f", "qcow2", "-b", backing, "-F", "qcow2", path, str(size))
+    return path
+
+
+def copy_sparse(src: str, dst: str) -> None:
+    subprocess.run(["cp", "--sparse=always", src, dst], check=True)
+
+
+def virtual_size(path: str) -> int:
+    return int(qemu_img_chain(path)[0]["virtual-size"])
+
+
+def new_path(host: LabHost, storage: str) -> str:
+    return str(host.root(storage).path / f"{uuid.uuid4()}.qcow2")
+
+
+def blk_body(
+    vm_uuid: str, old: str, new: str, api: str, *, bandwidth: int = 0, reload: bool = False
+) -> dict[str, Any]:
+    return {
+        "vmUuid": vm_uuid.replace("-", ""),
+        "oldVolumePath": old,
+        "newVolume": volume_to(new, "Data"),
+        "bandwidth": bandwidth,
+        "reload": reload,
+        **context(api, "10-90"),
+    }
+
+
+async def settled_progress(mn: ManagementServer, api: str, last: int, within: float = 30) -> list[Call]:
+    """The progress reports of ``api`` once the final one (``last``) arrived (it may trail the callback)."""
+
+    def arrived() -> bool:
+        reports = mn.progress(api)
+        return bool(reports) and int(reports[-1].body["progress"]) == last
+
+    await poll(arrived, within)
+    return mn.progress(api)
+
+
+async def wait_copying(lab: Lab, host: LabHost, task_uuid: str) -> None:
+    """Until the task is COPYING and its mirrors report bytes."""
+    from agent.client import AgentClient, ApiError
+
+    async with AgentClient(host.agent_url, lab.token) as agent, asyncio.timeout(120):
+        while True:
+            try:
+                view = await agent.task(str(uuid.UUID(task_uuid)))
+            except ApiError as err:  # the command becomes a task a moment after its 200
+                assert err.status == 404, err
+                await asyncio.sleep(0.25)
+                continue
+            if view["state"] == "COPYING" and view["progress"]["bytesDone"] > 0:
+                return
+            assert view["state"] in ("PENDING", "PREPARING", "COPYING"), view
+            await asyncio.sleep(0.25)
+
+
+# -- tests ----------------------------------------------------------------------------------------------
+
+
+async def test_block_live_migration_moves_exactly_that_disk(
+    lab_agents: Lab, make_guest: Callable[..., Guest], mn: ManagementServer, http: aiohttp.ClientSession
+) -> None:
+    host = lab_agents.host("hostA")
+    guest = make_guest(data_volumes=1, snapshots=1)
+    guest.wait_for_acks(10)
+    await connect(http, host, mn)
+    before = disk_sources(host, guest.name)
+
+    # vdb onto a flat target: filled completely.
+    flat = precreate(new_path(host, "ps2"), virtual_size(before["vdb"]))
+    task_uuid = await send(
+        http, host, "/vm/blklivemigration", blk_body(guest.uuid, before["vdb"], flat, "api-b1"), mn
+    )
+    call = await mn.answer(task_uuid)
+    assert call.body == {"success": True, "error": None}
+    assert call.headers["taskuuid"] == task_uuid
+    after = disk_sources(host, guest.name)
+    assert after == {**before, "vdb": flat}, "exactly the named disk moves"
+    assert disk_sources(host, guest.name, inactive=True) == after
+    assert len(qemu_img_chain(flat)) == 1
+    reports = await settled_progress(mn, "api-b1", 90)
+    assert all(r.headers["commandpath"] == "/progress/report" for r in reports)
+    percents = [int(r.body["progress"]) for r in reports]
+    assert percents == sorted(percents) and percents[-1] == 90 and max(percents[:-1], default=10) <= 89
+    assert {r.body["processType"] for r in reports} == {"blockCopy"}
+    assert {r.body["serverUuid"] for r in reports} == {ZS_HOST["hostA"]}
+
+    # vda onto a target whose backing chain is in place (a copy of the source's lower layer): top only.
+    chain = qemu_img_chain(before["vda"])
+    base = str(host.root("ps2").path / os.path.basename(chain[1]["filename"]))
+    copy_sparse(chain[1]["filename"], base)
+    top = precreate(new_path(host, "ps2"), virtual_size(before["vda"]), backing=base)
+    task_uuid = await send(
+        http, host, "/vm/blklivemigration", blk_body(guest.uuid, before["vda"], top, "api-b2"), mn
+    )
+    assert (await mn.answer(task_uuid)).body == {"success": True, "error": None}
+    assert disk_sources(host, guest.name) == {"vda": top, "vdb": flat}
+    assert [layer["filename"] for layer in qemu_img_chain(top)] == [top, base]
+
+    guest.wait_for_acks(20)
+    result = guest.verify()
+    assert result.ok, result.output
+    assert result.disks == 2 and result.records > 0
+
+
+async def test_migrate_full_copy_to_host_b(
+    lab_agents: Lab, make_guest: Callable[..., Guest], mn: ManagementServer, http: aiohttp.ClientSession
+) -> None:
+    src, dst = lab_agents.host("hostA"), lab_agents.host("hostB")
+    guest = make_guest(data_volumes=1, snapshots=1)
+    guest.wait_for_acks(10)
+    await connect(http, src, mn)
+    before = disk_sources(src, guest.name)
+    targets = {t: precreate(new_path(dst, "ps1"), virtual_size(p)) for t, p in before.items()}
+    body = {
+        "vmUuid": guest.uuid.replace("-", ""),
+        "destHostIp": dst.migration_address,
+        "destHostManagementIp": dst.address,
+        "srcHostIp": src.address,
+        "storageMigrationPolicy": "FullCopy",
+        "disks": {before[t]: volume_to(targets[t], "Root" if t == "vda" else "Data") for t in before},
+        "bandwidth": 200,
+        "downTime": 500,
+        "autoConverge": False,
+        "xbzrle": False,
+        "reload": False,
+        "useNuma": False,
+        "migrateFromDestination": False,
+        "nics": [],
+        "vdpaPaths": [],
+        **context("api-mig", "5-95"),
+    }
+    task_uuid = await send(http, src, "/vm/migrate", body, mn)
+    call = await mn.answer(task_uuid)
+    assert call.body == {"success": True, "error": None}
+    assert guest.where() == {"hostB": "running"}
+    assert disk_sources(dst, guest.name) == targets
+    assert disk_sources(dst, guest.name, inactive=True) == targets
+    assert all(len(qemu_img_chain(path)) == 1 for path in targets.values()), "FullCopy flattens"
+    reports = await settled_progress(mn, "api-mig", 95)
+    percents = [int(r.body["progress"]) for r in reports]
+    assert percents == sorted(percents) and max(percents[:-1], default=5) <= 94
+    assert {r.body["processType"] for r in reports} == {"MigrateVm"}
+    guest.wait_for_acks(20)
+    result = guest.verify()
+    assert result.ok, result.output
+
+
+async def test_job_cancel_cancels_a_running_one(
+    lab_agents: Lab, make_guest: Callable[..., Guest], mn: ManagementServer, http: aiohttp.ClientSession
+) -> None:
+    host = lab_agents.host("hostA")
+    guest = make_guest(data_volumes=1, fill_mib=64)
+    await connect(http, host, mn)
+    before = disk_sources(host, guest.name)
+    target = precreate(new_path(host, "ps2"), virtual_size(before["vdb"]))
+    body = blk_body(guest.uuid, before["vdb"], target, "api-cancel-me", bandwidth=4)
+    task_uuid = await send(http, host, "/vm/blklivemigration", body, mn)
+    await wait_copying(lab_agents, host, task_uuid)
+
+    cancel = {"cancellationApiId": "api-cancel-me", "times": 1, "interval": 1, **context("api-cancel")}
+    status, raw, _ = await post(http, host, "/job/cancel", cancel, None)
+    assert status == 200 and json.loads(raw) == {"success": True, "error": None}
+    call = await mn.answer(task_uuid, within=120)
+    assert call.body == {"success": False, "error": CANCELLED}
+    assert disk_sources(host, guest.name) == before
+    assert os.path.exists(target), "the management server's target is its own: never removed"
+    status, raw, _ = await post(http, host, "/job/cancel", cancel, None)
+    assert json.loads(raw) == {"success": False, "error": "no matched job to cancel"}
+    guest.wait_for_acks(10)
+    assert guest.verify().ok
+
+
+async def test_reload_after_an_agent_restart_reports_the_real_outcome(
+    lab_agents: Lab, make_guest: Callable[..., Guest], mn: ManagementServer, http: aiohttp.ClientSession
+) -> None:
+    host = lab_agents.host("hostA")
+    guest = make_guest(data_volumes=1, fill_mib=64)
+    await connect(http, host, mn)
+    before = disk_sources(host, guest.name)
+    target = precreate(new_path(host, "ps2"), virtual_size(before["vdb"]))
+    task_uuid = await send(
+        http,
+        host,
+        "/vm/blklivemigration",
+        blk_body(guest.uuid, before["vdb"], target, "api-r1", bandwidth=8),
+        mn,
+    )
+    await wait_copying(lab_agents, host, task_uuid)
+    lab_agents.agent("restart", host.name)  # the mirror keeps running in libvirt; the task resumes
+
+    reload_body = blk_body(guest.uuid, before["vdb"], target, "api-r2", bandwidth=8, reload=True)
+    reload_uuid = await send(http, host, "/vm/blklivemigration", reload_body, mn)
+    reloaded = await mn.answer(reload_uuid)
+    original = await mn.answer(task_uuid)
+
+    from agent.client import AgentClient
+
+    async with AgentClient(host.agent_url, lab_agents.token) as agent:
+        tasks = await agent.tasks(vm_uuid=guest.uuid)
+    assert [t["taskUuid"] for t in tasks] == [str(uuid.UUID(task_uuid))], "the reload started nothing new"
+    assert tasks[0]["state"] == "SUCCEEDED", tasks[0]["error"]
+    assert reloaded.body == original.body == {"success": True, "error": None}
+    assert disk_sources(host, guest.name)["vdb"] == target
+    guest.wait_for_acks(20)
+    result = guest.verify()
+    assert result.ok, result.output
