@@ -399,3 +399,53 @@ async def test_reload_after_an_agent_restart_reports_the_real_outcome(
     guest.wait_for_acks(20)
     result = guest.verify()
     assert result.ok, result.output
+
+
+async def test_migrate_inc_copy_needs_and_keeps_the_chain_in_place(
+    lab_agents: Lab, make_guest: Callable[..., Guest], mn: ManagementServer, http: aiohttp.ClientSession
+) -> None:
+    src, dst = lab_agents.host("hostA"), lab_agents.host("hostB")
+    guest = make_guest(data_volumes=1, snapshots=1)
+    await connect(http, src, mn)
+    before = disk_sources(src, guest.name)
+
+    def body(targets: dict[str, str], api: str) -> dict[str, Any]:
+        return {
+            "vmUuid": guest.uuid.replace("-", ""),
+            "destHostIp": dst.migration_address,
+            "destHostManagementIp": dst.address,
+            "srcHostIp": src.address,
+            "storageMigrationPolicy": "IncCopy",
+            "disks": {before[t]: volume_to(targets[t], "Root" if t == "vda" else "Data") for t in before},
+            "bandwidth": 200,
+            "downTime": 500,
+            "reload": False,
+            **context(api),
+        }
+
+    # Flat targets cannot take a top-only copy: refused before anything moves, the targets left alone.
+    flat = {t: precreate(new_path(dst, "ps1"), virtual_size(p)) for t, p in before.items()}
+    task_uuid = await send(http, src, "/vm/migrate", body(flat, "api-inc-bad"), mn)
+    refused = (await mn.answer(task_uuid)).body
+    assert refused["success"] is False and refused["error"].startswith("AGENT.TARGET_MISMATCH: "), refused
+    assert "has no backing file" in refused["error"]
+    assert guest.where() == {"hostA": "running"} and disk_sources(src, guest.name) == before
+    assert all(os.path.exists(path) for path in flat.values())
+
+    # The management server put the lower layers in place and made the tops on them: only the tops travel.
+    tops: dict[str, str] = {}
+    for target, path in before.items():
+        lower = qemu_img_chain(path)[1]["filename"]
+        base = str(dst.root("ps1").path / os.path.basename(lower))
+        copy_sparse(lower, base)
+        tops[target] = precreate(new_path(dst, "ps1"), virtual_size(path), backing=base)
+    task_uuid = await send(http, src, "/vm/migrate", body(tops, "api-inc"), mn)
+    assert (await mn.answer(task_uuid)).body == {"success": True, "error": None}
+    assert guest.where() == {"hostB": "running"}
+    assert disk_sources(dst, guest.name) == tops
+    for top in tops.values():
+        chain = qemu_img_chain(top)
+        assert len(chain) == 2 and os.path.dirname(chain[1]["filename"]) == str(dst.root("ps1").path)
+    guest.wait_for_acks(20)
+    result = guest.verify()
+    assert result.ok, result.output
