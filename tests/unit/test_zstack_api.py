@@ -658,3 +658,29 @@ def test_the_lab_turns_the_dialect_on_for_its_networks() -> None:
             ipaddress.ip_network("10.213.0.0/24"),
             ipaddress.ip_network("127.0.0.0/8"),
         )
+
+
+async def test_a_command_cut_short_by_a_restart_is_answered_at_the_next_start(
+    tmp_path: Path, mn: FakeManagementServer
+) -> None:
+    task_uuid = zs_uuid()
+    commands = tmp_path / "state" / "zstack" / "commands"
+    commands.mkdir(parents=True)
+    record = {
+        "task_uuid": task_uuid,
+        "kind": "blockCopy",
+        "callback_url": mn.url(mn.CALLBACK),
+        "created_at": time.time(),
+        "vm_uuid": VM_1,
+    }
+    (commands / f"{task_uuid}.json").write_text(json.dumps(record))
+    client = await start_agent(tmp_path)
+    try:
+        call = await answered(mn, task_uuid)
+        assert call.body == {
+            "success": False,
+            "error": "the agent restarted before this command became a task; nothing was started",
+        }
+        assert call.headers["taskuuid"] == task_uuid
+    finally:
+        await client.close()
