@@ -46,7 +46,7 @@ from agent.tasks.manager import TaskManager
 from agent.tasks.model import TaskState
 from agent.tasks.task import Task
 from agent.zstack import translate
-from agent.zstack.records import CommandRecord, CommandStore, HostLink
+from agent.zstack.records import KEEP_ANSWERED_S, CommandRecord, CommandStore, HostLink
 from agent.zstack.wire import (
     BLOCK_COPY,
     COMMAND_PATH_HEADER,
@@ -157,6 +157,7 @@ class ZStackService:
         if known is not None:
             await self._duplicate(known, body)
             return
+        self._forget_old()
         record = CommandRecord(task_uuid, kind, callback_url, self._clock())
         self._records[task_uuid] = record
         await self._save(record)
@@ -405,6 +406,17 @@ class ZStackService:
         self._spawn(run(), f"zstack-reply-{task_uuid}")
 
     # -- plumbing ------------------------------------------------------------------------------------------
+
+    def _forget_old(self) -> None:
+        """Drop answered records past ``KEEP_ANSWERED_S`` from memory (their files go at the next start)."""
+        cutoff = self._clock() - KEEP_ANSWERED_S
+        for task_uuid, record in list(self._records.items()):
+            if record.answered and record.created_at < cutoff:
+                del self._records[task_uuid]
+                if record.agent_task in self._by_task:
+                    self._by_task[record.agent_task].discard(task_uuid)
+                    if not self._by_task[record.agent_task]:
+                        del self._by_task[record.agent_task]
 
     async def _save(self, record: CommandRecord) -> None:
         snapshot = dataclasses.replace(record)
