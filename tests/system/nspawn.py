@@ -3,7 +3,7 @@
 - ``cached_root()``: ``debootstrap --variant=minbase --include=systemd,systemd-sysv,dbus bookworm`` plus the
   Debian packages ``scripts/install`` wants (so that the install inside runs offline), built once under
   ``CACHE_DIR`` (under a lock; concurrent test runs wait and share it), keyed by the package list.
-- ``wheelhouse()``: the agent's Python dependencies as wheels, pinned to this checkout's ``.venv``, cached too.
+- ``wheelhouse()``: the agent's Python dependencies as wheels, pinned to this checkout's ``.venv``; cached.
 - ``Container``: a throw-away overlay over the cached root (writes go to a temp dir), commands run in it
   without booting (``systemd-nspawn`` as a plain chroot-like runner), then booted with
   ``systemd-nspawn -b --register=no --keep-unit --private-network`` as a process this module owns and stops
@@ -39,12 +39,19 @@ DEBOOTSTRAP = ["debootstrap", "--variant=minbase", "--include=systemd,systemd-sy
 #: Where the project is copied inside the container.
 SRC_IN_CONTAINER = "/usr/src/kvm-storage-agent"
 WHEELS_IN_CONTAINER = "/usr/src/ksa-wheels"
+#: Without a system bus on the host, nspawn works only without registering with machined (LAB-NOTES).
+NSPAWN = ("systemd-nspawn", "-q", "--register=no", "--keep-unit")
+PIP_WHEEL = (sys.executable, "-m", "pip", "wheel", "-q", "--disable-pip-version-check")
 #: The parts of the checkout the installer needs.
 PROJECT_PARTS = ("pyproject.toml", "README.md", "agent", "scripts/install", "systemd", "docs")
 
 
 #: The environment of commands run in the booted container (none of the host's: pip settings, pyenv...).
-CLEAN_ENV = ("PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "HOME=/root", "LANG=C.UTF-8")
+CLEAN_ENV = (
+    "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+    "HOME=/root",
+    "LANG=C.UTF-8",
+)
 
 
 class ContainerError(Exception):
@@ -100,8 +107,7 @@ def cached_root() -> Path:
         )
         # Not booted, host network: apt-get reaches the Debian mirror as the package manager does.
         run(
-            ["systemd-nspawn", "-q", "-D", str(building), "-M", f"ksa-build-{key}"]
-            + ["--register=no", "--keep-unit", "sh", "-c", script],
+            [*NSPAWN, "-D", str(building), "-M", f"ksa-build-{key}", "sh", "-c", script],
             timeout=900,
         )
         (building / ".ksa-complete").write_text(" ".join(packages) + "\n")
@@ -129,8 +135,16 @@ def wheelhouse() -> Path:
             constraints.write_text(freeze)
             source = copy_project(Path(tmp) / "src")
             run(
-                [sys.executable, "-m", "pip", "wheel", "-q", "--disable-pip-version-check"]
-                + ["-w", str(building), "-c", str(constraints), str(source), "setuptools>=68", "wheel"],
+                [
+                    *PIP_WHEEL,
+                    "-w",
+                    str(building),
+                    "-c",
+                    str(constraints),
+                    str(source),
+                    "setuptools>=68",
+                    "wheel",
+                ],
                 timeout=900,
             )
         for own in building.glob("kvm_storage_agent-*.whl"):
@@ -145,8 +159,7 @@ def build_agent_wheel(dest: Path, wheels: Path) -> Path:
     with tempfile.TemporaryDirectory() as tmp:
         source = copy_project(Path(tmp) / "src")
         run(
-            [sys.executable, "-m", "pip", "wheel", "-q", "--disable-pip-version-check", "--no-deps"]
-            + ["--no-index", "--find-links", str(wheels), "-w", str(dest), str(source)]
+            [*PIP_WHEEL, "--no-deps", "--no-index", "--find-links", str(wheels), "-w", str(dest), str(source)]
         )
     (wheel,) = dest.glob("kvm_storage_agent-*.whl")
     return wheel
@@ -177,11 +190,8 @@ class Container:
         self.init_pid: int | None = None
         for name in ("upper", "work", "root"):
             (self.workdir / name).mkdir()
-        run(
-            ["mount", "-t", "overlay", "overlay", "-o"]
-            + [f"lowerdir={lower},upperdir={self.workdir / 'upper'},workdir={self.workdir / 'work'}"]
-            + [str(self.root)]
-        )
+        layers = f"lowerdir={lower},upperdir={self.workdir / 'upper'},workdir={self.workdir / 'work'}"
+        run(["mount", "-t", "overlay", "overlay", "-o", layers, str(self.root)])
         self._mounted = True
 
     def path(self, inside: str) -> Path:
@@ -194,8 +204,7 @@ class Container:
         """Run a command in the container's tree with no init (like a chroot, with /proc, /dev, /sys)."""
         assert self.nspawn is None, "the container is booted"
         return run(
-            ["systemd-nspawn", "-q", "-D", str(self.root), "-M", self.name, "--register=no", "--keep-unit"]
-            + ["--private-network", "--", *cmd],
+            [*NSPAWN, "-D", str(self.root), "-M", self.name, "--private-network", "--", *cmd],
             timeout=timeout,
         )
 
@@ -204,8 +213,16 @@ class Container:
     def boot(self, timeout: float = 90) -> None:
         with self.console_log.open("wb") as console:
             self.nspawn = subprocess.Popen(
-                ["systemd-nspawn", "-q", "-D", str(self.root), "-M", self.name, "-b"]
-                + ["--register=no", "--keep-unit", "--private-network", "--console=read-only"],
+                [
+                    *NSPAWN,
+                    "-D",
+                    str(self.root),
+                    "-M",
+                    self.name,
+                    "-b",
+                    "--private-network",
+                    "--console=read-only",
+                ],
                 stdin=subprocess.DEVNULL,
                 stdout=console,
                 stderr=subprocess.STDOUT,
@@ -220,7 +237,8 @@ class Container:
             time.sleep(0.1)
         # Until systemd has its private bus up, systemctl fails to connect: ask again.
         while True:
-            state = self.exec("systemctl", "is-system-running", "--wait", check=False, timeout=timeout).strip()
+            state = self.exec("systemctl", "is-system-running", "--wait", check=False, timeout=timeout)
+            state = state.strip()
             if state in ("running", "degraded"):
                 return
             if "Failed to connect to bus" not in state or time.monotonic() > deadline:
@@ -244,10 +262,13 @@ class Container:
         """Run a command inside the booted container (all its namespaces, its file system)."""
         assert self.init_pid is not None, "the container is not booted"
         return run(
-            ["nsenter", "-t", str(self.init_pid), "-m", "-u", "-i", "-n", "-p", "--", "env", "-i", *CLEAN_ENV, *cmd],
+            [*self._enter_all(), "env", "-i", *CLEAN_ENV, *cmd],
             check=check,
             timeout=timeout,
         )
+
+    def _enter_all(self) -> list[str]:
+        return ["nsenter", "-t", str(self.init_pid), "-m", "-u", "-i", "-n", "-p", "--"]
 
     def exec_net(self, *cmd: str, check: bool = True, timeout: float = 60) -> str:
         """Run a host command in the booted container's network namespace only (its loopback)."""

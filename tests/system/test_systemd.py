@@ -34,6 +34,8 @@ SERVICE = "kvm-storage-agent.service"
 HOST_UUID = "3f2d0c6a-8d1e-4f4b-9a51-6c1de0a7b001"
 STORAGE_UUID = "3f2d0c6a-8d1e-4f4b-9a51-6c1de0a7b0aa"
 STORAGE_PATH = "/srv/ksa/primary"
+SECOND_UUID = "3f2d0c6a-8d1e-4f4b-9a51-6c1de0a7b0bb"
+SECOND_PATH = "/srv/ksa/secondary"
 INSTALL = f"{SRC_IN_CONTAINER}/scripts/install"
 TOKEN_FILE = "/etc/kvm-storage-agent/token"
 CONFIG_FILE = "/etc/kvm-storage-agent/agent.toml"
@@ -41,15 +43,21 @@ JOURNAL_FILE = "/var/lib/kvm-storage-agent/journal.sqlite"
 VM_UUID = "3f2d0c6a-8d1e-4f4b-9a51-6c1de0a7b0f1"
 VM_DISK = f"{STORAGE_PATH}/vm1-root.qcow2"
 #: A VM that libvirt knows but that is not running: a migration request for it is accepted, then fails.
-VM_XML = f"""<domain type='qemu'>
-  <name>ksa-vm1</name><uuid>{VM_UUID}</uuid><memory unit='MiB'>64</memory><vcpu>1</vcpu>
+#: A running VM (TCG, no OS: SeaBIOS is enough for block copy) whose disk the restart test moves.
+VM2_UUID = "3f2d0c6a-8d1e-4f4b-9a51-6c1de0a7b0f2"
+VM2_DISK = f"{STORAGE_PATH}/vm2-root.qcow2"
+VM_XML = """<domain type='qemu'>
+  <name>{name}</name><uuid>{uuid}</uuid><memory unit='MiB'>64</memory><vcpu>1</vcpu>
   <os><type arch='x86_64' machine='pc'>hvm</type></os>
   <devices>
-    <disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='{VM_DISK}'/>
-      <target dev='vda' bus='virtio'/></disk>
+    <disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='{disk}'/>
+      <target dev='vda' bus='virtio'/><serial>{name}-root</serial></disk>
   </devices>
 </domain>
 """
+#: The host's cgroup v1 controllers are read-only inside nspawn: libvirt must not try to use them (test
+#: environment only; on a real host libvirt manages the VMs' cgroups as usual).
+QEMU_CONF = "\ncgroup_controllers = [ ]\n"
 
 _HTTP = """
 import json, sys, urllib.error, urllib.request
@@ -69,7 +77,7 @@ except urllib.error.HTTPError as err:
 
 @pytest.fixture(scope="module")
 def container() -> Iterator[Container]:
-    """Installed while not booted (as on a fresh image), then booted; removed, processes and all, at the end."""
+    """Installed while not booted (as on a fresh image), then booted; removed with its processes."""
     root = cached_root()
     wheels = wheelhouse()
     box = Container(root)
@@ -88,17 +96,30 @@ def container() -> Iterator[Container]:
             f"{WHEELS_IN_CONTAINER}/{agent_wheel.name}",
             "--storage",
             f"{STORAGE_UUID}={STORAGE_PATH}",
+            "--storage",
+            f"{SECOND_UUID}={SECOND_PATH}",
             "--host-uuid",
             HOST_UUID,
         )
         assert "starts at the next boot" in out, out
+        with box.path("/etc/libvirt/qemu.conf").open("a") as conf:
+            conf.write(QEMU_CONF)
         box.boot()
-        box.exec("qemu-img", "create", "-q", "-f", "qcow2", VM_DISK, "64M")
-        box.path("/root/vm1.xml").write_text(VM_XML)
-        box.exec("virsh", "-q", "define", "/root/vm1.xml")
+        define_vm(box, "ksa-vm1", VM_UUID, VM_DISK)
         yield box
     finally:
+        # A guest without an OS ignores ACPI shutdown: libvirt-guests would make power-off wait for it.
+        if box.init_pid is not None:
+            box.exec("virsh", "destroy", "ksa-vm2", check=False)
         box.close()
+
+
+def define_vm(box: Container, name: str, vm_uuid: str, disk: str, data_mib: int = 0) -> None:
+    box.exec("qemu-img", "create", "-q", "-f", "qcow2", disk, "1G")
+    if data_mib:
+        box.exec("qemu-io", "-c", f"write -P 0xab 0 {data_mib}M", disk)
+    box.path(f"/root/{name}.xml").write_text(VM_XML.format(name=name, uuid=vm_uuid, disk=disk))
+    box.exec("virsh", "-q", "define", f"/root/{name}.xml")
 
 
 def api(box: Container, method: str, path: str, body: Any = None, token: str | None = None) -> Any:
@@ -154,7 +175,8 @@ def test_service_is_active_and_answers_health(container: Container) -> None:
     assert container.exec("systemctl", "is-active", "libvirtd.service").strip() == "active"
     host = api(container, "GET", "/v1/host", token=token_of(container))
     assert host["status"] == 200
-    assert [(s["uuid"], s["path"]) for s in host["body"]["storage"]] == [(STORAGE_UUID, STORAGE_PATH)]
+    roots = [(s["uuid"], s["path"]) for s in host["body"]["storage"]]
+    assert roots == [(STORAGE_UUID, STORAGE_PATH), (SECOND_UUID, SECOND_PATH)]
     assert api(container, "GET", "/v1/host", token="wrong")["status"] == 401
     # The token file is root's alone.
     assert container.exec("stat", "-c", "%U %a", TOKEN_FILE).split() == ["root", "600"]
@@ -197,6 +219,47 @@ def test_restart_keeps_the_journals_tasks(container: Container) -> None:
     after = api(container, "GET", f"/v1/tasks/{task_uuid}", token=token_of(container))["body"]
     assert after == before
     assert "kvm-storage-agent stopped" in logs(container)  # the old one stopped gracefully, not killed
+
+
+def test_restart_during_a_migration_leaves_it_running_in_libvirt(container: Container) -> None:
+    """KillMode=mixed and the agent's detach: the block copy belongs to libvirt and QEMU; the restarted
+    agent picks it up from the journal and finishes it."""
+    define_vm(container, "ksa-vm2", VM2_UUID, VM2_DISK, data_mib=160)
+    container.exec("virsh", "-q", "start", "ksa-vm2")
+    qemu_pid = container.exec("cat", "/run/libvirt/qemu/ksa-vm2.pid").strip()
+    token = token_of(container)
+    body = {
+        "primaryStorageMigrateVm": {"dstPrimaryStorageUuid": SECOND_UUID},
+        "migrateVm": {"bandwidth": 16},  # MiB/s: 160 MiB of data take about 10 s
+    }
+    reply = api(container, "POST", f"/v1/vms/{VM2_UUID}/storage-migrations", body, token)
+    assert reply["status"] == 202, reply
+    task_uuid = reply["body"]["taskUuid"]
+    deadline = time.monotonic() + 60
+    while True:
+        task = api(container, "GET", f"/v1/tasks/{task_uuid}", token=token)["body"]
+        if task["state"] == "COPYING" and task["progress"]["bytesDone"] > 0:
+            break
+        assert task["state"] in ("PENDING", "PREPARING", "COPYING") and time.monotonic() < deadline, task
+        time.sleep(0.2)
+
+    container.exec("systemctl", "restart", SERVICE)
+    # The mirror and the VM went on without the agent.
+    assert container.exec("cat", "/run/libvirt/qemu/ksa-vm2.pid").strip() == qemu_pid
+    job = container.exec("virsh", "blockjob", "ksa-vm2", "vda", "--info")
+    assert "Block Copy" in job, job
+
+    while True:
+        task = api(container, "GET", f"/v1/tasks/{task_uuid}", token=token)["body"]
+        if task["state"] in ("SUCCEEDED", "FAILED", "CANCELLED"):
+            break
+        assert time.monotonic() < deadline, task
+        time.sleep(0.5)
+    assert task["state"] == "SUCCEEDED", task
+    disks = container.exec("virsh", "domblklist", "ksa-vm2")
+    assert SECOND_PATH in disks and STORAGE_PATH not in disks, disks
+    assert "resuming" in logs(container)
+    container.exec("virsh", "destroy", "ksa-vm2")
 
 
 def test_install_again_upgrades_in_place_keeping_token_config_and_journal(container: Container) -> None:
