@@ -182,6 +182,7 @@ class Container:
     """An overlay over the cached root; ``boot()`` starts systemd in it, ``close()`` stops and removes all."""
 
     def __init__(self, lower: Path) -> None:
+        self.lower = lower
         self.name = f"ksa-test-{uuid.uuid4().hex[:8]}"
         self.workdir = Path(tempfile.mkdtemp(prefix="ksa-system-"))
         self.root = self.workdir / "root"

@@ -290,6 +290,11 @@ def test_install_again_upgrades_in_place_keeping_token_config_and_journal(contai
     assert new_live != live and re.fullmatch(r"venvs/[0-9]+-[0-9]+", new_live)
     assert container.exec("systemctl", "is-active", SERVICE).strip() == "active"
     assert show(container, "MainPID")["MainPID"] != pid
+    # The command on PATH is the new code's.
+    health = json.loads(
+        container.exec("kvm-storage-agent", "health", "--agent", "http://127.0.0.1:7070", "--json")
+    )
+    assert health["hostUuid"] == HOST_UUID, health
     units = container.exec("systemctl", "list-units", "--all", "--plain", "--no-legend", "kvm-storage-agent*")
     assert len(units.splitlines()) == 1, units
     wait_healthy(container)
@@ -317,7 +322,9 @@ def test_uninstall_leaves_no_unit_and_keeps_data_unless_purged(container: Contai
     assert container.path(STORAGE_PATH).is_dir()
     # The TCP listener set up by --libvirt-tcp is gone too.
     assert container.exec("systemctl", "is-enabled", "libvirtd-tcp.socket", check=False).strip() == "disabled"
-    assert "kvm-storage-agent" not in container.path("/etc/libvirt/libvirtd.conf").read_text()
+    libvirtd_conf = container.path("/etc/libvirt/libvirtd.conf").read_text()
+    assert libvirtd_conf == (container.lower / "etc/libvirt/libvirtd.conf").read_text()  # as Debian ships it
+    assert not container.path("/usr/local/bin/kvm-storage-agent").exists()
 
     container.exec(INSTALL, "--uninstall", "--purge")
     assert not container.path("/etc/kvm-storage-agent").exists()
