@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 from nspawn import (
+    REPO,
     SRC_IN_CONTAINER,
     WHEELS_IN_CONTAINER,
     Container,
@@ -110,7 +111,8 @@ def container() -> Iterator[Container]:
     finally:
         # A guest without an OS ignores ACPI shutdown: libvirt-guests would make power-off wait for it.
         if box.init_pid is not None:
-            box.exec("virsh", "destroy", "ksa-vm2", check=False)
+            for vm in ("ksa-vm2", "demo1"):
+                box.exec("virsh", "destroy", vm, check=False)
         box.close()
 
 
@@ -308,6 +310,32 @@ def test_install_again_upgrades_in_place_keeping_token_config_and_journal(contai
     # A second run changes nothing in libvirt's settings (no libvirtd restart).
     out = container.exec(INSTALL, "--wheelhouse", WHEELS_IN_CONTAINER, "--libvirt-tcp", timeout=300)
     assert "restarting libvirtd" not in out, out
+
+
+def test_the_vagrant_demo_vm_moves_with_the_cli_on_path(container: Container) -> None:
+    """vagrant/demo-vm and the README's command line, same-host here (the Vagrant lab goes cross-host)."""
+    container.path("/usr/src/demo-vm").write_text((REPO / "vagrant" / "demo-vm").read_text())
+    container.exec("chmod", "+x", "/usr/src/demo-vm")
+    out = container.exec("env", f"KSA_STORAGE_PATH={STORAGE_PATH}", "/usr/src/demo-vm", "demo1")
+    vm_uuid = out.strip().splitlines()[-1]
+    assert container.exec("virsh", "-q", "domstate", "demo1").strip() == "running"
+    out = container.exec(
+        "kvm-storage-agent",
+        "migrate",
+        vm_uuid,
+        "--agent",
+        "http://127.0.0.1:7070",
+        "--token-file",
+        TOKEN_FILE,
+        "--dst-storage",
+        SECOND_UUID,
+        "--with-snapshots",
+        "--wait",
+        timeout=120,
+    )
+    disks = container.exec("virsh", "domblklist", "demo1")
+    container.exec("virsh", "destroy", "demo1")
+    assert f"{SECOND_PATH}/demo1-root.qcow2" in disks, out + disks
 
 
 def test_uninstall_leaves_no_unit_and_keeps_data_unless_purged(container: Container) -> None:
