@@ -1,0 +1,1 @@
+"""Image transfer between hosts (qemu-storage-daemon, NBD)."""

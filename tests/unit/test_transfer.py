@@ -1,0 +1,211 @@
+"""Layer transfer over real qemu-storage-daemon and NBD on loopback: chains, allocation, cleanup, rate."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+from test_transfer_support import (
+    LOOPBACK,
+    MiB,
+    create,
+    make_chain,
+    needs_qemu,
+    port_closed,
+    qemu_io,
+    qsd_children,
+    transfer_layer,
+)
+
+from agent.errors import InvalidRequest
+from agent.storage import qemuimg
+from agent.transfer.export import IncomingLayer
+from agent.transfer.send import TransferFailed, send_layer_to
+from agent.transfer.verify import layer_extents
+
+pytestmark = needs_qemu
+
+
+async def test_three_layer_chain_arrives_layer_by_layer(tmp_path: Path) -> None:
+    src = make_chain(tmp_path / "src")
+    dst_dir = tmp_path / "dst"
+    dst_dir.mkdir()
+    dst = [str(dst_dir / Path(p).name) for p in src]
+    ports = []
+    for i in reversed(range(3)):  # base first
+        below = dst[i + 1] if i + 1 < len(dst) else None
+        _digest, port = await transfer_layer(src[i], dst[i], below)
+        ports.append(port)
+
+    for i, path in enumerate(dst):
+        info = await qemuimg.info(path)
+        assert info.format == "qcow2"
+        assert info.virtual_size == 64 * MiB
+        assert info.backing == (dst[i + 1] if i + 1 < len(dst) else None)
+        # The layer alone allocates exactly what its source allocates, zeroed ranges as zeroed ranges.
+        assert await layer_extents(path) == await layer_extents(src[i])
+    assert await qemuimg.compare(src[0], dst[0])
+    assert await qemuimg.compare(src[1], dst[1])
+    assert not qsd_children()
+    assert all(port_closed(LOOPBACK, port) for port in ports)
+
+
+async def test_zeroed_range_masks_the_base_at_the_destination(tmp_path: Path) -> None:
+    src = make_chain(tmp_path / "src")
+    dst_dir = tmp_path / "dst"
+    dst_dir.mkdir()
+    base, mid = str(dst_dir / "base.qcow2"), str(dst_dir / "mid.qcow2")
+    await transfer_layer(src[2], base, None, tls=False)
+    await transfer_layer(src[1], mid, base, tls=False)
+    zero = [e for e in await layer_extents(mid) if e.zero]
+    assert [(e.start, e.length) for e in zero] == [(16 * MiB, 4 * MiB)]
+    # Through the chain the base's 0x12 data is hidden by mid's zeroes.
+    qemu_io(mid, "read -P 0 16M 4M", "read -P 0x12 20M 4M")
+
+
+async def _incoming_for(src: str, dst: str, *, tls: bool = True) -> IncomingLayer:
+    info = await qemuimg.info(src)
+    return await IncomingLayer.prepare(
+        dst, info.format, info.virtual_size, listen_host=LOOPBACK, cluster_size=info.cluster_size, tls=tls
+    )
+
+
+def _big_layer(tmp_path: Path, data_mib: int, zero_mib: int = 0) -> str:
+    path = create(tmp_path / "big.qcow2", (data_mib + zero_mib + 8) * MiB)
+    commands = [f"write -P 0x5a 0 {data_mib}M"]
+    if zero_mib:
+        commands.append(f"write -z {data_mib}M {zero_mib}M")
+    qemu_io(path, *commands)
+    return path
+
+
+async def test_cancel_mid_transfer_leaves_nothing(tmp_path: Path) -> None:
+    src = _big_layer(tmp_path, 64)
+    dst = str(tmp_path / "dst.qcow2")
+    incoming = await _incoming_for(src, dst)
+    port = incoming.endpoint.port
+    progress: list[tuple[int, int]] = []
+    send = asyncio.create_task(
+        send_layer_to(
+            src,
+            "qcow2",
+            incoming.endpoint,
+            rate=lambda: 8 * MiB,
+            on_progress=lambda d, t: progress.append((d, t)),
+        )
+    )
+    async with asyncio.timeout(30):
+        while not progress or progress[-1][0] == 0:
+            await asyncio.sleep(0.1)
+    send.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await send
+    await incoming.abort()
+    assert not os.path.exists(dst)
+    assert not qsd_children()
+    assert port_closed(LOOPBACK, port)
+    assert all(done < total for done, total in progress)
+
+
+async def test_killed_source_daemon_fails_clearly_and_cleans_up(tmp_path: Path) -> None:
+    src = _big_layer(tmp_path, 64)
+    dst = str(tmp_path / "dst.qcow2")
+    incoming = await _incoming_for(src, dst)
+    port = incoming.endpoint.port
+    progress: list[tuple[int, int]] = []
+    send = asyncio.create_task(
+        send_layer_to(
+            src,
+            "qcow2",
+            incoming.endpoint,
+            rate=lambda: 8 * MiB,
+            on_progress=lambda d, t: progress.append((d, t)),
+        )
+    )
+    async with asyncio.timeout(30):
+        while not progress:
+            await asyncio.sleep(0.1)
+    source = [p for p in qsd_children() if p.pid != incoming.daemon_pid]
+    assert len(source) == 1
+    os.kill(source[0].pid, signal.SIGKILL)
+    with pytest.raises(TransferFailed) as failure:
+        await send
+    message = failure.value.description
+    assert src in message and "SIGKILL" in message and "storage daemon" in message
+    await incoming.abort()
+    assert not os.path.exists(dst)
+    assert not qsd_children()
+    assert port_closed(LOOPBACK, port)
+
+
+async def test_rate_limit_holds_and_follows_changes(tmp_path: Path) -> None:
+    src = _big_layer(tmp_path, 64)
+    started = time.monotonic()
+    await transfer_layer(src, str(tmp_path / "a.qcow2"), None, rate=lambda: 32 * MiB)
+    capped = time.monotonic() - started
+    assert capped >= 1.8, capped  # 64 MiB at 32 MiB/s: 2 s
+
+    # Retuned while running: 4 MiB/s for the first second, then uncapped.
+    t0 = time.monotonic()
+    started = time.monotonic()
+    await transfer_layer(
+        src, str(tmp_path / "b.qcow2"), None, rate=lambda: 4 * MiB if time.monotonic() - t0 < 1 else None
+    )
+    assert time.monotonic() - started < 10  # at 4 MiB/s throughout it would take 16 s
+
+
+async def test_zeroed_ranges_are_not_charged_to_the_rate(tmp_path: Path) -> None:
+    src = _big_layer(tmp_path, 16, zero_mib=512)
+    started = time.monotonic()
+    digest, _port = await transfer_layer(src, str(tmp_path / "dst.qcow2"), None, rate=lambda: 16 * MiB)
+    elapsed = time.monotonic() - started
+    assert digest.allocated == 528 * MiB
+    assert elapsed < 10, elapsed  # 16 MiB of data: about 1 s; charged for the zeroes it would be 33 s
+    assert [e.zero for e in await layer_extents(str(tmp_path / "dst.qcow2"))] == [False, True]
+
+
+async def test_progress_is_monotonic_and_ends_at_total(tmp_path: Path) -> None:
+    src = _big_layer(tmp_path, 32)
+    progress: list[tuple[int, int]] = []
+    await transfer_layer(src, str(tmp_path / "dst.qcow2"), None, rate=lambda: 16 * MiB, progress=progress)
+    assert progress[-1] == (32 * MiB, 32 * MiB)
+    dones = [d for d, _t in progress]
+    assert dones == sorted(dones)
+    assert all(d < t for d, t in progress[:-1])
+
+
+async def test_raw_layer(tmp_path: Path) -> None:
+    src = create(tmp_path / "disk.raw", 32 * MiB, fmt="raw")
+    qemu_io(src, "write -P 0x44 1M 3M", "write -P 0x45 20M 1M", fmt="raw")
+    dst = str(tmp_path / "copy.raw")
+    await transfer_layer(src, dst, None)
+    assert (await qemuimg.info(dst)).format == "raw"
+    assert await qemuimg.compare(src, dst)
+    assert os.stat(dst).st_blocks * 512 < 16 * MiB  # holes stayed holes
+
+
+async def test_export_listens_only_on_the_given_address(tmp_path: Path) -> None:
+    src = _big_layer(tmp_path, 1)
+    info = await qemuimg.info(src)
+    incoming = await IncomingLayer.prepare(
+        str(tmp_path / "dst.qcow2"), "qcow2", info.virtual_size, listen_host="127.0.0.2"
+    )
+    try:
+        port = incoming.endpoint.port
+        assert not port_closed("127.0.0.2", port)
+        assert port_closed(LOOPBACK, port)
+    finally:
+        await incoming.abort()
+    assert port_closed("127.0.0.2", port)
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "hostb.example"])
+async def test_wildcard_or_name_is_refused(tmp_path: Path, host: str) -> None:
+    with pytest.raises(InvalidRequest):
+        await IncomingLayer.prepare(str(tmp_path / "dst.qcow2"), "qcow2", MiB, listen_host=host)
+    assert not os.path.exists(tmp_path / "dst.qcow2")
+    assert not qsd_children()
