@@ -27,7 +27,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +82,16 @@ def _cache_lock() -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
+def _remove_stale(paths: Iterable[Path]) -> None:
+    """Old cache entries, unless another run (another checkout) may be using one: an overlay over it is
+    mounted, or it was used within the hour."""
+    mounts = Path("/proc/mounts").read_text()
+    for path in paths:
+        if f"lowerdir={path}," in mounts or time.time() - path.stat().st_mtime < 3600:
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def install_packages() -> list[str]:
     """The Debian packages ``scripts/install --wheelhouse`` would install (it says so itself)."""
     out = run([str(REPO / "scripts/install"), "--wheelhouse", "/nonexistent", "--print-packages"])
@@ -95,9 +105,9 @@ def cached_root() -> Path:
     root = CACHE_DIR / f"root-{key}"
     with _cache_lock():
         if (root / ".ksa-complete").exists():
+            os.utime(root)
             return root
-        for stale in CACHE_DIR.glob("root-*"):
-            shutil.rmtree(stale, ignore_errors=True)
+        _remove_stale(CACHE_DIR.glob("root-*"))
         building = CACHE_DIR / f"building-{key}"
         shutil.rmtree(building, ignore_errors=True)
         run([*DEBOOTSTRAP[:-1], SUITE, str(building), MIRROR], timeout=900)
@@ -124,9 +134,9 @@ def wheelhouse() -> Path:
     target = CACHE_DIR / f"wheels-{key}"
     with _cache_lock():
         if (target / ".ksa-complete").exists():
+            os.utime(target)
             return target
-        for stale in CACHE_DIR.glob("wheels-*"):
-            shutil.rmtree(stale, ignore_errors=True)
+        _remove_stale(CACHE_DIR.glob("wheels-*"))
         building = CACHE_DIR / f"building-wheels-{key}"
         shutil.rmtree(building, ignore_errors=True)
         building.mkdir()
