@@ -6,6 +6,7 @@ The source agent calls them with this agent's token or the cluster token; the ma
 from __future__ import annotations
 
 from aiohttp import web
+from pydantic import BaseModel, ConfigDict, Field
 
 from agent.api.keys import INCOMING
 from agent.api.middleware import json_response
@@ -39,3 +40,31 @@ async def commit(request: web.Request) -> web.StreamResponse:
 async def abort(request: web.Request) -> web.StreamResponse:
     """``DELETE /v1/incoming-migrations/{id}``: remove what it created (idempotent)."""
     return json_response(await _service(request).abort(path_uuid(request, "migrationId")))
+
+
+class LayerRef(BaseModel):
+    """Which lower layer of which disk (base = 0)."""
+
+    model_config = ConfigDict(extra="forbid")
+    target: str = Field(pattern="^[a-z]{2,3}[a-z]{1,2}$")
+    index: int = Field(ge=0, le=63)
+
+
+class LayerDone(LayerRef):
+    digest: dict[str, object]
+
+
+async def open_layer(request: web.Request) -> web.StreamResponse:
+    """``POST .../{id}/layers``: create a lower layer and export it over NBD for the source to fill."""
+    ref = validate(LayerRef, await read_object(request))
+    migration_id = path_uuid(request, "migrationId")
+    return json_response(await _service(request).open_layer(migration_id, ref.target, ref.index), status=201)
+
+
+async def finish_layer(request: web.Request) -> web.StreamResponse:
+    """``POST .../{id}/layers/finish``: close the export and verify the layer against the source's digest."""
+    done = validate(LayerDone, await read_object(request))
+    migration_id = path_uuid(request, "migrationId")
+    return json_response(
+        await _service(request).finish_layer(migration_id, done.target, done.index, dict(done.digest))
+    )

@@ -155,6 +155,23 @@ ROUTES: tuple[Route, ...] = (
         errors=(400, 401, 404, 503),
     ),
     Route(
+        "POST",
+        "/v1/incoming-migrations/{migrationId}/layers",
+        incoming_handlers.open_layer,
+        "Agent to agent: create a lower chain layer and export it (NBD over TLS-PSK) for the source to fill",
+        body=incoming_handlers.LayerRef,
+        status=201,
+        errors=(400, 401, 404, 409, 503),
+    ),
+    Route(
+        "POST",
+        "/v1/incoming-migrations/{migrationId}/layers/finish",
+        incoming_handlers.finish_layer,
+        "Agent to agent: close a layer's export and verify it against the source's digest",
+        body=incoming_handlers.LayerDone,
+        errors=(400, 401, 404, 503),
+    ),
+    Route(
         "DELETE",
         "/v1/incoming-migrations/{migrationId}",
         incoming_handlers.abort,

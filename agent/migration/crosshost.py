@@ -29,13 +29,15 @@ from typing import Any
 
 import libvirt
 
-from agent.client import AgentClient, ApiError, ClientError
+from agent.client import AgentClient
 from agent.config import AgentConfig
 from agent.errors import AgentError, InvalidRequest, MigrationFailed, NotFound, PreflightFailed
 from agent.migration import convergence
 from agent.migration.engine import TaskContext
 from agent.migration.incoming import IncomingDisk, IncomingLayer, IncomingSpec
+from agent.migration.layers import send_layer_to_peer
 from agent.migration.pacing import AllocationIndex, MirrorSample, job_speed, real_bytes_done, split_budget
+from agent.migration.peer import peer_call
 from agent.migration.plan import DiskPlan, MigrationPlan, inspect_chains, plan_migration
 from agent.migration.request import Strategy
 from agent.storage import qemuimg
@@ -88,7 +90,7 @@ class CrossHostEngine:
             data: dict[str, Any] = {"engine": "cross-host", "step": "preparing", "plan": plan.to_dict()}
             await ctx.checkpoint(data)
             try:
-                prepared = await _peer_call(
+                prepared = await peer_call(
                     peer, "POST", ("v1", "incoming-migrations"), self._incoming_spec(ctx, plan).model_dump()
                 )
                 data.update(step="prepared", prepared=prepared)
@@ -180,7 +182,6 @@ class CrossHostEngine:
         """Fill the destination's lower layers, base first, each verified before the next (resumable)."""
         if not plan.layers:
             return
-        from agent.transfer.client import send_layer_to_peer
 
         done: dict[str, str] = data.setdefault("layersDone", {})  # destination path -> source path
         for disk in plan.disks:
@@ -189,6 +190,10 @@ class CrossHostEngine:
                 if dst_path in done:  # sent before a restart, or a base shared with another disk
                     continue
                 item = f"layer:{os.path.basename(layer.src)}"
+
+                def progress(done_bytes: int, total: int, item: str = item) -> None:
+                    ctx.progress(item, done_bytes, total)
+
                 await send_layer_to_peer(
                     peer,
                     ctx.task_uuid,
@@ -197,7 +202,7 @@ class CrossHostEngine:
                     layer.src,
                     layer.format,
                     rate=lambda: ctx.bandwidth,
-                    on_progress=lambda d, t, item=item: ctx.progress(item, d, t),
+                    on_progress=progress,
                     log=ctx.log,
                 )
                 done[dst_path] = layer.src
@@ -347,7 +352,7 @@ class CrossHostEngine:
                     f"measured downtime {int(downtime)} ms exceeded the requested {ctx.downtime_ms} ms",
                 )
         await ctx.enter(TaskState.VERIFYING)
-        await _peer_call(peer, "POST", ("v1", "incoming-migrations", ctx.task_uuid, "commit"), {})
+        await peer_call(peer, "POST", ("v1", "incoming-migrations", ctx.task_uuid, "commit"), {})
         try:
             still_here = await self.host.domain_state(ctx.vm_uuid)
         except NotFound:
@@ -356,7 +361,7 @@ class CrossHostEngine:
             raise MigrationFailed(
                 f"VM {ctx.vm_uuid} still runs on this host after the migration", code="AGENT.VERIFY_FAILED"
             )
-        vm = await _peer_call(peer, "GET", ("v1", "vms", ctx.vm_uuid), None)
+        vm = await peer_call(peer, "GET", ("v1", "vms", ctx.vm_uuid), None)
         return remote_inventory(vm, plan)
 
     async def _abort_remote(self, ctx: TaskContext, peer: AgentClient) -> None:
@@ -368,7 +373,7 @@ class CrossHostEngine:
             deadline = time.monotonic() + ABORT_RETRY_S
             while True:
                 try:
-                    await _peer_call(peer, "DELETE", ("v1", "incoming-migrations", ctx.task_uuid), None)
+                    await peer_call(peer, "DELETE", ("v1", "incoming-migrations", ctx.task_uuid), None)
                     return
                 except MigrationFailed as err:
                     if err.code != "AGENT.PEER_UNREACHABLE" or time.monotonic() > deadline:
@@ -441,7 +446,7 @@ class CrossHostEngine:
 
     async def _runs_on_peer(self, ctx: TaskContext, peer: AgentClient) -> bool:
         try:
-            vm = await _peer_call(peer, "GET", ("v1", "vms", ctx.vm_uuid), None)
+            vm = await peer_call(peer, "GET", ("v1", "vms", ctx.vm_uuid), None)
         except AgentError:  # unknown there, or the destination cannot be asked
             return False
         return vm.get("state") in ("running", "paused")
@@ -596,28 +601,6 @@ def _drain_completed(events: asyncio.Queue[DomainEvent]) -> dict[str, Any] | Non
         if event.kind == "job-completed":
             completed = dict(event.stats)
     return completed
-
-
-async def _peer_call(peer: AgentClient, method: str, segments: tuple[str, ...], body: Any) -> Any:
-    """Agent-to-agent call; the destination's ErrorCode is carried as the cause."""
-    try:
-        return await peer.request(method, *segments, json_body=body)
-    except ApiError as err:
-        error = err.error or {}
-        if err.status == 404:
-            raise NotFound(f"destination agent: {error.get('description', err)}") from err
-        raise MigrationFailed(
-            f"destination agent refused {method} {'/'.join(segments)}: {error.get('description', err)}",
-            code=str(error.get("code") or "AGENT.PEER_ERROR"),
-            field=error.get("field"),
-            details=error.get("details"),
-        ) from err
-    except ClientError as err:
-        raise MigrationFailed(
-            f"destination agent unreachable: {err}",
-            code="AGENT.PEER_UNREACHABLE",
-            details="check dstHost.agentUrl, the token and the network",
-        ) from err
 
 
 def remote_inventory(vm: Mapping[str, Any], plan: MigrationPlan) -> list[dict[str, Any]]:

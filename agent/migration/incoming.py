@@ -17,6 +17,7 @@ knows what to remove.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -30,6 +31,8 @@ from agent.migration.request import normalise_uuid
 from agent.migration.targets import check_precreated_target
 from agent.storage import qemuimg
 from agent.storage.roots import StorageRoot, StorageRoots
+from agent.transfer.export import IncomingLayer as LayerExport
+from agent.transfer.verify import LayerDigest, verify_layer
 from agent.virt.domxml import parse_disks
 from agent.virt.host import VirtHost
 
@@ -88,6 +91,7 @@ class IncomingService:
         self.peer_libvirt_uri = peer_libvirt_uri
         self.migration_address = migration_address
         self._lock = asyncio.Lock()
+        self._layers: dict[tuple[str, str], LayerExport] = {}  # (migration id, path) -> open export
 
     def _record_path(self, migration_id: str) -> Path:
         return self.dir / f"{normalise_uuid(migration_id)}.json"
@@ -199,18 +203,11 @@ class IncomingService:
             )
 
     async def _create_disk(self, record: dict[str, Any], disk: IncomingDisk, paths: dict[str, Any]) -> None:
+        """Create the top now; lower layers are created by their transfer (``open_layer``), base first."""
         if disk.precreated:
             return
-        below: str | None = None
-        below_fmt: str | None = None
-        for layer, path in zip(disk.layers, paths["layers"], strict=True):
-            if path not in record["created"]:
-                record["created"].append(path)
-                self._save(record)
-                await qemuimg.create(
-                    path, layer.format, layer.virtualSize, backing=below, backing_format=below_fmt
-                )
-            below, below_fmt = path, layer.format
+        below = paths["layers"][-1] if paths["layers"] else None
+        below_fmt = disk.layers[-1].format if disk.layers else None
         record["created"].append(paths["top"])
         self._save(record)
         await qemuimg.create(
@@ -219,7 +216,84 @@ class IncomingService:
             disk.virtualSize,
             backing=None if disk.flatten else below,
             backing_format=None if disk.flatten else below_fmt,
+            backing_may_be_missing=True,
         )
+
+    async def open_layer(self, migration_id: str, target: str, index: int) -> dict[str, Any]:
+        """Create lower layer ``index`` of ``target`` and export it over NBD (TLS-PSK) for the source to
+        fill; answers the endpoint, which only the authenticated source agent learns."""
+        async with self._lock:
+            record = self._load(migration_id)
+            path, spec, backing, backing_fmt = self._layer(record, target, index)
+            key = (normalise_uuid(migration_id), path)
+            if key in self._layers:
+                return {"path": path, "endpoint": self._layers[key].endpoint.to_dict()}
+            if path in record.get("layersDone", []):
+                raise Conflict(f"layer {path} was already transferred and verified")
+            if path not in record["created"]:
+                record["created"].append(path)
+                self._save(record)
+            if os.path.lexists(path):  # a partial copy from before a restart: start it over
+                os.unlink(path)
+            layer = await LayerExport.prepare(
+                path,
+                spec["format"],
+                spec["virtualSize"],
+                listen_host=self.migration_address,
+                backing=backing,
+                backing_format=backing_fmt,
+            )
+            self._layers[key] = layer
+            log.info(
+                "incoming migration %s: layer %s exported on %s", migration_id, path, self.migration_address
+            )
+            return {"path": path, "endpoint": layer.endpoint.to_dict()}
+
+    async def finish_layer(
+        self, migration_id: str, target: str, index: int, digest: dict[str, Any]
+    ) -> dict[str, Any]:
+        """The source finished sending: close the export, then check the layer against the source's digest
+        and its backing pointer. A layer that does not match is removed."""
+        async with self._lock:
+            record = self._load(migration_id)
+            path, spec, backing, backing_fmt = self._layer(record, target, index)
+            layer = self._layers.pop((normalise_uuid(migration_id), path), None)
+            if layer is None:
+                if path in record.get("layersDone", []):
+                    return {"path": path, "verified": True}
+                raise NotFound(f"layer {path} is not being transferred", field="index")
+            await layer.finish()
+            try:
+                await verify_layer(
+                    path,
+                    spec["format"],
+                    LayerDigest.from_dict(digest),
+                    backing=backing,
+                    backing_format=backing_fmt,
+                )
+            except BaseException:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+                raise
+            record.setdefault("layersDone", []).append(path)
+            self._save(record)
+            log.info("incoming migration %s: layer %s verified", migration_id, path)
+            return {"path": path, "verified": True}
+
+    def _layer(
+        self, record: dict[str, Any], target: str, index: int
+    ) -> tuple[str, dict[str, Any], str | None, str | None]:
+        """(path, spec, backing path, backing format) of lower layer ``index`` (base = 0) of ``target``."""
+        for disk, spec in zip(record["layout"]["disks"], record["spec"]["disks"], strict=True):
+            if disk["target"] != target:
+                continue
+            if not 0 <= index < len(disk["layers"]):
+                raise NotFound(f"disk {target} has no layer {index}", field="index")
+            backing = disk["layers"][index - 1] if index > 0 else None
+            backing_fmt = spec["layers"][index - 1]["format"] if index > 0 else None
+            layer_spec: dict[str, Any] = spec["layers"][index]
+            return disk["layers"][index], layer_spec, backing, backing_fmt
+        raise NotFound(f"incoming migration {record['migrationId']} has no disk {target}", field="target")
 
     def _answer(self, record: dict[str, Any]) -> dict[str, Any]:
         return {
@@ -265,6 +339,8 @@ class IncomingService:
                     f"VM {record['vmUuid']} already runs on this host; refusing to remove its files",
                     details="the migration finished; commit it instead",
                 )
+            for key in [k for k in self._layers if k[0] == normalise_uuid(migration_id)]:
+                await self._layers.pop(key).abort()
             removed = await self._remove(record)
             self._record_path(migration_id).unlink(missing_ok=True)
             log.info("incoming migration %s aborted; removed %d files", migration_id, len(removed))
@@ -288,14 +364,3 @@ class IncomingService:
             except FileNotFoundError:
                 pass
         return removed
-
-    def layer_path(self, migration_id: str, target: str, index: int) -> tuple[str, dict[str, Any]]:
-        """The destination path of lower layer ``index`` (base = 0) of disk ``target``, and its spec."""
-        record = self._load(migration_id)
-        for disk, spec in zip(record["layout"]["disks"], record["spec"]["disks"], strict=True):
-            if disk["target"] == target:
-                if not 0 <= index < len(disk["layers"]):
-                    raise NotFound(f"disk {target} has no layer {index}")
-                layer_spec: dict[str, Any] = spec["layers"][index]
-                return disk["layers"][index], layer_spec
-        raise NotFound(f"incoming migration {migration_id} has no disk {target}")

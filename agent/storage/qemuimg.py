@@ -92,11 +92,21 @@ async def info(path: str) -> ImageInfo:
 
 
 async def create(
-    path: str, fmt: str, size: int, *, backing: str | None = None, backing_format: str | None = None
+    path: str,
+    fmt: str,
+    size: int,
+    *,
+    backing: str | None = None,
+    backing_format: str | None = None,
+    backing_may_be_missing: bool = False,
 ) -> None:
+    """A new image; ``backing_may_be_missing``: write the pointer without opening the backing file (``-u``),
+    for a top whose lower layers arrive later."""
     args = [QEMU_IMG, "create", "-q", "-f", fmt]
     if backing is not None:
         args += ["-b", backing, "-F", backing_format or "qcow2"]
+        if backing_may_be_missing:
+            args.append("-u")
     args += [path, str(size)]
     await run(*args, limit_s=60)
 

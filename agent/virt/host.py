@@ -84,8 +84,13 @@ class VirtHost:
 
     @classmethod
     async def open(cls, uri: str) -> VirtHost:
+        """Connect now if libvirtd answers; if it does not (yet), the agent still starts and every call
+        tries again, so a libvirtd restarted after the agent is picked up without restarting the agent."""
         host = cls(uri)
-        await host.call(lambda conn: conn.getHostname())
+        try:
+            await host.call(lambda conn: conn.getHostname())
+        except VirtError as err:
+            log.warning("%s; calls will retry (%s)", err.description, err.details)
         return host
 
     async def close(self) -> None:

@@ -3,13 +3,23 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import time
 from collections.abc import Callable
 from typing import Any
 
 import pytest
-from agentapi import Run, disk_sources, follow, migrate, migration_body, qemu_img_chain, start
+from agentapi import (
+    Run,
+    disk_sources,
+    follow,
+    images_identical,
+    migrate,
+    migration_body,
+    qemu_img_chain,
+    start,
+)
 from labtools import Guest, Lab, LabHost
 
 pytestmark = pytest.mark.lab
@@ -212,3 +222,48 @@ async def test_auto_switches_to_postcopy_when_allowed(
     assert guest.where() == {"hostB": "running"}
     guest.wait_for_acks(10)
     assert guest.verify().ok
+
+
+async def test_keeps_chains_across_hosts(lab_agents: Lab, make_guest: Callable[..., Guest]) -> None:
+    """Root + data volume on 3-layer chains to hostB, chains kept: the lower layers travel with the
+    transfer service (NBD over TLS-PSK), the active layers with the migration."""
+    src, dst = lab_agents.host("hostA"), lab_agents.host("hostB")
+    guest = make_guest(data_volumes=1, snapshots=2)
+    guest.wait_for_acks(10)
+    before = disk_sources(src, guest.name)
+    src_chains = {t: qemu_img_chain(p) for t, p in before.items()}
+    run = await migrate(
+        lab_agents,
+        src,
+        guest.uuid,
+        to_host(lab_agents, dst, withDataVolumes=True, withSnapshots=True, downTime=500),
+    )
+    assert run.state == "SUCCEEDED", run.task.get("error")
+    assert guest.where() == {"hostB": "running"}
+    live = disk_sources(dst, guest.name)
+    assert disk_sources(dst, guest.name, inactive=True) == live
+    root = str(dst.root("ps1").path)
+    for target, old_chain in src_chains.items():
+        new_chain = qemu_img_chain(live[target])
+        assert len(new_chain) == len(old_chain) == 3
+        assert all(os.path.dirname(layer["filename"]) == root for layer in new_chain)
+        for upper, lower in itertools.pairwise(new_chain):
+            assert upper["full-backing-filename"] == lower["filename"]
+        for old, new in zip(old_chain[1:], new_chain[1:], strict=True):
+            assert images_identical(old["filename"], new["filename"]), "a lower layer differs from its source"
+    assert run.task["downtimeMs"] is not None and run.task["downtimeMs"] <= 1000
+    assert not [p for p in _qsd_processes()], "a qemu-storage-daemon was left running"
+    guest.wait_for_acks(20)
+    result = guest.verify()
+    assert result.ok, result.output
+
+
+def _qsd_processes() -> list[str]:
+    import psutil
+
+    return [
+        " ".join(p.info["cmdline"] or [])
+        for p in psutil.process_iter(["name", "cmdline"])
+        if (p.info["name"] == "qemu-storage-daemon" and "send:" in " ".join(p.info["cmdline"] or []))
+        or (p.info["name"] == "qemu-storage-daemon" and "incoming:" in " ".join(p.info["cmdline"] or []))
+    ]

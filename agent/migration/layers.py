@@ -1,0 +1,59 @@
+"""Sending a chain's lower layers to the destination host, one at a time, each verified before the next.
+
+The destination agent creates the layer and exports it over NBD (TLS-PSK, a fresh key and export name per
+layer, handed over on the authenticated agent API); this side copies the layer's own clusters into it with
+a qemu-storage-daemon mirror (``agent.transfer``), at the task's current budget, then the destination
+checks it against the digest computed here from the source layer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+from agent.client import AgentClient
+from agent.migration.peer import peer_call
+from agent.transfer.endpoint import NbdEndpoint
+from agent.transfer.send import send_layer_to
+from agent.transfer.verify import layer_digest
+
+
+async def send_layer_to_peer(
+    peer: AgentClient,
+    migration_id: str,
+    target: str,
+    index: int,
+    src: str,
+    fmt: str,
+    *,
+    rate: Callable[[], int | None],
+    on_progress: Callable[[int, int], None],
+    log: logging.LoggerAdapter[logging.Logger],
+) -> None:
+    """Open the destination's export, copy, and have the destination verify; raises on any mismatch."""
+    ref = {"target": target, "index": index}
+    opened = await peer_call(peer, "POST", ("v1", "incoming-migrations", migration_id, "layers"), ref)
+    endpoint = NbdEndpoint.from_dict(opened["endpoint"])
+    # The digest of the source layer is read while the copy runs: both only read the read-only layer.
+    digest = asyncio.ensure_future(layer_digest(src, fmt, force_share=True))
+    try:
+        result = await send_layer_to(src, fmt, endpoint, rate=rate, on_progress=on_progress, force_share=True)
+        source_digest = await digest
+    except BaseException:
+        digest.cancel()
+        await asyncio.gather(digest, return_exceptions=True)
+        raise
+    await peer_call(
+        peer,
+        "POST",
+        ("v1", "incoming-migrations", migration_id, "layers", "finish"),
+        {**ref, "digest": source_digest.to_dict()},
+    )
+    log.info(
+        "layer %s sent to %s (%d bytes in %.1f s) and verified there",
+        src,
+        opened["path"],
+        result.bytes_total,
+        result.seconds,
+    )

@@ -1,0 +1,30 @@
+"""Agent-to-agent calls from a source agent to a destination agent."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from agent.client import AgentClient, ApiError, ClientError
+from agent.errors import MigrationFailed, NotFound
+
+
+async def peer_call(peer: AgentClient, method: str, segments: tuple[str, ...], body: Any) -> Any:
+    """Agent-to-agent call; the destination's ErrorCode is carried as the cause."""
+    try:
+        return await peer.request(method, *segments, json_body=body)
+    except ApiError as err:
+        error = err.error or {}
+        if err.status == 404:
+            raise NotFound(f"destination agent: {error.get('description', err)}") from err
+        raise MigrationFailed(
+            f"destination agent refused {method} {'/'.join(segments)}: {error.get('description', err)}",
+            code=str(error.get("code") or "AGENT.PEER_ERROR"),
+            field=error.get("field"),
+            details=error.get("details"),
+        ) from err
+    except ClientError as err:
+        raise MigrationFailed(
+            f"destination agent unreachable: {err}",
+            code="AGENT.PEER_UNREACHABLE",
+            details="check dstHost.agentUrl, the token and the network",
+        ) from err
