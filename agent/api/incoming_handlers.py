@@ -68,3 +68,14 @@ async def finish_layer(request: web.Request) -> web.StreamResponse:
     return json_response(
         await _service(request).finish_layer(migration_id, done.target, done.index, dict(done.digest))
     )
+
+
+class Definition(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    xml: str = Field(max_length=512 * 1024)
+
+
+async def define(request: web.Request) -> web.StreamResponse:
+    """``POST .../{id}/define``: offline move: define the VM here on its transferred images."""
+    body = validate(Definition, await read_object(request))
+    return json_response(await _service(request).define(path_uuid(request, "migrationId"), body.xml))

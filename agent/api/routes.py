@@ -172,6 +172,14 @@ ROUTES: tuple[Route, ...] = (
         errors=(400, 401, 404, 503),
     ),
     Route(
+        "POST",
+        "/v1/incoming-migrations/{migrationId}/define",
+        incoming_handlers.define,
+        "Agent to agent: offline move: define the VM on this host from its transferred images",
+        body=incoming_handlers.Definition,
+        errors=(400, 401, 404, 409, 503),
+    ),
+    Route(
         "DELETE",
         "/v1/incoming-migrations/{migrationId}",
         incoming_handlers.abort,

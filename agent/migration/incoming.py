@@ -26,7 +26,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from agent.errors import Conflict, MigrationFailed, NotFound, PreflightFailed
+from agent.errors import Conflict, InvalidRequest, MigrationFailed, NotFound, PreflightFailed
 from agent.migration.request import normalise_uuid
 from agent.migration.targets import check_precreated_target
 from agent.storage import qemuimg
@@ -61,6 +61,10 @@ class IncomingDisk(_Wire):
     estimatedBytes: int = Field(ge=0)
     flatten: bool
     layers: list[IncomingLayer] = Field(default_factory=list, max_length=64)  # base first
+    offline: bool = Field(
+        default=False,
+        description="the VM is shut off: every layer, the top included (the last one), is transferred",
+    )
     precreated: bool = Field(
         default=False, description="the target exists already; check it, never create it"
     )
@@ -204,7 +208,7 @@ class IncomingService:
 
     async def _create_disk(self, record: dict[str, Any], disk: IncomingDisk, paths: dict[str, Any]) -> None:
         """Create the top now; lower layers are created by their transfer (``open_layer``), base first."""
-        if disk.precreated:
+        if disk.precreated or disk.offline:
             return
         below = paths["layers"][-1] if paths["layers"] else None
         below_fmt = disk.layers[-1].format if disk.layers else None
@@ -326,6 +330,29 @@ class IncomingService:
             self._record_path(migration_id).unlink(missing_ok=True)
             log.info("incoming migration %s committed: VM %s runs here", migration_id, record["vmUuid"])
             return {"migrationId": migration_id, "state": "committed", "persistent": persistent}
+
+    async def define(self, migration_id: str, xml: str) -> dict[str, Any]:
+        """Offline move: define the VM here from the transferred images, then forget the record."""
+        async with self._lock:
+            record = self._load(migration_id)
+            if self.host is None:
+                raise MigrationFailed("no libvirt connection on the destination agent")
+            wanted = {d["target"]: d["top"] for d in record["layout"]["disks"]}
+            given = {d.target: d.source for d in parse_disks(xml)}
+            for target, top in wanted.items():
+                if given.get(target) != top:
+                    raise InvalidRequest(
+                        f"the definition points {target} at {given.get(target)}, not {top}", field="xml"
+                    )
+            missing = [p for p in record["created"] if not os.path.exists(p)]
+            if missing or len(record.get("layersDone", [])) < len(record["created"]):
+                raise Conflict(
+                    "not every image has arrived and been verified", details=", ".join(missing) or None
+                )
+            await self.host.define_xml(xml)
+            self._record_path(migration_id).unlink(missing_ok=True)
+            log.info("incoming migration %s: VM %s defined here", migration_id, record["vmUuid"])
+            return {"migrationId": migration_id, "state": "defined"}
 
     async def abort(self, migration_id: str) -> dict[str, Any]:
         """Remove what the migration created; unknown ids are fine (idempotent)."""
