@@ -307,9 +307,13 @@ def test_install_again_upgrades_in_place_keeping_token_config_and_journal(contai
     assert container.exec("systemctl", "is-active", "libvirtd-tcp.socket").strip() == "active"
     remote = container.exec("virsh", "-c", "qemu+tcp://127.0.0.1/system", "list", "--all", "--uuid")
     assert VM_UUID in remote.split()
-    # A second run changes nothing in libvirt's settings (no libvirtd restart).
+    # The same again changes nothing: no new virtualenv, no restart of the agent or of libvirtd.
+    pid = show(container, "MainPID")["MainPID"]
     out = container.exec(INSTALL, "--wheelhouse", WHEELS_IN_CONTAINER, "--libvirt-tcp", timeout=300)
-    assert "restarting libvirtd" not in out, out
+    assert "already runs this code and unit: not restarted" in out, out
+    assert "restarting libvirtd" not in out and "building" not in out, out
+    assert show(container, "MainPID")["MainPID"] == pid
+    assert container.exec("readlink", "/opt/kvm-storage-agent/current").strip() == new_live
 
 
 def test_the_vagrant_demo_vm_moves_with_the_cli_on_path(container: Container) -> None:
