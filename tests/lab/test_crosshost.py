@@ -198,8 +198,17 @@ async def test_auto_gives_up_early_with_figures(lab_agents: Lab, make_guest: Cal
     error = run.task["error"]
     assert error["code"] == "AGENT.CONVERGENCE_FAILED", error
     assert elapsed < 300, f"gave up only after {elapsed:.0f} s (timeout 600 s)"
-    for figure in ("working set", "dirty", "transfer", "downtime"):
-        assert figure in (error["description"] + str(error.get("details"))).lower(), error
+    figures = error["extra"]["figures"]
+    for key in (
+        "working_set_bytes",
+        "dirty_rate_bps",
+        "transfer_rate_bps",
+        "downtime_needed_ms",
+        "bandwidth_needed_bps",
+    ):
+        assert figures[key] > 0, error
+    assert figures["downtime_needed_ms"] > 100, "it must say what downtime would be needed"
+    assert "downtime" in error["description"] and "MiB" in error["description"], error["description"]
     assert_stayed_on_source(guest, src, dst, before, dst_files)
     assert guest.verify().ok
 
