@@ -28,7 +28,7 @@ from typing import Any
 
 import libvirt
 
-from agent.errors import AgentError, MigrationFailed, PreflightFailed, StorageError
+from agent.errors import AgentError, MigrationFailed, NotFound, PreflightFailed, StorageError, VirtError
 from agent.migration.engine import TaskContext
 from agent.migration.inventory import volume_inventory
 from agent.migration.pacing import AllocationIndex, MirrorSample, job_speed, real_bytes_done, split_budget
@@ -39,10 +39,13 @@ from agent.storage.filecopy import copy_sparse_async
 from agent.storage.roots import StorageRoots
 from agent.tasks.model import TaskState
 from agent.virt.domxml import block_copy_dest_xml, parse_disks, rewrite_disk_sources
-from agent.virt.host import DomainEvent, VirtHost
+from agent.virt.host import UNREACHABLE, DomainEvent, VirtHost
 
 SPACE_MARGIN = 64 * 1024 * 1024
 TICK_S = 0.25
+#: How long a copy waits for a restarting libvirtd (QEMU keeps mirroring meanwhile; libvirt 9.0 takes the
+#: block jobs back when it reconnects to QEMU). Past this the task fails and cleans up.
+LIBVIRT_OUTAGE_S = 120.0
 
 
 @dataclass
@@ -286,7 +289,51 @@ class SameHostEngine:
             self.host.unsubscribe(ctx.vm_uuid, events)
 
     async def _pace(self, ctx: TaskContext, work: _Work, events: asyncio.Queue[DomainEvent]) -> None:
-        """Steer every mirror's speed from its allocation map until all are READY."""
+        """Steer every mirror's speed from its allocation map until all are READY. A libvirtd restart is
+        waited out (the mirrors run on in QEMU); a VM shut down under the copy is ``AGENT.VM_STOPPED``."""
+        while True:
+            try:
+                await self._pace_until_ready(ctx, work, events)
+                return
+            except VirtError as err:
+                if err.code != UNREACHABLE:
+                    await self._raise_if_stopped(ctx, err)
+                    raise
+                ctx.log.warning(
+                    "libvirtd unreachable (%s); waiting for it, the mirrors run on", err.description
+                )
+                if not await self.host.wait_reachable(LIBVIRT_OUTAGE_S):
+                    raise MigrationFailed(
+                        f"libvirtd did not come back within {LIBVIRT_OUTAGE_S:.0f} s",
+                        code=UNREACHABLE,
+                        details="the copy was abandoned; the VM stays on its source volumes",
+                    ) from err
+                ctx.log.info("libvirtd is back; picking the mirrors up again")
+            except MigrationFailed as err:
+                if err.code in ("AGENT.BLOCK_JOB_GONE", "AGENT.BLOCK_JOB_FAILED"):
+                    await self._raise_if_stopped(ctx, err)
+                raise
+
+    async def _raise_if_stopped(self, ctx: TaskContext, err: AgentError | None) -> None:
+        """Raise ``AGENT.VM_STOPPED`` (caused by ``err``) when the VM no longer runs: its user shut it down
+        and its mirrors ended with it."""
+        try:
+            state = await self.host.domain_state(ctx.vm_uuid)
+        except NotFound:
+            state = "undefined"
+        except AgentError:
+            return
+        if state in ("running", "paused"):
+            return
+        raise MigrationFailed(
+            f"VM {ctx.vm_uuid} was shut down during the copy (now {state})",
+            code="AGENT.VM_STOPPED",
+            details="the copy was abandoned; the VM's definition keeps its source volumes",
+        ) from err
+
+    async def _pace_until_ready(
+        self, ctx: TaskContext, work: _Work, events: asyncio.Queue[DomainEvent]
+    ) -> None:
         last_xml_check = 0.0
         while True:
             deadline = time.monotonic() + self.tick_s
@@ -450,6 +497,12 @@ class SameHostEngine:
         await asyncio.shield(self._abandon_inner(ctx, work))
 
     async def _abandon_inner(self, ctx: TaskContext, work: _Work) -> None:
+        if work.mirrors and not await self.host.wait_reachable(LIBVIRT_OUTAGE_S):
+            # A mirror may still be writing into the destination files: removing them would leave a block
+            # job on a deleted file that the next attempt trips over. Keep them and say so.
+            ctx.log.error("libvirtd unreachable: mirrors not aborted, destination files kept")
+            ctx.note("destinationFilesKept", list(work.created))
+            return
         for target in work.mirrors:
             try:
                 if await self.host.block_job(ctx.vm_uuid, target) is not None:

@@ -28,6 +28,10 @@ from agent.virt.events import ensure_event_loop
 
 log = logging.getLogger(__name__)
 
+#: ``VirtError.code`` when libvirtd cannot be reached (stopped, restarting): the one libvirt failure worth
+#: waiting out, since QEMU and its block jobs keep running without it.
+UNREACHABLE = "AGENT.LIBVIRT_UNREACHABLE"
+
 T = TypeVar("T")
 
 _DOMAIN_STATES = {
@@ -129,6 +133,7 @@ class VirtHost:
                 raise VirtError(
                     f"cannot connect to libvirt at {self.uri}",
                     details="check that libvirtd is running and the URI in the config is right",
+                    code=UNREACHABLE,
                 ) from err
             try:
                 conn.setKeepAlive(5, 3)
@@ -156,13 +161,35 @@ class VirtHost:
 
         def _run() -> T:
             conn = self._connection()
-            return fn(conn)
+            try:
+                return fn(conn)
+            except libvirt.libvirtError as err:
+                # libvirtd went away under the call (restart): say so, callers may wait for it to return.
+                if not _alive(conn):
+                    raise VirtError(
+                        f"libvirt at {self.uri} went away: {err.get_error_message()}", code=UNREACHABLE
+                    ) from err
+                raise
 
         loop = asyncio.get_running_loop()
         try:
             return await loop.run_in_executor(self._executor, _run)
         except libvirt.libvirtError as err:
             raise VirtError(f"libvirt: {err.get_error_message()}", code=_code_for(err)) from err
+
+    async def wait_reachable(self, within_s: float, *, every_s: float = 1.0) -> bool:
+        """Wait up to ``within_s`` for libvirtd to answer again (a restart takes a few seconds); events are
+        registered again on the new connection. True once it answers."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + within_s
+        while True:
+            try:
+                await self.ensure_connected()
+                return True
+            except VirtError as err:
+                if err.code != UNREACHABLE or loop.time() >= deadline:
+                    return False
+            await asyncio.sleep(every_s)
 
     async def call_domain(self, vm_uuid: str, fn: Callable[[Any], T]) -> T:
         """Run ``fn(domain)`` for the domain with this uuid; an unknown uuid is ``NotFound``."""
@@ -352,6 +379,13 @@ class VirtHost:
     def run_blocking(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
         """Run any blocking helper in the libvirt pool (for callers that hold a raw handle)."""
         return asyncio.get_running_loop().run_in_executor(self._executor, functools.partial(fn, *args))
+
+
+def _alive(conn: Any) -> bool:
+    try:
+        return bool(conn.isAlive())
+    except libvirt.libvirtError:
+        return False
 
 
 def _code_for(err: Any) -> str:
