@@ -16,12 +16,16 @@ The task manager builds a ``TaskContext`` for each task and calls ``engine.run(c
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Mapping
-from typing import Any, Protocol
+from collections.abc import Awaitable, Mapping
+from typing import Any, Protocol, TypeVar
 
+from agent.errors import Conflict
 from agent.migration.request import MigrationRequest
 from agent.tasks.model import TaskState
+
+T = TypeVar("T")
 
 
 class TaskContext(Protocol):
@@ -65,3 +69,40 @@ class Engine(Protocol):
     name: str
 
     async def run(self, ctx: TaskContext) -> list[dict[str, Any]]: ...
+
+
+async def announce(ctx: TaskContext, state: TaskState) -> None:
+    """``ctx.enter(state)`` unless a cancel is under way: a CANCELLING task admits only a final state, and
+    past the point of no return the engine finishes the move and reports it (the cancel lost the race)."""
+    if ctx.cancel_requested:
+        return
+    try:
+        await ctx.enter(state)
+    except Conflict:  # the cancel was journalled between the check and the transition
+        if not ctx.cancel_requested:
+            raise
+
+
+async def run_past_cancel(ctx: TaskContext, steps: Awaitable[T]) -> T:
+    """Run the steps after the point of no return (pivots done or begun, the VM arrived on the destination)
+    to their end even when a cancel arrives: undoing them is impossible, stopping halfway would leave the
+    live and persistent definitions disagreeing. The task then ends with the truth and a ``cancelTooLate``
+    note. Errors of the steps themselves propagate."""
+    inner = asyncio.ensure_future(steps)
+    absorbed = 0
+    while True:
+        try:
+            result = await asyncio.shield(inner)
+            break
+        except asyncio.CancelledError:
+            if inner.cancelled():
+                raise
+            absorbed += 1
+            ctx.log.warning("cancel arrived past the point of no return; finishing the move instead")
+    task = asyncio.current_task()
+    if absorbed and task is not None:
+        for _ in range(absorbed):
+            task.uncancel()
+    if absorbed and ctx.cancel_requested:
+        ctx.note("cancelTooLate", "the cancel arrived after the switch had begun; the move completed")
+    return result

@@ -29,7 +29,7 @@ from typing import Any
 import libvirt
 
 from agent.errors import AgentError, MigrationFailed, NotFound, PreflightFailed, StorageError, VirtError
-from agent.migration.engine import TaskContext
+from agent.migration.engine import TaskContext, announce, run_past_cancel
 from agent.migration.inventory import volume_inventory
 from agent.migration.pacing import AllocationIndex, MirrorSample, job_speed, real_bytes_done, split_budget
 from agent.migration.plan import DiskPlan, LayerPlan, MigrationPlan, inspect_chains, plan_migration
@@ -76,6 +76,10 @@ class _Work:
             "reused": self.reused,
             "mirroring": sorted(self.mirrors),
         }
+
+
+class _NothingSwitched(Exception):
+    """Resuming at the switch found no disk pivoted: the copy is abandoned like an interrupted one."""
 
 
 class SameHostEngine:
@@ -388,22 +392,24 @@ class SameHostEngine:
     # -- switch and verify ------------------------------------------------------------------------------
 
     async def _finish(self, ctx: TaskContext, work: _Work) -> list[dict[str, Any]]:
-        await ctx.checkpoint(work.checkpoint_data("switching"))
-        await ctx.enter(TaskState.SWITCHING)
-        switch = asyncio.ensure_future(self._switch(ctx, work))
         try:
-            await asyncio.shield(switch)
-        except asyncio.CancelledError:
-            # A cancel that arrives once the pivots have begun cannot undo them: finish the switch and
-            # report the truth (the VM now runs on the destination).
-            ctx.log.warning("cancel arrived during the switch; finishing the switch instead")
-            await switch
-            task = asyncio.current_task()
-            if task is not None:
-                task.uncancel()
-            ctx.note("cancelTooLate", "the cancel arrived after the switch had begun; the move completed")
+            await ctx.checkpoint(work.checkpoint_data("switching"))
+            await ctx.enter(TaskState.SWITCHING)
+        except BaseException:
+            # Nothing is pivoted yet: a cancel landing here (CANCELLING admits no SWITCHING) undoes the copy
+            # like one during it; leaving now would keep the mirrors running and the files behind.
+            if not ctx.detaching:
+                await self._abandon(ctx, work)
+            raise
+        # From the first pivot on there is no way back (a failed pivot is rolled back inside _switch): the
+        # switch and the persistent definition's rewrite run to their end even when a cancel arrives, and
+        # the task reports the truth (the VM runs from the destination).
+        return await run_past_cancel(ctx, self._switch_and_verify(ctx, work))
+
+    async def _switch_and_verify(self, ctx: TaskContext, work: _Work) -> list[dict[str, Any]]:
+        await self._switch(ctx, work)
         await ctx.checkpoint(work.checkpoint_data("verifying"))
-        await ctx.enter(TaskState.VERIFYING)
+        await announce(ctx, TaskState.VERIFYING)
         return await self._verify(ctx, work)
 
     async def _switch(self, ctx: TaskContext, work: _Work) -> None:
@@ -534,8 +540,16 @@ class SameHostEngine:
     # -- resume after an agent restart ------------------------------------------------------------------
 
     async def _resume(self, ctx: TaskContext, data: Any) -> list[dict[str, Any]]:
-        """Continue a task from its journal: mirrors still running are picked up; earlier steps restart
-        from clean; a switch that happened is verified."""
+        """Continue a task from its journal after the agent was killed or stopped. By the last step taken:
+
+        - ``switching`` / ``verifying``: pivots may have happened. Every disk on the destination: verified
+          (persistent definition rewritten); some: the rest are pivoted forward (their mirrors were READY);
+          none: as ``mirroring`` failing below. Past a pivot a cancel cannot undo anything.
+        - ``mirroring``: when every mirror is still there (libvirt keeps block jobs across agent restarts)
+          they are picked up, paced until READY and pivoted: the task continues.
+        - anything else, or a mirror gone, or a cancel journalled before the restart: fails cleanly, i.e.
+          mirrors aborted without pivot, every file the journal names removed, the VM on its sources.
+        """
         work = _Work(
             MigrationPlan.from_dict(data["plan"]),
             created=list(data.get("created", [])),
@@ -543,48 +557,82 @@ class SameHostEngine:
         )
         step = data.get("step")
         ctx.log.info("resuming at step %s", step)
+        await self.host.wait_reachable(LIBVIRT_OUTAGE_S)
         if step in ("switching", "verifying"):
-            live = {d.target: d for d in parse_disks(await self.host.live_xml(ctx.vm_uuid))}
-            on_dst = [d for d in work.plan.disks if live.get(d.target) and live[d.target].source == d.dst_top]
-            if len(on_dst) == len(work.plan.disks):
-                for disk in work.plan.disks:
-                    work.mirrors[disk.target] = _Mirror(disk, await self._allocation_or_empty(disk))
-                await ctx.enter(TaskState.VERIFYING)
-                return await self._verify(ctx, work)
-            for disk in work.plan.disks:
-                work.mirrors[disk.target] = _Mirror(disk, AllocationIndex([]))
-            if on_dst:
-                # Interrupted between pivots: pivot the rest forward (their mirrors were ready).
-                for disk in work.plan.disks:
-                    if disk not in on_dst:
-                        await self.host.abort_block_job(ctx.vm_uuid, disk.target, pivot=True)
-                await ctx.enter(TaskState.VERIFYING)
-                return await self._verify(ctx, work)
+            with contextlib.suppress(_NothingSwitched):
+                return await run_past_cancel(ctx, self._resume_switch(ctx, work))
         if step == "mirroring":
-            jobs = [await self.host.block_job(ctx.vm_uuid, d.target) for d in work.plan.disks]
-            if all(job is not None for job in jobs):
-                for disk in work.plan.disks:
-                    work.mirrors[disk.target] = _Mirror(disk, await self._allocation(disk))
-                events = self.host.subscribe(ctx.vm_uuid)
-                try:
-                    if ctx.cancel_requested:
-                        raise MigrationFailed("cancelled while the agent was down", code="AGENT.CANCELLED")
-                    await self._pace(ctx, work, events)
-                except BaseException:
-                    if not ctx.detaching:
-                        await self._abandon(ctx, work)
-                    raise
-                finally:
-                    self.host.unsubscribe(ctx.vm_uuid, events)
+            try:
+                picked_up = await self._pick_up_mirrors(ctx, work)
+            except BaseException:
+                if not ctx.detaching:
+                    await self._abandon(ctx, work)
+                raise
+            if picked_up:
                 return await self._finish(ctx, work)
-            for disk in work.plan.disks:
-                work.mirrors[disk.target] = _Mirror(disk, AllocationIndex([]))
+        for disk in work.plan.disks:
+            work.mirrors.setdefault(disk.target, _Mirror(disk, AllocationIndex([])))
         await self._abandon(ctx, work)
+        if ctx.cancel_requested:  # journalled before the restart: the task ends CANCELLED, cleaned up
+            raise asyncio.CancelledError()
         raise MigrationFailed(
             f"the agent restarted during step {step!r}; the partial copy was removed and the VM stays on "
             "its source volumes",
             code="AGENT.INTERRUPTED",
             details="send the request again to retry",
+        )
+
+    async def _pick_up_mirrors(self, ctx: TaskContext, work: _Work) -> bool:
+        """Pace the mirrors a previous life started until all are READY; False when one is gone (or the
+        user cancelled while the agent was down): then the caller abandons."""
+        await self._raise_if_stopped(ctx, None)
+        jobs = [await self.host.block_job(ctx.vm_uuid, d.target) for d in work.plan.disks]
+        for disk in work.plan.disks:
+            work.mirrors[disk.target] = _Mirror(disk, AllocationIndex([]))
+        if ctx.cancel_requested or not all(job is not None for job in jobs):
+            return False
+        for disk in work.plan.disks:
+            work.mirrors[disk.target].index = await self._allocation(disk)
+        events = self.host.subscribe(ctx.vm_uuid)
+        try:
+            await self._pace(ctx, work, events)
+        finally:
+            self.host.unsubscribe(ctx.vm_uuid, events)
+        return True
+
+    async def _resume_switch(self, ctx: TaskContext, work: _Work) -> list[dict[str, Any]]:
+        await self._refuse_if_stopped_after_switch(ctx, work)
+        live = {d.target: d for d in parse_disks(await self.host.live_xml(ctx.vm_uuid))}
+        on_dst = [d for d in work.plan.disks if live.get(d.target) and live[d.target].source == d.dst_top]
+        if not on_dst:
+            raise _NothingSwitched
+        for disk in work.plan.disks:
+            work.mirrors[disk.target] = _Mirror(disk, await self._allocation_or_empty(disk))
+        # Interrupted between pivots: pivot the rest forward (their mirrors were ready).
+        for disk in work.plan.disks:
+            if disk not in on_dst:
+                await self.host.abort_block_job(ctx.vm_uuid, disk.target, pivot=True)
+        await announce(ctx, TaskState.VERIFYING)
+        return await self._verify(ctx, work)
+
+    async def _refuse_if_stopped_after_switch(self, ctx: TaskContext, work: _Work) -> None:
+        """The agent died at or after the switch and the VM was shut down before it came back: whether the
+        pivots happened cannot be read from a stopped domain, and the destination files may hold the
+        newest writes. Remove nothing, change nothing, and say which files are which."""
+        try:
+            state = await self.host.domain_state(ctx.vm_uuid)
+        except NotFound:
+            state = "undefined"
+        if state in ("running", "paused"):
+            return
+        raise MigrationFailed(
+            f"VM {ctx.vm_uuid} is {state}: the agent restarted during the switch and cannot tell which "
+            "volumes hold its latest writes; nothing was changed or removed",
+            code="AGENT.VM_STOPPED",
+            details="sources: "
+            + ", ".join(d.src_top for d in work.plan.disks)
+            + "; destinations: "
+            + ", ".join(d.dst_top for d in work.plan.disks),
         )
 
     async def _allocation_or_empty(self, disk: DiskPlan) -> AllocationIndex:
