@@ -33,7 +33,7 @@ from agent.client import AgentClient
 from agent.config import AgentConfig
 from agent.errors import AgentError, InvalidRequest, MigrationFailed, NotFound, PreflightFailed
 from agent.migration import convergence
-from agent.migration.engine import TaskContext
+from agent.migration.engine import TaskContext, announce, run_past_cancel
 from agent.migration.incoming import IncomingDisk, IncomingLayer, IncomingSpec
 from agent.migration.layers import send_layer_to_peer
 from agent.migration.pacing import AllocationIndex, MirrorSample, job_speed, real_bytes_done, split_budget
@@ -52,6 +52,8 @@ ABORT_RETRY_S = 180.0
 #: A migration whose byte counters do not move for this long is stuck (a cut link does not end it in
 #: libvirt 9.0: the NBD mirror fails and the job waits forever); it is aborted with a clear error.
 STALL_S = 30.0
+#: How long to wait for this host's libvirtd to come back (restart) before deciding where the VM runs.
+LIBVIRT_OUTAGE_S = 120.0
 MiB = 1024 * 1024
 
 
@@ -102,29 +104,80 @@ class CrossHostEngine:
                     await ctx.checkpoint(data)
                     stats = await self._migrate(ctx, plan, prepared)
             except TimeoutError:
-                await self._abort_remote(ctx, peer)
-                raise MigrationFailed(
+                timeout = MigrationFailed(
                     f"the migration did not finish within the task timeout of {ctx.request.timeout} s; "
                     "it was aborted and the VM keeps running on this host",
                     code="AGENT.TIMEOUT",
-                ) from None
+                )
+                if data["step"] != "migrating":
+                    await self._abort_remote(ctx, peer)
+                    raise timeout from None
+                return await self._settle(ctx, peer, plan, data, timeout)
             except AgentError as err:
-                # An error reported after the switch (a lost connection at the very end) must not be taken
-                # for a rollback: where the VM runs decides.
-                if data["step"] != "migrating" or not await self._runs_on_peer(ctx, peer):
+                # An error reported once the migration ran (a lost connection at the very end, libvirtd
+                # restarting under it) must not be taken for a rollback: where the VM runs decides.
+                if data["step"] != "migrating":
                     await self._abort_remote(ctx, peer)
                     raise
-                ctx.log.warning(
-                    "libvirt reported %r but the VM runs on the destination; committing", err.description
-                )
-                stats = {}
+                return await self._settle(ctx, peer, plan, data, err)
+            except asyncio.CancelledError as err:
+                if ctx.detaching:  # a stopping agent leaves the p2p migration to libvirt
+                    raise
+                if data["step"] != "migrating":
+                    await self._abort_remote(ctx, peer)
+                    raise
+                # The job was aborted (``_cancel_migration``) unless it had already switched over.
+                return await self._settle(ctx, peer, plan, data, err)
             except BaseException:
-                if not ctx.detaching:  # a stopping agent leaves the p2p migration to libvirt
+                if not ctx.detaching:
                     await self._abort_remote(ctx, peer)
                 raise
             data["step"] = "committing"
             await ctx.checkpoint(data)
-            return await self._commit(ctx, peer, plan, prepared, stats)
+            return await run_past_cancel(ctx, self._commit(ctx, peer, plan, prepared, stats))
+
+    async def _settle(
+        self,
+        ctx: TaskContext,
+        peer: AgentClient,
+        plan: MigrationPlan,
+        data: dict[str, Any],
+        failure: BaseException,
+    ) -> list[dict[str, Any]]:
+        """The migration job ended without a clean success (error, abort, timeout, cancel, a restart): make
+        the task tell the truth. The VM on the destination: commit, the task succeeds (a cancel lost the
+        race). On this host: the destination removes what it prepared and ``failure`` is raised. Unknown
+        (this libvirtd and the destination agent both silent): nothing is removed, the task says so."""
+        where, here = await self._locate(ctx, peer)
+        if where != "source" and isinstance(failure, asyncio.CancelledError):
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()  # the cancel is answered by the truth below, not by unwinding
+        if where == "destination":
+            if isinstance(failure, asyncio.CancelledError):
+                ctx.log.warning("the cancel came after the switchover; the VM runs on the destination")
+                ctx.note("cancelTooLate", "the cancel arrived after the switchover; the move completed")
+            else:
+                ctx.log.warning("%s, but the VM runs on the destination; committing", _what(failure))
+            data["step"] = "committing"
+            await ctx.checkpoint(data)
+            return await run_past_cancel(ctx, self._commit(ctx, peer, plan, data["prepared"], {}))
+        if where == "unknown":
+            raise MigrationFailed(
+                f"cannot tell where VM {ctx.vm_uuid} runs after the migration ended ({_what(failure)})",
+                code="AGENT.VM_LOCATION_UNKNOWN",
+                details="neither this host's libvirtd nor the destination agent answered; nothing was "
+                "removed on either host: check both before retrying",
+            ) from failure
+        await self._abort_remote(ctx, peer)
+        if here in ("shutoff", "crashed") and not isinstance(failure, asyncio.CancelledError):
+            raise MigrationFailed(
+                f"VM {ctx.vm_uuid} was shut down during the migration (now {here})",
+                code="AGENT.VM_STOPPED",
+                details="the migration was abandoned and the destination cleaned up; the VM stays "
+                "defined on this host with its source volumes",
+            ) from failure
+        raise failure
 
     # -- preparing --------------------------------------------------------------------------------------
 
@@ -342,7 +395,7 @@ class CrossHostEngine:
         prepared: Mapping[str, Any],
         stats: Mapping[str, Any],
     ) -> list[dict[str, Any]]:
-        await ctx.enter(TaskState.SWITCHING)
+        await announce(ctx, TaskState.SWITCHING)
         downtime = stats.get("downtime")
         if downtime is not None:
             ctx.note("downtimeMs", int(downtime))
@@ -351,8 +404,16 @@ class CrossHostEngine:
                     "downtimeExceeded",
                     f"measured downtime {int(downtime)} ms exceeded the requested {ctx.downtime_ms} ms",
                 )
-        await ctx.enter(TaskState.VERIFYING)
-        await peer_call(peer, "POST", ("v1", "incoming-migrations", ctx.task_uuid, "commit"), {})
+        await announce(ctx, TaskState.VERIFYING)
+        try:
+            await _peer_call_retrying(
+                ctx, peer, "POST", ("v1", "incoming-migrations", ctx.task_uuid, "commit"), {}
+            )
+        except NotFound:
+            # Committed by an earlier life of this task that died before journalling it: the destination
+            # forgot its record. The VM's disks, checked below, decide.
+            ctx.log.info("the destination had already committed this migration")
+        await self.host.wait_reachable(LIBVIRT_OUTAGE_S)
         try:
             still_here = await self.host.domain_state(ctx.vm_uuid)
         except NotFound:
@@ -361,7 +422,14 @@ class CrossHostEngine:
             raise MigrationFailed(
                 f"VM {ctx.vm_uuid} still runs on this host after the migration", code="AGENT.VERIFY_FAILED"
             )
-        vm = await peer_call(peer, "GET", ("v1", "vms", ctx.vm_uuid), None)
+        vm = await _peer_call_retrying(ctx, peer, "GET", ("v1", "vms", ctx.vm_uuid), None)
+        tops = {d.get("target"): (d.get("chain") or [{}])[0].get("path") for d in vm.get("disks", [])}
+        for disk in prepared["disks"]:
+            if tops.get(disk["target"]) != disk["top"]:
+                raise MigrationFailed(
+                    f"on the destination {disk['target']} uses {tops.get(disk['target'])}, not {disk['top']}",
+                    code="AGENT.VERIFY_FAILED",
+                )
         return remote_inventory(vm, plan)
 
     async def _abort_remote(self, ctx: TaskContext, peer: AgentClient) -> None:
@@ -391,28 +459,45 @@ class CrossHostEngine:
     async def _resume(
         self, ctx: TaskContext, peer: AgentClient, data: Mapping[str, Any]
     ) -> list[dict[str, Any]]:
-        """After a restart: a peer-to-peer migration may still be running (libvirt owns it). Wait for it to
-        end, then commit if the VM arrived, else clean the destination and fail."""
+        """After a restart. ``migrating`` / ``committing``: the peer-to-peer migration may still run (the
+        source libvirtd owns it): it is steered to its end (aborted first if a cancel was journalled),
+        then where the VM runs decides (``_settle``): commit and succeed, or clean the destination and
+        fail. Earlier steps (preparing, sending lower layers): the destination is cleaned up and the task
+        fails (``AGENT.INTERRUPTED``; the management plane sends the request again)."""
         plan = MigrationPlan.from_dict(data["plan"])
         step = data.get("step")
+        work = dict(data)
         ctx.log.info("resuming cross-host migration at step %s", step)
-        if step in ("migrating", "committing"):
-            if ctx.cancel_requested and await self._job_active(ctx):
-                with contextlib.suppress(AgentError):
-                    await self.host.abort_job(ctx.vm_uuid)
-            verdict = await self._watch_running(ctx, plan)
-            if await self._runs_on_peer(ctx, peer):
-                return await self._commit(ctx, peer, plan, data["prepared"], {})
-            if verdict is not None:
-                await self._abort_remote(ctx, peer)
-                raise verdict
-        await self._abort_remote(ctx, peer)
-        raise MigrationFailed(
+        interrupted = MigrationFailed(
             f"the agent restarted during step {step!r}; the destination was cleaned up and the VM stays on "
             "this host",
             code="AGENT.INTERRUPTED",
             details="send the request again to retry",
         )
+        if step in ("migrating", "committing"):
+            try:
+                await self.host.wait_reachable(LIBVIRT_OUTAGE_S)
+                if ctx.cancel_requested:
+                    await self._abort_job_if_active(ctx)
+                verdict = await self._watch_running(ctx, plan)
+            except asyncio.CancelledError as err:
+                if ctx.detaching:
+                    raise
+                # Cancelled now (or journalled before the restart): abort the job unless it switched over.
+                await asyncio.shield(self._abort_job_if_active(ctx))
+                return await self._settle(ctx, peer, plan, work, err)
+            if ctx.cancel_requested:  # aborted above, or it had ended: where the VM is decides
+                return await self._settle(ctx, peer, plan, work, asyncio.CancelledError())
+            return await self._settle(ctx, peer, plan, work, verdict or interrupted)
+        await self._abort_remote(ctx, peer)
+        if ctx.cancel_requested:  # journalled before the restart: the task ends CANCELLED, cleaned up
+            raise asyncio.CancelledError()
+        raise interrupted
+
+    async def _abort_job_if_active(self, ctx: TaskContext) -> None:
+        with contextlib.suppress(AgentError):
+            if await self._job_active(ctx):
+                await self.host.abort_job(ctx.vm_uuid)
 
     async def _watch_running(self, ctx: TaskContext, plan: MigrationPlan) -> AgentError | None:
         """Keep steering a migration this agent did not start in this life (it survived a restart) until
@@ -444,12 +529,43 @@ class CrossHostEngine:
             return False
         return bool(int(stats.get("type", libvirt.VIR_DOMAIN_JOB_NONE)) != libvirt.VIR_DOMAIN_JOB_NONE)
 
-    async def _runs_on_peer(self, ctx: TaskContext, peer: AgentClient) -> bool:
+    async def _locate(self, ctx: TaskContext, peer: AgentClient) -> tuple[str, str | None]:
+        """Where the VM is once libvirt's job is over: ``destination``, ``source`` or ``unknown``, and its
+        state on this host (None: libvirtd did not answer).
+
+        While a pre-copy migration runs, the incoming domain on the destination is *paused*: only a running
+        domain there (or one defined there while this host has none) means the VM arrived. After a
+        libvirtd restart here, its recovery first ends an interrupted outgoing migration (libvirt 9.0:
+        cancelled, the VM resumed on this host), so wait for the job to be gone before looking.
+        """
+        local: str | None = None
+        if await self.host.wait_reachable(LIBVIRT_OUTAGE_S):
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                if not await self._job_active(ctx):
+                    break
+                await asyncio.sleep(0.5)
+            try:
+                local = await self.host.domain_state(ctx.vm_uuid)
+            except NotFound:
+                local = "undefined"
+            except AgentError:
+                local = None
         try:
-            vm = await peer_call(peer, "GET", ("v1", "vms", ctx.vm_uuid), None)
-        except AgentError:  # unknown there, or the destination cannot be asked
-            return False
-        return vm.get("state") in ("running", "paused")
+            vm = await _peer_call_retrying(ctx, peer, "GET", ("v1", "vms", ctx.vm_uuid), None)
+            remote: str | None = str(vm.get("state"))
+        except NotFound:
+            remote = "undefined"
+        except AgentError:
+            remote = None
+        ctx.log.info("the migration job is over: the VM is %s here, %s on the destination", local, remote)
+        if remote == "running":
+            return "destination", local
+        if local not in (None, "undefined"):
+            return "source", local
+        if local == "undefined" and remote not in (None, "undefined"):
+            return "destination", local
+        return "unknown", local
 
 
 class _Steering:
@@ -601,6 +717,30 @@ def _drain_completed(events: asyncio.Queue[DomainEvent]) -> dict[str, Any] | Non
         if event.kind == "job-completed":
             completed = dict(event.stats)
     return completed
+
+
+def _what(failure: BaseException) -> str:
+    if isinstance(failure, AgentError):
+        return failure.description
+    return type(failure).__name__
+
+
+async def _peer_call_retrying(
+    ctx: TaskContext, peer: AgentClient, method: str, segments: tuple[str, ...], body: Any
+) -> Any:
+    """``peer_call``, retried while the destination agent cannot be reached (restarting, a cut link
+    healing) for up to ``ABORT_RETRY_S``; its answers, errors included, are final."""
+    delay = 1.0
+    deadline = time.monotonic() + ABORT_RETRY_S
+    while True:
+        try:
+            return await peer_call(peer, method, segments, body)
+        except MigrationFailed as err:
+            if err.code != "AGENT.PEER_UNREACHABLE" or time.monotonic() > deadline:
+                raise
+            ctx.log.warning("destination agent unreachable (%s); retrying in %.0f s", method, delay)
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 10.0)
 
 
 def remote_inventory(vm: Mapping[str, Any], plan: MigrationPlan) -> list[dict[str, Any]]:

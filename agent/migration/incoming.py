@@ -39,6 +39,8 @@ from agent.virt.host import VirtHost
 log = logging.getLogger(__name__)
 
 SPACE_MARGIN = 64 * 1024 * 1024
+#: Seconds an abort waits for the paused incoming domain of a failed migration to disappear.
+INCOMING_GONE_S = 20
 
 
 class _Wire(BaseModel):
@@ -374,11 +376,19 @@ class IncomingService:
             return {"migrationId": migration_id, "state": "aborted", "removed": removed}
 
     async def _vm_runs_here(self, vm_uuid: str) -> bool:
+        """True when the VM runs here. A *paused* domain is what an incoming migration looks like until it
+        switches over, and libvirt removes it shortly after a failed one (after a source libvirtd restart
+        only once its recovery ran): give it a while to go before refusing."""
         assert self.host is not None
-        try:
-            return await self.host.domain_state(vm_uuid) in ("running", "paused")
-        except NotFound:
-            return False
+        for _ in range(INCOMING_GONE_S):
+            try:
+                state = await self.host.domain_state(vm_uuid)
+            except NotFound:
+                return False
+            if state != "paused":
+                return state == "running"
+            await asyncio.sleep(1)
+        return True
 
     async def _remove(self, record: dict[str, Any]) -> list[str]:
         removed = []
