@@ -1,0 +1,223 @@
+"""Driving the lab's real agents: a migration request, its task followed to the end with progress samples,
+and the final callback received on the lab bridge (the agent's "request to final callback" time)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from aiohttp import web
+
+from agent.client import AgentClient, AgentUnreachable
+from bench.labenv import BRIDGE_ADDRESS, BenchError, Disturbed, Host, Lab
+
+log = logging.getLogger(__name__)
+
+FINAL = ("SUCCEEDED", "FAILED", "CANCELLED")
+
+
+class CallbackReceiver:
+    """A tiny management plane on the bridge address: records when each task's final result arrives."""
+
+    def __init__(self, address: str = BRIDGE_ADDRESS) -> None:
+        self.address = address
+        self.port = 0
+        self._arrived: dict[str, tuple[float, dict[str, Any]]] = {}
+        self._waiters: dict[str, asyncio.Event] = {}
+        self._runner: web.AppRunner | None = None
+
+    async def __aenter__(self) -> CallbackReceiver:
+        app = web.Application()
+        app.router.add_post("/callback", self._on_callback)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.address, 0)
+        await site.start()
+        server = site._server  # the only way aiohttp exposes the port it bound for port 0
+        assert server is not None
+        self.port = int(server.sockets[0].getsockname()[1])  # type: ignore[attr-defined]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.address}:{self.port}/callback"
+
+    async def _on_callback(self, request: web.Request) -> web.Response:
+        at = time.monotonic()
+        body = await request.json()
+        task_uuid = request.headers.get("taskuuid", "")
+        self._arrived.setdefault(task_uuid, (at, body))
+        self._waiters.setdefault(task_uuid, asyncio.Event()).set()
+        return web.json_response({"success": True})
+
+    async def wait(self, task_uuid: str, within_s: float) -> float | None:
+        """When the task's final result arrived (monotonic), or None if it did not within ``within_s``."""
+        event = self._waiters.setdefault(task_uuid, asyncio.Event())
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(within_s):
+                await event.wait()
+        arrived = self._arrived.get(task_uuid)
+        return arrived[0] if arrived else None
+
+
+def migration_body(dst_storage: str, **extra: Any) -> dict[str, Any]:
+    """A PrimaryStorageMigrateVm body (DESIGN.md) with the bench's defaults; extra keys land where they
+    belong (primaryStorageMigrateVm, migrateVm or the top level)."""
+    psm: dict[str, Any] = {"dstPrimaryStorageUuid": dst_storage}
+    for key in ("withDataVolumes", "withSnapshots", "dstHostUuid", "strategy"):
+        if key in extra:
+            psm[key] = extra.pop(key)
+    body: dict[str, Any] = {"primaryStorageMigrateVm": psm, "taskUuid": str(uuid.uuid4())}
+    migrate_vm = {k: extra.pop(k) for k in ("bandwidth", "downTime") if k in extra}
+    if migrate_vm:
+        body["migrateVm"] = migrate_vm
+    body.update(extra)
+    return body
+
+
+def to_host_body(dst: Host, storage: str = "ps1", **extra: Any) -> dict[str, Any]:
+    return migration_body(
+        dst.root(storage).uuid,
+        dstHostUuid=dst.uuid,
+        dstHost={"uuid": dst.uuid, "agentUrl": dst.agent_url, "migrationAddress": dst.migration_address},
+        **extra,
+    )
+
+
+@dataclass
+class TaskRun:
+    """One migration through the agent: times (monotonic), the final view and the progress samples."""
+
+    task_uuid: str
+    started: float  # just before the request was sent
+    started_wall: float  # the same moment on the wall clock (the task's state timestamps use it)
+    view: dict[str, Any] = field(default_factory=dict)
+    ended: float | None = None  # when a poll first saw the final state
+    callback_at: float | None = None
+    samples: list[tuple[float, dict[str, Any]]] = field(default_factory=list)
+    disturbed: str | None = None  # why the run says nothing about performance (an agent restarted ...)
+
+    @property
+    def state(self) -> str:
+        return str(self.view.get("state", "UNKNOWN"))
+
+    @property
+    def succeeded(self) -> bool:
+        return self.state == "SUCCEEDED"
+
+    @property
+    def elapsed(self) -> float | None:
+        """Request to final callback (to the final state seen by polling when there was no callback)."""
+        end = self.callback_at if self.callback_at is not None else self.ended
+        return None if end is None else end - self.started
+
+    def state_times(self) -> dict[str, float]:
+        """When the task entered each state, in seconds since the request (from the task's own record)."""
+        out: dict[str, float] = {}
+        for entry in self.view.get("states", []):
+            at = datetime.fromisoformat(str(entry["at"]).replace("Z", "+00:00")).timestamp()
+            out.setdefault(str(entry["state"]), at - self.started_wall)
+        return out
+
+    def phase(self, start: str, end_states: tuple[str, ...]) -> float | None:
+        """Seconds from entering ``start`` to entering the first of ``end_states`` that was reached."""
+        times = self.state_times()
+        if start not in times:
+            return None
+        ends = [times[s] for s in end_states if s in times and times[s] >= times[start]]
+        return min(ends) - times[start] if ends else None
+
+    def series(self, key: Callable[[dict[str, Any]], float | None]) -> list[tuple[float, float]]:
+        """(seconds since the request, key(view)) for every sample where key gives a value."""
+        out = []
+        for t, view in self.samples:
+            value = key(view)
+            if value is not None:
+                out.append((t - self.started, value))
+        return out
+
+    @property
+    def error(self) -> dict[str, Any] | None:
+        err = self.view.get("error")
+        return dict(err) if isinstance(err, dict) else None
+
+    def describe(self) -> str:
+        err = self.error
+        why = f" {err.get('code')}: {err.get('description')}" if err else ""
+        took = self.elapsed
+        return f"task {self.task_uuid} {self.state}{why} ({took:.1f} s)" if took else f"{self.state}{why}"
+
+
+async def run_task(
+    lab: Lab,
+    host: Host,
+    vm_uuid: str,
+    body: dict[str, Any],
+    *,
+    receiver: CallbackReceiver | None = None,
+    poll_s: float = 0.25,
+    within_s: float = 900,
+) -> TaskRun:
+    """Start a migration on ``host``'s agent and follow it to its end (and to its final callback)."""
+    if receiver is not None:
+        body = {**body, "callbackUrl": receiver.url}
+    pid = await asyncio.to_thread(host.agent_pid)
+    run = TaskRun(str(body["taskUuid"]), time.monotonic(), time.time())
+    async with AgentClient(host.agent_url, lab.token) as agent:
+        try:
+            await agent.start_migration(vm_uuid, body)
+        except AgentUnreachable as err:
+            raise Disturbed(f"the agent on {host.name} is unreachable: {err}") from err
+        async with asyncio.timeout(within_s):
+            while True:
+                try:
+                    view = dict(await agent.task(run.task_uuid))
+                except AgentUnreachable as err:  # a teammate's fault test restarts the agent: wait for it
+                    run.disturbed = f"the agent on {host.name} was unreachable ({err})"
+                    await asyncio.sleep(1)
+                    continue
+                now = time.monotonic()
+                run.samples.append((now, view))
+                run.view = view
+                if view["state"] in FINAL:
+                    run.ended = now
+                    break
+                await asyncio.sleep(poll_s)
+    if receiver is not None:
+        run.callback_at = await receiver.wait(run.task_uuid, within_s=30)
+        if run.callback_at is None:
+            log.warning("no final callback for task %s within 30 s of its end", run.task_uuid)
+    if await asyncio.to_thread(host.agent_pid) != pid:
+        run.disturbed = f"the agent on {host.name} restarted during the run"
+    log.info("%s%s", run.describe(), f" (disturbed: {run.disturbed})" if run.disturbed else "")
+    return run
+
+
+def require_clean(run: TaskRun, what: str) -> TaskRun:
+    """The run, if it succeeded undisturbed; a disturbed run raises Disturbed, a failed one BenchError."""
+    if run.disturbed:
+        raise Disturbed(f"{what}: {run.disturbed}")
+    if not run.succeeded or run.elapsed is None:
+        raise BenchError(f"{what} failed: {run.describe()}")
+    return run
+
+
+async def active_tasks(lab: Lab) -> int:
+    """Tasks of anybody (teammates share the lab) not yet final on any agent: noise for CPU figures."""
+    count = 0
+    for host in lab.hosts:
+        with contextlib.suppress(Exception):
+            async with AgentClient(host.agent_url, lab.token) as agent:
+                count += sum(1 for t in await agent.tasks() if t["state"] not in FINAL)
+    return count

@@ -1,0 +1,324 @@
+"""The lab as the benchmark sees it: hosts from `scripts/lab status --json`, virsh on a host, commands in a
+host's network namespace, the agents' processes, and bench guests that are always destroyed."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import re
+import subprocess
+import time
+import uuid
+import xml.etree.ElementTree as ET
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import psutil  # type: ignore[import-untyped]
+
+REPO = Path(__file__).resolve().parent.parent
+LAB_SCRIPT = REPO / "scripts" / "lab"
+LAB_DIR = Path("/var/lib/ksa-lab")
+BRIDGE_ADDRESS = "10.213.0.1"
+MiB = 1 << 20
+GiB = 1 << 30
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class BenchError(Exception):
+    """Something the benchmark needs is not there or did not work (the lab, a command, a guest)."""
+
+
+class Disturbed(BenchError):
+    """A measurement was disturbed from outside (an agent or libvirtd restarted by a teammate's fault
+    test): it says nothing about performance and is taken again."""
+
+
+def run(argv: list[str], *, timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
+    if check and proc.returncode != 0:
+        raise BenchError(f"{' '.join(argv)}: exit {proc.returncode}: {proc.stderr.strip()[-2000:]}")
+    return proc
+
+
+def lab_cli(*args: str, timeout: float = 600) -> str:
+    return run([str(LAB_SCRIPT), *args], timeout=timeout).stdout
+
+
+@dataclass(frozen=True)
+class Root:
+    name: str
+    uuid: str
+    path: Path
+
+
+@dataclass(frozen=True)
+class Host:
+    name: str
+    uuid: str
+    address: str
+    libvirt_uri: str
+    agent_url: str
+    migration_address: str
+    roots: tuple[Root, ...]
+
+    def root(self, name: str) -> Root:
+        return next(r for r in self.roots if r.name == name)
+
+    def root_of(self, path: str) -> Root:
+        return next(r for r in self.roots if Path(path).parent == r.path)
+
+    def virsh(self, *args: str, timeout: float = 600, check: bool = True) -> str:
+        return run(["virsh", "-c", self.libvirt_uri, *args], timeout=timeout, check=check).stdout
+
+    def netns(self, argv: list[str]) -> list[str]:
+        """argv run inside this host's network namespace (its address, its link)."""
+        return ["ip", "netns", "exec", self.name, *argv]
+
+    def agent_pid(self) -> int:
+        """The agent's pid now (it changes when a teammate restarts the agent)."""
+        return int(_status()["hostsByName"][self.name]["pids"]["agent"])
+
+
+@dataclass(frozen=True)
+class Lab:
+    token: str
+    hosts: tuple[Host, ...]
+
+    def host(self, name: str) -> Host:
+        return next(h for h in self.hosts if h.name == name)
+
+    def other(self, host: Host) -> Host:
+        return next(h for h in self.hosts if h.name != host.name)
+
+
+def _status() -> dict[str, Any]:
+    proc = run([str(LAB_SCRIPT), "status", "--json"], check=False, timeout=60)
+    if not proc.stdout.strip():
+        raise BenchError(f"scripts/lab status gave nothing: {proc.stderr.strip()}")
+    doc: dict[str, Any] = json.loads(proc.stdout)
+    doc["ok"] = proc.returncode == 0
+    doc["hostsByName"] = {h["name"]: h for h in doc["hosts"]}
+    return doc
+
+
+def _healthy(doc: dict[str, Any]) -> bool:
+    return bool(doc["ok"] and doc.get("agents") and all(all(h["health"].values()) for h in doc["hosts"]))
+
+
+def wait_healthy(within_s: float = 300) -> dict[str, Any]:
+    """Wait until both hosts and both agents are up. Teammates' fault tests stop agents and libvirtd on
+    purpose for a while; the bench waits for them rather than repairing the lab under their feet."""
+    deadline = time.monotonic() + within_s
+    while True:
+        doc = _status()
+        if _healthy(doc):
+            return doc
+        if time.monotonic() > deadline:
+            down = [f"{h['name']}: {k}" for h in doc["hosts"] for k, v in h["health"].items() if not v]
+            raise BenchError(f"the lab is not healthy after {within_s:.0f} s: {', '.join(down)}")
+        time.sleep(2)
+
+
+def ensure_lab() -> Lab:
+    """The running lab; brought up if it is down (never restarted, never taken down: teammates share it)."""
+    doc = _status()
+    if not doc["ok"]:
+        log.info("the lab is not up: scripts/lab up")
+        run([str(LAB_SCRIPT), "up"], timeout=600)
+    doc = wait_healthy()
+    hosts = tuple(
+        Host(
+            name=h["name"],
+            uuid=h["uuid"],
+            address=h["address"],
+            libvirt_uri=h["libvirtUri"],
+            agent_url=h["agentUrl"],
+            migration_address=h["migrationAddress"],
+            roots=tuple(Root(s["name"], s["uuid"], Path(s["path"])) for s in h["storage"]),
+        )
+        for h in doc["hosts"]
+    )
+    return Lab(doc["token"], hosts)
+
+
+# -- images -------------------------------------------------------------------------------------------------
+
+
+def allocated_bytes(path: str) -> int:
+    """Bytes of the image's own data (qemu-img map, this layer only): what a move must really copy."""
+    out = run(["qemu-img", "map", "-U", "--output=json", path]).stdout
+    return sum(int(e["length"]) for e in json.loads(out) if e.get("data") and int(e.get("depth", 0)) == 0)
+
+
+def virtual_size(path: str) -> int:
+    out = run(["qemu-img", "info", "-U", "--output=json", path]).stdout
+    return int(json.loads(out)["virtual-size"])
+
+
+def disk_sources(host: Host, domain: str) -> dict[str, str]:
+    """target dev -> source file of the running domain (live XML)."""
+    root = ET.fromstring(host.virsh("dumpxml", domain))
+    out = {}
+    for disk in root.iter("disk"):
+        target, source = disk.find("target"), disk.find("source")
+        if disk.get("device") == "disk" and target is not None and source is not None:
+            out[str(target.get("dev"))] = str(source.get("file"))
+    return out
+
+
+# -- processes ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CpuReading:
+    """CPU seconds of a process (user + system) and of its reaped children, at one moment."""
+
+    pid: int
+    own: float
+    children: float
+    at: float
+
+    @classmethod
+    def of(cls, pid: int) -> CpuReading:
+        times = psutil.Process(pid).cpu_times()
+        return cls(
+            pid, times.user + times.system, times.children_user + times.children_system, time.monotonic()
+        )
+
+    def since(self, earlier: CpuReading) -> tuple[float, float] | None:
+        """(own, children) CPU seconds between two readings; None if the process changed (restarted)."""
+        if earlier.pid != self.pid:
+            return None
+        return self.own - earlier.own, self.children - earlier.children
+
+
+def cpu_of(host: Host) -> CpuReading | None:
+    try:
+        return CpuReading.of(host.agent_pid())
+    except (psutil.Error, KeyError, BenchError):
+        return None
+
+
+# -- guests -------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class BenchGuest:
+    """A lab guest made for one case. ``host`` is where it runs now; every image file it ever used is kept
+    in ``files`` so that moves can remove their sources (the agent leaves them for the management plane)."""
+
+    name: str
+    uuid: str
+    host: Host
+    files: set[str] = field(default_factory=set)
+
+    def sources(self) -> dict[str, str]:
+        found = disk_sources(self.host, self.name)
+        self.files.update(found.values())
+        return found
+
+    def moved_to(self, host: Host) -> None:
+        self.host = host
+        self.sources()
+
+    def locate(self, lab: Lab) -> Host:
+        """Find the host where the domain runs now (after a disturbed cross-host move)."""
+        for host in lab.hosts:
+            state = host.virsh("domstate", self.name, check=False).strip()
+            if state == "running":
+                self.moved_to(host)
+                return host
+        raise BenchError(f"{self.name} runs on no lab host")
+
+    def drop_unused_files(self) -> None:
+        """Delete the images this guest no longer uses (only under the lab's storage)."""
+        in_use = set(self.sources().values())
+        for path in sorted(self.files - in_use):
+            if Path(path).resolve().is_relative_to(LAB_DIR) and os.path.isfile(path):
+                os.unlink(path)
+            self.files.discard(path)
+
+
+async def measure_again_if_disturbed(
+    what: str, measure: Callable[[], Awaitable[T]], recover: Callable[[], None], *, attempts: int = 3
+) -> T:
+    """``measure()``; when it was disturbed from outside (or a command failed while a teammate's fault
+    test had libvirtd or an agent down), wait for a healthy lab, ``recover()`` and measure again."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return await measure()
+        except BenchError as err:
+            if attempt == attempts:
+                raise
+            log.warning("%s: %s; measuring again once the lab is healthy", what, err)
+            await asyncio.to_thread(wait_healthy)
+            await asyncio.to_thread(recover)
+    raise AssertionError("unreachable")
+
+
+_NAME = re.compile(r"[^a-z0-9-]+")
+
+
+def guest_name(case: str) -> str:
+    return f"bench-{_NAME.sub('-', case.lower())}-{uuid.uuid4().hex[:6]}"
+
+
+@contextmanager
+def bench_guest(
+    lab: Lab,
+    case: str,
+    *,
+    host: str = "hostA",
+    data_volumes: int = 0,
+    dirty_mib_s: int = 0,
+    disk_size_mib: int = 1024,
+    fill_mib: int = 4,
+    memory_mib: int = 256,
+) -> Iterator[BenchGuest]:
+    """A writing lab guest (`scripts/lab guest create`), destroyed (with every file) when the case ends."""
+    name = guest_name(case)
+    args = [
+        "guest", "create", name,
+        "--host", host,
+        "--data-volumes", str(data_volumes),
+        "--dirty-mib-s", str(dirty_mib_s),
+        "--disk-size-mib", str(disk_size_mib),
+        "--fill-mib", str(fill_mib),
+        "--memory-mib", str(memory_mib),
+    ]  # fmt: skip
+    log.info("creating guest %s (%s)", name, " ".join(args[3:]))
+    started = time.monotonic()
+    guest: BenchGuest | None = None
+    try:
+        for attempt in range(1, 5):
+            wait_healthy()
+            try:
+                vm_uuid = lab_cli(*args, timeout=900).strip().splitlines()[-1]
+                break
+            except BenchError as err:  # e.g. a teammate's fault test restarted libvirtd just then
+                if attempt == 4:
+                    raise
+                log.warning("creating %s failed (%s), trying again", name, str(err).splitlines()[-1])
+                time.sleep(5 * attempt)
+        guest = BenchGuest(name, vm_uuid, lab.host(host))
+        guest.sources()
+        log.info("guest %s up in %.0f s", name, time.monotonic() - started)
+        yield guest
+    finally:
+        if guest is not None:
+            with contextlib.suppress(BenchError, ET.ParseError):
+                guest.sources()
+        proc = run([str(LAB_SCRIPT), "guest", "destroy", name], check=False, timeout=300)
+        if proc.returncode != 0:
+            log.warning("destroying %s: %s", name, proc.stderr.strip())
+        for path in sorted(guest.files) if guest else []:  # copies made under other names
+            if Path(path).resolve().is_relative_to(LAB_DIR) and os.path.isfile(path):
+                os.unlink(path)
