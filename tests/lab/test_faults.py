@@ -1,0 +1,613 @@
+"""The fault matrix (issue 8): agents SIGKILLed and restarted, libvirtd restarted, a full destination, the
+VM shut down by its user, cancels racing the switch, duplicate and concurrent requests; each with the writing
+guest and `guest verify`.
+
+Every case asserts the whole outcome, not only that nothing crashed (``assert_settled``): the VM runs on
+exactly one host from one consistent set of volumes (live and persistent definitions agree, every layer of
+every `qemu-img` chain is where it should be), zero acknowledged writes are lost, no file of the guest is left
+in a storage root that should not have one, no block job or migration job is left, and the task ends in a
+clear final state with an error code. docs/reliability.md has the table.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from agentapi import Run, disk_sources, follow, migration_body, qemu_img_chain, start
+from labtools import Guest, Lab, LabHost, lab_cli
+
+from agent.client import AgentClient, ApiError
+
+pytestmark = pytest.mark.lab
+FINAL = ("SUCCEEDED", "FAILED", "CANCELLED")
+
+
+# -- the lab around each case --------------------------------------------------------------------------------
+
+
+def _healthy(url: str) -> bool:
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(f"{url}/v1/health", timeout=3) as response:
+            return bool(200 <= response.status < 300)
+    except OSError:
+        return False
+
+
+def lab_status() -> dict[str, Any]:
+    return dict(json.loads(lab_cli("status", "--json", check=False).stdout))
+
+
+@pytest.fixture(autouse=True)
+def lab_restored(lab_agents: Lab) -> Iterator[Lab]:
+    """Whatever a case killed comes back afterwards: libvirtd (`scripts/lab up` restarts a dead one; it
+    leaves running agents of this checkout alone) and both agents (teammates share the lab)."""
+    yield lab_agents
+    status = lab_status()
+    if not all(h["health"]["libvirtd"] for h in status.get("hosts", [])):
+        lab_cli("up")
+    for host in lab_agents.hosts:
+        if not _healthy(host.agent_url):
+            lab_agents.agent("start", host.name)
+
+
+# -- what a case checks --------------------------------------------------------------------------------------
+
+
+def to_host(dst: LabHost, storage: str = "ps1", **extra: Any) -> dict[str, Any]:
+    return migration_body(
+        dst.root(storage).uuid,
+        dstHostUuid=dst.uuid,
+        dstHost={"uuid": dst.uuid, "agentUrl": dst.agent_url, "migrationAddress": dst.migration_address},
+        **extra,
+    )
+
+
+@dataclass
+class Before:
+    """The guest and the storage roots of both hosts before a case: what must (not) change."""
+
+    sources: dict[str, str]  # target -> top on the source host
+    names: set[str]  # file names of every image of the guest (all chain layers)
+    files: dict[tuple[str, str], set[str]]  # (host, root) -> the guest's files there
+
+    @classmethod
+    def take(cls, lab: Lab, host: LabHost, guest: Guest) -> Before:
+        sources = disk_sources(host, guest.name)
+        names = {
+            os.path.basename(layer["filename"]) for top in sources.values() for layer in qemu_img_chain(top)
+        }
+        return cls(sources, names, guest_files(lab, names))
+
+
+def guest_files(lab: Lab, names: set[str]) -> dict[tuple[str, str], set[str]]:
+    """The guest's image files in every storage root of both hosts (other files belong to teammates'
+    runs sharing the lab, so a whole-directory comparison would be flaky)."""
+    return {
+        (host.name, root.name): {f for f in os.listdir(root.path) if f in names}
+        for host in lab.hosts
+        for root in host.storage
+    }
+
+
+def no_jobs(host: LabHost, guest: Guest, targets: list[str]) -> None:
+    for target in targets:
+        out = virsh_all(host, "blockjob", guest.name, target, "--info")
+        assert "No current block job" in out, f"{guest.name} {target} on {host.name}: {out}"
+    info = host.virsh("domjobinfo", guest.name)
+    assert "Job type:" in info and "None" in info.split("Job type:")[1].splitlines()[0], info
+
+
+def assert_settled(
+    lab: Lab,
+    guest: Guest,
+    before: Before,
+    *,
+    on: LabHost,
+    root: Path | None,
+    layers: int = 1,
+    state: str = "running",
+) -> dict[str, str]:
+    """The VM is defined on `on` only, in `state`, live and persistent definitions agree, every disk's top is
+    in `root` (None: exactly where it was) with a chain of `layers` files all there, no job is left, and the
+    guest's files exist nowhere else (destination files removed, or the source ones kept)."""
+    assert guest.where() == {on.name: state}, guest.where()
+    persistent = disk_sources(on, guest.name, inactive=True)
+    live = persistent if state != "running" else disk_sources(on, guest.name)
+    assert live == persistent, f"live {live} != persistent {persistent}"
+    assert set(live) == set(before.sources)
+    for target, top in live.items():
+        if root is None:
+            assert top == before.sources[target]
+        else:
+            assert os.path.dirname(top) == str(root), f"{target}: {top} not in {root}"
+        chain = qemu_img_chain(top)
+        assert len(chain) == (layers if root is not None else len(qemu_img_chain(before.sources[target])))
+        for layer in chain:
+            assert os.path.exists(layer["filename"])
+            assert os.path.dirname(layer["filename"]) == os.path.dirname(top), chain
+    if state == "running":
+        no_jobs(on, guest, list(live))
+    # Files of the guest: the source ones stay (the management plane deletes them); new ones only where
+    # the VM now runs from.
+    after = guest_files(lab, before.names)
+    for (host_name, root_name), names in after.items():
+        was = before.files[(host_name, root_name)]
+        root_path = lab.host(host_name).root(root_name).path
+        if host_name == on.name and root is not None and root_path == root:
+            assert was <= names, f"{host_name}/{root_name}: lost {was - names}"
+        else:
+            assert names == was, f"{host_name}/{root_name}: {sorted(names - was)} left behind"
+    return live
+
+
+def assert_no_loss(guest: Guest, *, more: int = 10) -> None:
+    """The guest still writes, and every write it acknowledged is on its current disks."""
+    guest.wait_for_acks(more)
+    result = guest.verify()
+    assert result.ok, result.output
+    assert result.records > 0
+
+
+# -- driving a case ------------------------------------------------------------------------------------------
+
+
+async def task_view(lab: Lab, host: LabHost, task_uuid: str) -> dict[str, Any]:
+    async with AgentClient(host.agent_url, lab.token) as agent:
+        return dict(await agent.task(task_uuid))
+
+
+async def wait_until(check: Callable[[], bool], what: str, within: float = 60, every: float = 0.1) -> None:
+    deadline = time.monotonic() + within
+    while not await asyncio.to_thread(check):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(every)
+
+
+def virsh_all(host: LabHost, *args: str) -> str:
+    """stdout and stderr of virsh (`blockjob --info` prints its progress line on stderr)."""
+    proc = subprocess.run(
+        ["virsh", "-c", host.libvirt_uri, *args], capture_output=True, text=True, timeout=60, check=False
+    )
+    return proc.stdout + proc.stderr
+
+
+def block_copy_running(host: LabHost, guest: Guest, target: str = "vda") -> bool:
+    return "Block Copy" in virsh_all(host, "blockjob", guest.name, target, "--info")
+
+
+def migration_running(host: LabHost, guest: Guest) -> bool:
+    out = host.virsh("domjobinfo", guest.name, check=False)
+    return "Unbounded" in out and "Outgoing migration" in out
+
+
+def mirrors_ready(host: LabHost, guest: Guest, targets: list[str]) -> bool:
+    xml = host.virsh("dumpxml", guest.name, check=False)
+    return xml.count("ready='yes'") + xml.count('ready="yes"') >= len(targets)
+
+
+def kill_agent(lab: Lab, host: LabHost) -> None:
+    lab.agent("kill", host.name)
+    assert not _healthy(host.agent_url)
+
+
+def start_agent(lab: Lab, host: LabHost) -> None:
+    try:
+        lab.agent("start", host.name)
+    except AssertionError:
+        # Teammates share the lab: their fixtures start a dead agent too, and a second one cannot bind.
+        if not _healthy(host.agent_url):
+            raise
+
+
+async def finish(lab: Lab, host: LabHost, task_uuid: str, within_s: float = 240) -> Run:
+    run = await follow(lab, host, task_uuid, within_s=within_s)
+    assert run.state in FINAL
+    if run.state != "SUCCEEDED":
+        assert run.task["error"] and run.task["error"]["code"], run.task
+    return run
+
+
+# -- same host: the source agent killed ----------------------------------------------------------------------
+
+
+async def test_samehost_agent_killed_in_copy_resumes_and_pivots(
+    lab_agents: Lab, make_guest: Callable[..., Guest]
+) -> None:
+    """SIGKILL while the mirrors run: libvirt keeps the block jobs (they belong to the domain); the restarted
+    agent finds them in its journal, keeps steering them, pivots and rewrites the persistent definition."""
+    host = lab_agents.host("hostA")
+    dst = host.root("ps2")
+    guest = make_guest(data_volumes=1, fill_mib=48)
+    before = Before.take(lab_agents, host, guest)
+    task = await start(
+        lab_agents, host, guest.uuid, migration_body(dst.uuid, withDataVolumes=True, bandwidth=6)
+    )
+    await wait_until(lambda: block_copy_running(host, guest), "the mirror of vda")
+    await asyncio.sleep(1.5)
+    kill_agent(lab_agents, host)
+    assert block_copy_running(host, guest), "the mirror must outlive the agent"
+    await asyncio.sleep(1)
+    start_agent(lab_agents, host)
+
+    run = await finish(lab_agents, host, task["taskUuid"])
+
+    assert run.state == "SUCCEEDED", run.task.get("error")
+    assert run.states[-3:] == ["SWITCHING", "VERIFYING", "SUCCEEDED"], run.states
+    assert_settled(lab_agents, guest, before, on=host, root=dst.path)
+    assert_no_loss(guest)
+
+
+async def test_samehost_agent_killed_between_pivots_pivots_the_rest(
+    lab_agents: Lab, make_guest: Callable[..., Guest]
+) -> None:
+    """The switch phase: the agent dies after pivoting vda and before vdb (its journal says `switching`).
+    The pivots take milliseconds, too short to hit with a kill, so the test builds that exact state: SIGKILL
+    while mirroring, wait for READY, pivot vda by hand, and move the journal's step to `switching` as the
+    agent writes it before its first pivot. The restarted agent must pivot vdb forward, rewrite the
+    persistent definition and succeed."""
+    host = lab_agents.host("hostA")
+    dst = host.root("ps2")
+    guest = make_guest(data_volumes=1, fill_mib=16)
+    before = Before.take(lab_agents, host, guest)
+    task = await start(
+        lab_agents, host, guest.uuid, migration_body(dst.uuid, withDataVolumes=True, bandwidth=32)
+    )
+    await wait_until(lambda: block_copy_running(host, guest, "vdb"), "the mirror of vdb", every=0.02)
+    kill_agent(lab_agents, host)
+    await wait_until(lambda: mirrors_ready(host, guest, ["vda", "vdb"]), "both mirrors READY", within=120)
+    host.virsh("blockjob", guest.name, "vda", "--pivot")
+    set_journal_step(host, task["taskUuid"], "switching")
+    assert not _healthy(host.agent_url), "someone restarted the agent before the journal was set up"
+    start_agent(lab_agents, host)
+
+    run = await finish(lab_agents, host, task["taskUuid"])
+
+    assert run.state == "SUCCEEDED", run.task.get("error")
+    assert run.states[-2:] == ["VERIFYING", "SUCCEEDED"], run.states
+    assert_settled(lab_agents, guest, before, on=host, root=dst.path)
+    assert_no_loss(guest)
+
+
+def set_journal_step(host: LabHost, task_uuid: str, step: str) -> None:
+    """Rewrite the step of a task's checkpoint in a stopped agent's journal (SQLite, state_dir)."""
+    journal = host.agent_config.parent / "state" / "journal.sqlite"
+    db = sqlite3.connect(journal)
+    try:
+        (text,) = db.execute("SELECT checkpoint FROM tasks WHERE uuid = ?", (task_uuid,)).fetchone()
+        checkpoint = json.loads(text)
+        assert checkpoint["step"] == "mirroring", checkpoint["step"]
+        checkpoint["step"] = step
+        db.execute("UPDATE tasks SET checkpoint = ? WHERE uuid = ?", (json.dumps(checkpoint), task_uuid))
+        db.commit()
+    finally:
+        db.close()
+
+
+# -- cancel racing the switch --------------------------------------------------------------------------------
+
+
+def libvirtd_pid(host: LabHost) -> int:
+    return int(next(h for h in lab_status()["hosts"] if h["name"] == host.name)["pids"]["libvirtd"])
+
+
+async def test_samehost_cancel_racing_the_switch(lab_agents: Lab, make_guest: Callable[..., Guest]) -> None:
+    """The cancel arrives while the pivots are under way. To land it there every time, libvirtd is frozen
+    (SIGSTOP) the moment the agent logs SWITCHING, so the pivot call hangs; the cancel is sent; libvirtd
+    thaws. A pivot cannot be undone: the agent finishes the switch and the persistent definition's rewrite
+    and reports SUCCEEDED with a cancelTooLate note, never a CANCELLED task whose VM moved."""
+    host = lab_agents.host("hostA")
+    dst = host.root("ps2")
+    guest = make_guest(data_volumes=1, fill_mib=16)
+    before = Before.take(lab_agents, host, guest)
+    log = Path(lab_status_host(host)["agentLog"])
+    offset = log.stat().st_size
+    task = await start(
+        lab_agents, host, guest.uuid, migration_body(dst.uuid, withDataVolumes=True, bandwidth=16)
+    )
+    marker = f"task={task['taskUuid']} "
+    pid = libvirtd_pid(host)
+
+    def switching() -> bool:
+        with log.open("rb") as f:
+            f.seek(offset)
+            return any(marker in line and "-> SWITCHING" in line for line in f.read().decode().splitlines())
+
+    await wait_until(switching, "the task to reach SWITCHING", within=120, every=0.005)
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        async with AgentClient(host.agent_url, lab_agents.token) as agent:
+            answer = dict(await agent.cancel(task["taskUuid"]))
+        await asyncio.sleep(1)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+    run = await finish(lab_agents, host, task["taskUuid"])
+
+    assert run.state == "SUCCEEDED", run.task
+    if answer["state"] == "CANCELLING":
+        assert "cancelTooLate" in run.task["details"], run.task["details"]
+    assert_settled(lab_agents, guest, before, on=host, root=dst.path)
+    assert_no_loss(guest)
+
+
+def lab_status_host(host: LabHost) -> dict[str, Any]:
+    return dict(next(h for h in lab_status()["hosts"] if h["name"] == host.name))
+
+
+async def test_crosshost_cancel_after_postcopy_started(
+    lab_agents: Lab, make_guest: Callable[..., Guest]
+) -> None:
+    """Cross host, the switch is the start of post-copy: from there the guest runs on hostB and nothing can
+    roll back. A cancel then must not end CANCELLED with the VM gone: the migration finishes, the
+    destination is committed and the task says SUCCEEDED with cancelTooLate."""
+    src, dst = lab_agents.host("hostA"), lab_agents.host("hostB")
+    guest = make_guest(dirty_mib_s=8)
+    before = Before.take(lab_agents, src, guest)
+    task = await start(
+        lab_agents, src, guest.uuid, to_host(dst, bandwidth=5, downTime=100, strategy="postcopy")
+    )
+
+    async def postcopy() -> bool:
+        view = await task_view(lab_agents, src, task["taskUuid"])
+        assert view["state"] not in FINAL, view
+        return "postcopy" in view["details"]
+
+    deadline = time.monotonic() + 180
+    while not await postcopy():
+        assert time.monotonic() < deadline, "post-copy never started"
+        await asyncio.sleep(0.2)
+    async with AgentClient(src.agent_url, lab_agents.token) as agent:
+        answer = dict(await agent.cancel(task["taskUuid"]))
+
+    run = await finish(lab_agents, src, task["taskUuid"])
+
+    assert run.state == "SUCCEEDED", run.task
+    if answer["state"] == "CANCELLING":
+        assert "cancelTooLate" in run.task["details"], run.task["details"]
+    assert_settled(lab_agents, guest, before, on=dst, root=dst.root("ps1").path)
+    assert_no_loss(guest)
+
+
+# -- same host: libvirtd restarted under a copy --------------------------------------------------------------
+
+
+def restart_libvirtd(host: LabHost) -> None:
+    """Stop the host's libvirtd (SIGTERM: QEMU keeps running) and let `scripts/lab up` start it again."""
+    pid = next(h for h in lab_status()["hosts"] if h["name"] == host.name)["pids"]["libvirtd"]
+    os.kill(int(pid), signal.SIGTERM)
+    deadline = time.monotonic() + 30
+    while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    lab_cli("up")
+
+
+async def test_samehost_libvirtd_restarted_in_copy(lab_agents: Lab, make_guest: Callable[..., Guest]) -> None:
+    """libvirtd goes away under a running copy: QEMU keeps mirroring, the agent rides out the outage and
+    reconnects, libvirt picks the block jobs up again, and the task pivots; or it fails cleanly."""
+    host = lab_agents.host("hostA")
+    dst = host.root("ps2")
+    guest = make_guest(data_volumes=1, fill_mib=48)
+    before = Before.take(lab_agents, host, guest)
+    task = await start(
+        lab_agents, host, guest.uuid, migration_body(dst.uuid, withDataVolumes=True, bandwidth=6)
+    )
+    await wait_until(lambda: block_copy_running(host, guest), "the mirror of vda")
+    await asyncio.sleep(1.5)
+    await asyncio.to_thread(restart_libvirtd, host)
+
+    run = await finish(lab_agents, host, task["taskUuid"])
+
+    if run.state == "SUCCEEDED":
+        assert_settled(lab_agents, guest, before, on=host, root=dst.path)
+    else:
+        assert run.state == "FAILED", run.task
+        assert_settled(lab_agents, guest, before, on=host, root=None)
+    assert_no_loss(guest)
+
+
+# -- cross host: an agent killed -----------------------------------------------------------------------------
+
+
+async def test_crosshost_source_agent_killed_mid_migration(
+    lab_agents: Lab, make_guest: Callable[..., Guest]
+) -> None:
+    """SIGKILL of the source agent while the peer-to-peer migration copies: libvirt goes on without it; the
+    restarted agent watches the migration to its end and commits the destination: the task ends with the
+    truth (SUCCEEDED, the VM on hostB)."""
+    src, dst = lab_agents.host("hostA"), lab_agents.host("hostB")
+    guest = make_guest(data_volumes=1, fill_mib=48)
+    before = Before.take(lab_agents, src, guest)
+    task = await start(lab_agents, src, guest.uuid, to_host(dst, withDataVolumes=True, bandwidth=6))
+    await wait_until(lambda: migration_running(src, guest), "the migration job")
+    await asyncio.sleep(2)
+    kill_agent(lab_agents, src)
+    assert migration_running(src, guest), "a peer-to-peer migration must outlive the agent"
+    await asyncio.sleep(1)
+    start_agent(lab_agents, src)
+
+    run = await finish(lab_agents, src, task["taskUuid"])
+
+    assert run.state == "SUCCEEDED", run.task.get("error")
+    assert run.states[-1] == "SUCCEEDED" and "VERIFYING" in run.states
+    assert_settled(lab_agents, guest, before, on=dst, root=dst.root("ps1").path)
+    assert {v["installPath"] for v in run.volumes().values()} == set(disk_sources(dst, guest.name).values())
+    assert_no_loss(guest)
+
+
+async def test_crosshost_destination_agent_killed_until_the_end(
+    lab_agents: Lab, make_guest: Callable[..., Guest]
+) -> None:
+    """SIGKILL of the destination agent during the migration, back only after libvirt finished it: the
+    migration itself does not need that agent; the source keeps asking it to commit until it answers."""
+    src, dst = lab_agents.host("hostA"), lab_agents.host("hostB")
+    guest = make_guest(data_volumes=1, fill_mib=32)
+    before = Before.take(lab_agents, src, guest)
+    task = await start(lab_agents, src, guest.uuid, to_host(dst, withDataVolumes=True, bandwidth=8))
+    await wait_until(lambda: migration_running(src, guest), "the migration job")
+    await asyncio.sleep(1)
+    kill_agent(lab_agents, dst)
+    try:
+        await wait_until(lambda: guest.where() == {dst.name: "running"}, "the VM on hostB", within=120)
+        await asyncio.sleep(3)
+        view = await task_view(lab_agents, src, task["taskUuid"])
+        assert view["state"] not in FINAL, f"ended while its destination agent was down: {view['error']}"
+    finally:
+        start_agent(lab_agents, dst)
+
+    run = await finish(lab_agents, src, task["taskUuid"])
+
+    assert run.state == "SUCCEEDED", run.task.get("error")
+    assert_settled(lab_agents, guest, before, on=dst, root=dst.root("ps1").path)
+    assert_no_loss(guest)
+
+
+# -- the destination full ------------------------------------------------------------------------------------
+
+
+async def test_crosshost_destination_storage_full(lab_agents: Lab, make_guest: Callable[..., Guest]) -> None:
+    """hostB's `small` root (64 MiB tmpfs) cannot take the disks: the destination agent refuses in its
+    preflight before creating anything, and the VM keeps running on hostA from its volumes."""
+    src, dst = lab_agents.host("hostA"), lab_agents.host("hostB")
+    guest = make_guest(data_volumes=1, fill_mib=16)
+    before = Before.take(lab_agents, src, guest)
+    small_before = set(os.listdir(dst.root("small").path))
+    task = await start(lab_agents, src, guest.uuid, to_host(dst, "small", withDataVolumes=True))
+
+    run = await finish(lab_agents, src, task["taskUuid"], within_s=120)
+
+    assert run.state == "FAILED"
+    assert run.task["error"]["code"] == "AGENT.NO_SPACE", run.task["error"]
+    assert "COPYING" not in run.states
+    assert set(os.listdir(dst.root("small").path)) == small_before
+    assert_settled(lab_agents, guest, before, on=src, root=None)
+    assert_no_loss(guest)
+
+
+# -- the VM shut down by its user ----------------------------------------------------------------------------
+
+
+async def test_samehost_vm_destroyed_mid_copy(lab_agents: Lab, make_guest: Callable[..., Guest]) -> None:
+    """`virsh destroy` while the mirrors run: QEMU ends the jobs with the VM; the task fails with a clear
+    error, the destination files go, the definition keeps the source volumes, and the VM boots from them."""
+    host = lab_agents.host("hostA")
+    dst = host.root("ps2")
+    guest = make_guest(data_volumes=1, fill_mib=48)
+    before = Before.take(lab_agents, host, guest)
+    task = await start(
+        lab_agents, host, guest.uuid, migration_body(dst.uuid, withDataVolumes=True, bandwidth=6)
+    )
+    await wait_until(lambda: block_copy_running(host, guest), "the mirror of vda")
+    await asyncio.sleep(1)
+    host.virsh("destroy", guest.name)
+
+    run = await finish(lab_agents, host, task["taskUuid"], within_s=120)
+
+    assert run.state == "FAILED", run.task
+    assert run.task["error"]["code"] in ("AGENT.BLOCK_JOB_GONE", "AGENT.BLOCK_JOB_FAILED", "AGENT.VM_STOPPED")
+    assert_settled(lab_agents, guest, before, on=host, root=None, state="shut off")
+    result = guest.verify()
+    assert result.ok, result.output
+    host.virsh("start", guest.name)
+    assert_settled(lab_agents, guest, before, on=host, root=None)
+    assert_no_loss(guest)
+
+
+async def test_crosshost_vm_destroyed_mid_migration(
+    lab_agents: Lab, make_guest: Callable[..., Guest]
+) -> None:
+    """`virsh destroy` on the source while the migration copies: libvirt aborts the migration, the
+    destination removes what it prepared, the task fails with a clear error; the VM boots on hostA."""
+    src, dst = lab_agents.host("hostA"), lab_agents.host("hostB")
+    guest = make_guest(data_volumes=1, fill_mib=48)
+    before = Before.take(lab_agents, src, guest)
+    task = await start(lab_agents, src, guest.uuid, to_host(dst, withDataVolumes=True, bandwidth=6))
+    await wait_until(lambda: migration_running(src, guest), "the migration job")
+    await asyncio.sleep(1.5)
+    src.virsh("destroy", guest.name)
+
+    run = await finish(lab_agents, src, task["taskUuid"], within_s=120)
+
+    assert run.state == "FAILED", run.task
+    assert run.task["error"]["code"] in ("AGENT.MIGRATION_FAILED", "AGENT.VM_STOPPED"), run.task["error"]
+    assert_settled(lab_agents, guest, before, on=src, root=None, state="shut off")
+    assert guest.verify().ok
+    src.virsh("start", guest.name)
+    assert_settled(lab_agents, guest, before, on=src, root=None)
+    assert_no_loss(guest)
+
+
+# -- the same request twice, two requests at once ------------------------------------------------------------
+
+
+async def test_same_request_twice_and_two_requests_at_once(
+    lab_agents: Lab, make_guest: Callable[..., Guest]
+) -> None:
+    """Five concurrent POSTs with one taskUuid give one task; a different request for the same VM is a 409
+    naming the running task; the same taskUuid with another body is a 409; only one copy ever runs."""
+    host = lab_agents.host("hostA")
+    dst = host.root("ps2")
+    guest = make_guest(fill_mib=32)
+    before = Before.take(lab_agents, host, guest)
+    body = migration_body(dst.uuid, bandwidth=8)
+    answers = await asyncio.gather(*(start(lab_agents, host, guest.uuid, body) for _ in range(5)))
+    assert {a["taskUuid"] for a in answers} == {body["taskUuid"]}
+
+    other = migration_body(host.root("ps1").uuid)
+    with pytest.raises(ApiError) as conflict:
+        await start(lab_agents, host, guest.uuid, other)
+    assert conflict.value.status == 409
+    assert (
+        conflict.value.error["field"] == "vmUuid" and body["taskUuid"] in conflict.value.error["description"]
+    )
+    changed = {**body, "migrateVm": {"bandwidth": 9}}
+    with pytest.raises(ApiError) as reused:
+        await start(lab_agents, host, guest.uuid, changed)
+    assert reused.value.status == 409 and reused.value.error["field"] == "taskUuid"
+
+    run = await finish(lab_agents, host, body["taskUuid"])
+    assert run.state == "SUCCEEDED", run.task.get("error")
+    async with AgentClient(host.agent_url, lab_agents.token) as agent:
+        mine = await agent.tasks(vm_uuid=guest.uuid)
+    assert [t["taskUuid"] for t in mine] == [body["taskUuid"]]
+    # Sent again after the end: still the same (finished) task, nothing runs again.
+    again = await start(lab_agents, host, guest.uuid, body)
+    assert again["taskUuid"] == body["taskUuid"] and again["state"] == "SUCCEEDED"
+    assert_settled(lab_agents, guest, before, on=host, root=dst.path)
+    assert_no_loss(guest)
+
+
+async def test_crosshost_source_libvirtd_restarted_mid_migration(
+    lab_agents: Lab, make_guest: Callable[..., Guest]
+) -> None:
+    """The source libvirtd, which drives the peer-to-peer migration, restarts under it: on reconnecting it
+    cancels the interrupted outgoing migration and the VM runs on here. The agent waits for libvirtd and
+    for the job's end before it looks, must not take the paused incoming domain on hostB for an arrival,
+    and cleans hostB up."""
+    src, dst = lab_agents.host("hostA"), lab_agents.host("hostB")
+    guest = make_guest(data_volumes=1, fill_mib=48)
+    before = Before.take(lab_agents, src, guest)
+    task = await start(lab_agents, src, guest.uuid, to_host(dst, withDataVolumes=True, bandwidth=6))
+    await wait_until(lambda: migration_running(src, guest), "the migration job")
+    await asyncio.sleep(1.5)
+    await asyncio.to_thread(restart_libvirtd, src)
+
+    run = await finish(lab_agents, src, task["taskUuid"])
+
+    assert run.state == "FAILED", run.task
+    assert run.task["error"]["code"] == "AGENT.MIGRATION_FAILED", run.task["error"]
+    assert_settled(lab_agents, guest, before, on=src, root=None)
+    assert_no_loss(guest)
