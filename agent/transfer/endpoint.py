@@ -17,6 +17,11 @@ from agent.transfer.qsd import StorageDaemon
 
 PSK_IDENTITY = "kvm-storage-agent"
 
+# GnuTLS' default order lands on ChaCha20-Poly1305 for a SHA-256 PSK under TLS 1.3 (AES-256-GCM needs a
+# SHA-384 PSK and fails the handshake). Measured with QEMU 7.2 / GnuTLS 3.7.9, 2 GiB over loopback: 13.5 s of
+# CPU with the default, 5.9 s with AES-128-GCM (AES-NI), 2.9 s without TLS. Both ends are our own agents.
+TLS_PRIORITY = "NORMAL:-CIPHER-ALL:+AES-128-GCM:+CHACHA20-POLY1305"
+
 
 def new_export_name() -> str:
     """A fresh, unguessable export name (256 bits)."""
@@ -64,6 +69,7 @@ async def add_psk_credentials(
         "id": object_id,
         "endpoint": role,
         "dir": str(keydir),
+        "priority": TLS_PRIORITY,
     }
     if role == "client":
         args["username"] = PSK_IDENTITY

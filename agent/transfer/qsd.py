@@ -28,6 +28,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import tempfile
 from collections.abc import Awaitable, Iterator, Mapping
 from pathlib import Path
@@ -134,36 +135,67 @@ class StorageDaemon:
             raise DaemonError(f"{self._binary} is not installed", details="it comes with qemu-utils")
         self._workdir = Path(tempfile.mkdtemp(prefix="ksa-qsd-", dir=self._runtime_dir))
         sock = self._workdir / "qmp.sock"
-        qmp = QMPClient(self.name)
-        self._qmp = qmp
+        self._qmp = QMPClient(self.name)
+        # We listen and accept ourselves, then hand the connected socket to QMPClient.connect(). Cancelling
+        # QMPClient.start_server() or connect() at the wrong moment leaks a coroutine or a transport
+        # (qemu.qmp 0.0.6), so connect() on the accepted socket runs shielded, bounded by its own timeout.
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            await qmp.start_server(str(sock))
-            prefix = [SETPRIV, "--pdeathsig", "KILL", "--"] if shutil.which(SETPRIV) else []
-            logfd = os.open(self._workdir / "daemon.log", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            try:
-                self._proc = await asyncio.create_subprocess_exec(
-                    *prefix,
-                    self._binary,
-                    "--chardev",
-                    f"socket,id=qmp0,path={_chardev_path(sock)},server=off",
-                    "--monitor",
-                    "chardev=qmp0",
-                    stdin=asyncio.subprocess.DEVNULL,
-                    stdout=logfd,
-                    stderr=asyncio.subprocess.STDOUT,
-                )
-            finally:
-                os.close(logfd)
+            listener.bind(str(sock))
+            listener.listen(1)
+            listener.setblocking(False)
+            await self._spawn(sock)
             async with asyncio.timeout(self._start_timeout_s):
-                await self._until_exit(qmp.accept(), "while starting")
+                conn = await self._accept(listener)
+            await finish_shielded(self._connect(conn))
         except BaseException as err:
+            tail = self._log_tail()
             await finish_shielded(self._teardown())
             if isinstance(err, QMPError | OSError | TimeoutError):
                 raise DaemonError(
-                    f"storage daemon {self.name} did not start", details=self._log_tail() or str(err)
+                    f"storage daemon {self.name} did not start", details=tail or str(err)
                 ) from err
             raise
+        finally:
+            listener.close()
         log.info("storage daemon %s started (pid %s)", self.name, self.pid)
+
+    async def _accept(self, listener: socket.socket) -> socket.socket:
+        accept = asyncio.ensure_future(asyncio.get_running_loop().sock_accept(listener))
+        try:
+            conn, _ = await self._until_exit(accept, "while starting")
+        except BaseException:
+            if accept.done() and not accept.cancelled() and accept.exception() is None:
+                accept.result()[0].close()  # accepted just as we were cancelled
+            raise
+        return conn
+
+    async def _connect(self, conn: socket.socket) -> None:
+        assert self._qmp is not None
+        try:
+            async with asyncio.timeout(self._start_timeout_s):
+                await self._until_exit(self._qmp.connect(conn), "while starting")
+        except BaseException:
+            conn.close()
+            raise
+
+    async def _spawn(self, sock: Path) -> None:
+        prefix = [SETPRIV, "--pdeathsig", "KILL", "--"] if shutil.which(SETPRIV) else []
+        logfd = os.open(self.workdir / "daemon.log", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            self._proc = await asyncio.create_subprocess_exec(
+                *prefix,
+                self._binary,
+                "--chardev",
+                f"socket,id=qmp0,path={_chardev_path(sock)},server=off",
+                "--monitor",
+                "chardev=qmp0",
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=logfd,
+                stderr=asyncio.subprocess.STDOUT,
+            )
+        finally:
+            os.close(logfd)
 
     async def execute(self, cmd: str, args: Mapping[str, object] | None = None) -> Any:
         """Run one QMP command; a QMP error is ``DaemonCommandFailed``, a dead daemon ``DaemonDied``."""

@@ -6,6 +6,7 @@ import asyncio
 import os
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -74,6 +75,17 @@ async def _incoming_for(src: str, dst: str, *, tls: bool = True) -> IncomingLaye
     )
 
 
+def _recorder(progress: list[tuple[int, int]], moving: asyncio.Event) -> Callable[[int, int], None]:
+    """An on_progress that records and sets ``moving`` once bytes have moved."""
+
+    def record(done: int, total: int) -> None:
+        progress.append((done, total))
+        if done > 0:
+            moving.set()
+
+    return record
+
+
 def _big_layer(tmp_path: Path, data_mib: int, zero_mib: int = 0) -> str:
     path = create(tmp_path / "big.qcow2", (data_mib + zero_mib + 8) * MiB)
     commands = [f"write -P 0x5a 0 {data_mib}M"]
@@ -89,18 +101,18 @@ async def test_cancel_mid_transfer_leaves_nothing(tmp_path: Path) -> None:
     incoming = await _incoming_for(src, dst)
     port = incoming.endpoint.port
     progress: list[tuple[int, int]] = []
+    moving = asyncio.Event()
     send = asyncio.create_task(
         send_layer_to(
             src,
             "qcow2",
             incoming.endpoint,
             rate=lambda: 8 * MiB,
-            on_progress=lambda d, t: progress.append((d, t)),
+            on_progress=_recorder(progress, moving),
         )
     )
     async with asyncio.timeout(30):
-        while not progress or progress[-1][0] == 0:
-            await asyncio.sleep(0.1)
+        await moving.wait()
     send.cancel()
     with pytest.raises(asyncio.CancelledError):
         await send
@@ -117,18 +129,18 @@ async def test_killed_source_daemon_fails_clearly_and_cleans_up(tmp_path: Path) 
     incoming = await _incoming_for(src, dst)
     port = incoming.endpoint.port
     progress: list[tuple[int, int]] = []
+    moving = asyncio.Event()
     send = asyncio.create_task(
         send_layer_to(
             src,
             "qcow2",
             incoming.endpoint,
             rate=lambda: 8 * MiB,
-            on_progress=lambda d, t: progress.append((d, t)),
+            on_progress=_recorder(progress, moving),
         )
     )
     async with asyncio.timeout(30):
-        while not progress:
-            await asyncio.sleep(0.1)
+        await moving.wait()
     source = [p for p in qsd_children() if p.pid != incoming.daemon_pid]
     assert len(source) == 1
     os.kill(source[0].pid, signal.SIGKILL)
