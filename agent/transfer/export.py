@@ -145,7 +145,13 @@ class IncomingLayer:
             return
         if self.state is not IncomingState.EXPORTED:
             raise StorageError(f"cannot finish {self.path}: it is {self.state.value}")
+        alive = self._daemon.running
         await finish_shielded(self._close())
+        if not alive:
+            raise StorageError(
+                f"the storage daemon exporting {self.path} died before the layer was finished",
+                details="the image may miss writes; abort it and send the layer again",
+            )
         self.state = IncomingState.FINISHED
         log.info("incoming layer %s finished", self.path)
 

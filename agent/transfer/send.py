@@ -38,7 +38,7 @@ from agent.errors import StorageError
 from agent.storage import qemuimg
 from agent.transfer.endpoint import NbdEndpoint, add_psk_credentials
 from agent.transfer.nodes import add_read_only_chain
-from agent.transfer.qsd import DaemonCommandFailed, DaemonDied, StorageDaemon, finish_shielded
+from agent.transfer.qsd import DaemonCommandFailed, DaemonError, StorageDaemon, finish_shielded
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +107,7 @@ async def send_layer(
                     "device": RATE_NODE,
                     "target": TARGET_NODE,
                     "sync": "top",
+                    **_granularity(chain[0]),
                     "auto-finalize": True,
                     "auto-dismiss": True,
                 },
@@ -118,7 +119,7 @@ async def send_layer(
         seconds = time.monotonic() - started
         log.info("layer %s copied to %s: %d bytes in %.1f s", src_path, where, total, seconds)
         return SendResult(total, seconds)
-    except DaemonDied as err:
+    except DaemonError as err:  # died, or a command failed: name the layer
         raise TransferFailed(
             f"copying layer {src_path} to {where} failed: {err.description}", details=err.details
         ) from err
@@ -149,6 +150,18 @@ async def send_layer_to(
         force_share=force_share,
         poll_s=poll_s,
     )
+
+
+def _granularity(layer: qemuimg.ImageInfo) -> dict[str, int]:
+    """Copy at the layer's cluster size when it is below the mirror's 64 KiB default.
+
+    Otherwise a 4 KiB cluster allocated in the layer is copied as 64 KiB read through the chain, and the
+    destination layer allocates (correct) data that the source layer leaves to its backing.
+    """
+    cluster = layer.cluster_size
+    if layer.format == "qcow2" and cluster and 512 <= cluster < 65536:
+        return {"granularity": cluster}
+    return {}
 
 
 def _limit(value: int | None) -> int:

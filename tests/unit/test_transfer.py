@@ -22,7 +22,7 @@ from test_transfer_support import (
     transfer_layer,
 )
 
-from agent.errors import InvalidRequest
+from agent.errors import InvalidRequest, StorageError
 from agent.storage import qemuimg
 from agent.transfer.export import IncomingLayer
 from agent.transfer.send import TransferFailed, send_layer_to
@@ -154,20 +154,27 @@ async def test_killed_source_daemon_fails_clearly_and_cleans_up(tmp_path: Path) 
     assert port_closed(LOOPBACK, port)
 
 
+async def _timed_send(src: str, dst: str, rate: Callable[[], int | None]) -> float:
+    incoming = await _incoming_for(src, dst)
+    try:
+        started = time.monotonic()
+        await send_layer_to(src, "qcow2", incoming.endpoint, rate=rate)
+        return time.monotonic() - started
+    finally:
+        await incoming.abort()
+
+
 async def test_rate_limit_holds_and_follows_changes(tmp_path: Path) -> None:
     src = _big_layer(tmp_path, 64)
-    started = time.monotonic()
-    await transfer_layer(src, str(tmp_path / "a.qcow2"), None, rate=lambda: 32 * MiB)
-    capped = time.monotonic() - started
+    capped = await _timed_send(src, str(tmp_path / "a.qcow2"), lambda: 32 * MiB)
     assert capped >= 1.8, capped  # 64 MiB at 32 MiB/s: 2 s
 
     # Retuned while running: 4 MiB/s for the first second, then uncapped.
     t0 = time.monotonic()
-    started = time.monotonic()
-    await transfer_layer(
-        src, str(tmp_path / "b.qcow2"), None, rate=lambda: 4 * MiB if time.monotonic() - t0 < 1 else None
+    retuned = await _timed_send(
+        src, str(tmp_path / "b.qcow2"), lambda: 4 * MiB if time.monotonic() - t0 < 1 else None
     )
-    assert time.monotonic() - started < 10  # at 4 MiB/s throughout it would take 16 s
+    assert retuned < 12, retuned  # at 4 MiB/s throughout it would take 16 s
 
 
 async def test_zeroed_ranges_are_not_charged_to_the_rate(tmp_path: Path) -> None:
@@ -221,3 +228,54 @@ async def test_wildcard_or_name_is_refused(tmp_path: Path, host: str) -> None:
         await IncomingLayer.prepare(str(tmp_path / "dst.qcow2"), "qcow2", MiB, listen_host=host)
     assert not os.path.exists(tmp_path / "dst.qcow2")
     assert not qsd_children()
+
+
+@pytest.mark.parametrize("cluster", [4096, 65536, 2 * MiB])
+async def test_allocation_is_kept_at_any_cluster_size(tmp_path: Path, cluster: int) -> None:
+    base = create(tmp_path / "base.qcow2", 32 * MiB)
+    qemu_io(base, "write -P 0x11 0 32M")
+    top = create(tmp_path / "top.qcow2", 32 * MiB, Path(base), cluster_size=cluster)
+    qemu_io(top, "write -P 0x22 4k 4k", "write -z 100k 4k", "write -P 0x23 3M 8k", "write -P 0x24 20M 1M")
+    dst_base, dst_top = str(tmp_path / "dst-base.qcow2"), str(tmp_path / "dst-top.qcow2")
+    await transfer_layer(base, dst_base, None, tls=False)
+    await transfer_layer(top, dst_top, dst_base, tls=False)
+    assert (await qemuimg.info(dst_top)).cluster_size == cluster
+    assert await layer_extents(dst_top) == await layer_extents(top)
+    assert await qemuimg.compare(top, dst_top)
+
+
+async def test_a_killed_destination_daemon_fails_the_copy(tmp_path: Path) -> None:
+    src = _big_layer(tmp_path, 64)
+    dst = str(tmp_path / "dst.qcow2")
+    incoming = await _incoming_for(src, dst)
+    moving = asyncio.Event()
+    send = asyncio.create_task(
+        send_layer_to(
+            src, "qcow2", incoming.endpoint, rate=lambda: 8 * MiB, on_progress=_recorder([], moving)
+        )
+    )
+    async with asyncio.timeout(30):
+        await moving.wait()
+    assert incoming.daemon_pid is not None
+    os.kill(incoming.daemon_pid, signal.SIGKILL)
+    with pytest.raises(TransferFailed, match=f"copying layer {src}"):
+        async with asyncio.timeout(60):
+            await send
+    with pytest.raises(StorageError):
+        await incoming.finish()  # the image was never flushed: it cannot count as finished
+    await incoming.abort()
+    assert not os.path.exists(dst)
+    assert not qsd_children()
+
+
+async def test_an_empty_layer_arrives_empty(tmp_path: Path) -> None:
+    base = create(tmp_path / "base.qcow2", 8 * MiB)
+    qemu_io(base, "write -P 0x11 0 8M")
+    top = create(tmp_path / "top.qcow2", 8 * MiB, Path(base))
+    dst_base, dst_top = str(tmp_path / "dst-base.qcow2"), str(tmp_path / "dst-top.qcow2")
+    await transfer_layer(base, dst_base, None)
+    progress: list[tuple[int, int]] = []
+    digest, _port = await transfer_layer(top, dst_top, dst_base, progress=progress)
+    assert digest.allocated == 0
+    assert await layer_extents(dst_top) == []
+    assert progress[-1] == (0, 0)

@@ -32,10 +32,14 @@ def qemu_io(path: str, *commands: str, fmt: str = "qcow2") -> None:
     subprocess.run([*args, path], check=True, stdout=subprocess.DEVNULL)
 
 
-def create(path: Path, size: int, backing: Path | None = None, fmt: str = "qcow2") -> str:
+def create(
+    path: Path, size: int, backing: Path | None = None, fmt: str = "qcow2", cluster_size: int | None = None
+) -> str:
     args = ["qemu-img", "create", "-q", "-f", fmt]
     if backing is not None:
         args += ["-b", str(backing), "-F", "qcow2"]
+    if cluster_size is not None:
+        args += ["-o", f"cluster_size={cluster_size}"]
     subprocess.run([*args, str(path), str(size)], check=True)
     return str(path)
 
