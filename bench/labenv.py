@@ -129,6 +129,10 @@ def wait_healthy(within_s: float = 300) -> dict[str, Any]:
 
 def ensure_lab() -> Lab:
     """The running lab; brought up if it is down (never restarted, never taken down: teammates share it)."""
+    if os.stat("/proc/self/ns/net").st_ino != os.stat("/proc/1/ns/net").st_ino:
+        # Run inside a lab host's namespace, `scripts/lab up` would rebuild that host's network in the
+        # wrong place (and cut the host off): refuse to touch the lab from there.
+        raise BenchError("run the bench from the root network namespace, not inside a lab host")
     doc = _status()
     if not doc["ok"]:
         log.info("the lab is not up: scripts/lab up")
@@ -308,6 +312,9 @@ def bench_guest(
                     raise
                 log.warning("creating %s failed (%s), trying again", name, str(err).splitlines()[-1])
                 time.sleep(5 * attempt)
+                wait_healthy()
+                # a failed create may leave a domain behind when libvirtd went away in the middle
+                run([str(LAB_SCRIPT), "guest", "destroy", name], check=False, timeout=300)
         guest = BenchGuest(name, vm_uuid, lab.host(host))
         guest.sources()
         log.info("guest %s up in %.0f s", name, time.monotonic() - started)
