@@ -16,7 +16,7 @@ from typing import Any
 from aiohttp import web
 
 from agent.client import AgentClient, AgentUnreachable
-from bench.labenv import BRIDGE_ADDRESS, BenchError, Disturbed, Host, Lab
+from bench.labenv import BRIDGE_ADDRESS, BenchError, Disturbed, Host, Lab, daemon_pids, restarted
 
 log = logging.getLogger(__name__)
 
@@ -172,7 +172,7 @@ async def run_task(
     """Start a migration on ``host``'s agent and follow it to its end (and to its final callback)."""
     if receiver is not None:
         body = {**body, "callbackUrl": receiver.url}
-    pid = await asyncio.to_thread(host.agent_pid)
+    pids = await asyncio.to_thread(daemon_pids)
     run = TaskRun(str(body["taskUuid"]), time.monotonic(), time.time())
     async with AgentClient(host.agent_url, lab.token) as agent:
         try:
@@ -198,8 +198,8 @@ async def run_task(
         run.callback_at = await receiver.wait(run.task_uuid, within_s=30)
         if run.callback_at is None:
             log.warning("no final callback for task %s within 30 s of its end", run.task_uuid)
-    if await asyncio.to_thread(host.agent_pid) != pid:
-        run.disturbed = f"the agent on {host.name} restarted during the run"
+    if gone := restarted(pids, await asyncio.to_thread(daemon_pids)):
+        run.disturbed = f"restarted during the run: {', '.join(gone)}"
     log.info("%s%s", run.describe(), f" (disturbed: {run.disturbed})" if run.disturbed else "")
     return run
 

@@ -25,6 +25,7 @@ REPO = Path(__file__).resolve().parent.parent
 LAB_SCRIPT = REPO / "scripts" / "lab"
 LAB_DIR = Path("/var/lib/ksa-lab")
 BRIDGE_ADDRESS = "10.213.0.1"
+HOSTS = ("hostA", "hostB")
 MiB = 1 << 20
 GiB = 1 << 30
 
@@ -109,6 +110,21 @@ def _status() -> dict[str, Any]:
     return doc
 
 
+def daemon_pids() -> dict[str, int]:
+    """ "hostA agent" -> pid, "hostA libvirtd" -> pid, ...: a change between two readings means a daemon
+    was restarted in between (teammates' fault tests do that), which voids a measurement."""
+    return {
+        f"{h['name']} {daemon}": int(pid)
+        for h in _status()["hosts"]
+        for daemon, pid in h.get("pids", {}).items()
+        if daemon in ("agent", "libvirtd") and pid
+    }
+
+
+def restarted(before: dict[str, int], after: dict[str, int]) -> list[str]:
+    return sorted(name for name, pid in before.items() if after.get(name) != pid)
+
+
 def _healthy(doc: dict[str, Any]) -> bool:
     return bool(doc["ok"] and doc.get("agents") and all(all(h["health"].values()) for h in doc["hosts"]))
 
@@ -129,7 +145,8 @@ def wait_healthy(within_s: float = 300) -> dict[str, Any]:
 
 def ensure_lab() -> Lab:
     """The running lab; brought up if it is down (never restarted, never taken down: teammates share it)."""
-    if os.stat("/proc/self/ns/net").st_ino != os.stat("/proc/1/ns/net").st_ino:
+    here = os.stat("/proc/self/ns/net").st_ino
+    if any(os.path.exists(f"/run/netns/{h}") and os.stat(f"/run/netns/{h}").st_ino == here for h in HOSTS):
         # Run inside a lab host's namespace, `scripts/lab up` would rebuild that host's network in the
         # wrong place (and cut the host off): refuse to touch the lab from there.
         raise BenchError("run the bench from the root network namespace, not inside a lab host")
@@ -254,11 +271,16 @@ class BenchGuest:
 async def measure_again_if_disturbed(
     what: str, measure: Callable[[], Awaitable[T]], recover: Callable[[], None], *, attempts: int = 3
 ) -> T:
-    """``measure()``; when it was disturbed from outside (or a command failed while a teammate's fault
-    test had libvirtd or an agent down), wait for a healthy lab, ``recover()`` and measure again."""
+    """``measure()``; when it was disturbed from outside (libvirtd or an agent restarted meanwhile, or a
+    command failed while a teammate's fault test had one down), wait for a healthy lab, ``recover()`` and
+    measure again."""
     for attempt in range(1, attempts + 1):
         try:
-            return await measure()
+            before = await asyncio.to_thread(daemon_pids)
+            result = await measure()
+            if gone := restarted(before, await asyncio.to_thread(daemon_pids)):
+                raise Disturbed(f"restarted during the measurement: {', '.join(gone)}")
+            return result
         except BenchError as err:
             if attempt == attempts:
                 raise
