@@ -25,6 +25,7 @@ between ``prepare`` and ``finish``/``abort``.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import enum
 import errno
@@ -139,14 +140,23 @@ class IncomingLayer:
     def daemon_pid(self) -> int | None:
         return self._daemon.pid
 
-    async def finish(self) -> None:
-        """The copy is complete: remove the export, stop the server, flush and close the image, keep it."""
+    async def finish(self, timeout_s: float = 600.0) -> None:
+        """The copy is complete: remove the export, stop the server, flush and close the image, keep it.
+
+        ``timeout_s`` bounds the flush (all the layer's dirty pages reach the disk here); past it the
+        daemon is killed and the layer does not count as finished.
+        """
         if self.state is IncomingState.FINISHED:
             return
         if self.state is not IncomingState.EXPORTED:
             raise StorageError(f"cannot finish {self.path}: it is {self.state.value}")
         alive = self._daemon.running
-        await finish_shielded(self._close())
+        try:
+            await finish_shielded(self._close(timeout_s))
+        except TimeoutError as err:
+            raise StorageError(
+                f"flushing and closing {self.path} took longer than {timeout_s:.0f} s"
+            ) from err
         if not alive:
             raise StorageError(
                 f"the storage daemon exporting {self.path} died before the layer was finished",
@@ -156,12 +166,12 @@ class IncomingLayer:
         log.info("incoming layer %s finished", self.path)
 
     async def abort(self) -> None:
-        """Tear everything down and remove the target file if we created it. Idempotent."""
+        """Tear everything down (quit, else kill) and remove the target file if we created it. Idempotent."""
         if self.state is IncomingState.ABORTED:
             return
         self.state = IncomingState.ABORTED
         try:
-            await finish_shielded(self._close())
+            await self._daemon.stop()
         finally:
             if self._created:
                 with contextlib.suppress(FileNotFoundError):
@@ -250,15 +260,16 @@ class IncomingLayer:
             probe.bind((self.listen_host, 0))
             return int(probe.getsockname()[1])
 
-    async def _close(self) -> None:
+    async def _close(self, timeout_s: float) -> None:
         try:
             if self._daemon.running:
-                # Explicit steps, so the image is flushed and closed before we call it finished.
-                with contextlib.suppress(DaemonCommandFailed):
-                    await self._daemon.execute("block-export-del", {"id": EXPORT_ID, "mode": "hard"})
-                with contextlib.suppress(DaemonCommandFailed):
-                    await self._daemon.execute("nbd-server-stop")
-                await self._flush_and_close()
+                async with asyncio.timeout(timeout_s):
+                    # Explicit steps, so the image is flushed and closed before we call it finished.
+                    with contextlib.suppress(DaemonCommandFailed):
+                        await self._daemon.execute("block-export-del", {"id": EXPORT_ID, "mode": "hard"})
+                    with contextlib.suppress(DaemonCommandFailed):
+                        await self._daemon.execute("nbd-server-stop")
+                    await self._flush_and_close()
         finally:
             await self._daemon.stop()
 

@@ -209,7 +209,7 @@ class StorageDaemon:
                 qmp_desc=str(err),
             ) from err
         except (ExecInterruptedError, QMPError, EOFError, OSError) as err:
-            raise self._died(f"during {cmd}") from err
+            raise await self._died(f"during {cmd}") from err
 
     @contextlib.contextmanager
     def listen(self, *names: str) -> Iterator[EventListener]:
@@ -218,10 +218,30 @@ class StorageDaemon:
         with self._require_qmp().listen(listener):
             yield listener
 
-    async def next_event(self, listener: EventListener) -> dict[str, Any]:
-        """The next event of ``listener``; ``DaemonDied`` if the daemon exits first."""
-        msg = await self._until_exit(listener.get(), "while waiting for an event")
-        return dict(msg)
+    async def next_event(
+        self, listener: EventListener, timeout_s: float | None = None
+    ) -> dict[str, Any] | None:
+        """The next event of ``listener``, None after ``timeout_s``; ``DaemonDied`` if the daemon exits first.
+
+        The wait for the event is never cancelled once it may hold an event (a timeout via cancellation could
+        drop one that arrived at the same moment), hence the explicit timeout.
+        """
+        proc = self._proc
+        if proc is None:
+            raise DaemonError(f"storage daemon {self.name} is not started")
+        get = asyncio.ensure_future(listener.get())
+        exited = asyncio.ensure_future(proc.wait())
+        try:
+            await asyncio.wait([get, exited], timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            exited.cancel()
+            if not get.done():
+                get.cancel()
+        if get.done() and not get.cancelled():
+            return dict(get.result())
+        if exited.done() and not exited.cancelled():
+            raise await self._died("while waiting for an event")
+        return None
 
     async def stop(self, timeout_s: float = 5.0) -> None:
         """Quit, wait ``timeout_s``, kill; always reaped, working directory removed. Idempotent."""
@@ -278,10 +298,15 @@ class StorageDaemon:
                     await work
         if work.done() and not work.cancelled():
             return work.result()
-        raise self._died(when)
+        raise await self._died(when)
 
-    def _died(self, when: str) -> DaemonDied:
+    async def _died(self, when: str) -> DaemonDied:
         proc = self._proc
+        if proc is not None and proc.returncode is None:
+            # The monitor often closes a moment before the child watcher sees the exit: wait for it.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(2):
+                    await proc.wait()
         rc = proc.returncode if proc is not None else None
         if rc is None:
             how = "closed its monitor"

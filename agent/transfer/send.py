@@ -223,14 +223,11 @@ async def _drive(
     src_path: str,
 ) -> int:
     """Run the job to its end: retune the rate, report progress; return the job's total bytes."""
-    done = total = 0
+    done = total = missing = 0
     next_poll = time.monotonic()
     while True:
         wait = max(0.0, next_poll - time.monotonic())
-        event: dict[str, Any] | None = None
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(wait):
-                event = await daemon.next_event(events)
+        event = await daemon.next_event(events, timeout_s=wait)
         if event is not None:
             data = event.get("data", {})
             if data.get("device") != JOB:
@@ -257,12 +254,19 @@ async def _drive(
             )
             log.info("layer %s: rate %s -> %s B/s", src_path, limit or "unlimited", wanted or "unlimited")
             limit = wanted
-        for job in await daemon.execute("query-jobs"):
-            if job["id"] == JOB:
-                total = max(total, int(job["total-progress"]))
-                done = min(total, max(done, int(job["current-progress"])))
-                if on_progress is not None and total:
-                    on_progress(min(done, total - 1), total)  # 100 % only once COMPLETED says so
+        jobs = [job for job in await daemon.execute("query-jobs") if job["id"] == JOB]
+        if not jobs:
+            # Gone without a terminal event: QEMU sends it before the job disappears, so this is not a
+            # race but a lost job. Allow a few polls anyway before calling it that.
+            missing += 1
+            if missing >= 3:
+                raise TransferFailed(f"the copy job of layer {src_path} vanished without completing")
+            continue
+        missing = 0
+        total = max(total, int(jobs[0]["total-progress"]))
+        done = min(total, max(done, int(jobs[0]["current-progress"])))
+        if on_progress is not None and total:
+            on_progress(min(done, total - 1), total)  # 100 % only once COMPLETED says so
 
 
 async def _teardown(daemon: StorageDaemon, job_running: bool) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import socket
 from pathlib import Path
 
@@ -221,3 +222,14 @@ async def test_digest_does_not_care_how_zeroes_are_stored(tmp_path: Path) -> Non
     b = await layer_digest(as_zero_data, "qcow2")
     assert a == b
     assert a.data_read == MiB and b.data_read == 4 * MiB
+
+
+async def test_abort_of_a_frozen_export_kills_it(tmp_path: Path) -> None:
+    dst = tmp_path / "dst.qcow2"
+    incoming = await IncomingLayer.prepare(str(dst), "qcow2", MiB, listen_host=LOOPBACK)
+    assert incoming.daemon_pid is not None
+    os.kill(incoming.daemon_pid, signal.SIGSTOP)
+    async with asyncio.timeout(15):
+        await incoming.abort()
+    assert not dst.exists()
+    assert not qsd_children()

@@ -58,7 +58,10 @@ async def test_events_arrive_through_listen() -> None:
             async with asyncio.timeout(10):
                 statuses = []
                 while "concluded" not in statuses:
-                    statuses.append((await daemon.next_event(events))["data"]["status"])
+                    event = await daemon.next_event(events)
+                    assert event is not None
+                    statuses.append(event["data"]["status"])
+        assert await daemon.next_event(events, timeout_s=0.1) is None
         assert statuses[0] == "created"
 
 
