@@ -6,10 +6,12 @@ already naming the destination's copy of the layer below, or raw), opens it writ
 destination's migration address only, on a port the agent picks. ``finish`` closes everything and keeps the
 file; ``abort`` closes everything and removes it.
 
-Why the backing is attached: the source sends "zero" for clusters the layer explicitly zeroes (they mask data
-below). qcow2 records a write of zeroes as a zero cluster only when it knows a backing file exists; with no
-backing it may deallocate the cluster instead, and once the real backing is in place that area would show the
-lower layer's data.
+Why the backing is attached: a write smaller than a destination cluster (the source has smaller clusters
+than the destination, or a copy chunk lands in a larger cluster) makes qcow2 fill the rest of the cluster
+from the backing file; with no backing attached it fills zeros, and those zeros then mask the lower layer.
+Measured (QEMU 7.2): a 4 KiB-cluster layer sent into a 64 KiB-cluster destination compares identical with the
+backing attached and differs without it. Likewise qcow2 records a discard of an unallocated cluster as a
+zero cluster only when a backing exists. (Write-zeroes alone set qcow2 v3's zero flag either way.)
 
 Protection of the export: TLS-PSK, with a fresh random key per transfer, plus an unguessable export name,
 both handed to the source agent only over the authenticated agent API. Measured on QEMU 7.2: the NBD server

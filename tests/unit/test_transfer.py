@@ -24,7 +24,7 @@ from test_transfer_support import (
 
 from agent.errors import InvalidRequest, StorageError
 from agent.storage import qemuimg
-from agent.transfer.export import IncomingLayer
+from agent.transfer.export import IncomingLayer, IncomingState
 from agent.transfer.send import TransferFailed, send_layer_to
 from agent.transfer.verify import layer_extents
 
@@ -279,3 +279,23 @@ async def test_an_empty_layer_arrives_empty(tmp_path: Path) -> None:
     assert digest.allocated == 0
     assert await layer_extents(dst_top) == []
     assert progress[-1] == (0, 0)
+
+
+async def test_small_writes_into_bigger_clusters_take_the_rest_from_the_backing(tmp_path: Path) -> None:
+    """Why the destination opens its backing: a 4 KiB write into a 64 KiB cluster gets the rest from below."""
+    base = create(tmp_path / "base.qcow2", 8 * MiB)
+    qemu_io(base, "write -P 0x11 0 8M")
+    top = create(tmp_path / "top.qcow2", 8 * MiB, Path(base), cluster_size=4096)
+    qemu_io(top, "write -P 0x22 4k 4k")
+    dst = str(tmp_path / "dst-top.qcow2")
+    incoming = await IncomingLayer.prepare(
+        dst, "qcow2", 8 * MiB, listen_host=LOOPBACK, backing=base, tls=False
+    )
+    try:
+        await send_layer_to(top, "qcow2", incoming.endpoint, rate=lambda: None)
+        await incoming.finish()
+    finally:
+        if incoming.state is not IncomingState.FINISHED:
+            await incoming.abort()
+    assert (await qemuimg.info(dst)).cluster_size == 65536
+    assert await qemuimg.compare(top, dst)
