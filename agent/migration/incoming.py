@@ -24,7 +24,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from agent.errors import Conflict, InvalidRequest, MigrationFailed, NotFound, PreflightFailed
 from agent.migration.request import normalise_uuid
@@ -77,6 +77,13 @@ class IncomingSpec(_Wire):
     vmUuid: str
     dstPrimaryStorageUuid: str
     disks: list[IncomingDisk] = Field(min_length=1, max_length=64)
+
+    # The migration id names the record file and both ids reach libvirt: anything but a uuid is a 400
+    # (found by the API fuzzing: a malformed id was a 500).
+    @field_validator("migrationId", "vmUuid")
+    @classmethod
+    def _uuid(cls, value: str) -> str:
+        return normalise_uuid(value)
 
 
 class IncomingService:
