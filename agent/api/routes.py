@@ -241,7 +241,9 @@ def openapi_document() -> dict[str, Any]:
             "description": route.summary,
             "content": {route.content_type: {"schema": answer_schema}},
         }
-        for status in route.errors:
+        # Any body can be too large (the app's client_max_size answers 413 before a handler runs).
+        statuses = (*route.errors, 413) if route.body is not None else route.errors
+        for status in sorted(set(statuses)):
             operation["responses"][str(status)] = {
                 "description": "ErrorCode",
                 "content": {"application/json": {"schema": error_ref}},
