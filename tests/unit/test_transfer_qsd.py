@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
 import signal
 import stat
 import sys
@@ -131,7 +132,7 @@ async def test_daemon_dies_with_the_agent() -> None:
         "async def main():\n"
         "    d = StorageDaemon('orphan')\n"
         "    await d.start()\n"
-        "    print(d.pid, flush=True)\n"
+        "    print(d.pid, d.workdir, flush=True)\n"
         "    await asyncio.sleep(60)\n"
         "asyncio.run(main())\n"
     )
@@ -141,7 +142,8 @@ async def test_daemon_dies_with_the_agent() -> None:
     try:
         assert agent.stdout is not None
         async with asyncio.timeout(20):
-            daemon = psutil.Process(int(await agent.stdout.readline()))
+            pid, workdir = (await agent.stdout.readline()).decode().split()
+        daemon = psutil.Process(int(pid))
         assert daemon.is_running()
     finally:
         agent.kill()
@@ -149,3 +151,4 @@ async def test_daemon_dies_with_the_agent() -> None:
     with contextlib.suppress(psutil.NoSuchProcess):
         await asyncio.to_thread(daemon.wait, 10)
     assert not daemon.is_running() or daemon.status() == psutil.STATUS_ZOMBIE
+    shutil.rmtree(workdir)  # nobody was left to remove it: the agent was killed
