@@ -250,14 +250,21 @@ class BenchGuest:
         self.host = host
         self.sources()
 
-    def locate(self, lab: Lab) -> Host:
-        """Find the host where the domain runs now (after a disturbed cross-host move)."""
-        for host in lab.hosts:
-            state = host.virsh("domstate", self.name, check=False).strip()
-            if state == "running":
-                self.moved_to(host)
-                return host
-        raise BenchError(f"{self.name} runs on no lab host")
+    def locate(self, lab: Lab, within_s: float = 60) -> Host:
+        """Find the host where the domain runs now (after a cross-host move, or one that failed). A failed
+        migration may still be winding down for a few seconds after the task ended (domain paused)."""
+        deadline = time.monotonic() + within_s
+        while True:
+            seen = {}
+            for host in lab.hosts:
+                seen[host.name] = host.virsh("domstate", self.name, check=False).strip() or "-"
+                if seen[host.name] == "running":
+                    self.moved_to(host)
+                    return host
+            if time.monotonic() > deadline:
+                raise BenchError(f"{self.name} runs on no lab host after {within_s:.0f} s: {seen}")
+            log.warning("%s not running anywhere yet: %s", self.name, seen)
+            time.sleep(1)
 
     def drop_unused_files(self) -> None:
         """Delete the images this guest no longer uses (only under the lab's storage)."""
@@ -266,6 +273,21 @@ class BenchGuest:
             if Path(path).resolve().is_relative_to(LAB_DIR) and os.path.isfile(path):
                 os.unlink(path)
             self.files.discard(path)
+
+
+def _destroy(name: str) -> None:
+    """`scripts/lab guest destroy`, again until no lab host has the domain (a destroy during a migration's
+    abort can leave it running)."""
+    for attempt in range(1, 6):
+        proc = run([str(LAB_SCRIPT), "guest", "destroy", name], check=False, timeout=300)
+        if proc.returncode != 0:
+            log.warning("destroying %s: %s", name, proc.stderr.strip())
+        rows = json.loads(run([str(LAB_SCRIPT), "guest", "list", "--json"], check=False).stdout or "[]")
+        if not any(r["name"] == name and r["hosts"] for r in rows):
+            return
+        log.warning("%s is still defined after destroy (attempt %d); again in a moment", name, attempt)
+        time.sleep(3 * attempt)
+    log.error("could not destroy %s: remove it with scripts/lab guest destroy %s", name, name)
 
 
 async def measure_again_if_disturbed(
@@ -345,9 +367,7 @@ def bench_guest(
         if guest is not None:
             with contextlib.suppress(BenchError, ET.ParseError):
                 guest.sources()
-        proc = run([str(LAB_SCRIPT), "guest", "destroy", name], check=False, timeout=300)
-        if proc.returncode != 0:
-            log.warning("destroying %s: %s", name, proc.stderr.strip())
+        _destroy(name)
         for path in sorted(guest.files) if guest else []:  # copies made under other names
             if Path(path).resolve().is_relative_to(LAB_DIR) and os.path.isfile(path):
                 os.unlink(path)

@@ -66,8 +66,10 @@ def _agent_figures(
     rate = mean_rate(active) or 0.0
     peak = max_window_rate(series, 5.0)
     disk_phase = result.phase("COPYING", phase_end) or float("nan")
+    moves = sum(1 for (_, a), (_, b) in zip(series, series[1:], strict=False) if b != a)
     return {
         "rate_over_cap": rate / cap,
+        "progress_steps": moves,  # samples in which the agent's disk progress moved (0-1: it was blind)
         "peak5_over_cap": (peak / cap) if peak is not None else float("nan"),
         "time_over_ideal": disk_phase / (allocated / cap),
         "disk_phase_s": disk_phase,
@@ -279,7 +281,9 @@ async def run_case(ctx: Context) -> list[Row]:
             Row("2", title, name, "real-bytes rate / cap", "x", col(name, "rate_over_cap"),
                 target=rate_target if is_agent else None,
                 note=(f"highest 5 s window: {max(col(name, 'peak5_over_cap') or [float('nan')]):.2f} x cap "
-                      "(target <= 1.1)") if is_agent else "")
+                      "(target <= 1.1); from the agent's own progress, which moved in "
+                      f"{', '.join(str(int(v)) for v in col(name, 'progress_steps'))} of its samples during the "
+                      "copy (0-2: the agent saw no disk progress until the disks were done)") if is_agent else "")
         )  # fmt: skip
         rows.append(
             Row("2", title, name, f"{phase} time / (allocated / cap)", "x", col(name, "time_over_ideal"),

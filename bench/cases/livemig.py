@@ -63,6 +63,7 @@ def _outcome(run: TaskRun) -> dict[str, Any]:
         "error": err.get("code"),
         "errorText": err.get("description"),
         "postcopy": "postcopy" in (run.view.get("details") or {}),
+        "vmAtEnd": run.view.get("benchVmAtEnd", {}),
     }
 
 
@@ -79,6 +80,9 @@ async def _migrate(ctx: Context, guest: BenchGuest, strategy: str) -> TaskRun:
     run = await run_task(
         ctx.lab, src, guest.uuid, body, receiver=ctx.receiver, poll_s=0.25, within_s=s.live_timeout_s + 300
     )
+    # Where the VM is the moment the task says it is over (a management plane acts on that answer).
+    at_end = {h.name: h.virsh("domstate", guest.name, check=False).strip() for h in (src, dst)}
+    run.view.setdefault("benchVmAtEnd", {k: v for k, v in at_end.items() if v})
     guest.locate(ctx.lab)
     guest.drop_unused_files()
     if run.disturbed:
@@ -132,6 +136,9 @@ async def run_case(ctx: Context) -> list[Row]:
                 note += f"; not converged: {', '.join(errors)}"
             if settings:
                 note += f"; downtime setting at the end {', '.join(f'{v:.0f}' for v in settings)} ms"
+            odd = [r["vmAtEnd"] for r in runs if "running" not in r["vmAtEnd"].values()]
+            if odd:
+                note += f"; VM not running anywhere when the task ended: {odd}"
             rows.append(
                 Row("4", title, subject, "measured downtime", "ms",
                     [float(r["downtimeMs"]) for r in converged if r["downtimeMs"] is not None],
