@@ -10,6 +10,7 @@ and gives every disk the whole cap), the agent across hosts, and `virsh migrate 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import os
 import subprocess
@@ -66,7 +67,7 @@ def _agent_figures(
     rate = mean_rate(active) or 0.0
     peak = max_window_rate(series, 5.0)
     disk_phase = result.phase("COPYING", phase_end) or float("nan")
-    moves = sum(1 for (_, a), (_, b) in zip(series, series[1:], strict=False) if b != a)
+    moves = sum(1 for (_, a), (_, b) in itertools.pairwise(series) if b != a)
     return {
         "rate_over_cap": rate / cap,
         "progress_steps": moves,  # samples in which the agent's disk progress moved (0-1: it was blind)
@@ -282,8 +283,9 @@ async def run_case(ctx: Context) -> list[Row]:
                 target=rate_target if is_agent else None,
                 note=(f"highest 5 s window: {max(col(name, 'peak5_over_cap') or [float('nan')]):.2f} x cap "
                       "(target <= 1.1); from the agent's own progress, which moved in "
-                      f"{', '.join(str(int(v)) for v in col(name, 'progress_steps'))} of its samples during the "
-                      "copy (0-2: the agent saw no disk progress until the disks were done)") if is_agent else "")
+                      f"{', '.join(str(int(v)) for v in col(name, 'progress_steps'))} of its samples "
+                      "during the copy (0-2: it saw no disk progress until the disks were done)")
+                if is_agent else "")
         )  # fmt: skip
         rows.append(
             Row("2", title, name, f"{phase} time / (allocated / cap)", "x", col(name, "time_over_ideal"),
