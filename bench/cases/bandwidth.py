@@ -285,7 +285,8 @@ async def run_case(ctx: Context) -> list[Row]:
                       "(target <= 1.1); from the agent's own progress, which moved in "
                       f"{', '.join(str(int(v)) for v in col(name, 'progress_steps'))} of its samples "
                       "during the copy (0-2: it saw no disk progress until the disks were done)")
-                if is_agent else "")
+                if is_agent else "real data / time (libvirt shows no real-byte progress); every disk mirror "
+                "got the whole cap and was charged for holes")
         )  # fmt: skip
         rows.append(
             Row("2", title, name, f"{phase} time / (allocated / cap)", "x", col(name, "time_over_ideal"),
