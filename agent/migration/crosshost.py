@@ -321,6 +321,7 @@ class CrossHostEngine:
             ctx.progress(f"disk:{disk.target}", 0, indexes[disk.target].total)
         ctx.progress("memory", 0, await self.host.memory_bytes(ctx.vm_uuid))
         await self.host.ensure_connected()
+        aliases = {d.target: d.alias for d in parse_disks(await self.host.live_xml(ctx.vm_uuid)) if d.alias}
         events = self.host.subscribe(ctx.vm_uuid)
         ctx.log.info(
             "migrating VM to %s (%s), disks %s",
@@ -332,9 +333,22 @@ class CrossHostEngine:
             self.host.migrate(ctx.vm_uuid, prepared["libvirtUri"], params, flags)
         )
         steer = _Steering(self, ctx, plan, indexes, controller)
-        steer.aliases = {
-            d.target: d.alias for d in parse_disks(await self.host.live_xml(ctx.vm_uuid)) if d.alias
-        }
+        steer.aliases = aliases
+        try:
+            await self._drive(ctx, migration, steer)
+            # The job-completed event (the one place the finished job's statistics, downtime included,
+            # survive; LAB-NOTES) can trail the return of migrateToURI3, notably after post-copy.
+            completed = await _completed_stats(events, wait_s=5.0)
+        finally:
+            self.host.unsubscribe(ctx.vm_uuid, events)
+        ctx.note("convergence", steer.summary())
+        if completed is None:
+            ctx.log.warning("no job-completed event; downtime unknown")
+            completed = {}
+        return completed
+
+    async def _drive(self, ctx: TaskContext, migration: asyncio.Future[None], steer: _Steering) -> None:
+        """Steer until libvirt's migration call returns; its failure becomes the task's error."""
         try:
             while not migration.done():
                 await asyncio.wait([migration], timeout=self.tick_s)
@@ -357,14 +371,6 @@ class CrossHostEngine:
                 code="AGENT.MIGRATION_FAILED",
                 details="the VM keeps running on this host from its source volumes",
             ) from err
-        finally:
-            completed = _drain_completed(events)
-            self.host.unsubscribe(ctx.vm_uuid, events)
-        ctx.note("convergence", steer.summary())
-        if completed is None:
-            ctx.log.warning("no job-completed event; downtime unknown")
-            completed = {}
-        return completed
 
     async def _cancel_migration(
         self, ctx: TaskContext, migration: asyncio.Future[None], steer: _Steering
@@ -710,13 +716,15 @@ class _Steering:
         return {"samples": self.samples, "postcopy": self.postcopy_started, "decisions": self.decisions[-20:]}
 
 
-def _drain_completed(events: asyncio.Queue[DomainEvent]) -> dict[str, Any] | None:
-    completed = None
-    while not events.empty():
-        event = events.get_nowait()
-        if event.kind == "job-completed":
-            completed = dict(event.stats)
-    return completed
+async def _completed_stats(events: asyncio.Queue[DomainEvent], *, wait_s: float) -> dict[str, Any] | None:
+    """The statistics of the job-completed event, waiting up to ``wait_s`` for it to arrive."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(wait_s):
+            while True:
+                event = await events.get()
+                if event.kind == "job-completed":
+                    return dict(event.stats)
+    return None
 
 
 def _what(failure: BaseException) -> str:
