@@ -26,6 +26,7 @@ LAB_SCRIPT = REPO / "scripts" / "lab"
 LAB_DIR = Path("/var/lib/ksa-lab")
 BRIDGE_ADDRESS = "10.213.0.1"
 HOSTS = ("hostA", "hostB")
+DAEMONS = ("agent", "libvirtd")
 MiB = 1 << 20
 GiB = 1 << 30
 
@@ -113,16 +114,22 @@ def _status() -> dict[str, Any]:
 def daemon_pids() -> dict[str, int]:
     """ "hostA agent" -> pid, "hostA libvirtd" -> pid, ...: a change between two readings means a daemon
     was restarted in between (teammates' fault tests do that), which voids a measurement."""
-    return {
-        f"{h['name']} {daemon}": int(pid)
-        for h in _status()["hosts"]
-        for daemon, pid in h.get("pids", {}).items()
-        if daemon in ("agent", "libvirtd") and pid
-    }
+    out = {}
+    for h in _status()["hosts"]:
+        for daemon in ("agent", "libvirtd"):
+            pid = h.get("pids", {}).get(daemon)
+            healthy = h.get("health", {}).get(daemon, False)
+            out[f"{h['name']} {daemon}"] = int(pid) if pid and healthy else 0  # 0: down right now
+    return out
 
 
-def restarted(before: dict[str, int], after: dict[str, int]) -> list[str]:
-    return sorted(name for name, pid in before.items() if after.get(name) != pid)
+def restarted(before: dict[str, int], after: dict[str, int], watch: tuple[str, ...] = DAEMONS) -> list[str]:
+    """The watched daemons ("agent", "libvirtd") that restarted, or were down, at either reading."""
+    return sorted(
+        name
+        for name, pid in before.items()
+        if name.split()[-1] in watch and (after.get(name) != pid or pid == 0)
+    )
 
 
 def _healthy(doc: dict[str, Any]) -> bool:
@@ -224,7 +231,7 @@ class CpuReading:
 def cpu_of(host: Host) -> CpuReading | None:
     try:
         return CpuReading.of(host.agent_pid())
-    except (psutil.Error, KeyError, BenchError):
+    except (psutil.Error, KeyError, TypeError, ValueError, BenchError):  # agent down right now
         return None
 
 
@@ -291,7 +298,12 @@ def _destroy(name: str) -> None:
 
 
 async def measure_again_if_disturbed(
-    what: str, measure: Callable[[], Awaitable[T]], recover: Callable[[], None], *, attempts: int = 3
+    what: str,
+    measure: Callable[[], Awaitable[T]],
+    recover: Callable[[], None],
+    *,
+    attempts: int = 5,
+    watch: tuple[str, ...] = DAEMONS,
 ) -> T:
     """``measure()``; when it was disturbed from outside (libvirtd or an agent restarted meanwhile, or a
     command failed while a teammate's fault test had one down), wait for a healthy lab, ``recover()`` and
@@ -300,7 +312,7 @@ async def measure_again_if_disturbed(
         try:
             before = await asyncio.to_thread(daemon_pids)
             result = await measure()
-            if gone := restarted(before, await asyncio.to_thread(daemon_pids)):
+            if gone := restarted(before, await asyncio.to_thread(daemon_pids), watch):
                 raise Disturbed(f"restarted during the measurement: {', '.join(gone)}")
             return result
         except BenchError as err:

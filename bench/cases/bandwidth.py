@@ -28,6 +28,7 @@ from bench.agentrun import TaskRun, migration_body, require_clean, run_task, to_
 from bench.cases.samehost import other_root
 from bench.context import Context, CpuUse
 from bench.labenv import (
+    DAEMONS,
     BenchError,
     BenchGuest,
     Host,
@@ -258,7 +259,8 @@ async def run_case(ctx: Context) -> list[Row]:
             ]
             for name, step in steps:
                 os.sync()
-                figures = await measure_again_if_disturbed(name, step, recover)
+                watch = DAEMONS if name in (AGENT_SAME, AGENT_CROSS) else ("libvirtd",)
+                figures = await measure_again_if_disturbed(name, step, recover, watch=watch)
                 results[name].append(figures)
                 log.info("case 2 rep %d: %s %s", rep + 1, name, {k: round(v, 3) for k, v in figures.items()})
     ctx.raw["2"] = {"capMiBs": cap, "results": results}

@@ -87,6 +87,8 @@ async def _migrate(ctx: Context, guest: BenchGuest, strategy: str) -> TaskRun:
     guest.drop_unused_files()
     if run.disturbed:
         raise Disturbed(f"{strategy} migration: {run.disturbed}")
+    if (run.error or {}).get("code") == "AGENT.PEER_UNREACHABLE":  # a teammate had stopped hostB's agent
+        raise Disturbed(f"{strategy} migration: the destination agent was unreachable")
     if run.state not in ("SUCCEEDED", "FAILED"):
         raise BenchError(f"{strategy} migration ended {run.describe()}")
     return run
