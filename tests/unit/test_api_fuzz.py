@@ -200,4 +200,5 @@ def test_after_the_run_the_agent_is_healthy_and_wrote_only_inside_its_roots(
     with capsys.disabled():
         statuses = ", ".join(f"{k[7:]} {n}" for k, n in sorted(COUNTS.items()) if k.startswith("status "))
         print(f"\nAPI fuzzing: {total} generated requests over {len(operations)} operations; {statuses}")
-    assert total >= 2000, COUNTS
+    if operations:  # the generated requests ran in this session (not deselected)
+        assert total >= 2000, COUNTS
