@@ -31,16 +31,15 @@ import libvirt
 
 from agent.client import AgentClient
 from agent.config import AgentConfig
-from agent.errors import AgentError, InvalidRequest, MigrationFailed, NotFound, PreflightFailed
+from agent.errors import AgentError, MigrationFailed, NotFound, PreflightFailed
 from agent.migration import convergence
 from agent.migration.engine import TaskContext, announce, run_past_cancel
 from agent.migration.incoming import IncomingDisk, IncomingLayer, IncomingSpec
 from agent.migration.layers import send_layer_to_peer
 from agent.migration.pacing import AllocationIndex, MirrorSample, job_speed, real_bytes_done, split_budget
-from agent.migration.peer import peer_call
-from agent.migration.plan import DiskPlan, MigrationPlan, inspect_chains, plan_migration
+from agent.migration.peer import peer_call, peer_client
+from agent.migration.plan import MigrationPlan, allocation_index, inspect_chains, plan_migration
 from agent.migration.request import Strategy
-from agent.storage import qemuimg
 from agent.storage.roots import StorageRoot, StorageRoots
 from agent.tasks.model import TaskState
 from agent.virt.domxml import parse_disks, rewrite_disk_sources
@@ -75,15 +74,8 @@ class CrossHostEngine:
         self.config = config
         self.tick_s = tick_s
 
-    def _peer(self, ctx: TaskContext) -> AgentClient:
-        dst = ctx.request.dstHost
-        if dst is None or not dst.agentUrl:
-            raise InvalidRequest("a move to another host needs dstHost.agentUrl", field="dstHost.agentUrl")
-        token = dst.token or self.config.read_cluster_token() or self.config.read_token()
-        return AgentClient(dst.agentUrl, token)
-
     async def run(self, ctx: TaskContext) -> list[dict[str, Any]]:
-        async with self._peer(ctx) as peer:
+        async with peer_client(ctx.request, self.config) as peer:
             if ctx.resume_data:
                 return await self._resume(ctx, peer, ctx.resume_data)
             await ctx.enter(TaskState.PREPARING)
@@ -148,11 +140,23 @@ class CrossHostEngine:
         the task tell the truth. The VM on the destination: commit, the task succeeds (a cancel lost the
         race). On this host: the destination removes what it prepared and ``failure`` is raised. Unknown
         (this libvirtd and the destination agent both silent): nothing is removed, the task says so."""
-        where, here = await self._locate(ctx, peer)
-        if where != "source" and isinstance(failure, asyncio.CancelledError):
+        if isinstance(failure, asyncio.CancelledError):
             task = asyncio.current_task()
             if task is not None:
-                task.uncancel()  # the cancel is answered by the truth below, not by unwinding
+                task.uncancel()  # the cancel is answered below (CANCELLED after cleanup, or the truth)
+        # Deciding and cleaning up must not be cut short by a (further) cancel: it would leave the
+        # destination's files behind or a moved VM reported as cancelled.
+        return await run_past_cancel(ctx, self._settle_steps(ctx, peer, plan, data, failure))
+
+    async def _settle_steps(
+        self,
+        ctx: TaskContext,
+        peer: AgentClient,
+        plan: MigrationPlan,
+        data: dict[str, Any],
+        failure: BaseException,
+    ) -> list[dict[str, Any]]:
+        where, here = await self._locate(ctx, peer)
         if where == "destination":
             if isinstance(failure, asyncio.CancelledError):
                 ctx.log.warning("the cancel came after the switchover; the VM runs on the destination")
@@ -161,7 +165,7 @@ class CrossHostEngine:
                 ctx.log.warning("%s, but the VM runs on the destination; committing", _what(failure))
             data["step"] = "committing"
             await ctx.checkpoint(data)
-            return await run_past_cancel(ctx, self._commit(ctx, peer, plan, data["prepared"], {}))
+            return await self._commit(ctx, peer, plan, data["prepared"], {})
         if where == "unknown":
             raise MigrationFailed(
                 f"cannot tell where VM {ctx.vm_uuid} runs after the migration ended ({_what(failure)})",
@@ -314,7 +318,7 @@ class CrossHostEngine:
         policy = convergence.ConvergencePolicy.from_request(ctx.request)
         flags = self._flags(ctx, policy)
         controller = convergence.ConvergenceController(policy)
-        indexes = {d.target: await self._allocation(d) for d in plan.disks}
+        indexes = {d.target: await allocation_index(d) for d in plan.disks}
         # Announce every item's size up front so the one percent covers disks and memory from the start
         # (libvirt's own progress restarts from zero when the memory phase begins).
         for disk in plan.disks:
@@ -384,12 +388,6 @@ class CrossHostEngine:
             await self.host.abort_job(ctx.vm_uuid)
         with contextlib.suppress(AgentError):
             await migration
-
-    async def _allocation(self, disk: DiskPlan) -> AllocationIndex:
-        extents = await qemuimg.allocation_map(disk.src_top)
-        return AllocationIndex(
-            (e.start, e.length) for e in extents if e.data and (disk.flatten or e.depth == 0)
-        )
 
     # -- commit and abort -------------------------------------------------------------------------------
 
@@ -513,7 +511,7 @@ class CrossHostEngine:
             self,
             ctx,
             plan,
-            {d.target: await self._allocation(d) for d in plan.disks},
+            {d.target: await allocation_index(d) for d in plan.disks},
             convergence.ConvergenceController(policy),
         )
         with contextlib.suppress(AgentError):

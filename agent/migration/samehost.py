@@ -32,7 +32,14 @@ from agent.errors import AgentError, MigrationFailed, NotFound, PreflightFailed,
 from agent.migration.engine import TaskContext, announce, run_past_cancel
 from agent.migration.inventory import volume_inventory
 from agent.migration.pacing import AllocationIndex, MirrorSample, job_speed, real_bytes_done, split_budget
-from agent.migration.plan import DiskPlan, LayerPlan, MigrationPlan, inspect_chains, plan_migration
+from agent.migration.plan import (
+    DiskPlan,
+    LayerPlan,
+    MigrationPlan,
+    allocation_index,
+    inspect_chains,
+    plan_migration,
+)
 from agent.migration.targets import check_precreated_target, check_same_content_below
 from agent.storage import qemuimg
 from agent.storage.filecopy import copy_sparse_async
@@ -254,18 +261,12 @@ class SameHostEngine:
                 backing_format=disk.dst_backing_format,
             )
 
-    async def _allocation(self, disk: DiskPlan) -> AllocationIndex:
-        extents = await qemuimg.allocation_map(disk.src_top)
-        return AllocationIndex(
-            (e.start, e.length) for e in extents if e.data and (disk.flatten or e.depth == 0)
-        )
-
     async def _mirror_until_ready(self, ctx: TaskContext, work: _Work) -> None:
         await self.host.ensure_connected()
         events = self.host.subscribe(ctx.vm_uuid)
         try:
             for disk in work.plan.disks:
-                work.mirrors[disk.target] = _Mirror(disk, await self._allocation(disk))
+                work.mirrors[disk.target] = _Mirror(disk, await allocation_index(disk))
             await ctx.checkpoint(work.checkpoint_data("mirroring"))
             shares = split_budget(ctx.bandwidth, list(work.mirrors))
             for target, mirror in work.mirrors.items():
@@ -557,7 +558,8 @@ class SameHostEngine:
         )
         step = data.get("step")
         ctx.log.info("resuming at step %s", step)
-        await self.host.wait_reachable(LIBVIRT_OUTAGE_S)
+        # No await before these branches: the cancel the manager delivers to a resumed CANCELLING task
+        # must land inside them (past a pivot it is absorbed, before one it undoes the copy).
         if step in ("switching", "verifying"):
             with contextlib.suppress(_NothingSwitched):
                 return await run_past_cancel(ctx, self._resume_switch(ctx, work))
@@ -585,6 +587,7 @@ class SameHostEngine:
     async def _pick_up_mirrors(self, ctx: TaskContext, work: _Work) -> bool:
         """Pace the mirrors a previous life started until all are READY; False when one is gone (or the
         user cancelled while the agent was down): then the caller abandons."""
+        await self.host.wait_reachable(LIBVIRT_OUTAGE_S)
         await self._raise_if_stopped(ctx, None)
         jobs = [await self.host.block_job(ctx.vm_uuid, d.target) for d in work.plan.disks]
         for disk in work.plan.disks:
@@ -592,7 +595,7 @@ class SameHostEngine:
         if ctx.cancel_requested or not all(job is not None for job in jobs):
             return False
         for disk in work.plan.disks:
-            work.mirrors[disk.target].index = await self._allocation(disk)
+            work.mirrors[disk.target].index = await allocation_index(disk)
         events = self.host.subscribe(ctx.vm_uuid)
         try:
             await self._pace(ctx, work, events)
@@ -601,6 +604,7 @@ class SameHostEngine:
         return True
 
     async def _resume_switch(self, ctx: TaskContext, work: _Work) -> list[dict[str, Any]]:
+        await self.host.wait_reachable(LIBVIRT_OUTAGE_S)
         await self._refuse_if_stopped_after_switch(ctx, work)
         live = {d.target: d for d in parse_disks(await self.host.live_xml(ctx.vm_uuid))}
         on_dst = [d for d in work.plan.disks if live.get(d.target) and live[d.target].source == d.dst_top]
@@ -637,6 +641,6 @@ class SameHostEngine:
 
     async def _allocation_or_empty(self, disk: DiskPlan) -> AllocationIndex:
         try:
-            return await self._allocation(disk)
+            return await allocation_index(disk)
         except StorageError:
             return AllocationIndex([])
