@@ -15,7 +15,7 @@ from typing import Any
 
 from aiohttp import web
 
-from agent.client import AgentClient, AgentUnreachable
+from agent.client import AgentClient, AgentUnreachable, ApiError
 from bench.labenv import BRIDGE_ADDRESS, BenchError, Disturbed, Host, Lab, daemon_pids, restarted
 
 log = logging.getLogger(__name__)
@@ -179,11 +179,13 @@ async def run_task(
             await agent.start_migration(vm_uuid, body)
         except AgentUnreachable as err:
             raise Disturbed(f"the agent on {host.name} is unreachable: {err}") from err
+        except ApiError as err:  # e.g. 502 while a teammate's fault test has libvirtd down
+            raise Disturbed(f"the agent on {host.name} refused the request: {err}") from err
         async with asyncio.timeout(within_s):
             while True:
                 try:
                     view = dict(await agent.task(run.task_uuid))
-                except AgentUnreachable as err:  # a teammate's fault test restarts the agent: wait for it
+                except (AgentUnreachable, ApiError) as err:  # a teammate's fault test restarts the agent
                     run.disturbed = f"the agent on {host.name} was unreachable ({err})"
                     await asyncio.sleep(1)
                     continue

@@ -125,7 +125,7 @@ async def run_case(ctx: Context) -> list[Row]:
     ctx.raw["5"] = {"idleCpu": idle, "latency": {k: v for k, v in latency.items()}}
     rows = []
     idle_values = list(idle["perAgent"].values())
-    busy_note = f"; {idle['busyTasks']} teammates' task(s) were running" if idle["busyTasks"] else ""
+    busy_note = f"; {idle['busyTasks']} other task(s) (teammates') were running" if idle["busyTasks"] else ""
     rows.append(
         Row("5", title, "agent, idle", "CPU", "% of one core", [v * 100 for v in idle_values],
             note=f"both agents over {s.idle_s:.0f} s{busy_note}")
