@@ -20,15 +20,14 @@ import os
 from pathlib import Path
 from typing import Any
 
-from agent.client import AgentClient
 from agent.config import AgentConfig
-from agent.errors import AgentError, InvalidRequest, MigrationFailed, PreflightFailed
+from agent.errors import AgentError, MigrationFailed, PreflightFailed
 from agent.migration.crosshost import RemoteRoot, remote_inventory
 from agent.migration.engine import TaskContext
 from agent.migration.incoming import IncomingDisk, IncomingLayer, IncomingSpec
 from agent.migration.inventory import volume_inventory
 from agent.migration.layers import send_layer_to_peer
-from agent.migration.peer import peer_call
+from agent.migration.peer import peer_call, peer_client
 from agent.migration.plan import DiskPlan, LayerPlan, MigrationPlan, inspect_chains, plan_migration
 from agent.migration.samehost import SPACE_MARGIN
 from agent.storage import qemuimg
@@ -177,17 +176,10 @@ class OfflineEngine:
         await self._remove(list(data.get("created", [])))
         if data.get("incoming"):
             with contextlib.suppress(AgentError):
-                async with self._peer(ctx) as peer:
+                async with peer_client(ctx.request, self.config) as peer:
                     await peer_call(peer, "DELETE", ("v1", "incoming-migrations", ctx.task_uuid), None)
 
     # -- another host -----------------------------------------------------------------------------------
-
-    def _peer(self, ctx: TaskContext) -> AgentClient:
-        dst = ctx.request.dstHost
-        if dst is None or not dst.agentUrl:
-            raise InvalidRequest("a move to another host needs dstHost.agentUrl", field="dstHost.agentUrl")
-        token = dst.token or self.config.read_cluster_token() or self.config.read_token()
-        return AgentClient(dst.agentUrl, token)
 
     async def _to_peer(self, ctx: TaskContext, plan: MigrationPlan) -> list[dict[str, Any]]:
         # Every layer travels, the top included: it is one more layer of a chain nobody writes.
@@ -228,7 +220,7 @@ class OfflineEngine:
         )
         temporary: list[str] = []
         data: dict[str, Any] = {"engine": "offline", "created": temporary, "incoming": True}
-        async with self._peer(ctx) as peer:
+        async with peer_client(ctx.request, self.config) as peer:
             await ctx.checkpoint(data)
             try:
                 prepared = await peer_call(peer, "POST", ("v1", "incoming-migrations"), spec.model_dump())

@@ -5,7 +5,18 @@ from __future__ import annotations
 from typing import Any
 
 from agent.client import AgentClient, ApiError, ClientError
-from agent.errors import MigrationFailed, NotFound
+from agent.config import AgentConfig
+from agent.errors import InvalidRequest, MigrationFailed, NotFound
+from agent.migration.request import MigrationRequest
+
+
+def peer_client(request: MigrationRequest, config: AgentConfig) -> AgentClient:
+    """A client of the destination agent: the token handed over in the request, else the cluster token."""
+    dst = request.dstHost
+    if dst is None or not dst.agentUrl:
+        raise InvalidRequest("a move to another host needs dstHost.agentUrl", field="dstHost.agentUrl")
+    token = dst.token or config.read_cluster_token() or config.read_token()
+    return AgentClient(dst.agentUrl, token)
 
 
 async def peer_call(peer: AgentClient, method: str, segments: tuple[str, ...], body: Any) -> Any:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.errors import InvalidRequest, PreflightFailed
+from agent.migration.pacing import AllocationIndex
 from agent.migration.request import MigrationRequest
 from agent.storage import qemuimg
 from agent.storage.qemuimg import ImageInfo
@@ -318,3 +319,9 @@ async def inspect_chains(disks: Sequence[DiskXml]) -> dict[str, list[ImageInfo]]
         if disk.device == "disk" and disk.type == "file" and disk.source:
             chains[disk.target] = await qemuimg.backing_chain(disk.source)
     return chains
+
+
+async def allocation_index(disk: DiskPlan) -> AllocationIndex:
+    """Where the bytes a mirror of ``disk`` moves are: data in any layer when flattening, else in the top."""
+    extents = await qemuimg.allocation_map(disk.src_top)
+    return AllocationIndex((e.start, e.length) for e in extents if e.data and (disk.flatten or e.depth == 0))
