@@ -81,6 +81,12 @@ class CrossHostEngine:
             await ctx.enter(TaskState.PREPARING)
             plan = await self._plan(ctx)
             ctx.note("plan", plan.summary())
+            # Every item's size up front (memory too), so the one percent never races ahead.
+            for layer in plan.layers:
+                ctx.progress(f"layer:{os.path.basename(layer.src)}", 0, layer.actual_size)
+            for disk in plan.disks:
+                ctx.progress(f"disk:{disk.target}", 0, disk.estimated_bytes)
+            ctx.progress("memory", 0, await self.host.memory_bytes(ctx.vm_uuid))
             data: dict[str, Any] = {"engine": "cross-host", "step": "preparing", "plan": plan.to_dict()}
             await ctx.checkpoint(data)
             try:

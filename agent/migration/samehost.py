@@ -105,6 +105,11 @@ class SameHostEngine:
         work = _Work(plan)
         work.reused = await self._preflight(ctx, plan)
         ctx.note("plan", plan.summary())
+        # Every item's size up front, so the one percent never races ahead while later items are unknown.
+        for layer in plan.layers:
+            ctx.progress(f"layer:{os.path.basename(layer.dst)}", 0, layer.actual_size)
+        for disk in plan.disks:
+            ctx.progress(f"disk:{disk.target}", 0, disk.estimated_bytes)
         await ctx.checkpoint(work.checkpoint_data("prepared"))
         try:
             async with asyncio.timeout(ctx.request.timeout):
