@@ -103,8 +103,8 @@ class Lab:
 
 def _status() -> dict[str, Any]:
     proc = run([str(LAB_SCRIPT), "status", "--json"], check=False, timeout=60)
-    if not proc.stdout.strip():
-        raise BenchError(f"scripts/lab status gave nothing: {proc.stderr.strip()}")
+    if not proc.stdout.strip():  # no lab at all (a teammate's scripts/test ends with `lab down`)
+        return {"ok": False, "down": True, "hosts": [], "hostsByName": {}, "why": proc.stderr.strip()}
     doc: dict[str, Any] = json.loads(proc.stdout)
     doc["ok"] = proc.returncode == 0
     doc["hostsByName"] = {h["name"]: h for h in doc["hosts"]}
@@ -140,13 +140,22 @@ def wait_healthy(within_s: float = 300) -> dict[str, Any]:
     """Wait until both hosts and both agents are up. Teammates' fault tests stop agents and libvirtd on
     purpose for a while; the bench waits for them rather than repairing the lab under their feet."""
     deadline = time.monotonic() + within_s
+    down_since: float | None = None
     while True:
         doc = _status()
         if _healthy(doc):
             return doc
+        if doc.get("down"):
+            down_since = down_since or time.monotonic()
+            if time.monotonic() - down_since > 10:  # down, not being brought up by someone: bring it up
+                log.warning("the lab is down (%s): scripts/lab up", doc.get("why"))
+                run([str(LAB_SCRIPT), "up"], timeout=600, check=False)
+                down_since = None
+        else:
+            down_since = None
         if time.monotonic() > deadline:
             down = [f"{h['name']}: {k}" for h in doc["hosts"] for k, v in h["health"].items() if not v]
-            raise BenchError(f"the lab is not healthy after {within_s:.0f} s: {', '.join(down)}")
+            raise BenchError(f"the lab is not healthy after {within_s:.0f} s: {', '.join(down) or 'down'}")
         time.sleep(2)
 
 
@@ -157,8 +166,7 @@ def ensure_lab() -> Lab:
         # Run inside a lab host's namespace, `scripts/lab up` would rebuild that host's network in the
         # wrong place (and cut the host off): refuse to touch the lab from there.
         raise BenchError("run the bench from the root network namespace, not inside a lab host")
-    doc = _status()
-    if not doc["ok"]:
+    if not _status()["ok"]:
         log.info("the lab is not up: scripts/lab up")
         run([str(LAB_SCRIPT), "up"], timeout=600)
     doc = wait_healthy()
