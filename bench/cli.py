@@ -20,7 +20,7 @@ from typing import Any
 
 from bench.agentrun import CallbackReceiver
 from bench.context import FULL, QUICK, Context, Settings
-from bench.labenv import REPO, BenchError, ensure_lab, run, wait_healthy
+from bench.labenv import REPO, BenchError, ensure_lab, run
 from bench.table import Row, render_markdown, verdicts
 
 log = logging.getLogger("bench")
@@ -86,7 +86,7 @@ async def _run_cases(settings: Settings, wanted: list[str]) -> tuple[Context, li
             log.info("case %s: %s", number, title)
             started = time.monotonic()
             try:
-                await asyncio.to_thread(wait_healthy)
+                ctx.lab = await asyncio.to_thread(ensure_lab)  # uuids are new if the lab was rebuilt
                 module = importlib.import_module(module_name)
                 case: Callable[[Context], Awaitable[list[Row]]] = module.run_case
                 rows += await case(ctx)
