@@ -53,6 +53,12 @@ ABORT_RETRY_S = 180.0
 STALL_S = 30.0
 #: How long to wait for this host's libvirtd to come back (restart) before deciding where the VM runs.
 LIBVIRT_OUTAGE_S = 120.0
+#: How long libvirt's migration call may take to return once the job was aborted, and how often the abort
+#: is repeated meanwhile. libvirt 9.0 can wait forever for a disk mirror it cancelled after a cut link (the
+#: mirror ended with an I/O error in QEMU; libvirt never takes the end in): past this, the task stops
+#: waiting and says so instead of hanging with it.
+ABORT_GRACE_S = 60.0
+ABORT_REPEAT_S = 10.0
 MiB = 1024 * 1024
 
 
@@ -72,6 +78,7 @@ class CrossHostEngine:
         self.host = host
         self.roots = roots
         self.config = config
+        self.wedged: set[str] = set()  # VMs whose libvirt migration job did not end after an abort
         self.tick_s = tick_s
 
     async def run(self, ctx: TaskContext) -> list[dict[str, Any]]:
@@ -226,6 +233,7 @@ class CrossHostEngine:
                             format=lp.format,
                             virtualSize=lp.virtual_size,
                             actualSize=lp.actual_size,
+                            clusterSize=lp.cluster_size,
                         )
                         for lp in d.lower_layers
                     ],
@@ -364,6 +372,11 @@ class CrossHostEngine:
                 await asyncio.wait([migration], timeout=self.tick_s)
                 if migration.done():
                     break
+                if steer.verdict is not None:  # aborted by the steering: only its end is awaited now
+                    if not await self._wait_after_abort(ctx, migration):
+                        steer.verdict.details = _WEDGED_DETAILS
+                        raise steer.verdict
+                    break
                 try:
                     await steer.tick()
                 except AgentError as err:  # e.g. the job ended between two calls: the migration decides
@@ -374,6 +387,8 @@ class CrossHostEngine:
                 await asyncio.shield(self._cancel_migration(ctx, migration, steer))
             raise
         except AgentError as err:
+            if steer.verdict is err:
+                raise
             if steer.verdict is not None:
                 raise steer.verdict from err
             raise MigrationFailed(
@@ -392,8 +407,34 @@ class CrossHostEngine:
             return
         with contextlib.suppress(AgentError):
             await self.host.abort_job(ctx.vm_uuid)
-        with contextlib.suppress(AgentError):
-            await migration
+        await self._wait_after_abort(ctx, migration)
+
+    async def _wait_after_abort(self, ctx: TaskContext, migration: asyncio.Future[None]) -> bool:
+        """Wait (bounded) for libvirt's migration call to return after an abort, repeating the abort.
+        False: it did not; the call is left to return whenever libvirt lets it, and the job is marked
+        wedged so that deciding where the VM runs does not wait for it again."""
+        deadline = time.monotonic() + ABORT_GRACE_S
+        while time.monotonic() < deadline:
+            done, _ = await asyncio.wait([migration], timeout=ABORT_REPEAT_S)
+            if done:
+                with contextlib.suppress(AgentError):
+                    migration.result()
+                return True
+            with contextlib.suppress(AgentError):
+                await self.host.abort_job(ctx.vm_uuid)
+        self.wedged.add(ctx.vm_uuid)
+        ctx.log.error(
+            "libvirt's migration job did not end %.0f s after it was aborted; %s",
+            ABORT_GRACE_S,
+            _WEDGED_DETAILS,
+        )
+        migration.add_done_callback(
+            lambda f: ctx.log.warning(
+                "libvirt's wedged migration call returned at last: %s",
+                "cancelled" if f.cancelled() else (f.exception() or "without error"),
+            )
+        )
+        return False
 
     # -- commit and abort -------------------------------------------------------------------------------
 
@@ -550,7 +591,7 @@ class CrossHostEngine:
         """
         local: str | None = None
         if await self.host.wait_reachable(LIBVIRT_OUTAGE_S):
-            deadline = time.monotonic() + 60
+            deadline = time.monotonic() + (0 if ctx.vm_uuid in self.wedged else 60)
             while time.monotonic() < deadline:
                 if not await self._job_active(ctx):
                     break
@@ -729,6 +770,13 @@ async def _completed_stats(events: asyncio.Queue[DomainEvent], *, wait_s: float)
                 if event.kind == "job-completed":
                     return dict(event.stats)
     return None
+
+
+_WEDGED_DETAILS = (
+    "libvirt's migration job did not end after the abort (libvirt 9.0 can wait forever for a disk mirror "
+    "that failed when the link broke); the VM keeps running on this host from its source volumes. Restart "
+    "libvirtd on this host (running VMs keep running) to end the job before migrating this VM again"
+)
 
 
 def _what(failure: BaseException) -> str:

@@ -52,6 +52,9 @@ class IncomingLayer(_Wire):
     format: str = Field(pattern="^(qcow2|raw)$")
     virtualSize: int = Field(ge=0)
     actualSize: int = Field(ge=0)
+    clusterSize: int | None = Field(
+        default=None, ge=512, le=2 * 1024 * 1024, description="qcow2 cluster size of the source layer"
+    )
 
 
 class IncomingDisk(_Wire):
@@ -255,6 +258,7 @@ class IncomingService:
                 listen_host=self.migration_address,
                 backing=backing,
                 backing_format=backing_fmt,
+                cluster_size=spec.get("clusterSize"),
             )
             self._layers[key] = layer
             log.info(

@@ -202,6 +202,7 @@ class OfflineEngine:
                             format=lp.format,
                             virtualSize=lp.virtual_size,
                             actualSize=lp.actual_size,
+                            clusterSize=lp.cluster_size,
                         )
                         for lp in d.lower_layers
                     ]

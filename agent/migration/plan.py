@@ -32,6 +32,7 @@ class LayerPlan:
     actual_size: int
     backing_dst: str | None
     backing_format: str | None
+    cluster_size: int | None = None  # qcow2: the destination copy gets the same, or verification fails
 
 
 @dataclass(frozen=True)
@@ -256,6 +257,7 @@ def plan_migration(
                     actual_size=layer.actual_size,
                     backing_dst=below_dst,
                     backing_format=below_fmt,
+                    cluster_size=layer.cluster_size,
                 )
                 layers[layer.path] = plan
                 lower.append(plan)
