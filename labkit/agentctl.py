@@ -95,10 +95,23 @@ def wait_healthy(host: HostSpec, hs: HostState) -> None:
             last = tail.strip().splitlines()[-1:] or [""]
             if "ModuleNotFoundError: No module named 'agent" in last[0] or "ImportError" in last[0]:
                 raise AgentIncomplete(f"{host.name}: the agent is incomplete: {last[0]}")
-            raise LabError(f"{host.name}: the agent exited; {host.agent_log}:\n{tail}")
+            how = _exit_of(host, hs.agent_pid)
+            raise LabError(f"{host.name}: the agent exited{how}; {host.agent_log}:\n{tail}")
         return healthy(host)
 
     wait_for(f"{host.name} agent at {host.agent_url}/v1/health", ready, timeout=60, interval=0.3)
+
+
+def _exit_of(host: HostSpec, pid: int | None) -> str:
+    """How the holder saw ``pid`` end (its reaper logs every child), as " (killed by signal 9)"."""
+    try:
+        lines = (host.dir / "holder.log").read_text(errors="replace").splitlines()
+    except OSError:
+        return ""
+    for line in reversed(lines):
+        if line.startswith(f"holder: pid {pid} "):
+            return " (" + line.split(" ", 3)[3] + ")"
+    return ""
 
 
 def stop(host: HostSpec, hs: HostState, *, hard: bool = False) -> None:

@@ -18,6 +18,8 @@ def _create(args: argparse.Namespace) -> int:
         data_volumes=args.data_volumes,
         snapshots=args.snapshots,
         dirty_mib_s=args.dirty_mib_s,
+        dirty_cpu_bound=args.dirty_cpu_bound,
+        working_set_mib=args.working_set_mib,
         storage=args.storage,
         disk_size_mib=args.disk_size_mib,
         memory_mib=args.memory_mib,
@@ -81,6 +83,10 @@ def add_guest_commands(sub: Any) -> None:
     p.add_argument("--data-volumes", type=int, default=0, metavar="N")
     p.add_argument("--snapshots", type=int, default=0, metavar="N", help="qcow2 chain of N+1 layers per disk")
     p.add_argument("--dirty-mib-s", type=int, default=0, metavar="N", help="memory dirtying rate (MiB/s)")
+    p.add_argument(
+        "--dirty-cpu-bound", action="store_true", help="dirty memory as fast as the guest's CPU allows"
+    )
+    p.add_argument("--working-set-mib", type=int, metavar="N", help="size of the dirtied buffer")
     p.add_argument("--storage", default="ps1", help="storage root on that host (ps1, ps2, small)")
     p.add_argument("--disk-size-mib", type=int, default=1024, metavar="N")
     p.add_argument("--memory-mib", type=int, default=256, metavar="N")

@@ -111,6 +111,8 @@ class GuestOptions:
     data_volumes: int = 0
     snapshots: int = 0
     dirty_mib_s: int = 0
+    dirty_cpu_bound: bool = False  # dirty as fast as the vCPU goes (overrides dirty_mib_s)
+    working_set_mib: int | None = None  # the dirtied tmpfs buffer; default a quarter of memory, <= 48
     storage: str = "ps1"
     disk_size_mib: int = 1024
     memory_mib: int = 256
@@ -132,6 +134,8 @@ def _check_options(opts: GuestOptions) -> None:
         raise LabError(
             "--disk-size-mib too small: half of each disk holds records, the other half the filler"
         )
+    if opts.working_set_mib is not None and not 8 <= opts.working_set_mib <= opts.memory_mib // 2:
+        raise LabError("--working-set-mib must be 8 .. half of --memory-mib")
     if opts.memory_mib < 96:
         raise LabError("--memory-mib must be at least 96")
     if GuestRecord.dir_of(opts.name).exists() or domain.placements(opts.name):
@@ -190,10 +194,10 @@ def create(opts: GuestOptions) -> GuestRecord:
         for disk in guest.disks:
             _make_layer(disk, opts, 0, root / f"{plan[disk.dev][0]}.qcow2", None)
         guest.save()
-        ws = max(8, min(48, opts.memory_mib // 4))
-        cmdline = "console=ttyS0 edd=off quiet loglevel=1 " + (
-            f"ksa.disks={len(devs)} ksa.dirty={opts.dirty_mib_s} ksa.ws={ws}"
-        )
+        ws = opts.working_set_mib or max(8, min(48, opts.memory_mib // 4))
+        dirty = "max" if opts.dirty_cpu_bound else str(opts.dirty_mib_s)
+        args = f"ksa.disks={len(devs)} ksa.dirty={dirty} ksa.ws={ws}"
+        cmdline = f"console=ttyS0 edd=off quiet loglevel=1 {args}"
         xml = domain.domain_xml(
             name=guest.name,
             uuid=guest.uuid,

@@ -39,9 +39,15 @@ BASE_ENV = {
 def _reap_forever() -> None:
     while True:
         try:
-            os.waitpid(-1, 0)
+            pid, status = os.waitpid(-1, 0)
         except ChildProcessError:
             time.sleep(0.5)
+            continue
+        # The lab reports "exited" for a daemon that died at start: this line says how (code or signal).
+        if os.WIFSIGNALED(status):
+            print(f"holder: pid {pid} killed by signal {os.WTERMSIG(status)}", flush=True)
+        else:
+            print(f"holder: pid {pid} exited with status {os.waitstatus_to_exitcode(status)}", flush=True)
 
 
 def _spawn(argv: list[str], log_path: str, env: dict[str, str]) -> int:

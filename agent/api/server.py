@@ -7,6 +7,7 @@ within the other half (they go on in libvirt and are resumed from the journal at
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import logging.config
 import os
@@ -61,6 +62,8 @@ def ssl_context(config: AgentConfig) -> ssl.SSLContext | None:
 
 def run(config_path: str | os.PathLike[str]) -> None:
     """Serve until SIGTERM/SIGINT. Raises ``ConfigError`` (message names the key) for a bad config."""
+    # A crash in a C extension (libvirt-python) otherwise leaves nothing in the journal but the exit code.
+    faulthandler.enable()
     config = load_config(Path(config_path))
     setup_logging(config.log_level)
     token = config.read_token()

@@ -36,6 +36,21 @@ class Run:
         return {v["deviceName"]: v for v in vols}
 
 
+def assert_progress_honest(run: Run, *, slack: float = 5.0) -> None:
+    """The percent never goes backwards, and while the task runs it never runs ahead of the bytes: every
+    item's size is announced once the plan is made, so the percent cannot race to 99.9 while later items
+    (lower layers, the memory) are still unknown."""
+    percents = [v["progress"]["percent"] for _t, v in run.samples]
+    assert percents == sorted(percents), f"progress went backwards: {percents}"
+    for _t, view in run.samples:
+        progress = view["progress"]
+        if view["state"] in ("SUCCEEDED", "FAILED", "CANCELLED") or not progress["bytesTotal"]:
+            continue
+        share = 100.0 * progress["bytesDone"] / progress["bytesTotal"]
+        assert progress["percent"] <= share + slack, f"{view['state']}: {progress} ahead of its bytes"
+    assert run.samples[-1][1]["progress"]["percent"] == (100.0 if run.state == "SUCCEEDED" else percents[-1])
+
+
 def migration_body(dst_storage: str, **extra: Any) -> dict[str, Any]:
     psm = {"dstPrimaryStorageUuid": dst_storage}
     for key in ("withDataVolumes", "withSnapshots", "dstHostUuid", "strategy"):

@@ -7,7 +7,9 @@ exercise the real lab commands. Fixtures that hand these out are in conftest.py.
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -172,6 +174,8 @@ def create_guest(
     data_volumes: int = 0,
     snapshots: int = 0,
     dirty_mib_s: int = 0,
+    dirty_cpu_bound: bool = False,
+    working_set_mib: int | None = None,
     storage: str = "ps1",
     disk_size_mib: int = 1024,
     memory_mib: int = 256,
@@ -187,5 +191,21 @@ def create_guest(
         "--disk-size-mib", str(disk_size_mib),
         "--memory-mib", str(memory_mib),
         "--fill-mib", str(fill_mib),
+        *(["--dirty-cpu-bound"] if dirty_cpu_bound else []),
+        *(["--working-set-mib", str(working_set_mib)] if working_set_mib else []),
     )  # fmt: skip
     return Guest(name=name, uuid=proc.stdout.strip().splitlines()[-1], host=host)
+
+
+def lab_status() -> dict[str, Any]:
+    return dict(json.loads(lab_cli("status", "--json", check=False).stdout))
+
+
+def restart_libvirtd(host: LabHost) -> None:
+    """Stop the host's libvirtd (SIGTERM: QEMU keeps running) and let `scripts/lab up` start it again."""
+    pid = int(next(h for h in lab_status()["hosts"] if h["name"] == host.name)["pids"]["libvirtd"])
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 30
+    while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    lab_cli("up")

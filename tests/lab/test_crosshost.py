@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 from agentapi import (
     Run,
+    assert_progress_honest,
     disk_sources,
     follow,
     images_identical,
@@ -20,7 +21,7 @@ from agentapi import (
     qemu_img_chain,
     start,
 )
-from labtools import Guest, Lab, LabHost
+from labtools import Guest, Lab, LabHost, restart_libvirtd
 
 pytestmark = pytest.mark.lab
 
@@ -36,6 +37,10 @@ def to_host(lab: Lab, dst: LabHost, storage: str = "ps1", **extra: Any) -> dict[
 
 def files_under(host: LabHost) -> dict[str, set[str]]:
     return {root.name: set(os.listdir(root.path)) for root in host.storage}
+
+
+def migration_job(host: LabHost, guest: Guest) -> bool:
+    return "Unbounded" in host.virsh("domjobinfo", guest.name)
 
 
 def assert_stayed_on_source(
@@ -66,8 +71,7 @@ async def test_flatten_to_other_host(lab_agents: Lab, make_guest: Callable[..., 
         assert len(qemu_img_chain(path)) == 1, f"{target} was not flattened"
     assert set(live) == set(before)
     assert run.task["downtimeMs"] is not None and run.task["downtimeMs"] <= 500
-    percents = [v["progress"]["percent"] for _t, v in run.samples]
-    assert percents == sorted(percents), "progress went backwards"
+    assert_progress_honest(run)
     guest.wait_for_acks(20)
     result = guest.verify()
     assert result.ok, result.output
@@ -140,9 +144,10 @@ async def test_cut_link_fails_cleanly(lab_agents: Lab, make_guest: Callable[...,
         await asyncio.sleep(45)
     finally:
         lab_agents.link("up", "hostB")
-    run = await follow(lab_agents, src, task["taskUuid"], within_s=300)
+    run = await follow(lab_agents, src, task["taskUuid"], within_s=240)
     assert run.state == "FAILED", run.task
-    assert run.task["error"]["code"]
+    error = run.task["error"]
+    assert error["code"] in ("AGENT.MIGRATION_STALLED", "AGENT.MIGRATION_FAILED"), error
     # The destination's cleanup is retried until the link is back.
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -151,6 +156,16 @@ async def test_cut_link_fails_cleanly(lab_agents: Lab, make_guest: Callable[...,
         await asyncio.sleep(1)
     assert_stayed_on_source(guest, src, dst, before, dst_files)
     guest.wait_for_acks(10)
+    if "Restart libvirtd" in (error["details"] or ""):
+        # libvirt 9.0 kept the aborted job (a disk mirror it never saw end): the task said so and what to
+        # do. Doing it clears the job and the VM runs on, untouched.
+        assert migration_job(src, guest), "the task reported a stuck job that libvirt does not have"
+        await asyncio.to_thread(restart_libvirtd, src)
+        assert not migration_job(src, guest)
+        assert guest.where() == {src.name: "running"}
+        guest.wait_for_acks(10)
+    else:
+        assert not migration_job(src, guest)
     assert guest.verify().ok
 
 
@@ -263,6 +278,7 @@ async def test_keeps_chains_across_hosts(lab_agents: Lab, make_guest: Callable[.
             assert images_identical(old["filename"], new["filename"]), "a lower layer differs from its source"
     assert run.task["downtimeMs"] is not None and run.task["downtimeMs"] <= 1000
     assert not [p for p in _qsd_processes()], "a qemu-storage-daemon was left running"
+    assert_progress_honest(run)
     guest.wait_for_acks(20)
     result = guest.verify()
     assert result.ok, result.output

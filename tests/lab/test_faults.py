@@ -26,7 +26,7 @@ from typing import Any
 
 import pytest
 from agentapi import Run, disk_sources, migration_body, qemu_img_chain, start
-from labtools import Guest, Lab, LabHost, lab_cli
+from labtools import Guest, Lab, LabHost, lab_cli, lab_status, restart_libvirtd
 
 from agent.client import AgentClient, AgentUnreachable, ApiError
 
@@ -44,10 +44,6 @@ def _healthy(url: str) -> bool:
             return bool(200 <= response.status < 300)
     except OSError:
         return False
-
-
-def lab_status() -> dict[str, Any]:
-    return dict(json.loads(lab_cli("status", "--json", check=False).stdout))
 
 
 @pytest.fixture(autouse=True)
@@ -72,9 +68,10 @@ SLOW_DISK_MIB = 1024
 
 
 def small_guest(make_guest: Callable[..., Guest], **options: Any) -> Guest:
-    """A writing guest sized for short cases: 256 MiB disks (their filler sits in the second half), 128 MiB
-    of memory; ``fill_mib`` of data per disk is what a copy moves at the capped rate."""
-    return make_guest(**{"disk_size_mib": 256, "memory_mib": 128, **options})
+    """A writing guest sized for short cases: 256 MiB disks (their filler sits in the second half) and 256 MiB
+    of memory; ``fill_mib`` of data per disk is what a copy moves at the capped rate. Not 128 MiB: such TCG
+    guests panicked on the destination right after an `auto` live migration 5 times in 13 (docs/lab.md)."""
+    return make_guest(**{"disk_size_mib": 256, "memory_mib": 256, **options})
 
 
 def to_host(dst: LabHost, storage: str = "ps1", **extra: Any) -> dict[str, Any]:
@@ -474,16 +471,6 @@ async def test_crosshost_cancel_after_postcopy_started(
 # -- same host: libvirtd restarted under a copy --------------------------------------------------------------
 
 
-def restart_libvirtd(host: LabHost) -> None:
-    """Stop the host's libvirtd (SIGTERM: QEMU keeps running) and let `scripts/lab up` start it again."""
-    pid = next(h for h in lab_status()["hosts"] if h["name"] == host.name)["pids"]["libvirtd"]
-    os.kill(int(pid), signal.SIGTERM)
-    deadline = time.monotonic() + 30
-    while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
-        time.sleep(0.1)
-    lab_cli("up")
-
-
 async def test_samehost_libvirtd_restarted_in_copy(lab_agents: Lab, make_guest: Callable[..., Guest]) -> None:
     """libvirtd goes away under a running copy: QEMU keeps mirroring, the agent rides out the outage and
     reconnects, libvirt picks the block jobs up again, and the task pivots; or it fails cleanly."""
@@ -506,6 +493,11 @@ async def test_samehost_libvirtd_restarted_in_copy(lab_agents: Lab, make_guest: 
 
 # -- cross host: an agent killed -----------------------------------------------------------------------------
 
+#: These cases are about the agents, not the convergence strategy. With `auto` the TCG guest panicked on the
+#: destination right after the switchover in 5 runs of 6 when an agent had been killed (with `precopy`: 0 of
+#: 6); the cause is not found yet and is written down as open in docs/reliability.md.
+KILL_CASE_STRATEGY: dict[str, Any] = {"strategy": "precopy", "downTime": 500}
+
 
 async def test_crosshost_source_agent_killed_mid_migration(
     lab_agents: Lab, make_guest: Callable[..., Guest]
@@ -516,7 +508,12 @@ async def test_crosshost_source_agent_killed_mid_migration(
     src, dst = lab_agents.host("hostA"), lab_agents.host("hostB")
     guest = small_guest(make_guest, data_volumes=1, fill_mib=48)
     before = Before.take(lab_agents, src, guest)
-    task = await start(lab_agents, src, guest.uuid, to_host(dst, withDataVolumes=True, bandwidth=6))
+    task = await start(
+        lab_agents,
+        src,
+        guest.uuid,
+        to_host(dst, withDataVolumes=True, bandwidth=6, **KILL_CASE_STRATEGY),
+    )
     await wait_for_migration(lab_agents, src, guest, task["taskUuid"])
     await wait_for_progress(lab_agents, src, task["taskUuid"], 5)
     kill_agent(lab_agents, src)
@@ -540,7 +537,9 @@ async def test_crosshost_destination_agent_killed_until_the_end(
     src, dst = lab_agents.host("hostA"), lab_agents.host("hostB")
     guest = small_guest(make_guest, fill_mib=16)
     before = Before.take(lab_agents, src, guest)
-    task = await start(lab_agents, src, guest.uuid, to_host(dst, bandwidth=16))
+    task = await start(
+        lab_agents, src, guest.uuid, to_host(dst, bandwidth=16, strategy="precopy", downTime=500)
+    )
     await wait_for_migration(lab_agents, src, guest, task["taskUuid"])
     kill_agent(lab_agents, dst)
     try:

@@ -6,7 +6,15 @@ import os
 from collections.abc import Callable
 
 import pytest
-from agentapi import disk_sources, images_identical, migrate, migration_body, qemu_img_chain, start
+from agentapi import (
+    assert_progress_honest,
+    disk_sources,
+    images_identical,
+    migrate,
+    migration_body,
+    qemu_img_chain,
+    start,
+)
 from labtools import Guest, Lab
 
 from agent.client import ApiError
@@ -55,6 +63,7 @@ async def test_keeps_chains_of_root_and_data_volumes(
             c["filename"] for c in new_chain[1:]
         ]
     assert volumes["vda"]["type"] == "Root" and volumes["vdb"]["type"] == "Data"
+    assert_progress_honest(run)
     # The source files stay for the management plane; the guest keeps writing on the new volumes.
     assert all(os.path.exists(p) for p in before.values())
     guest.wait_for_acks(20)
