@@ -227,16 +227,7 @@ class CrossHostEngine:
                     estimatedBytes=d.estimated_bytes,
                     flatten=d.flatten,
                     precreated=d.precreated,
-                    layers=[
-                        IncomingLayer(
-                            name=os.path.basename(lp.src),
-                            format=lp.format,
-                            virtualSize=lp.virtual_size,
-                            actualSize=lp.actual_size,
-                            clusterSize=lp.cluster_size,
-                        )
-                        for lp in d.lower_layers
-                    ],
+                    layers=[IncomingLayer.of(lp) for lp in d.lower_layers],
                 )
                 for d in plan.disks
             ],

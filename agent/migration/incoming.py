@@ -27,6 +27,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from agent.errors import Conflict, InvalidRequest, MigrationFailed, NotFound, PreflightFailed
+from agent.migration.plan import LayerPlan
 from agent.migration.request import normalise_uuid
 from agent.migration.targets import check_precreated_target
 from agent.storage import qemuimg
@@ -55,6 +56,17 @@ class IncomingLayer(_Wire):
     clusterSize: int | None = Field(
         default=None, ge=512, le=2 * 1024 * 1024, description="qcow2 cluster size of the source layer"
     )
+
+    @classmethod
+    def of(cls, layer: LayerPlan) -> IncomingLayer:
+        """The wire form of a planned lower layer (named by its file name; the destination places it)."""
+        return cls(
+            name=os.path.basename(layer.src),
+            format=layer.format,
+            virtualSize=layer.virtual_size,
+            actualSize=layer.actual_size,
+            clusterSize=layer.cluster_size,
+        )
 
 
 class IncomingDisk(_Wire):

@@ -196,16 +196,7 @@ class OfflineEngine:
                     virtualSize=d.virtual_size,
                     estimatedBytes=0,
                     flatten=True,
-                    layers=[
-                        IncomingLayer(
-                            name=os.path.basename(lp.src),
-                            format=lp.format,
-                            virtualSize=lp.virtual_size,
-                            actualSize=lp.actual_size,
-                            clusterSize=lp.cluster_size,
-                        )
-                        for lp in d.lower_layers
-                    ]
+                    layers=[IncomingLayer.of(lp) for lp in d.lower_layers]
                     + [
                         IncomingLayer(
                             name=os.path.basename(str(d.dst_top)),
