@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import ipaddress
+import os
 import signal
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 from . import hostsetup
 from .layout import AGENT_BIN, AGENT_PORT, BRIDGE_ADDRESS, PREFIX_LEN, STORAGE_ROOTS, TOKEN_FILE, HostSpec
 from .state import HostState
-from .sysutil import LabError, kill_pids, log, pid_matches, run, tail_file, wait_for, write_file
+from .sysutil import LabError, kill_pids, log, pid_cmdline, pid_matches, run, tail_file, wait_for, write_file
 
 AGENT_MARK = "kvm-storage-agent"
 # Never let a proxy from the environment see lab traffic: only the lab's own addresses are contacted.
@@ -35,6 +37,8 @@ def config_text(host: HostSpec, hs: HostState) -> str:
         f'state_dir = "{host.agent_state_dir}"',
         f'migration_address = "{host.address}"',
     ]
+    if level := os.environ.get("KSA_LAB_AGENT_LOG_LEVEL"):  # e.g. DEBUG, to see every steering step
+        lines.append(f'log_level = "{level.upper()}"')
     for name, _, _ in STORAGE_ROOTS:
         lines += ["", "[[storage]]", f'uuid = "{hs.storage[name]}"', f'path = "{host.storage_path(name)}"']
     # The ZStack dialect, for a management server played from the lab's network or inside a host.
@@ -76,11 +80,28 @@ def healthy(host: HostSpec) -> bool:
         return False
 
 
+def strays(host: HostSpec, hs: HostState) -> list[int]:
+    """Agents serving this host's config that the state does not name (a start that raced another one):
+    left alone, one holds the port and the next start dies with "address already in use"."""
+    config = str(host.agent_config)
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == hs.agent_pid:
+            continue
+        argv = pid_cmdline(int(entry.name))
+        if "serve" in argv and config in argv and any(AGENT_MARK in part for part in argv):
+            found.append(int(entry.name))
+    return found
+
+
 def start(host: HostSpec, hs: HostState) -> None:
     """Start the agent under the host's holder (so in its namespaces) and wait for /v1/health."""
     write_config(host, hs)
     if running(hs):
         return
+    if extra := strays(host, hs):
+        log(f"{host.name}: stopping agents the lab state did not know: {extra}")
+        kill_pids(extra, grace=20)
     argv = [str(AGENT_BIN), "serve", "--config", str(host.agent_config)]
     hs.agent_pid = hostsetup.spawn(host, argv, host.agent_log, env={"PYTHONUNBUFFERED": "1"})
     write_file(host.agent_pid_file, f"{hs.agent_pid}\n")
@@ -121,10 +142,11 @@ def stop(host: HostSpec, hs: HostState, *, hard: bool = False) -> None:
         host.agent_pid_file.unlink(missing_ok=True)
         return
     assert hs.agent_pid is not None
+    pids = [hs.agent_pid, *strays(host, hs)]
     if hard:
-        kill_pids([hs.agent_pid], grace=0, sig=signal.SIGKILL)
+        kill_pids(pids, grace=0, sig=signal.SIGKILL)
     else:
-        kill_pids([hs.agent_pid], grace=20)
+        kill_pids(pids, grace=20)
     log(f"{host.name}: agent pid {hs.agent_pid} {'killed' if hard else 'stopped'}")
     hs.agent_pid = None
     host.agent_pid_file.unlink(missing_ok=True)

@@ -36,7 +36,14 @@ from agent.migration import convergence
 from agent.migration.engine import TaskContext, announce, run_past_cancel
 from agent.migration.incoming import IncomingDisk, IncomingLayer, IncomingSpec
 from agent.migration.layers import send_layer_to_peer
-from agent.migration.pacing import AllocationIndex, MirrorSample, job_speed, real_bytes_done, split_budget
+from agent.migration.pacing import (
+    AllocationIndex,
+    MirrorSample,
+    SteeringClock,
+    job_speed,
+    real_bytes_done,
+    split_budget,
+)
 from agent.migration.peer import peer_call, peer_client
 from agent.migration.plan import MigrationPlan, allocation_index, inspect_chains, plan_migration
 from agent.migration.request import Strategy
@@ -59,6 +66,8 @@ LIBVIRT_OUTAGE_S = 120.0
 #: waiting and says so instead of hanging with it.
 ABORT_GRACE_S = 60.0
 ABORT_REPEAT_S = 10.0
+#: Assumed time for a disk speed change to land until one has been timed (see ``SteeringClock``).
+FIRST_CHANGE_S = 5.0
 MiB = 1024 * 1024
 
 
@@ -309,7 +318,11 @@ class CrossHostEngine:
             libvirt.VIR_MIGRATE_PARAM_PERSIST_XML: rewrite_disk_sources(inactive, new_sources),
         }
         if ctx.bandwidth:
-            params[libvirt.VIR_MIGRATE_PARAM_BANDWIDTH] = max(1, ctx.bandwidth // MiB)
+            # libvirt starts every disk mirror at this speed on its own (LAB-NOTES): one share each keeps the
+            # moment before the first steering tick within the budget. The memory stream gets the whole
+            # budget when it starts (_Steering.tick).
+            share = ctx.bandwidth // max(1, len(plan.disks))
+            params[libvirt.VIR_MIGRATE_PARAM_BANDWIDTH] = max(1, share // MiB)
         if ctx.request.primaryStorageMigrateVm.strategy in (Strategy.AUTO_CONVERGE, Strategy.AUTO):
             params[libvirt.VIR_MIGRATE_PARAM_AUTO_CONVERGE_INITIAL] = 20
             params[libvirt.VIR_MIGRATE_PARAM_AUTO_CONVERGE_INCREMENT] = 10
@@ -349,6 +362,7 @@ class CrossHostEngine:
             # survive; LAB-NOTES) can trail the return of migrateToURI3, notably after post-copy.
             completed = await _completed_stats(events, wait_s=5.0)
         finally:
+            steer.close()
             self.host.unsubscribe(ctx.vm_uuid, events)
         ctx.note("convergence", steer.summary())
         if completed is None:
@@ -556,12 +570,15 @@ class CrossHostEngine:
             steer.aliases = {
                 d.target: d.alias for d in parse_disks(await self.host.live_xml(ctx.vm_uuid)) if d.alias
             }
-        while await self._job_active(ctx):
-            try:
-                await steer.tick()
-            except AgentError as err:
-                ctx.log.debug("steering step skipped: %s", err.description)
-            await asyncio.sleep(self.tick_s)
+        try:
+            while await self._job_active(ctx):
+                try:
+                    await steer.tick()
+                except AgentError as err:
+                    ctx.log.debug("steering step skipped: %s", err.description)
+                await asyncio.sleep(self.tick_s)
+        finally:
+            steer.close()
         return steer.verdict
 
     async def _job_active(self, ctx: TaskContext) -> bool:
@@ -628,6 +645,12 @@ class _Steering:
         self.indexes = indexes
         self.controller = controller
         self.speeds: dict[str, int] = {}
+        # A speed change through libvirt's QMP passthrough took about 5 s during a migration's disk phase
+        # (lab): changes run in the background, one per disk at a time, and speeds are planned for as long
+        # as changes are seen to take.
+        self.clock = SteeringClock(engine.tick_s, first_s=FIRST_CHANGE_S)
+        self.changing: dict[str, asyncio.Task[None]] = {}
+        self.last_sample: float | None = None
         self.postcopy_started = False
         self.memory_phase = False
         self.verdict: AgentError | None = None
@@ -643,6 +666,7 @@ class _Steering:
         except AgentError:
             return  # the domain may be gone at the very end
         if int(stats.get("type", 0)) == libvirt.VIR_DOMAIN_JOB_NONE:
+            self.ctx.log.debug("steering: no migration job yet")
             return
         self.samples += 1
         await self._watch_for_stall(stats)
@@ -653,6 +677,9 @@ class _Steering:
             self.ctx.progress("memory", processed, processed + remaining)
         if int(stats.get("memory_iteration", 0)) >= 1 and not self.memory_phase:
             self.memory_phase = True
+            if self.ctx.bandwidth and len(self.plan.disks) > 1:  # the disks started at one share each
+                with contextlib.suppress(AgentError):
+                    await self.host.set_migration_speed(self.ctx.vm_uuid, max(1, self.ctx.bandwidth // MiB))
             await self.ctx.enter(TaskState.CONVERGING)
         sample = convergence.MigrationSample.from_job_stats(stats, time.monotonic())
         self.controller.retune(max_downtime_ms=self.ctx.downtime_ms, bandwidth=self.ctx.bandwidth)
@@ -685,7 +712,8 @@ class _Steering:
         """Steer the NBD mirrors so the budget is charged for real bytes, across all disks."""
         try:
             jobs = await self.host.qmp(self.ctx.vm_uuid, "query-block-jobs")
-        except AgentError:
+        except AgentError as err:
+            self.ctx.log.debug("disk steering: query-block-jobs failed: %s", err.description)
             return
         # libvirt names a migration's mirror jobs after the disk's alias: "drive-virtio-disk0".
         by_device = {str(job.get("device", "")): job for job in jobs or []}
@@ -696,9 +724,16 @@ class _Steering:
                 by_disk[target] = job
         if not by_disk:
             return
+        # libvirt calls took up to 5 s now and then during the disk phase (lab): a speed set now may stay
+        # in effect that long before the next sample, so the gaps between samples count as latency too.
+        sampled = time.monotonic()
+        if self.last_sample is not None:
+            self.clock.landed(sampled - self.last_sample)
+        self.last_sample = sampled
         moving = [t for t, j in by_disk.items() if not j.get("ready")]
         budget = self.ctx.bandwidth
         shares = split_budget(budget, moving or list(by_disk))
+        horizon = self.clock.horizon_s
         for disk in self.plan.disks:
             job = by_disk.get(disk.target)
             if job is None:
@@ -721,13 +756,34 @@ class _Steering:
             )
             done, total = real_bytes_done(sample)
             self.ctx.progress(f"disk:{disk.target}", done, total)
-            speed = job_speed(sample, shares.get(disk.target), self.engine.tick_s)
-            if speed != self.speeds.get(disk.target):
-                with contextlib.suppress(AgentError):
-                    await self.host.qmp(
-                        self.ctx.vm_uuid, "block-job-set-speed", {"device": job["device"], "speed": speed}
-                    )
-                    self.speeds[disk.target] = speed
+            speed = job_speed(sample, shares.get(disk.target), horizon)
+            self.ctx.log.debug(
+                "disk steering: %s at %d/%d (%d real bytes done), speed %d -> %d B/s for %.1f s",
+                disk.target,
+                sample.cur,
+                sample.end,
+                done,
+                job.get("speed", -1),
+                speed,
+                horizon,
+            )
+            pending = self.changing.get(disk.target)
+            if speed != self.speeds.get(disk.target) and (pending is None or pending.done()):
+                self.changing[disk.target] = asyncio.create_task(
+                    self._set_speed(disk.target, str(job["device"]), speed)
+                )
+
+    async def _set_speed(self, target: str, device: str, speed: int) -> None:
+        asked = time.monotonic()
+        with contextlib.suppress(AgentError):
+            await self.host.qmp(self.ctx.vm_uuid, "block-job-set-speed", {"device": device, "speed": speed})
+            self.speeds[target] = speed
+        self.clock.landed(time.monotonic() - asked)
+
+    def close(self) -> None:
+        """The job is over: speed changes still on their way are of no use."""
+        for task in self.changing.values():
+            task.cancel()
 
     async def _apply(self, action: convergence.Action) -> None:
         vm = self.ctx.vm_uuid

@@ -38,6 +38,11 @@ class AllocationIndex:
     def total(self) -> int:
         return self._prefix[-1]
 
+    @property
+    def end(self) -> int:
+        """The offset just past the last data byte (0 for a disk without data)."""
+        return self._ends[-1] if self._ends else 0
+
     def below(self, offset: int) -> int:
         """Real bytes in [0, offset)."""
         i = bisect.bisect_right(self._starts, offset)
@@ -95,18 +100,51 @@ def real_bytes_done(sample: MirrorSample) -> tuple[int, int]:
 HORIZON_TICKS = 2.0
 
 
-def job_speed(sample: MirrorSample, share: int | None, tick_s: float) -> int:
-    """Bytes/s of virtual progress to allow so the job moves about ``share`` real bytes/s."""
+def job_speed(sample: MirrorSample, share: int | None, horizon_s: float) -> int:
+    """Bytes/s of virtual progress to allow so the job moves about ``share`` real bytes/s over the next
+    ``horizon_s`` seconds: how long this speed may stay in effect before a newer one is sure to (see
+    ``SteeringClock``)."""
     if share is None:
         return 0  # no limit
     if sample.ready or sample.end < sample.virtual_size * 0.9:
         return share
-    horizon = tick_s * HORIZON_TICKS
-    ahead = sample.index.offset_after(sample.cur, int(share * horizon))
-    if ahead is None:  # no data left ahead: cross the rest of the disk at once
-        return UNLIMITED_SPEED
+    index = sample.index
+    ahead = index.offset_after(sample.cur, int(share * horizon_s))
+    if ahead is not None:
+        seconds = horizon_s
+    else:  # less data left than the horizon's worth: through it at the share, then at once
+        left = index.total - index.below(sample.cur)
+        if left <= 0:
+            return UNLIMITED_SPEED
+        ahead, seconds = index.end, left / share
     stretch = max(ahead - sample.cur, 0)
-    return int(min(max(stretch / horizon, share), UNLIMITED_SPEED))
+    return int(min(max(stretch / seconds, share), UNLIMITED_SPEED))
+
+
+class SteeringClock:
+    """How far ahead to plan a speed: ``HORIZON_TICKS`` ticks when a new speed is in effect at once, longer
+    when it is not. libvirt passes a migration's QMP commands on late at times (measured in the lab: about
+    5 s for a ``block-job-set-speed`` that changes the speed, during the disk phase), and a speed planned for
+    half a second would then carry a mirror at hole-crossing speed deep into the data. Until a change has
+    been timed, ``first_s`` is assumed."""
+
+    def __init__(self, tick_s: float, first_s: float, *, keep: int = 4, margin: float = 1.5) -> None:
+        self.tick_s = tick_s
+        self.first_s = first_s
+        self.margin = margin
+        self._keep = keep
+        self._latencies: list[float] = []
+
+    def landed(self, seconds: float) -> None:
+        """A speed change took ``seconds`` from the request to its answer."""
+        if self._keep:
+            self._latencies = [*self._latencies, seconds][-self._keep :]
+
+    @property
+    def horizon_s(self) -> float:
+        floor = self.tick_s * HORIZON_TICKS
+        slowest = max(self._latencies) if self._latencies else self.first_s
+        return max(floor, self.margin * (slowest + self.tick_s))
 
 
 def split_budget(budget: int | None, demands: Sequence[str]) -> dict[str, int | None]:

@@ -31,7 +31,14 @@ import libvirt
 from agent.errors import AgentError, MigrationFailed, NotFound, PreflightFailed, StorageError, VirtError
 from agent.migration.engine import TaskContext, announce, run_past_cancel
 from agent.migration.inventory import volume_inventory
-from agent.migration.pacing import AllocationIndex, MirrorSample, job_speed, real_bytes_done, split_budget
+from agent.migration.pacing import (
+    HORIZON_TICKS,
+    AllocationIndex,
+    MirrorSample,
+    job_speed,
+    real_bytes_done,
+    split_budget,
+)
 from agent.migration.plan import (
     DiskPlan,
     LayerPlan,
@@ -366,7 +373,7 @@ class SameHostEngine:
                 sample = MirrorSample(job.cur, job.end, mirror.disk.virtual_size, mirror.index, mirror.ready)
                 mirror.done, mirror.total = real_bytes_done(sample)
                 ctx.progress(f"disk:{target}", mirror.done, mirror.total)
-                speed = job_speed(sample, shares.get(target), self.tick_s)
+                speed = job_speed(sample, shares.get(target), self.tick_s * HORIZON_TICKS)
                 if speed != mirror.speed:
                     await self.host.set_block_job_speed(ctx.vm_uuid, target, speed)
                     mirror.speed = speed

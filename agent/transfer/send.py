@@ -1,8 +1,7 @@
 """Source side of a layer transfer: copy exactly one layer of a chain into a destination NBD export.
 
-Mechanism (QEMU 7.2; ``tests/unit/test_transfer_bench.py`` measures it against ``qemu-img convert -n`` into
-the same export: 2 GiB allocated, loopback, one run on a busy 2-core machine: 112 against 126 MiB/s plain,
-3.0 against 3.2 s of CPU for all processes involved; 53 against 40 MiB/s with TLS-PSK):
+Mechanism (QEMU 7.2; case 3 of ``scripts/bench`` measures it against ``qemu-img convert -n`` into the same
+kind of export between the lab hosts, side by side in one run; figures in docs/performance.md):
 - ``blockdev-mirror`` with ``sync: "top"`` from the layer, opened read-only with its backing chain attached,
   into an NBD client node. "Top" copies the clusters allocated in this layer only: data as data, explicitly
   zeroed clusters as write-zeroes (which stay zero clusters at the destination, masking the layers below),

@@ -632,3 +632,24 @@ async def test_crosshost_source_libvirtd_restarted_mid_migration(
     assert run.task["error"]["code"] == "AGENT.MIGRATION_FAILED", run.task["error"]
     assert_settled(lab_agents, guest, before, on=src, root=None)
     assert_no_loss(guest)
+
+
+async def test_crosshost_destination_libvirtd_restarted_mid_migration(
+    lab_agents: Lab, make_guest: Callable[..., Guest]
+) -> None:
+    """The destination libvirtd restarts while the disks are copied: its recovery kills the incoming domain,
+    the source's migration fails, and the agent finds the VM here, cleans hostB up and says why."""
+    src, dst = lab_agents.host("hostA"), lab_agents.host("hostB")
+    guest = small_guest(make_guest, fill_mib=48)
+    before = Before.take(lab_agents, src, guest)
+    task = await start(lab_agents, src, guest.uuid, to_host(dst, bandwidth=6))
+    await wait_for_migration(lab_agents, src, guest, task["taskUuid"])
+    await wait_for_progress(lab_agents, src, task["taskUuid"], 5)
+    await asyncio.to_thread(restart_libvirtd, dst)
+
+    run = await finish(lab_agents, src, task["taskUuid"])
+
+    assert run.state == "FAILED", run.task
+    assert run.task["error"]["code"] in ("AGENT.MIGRATION_FAILED", "AGENT.MIGRATION_STALLED"), run.task
+    assert_settled(lab_agents, guest, before, on=src, root=None)
+    assert_no_loss(guest)

@@ -6,9 +6,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from agent.migration.pacing import (
+    HORIZON_TICKS,
     UNLIMITED_SPEED,
     AllocationIndex,
     MirrorSample,
+    SteeringClock,
     job_speed,
     real_bytes_done,
     split_budget,
@@ -68,10 +70,62 @@ def test_closes_in_on_data_behind_a_large_hole_without_racing_into_it() -> None:
     cur, tick, share = 0, 0.25, 10 * MiB
     for _ in range(16):
         sample = MirrorSample(cur=cur, end=1024 * MiB, virtual_size=1024 * MiB, index=index, ready=False)
-        covered = int(job_speed(sample, share, tick) * tick)
+        covered = int(job_speed(sample, share, tick * HORIZON_TICKS) * tick)
         assert index.below(cur + 2 * covered) - index.below(cur) <= 2 * share * tick * 2 + 1
         cur += covered
     assert cur > 500 * MiB, "it must still cross the hole quickly"
+
+
+def _cross(index: AllocationIndex, share: int, latency: float, clock: SteeringClock) -> list[int]:
+    """Simulate a mirror steered by speed changes that each take ``latency`` seconds to land (the old speed
+    holds meanwhile). Returns the real bytes moved between two landings."""
+    cur, moved = 0, []
+    for _ in range(40):
+        sample = MirrorSample(cur=cur, end=1024 * MiB, virtual_size=1024 * MiB, index=index, ready=False)
+        speed = job_speed(sample, share, clock.horizon_s)
+        new = min(cur + int(speed * latency), 1024 * MiB)
+        moved.append(index.below(new) - index.below(cur))
+        cur = new
+        clock.landed(latency)
+    return moved
+
+
+def test_slow_speed_changes_do_not_carry_the_job_into_the_data_at_hole_speed() -> None:
+    # 512 MiB of hole, then 192 MiB of data; every speed change lands 5 s late (libvirt's QMP passthrough
+    # at its slowest): no interval may move much more than the share for its length.
+    index = AllocationIndex([(512 * MiB, 192 * MiB)])
+    share, tick = 16 * MiB, 0.25
+    moved = _cross(index, share, 5.0, SteeringClock(tick, first_s=5.0))
+    assert max(moved) <= share * 5.0 * 1.05
+    assert sum(moved) == 192 * MiB, "it must still get through"
+    # The same with a clock that assumes changes land at once: the first late one overshoots by far.
+    naive = _cross(index, share, 5.0, SteeringClock(tick, first_s=0.0, margin=1.0, keep=0))
+    assert max(naive) > 2 * share * 5.0  # all 192 MiB at once
+
+
+def test_the_last_data_is_paced_too_when_less_than_a_horizon_is_left() -> None:
+    # 40 MiB of data left at 16 MiB/s: 2.5 s of it, whatever the horizon; past it, at once.
+    index = AllocationIndex([(512 * MiB, 192 * MiB)])
+    near_end = MirrorSample(cur=664 * MiB, end=1024 * MiB, virtual_size=1024 * MiB, index=index, ready=False)
+    assert job_speed(near_end, 16 * MiB, 8.0) == 16 * MiB
+    small = AllocationIndex([(512 * MiB, 8 * MiB)])
+    before = MirrorSample(cur=0, end=1024 * MiB, virtual_size=1024 * MiB, index=small, ready=False)
+    assert job_speed(before, 16 * MiB, 8.0) == int(520 * MiB / 0.5)  # 520 MiB of disk in 8 MiB / 16 MiB/s
+    past = MirrorSample(cur=600 * MiB, end=1024 * MiB, virtual_size=1024 * MiB, index=small, ready=False)
+    assert job_speed(past, 16 * MiB, 8.0) == UNLIMITED_SPEED
+
+
+def test_clock_plans_for_the_slowest_recent_change() -> None:
+    clock = SteeringClock(0.25, first_s=5.0)
+    assert clock.horizon_s == 1.5 * 5.25  # nothing timed yet: the assumed latency, a tick, the margin
+    for _ in range(4):
+        clock.landed(0.01)
+    assert clock.horizon_s == 0.5  # changes land at once: two ticks
+    clock.landed(5.0)
+    assert clock.horizon_s == 1.5 * 5.25  # one slow change: plan for it while it is among the last four
+    for _ in range(4):
+        clock.landed(0.02)
+    assert clock.horizon_s == 0.5
 
 
 def test_sparse_data_speeds_up_through_gaps() -> None:
