@@ -126,8 +126,8 @@ async def run_case(ctx: Context) -> list[Row]:
     }
     note = (
         "the transfer service's own code (agent.transfer.send / export) run in the hosts' namespaces; "
-        "the agent-to-agent path around it (agent/migration/layers.py) is not merged yet, so its setup "
-        "round trips are not in these figures; every copy checked with qemu-img compare"
+        "the agent-to-agent calls around it (agent/migration/layers.py: open, finish, digest check) are "
+        "not in these figures; every copy checked with qemu-img compare"
     )
     rows = []
     for tls in (True, False):
