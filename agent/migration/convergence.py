@@ -33,6 +33,10 @@ from agent.migration.request import MigrationRequest, Strategy
 
 DEFAULT_PAGE_SIZE = 4096
 MAX_THROTTLE_PCT = 99  # QEMU's cpu-throttle-max default
+#: The disk mirrors count as caught up for a switch to post-copy when this little is left: a guest that
+#: keeps writing always leaves a few KiB behind a rate-limited mirror (they are in sync mode by then; the
+#: switch completes them), and waiting for exactly zero could wait forever.
+DISKS_CAUGHT_UP_BYTES = 1024 * 1024
 MiB = 1024 * 1024
 
 Figures = Mapping[str, float]
@@ -418,7 +422,7 @@ class ConvergenceController:
         if sample.memory_bps > 0:
             self._rates.append(sample.memory_bps)
         if self._postcopy_verdict is not None:
-            if sample.disk_remaining == 0:
+            if sample.disk_remaining <= DISKS_CAUGHT_UP_BYTES:
                 out += self._start_postcopy(self._postcopy_verdict)
             return self._log(out)
         if sample.memory_iteration > self._iteration:
@@ -619,7 +623,7 @@ class ConvergenceController:
         """The least disruptive way out that the request allows: post-copy, then a pause, then abort."""
         p = self._policy
         if p.postcopy_permitted:
-            if self._last is not None and self._last.disk_remaining > 0:
+            if self._last is not None and self._last.disk_remaining > DISKS_CAUGHT_UP_BYTES:
                 self._postcopy_verdict = verdict
                 return [
                     Note(

@@ -50,7 +50,7 @@ from agent.migration.request import Strategy
 from agent.storage.roots import StorageRoot, StorageRoots
 from agent.tasks.model import TaskState
 from agent.virt.domxml import parse_disks, rewrite_disk_sources
-from agent.virt.host import DomainEvent, VirtHost
+from agent.virt.host import UNREACHABLE, DomainEvent, VirtHost
 
 TICK_S = 0.25
 #: How long to keep asking an unreachable destination agent to clean up after a failure.
@@ -493,20 +493,13 @@ class CrossHostEngine:
         heals, a restarting agent comes back), and shielded from the cancel that brought us here."""
 
         async def _abort() -> None:
-            delay = 1.0
-            deadline = time.monotonic() + ABORT_RETRY_S
-            while True:
-                try:
-                    await peer_call(peer, "DELETE", ("v1", "incoming-migrations", ctx.task_uuid), None)
-                    return
-                except MigrationFailed as err:
-                    if err.code != "AGENT.PEER_UNREACHABLE" or time.monotonic() > deadline:
-                        ctx.log.error("the destination agent could not clean up: %s", err.description)
-                        ctx.note("destinationCleanup", f"failed: {err.description}")
-                        return
-                    ctx.log.warning("destination agent unreachable for cleanup; retrying in %.0f s", delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 10.0)
+            try:
+                await _peer_call_retrying(
+                    ctx, peer, "DELETE", ("v1", "incoming-migrations", ctx.task_uuid), None
+                )
+            except AgentError as err:
+                ctx.log.error("the destination agent could not clean up: %s", err.description)
+                ctx.note("destinationCleanup", f"failed: {err.description}")
 
         await asyncio.shield(_abort())
 
@@ -835,19 +828,29 @@ def _what(failure: BaseException) -> str:
 async def _peer_call_retrying(
     ctx: TaskContext, peer: AgentClient, method: str, segments: tuple[str, ...], body: Any
 ) -> Any:
-    """``peer_call``, retried while the destination agent cannot be reached (restarting, a cut link
-    healing) for up to ``ABORT_RETRY_S``; its answers, errors included, are final."""
+    """``peer_call``, retried for up to ``ABORT_RETRY_S`` while the destination agent cannot be reached
+    (restarting, a cut link healing) or cannot reach its own libvirtd (restarting: without it the agent
+    cannot tell whether the VM runs there, so it must not remove files yet); its other answers, errors
+    included, are final."""
     delay = 1.0
     deadline = time.monotonic() + ABORT_RETRY_S
     while True:
         try:
             return await peer_call(peer, method, segments, body)
         except MigrationFailed as err:
-            if err.code != "AGENT.PEER_UNREACHABLE" or time.monotonic() > deadline:
+            if err.code not in _PEER_RETRY_CODES or time.monotonic() > deadline:
                 raise
-            ctx.log.warning("destination agent unreachable (%s); retrying in %.0f s", method, delay)
+            ctx.log.warning(
+                "destination %s (%s); retrying in %.0f s", _PEER_RETRY_CODES[err.code], method, delay
+            )
         await asyncio.sleep(delay)
         delay = min(delay * 2, 10.0)
+
+
+_PEER_RETRY_CODES = {
+    "AGENT.PEER_UNREACHABLE": "agent unreachable",
+    UNREACHABLE: "agent cannot reach its libvirtd",
+}
 
 
 def remote_inventory(vm: Mapping[str, Any], plan: MigrationPlan) -> list[dict[str, Any]]:

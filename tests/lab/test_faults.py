@@ -650,6 +650,10 @@ async def test_crosshost_destination_libvirtd_restarted_mid_migration(
     run = await finish(lab_agents, src, task["taskUuid"])
 
     assert run.state == "FAILED", run.task
-    assert run.task["error"]["code"] in ("AGENT.MIGRATION_FAILED", "AGENT.MIGRATION_STALLED"), run.task
+    assert run.task["error"]["code"] in (
+        "AGENT.MIGRATION_FAILED",
+        "AGENT.MIGRATION_STALLED",
+        "AGENT.DISK_COPY_FAILED",
+    ), run.task["error"]
     assert_settled(lab_agents, guest, before, on=src, root=None)
     assert_no_loss(guest)
