@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import socket
 import subprocess
 from collections.abc import Callable
@@ -19,10 +18,8 @@ from agent.transfer.verify import LayerDigest, layer_digest, verify_layer
 MiB = 1024 * 1024
 LOOPBACK = "127.0.0.1"
 
-needs_qemu = pytest.mark.skipif(
-    not (shutil.which("qemu-storage-daemon") and shutil.which("qemu-img") and shutil.which("qemu-io")),
-    reason="needs qemu-storage-daemon, qemu-img and qemu-io",
-)
+#: The real tools are needed; a missing one fails the test (``qemu_tools`` in conftest.py), never skips it.
+needs_qemu = pytest.mark.usefixtures("qemu_tools")
 
 
 def qemu_io(path: str, *commands: str, fmt: str = "qcow2") -> None:
