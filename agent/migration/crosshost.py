@@ -7,8 +7,10 @@ Steps, each journalled before it is taken:
 2. COPYING: lower layers of kept chains travel with the transfer service (qemu-storage-daemon over NBD);
    then ``migrateToURI3`` peer-to-peer (the source libvirtd owns the job, so an agent restart does not
    abort it), only the moving disks in ``migrate_disks``, shallow (``NON_SHARED_INC``) onto the prepared
-   chains or a full copy (``NON_SHARED_DISK``) when flattening, destination and persistent XML with the
-   new paths. The NBD mirrors are steered from the allocation maps (QMP through libvirt).
+   chains and fresh images (QEMU then moves and charges real bytes only) or a full copy
+   (``NON_SHARED_DISK``) when flattening a chain, destination and persistent XML with the new paths. The
+   NBD mirrors share one budget in proportion to the data each has left (QMP through libvirt); a full copy
+   is steered across its holes from the allocation maps.
 3. CONVERGING: memory iterations; the controller tunes downtime and bandwidth, or switches to post-copy,
    or gives up early with figures.
 4. SWITCHING / VERIFYING: the measured downtime comes from the job-completed event; the destination agent
@@ -42,7 +44,8 @@ from agent.migration.pacing import (
     SteeringClock,
     job_speed,
     real_bytes_done,
-    split_budget,
+    split_by_remaining,
+    worth_changing,
 )
 from agent.migration.peer import peer_call, peer_client
 from agent.migration.plan import MigrationPlan, allocation_index, inspect_chains, plan_migration
@@ -281,7 +284,7 @@ class CrossHostEngine:
 
     # -- migrating --------------------------------------------------------------------------------------
 
-    def _flags(self, ctx: TaskContext, policy: convergence.ConvergencePolicy) -> int:
+    def _flags(self, plan: MigrationPlan, policy: convergence.ConvergencePolicy) -> int:
         flags: int = (
             libvirt.VIR_MIGRATE_LIVE
             | libvirt.VIR_MIGRATE_PEER2PEER
@@ -289,10 +292,10 @@ class CrossHostEngine:
             | libvirt.VIR_MIGRATE_UNDEFINE_SOURCE
             | libvirt.VIR_MIGRATE_ABORT_ON_ERROR
         )
-        if ctx.request.primaryStorageMigrateVm.withSnapshots:
-            flags |= libvirt.VIR_MIGRATE_NON_SHARED_INC  # shallow: the lower layers are already there
+        if plan.shallow_mirrors:
+            flags |= libvirt.VIR_MIGRATE_NON_SHARED_INC  # the top's data only: lower layers are there
         else:
-            flags |= libvirt.VIR_MIGRATE_NON_SHARED_DISK  # full: flattens into the destination image
+            flags |= libvirt.VIR_MIGRATE_NON_SHARED_DISK  # full: flattens a chain into the destination
         # Both capabilities must be set when the migration starts; QEMU cannot enable them later.
         if policy.wants_auto_converge:
             flags |= libvirt.VIR_MIGRATE_AUTO_CONVERGE
@@ -321,8 +324,7 @@ class CrossHostEngine:
             # libvirt starts every disk mirror at this speed on its own (LAB-NOTES): one share each keeps the
             # moment before the first steering tick within the budget. The memory stream gets the whole
             # budget when it starts (_Steering.tick).
-            share = ctx.bandwidth // max(1, len(plan.disks))
-            params[libvirt.VIR_MIGRATE_PARAM_BANDWIDTH] = max(1, share // MiB)
+            params[libvirt.VIR_MIGRATE_PARAM_BANDWIDTH] = first_mirror_speed(ctx.bandwidth, plan) // MiB
         if ctx.request.primaryStorageMigrateVm.strategy in (Strategy.AUTO_CONVERGE, Strategy.AUTO):
             params[libvirt.VIR_MIGRATE_PARAM_AUTO_CONVERGE_INITIAL] = 20
             params[libvirt.VIR_MIGRATE_PARAM_AUTO_CONVERGE_INCREMENT] = 10
@@ -334,7 +336,7 @@ class CrossHostEngine:
         """Run the libvirt migration and steer it; returns the completed job's statistics."""
         params = await self._migration_params(ctx, plan, prepared)
         policy = convergence.ConvergencePolicy.from_request(ctx.request)
-        flags = self._flags(ctx, policy)
+        flags = self._flags(plan, policy)
         controller = convergence.ConvergenceController(policy)
         indexes = {d.target: await allocation_index(d) for d in plan.disks}
         # Announce every item's size up front so the one percent covers disks and memory from the start
@@ -637,7 +639,10 @@ class _Steering:
         self.plan = plan
         self.indexes = indexes
         self.controller = controller
-        self.speeds: dict[str, int] = {}
+        # libvirt starts every mirror at the migration's bandwidth (_migration_params).
+        first = first_mirror_speed(ctx.bandwidth, plan) if ctx.bandwidth else 0
+        self.speeds: dict[str, int] = {d.target: first for d in plan.disks}
+        self.positional = not plan.shallow_mirrors
         # A speed change through libvirt's QMP passthrough took about 5 s during a migration's disk phase
         # (lab): changes run in the background, one per disk at a time, and speeds are planned for as long
         # as changes are seen to take.
@@ -723,10 +728,7 @@ class _Steering:
         if self.last_sample is not None:
             self.clock.landed(sampled - self.last_sample)
         self.last_sample = sampled
-        moving = [t for t, j in by_disk.items() if not j.get("ready")]
-        budget = self.ctx.bandwidth
-        shares = split_budget(budget, moving or list(by_disk))
-        horizon = self.clock.horizon_s
+        samples: dict[str, tuple[MirrorSample, str]] = {}
         for disk in self.plan.disks:
             job = by_disk.get(disk.target)
             if job is None:
@@ -747,24 +749,36 @@ class _Steering:
                 self.indexes[disk.target],
                 bool(job.get("ready")),
             )
+            samples[disk.target] = (sample, str(job["device"]))
+        left: dict[str, int] = {}
+        for target, (sample, _device) in samples.items():
             done, total = real_bytes_done(sample)
-            self.ctx.progress(f"disk:{disk.target}", done, total)
-            speed = job_speed(sample, shares.get(disk.target), horizon)
+            self.ctx.progress(f"disk:{target}", done, total)
+            if not sample.ready:
+                left[target] = total - done
+        # Shares in proportion to what each mirror has left: they finish together, so the budget is used to
+        # the end without another change (each one can take seconds to land).
+        shares = split_by_remaining(self.ctx.bandwidth, left or {t: 0 for t in samples})
+        horizon = self.clock.horizon_s
+        for target, (sample, device) in samples.items():
+            speed = job_speed(sample, shares.get(target), horizon)
+            current = self.speeds.get(target)
             self.ctx.log.debug(
-                "disk steering: %s at %d/%d (%d real bytes done), speed %d -> %d B/s for %.1f s",
-                disk.target,
+                "disk steering: %s at %d/%d (%d real bytes left), speed %s -> %d B/s for %.1f s",
+                target,
                 sample.cur,
                 sample.end,
-                done,
-                job.get("speed", -1),
+                left.get(target, 0),
+                current,
                 speed,
                 horizon,
             )
-            pending = self.changing.get(disk.target)
-            if speed != self.speeds.get(disk.target) and (pending is None or pending.done()):
-                self.changing[disk.target] = asyncio.create_task(
-                    self._set_speed(disk.target, str(job["device"]), speed)
-                )
+            # A full copy crosses holes at planned speeds that must land as planned; a shallow one is
+            # charged for real bytes, where a change of a few percent is not worth a call.
+            wanted = speed != current if self.positional else worth_changing(current, speed)
+            pending = self.changing.get(target)
+            if wanted and (pending is None or pending.done()):
+                self.changing[target] = asyncio.create_task(self._set_speed(target, device, speed))
 
     async def _set_speed(self, target: str, device: str, speed: int) -> None:
         asked = time.monotonic()
@@ -799,6 +813,12 @@ class _Steering:
 
     def summary(self) -> dict[str, Any]:
         return {"samples": self.samples, "postcopy": self.postcopy_started, "decisions": self.decisions[-20:]}
+
+
+def first_mirror_speed(bandwidth: int, plan: MigrationPlan) -> int:
+    """Bytes/s every disk mirror starts at: one share of the budget each, in whole MiB/s as libvirt takes
+    it (at least 1)."""
+    return max(1, bandwidth // max(1, len(plan.disks)) // MiB) * MiB
 
 
 async def _completed_stats(events: asyncio.Queue[DomainEvent], *, wait_s: float) -> dict[str, Any] | None:

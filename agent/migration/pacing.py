@@ -1,17 +1,22 @@
 """One bandwidth budget for a whole task, charged for real bytes (pure logic, unit tested).
 
-libvirt's mirror rate limit is charged for the virtual size, holes included, and applies to each job on its
-own (LAB-NOTES, libvirt 9.0 / QEMU 7.2: a 1 GiB disk with 200 MiB allocated takes 20.6 s at 50 MiB/s).
-QEMU walks a thin disk roughly in disk order on the first pass, with the job's ``cur`` close to its position
-in the disk. So every tick we look ahead in the source's allocation map: the stretch of disk that holds the
-next ``share * tick`` real bytes is what the job may cross in that tick, and its length per second is the
-job speed we set. Holes are crossed at full speed; data moves at the job's share of the budget.
+A mirror's rate limit applies to each job on its own, and how it is charged depends on the copy:
+
+- A full copy (libvirt's block copy of a disk, which libvirt never makes shallow for a disk without a
+  backing file, and a migration that flattens a chain) marks the whole disk dirty when the target cannot
+  write zeroes by unmapping, and charges holes like data (LAB-NOTES, libvirt 9.0 / QEMU 7.2: a 1 GiB disk
+  with 200 MiB allocated takes 20.6 s at 50 MiB/s). QEMU walks it in disk order, ``cur`` close to its
+  position. So every tick we look ahead in the source's allocation map: the stretch of disk that holds the
+  next ``share * horizon`` real bytes is what the job may cross, and its length per second is the speed we
+  set. Holes are crossed fast; data moves at the job's share of the budget.
+- A shallow migration mirror (QEMU ``sync: top``) marks only the allocated clusters: ``cur`` and ``end``
+  count real bytes and the speed is simply the share.
 """
 
 from __future__ import annotations
 
 import bisect
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 UNLIMITED_SPEED = 8 * 1024**3  # bytes/s; QEMU takes 0 as "no limit", but we keep a finite figure to steer
@@ -155,3 +160,31 @@ def split_budget(budget: int | None, demands: Sequence[str]) -> dict[str, int | 
         return {name: None for name in demands}
     share = max(budget // len(demands), 1)
     return {name: share for name in demands}
+
+
+#: Below this many real bytes left a job still gets this much weight: guest writes keep even a finished first
+#: pass busy, and a share of zero would stall it.
+WEIGHT_FLOOR = 1024**2
+
+#: A new speed within this fraction of the one in effect is not worth a call (cross host, each change can
+#: take seconds to land).
+SPEED_SLACK = 0.1
+
+
+def split_by_remaining(budget: int | None, remaining: Mapping[str, int]) -> dict[str, int | None]:
+    """Shares of one budget in proportion to the real bytes each job has left, so that they all finish
+    together and the budget stays in use to the end without any further change."""
+    if not remaining:
+        return {}
+    if budget is None:
+        return {name: None for name in remaining}
+    weights = {name: max(left, WEIGHT_FLOOR) for name, left in remaining.items()}
+    whole = sum(weights.values())
+    return {name: max(budget * weight // whole, 1) for name, weight in weights.items()}
+
+
+def worth_changing(current: int | None, new: int) -> bool:
+    """Whether ``new`` differs enough from the speed in effect to be set (0 means no limit)."""
+    if current is None or (current == 0) != (new == 0):
+        return True
+    return abs(new - current) > SPEED_SLACK * current

@@ -75,6 +75,14 @@ class MigrationPlan:
     def bytes_total(self) -> int:
         return sum(d.estimated_bytes for d in self.disks) + sum(layer.actual_size for layer in self.layers)
 
+    @property
+    def shallow_mirrors(self) -> bool:
+        """Whether a shallow mirror (QEMU ``sync: top``) of every disk copies all it needs: the top layer onto
+        a prepared chain, or the data of a disk without a backing file onto a fresh image. Only flattening a
+        real chain, or a pre-created image that may hold old data, needs a full copy, which QEMU charges
+        for the whole virtual size when the target is an NBD export (holes included; LAB-NOTES)."""
+        return all(not d.flatten or (len(d.src_chain) == 1 and not d.precreated) for d in self.disks)
+
     def created_paths(self) -> list[str]:
         return [layer.dst for layer in self.layers] + [d.dst_top for d in self.disks]
 

@@ -32,9 +32,9 @@ from agent.errors import AgentError, MigrationFailed, NotFound, PreflightFailed,
 from agent.migration.engine import TaskContext, announce, run_past_cancel
 from agent.migration.inventory import volume_inventory
 from agent.migration.pacing import (
-    HORIZON_TICKS,
     AllocationIndex,
     MirrorSample,
+    SteeringClock,
     job_speed,
     real_bytes_done,
     split_budget,
@@ -352,6 +352,10 @@ class SameHostEngine:
         self, ctx: TaskContext, work: _Work, events: asyncio.Queue[DomainEvent]
     ) -> None:
         last_xml_check = 0.0
+        # A speed that crosses a hole must be replaced before the job reaches the data behind it: when libvirt
+        # answers late (another task's slow calls, a busy host), plan for the gaps seen between samples.
+        clock = SteeringClock(self.tick_s, first_s=self.tick_s, margin=1.0)
+        last_sample: float | None = None
         while True:
             deadline = time.monotonic() + self.tick_s
             while (timeout := deadline - time.monotonic()) > 0:
@@ -360,6 +364,11 @@ class SameHostEngine:
                 except TimeoutError:
                     break
                 self._on_event(work, event)
+            sampled = time.monotonic()
+            if last_sample is not None:
+                clock.landed(sampled - last_sample)
+            last_sample = sampled
+            horizon = clock.horizon_s
             moving = [t for t, m in work.mirrors.items() if not m.ready]
             shares = split_budget(ctx.bandwidth, moving or list(work.mirrors))
             for target, mirror in work.mirrors.items():
@@ -373,7 +382,17 @@ class SameHostEngine:
                 sample = MirrorSample(job.cur, job.end, mirror.disk.virtual_size, mirror.index, mirror.ready)
                 mirror.done, mirror.total = real_bytes_done(sample)
                 ctx.progress(f"disk:{target}", mirror.done, mirror.total)
-                speed = job_speed(sample, shares.get(target), self.tick_s * HORIZON_TICKS)
+                speed = job_speed(sample, shares.get(target), horizon)
+                ctx.log.debug(
+                    "disk steering: %s at %d/%d (%d real bytes done), speed %d -> %d B/s for %.2f s",
+                    target,
+                    job.cur,
+                    job.end,
+                    mirror.done,
+                    mirror.speed,
+                    speed,
+                    horizon,
+                )
                 if speed != mirror.speed:
                     await self.host.set_block_job_speed(ctx.vm_uuid, target, speed)
                     mirror.speed = speed

@@ -14,6 +14,8 @@ from agent.migration.pacing import (
     job_speed,
     real_bytes_done,
     split_budget,
+    split_by_remaining,
+    worth_changing,
 )
 
 MiB = 1024 * 1024
@@ -145,6 +147,33 @@ def test_real_bytes_done_counts_position_and_rewrites() -> None:
     assert real_bytes_done(grown) == (106 * MiB, 110 * MiB)
     ready = MirrorSample(cur=1034 * MiB, end=1034 * MiB, virtual_size=1024 * MiB, index=index, ready=True)
     assert real_bytes_done(ready) == (110 * MiB, 110 * MiB)
+
+
+def test_split_by_remaining_finishes_together() -> None:
+    shares = split_by_remaining(60 * MiB, {"vda": 300 * MiB, "vdb": 100 * MiB, "vdc": 0})
+    assert sum(v or 0 for v in shares.values()) <= 60 * MiB
+    # vdc (its first pass done, guest writes may follow) keeps a small share.
+    assert 0 < (shares["vdc"] or 0) < MiB
+    assert shares["vda"] is not None and shares["vdb"] is not None
+    assert abs(300 * MiB / shares["vda"] - 100 * MiB / shares["vdb"]) < 0.1  # seconds to finish
+    assert split_by_remaining(None, {"vda": 1}) == {"vda": None}
+    assert split_by_remaining(10, {}) == {}
+
+
+@given(st.dictionaries(st.sampled_from(["vda", "vdb", "vdc", "vdd"]), st.integers(0, 2**34), min_size=1))
+def test_split_by_remaining_never_exceeds_the_budget(left: dict[str, int]) -> None:
+    shares = split_by_remaining(50 * MiB, left)
+    assert set(shares) == set(left)
+    assert all(v is not None and v >= 1 for v in shares.values())
+    assert sum(v or 0 for v in shares.values()) <= 50 * MiB
+
+
+def test_worth_changing() -> None:
+    assert worth_changing(None, 5)
+    assert not worth_changing(100 * MiB, 105 * MiB)
+    assert worth_changing(100 * MiB, 120 * MiB)
+    assert worth_changing(0, 5 * MiB) and worth_changing(5 * MiB, 0)
+    assert not worth_changing(0, 0)
 
 
 def test_split_budget() -> None:

@@ -105,6 +105,18 @@ def test_without_snapshots_flattens(root: StorageRoot) -> None:
     assert vda.estimated_bytes == 150
 
 
+def test_mirrors_are_shallow_unless_a_chain_is_flattened(root: StorageRoot) -> None:
+    single = {"vda": [layer("/src/a.qcow2")], "vdb": [layer("/src/b.qcow2")]}
+    disks = [disk("vda", "/src/a.qcow2"), disk("vdb", "/src/b.qcow2")]
+    # Disks without a backing file: a shallow mirror onto a fresh image is the whole disk, real bytes only.
+    assert plan_migration("vm", disks, single, request(withDataVolumes=True), root).shallow_mirrors
+    chained = {**single, "vdb": [layer("/src/b.qcow2", "/src/b0.qcow2"), layer("/src/b0.qcow2")]}
+    kept = request(withDataVolumes=True, withSnapshots=True)
+    assert plan_migration("vm", disks, chained, kept, root).shallow_mirrors
+    # Flattening one chain needs the full copy of every disk (libvirt has one mode for a migration).
+    assert not plan_migration("vm", disks, chained, request(withDataVolumes=True), root).shallow_mirrors
+
+
 def test_shared_base_is_planned_once(root: StorageRoot) -> None:
     a = [layer("/src/a.qcow2", "/cache/tmpl.qcow2"), layer("/cache/tmpl.qcow2", None, 500)]
     b = [layer("/src/b.qcow2", "/cache/tmpl.qcow2"), layer("/cache/tmpl.qcow2", None, 500)]
