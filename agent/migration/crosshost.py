@@ -69,8 +69,9 @@ LIBVIRT_OUTAGE_S = 120.0
 #: waiting and says so instead of hanging with it.
 ABORT_GRACE_S = 60.0
 ABORT_REPEAT_S = 10.0
-#: Assumed time for a disk speed change to land until one has been timed (see ``SteeringClock``).
-FIRST_CHANGE_S = 5.0
+#: Assumed time for a disk speed change to land until one has been timed (see ``SteeringClock``): a call
+#: takes milliseconds, but the first samples of a migration come late on a busy host.
+FIRST_CHANGE_S = 1.0
 MiB = 1024 * 1024
 
 
@@ -643,9 +644,8 @@ class _Steering:
         first = first_mirror_speed(ctx.bandwidth, plan) if ctx.bandwidth else 0
         self.speeds: dict[str, int] = {d.target: first for d in plan.disks}
         self.positional = not plan.shallow_mirrors
-        # A speed change through libvirt's QMP passthrough took about 5 s during a migration's disk phase
-        # (lab): changes run in the background, one per disk at a time, and speeds are planned for as long
-        # as changes are seen to take.
+        # Speed changes go through libvirt's QMP passthrough: they run in the background, one per disk at a
+        # time, and speeds are planned for as long as changes are seen to take (a busy libvirtd answers late).
         self.clock = SteeringClock(engine.tick_s, first_s=FIRST_CHANGE_S)
         self.changing: dict[str, asyncio.Task[None]] = {}
         self.last_sample: float | None = None
@@ -722,8 +722,8 @@ class _Steering:
                 by_disk[target] = job
         if not by_disk:
             return
-        # libvirt calls took up to 5 s now and then during the disk phase (lab): a speed set now may stay
-        # in effect that long before the next sample, so the gaps between samples count as latency too.
+        # A speed set now stays in effect until the next sample at least, so the gaps between samples count as
+        # latency too.
         sampled = time.monotonic()
         if self.last_sample is not None:
             self.clock.landed(sampled - self.last_sample)

@@ -128,10 +128,10 @@ def job_speed(sample: MirrorSample, share: int | None, horizon_s: float) -> int:
 
 class SteeringClock:
     """How far ahead to plan a speed: ``HORIZON_TICKS`` ticks when a new speed is in effect at once, longer
-    when it is not. libvirt passes a migration's QMP commands on late at times (measured in the lab: about
-    5 s for a ``block-job-set-speed`` that changes the speed, during the disk phase), and a speed planned for
-    half a second would then carry a mirror at hole-crossing speed deep into the data. Until a change has
-    been timed, ``first_s`` is assumed."""
+    when it is not. A busy libvirtd answers late at times (and a connection shared with a blocking
+    ``migrateToURI3`` did so by the keepalive's 5 s, see ``VirtHost.migrate``); a speed planned for half a
+    second would then carry a mirror at hole-crossing speed deep into the data. Until a change has been
+    timed, ``first_s`` is assumed."""
 
     def __init__(self, tick_s: float, first_s: float, *, keep: int = 4, margin: float = 1.5) -> None:
         self.tick_s = tick_s
