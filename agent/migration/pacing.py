@@ -162,13 +162,14 @@ def split_budget(budget: int | None, demands: Sequence[str]) -> dict[str, int | 
     return {name: share for name in demands}
 
 
-#: Below this many real bytes left a job still gets this much weight: guest writes keep even a finished first
-#: pass busy, and a share of zero would stall it.
-WEIGHT_FLOOR = 1024**2
+#: Added to what each job has left before the budget is split: QEMU's mirror reports progress a buffer (16 MiB
+#: in the lab) at a time, so a job one report behind another is not really behind, and one that has finished
+#: its first pass still copies guest writes (a share of zero would stall it).
+WEIGHT_SMOOTHING = 16 * 1024**2
 
-#: A new speed within this fraction of the one in effect is not worth a call (cross host, each change can
-#: take seconds to land).
-SPEED_SLACK = 0.1
+#: A new speed within this fraction of the one in effect is not worth a call: every change restarts the
+#: accounting of QEMU's rate limiter, and shares that flap with each progress report let bursts through.
+SPEED_SLACK = 0.25
 
 
 def split_by_remaining(budget: int | None, remaining: Mapping[str, int]) -> dict[str, int | None]:
@@ -178,7 +179,7 @@ def split_by_remaining(budget: int | None, remaining: Mapping[str, int]) -> dict
         return {}
     if budget is None:
         return {name: None for name in remaining}
-    weights = {name: max(left, WEIGHT_FLOOR) for name, left in remaining.items()}
+    weights = {name: max(left, 0) + WEIGHT_SMOOTHING for name, left in remaining.items()}
     whole = sum(weights.values())
     return {name: max(budget * weight // whole, 1) for name, weight in weights.items()}
 
