@@ -70,8 +70,8 @@ LIBVIRT_OUTAGE_S = 120.0
 ABORT_GRACE_S = 60.0
 ABORT_REPEAT_S = 10.0
 #: Assumed time for a disk speed change to land until one has been timed (see ``SteeringClock``): a call
-#: takes milliseconds, but the first samples of a migration come late on a busy host.
-FIRST_CHANGE_S = 1.0
+#: takes milliseconds, but the first samples of a migration can come late on a busy host.
+FIRST_CHANGE_S = 0.5
 MiB = 1024 * 1024
 
 
@@ -647,7 +647,7 @@ class _Steering:
         self.positional = not plan.shallow_mirrors
         # Speed changes go through libvirt's QMP passthrough: they run in the background, one per disk at a
         # time, and speeds are planned for as long as changes are seen to take (a busy libvirtd answers late).
-        self.clock = SteeringClock(engine.tick_s, first_s=FIRST_CHANGE_S)
+        self.clock = SteeringClock(engine.tick_s, first_s=FIRST_CHANGE_S, margin=1.0)
         self.changing: dict[str, asyncio.Task[None]] = {}
         self.last_sample: float | None = None
         self.postcopy_started = False
