@@ -644,7 +644,6 @@ class _Steering:
         # libvirt starts every mirror at the migration's bandwidth (_migration_params).
         first = first_mirror_speed(ctx.bandwidth, plan) if ctx.bandwidth else 0
         self.speeds: dict[str, int] = {d.target: first for d in plan.disks}
-        self.positional = not plan.shallow_mirrors
         # Speed changes go through libvirt's QMP passthrough: they run in the background, one per disk at a
         # time, and speeds are planned for as long as changes are seen to take (a busy libvirtd answers late).
         self.clock = SteeringClock(engine.tick_s, first_s=FIRST_CHANGE_S, margin=1.0)
@@ -758,7 +757,7 @@ class _Steering:
             if not sample.ready:
                 left[target] = total - done
         # Shares in proportion to what each mirror has left: they finish together, so the budget is used to
-        # the end without another change (each one can take seconds to land).
+        # the end without another change.
         shares = split_by_remaining(self.ctx.bandwidth, left or {t: 0 for t in samples})
         horizon = self.clock.horizon_s
         for target, (sample, device) in samples.items():
@@ -774,9 +773,9 @@ class _Steering:
                 speed,
                 horizon,
             )
-            # A full copy crosses holes at planned speeds that must land as planned; a shallow one is
-            # charged for real bytes, where a change of a few percent is not worth a call.
-            wanted = speed != current if self.positional else worth_changing(current, speed)
+            # A job that walks the whole disk crosses holes at planned speeds that must land as planned; one
+            # charged for real bytes only is left alone unless its share really moved.
+            wanted = speed != current if sample.positional else worth_changing(current, speed)
             pending = self.changing.get(target)
             if wanted and (pending is None or pending.done()):
                 self.changing[target] = asyncio.create_task(self._set_speed(target, device, speed))

@@ -77,6 +77,13 @@ class MirrorSample:
     index: AllocationIndex
     ready: bool
 
+    @property
+    def positional(self) -> bool:
+        """Whether the job walks the whole disk, holes charged, with ``cur`` a position in it: a full copy,
+        or a shallow one of a disk whose holes an earlier full copy filled with zero clusters (they count as
+        allocated). Otherwise ``end`` counts the real bytes QEMU marked to copy."""
+        return self.end >= self.virtual_size * 0.9
+
 
 def real_bytes_done(sample: MirrorSample) -> tuple[int, int]:
     """(done, total) in real bytes for a mirror job.
@@ -85,7 +92,7 @@ def real_bytes_done(sample: MirrorSample) -> tuple[int, int]:
     ``end`` is well below the virtual size (QEMU already skipped holes), ``cur`` counts real bytes. Guest
     writes during the copy grow ``end`` beyond the first pass; they are real bytes too.
     """
-    if sample.end >= sample.virtual_size * 0.9:
+    if sample.positional:
         first_pass_end = sample.virtual_size
         done = sample.index.below(min(sample.cur, first_pass_end))
         extra_total = max(0, sample.end - first_pass_end)
@@ -111,7 +118,7 @@ def job_speed(sample: MirrorSample, share: int | None, horizon_s: float) -> int:
     ``SteeringClock``)."""
     if share is None:
         return 0  # no limit
-    if sample.ready or sample.end < sample.virtual_size * 0.9:
+    if sample.ready or not sample.positional:
         return share
     index = sample.index
     ahead = index.offset_after(sample.cur, int(share * horizon_s))

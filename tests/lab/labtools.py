@@ -166,6 +166,15 @@ class Guest:
     def destroy(self) -> None:
         lab_cli("guest", "destroy", self.name)
 
+    def console(self) -> str:
+        """The guest's serial console so far (the lab keeps it with the guest's record)."""
+        from labkit.guests import console_path
+
+        try:
+            return console_path(self.name).read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
 
 def create_guest(
     name: str,
