@@ -81,7 +81,7 @@ async def test_auto_throttles_a_cpu_bound_guest_to_completion(
             if attempt == 1 and panic is not None:
                 warnings.warn(f"{guest.name} died after the switchover: {panic.strip()}", stacklevel=1)
                 continue
-            raise AssertionError(f"{err}; console after the switchover: {panic or 'no kernel report'}") from err
+            raise AssertionError(f"{err}; console after the switch: {panic or 'no kernel report'}") from err
         result = guest.verify()
         assert result.ok, result.output
         return
