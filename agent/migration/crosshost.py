@@ -39,6 +39,8 @@ from agent.migration.engine import TaskContext, announce, run_past_cancel
 from agent.migration.incoming import IncomingDisk, IncomingLayer, IncomingSpec
 from agent.migration.layers import send_layer_to_peer
 from agent.migration.pacing import (
+    POSITIONAL_SLACK,
+    SPEED_SLACK,
     AllocationIndex,
     MirrorSample,
     SteeringClock,
@@ -773,9 +775,10 @@ class _Steering:
                 speed,
                 horizon,
             )
-            # A job that walks the whole disk crosses holes at planned speeds that must land as planned; one
-            # charged for real bytes only is left alone unless its share really moved.
-            wanted = speed != current if sample.positional else worth_changing(current, speed)
+            # A job that walks the whole disk crosses holes at speeds that change by factors; one charged for
+            # real bytes only is left alone unless its share really moved.
+            slack = POSITIONAL_SLACK if sample.positional else SPEED_SLACK
+            wanted = worth_changing(current, speed, slack)
             pending = self.changing.get(target)
             if wanted and (pending is None or pending.done()):
                 self.changing[target] = asyncio.create_task(self._set_speed(target, device, speed))

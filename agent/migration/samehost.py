@@ -32,12 +32,14 @@ from agent.errors import AgentError, MigrationFailed, NotFound, PreflightFailed,
 from agent.migration.engine import TaskContext, announce, run_past_cancel
 from agent.migration.inventory import volume_inventory
 from agent.migration.pacing import (
+    POSITIONAL_SLACK,
     AllocationIndex,
     MirrorSample,
     SteeringClock,
     job_speed,
     real_bytes_done,
     split_budget,
+    worth_changing,
 )
 from agent.migration.plan import (
     DiskPlan,
@@ -393,7 +395,7 @@ class SameHostEngine:
                     speed,
                     horizon,
                 )
-                if speed != mirror.speed:
+                if worth_changing(mirror.speed, speed, POSITIONAL_SLACK):
                     await self.host.set_block_job_speed(ctx.vm_uuid, target, speed)
                     mirror.speed = speed
             if all(m.ready for m in work.mirrors.values()):
