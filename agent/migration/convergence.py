@@ -164,7 +164,9 @@ class ConvergencePolicy:
         if self.downtime_margin < 1:
             raise ValueError("downtime_margin must be >= 1")
         if not 0 < self.saturation <= 1 or not 0 < self.throttle_judge_pct <= MAX_THROTTLE_PCT:
-            raise ValueError(f"saturation in (0, 1] and throttle_judge_pct in (0, {MAX_THROTTLE_PCT}] please")
+            raise ValueError(
+                f"saturation must be in (0, 1] and throttle_judge_pct in (0, {MAX_THROTTLE_PCT}]"
+            )
 
     @classmethod
     def from_request(cls, request: MigrationRequest, *, allow_pause: bool = False) -> ConvergencePolicy:
