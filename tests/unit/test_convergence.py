@@ -330,13 +330,13 @@ def test_cpu_bound_guest_with_a_pinned_dirty_rate_is_throttled_to_completion(
     assert precopy.result == "aborted" and precopy.time >= 120.0
 
 
-def test_pinned_dirty_rate_gives_up_when_judging_would_outlast_the_timeout() -> None:
+def test_pinned_dirty_rate_does_not_wait_past_the_timeout() -> None:
+    # Waiting for the throttle would outlast a 30 s timeout: the usual counting decides, as before.
     guest = small_set_cpu_bound_guest(64 * MiB, 60 * MiB)
     policy = lab_policy(max_downtime_ms=300, bandwidth=20 * MiB, timeout_s=30.0)
     out = simulate(policy, guest, rate=20 * MiB)
-    assert out.result == "aborted" and out.time < 25.0
-    (abort,) = out.of(Abort)
-    assert isinstance(abort, Abort) and "past the 30 s timeout" in abort.error.message
+    assert out.result == "aborted" and out.time <= 30.0
+    assert not any("says nothing of its speed" in a.message for a in out.of(Note))
 
 
 @settings(max_examples=40, deadline=None)
