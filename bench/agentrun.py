@@ -16,7 +16,8 @@ from typing import Any
 from aiohttp import web
 
 from agent.client import AgentClient, AgentUnreachable, ApiError
-from bench.labenv import BRIDGE_ADDRESS, BenchError, Disturbed, Host, Lab, daemon_pids, restarted
+from bench.labenv import BenchError, Disturbed, Host, Lab, daemon_pids, restarted
+from labkit.layout import BRIDGE_ADDRESS
 
 log = logging.getLogger(__name__)
 

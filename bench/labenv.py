@@ -21,10 +21,10 @@ from typing import Any, TypeVar
 
 import psutil  # type: ignore[import-untyped]
 
+from labkit.layout import LAB_DIR, SUFFIX
+
 REPO = Path(__file__).resolve().parent.parent
 LAB_SCRIPT = REPO / "scripts" / "lab"
-LAB_DIR = Path("/var/lib/ksa-lab")
-BRIDGE_ADDRESS = "10.213.0.1"
 HOSTS = ("hostA", "hostB")
 DAEMONS = ("agent", "libvirtd")
 MiB = 1 << 20
@@ -82,7 +82,7 @@ class Host:
 
     def netns(self, argv: list[str]) -> list[str]:
         """argv run inside this host's network namespace (its address, its link)."""
-        return ["ip", "netns", "exec", self.name, *argv]
+        return ["ip", "netns", "exec", f"{self.name}{SUFFIX}", *argv]
 
     def agent_pid(self) -> int:
         """The agent's pid now (it changes when a teammate restarts the agent)."""
@@ -162,7 +162,8 @@ def wait_healthy(within_s: float = 300) -> dict[str, Any]:
 def ensure_lab() -> Lab:
     """The running lab; brought up if it is down (never restarted, never taken down: teammates share it)."""
     here = os.stat("/proc/self/ns/net").st_ino
-    if any(os.path.exists(f"/run/netns/{h}") and os.stat(f"/run/netns/{h}").st_ino == here for h in HOSTS):
+    netns = [f"/run/netns/{h}{SUFFIX}" for h in HOSTS]
+    if any(os.path.exists(n) and os.stat(n).st_ino == here for n in netns):
         # Run inside a lab host's namespace, `scripts/lab up` would rebuild that host's network in the
         # wrong place (and cut the host off): refuse to touch the lab from there.
         raise BenchError("run the bench from the root network namespace, not inside a lab host")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -9,17 +10,25 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = REPO_ROOT / ".venv" / "bin"
 AGENT_BIN = VENV_BIN / "kvm-storage-agent"
 
-LAB_DIR = Path("/var/lib/ksa-lab")
+#: Several labs can live side by side on one machine (two checkouts, two developers): ``KSA_LAB_INSTANCE=N``
+#: (0-9, default 0) gives instance N its own directory, bridge, subnet, namespace and link names. Instance 0
+#: keeps the historical names. The caches (guest image, libvirt capabilities) are shared.
+INSTANCE = int(os.environ.get("KSA_LAB_INSTANCE") or "0")
+if not 0 <= INSTANCE <= 9:
+    raise SystemExit(f"KSA_LAB_INSTANCE must be 0-9, not {INSTANCE}")
+SUFFIX = str(INSTANCE) if INSTANCE else ""
+
+LAB_DIR = Path(f"/var/lib/ksa-lab{SUFFIX}")
 CACHE_DIR = Path("/var/cache/ksa-lab")
 STATE_FILE = LAB_DIR / "lab.json"
 TOKEN_FILE = LAB_DIR / "token"
 GUESTS_DIR = LAB_DIR / "guests"
 TMP_DIR = LAB_DIR / "tmp"
 # The lock lives in the cache dir because `down` deletes LAB_DIR while holding it.
-LOCK_FILE = CACHE_DIR / "lab.lock"
+LOCK_FILE = CACHE_DIR / f"lab{SUFFIX}.lock"
 
-BRIDGE = "ksabr0"
-BRIDGE_ADDRESS = "10.213.0.1"
+BRIDGE = f"ksabr{INSTANCE}"
+BRIDGE_ADDRESS = f"10.213.{INSTANCE}.1"
 PREFIX_LEN = 24
 AGENT_PORT = 7070
 LIBVIRT_TCP_PORT = 16509
@@ -44,12 +53,12 @@ class HostSpec:
 
     @property
     def netns(self) -> str:
-        return self.name
+        return f"{self.name}{SUFFIX}"
 
     @property
     def veth(self) -> str:
         """The root-namespace end of the host's veth pair (the one `link down` cuts)."""
-        return f"ksa-{self.name}"
+        return f"ksa{SUFFIX}-{self.name}"
 
     @property
     def dir(self) -> Path:
@@ -89,11 +98,14 @@ class HostSpec:
     def private_dir(self, system_path: str) -> Path:
         """Source of the bind mount for one of LIBVIRT_DIRS (the capability cache survives `down`)."""
         if system_path == "/var/cache/libvirt":
-            return CACHE_DIR / "libvirt-cache" / self.name
+            return CACHE_DIR / "libvirt-cache" / self.netns
         return self.dir / "root" / system_path.strip("/")
 
 
-HOSTS: tuple[HostSpec, ...] = (HostSpec("hostA", "10.213.0.11"), HostSpec("hostB", "10.213.0.12"))
+HOSTS: tuple[HostSpec, ...] = (
+    HostSpec("hostA", f"10.213.{INSTANCE}.11"),
+    HostSpec("hostB", f"10.213.{INSTANCE}.12"),
+)
 
 
 def host_by_name(name: str) -> HostSpec:

@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 from labtools import Guest, Lab, lab_cli
 
+from labkit.layout import GUESTS_DIR, TMP_DIR
+
 pytestmark = pytest.mark.lab
 
 RECORD_BASE = 1 << 20  # record N of a disk: the 512-byte sector at RECORD_BASE + N * 512 (labkit/records.py)
@@ -143,7 +145,7 @@ def test_guest_survives_a_reset_without_overwriting_acknowledged_records(
     lab.host("hostA").virsh("reset", guest.name)
     time.sleep(1)
     guest.wait_for_acks(more=20)
-    console = (Path("/var/lib/ksa-lab/guests") / guest.name / "console.log").read_text()
+    console = (GUESTS_DIR / guest.name / "console.log").read_text()
     assert console.count("KSA-BOOT ") == 2
     result = guest.verify()
     assert result.ok, result.output
@@ -162,7 +164,7 @@ def test_verify_follows_the_guest_to_the_other_host(lab: Lab, make_guest: Callab
         target = dst.root("ps2").path / Path(source.get("file", "")).name
         subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(target), "1024M"], check=True)
         source.set("file", str(target))
-    dest_xml = Path("/var/lib/ksa-lab/tmp") / f"{guest.name}.xml"
+    dest_xml = TMP_DIR / f"{guest.name}.xml"
     dest_xml.write_text(ET.tostring(xml, encoding="unicode"))
     src.virsh(
         "migrate", "--live", "--p2p", "--copy-storage-all", "--persistent", "--undefinesource",
@@ -182,7 +184,7 @@ def test_verify_follows_the_guest_to_the_other_host(lab: Lab, make_guest: Callab
 def test_guest_dirties_memory_at_the_requested_rate(lab: Lab, make_guest: Callable[..., Guest]) -> None:
     guest = make_guest(dirty_mib_s=8)
     guest.wait_for_acks(more=5)
-    console = Path("/var/lib/ksa-lab/guests") / guest.name / "console.log"
+    console = GUESTS_DIR / guest.name / "console.log"
     deadline = time.monotonic() + 60
     while "KSA-DIRTY 8 MiB/s" not in console.read_text():
         assert time.monotonic() < deadline, "the guest never started dirtying memory"

@@ -21,9 +21,10 @@ from agentapi import disk_sources, qemu_img_chain
 from aiohttp import web
 from labtools import Guest, Lab, LabHost
 
+from labkit.layout import BRIDGE_ADDRESS
+
 pytestmark = pytest.mark.lab
 
-BRIDGE_ADDRESS = "10.213.0.1"
 ZS_HOST = {"hostA": "a0c0b6f1d2e34f5a8b9c0d1e2f3a4b01", "hostB": "a0c0b6f1d2e34f5a8b9c0d1e2f3a4b02"}
 CANCELLED = "AGENT.CANCELLED: the migration was cancelled on request; the VM keeps its source volumes"
 
