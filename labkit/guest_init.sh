@@ -7,7 +7,9 @@
 # "KSA-ACK <dev> <N> <boot id>": the host side (labkit/records.py) checks every acknowledged record.
 # After a reboot a writer continues after the highest valid record, so acknowledged records are never
 # overwritten. Records use the first half of each disk; the second half holds the host's filler data.
-# Optionally a loop dirties memory (ksa.dirty MiB/s over a ksa.ws MiB tmpfs working set).
+# Optionally a loop dirties memory (ksa.dirty MiB/s over a ksa.ws MiB tmpfs working set), and one rewrites
+# the last ksa.hotmib MiB of disk ksa.hotdev at ksa.hot MiB/s (1 MiB O_DIRECT writes spread over each second,
+# never touching records or filler), printing "KSA-HOT <dev> <MiB written> <uptime>" every 5 s.
 
 /bin/busybox mkdir -p /proc /sys /dev /tmp /dirty /bin /sbin /usr/bin /usr/sbin
 /bin/busybox --install -s
@@ -102,6 +104,35 @@ dirtier() {   # dirtier MIB_PER_S|max WORKING_SET_MIB
     done
 }
 
+hotwriter() {   # hotwriter DEV MIB_PER_S REGION_MIB
+    local dev=$1 rate=$2 region=$3 base n=0 due t0 last
+    base=$(( $(cat /sys/block/$dev/size) / 2048 - region ))   # MiB
+    dd if=/dev/urandom of=/hot0 bs=1M count=1 2>/dev/null
+    dd if=/dev/urandom of=/hot1 bs=1M count=1 2>/dev/null
+    say "KSA-HOTSTART $dev $rate MiB/s over $region MiB at $base MiB"
+    centis; t0=$CS; last=$CS
+    while :; do
+        centis
+        due=$(( rate * (CS - t0) / 100 ))
+        if [ $((due - n)) -gt $rate ]; then   # a second or more behind (paused, starved): no catch-up burst
+            t0=$(( CS - n * 100 / rate )); due=$n
+        fi
+        if [ $n -lt $due ]; then
+            # Alternate the source on every pass over the region, so each rewrite changes the content.
+            dd if=/hot$(( (n / region) % 2 )) of=/dev/$dev bs=1M count=1 seek=$((base + n % region)) \
+                oflag=direct conv=notrunc 2>/dev/null || say "KSA-ERR $dev hot write failed"
+            n=$((n + 1))
+        else
+            sleep 0.05
+        fi
+        if [ $((CS - last)) -ge 500 ]; then
+            last=$CS
+            read up rest < /proc/uptime
+            say "KSA-HOT $dev $n $up"
+        fi
+    done
+}
+
 heartbeat() {
     while :; do
         sleep 5
@@ -127,6 +158,10 @@ done
 DIRTY=$(arg dirty 0)
 if [ "$DIRTY" = max ] || [ "$DIRTY" -gt 0 ]; then
     dirtier "$DIRTY" "$(arg ws 48)" &
+fi
+HOT=$(arg hot 0)
+if [ "$HOT" -gt 0 ]; then
+    hotwriter "$(arg hotdev vda)" "$HOT" "$(arg hotmib 64)" &
 fi
 heartbeat &
 while :; do sleep 3600; done   # PID 1 must never exit

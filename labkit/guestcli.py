@@ -24,6 +24,9 @@ def _create(args: argparse.Namespace) -> int:
         disk_size_mib=args.disk_size_mib,
         memory_mib=args.memory_mib,
         fill_mib=args.fill_mib,
+        disk_write_mib_s=args.disk_write_mib_s,
+        disk_write_dev=args.disk_write_dev,
+        disk_write_region_mib=args.disk_write_region_mib,
         boot_timeout=args.boot_timeout,
         keep_on_failure=args.keep_on_failure,
     )
@@ -91,6 +94,17 @@ def add_guest_commands(sub: Any) -> None:
     p.add_argument("--disk-size-mib", type=int, default=1024, metavar="N")
     p.add_argument("--memory-mib", type=int, default=256, metavar="N")
     p.add_argument("--fill-mib", type=int, default=4, metavar="N", help="filler data per layer and disk")
+    p.add_argument(
+        "--disk-write-mib-s",
+        type=int,
+        default=0,
+        metavar="N",
+        help="besides the records, rewrite a region of one disk at N MiB/s (a hot disk)",
+    )
+    p.add_argument("--disk-write-dev", default="vda", metavar="DEV", help="the hot disk (default vda)")
+    p.add_argument(
+        "--disk-write-region-mib", type=int, default=64, metavar="N", help="rewritten region at the end"
+    )
     p.add_argument("--boot-timeout", type=float, default=180, metavar="S")
     p.add_argument("--keep-on-failure", action="store_true", help="leave a guest that failed to start")
     p.set_defaults(func=_create)

@@ -48,6 +48,8 @@ class GuestRecord:
     snapshots: int
     fill_mib: int
     disks: list[GuestDisk]
+    disk_write_mib_s: int = 0
+    disk_write_dev: str = "vda"
 
     @staticmethod
     def dir_of(name: str) -> Path:
@@ -117,6 +119,9 @@ class GuestOptions:
     disk_size_mib: int = 1024
     memory_mib: int = 256
     fill_mib: int = 4
+    disk_write_mib_s: int = 0  # a writer rewriting the last disk_write_region_mib of disk_write_dev
+    disk_write_dev: str = "vda"
+    disk_write_region_mib: int = 64
     boot_timeout: float = 180.0
     keep_on_failure: bool = False
 
@@ -134,12 +139,23 @@ def _check_options(opts: GuestOptions) -> None:
         raise LabError(
             "--disk-size-mib too small: half of each disk holds records, the other half the filler"
         )
+    if opts.disk_write_mib_s < 0 or opts.disk_write_region_mib < 1:
+        raise LabError("--disk-write-mib-s must be >= 0 and --disk-write-region-mib >= 1")
+    if opts.disk_write_mib_s and opts.disk_write_dev not in _devs(opts):
+        raise LabError(f"--disk-write-dev {opts.disk_write_dev}: the guest has {', '.join(_devs(opts))}")
+    filler_end = opts.disk_size_mib // 2 + (opts.snapshots + 1) * opts.fill_mib
+    if opts.disk_write_mib_s and filler_end + opts.disk_write_region_mib > opts.disk_size_mib:
+        raise LabError("--disk-write-region-mib too large: it would overwrite the filler of the chain")
     if opts.working_set_mib is not None and not 8 <= opts.working_set_mib <= opts.memory_mib // 2:
         raise LabError("--working-set-mib must be 8 .. half of --memory-mib")
     if opts.memory_mib < 96:
         raise LabError("--memory-mib must be at least 96")
     if GuestRecord.dir_of(opts.name).exists() or domain.placements(opts.name):
         raise LabError(f"a guest named {opts.name!r} exists already")
+
+
+def _devs(opts: GuestOptions) -> list[str]:
+    return [f"vd{chr(ord('a') + i)}" for i in range(opts.data_volumes + 1)]
 
 
 def _qemu_img_create(path: Path, size_mib: int, fill: FillExtent) -> None:
@@ -172,7 +188,7 @@ def create(opts: GuestOptions) -> GuestRecord:
     if not root.is_dir():
         raise LabError(f"{root} does not exist: is the lab up? (scripts/lab up)")
     img = image.ensure_image()
-    devs = [f"vd{chr(ord('a') + i)}" for i in range(opts.data_volumes + 1)]
+    devs = _devs(opts)
     # Layer file names: the lower layers are named like snapshots, the active one after the volume.
     plan = {dev: [str(uuid.uuid4()) for _ in range(opts.snapshots)] + [str(uuid.uuid4())] for dev in devs}
     guest = GuestRecord(
@@ -186,6 +202,8 @@ def create(opts: GuestOptions) -> GuestRecord:
         snapshots=opts.snapshots,
         fill_mib=opts.fill_mib,
         disks=[GuestDisk(dev, plan[dev][-1], []) for dev in devs],
+        disk_write_mib_s=opts.disk_write_mib_s,
+        disk_write_dev=opts.disk_write_dev,
     )
     guest.dir.mkdir(parents=True)
     guest.console.touch()
@@ -197,6 +215,11 @@ def create(opts: GuestOptions) -> GuestRecord:
         ws = opts.working_set_mib or max(8, min(48, opts.memory_mib // 4))
         dirty = "max" if opts.dirty_cpu_bound else str(opts.dirty_mib_s)
         args = f"ksa.disks={len(devs)} ksa.dirty={dirty} ksa.ws={ws}"
+        if opts.disk_write_mib_s:
+            args += (
+                f" ksa.hot={opts.disk_write_mib_s} ksa.hotdev={opts.disk_write_dev}"
+                f" ksa.hotmib={opts.disk_write_region_mib}"
+            )
         cmdline = f"console=ttyS0 edd=off quiet loglevel=1 {args}"
         xml = domain.domain_xml(
             name=guest.name,

@@ -189,6 +189,8 @@ def create_guest(
     disk_size_mib: int = 1024,
     memory_mib: int = 256,
     fill_mib: int = 4,
+    disk_write_mib_s: int = 0,
+    disk_write_dev: str = "vda",
 ) -> Guest:
     proc = lab_cli(
         "guest", "create", name,
@@ -202,6 +204,8 @@ def create_guest(
         "--fill-mib", str(fill_mib),
         *(["--dirty-cpu-bound"] if dirty_cpu_bound else []),
         *(["--working-set-mib", str(working_set_mib)] if working_set_mib else []),
+        *(["--disk-write-mib-s", str(disk_write_mib_s), "--disk-write-dev", disk_write_dev]
+          if disk_write_mib_s else []),
     )  # fmt: skip
     return Guest(name=name, uuid=proc.stdout.strip().splitlines()[-1], host=host)
 
