@@ -10,6 +10,8 @@ Tests build the app with ``make_app(config, token=..., engine_factory=fake, inve
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 
 import aiohttp
@@ -41,6 +43,8 @@ from agent.migration.incoming import IncomingService
 from agent.report.outbox import OutboxDeliverer
 from agent.report.progress import ProgressReporter
 from agent.storage.roots import StorageRoots
+from agent.tasks.holds import FILE_NAME as HOLDS_FILE
+from agent.tasks.holds import PhaseHolds
 from agent.tasks.hooks import ChangeKind, EngineFactory, TaskChange, TaskListener, unavailable_engine_factory
 from agent.tasks.journal import Journal
 from agent.tasks.manager import TaskManager
@@ -104,9 +108,19 @@ async def _virt_ctx(app: web.Application) -> AsyncIterator[None]:
             if app[CONNECT_LIBVIRT]
             else unavailable_engine_factory("this agent was started without libvirt")
         )
+    # Records an earlier life left behind are settled from what libvirtd says (an owned background task).
+    incoming = app[INCOMING]
+    reconcile = None
+    if host is not None and incoming is not None and incoming.list_ids():
+        reconcile = asyncio.create_task(incoming.reconcile(), name="incoming-reconcile")
     try:
         yield
     finally:
+        if reconcile is not None:
+            reconcile.cancel()
+            # A failure was logged by the loop itself when it happened.
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await reconcile
         if host is not None:
             await host.close()
 
@@ -139,6 +153,7 @@ async def _tasks_ctx(app: web.Application) -> AsyncIterator[None]:
             factory,
             outgoing_limit=config.limits.outgoing_migrations,
             incoming_limit=config.limits.incoming_migrations,
+            holds=PhaseHolds(config.state_dir / HOLDS_FILE),
         )
         manager.add_listener(metrics_listener(metrics))
         manager.add_listener(report_listener(progress, outbox))

@@ -56,10 +56,17 @@ from agent.storage.roots import StorageRoot, StorageRoots
 from agent.tasks.model import TaskState
 from agent.virt.domxml import parse_disks, rewrite_disk_sources
 from agent.virt.host import UNREACHABLE, DomainEvent, VirtHost
+from agent.virt.peer import PeerDomain, describe, look_at_peer, planned_tops
 
 TICK_S = 0.25
 #: How long to keep asking an unreachable destination agent to clean up after a failure.
 ABORT_RETRY_S = 180.0
+#: How long to keep asking an unreachable destination agent to confirm a migration that the hypervisors
+#: already show as done; past it the task succeeds with ``destinationAgent: unconfirmed`` and the destination
+#: agent commits its record itself when it starts again (``IncomingService.reconcile``).
+COMMIT_RETRY_S = 45.0
+#: How long to keep asking the destination libvirtd where the VM is before asking its agent instead.
+PEER_LIBVIRT_WAIT_S = 30.0
 #: A migration whose byte counters do not move for this long is stuck (a cut link does not end it in
 #: libvirt 9.0: the NBD mirror fails and the job waits forever); it is aborted with a clear error.
 STALL_S = 30.0
@@ -184,7 +191,7 @@ class CrossHostEngine:
         data: dict[str, Any],
         failure: BaseException,
     ) -> list[dict[str, Any]]:
-        where, here = await self._locate(ctx, peer)
+        where, here = await self._locate(ctx, peer, data["prepared"])
         if where == "destination":
             if isinstance(failure, asyncio.CancelledError):
                 ctx.log.warning("the cancel came after the switchover; the VM runs on the destination")
@@ -193,13 +200,18 @@ class CrossHostEngine:
                 ctx.log.warning("%s, but the VM runs on the destination; committing", _what(failure))
             data["step"] = "committing"
             await ctx.checkpoint(data)
-            return await self._commit(ctx, peer, plan, data["prepared"], {})
+            return await self._commit(ctx, peer, plan, data["prepared"], None)
         if where == "unknown":
             raise MigrationFailed(
                 f"cannot tell where VM {ctx.vm_uuid} runs after the migration ended ({_what(failure)})",
                 code="AGENT.VM_LOCATION_UNKNOWN",
-                details="neither this host's libvirtd nor the destination agent answered; nothing was "
-                "removed on either host: check both before retrying",
+                details=(
+                    "neither this host's libvirtd nor the destination's libvirtd or agent could tell; "
+                    "nothing was removed on either host: check both before retrying. Source volumes: "
+                    + ", ".join(f"{d.target}={d.src_top}" for d in plan.disks)
+                    + "; destination volumes: "
+                    + ", ".join(f"{t}={p}" for t, p in planned_tops(data["prepared"]).items())
+                ),
             ) from failure
         await self._abort_remote(ctx, peer)
         if here in ("shutoff", "crashed") and not isinstance(failure, asyncio.CancelledError):
@@ -455,10 +467,14 @@ class CrossHostEngine:
         peer: AgentClient,
         plan: MigrationPlan,
         prepared: Mapping[str, Any],
-        stats: Mapping[str, Any],
+        stats: Mapping[str, Any] | None,
     ) -> list[dict[str, Any]]:
+        """The VM switched over: verify it runs on the destination from the planned tops, asking the
+        hypervisors themselves, then have the destination agent forget its record. ``stats`` is the completed
+        job's statistics when libvirt's migration call returned success, None when the arrival was found by
+        looking (after an error, a cancel or a restart)."""
         await announce(ctx, TaskState.SWITCHING)
-        downtime = stats.get("downtime")
+        downtime = (stats or {}).get("downtime")
         if downtime is not None:
             ctx.note("downtimeMs", int(downtime))
             if int(downtime) > ctx.downtime_ms:
@@ -467,14 +483,7 @@ class CrossHostEngine:
                     f"measured downtime {int(downtime)} ms exceeded the requested {ctx.downtime_ms} ms",
                 )
         await announce(ctx, TaskState.VERIFYING)
-        try:
-            await _peer_call_retrying(
-                ctx, peer, "POST", ("v1", "incoming-migrations", ctx.task_uuid, "commit"), {}
-            )
-        except NotFound:
-            # Committed by an earlier life of this task that died before journalling it: the destination
-            # forgot its record. The VM's disks, checked below, decide.
-            ctx.log.info("the destination had already committed this migration")
+        tops = planned_tops(prepared)
         await self.host.wait_reachable(LIBVIRT_OUTAGE_S)
         try:
             still_here = await self.host.domain_state(ctx.vm_uuid)
@@ -484,15 +493,67 @@ class CrossHostEngine:
             raise MigrationFailed(
                 f"VM {ctx.vm_uuid} still runs on this host after the migration", code="AGENT.VERIFY_FAILED"
             )
-        vm = await _peer_call_retrying(ctx, peer, "GET", ("v1", "vms", ctx.vm_uuid), None)
-        tops = {d.get("target"): (d.get("chain") or [{}])[0].get("path") for d in vm.get("disks", [])}
-        for disk in prepared["disks"]:
-            if tops.get(disk["target"]) != disk["top"]:
-                raise MigrationFailed(
-                    f"on the destination {disk['target']} uses {tops.get(disk['target'])}, not {disk['top']}",
-                    code="AGENT.VERIFY_FAILED",
+        view = await look_at_peer(prepared["libvirtUri"], ctx.vm_uuid)
+        if view is not None and not view.runs_from(tops):
+            raise _not_as_planned(ctx, view, tops)
+        confirmed = await self._confirm(ctx, peer)
+        vm: Mapping[str, Any] | None = None
+        if confirmed:
+            with contextlib.suppress(AgentError):
+                vm = await _peer_call_retrying(
+                    ctx, peer, "GET", ("v1", "vms", ctx.vm_uuid), None, within_s=COMMIT_RETRY_S
                 )
-        return remote_inventory(vm, plan)
+        if view is None:
+            # The destination libvirtd did not answer: its agent's view, or libvirt's own success, decides.
+            if vm is not None:
+                agent_tops = {d.get("target"): (d.get("chain") or [{}])[0].get("path") for d in vm["disks"]}
+                for target, top in tops.items():
+                    if agent_tops.get(target) != top:
+                        raise MigrationFailed(
+                            f"on the destination {target} uses {agent_tops.get(target)}, not {top}",
+                            code="AGENT.VERIFY_FAILED",
+                            details="the VM runs on the destination; nothing was removed on either host",
+                        )
+            elif stats is None:
+                raise MigrationFailed(
+                    f"cannot confirm that VM {ctx.vm_uuid} runs on the destination",
+                    code="AGENT.VM_LOCATION_UNKNOWN",
+                    details="the VM left this host, but neither the destination's libvirtd nor its agent "
+                    "answered; nothing was removed on either host: check the destination before retrying",
+                )
+            else:
+                ctx.note(
+                    "destinationLibvirt", "unreachable after the switch; libvirt reported the migration done"
+                )
+        if vm is not None:
+            return remote_inventory(vm, plan)
+        return planned_inventory(plan, prepared)
+
+    async def _confirm(self, ctx: TaskContext, peer: AgentClient) -> bool:
+        """Have the destination agent commit its record; False (and a note) when it cannot be reached in
+        ``COMMIT_RETRY_S`` or refuses: the VM's place is already known, so that never fails the task."""
+        try:
+            await _peer_call_retrying(
+                ctx,
+                peer,
+                "POST",
+                ("v1", "incoming-migrations", ctx.task_uuid, "commit"),
+                {},
+                within_s=COMMIT_RETRY_S,
+            )
+        except NotFound:
+            # Committed by an earlier life of this task, or by the destination agent's own reconciliation
+            # at its start: the record is gone, the VM's disks decide.
+            ctx.log.info("the destination had already committed this migration")
+        except AgentError as err:
+            ctx.log.warning(
+                "the VM runs on the destination, but its agent did not confirm (%s); it commits its record "
+                "when it starts again",
+                err.description,
+            )
+            ctx.note("destinationAgent", f"unconfirmed: {err.description}")
+            return False
+        return True
 
     async def _abort_remote(self, ctx: TaskContext, peer: AgentClient) -> None:
         """Have the destination remove what it prepared; retried while it cannot be reached (a cut link
@@ -587,9 +648,13 @@ class CrossHostEngine:
             return False
         return bool(int(stats.get("type", libvirt.VIR_DOMAIN_JOB_NONE)) != libvirt.VIR_DOMAIN_JOB_NONE)
 
-    async def _locate(self, ctx: TaskContext, peer: AgentClient) -> tuple[str, str | None]:
+    async def _locate(
+        self, ctx: TaskContext, peer: AgentClient, prepared: Mapping[str, Any]
+    ) -> tuple[str, str | None]:
         """Where the VM is once libvirt's job is over: ``destination``, ``source`` or ``unknown``, and its
-        state on this host (None: libvirtd did not answer).
+        state on this host (None: libvirtd did not answer). Asked of the hypervisors first: this host's
+        libvirtd and the destination's (the one the migration went to); the destination agent only when
+        that libvirtd is silent.
 
         While a pre-copy migration runs, the incoming domain on the destination is *paused*: only a running
         domain there (or one defined there while this host has none) means the VM arrived. After a
@@ -609,13 +674,7 @@ class CrossHostEngine:
                 local = "undefined"
             except AgentError:
                 local = None
-        try:
-            vm = await _peer_call_retrying(ctx, peer, "GET", ("v1", "vms", ctx.vm_uuid), None)
-            remote: str | None = str(vm.get("state"))
-        except NotFound:
-            remote = "undefined"
-        except AgentError:
-            remote = None
+        remote = await self._remote_state(ctx, peer, prepared)
         ctx.log.info("the migration job is over: the VM is %s here, %s on the destination", local, remote)
         if remote == "running":
             return "destination", local
@@ -624,6 +683,28 @@ class CrossHostEngine:
         if local == "undefined" and remote not in (None, "undefined"):
             return "destination", local
         return "unknown", local
+
+    async def _remote_state(
+        self, ctx: TaskContext, peer: AgentClient, prepared: Mapping[str, Any]
+    ) -> str | None:
+        """The VM's state on the destination: its libvirtd's word (waited for while it restarts), else its
+        agent's; None when neither answers."""
+        # A libvirtd that is merely restarting answers again within seconds.
+        deadline = time.monotonic() + PEER_LIBVIRT_WAIT_S
+        while (view := await look_at_peer(prepared["libvirtUri"], ctx.vm_uuid)) is None:
+            if time.monotonic() > deadline:
+                break
+            await asyncio.sleep(2)
+        if view is not None:
+            return view.state
+        ctx.log.warning("the destination libvirtd is %s; asking the destination agent", describe(view))
+        try:
+            vm = await _peer_call_retrying(ctx, peer, "GET", ("v1", "vms", ctx.vm_uuid), None)
+            return str(vm.get("state"))
+        except NotFound:
+            return "undefined"
+        except AgentError:
+            return None
 
 
 class _Steering:
@@ -849,14 +930,20 @@ def _what(failure: BaseException) -> str:
 
 
 async def _peer_call_retrying(
-    ctx: TaskContext, peer: AgentClient, method: str, segments: tuple[str, ...], body: Any
+    ctx: TaskContext,
+    peer: AgentClient,
+    method: str,
+    segments: tuple[str, ...],
+    body: Any,
+    *,
+    within_s: float = ABORT_RETRY_S,
 ) -> Any:
-    """``peer_call``, retried for up to ``ABORT_RETRY_S`` while the destination agent cannot be reached
+    """``peer_call``, retried for up to ``within_s`` while the destination agent cannot be reached
     (restarting, a cut link healing) or cannot reach its own libvirtd (restarting: without it the agent
     cannot tell whether the VM runs there, so it must not remove files yet); its other answers, errors
     included, are final."""
     delay = 1.0
-    deadline = time.monotonic() + ABORT_RETRY_S
+    deadline = time.monotonic() + within_s
     while True:
         try:
             return await peer_call(peer, method, segments, body)
@@ -910,3 +997,50 @@ def remote_inventory(vm: Mapping[str, Any], plan: MigrationPlan) -> list[dict[st
             }
         )
     return out
+
+
+def planned_inventory(plan: MigrationPlan, prepared: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The seed-shaped inventory of the moved volumes from the plan and the prepared paths, for when the
+    destination agent cannot describe the VM (sizes as planned; ``actualSize`` unknown)."""
+    paths = {str(d["target"]): d for d in prepared["disks"]}
+    out = []
+    for disk in plan.disks:
+        placed = paths[disk.target]
+        below = list(reversed(placed.get("layers") or []))  # prepared lists them base first
+        out.append(
+            {
+                "uuid": disk.volume_uuid,
+                "deviceName": disk.target,
+                "type": disk.role,
+                "moved": True,
+                "installPath": placed["top"],
+                "primaryStorageUuid": plan.dst_storage_uuid,
+                "format": disk.dst_format,
+                "size": disk.virtual_size,
+                "actualSize": None,
+                "backingChain": [
+                    {
+                        "installPath": path,
+                        "format": layer.format,
+                        "size": layer.virtual_size,
+                        "actualSize": layer.actual_size,
+                        "primaryStorageUuid": plan.dst_storage_uuid,
+                    }
+                    for path, layer in zip(below, reversed(disk.lower_layers), strict=False)
+                ],
+            }
+        )
+    return out
+
+
+def _not_as_planned(ctx: TaskContext, view: PeerDomain, tops: Mapping[str, str]) -> MigrationFailed:
+    """The destination libvirtd shows the VM, but not running from the planned tops."""
+    return MigrationFailed(
+        f"VM {ctx.vm_uuid} is {view.state} on the destination, not running from the planned volumes",
+        code="AGENT.VERIFY_FAILED",
+        details="planned: "
+        + ", ".join(f"{t}={p}" for t, p in tops.items())
+        + "; live there: "
+        + (", ".join(f"{t}={p}" for t, p in view.live_tops.items()) or "none")
+        + "; nothing was removed on either host",
+    )

@@ -26,7 +26,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from agent.errors import Conflict, InvalidRequest, MigrationFailed, NotFound, PreflightFailed
+from agent.errors import AgentError, Conflict, InvalidRequest, MigrationFailed, NotFound, PreflightFailed
 from agent.migration.plan import LayerPlan
 from agent.migration.request import normalise_uuid
 from agent.migration.targets import check_precreated_target
@@ -42,6 +42,10 @@ log = logging.getLogger(__name__)
 SPACE_MARGIN = 64 * 1024 * 1024
 #: Seconds an abort waits for the paused incoming domain of a failed migration to disappear.
 INCOMING_GONE_S = 20
+#: How often the start-up reconciliation looks again at a record whose migration is still in flight, and for
+#: how long at most.
+RECONCILE_EVERY_S = 5.0
+RECONCILE_GIVE_UP_S = 3600.0
 
 
 class _Wire(BaseModel):
@@ -397,6 +401,97 @@ class IncomingService:
             self._record_path(migration_id).unlink(missing_ok=True)
             log.info("incoming migration %s aborted; removed %d files", migration_id, len(removed))
             return {"migrationId": migration_id, "state": "aborted", "removed": removed}
+
+    async def reconcile(
+        self, *, every_s: float = RECONCILE_EVERY_S, give_up_s: float = RECONCILE_GIVE_UP_S
+    ) -> None:
+        """At start: settle every record an earlier life of this agent left, from what this host's libvirtd
+        says (the source agent may be gone, or may have ended its task while this agent was down):
+        - the VM runs here from the record's tops: the migration arrived; commit (forget the record);
+        - no VM here: nothing is in flight any more (an incoming migration shows as a paused domain from
+          its start); remove what the record created. A source still at work then fails cleanly;
+        - otherwise (paused: a migration in flight; libvirtd not answering): look again every ``every_s``
+          until it settles, for up to ``give_up_s``; then keep the record and say so.
+        """
+        assert self.host is not None
+        pending = set(self.list_ids())
+        if pending:
+            log.info("reconciling %d incoming migration record(s) left from before the start", len(pending))
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + give_up_s
+        while pending:
+            for migration_id in sorted(pending):
+                try:
+                    settled = await self._reconcile_one(migration_id)
+                except Exception:
+                    log.exception("incoming migration %s: reconciliation failed", migration_id)
+                    raise
+                if settled:
+                    pending.discard(migration_id)
+            if not pending:
+                break
+            if loop.time() > deadline:
+                for migration_id in sorted(pending):
+                    log.warning(
+                        "incoming migration %s: still unsettled after %.0f s; record kept (abort or commit "
+                        "it through the API once the VM's place is known)",
+                        migration_id,
+                        give_up_s,
+                    )
+                return
+            await asyncio.sleep(every_s)
+
+    async def _reconcile_one(self, migration_id: str) -> bool:
+        """True when the record was settled (committed, removed, or gone already)."""
+        assert self.host is not None
+        async with self._lock:
+            try:
+                record = self._load(migration_id)
+            except NotFound:
+                return True
+            vm_uuid = record["vmUuid"]
+            tops = {d["target"]: d["top"] for d in record["layout"]["disks"]}
+            try:
+                state = await self.host.domain_state(vm_uuid)
+            except NotFound:
+                state = "undefined"
+            except AgentError as err:
+                log.info("incoming migration %s: libvirtd not answering (%s); later", migration_id, err)
+                return False
+            if state in ("running", "shutoff"):
+                xml = await (self.host.live_xml if state == "running" else self.host.inactive_xml)(vm_uuid)
+                live = {d.target: d.source for d in parse_disks(xml)}
+                if all(live.get(t) == top for t, top in tops.items()):
+                    self._record_path(migration_id).unlink(missing_ok=True)
+                    log.info(
+                        "incoming migration %s committed at start: VM %s is %s here from its new volumes",
+                        migration_id,
+                        vm_uuid,
+                        state,
+                    )
+                    return True
+                log.error(
+                    "incoming migration %s: VM %s is %s here but not from the prepared volumes; record kept",
+                    migration_id,
+                    vm_uuid,
+                    state,
+                )
+                return True
+            if state == "undefined":
+                removed = await self._remove(record)
+                self._record_path(migration_id).unlink(missing_ok=True)
+                log.info(
+                    "incoming migration %s for VM %s: the VM is not here and nothing is in flight; removed "
+                    "%d file(s) it created",
+                    migration_id,
+                    vm_uuid,
+                    len(removed),
+                )
+                return True
+            log.info(
+                "incoming migration %s: VM %s is %s here; looking again later", migration_id, vm_uuid, state
+            )
+            return False
 
     async def _vm_runs_here(self, vm_uuid: str) -> bool:
         """True when the VM runs here. A *paused* domain is what an incoming migration looks like until it

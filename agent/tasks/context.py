@@ -6,11 +6,13 @@ announces.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable, Mapping, MutableMapping
 from typing import TYPE_CHECKING, Any
 
 from agent.migration.request import MigrationRequest
+from agent.tasks.holds import PhaseHolds
 from agent.tasks.model import TaskState
 from agent.tasks.task import Task
 
@@ -34,9 +36,16 @@ class RunContext:
     """The engine's handle on its task (see ``agent.migration.engine.TaskContext`` for the contract)."""
 
     def __init__(
-        self, recorder: TaskRecorder, task: Task, *, resumed: bool, detaching: Callable[[], bool]
+        self,
+        recorder: TaskRecorder,
+        task: Task,
+        *,
+        resumed: bool,
+        detaching: Callable[[], bool],
+        holds: PhaseHolds | None = None,
     ) -> None:
         self._recorder = recorder
+        self._holds = holds or PhaseHolds(None)
         self._detaching = detaching
         self._task = task
         self.task_uuid: str = task.uuid
@@ -55,7 +64,7 @@ class RunContext:
     @property
     def bandwidth(self) -> int | None:
         mib = self._task.tuning.bandwidth_mib
-        return None if mib is None else mib * MIB
+        return mib * MIB if mib else None  # 0 would be "no cap" too: never a speed of 0
 
     @property
     def downtime_ms(self) -> int:
@@ -76,6 +85,11 @@ class RunContext:
 
     async def enter(self, state: TaskState, detail: str | None = None) -> None:
         await self._recorder.enter_state(self._task, state, detail)
+        if hold := self._holds.seconds(state):
+            self.log.warning(
+                "holding in %s for %.1f s (phase-holds.json: a fault test is running)", state, hold
+            )
+            await asyncio.sleep(hold)
 
     async def checkpoint(self, data: Mapping[str, Any]) -> None:
         await self._recorder.checkpoint(self._task, data)

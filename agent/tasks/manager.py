@@ -25,6 +25,7 @@ from agent.errors import AgentError, Conflict, MigrationFailed, NotFound, Servic
 from agent.migration.engine import Engine
 from agent.migration.request import MigrationRequest, Tuning
 from agent.tasks.context import RunContext
+from agent.tasks.holds import PhaseHolds
 from agent.tasks.hooks import ChangeKind, EngineFactory, TaskChange, TaskListener
 from agent.tasks.journal import Journal
 from agent.tasks.model import TaskState
@@ -48,8 +49,10 @@ class TaskManager:
         keep_finished: int = 1000,
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
+        holds: PhaseHolds | None = None,
     ) -> None:
         self._journal = journal
+        self._holds = holds
         self.recorder = TaskRecorder(journal, clock=clock, monotonic=monotonic)
         self._factory = engine_factory
         self._keep_finished = keep_finished
@@ -288,7 +291,9 @@ class TaskManager:
             wrapped.__cause__ = err
             await self.recorder.finish(task, TaskState.FAILED, "no engine", error=wrapped)
             return
-        ctx = RunContext(self.recorder, task, resumed=resume, detaching=lambda: self._detaching)
+        ctx = RunContext(
+            self.recorder, task, resumed=resume, detaching=lambda: self._detaching, holds=self._holds
+        )
         log.info(
             "task=%s vm=%s: running engine %s%s",
             task.uuid,
