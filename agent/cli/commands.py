@@ -111,7 +111,7 @@ async def retune(client: AgentClient, args: argparse.Namespace, out: Output) -> 
         return Exit.OK
     asked = []
     if args.bandwidth is not None:
-        asked.append(f"bandwidth {args.bandwidth} MiB/s")
+        asked.append(f"bandwidth {args.bandwidth} MiB/s" if args.bandwidth else "bandwidth uncapped")
     if args.downtime is not None:
         asked.append(f"downtime {args.downtime} ms")
     state = answer.get("state") if isinstance(answer, dict) else None

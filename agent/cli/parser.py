@@ -30,6 +30,17 @@ def _positive_int(value: str) -> int:
     return number
 
 
+def _bandwidth(value: str) -> int:
+    """MiB/s; 0 means uncapped, as in libvirt and ``virsh``."""
+    try:
+        number = int(value)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number") from err
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 0 (0: uncapped)")
+    return number
+
+
 def _positive_float(value: str) -> float:
     try:
         number = float(value)
@@ -114,8 +125,8 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     migrate.add_argument(
         "--bandwidth",
         metavar="MIB_S",
-        type=_positive_int,
-        help="MiB/s for the whole task, disks and memory together",
+        type=_bandwidth,
+        help="MiB/s for the whole task, disks and memory together (0: uncapped, the default)",
     )
     migrate.add_argument("--downtime", metavar="MS", type=_positive_int, help="acceptable switchover pause")
     migrate.add_argument("--strategy", choices=[s.value for s in Strategy], default=Strategy.AUTO.value)
@@ -149,7 +160,9 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
         cmd.set_defaults(handler=handler)
         cmd.add_argument("task_uuid", metavar="TASK", type=_uuid)
         if name == "retune":
-            cmd.add_argument("--bandwidth", metavar="MIB_S", type=_positive_int)
+            cmd.add_argument(
+                "--bandwidth", metavar="MIB_S", type=_bandwidth, help="MiB/s from now on (0: uncapped)"
+            )
             cmd.add_argument("--downtime", metavar="MS", type=_positive_int)
 
     vms = sub.add_parser("vms", parents=[agent], help="list the host's VMs")

@@ -53,14 +53,24 @@ class PrimaryStorageMigrateVm(_Wire):
         return normalise_uuid(value) if value else None
 
 
+#: ``bandwidth`` 0 means "no cap", as in libvirt and ``virsh``: a request keeps None for it, a retune (where
+#: None means "unchanged") keeps the 0 and the task's tuning turns it into None.
+UNCAPPED = 0
+
+
 class MigrateVm(_Wire):
     downTime: int = Field(default=300, ge=1, le=600_000, description="acceptable switchover pause, ms")
     bandwidth: int | None = Field(
         default=None,
-        ge=1,
+        ge=0,
         le=1_000_000,
-        description="one budget for the whole task, MiB/s; absent = uncapped",
+        description="one budget for the whole task, MiB/s; 0, null or absent = uncapped",
     )
+
+    @field_validator("bandwidth")
+    @classmethod
+    def _uncapped(cls, value: int | None) -> int | None:
+        return None if value == UNCAPPED else value
 
 
 class DstHost(_Wire):
@@ -123,11 +133,16 @@ class MigrationRequest(_Wire):
     @property
     def bandwidth_bytes(self) -> int | None:
         bw = self.migrateVm.bandwidth
-        return None if bw is None else bw * 1024 * 1024
+        return bw * 1024 * 1024 if bw else None
 
 
 class Tuning(_Wire):
     """``PATCH /v1/tasks/{id}``: retune a running task."""
 
-    bandwidth: int | None = Field(default=None, ge=1, le=1_000_000)
-    downTime: int | None = Field(default=None, ge=1, le=600_000)
+    bandwidth: int | None = Field(
+        default=None,
+        ge=0,
+        le=1_000_000,
+        description="MiB/s for the whole task from now on; 0 = uncapped; null or absent = unchanged",
+    )
+    downTime: int | None = Field(default=None, ge=1, le=600_000, description="ms; null or absent = unchanged")

@@ -59,8 +59,11 @@ class TaskRecorder:
         return self._clock()
 
     async def save_tuning(self, task: Task, bandwidth: int | None, downtime: int | None) -> None:
-        """Journal a retune, then apply it (waking ``ctx.tuning_changed()``); caller holds ``task.lock``."""
-        merged_bandwidth = bandwidth if bandwidth is not None else task.tuning.bandwidth_mib
+        """Journal a retune, then apply it (waking ``ctx.tuning_changed()``); caller holds ``task.lock``.
+
+        None leaves a value as it is; ``bandwidth`` 0 lifts the cap (journalled and kept as None).
+        """
+        merged_bandwidth = (bandwidth or None) if bandwidth is not None else task.tuning.bandwidth_mib
         merged_downtime = downtime if downtime is not None else task.tuning.downtime_ms
         now = self._clock()
         await self.commit(

@@ -51,7 +51,7 @@ def task_from_record(record: TaskRecord) -> Task:
     tuning = Tuning(request.migrateVm.bandwidth, request.migrateVm.downTime)
     if record.tuning:
         tuning = Tuning(
-            record.tuning.get("bandwidth"), int(record.tuning.get("downTime", tuning.downtime_ms))
+            record.tuning.get("bandwidth") or None, int(record.tuning.get("downTime", tuning.downtime_ms))
         )
     task = Task(
         uuid=record.uuid,

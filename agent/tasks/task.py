@@ -105,8 +105,9 @@ class Task:
         self.touch(now)
 
     def apply_tuning(self, bandwidth_mib: int | None, downtime_ms: int | None, now: float) -> None:
+        """A retune: None leaves a value as it is; bandwidth 0 lifts the cap (stored as None)."""
         if bandwidth_mib is not None:
-            self.tuning.bandwidth_mib = bandwidth_mib
+            self.tuning.bandwidth_mib = bandwidth_mib or None
         if downtime_ms is not None:
             self.tuning.downtime_ms = downtime_ms
         self.tuning_generation += 1

@@ -47,7 +47,8 @@ def task_timeout(remaining: float | None, own: int | None = None) -> float | Non
 
 
 def _bandwidth(value: int | None) -> int | None:
-    return value if value and value > 0 else None
+    """0 and null both mean uncapped (negative values are refused by the wire model)."""
+    return value or None
 
 
 async def block_copy_request(

@@ -72,7 +72,7 @@ class MigrateVmCmd(Command):
     srcHostIp: str | None = None
     storageMigrationPolicy: Literal["FullCopy", "IncCopy"] | None = None
     disks: dict[str, VolumeTO] = Field(default_factory=dict)
-    bandwidth: int | None = None  # MiB/s, the whole budget
+    bandwidth: int | None = Field(default=None, ge=0)  # MiB/s, the whole budget; 0 or null = uncapped
     downTime: int | None = None  # ms
     autoConverge: bool = False
     xbzrle: bool = False
@@ -88,7 +88,7 @@ class BlockLiveMigrationCmd(Command):
     vmUuid: str
     oldVolumePath: str = Field(max_length=4096)
     newVolume: VolumeTO
-    bandwidth: int | None = None  # MiB/s
+    bandwidth: int | None = Field(default=None, ge=0)  # MiB/s; 0 or null = uncapped
     reload: bool = False
 
 

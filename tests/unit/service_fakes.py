@@ -87,6 +87,7 @@ class Script:
     started: asyncio.Event = field(default_factory=asyncio.Event)
     cancelled: list[bool] = field(default_factory=list)  # ctx.detaching at each CancelledError
     tuned: list[tuple[int | None, int]] = field(default_factory=list)
+    bandwidth_seen: list[int | None] = field(default_factory=list)  # ctx.bandwidth at each start (bytes/s)
     calls: list[tuple[str, bool]] = field(default_factory=list)  # (vm_uuid, resume)
     resume_data_seen: list[Any] = field(default_factory=list)
 
@@ -103,6 +104,7 @@ class FakeEngine:
         script = self.script
         script.started.set()
         script.resume_data_seen.append(ctx.resume_data)
+        script.bandwidth_seen.append(ctx.bandwidth)
         try:
             if ctx.resume_data is None:
                 await ctx.enter(TaskState.PREPARING)

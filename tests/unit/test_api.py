@@ -411,7 +411,7 @@ async def test_cancel_running_and_retune(aiohttp_client: Any, tmp_path: Path) ->
         await client.patch(url, json={}, headers=AUTH), 400, "AGENT.INVALID_REQUEST", "bandwidth"
     )
     await assert_error(
-        await client.patch(url, json={"bandwidth": 0}, headers=AUTH),
+        await client.patch(url, json={"bandwidth": -1}, headers=AUTH),
         400,
         "AGENT.INVALID_REQUEST",
         "bandwidth",

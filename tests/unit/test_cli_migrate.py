@@ -199,7 +199,7 @@ def test_agent_and_token_from_the_environment(
     ("options", "message"),
     [
         (["--dst-agent", "http://127.0.0.2:7070"], "--dst-agent needs --dst-host-uuid"),
-        (["--bandwidth", "0"], "must be at least 1"),
+        (["--bandwidth", "-1"], "must be at least 0 (0: uncapped)"),
         (["--downtime", "soon"], "not a whole number"),
         (["--strategy", "fast"], "invalid choice"),
         (["--task-uuid", "nope"], "'nope' is not a uuid"),
