@@ -222,3 +222,22 @@ def restart_libvirtd(host: LabHost) -> None:
     while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
         time.sleep(0.1)
     lab_cli("up")
+
+
+def dirty_rate_mib_s(host: LabHost, guest: Guest, seconds: int = 4) -> float:
+    """How fast the guest dirties its memory now, in MiB/s, as QEMU measures it (libvirt's
+    `domdirtyrate-calc`, page sampling: pages whose content changed). A TCG guest's dirtying speed is this
+    machine's CPU speed: tests whose premise is "the guest dirties faster than the link" set the link from
+    this figure instead of assuming one."""
+    host.virsh("domdirtyrate-calc", guest.name, "--seconds", str(seconds))
+    deadline = time.monotonic() + seconds + 30
+    while True:
+        stats = dict(
+            line.strip().split("=", 1)
+            for line in host.virsh("domstats", guest.name, "--dirtyrate").splitlines()
+            if "=" in line
+        )
+        if stats.get("dirtyrate.calc_status") == "2":  # measured
+            return float(stats.get("dirtyrate.megabytes_per_second", "0"))
+        assert time.monotonic() < deadline, f"no dirty rate measured for {guest.name}: {stats}"
+        time.sleep(0.5)
