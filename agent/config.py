@@ -63,15 +63,22 @@ class ZStackConfig(_Strict):
 class AgentConfig(_Strict):
     listen_address: str = "0.0.0.0"
     port: int = Field(default=7070, ge=1, le=65535)
+    #: The host's certificate and key (agent pki issue: /etc/pki/libvirt/servercert.pem and
+    #: /etc/pki/libvirt/private/serverkey.pem) and the cluster CA (/etc/pki/CA/cacert.pem): the API is served
+    #: over HTTPS with them, agent-to-agent calls present them and need a client certificate from the CA.
     tls_cert: Path | None = None
     tls_key: Path | None = None
+    tls_ca: Path | None = None
+    #: Plain HTTP, qemu+tcp and unencrypted migration streams, as before the cluster PKI: only on request.
+    insecure_transport: bool = False
     token_file: Path
     cluster_token_file: Path | None = None
     host_uuid: str
     libvirt_uri: str = "qemu:///system"
     state_dir: Path = Path("/var/lib/kvm-storage-agent")
     migration_address: str | None = None
-    #: How other hosts' libvirtd reach this one for peer-to-peer migration (default qemu+tcp://<address>/system).
+    #: How other hosts' libvirtd reach this one for peer-to-peer migration (default qemu+tls://<address>/system,
+    #: qemu+tcp:// with insecure_transport).
     peer_libvirt_uri: str | None = None
     shutdown_grace_s: float = Field(default=10.0, gt=0)
     storage: tuple[StorageRootConfig, ...] = ()
@@ -100,7 +107,27 @@ class AgentConfig(_Strict):
         return self.migration_address or self.listen_address
 
     def peer_uri(self) -> str:
-        return self.peer_libvirt_uri or f"qemu+tcp://{self.migration_host()}/system"
+        transport = "tcp" if self.insecure_transport else "tls"
+        return self.peer_libvirt_uri or f"qemu+{transport}://{self.migration_host()}/system"
+
+    def check_transport(self) -> None:
+        """At start: TLS material complete and readable, unless ``insecure_transport`` asks for plain text."""
+        given = {
+            k: getattr(self, k) for k in ("tls_cert", "tls_key", "tls_ca") if getattr(self, k) is not None
+        }
+        if self.insecure_transport and not given:
+            return
+        for key in ("tls_cert", "tls_key", "tls_ca"):
+            if key not in given:
+                if self.insecure_transport and key == "tls_ca":
+                    continue  # HTTPS served, no cluster: the old optional TLS
+                raise ConfigError(
+                    f"{key}: missing; the agent serves and calls other agents over TLS only "
+                    "(agent pki issue makes the files), or set insecure_transport = true for plain text"
+                )
+            path = given[key]
+            if not path.is_file():
+                raise ConfigError(f"{key}: {path} is not a readable file")
 
     def read_token(self) -> str:
         return read_secret(self.token_file, "token_file")

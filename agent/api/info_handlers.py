@@ -46,6 +46,10 @@ async def host(request: web.Request) -> web.StreamResponse:
         "memory": _memory(),
         "storage": list(storage),
         "tasks": {state.value: count for state, count in counts.items() if count},
+        # What the wire looks like: "tls" (HTTPS, libvirt over TLS, encrypted migration streams) or
+        # "insecure" (insecure_transport = true in agent.toml).
+        "transport": "insecure" if config.insecure_transport else "tls",
+        "insecureTransport": config.insecure_transport,
     }
     return json_response(body)
 

@@ -1,4 +1,5 @@
-"""Middlewares: every error becomes an ErrorCode body with its status; 503 while stopping; bearer auth.
+"""Middlewares: every error becomes an ErrorCode body with its status; 503 while stopping; bearer auth
+(agent-to-agent paths over TLS also need a cluster client certificate: agent/security.py).
 
 Order (outermost first): ``error_middleware`` -> ``guard_middleware`` -> handler. Nothing a client sends can
 produce a bare 500: an unexpected exception is logged with its traceback and answered as ``AGENT.INTERNAL``.
@@ -18,6 +19,7 @@ from aiohttp.typedefs import Handler
 
 from agent.api.keys import CONFIG, SERVICE
 from agent.errors import AgentError, NotFound, PayloadTooLarge, ServiceStopping, Unauthorized
+from agent.security import require_cluster_certificate
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +81,7 @@ async def guard_middleware(request: web.Request, handler: Handler) -> web.Stream
     service = request.app[SERVICE]
     if service.stopping.is_set():
         raise ServiceStopping("the agent is stopping")
+    require_cluster_certificate(request)
     if request.path not in PUBLIC_PATHS and request.path not in service.open_paths:
         check_token(request.headers.get("Authorization"), service.token, *service.other_tokens)
     return await handler(request)

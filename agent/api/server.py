@@ -18,6 +18,7 @@ from aiohttp import web
 
 from agent.api.app import make_app
 from agent.config import AgentConfig, ConfigError, load_config
+from agent.security import server_context
 from agent.systemd import Notifier
 
 log = logging.getLogger(__name__)
@@ -48,16 +49,8 @@ def setup_logging(level: str) -> None:
 
 
 def ssl_context(config: AgentConfig) -> ssl.SSLContext | None:
-    if config.tls_cert is None and config.tls_key is None:
-        return None
-    if config.tls_cert is None or config.tls_key is None:
-        raise ConfigError("tls_cert and tls_key must be given together")
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    try:
-        context.load_cert_chain(config.tls_cert, config.tls_key)
-    except (OSError, ssl.SSLError) as err:
-        raise ConfigError(f"tls_cert/tls_key: cannot load {config.tls_cert}: {err}") from err
-    return context
+    """HTTPS with the host certificate; None (plain HTTP) only with ``insecure_transport``."""
+    return server_context(config)
 
 
 def run(config_path: str | os.PathLike[str]) -> None:
@@ -71,8 +64,16 @@ def run(config_path: str | os.PathLike[str]) -> None:
     app = make_app(config, token=token, connect_libvirt=True, cluster_token=config.read_cluster_token())
     notifier = Notifier.from_environment()
     notifier.attach(app)  # under systemd: watchdog pings from the event loop, STOPPING=1 on shutdown
+    if config.insecure_transport:
+        log.warning(
+            "insecure_transport = true: %s, libvirt peer URI %s, migration streams unencrypted; anyone on "
+            "the network can read the VMs' memory and disks in transit and replay the token",
+            "HTTPS without client certificates" if context is not None else "plain HTTP",
+            config.peer_uri(),
+        )
     log.info(
-        "kvm-storage-agent starting on %s:%d (host %s, %d storage roots, state in %s)",
+        "kvm-storage-agent starting on %s://%s:%d (host %s, %d storage roots, state in %s)",
+        "https" if context is not None else "http",
         config.listen_address,
         config.port,
         config.host_uuid,

@@ -15,7 +15,7 @@ from pathlib import Path
 from agent.client import AgentClient, ClientError
 from agent.config import ConfigError, read_secret
 
-from . import render
+from . import pki, render
 from .exits import Exit, UsageError, exit_for_error
 from .output import Output
 from .parser import build_parser
@@ -25,6 +25,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser(os.environ).parse_args(argv)
     if args.command == "serve":
         return serve(args.config)
+    if args.command == "pki":
+        return pki.run(args)
     out = Output(sys.stdout, sys.stderr, json_mode=args.json)
     try:
         return asyncio.run(_run(args, out))

@@ -10,7 +10,7 @@ from agent import __version__
 from agent.migration.request import Strategy, normalise_uuid
 from agent.tasks.model import TaskState
 
-from . import commands
+from . import commands, pki
 
 
 def _uuid(value: str) -> str:
@@ -69,7 +69,16 @@ def _agent_options(env: Mapping[str, str]) -> argparse.ArgumentParser:
         default=Path(token_file) if token_file else None,
         help="file holding the agent's bearer token (env KSA_TOKEN_FILE)",
     )
-    group.add_argument("--cacert", metavar="F", type=Path, help="CA bundle to verify an https agent with")
+    ca_file = env.get("KSA_CA_FILE")
+    group.add_argument(
+        "--ca-file",
+        "--cacert",
+        dest="cacert",
+        metavar="F",
+        type=Path,
+        default=Path(ca_file) if ca_file else None,
+        help="the cluster CA (or any CA bundle) to verify an https agent with (env KSA_CA_FILE)",
+    )
     opts.add_argument("--json", action="store_true", help="print machine-readable JSON only")
     return opts
 
@@ -97,6 +106,7 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="run the agent service")
     serve.add_argument("--config", required=True, type=Path, metavar="PATH", help="agent.toml")
+    pki.add_parser(sub)
 
     agent = _agent_options(env)
     follow = _follow_options()

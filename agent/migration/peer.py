@@ -8,15 +8,24 @@ from agent.client import AgentClient, ApiError, ClientError
 from agent.config import AgentConfig
 from agent.errors import InvalidRequest, MigrationFailed, NotFound
 from agent.migration.request import MigrationRequest
+from agent.security import client_context
 
 
 def peer_client(request: MigrationRequest, config: AgentConfig) -> AgentClient:
-    """A client of the destination agent: the token handed over in the request, else the cluster token."""
+    """A client of the destination agent: the token handed over in the request, else the cluster token;
+    over TLS, verifying the peer with the cluster CA and presenting this host's certificate. A token never
+    goes out over plain HTTP unless ``insecure_transport`` says so."""
     dst = request.dstHost
     if dst is None or not dst.agentUrl:
         raise InvalidRequest("a move to another host needs dstHost.agentUrl", field="dstHost.agentUrl")
+    if not config.insecure_transport and not dst.agentUrl.lower().startswith("https://"):
+        raise InvalidRequest(
+            f"dstHost.agentUrl {dst.agentUrl} is not https://: this agent sends no token in plain text "
+            "(insecure_transport is off)",
+            field="dstHost.agentUrl",
+        )
     token = dst.token or config.read_cluster_token() or config.read_token()
-    return AgentClient(dst.agentUrl, token)
+    return AgentClient(dst.agentUrl, token, ssl_context=client_context(config))
 
 
 async def peer_call(peer: AgentClient, method: str, segments: tuple[str, ...], body: Any) -> Any:

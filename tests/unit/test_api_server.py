@@ -32,6 +32,7 @@ host_uuid = "6f1b7c1e-6a52-4e8e-9a8e-3c0d2b1f0a11"
 libvirt_uri = "test:///default"
 state_dir = "{tmp_path / "state"}"
 shutdown_grace_s = {GRACE_S}
+insecure_transport = true
 
 [[storage]]
 uuid = "{STORAGE_A}"
@@ -85,6 +86,7 @@ def test_serve_answers_and_stops_on_sigterm(tmp_path: Path, unused_tcp_port: int
             proc.communicate()
     log = output.decode()
     assert "kvm-storage-agent starting" in log and "kvm-storage-agent stopped" in log
+    assert "WARNING agent.api.server: insecure_transport = true: plain HTTP" in log
     assert TOKEN not in log
     assert not (tmp_path / "state" / "journal.sqlite-wal").exists()  # the journal was closed cleanly
 
@@ -92,9 +94,13 @@ def test_serve_answers_and_stops_on_sigterm(tmp_path: Path, unused_tcp_port: int
 def test_bad_log_level_and_tls_halves_are_config_errors(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="log_level"):
         setup_logging("chatty")
+    (tmp_path / "cert.pem").write_text("")
     config = make_config(tmp_path, tls_cert=str(tmp_path / "cert.pem"))
-    with pytest.raises(ConfigError, match="tls_cert and tls_key"):
+    with pytest.raises(ConfigError, match="tls_key: missing"):
         ssl_context(config)
-    config = make_config(tmp_path, tls_cert=str(tmp_path / "cert.pem"), tls_key=str(tmp_path / "key.pem"))
+    with pytest.raises(ConfigError, match=r"tls_cert: missing.*insecure_transport = true"):
+        ssl_context(make_config(tmp_path))
+    assert ssl_context(make_config(tmp_path, insecure_transport=True)) is None
+    config = make_config(tmp_path, tls_cert=str(tmp_path / "c.pem"), tls_key=str(tmp_path / "key.pem"))
     with pytest.raises(ConfigError, match="tls_cert"):
         ssl_context(config)
