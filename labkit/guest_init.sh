@@ -9,7 +9,8 @@
 # overwritten. Records use the first half of each disk; the second half holds the host's filler data.
 # Optionally a loop dirties memory (ksa.dirty MiB/s over a ksa.ws MiB tmpfs working set), and one rewrites
 # the last ksa.hotmib MiB of disk ksa.hotdev at ksa.hot MiB/s (1 MiB O_DIRECT writes spread over each second,
-# never touching records or filler), printing "KSA-HOT <dev> <MiB written> <uptime>" every 5 s.
+# never touching records or filler), printing "KSA-HOT <dev> <MiB written> <uptime>" every 5 s; for
+# ksa.hotsecs seconds if set (then "KSA-HOTSTOP <dev> <MiB written>").
 
 /bin/busybox mkdir -p /proc /sys /dev /tmp /dirty /bin /sbin /usr/bin /usr/sbin
 /bin/busybox --install -s
@@ -104,15 +105,19 @@ dirtier() {   # dirtier MIB_PER_S|max WORKING_SET_MIB
     done
 }
 
-hotwriter() {   # hotwriter DEV MIB_PER_S REGION_MIB
-    local dev=$1 rate=$2 region=$3 base n=0 due t0 last
+hotwriter() {   # hotwriter DEV MIB_PER_S REGION_MIB SECONDS (0: forever)
+    local dev=$1 rate=$2 region=$3 secs=$4 base n=0 due t0 last first
     base=$(( $(cat /sys/block/$dev/size) / 2048 - region ))   # MiB
     dd if=/dev/urandom of=/hot0 bs=1M count=1 2>/dev/null
     dd if=/dev/urandom of=/hot1 bs=1M count=1 2>/dev/null
     say "KSA-HOTSTART $dev $rate MiB/s over $region MiB at $base MiB"
-    centis; t0=$CS; last=$CS
+    centis; t0=$CS; last=$CS; first=$CS
     while :; do
         centis
+        if [ "$secs" -gt 0 ] && [ $((CS - first)) -ge $((secs * 100)) ]; then
+            say "KSA-HOTSTOP $dev $n"
+            return
+        fi
         due=$(( rate * (CS - t0) / 100 ))
         if [ $((due - n)) -gt $rate ]; then   # a second or more behind (paused, starved): no catch-up burst
             t0=$(( CS - n * 100 / rate )); due=$n
@@ -161,7 +166,7 @@ if [ "$DIRTY" = max ] || [ "$DIRTY" -gt 0 ]; then
 fi
 HOT=$(arg hot 0)
 if [ "$HOT" -gt 0 ]; then
-    hotwriter "$(arg hotdev vda)" "$HOT" "$(arg hotmib 64)" &
+    hotwriter "$(arg hotdev vda)" "$HOT" "$(arg hotmib 64)" "$(arg hotsecs 0)" &
 fi
 heartbeat &
 while :; do sleep 3600; done   # PID 1 must never exit

@@ -27,6 +27,7 @@ def _create(args: argparse.Namespace) -> int:
         disk_write_mib_s=args.disk_write_mib_s,
         disk_write_dev=args.disk_write_dev,
         disk_write_region_mib=args.disk_write_region_mib,
+        disk_write_seconds=args.disk_write_seconds,
         boot_timeout=args.boot_timeout,
         keep_on_failure=args.keep_on_failure,
     )
@@ -104,6 +105,9 @@ def add_guest_commands(sub: Any) -> None:
     p.add_argument("--disk-write-dev", default="vda", metavar="DEV", help="the hot disk (default vda)")
     p.add_argument(
         "--disk-write-region-mib", type=int, default=64, metavar="N", help="rewritten region at the end"
+    )
+    p.add_argument(
+        "--disk-write-seconds", type=int, default=0, metavar="S", help="stop that writer after S s (0: never)"
     )
     p.add_argument("--boot-timeout", type=float, default=180, metavar="S")
     p.add_argument("--keep-on-failure", action="store_true", help="leave a guest that failed to start")

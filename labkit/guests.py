@@ -122,6 +122,7 @@ class GuestOptions:
     disk_write_mib_s: int = 0  # a writer rewriting the last disk_write_region_mib of disk_write_dev
     disk_write_dev: str = "vda"
     disk_write_region_mib: int = 64
+    disk_write_seconds: int = 0  # stop the writer after this long (0: never)
     boot_timeout: float = 180.0
     keep_on_failure: bool = False
 
@@ -218,7 +219,7 @@ def create(opts: GuestOptions) -> GuestRecord:
         if opts.disk_write_mib_s:
             args += (
                 f" ksa.hot={opts.disk_write_mib_s} ksa.hotdev={opts.disk_write_dev}"
-                f" ksa.hotmib={opts.disk_write_region_mib}"
+                f" ksa.hotmib={opts.disk_write_region_mib} ksa.hotsecs={opts.disk_write_seconds}"
             )
         cmdline = f"console=ttyS0 edd=off quiet loglevel=1 {args}"
         xml = domain.domain_xml(

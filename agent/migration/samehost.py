@@ -29,7 +29,9 @@ from typing import Any
 import libvirt
 
 from agent.errors import AgentError, MigrationFailed, NotFound, PreflightFailed, StorageError, VirtError
+from agent.migration import hotdisk
 from agent.migration.engine import TaskContext, announce, run_past_cancel
+from agent.migration.hotdisk import BudgetMeter, DiskWatch, Mode
 from agent.migration.inventory import volume_inventory
 from agent.migration.pacing import (
     POSITIONAL_SLACK,
@@ -38,7 +40,6 @@ from agent.migration.pacing import (
     SteeringClock,
     job_speed,
     real_bytes_done,
-    split_budget,
     worth_changing,
 )
 from agent.migration.plan import (
@@ -49,6 +50,7 @@ from agent.migration.plan import (
     inspect_chains,
     plan_migration,
 )
+from agent.migration.request import Strategy
 from agent.migration.targets import check_precreated_target, check_same_content_below
 from agent.storage import qemuimg
 from agent.storage.filecopy import copy_sparse_async
@@ -62,6 +64,10 @@ TICK_S = 0.25
 #: How long a copy waits for a restarting libvirtd (QEMU keeps mirroring meanwhile; libvirt 9.0 takes the
 #: block jobs back when it reconnects to QEMU). Past this the task fails and cleans up.
 LIBVIRT_OUTAGE_S = 120.0
+#: How long the guest's writes are measured before the mirrors start, when the task has a cap.
+MEASURE_WRITES_S = 1.5
+#: How often the per-disk figures and a rate sample go to the task's details.
+FIGURES_EVERY_S = 1.0
 
 
 @dataclass
@@ -72,6 +78,14 @@ class _Mirror:
     speed: int = -1
     done: int = 0
     total: int = 0
+    watch: DiskWatch | None = None
+    written_at_start: int = 0  # the guest's wr_bytes when this mirror started
+    written: int = 0  # the latest wr_bytes
+    ends_to_ignore: int = 0  # end events of mirrors this task aborted on purpose (restarts)
+
+    @property
+    def mode(self) -> Mode:
+        return self.watch.mode if self.watch else Mode.BACKGROUND
 
 
 @dataclass
@@ -82,6 +96,9 @@ class _Work:
     created: list[str] = field(default_factory=list)
     reused: list[str] = field(default_factory=list)
     mirrors: dict[str, _Mirror] = field(default_factory=dict)
+    decisions: list[dict[str, Any]] = field(default_factory=list)
+    rates: list[dict[str, Any]] = field(default_factory=list)
+    meter: BudgetMeter = field(default_factory=BudgetMeter)
 
     def checkpoint_data(self, step: str) -> dict[str, Any]:
         return {
@@ -91,6 +108,33 @@ class _Work:
             "created": self.created,
             "reused": self.reused,
             "mirroring": sorted(self.mirrors),
+            "writeBlocking": sorted(t for t, m in self.mirrors.items() if m.mode is Mode.WRITE_BLOCKING),
+        }
+
+
+class _Interval:
+    """Bytes moved since the last rate sample: background copy, and guest writes in write-blocking mode."""
+
+    def __init__(self) -> None:
+        self.background = 0
+        self.guest = 0
+        self.since: float | None = None
+
+    def add(self, background: int, guest: int) -> None:
+        self.background += background
+        self.guest += guest
+
+    def take(self, now: float, started: float | None) -> dict[str, Any] | None:
+        since, self.since = self.since, now
+        background, guest = self.background, self.guest
+        self.background = self.guest = 0
+        if since is None or now <= since:
+            return None
+        return {
+            "at": round(now - (started or since), 2),
+            "seconds": round(now - since, 2),
+            "backgroundBytesPerSecond": int(background / (now - since)),
+            "guestWriteBytesPerSecond": int(guest / (now - since)),
         }
 
 
@@ -121,19 +165,12 @@ class SameHostEngine:
             ctx.progress(f"disk:{disk.target}", 0, disk.estimated_bytes)
         await ctx.checkpoint(work.checkpoint_data("prepared"))
         try:
-            async with asyncio.timeout(ctx.request.timeout):
-                await ctx.enter(TaskState.COPYING)
-                await self._copy_layers(ctx, work)
-                await self._create_tops(ctx, work)
-                await self._mirror_until_ready(ctx, work)
-        except TimeoutError:
-            await self._abandon(ctx, work)
-            raise MigrationFailed(
-                f"the copy did not finish within the task timeout of {ctx.request.timeout} s",
-                code="AGENT.TIMEOUT",
-                details="raise the timeout or the bandwidth",
-            ) from None
+            await ctx.enter(TaskState.COPYING)
+            await self._copy_layers(ctx, work)
+            await self._create_tops(ctx, work)
+            await self._mirror_until_ready(ctx, work)
         except BaseException:
+            # A cancel, or the task's deadline (the runner cancels the engine when it passes).
             if not ctx.detaching:  # a stopping agent lets running mirrors be; resume picks them up
                 await self._abandon(ctx, work)
             raise
@@ -280,32 +317,135 @@ class SameHostEngine:
         events = self.host.subscribe(ctx.vm_uuid)
         try:
             for disk in work.plan.disks:
-                work.mirrors[disk.target] = _Mirror(disk, await allocation_index(disk))
-            await ctx.checkpoint(work.checkpoint_data("mirroring"))
-            shares = split_budget(ctx.bandwidth, list(work.mirrors))
+                work.mirrors[disk.target] = _Mirror(
+                    disk, await allocation_index(disk), watch=DiskWatch(disk.target)
+                )
+            await self._measure_writes(ctx, work)
+            shares = hotdisk.disk_shares(ctx.bandwidth, self._watches(work), set())
+            may_block = ctx.request.primaryStorageMigrateVm.strategy is not Strategy.PRECOPY
             for target, mirror in work.mirrors.items():
-                flags = libvirt.VIR_DOMAIN_BLOCK_COPY_REUSE_EXT | libvirt.VIR_DOMAIN_BLOCK_COPY_TRANSIENT_JOB
-                if not mirror.disk.flatten:
-                    flags |= libvirt.VIR_DOMAIN_BLOCK_COPY_SHALLOW
-                share = shares[target]
-                await self.host.block_copy(
-                    ctx.vm_uuid,
-                    target,
-                    block_copy_dest_xml(mirror.disk.dst_top, mirror.disk.dst_format),
-                    bandwidth=share,
-                    flags=flags,
-                )
-                mirror.speed = share or 0
-                ctx.log.info(
-                    "mirror of %s started: %s -> %s%s",
-                    target,
-                    mirror.disk.src_top,
-                    mirror.disk.dst_top,
-                    " (flatten)" if mirror.disk.flatten else " (shallow)",
-                )
+                assert mirror.watch is not None
+                write = mirror.watch.write_bps
+                if may_block and hotdisk.start_write_blocking(write, shares[target]):
+                    mirror.watch.mode = Mode.WRITE_BLOCKING
+                    self._decide(
+                        ctx,
+                        work,
+                        f"{target} mirrored in write-blocking mode from the start",
+                        disk=target,
+                        guestWriteBytesPerSecond=int(write),
+                        shareBytesPerSecond=shares[target],
+                    )
+            shares = hotdisk.disk_shares(ctx.bandwidth, self._watches(work), set())
+            await ctx.checkpoint(work.checkpoint_data("mirroring"))
+            for target, mirror in work.mirrors.items():
+                await self._start_mirror(ctx, mirror, shares[target])
             await self._pace(ctx, work, events)
+            self._judge_budget(ctx, work)
         finally:
             self.host.unsubscribe(ctx.vm_uuid, events)
+
+    async def _start_mirror(self, ctx: TaskContext, mirror: _Mirror, share: int | None) -> None:
+        flags = libvirt.VIR_DOMAIN_BLOCK_COPY_REUSE_EXT | libvirt.VIR_DOMAIN_BLOCK_COPY_TRANSIENT_JOB
+        if not mirror.disk.flatten:
+            flags |= libvirt.VIR_DOMAIN_BLOCK_COPY_SHALLOW
+        if mirror.mode is Mode.WRITE_BLOCKING:
+            flags |= libvirt.VIR_DOMAIN_BLOCK_COPY_SYNCHRONOUS_WRITES
+        target = mirror.disk.target
+        mirror.written_at_start = mirror.written = (await self.host.block_writes(ctx.vm_uuid, [target]))[
+            target
+        ]
+        await self.host.block_copy(
+            ctx.vm_uuid,
+            target,
+            block_copy_dest_xml(mirror.disk.dst_top, mirror.disk.dst_format),
+            bandwidth=share,
+            flags=flags,
+        )
+        mirror.speed = share or 0
+        mirror.ready = False
+        mirror.done = 0
+        ctx.log.info(
+            "mirror of %s started: %s -> %s%s, %s",
+            target,
+            mirror.disk.src_top,
+            mirror.disk.dst_top,
+            " (flatten)" if mirror.disk.flatten else " (shallow)",
+            mirror.mode.value,
+        )
+
+    async def _measure_writes(self, ctx: TaskContext, work: _Work) -> None:
+        """The guest's write rate on every disk, before any mirror starts (only a capped task needs it)."""
+        targets = list(work.mirrors)
+        first = await self.host.block_writes(ctx.vm_uuid, targets)
+        now = time.monotonic()
+        for target, mirror in work.mirrors.items():
+            assert mirror.watch is not None
+            mirror.watch.observe(now, first[target], mirror.index.total)
+        if ctx.bandwidth is None:
+            return
+        await asyncio.sleep(MEASURE_WRITES_S)
+        second = await self.host.block_writes(ctx.vm_uuid, targets)
+        now = time.monotonic()
+        for target, mirror in work.mirrors.items():
+            assert mirror.watch is not None
+            mirror.watch.observe(now, second[target], mirror.index.total)
+        ctx.note("disks", self._figures(work, hotdisk.disk_shares(ctx.bandwidth, self._watches(work), set())))
+
+    @staticmethod
+    def _watches(work: _Work) -> dict[str, DiskWatch]:
+        return {t: m.watch for t, m in work.mirrors.items() if m.watch is not None}
+
+    def _figures(self, work: _Work, shares: dict[str, int | None]) -> dict[str, Any]:
+        return {t: w.figures(shares.get(t)) for t, w in self._watches(work).items()}
+
+    def _decide(self, ctx: TaskContext, work: _Work, message: str, **figures: Any) -> None:
+        ctx.log.info("hot disk: %s %s", message, figures)
+        work.decisions.append({"message": message, **figures})
+        ctx.note("decisions", work.decisions[-20:])
+
+    async def _restart_write_blocking(self, ctx: TaskContext, work: _Work, mirror: _Mirror) -> None:
+        """Restart a losing background mirror in write-blocking mode (QEMU 7.2 cannot switch a running job):
+        abort it without pivot, start the destination top over, mirror again."""
+        target = mirror.disk.target
+        mirror.ends_to_ignore += 1
+        await self.host.abort_block_job(ctx.vm_uuid, target)
+        for _ in range(100):  # the abort completes asynchronously in QEMU
+            if await self.host.block_job(ctx.vm_uuid, target) is None:
+                break
+            await asyncio.sleep(0.1)
+        else:
+            raise MigrationFailed(f"the background mirror of {target} did not end after its abort")
+        if not mirror.disk.precreated:
+            os.unlink(mirror.disk.dst_top)
+            await qemuimg.create(
+                mirror.disk.dst_top,
+                mirror.disk.dst_format,
+                mirror.disk.virtual_size,
+                backing=mirror.disk.dst_backing,
+                backing_format=mirror.disk.dst_backing_format,
+            )
+        assert mirror.watch is not None
+        mirror.watch.restart(Mode.WRITE_BLOCKING)
+        await ctx.checkpoint(work.checkpoint_data("mirroring"))
+        shares = hotdisk.disk_shares(ctx.bandwidth, self._watches(work), self._ready(work))
+        await self._start_mirror(ctx, mirror, shares[target])
+
+    @staticmethod
+    def _ready(work: _Work) -> set[str]:
+        return {t for t, m in work.mirrors.items() if m.ready}
+
+    def _judge_budget(self, ctx: TaskContext, work: _Work) -> None:
+        budget = ctx.bandwidth
+        meter = work.meter
+        ctx.note(
+            "budget",
+            {"realBytesPerSecond": int(meter.rate), "capBytesPerSecond": budget, "realBytes": meter.bytes},
+        )
+        if budget is not None and meter.over(budget):
+            note = hotdisk.over_budget_note(meter, budget, self._watches(work))
+            ctx.log.warning("over the budget: %s", note["message"])
+            ctx.note("overBudget", note)
 
     async def _pace(self, ctx: TaskContext, work: _Work, events: asyncio.Queue[DomainEvent]) -> None:
         """Steer every mirror's speed from its allocation map until all are READY. A libvirtd restart is
@@ -358,6 +498,9 @@ class SameHostEngine:
         # answers late (another task's slow calls, a busy host), plan for the gaps seen between samples.
         clock = SteeringClock(self.tick_s, first_s=self.tick_s, margin=1.0)
         last_sample: float | None = None
+        may_block = ctx.request.primaryStorageMigrateVm.strategy is not Strategy.PRECOPY
+        figures_at = 0.0
+        interval = _Interval()
         while True:
             deadline = time.monotonic() + self.tick_s
             while (timeout := deadline - time.monotonic()) > 0:
@@ -371,8 +514,8 @@ class SameHostEngine:
                 clock.landed(sampled - last_sample)
             last_sample = sampled
             horizon = clock.horizon_s
-            moving = [t for t, m in work.mirrors.items() if not m.ready]
-            shares = split_budget(ctx.bandwidth, moving or list(work.mirrors))
+            writes = await self.host.block_writes(ctx.vm_uuid, list(work.mirrors))
+            samples: dict[str, MirrorSample] = {}
             for target, mirror in work.mirrors.items():
                 job = await self.host.block_job(ctx.vm_uuid, target)
                 if job is None:
@@ -381,16 +524,53 @@ class SameHostEngine:
                         code="AGENT.BLOCK_JOB_GONE",
                         details="libvirt or QEMU ended the job; see the libvirt log",
                     )
-                sample = MirrorSample(job.cur, job.end, mirror.disk.virtual_size, mirror.index, mirror.ready)
-                mirror.done, mirror.total = real_bytes_done(sample)
+                guest = max(0, writes[target] - mirror.written_at_start)
+                cur, end = job.cur, job.end
+                if mirror.mode is Mode.WRITE_BLOCKING:
+                    # QEMU counts the guest's synchronous copies as progress too; the rest is background.
+                    cur = max(0, cur - guest)
+                    end = max(cur, end - guest)
+                sample = MirrorSample(cur, end, mirror.disk.virtual_size, mirror.index, mirror.ready)
+                done, mirror.total = real_bytes_done(sample)
+                moved = max(0, done - mirror.done)
+                mirror.done = done
+                new_writes = max(0, writes[target] - mirror.written)
+                mirror.written = writes[target]
+                interval.add(moved, new_writes if mirror.mode is Mode.WRITE_BLOCKING else 0)
+                work.meter.add(sampled, moved + (new_writes if mirror.mode is Mode.WRITE_BLOCKING else 0))
                 ctx.progress(f"disk:{target}", mirror.done, mirror.total)
-                speed = job_speed(sample, shares.get(target), horizon)
+                assert mirror.watch is not None
+                mirror.watch.observe(sampled, writes[target], mirror.total - mirror.done)
+                samples[target] = sample
+            shares = hotdisk.disk_shares(ctx.bandwidth, self._watches(work), self._ready(work))
+            for target, mirror in work.mirrors.items():
+                assert mirror.watch is not None
+                share = shares.get(target)
+                if not mirror.ready and hotdisk.cannot_converge(mirror.watch, share, sampled):
+                    assert share is not None and ctx.bandwidth is not None
+                    if not may_block:
+                        raise hotdisk.disk_verdict(mirror.watch, share, ctx.bandwidth, len(work.mirrors))
+                    self._decide(
+                        ctx,
+                        work,
+                        f"{target} losing at its share: its mirror restarts in write-blocking mode",
+                        disk=target,
+                        guestWriteBytesPerSecond=int(mirror.watch.write_bps),
+                        shareBytesPerSecond=share,
+                        remainingBytes=mirror.total - mirror.done,
+                    )
+                    await self._restart_write_blocking(ctx, work, mirror)
+                    continue
+                speed = job_speed(samples[target], share, horizon)
                 ctx.log.debug(
-                    "disk steering: %s at %d/%d (%d real bytes done), speed %d -> %d B/s for %.2f s",
+                    "disk steering: %s at %d/%d (%d real bytes done), guest %d B/s, %s, speed %d -> %d B/s "
+                    "for %.2f s",
                     target,
-                    job.cur,
-                    job.end,
+                    samples[target].cur,
+                    samples[target].end,
                     mirror.done,
+                    int(mirror.watch.write_bps),
+                    mirror.mode.value,
                     mirror.speed,
                     speed,
                     horizon,
@@ -398,7 +578,17 @@ class SameHostEngine:
                 if worth_changing(mirror.speed, speed, POSITIONAL_SLACK):
                     await self.host.set_block_job_speed(ctx.vm_uuid, target, speed)
                     mirror.speed = speed
+            if sampled - figures_at >= FIGURES_EVERY_S:
+                figures_at = sampled
+                ctx.note("disks", self._figures(work, shares))
+                if (rates := interval.take(sampled, work.meter.started)) is not None:
+                    work.rates.append({**rates, "capBytesPerSecond": ctx.bandwidth})
+                    ctx.note("copyRates", work.rates[-120:])
             if all(m.ready for m in work.mirrors.values()):
+                for mirror in work.mirrors.values():
+                    if mirror.watch is not None:
+                        mirror.watch.observe(sampled, mirror.written, 0)
+                ctx.note("disks", self._figures(work, shares))
                 return
             if time.monotonic() - last_xml_check > 5 * self.tick_s:
                 # Fallback for a lost READY event: the live XML is the authority.
@@ -412,6 +602,14 @@ class SameHostEngine:
             return
         mirror = next((m for t, m in work.mirrors.items() if event.disk in (t, m.disk.src_top)), None)
         if mirror is None:
+            return
+        ended = (
+            libvirt.VIR_DOMAIN_BLOCK_JOB_FAILED,
+            libvirt.VIR_DOMAIN_BLOCK_JOB_CANCELED,
+            libvirt.VIR_DOMAIN_BLOCK_JOB_COMPLETED,
+        )
+        if event.status in ended and mirror.ends_to_ignore:
+            mirror.ends_to_ignore -= 1  # a mirror this task aborted to restart it
             return
         if event.status == libvirt.VIR_DOMAIN_BLOCK_JOB_READY:
             mirror.ready = True

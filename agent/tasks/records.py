@@ -114,4 +114,6 @@ def callback_body(task: Task, view: dict[str, Any]) -> dict[str, Any]:
         "vmUuid": task.vm_uuid,
         "state": view["state"],
         "downtimeMs": view["downtimeMs"],
+        # Never over the budget silently (issue 16): the real-bytes rate and the guest's write rates.
+        **({"overBudget": view["details"]["overBudget"]} if "overBudget" in view.get("details", {}) else {}),
     }

@@ -16,7 +16,7 @@ import functools
 import json
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -280,6 +280,10 @@ class VirtHost:
         if bandwidth:
             params[libvirt.VIR_DOMAIN_BLOCK_COPY_BANDWIDTH] = int(bandwidth)
         await self.call_domain(vm_uuid, lambda dom: dom.blockCopy(disk, dest_xml, params, flags))
+
+    async def block_writes(self, vm_uuid: str, disks: Sequence[str]) -> dict[str, int]:
+        """Bytes the guest wrote to each disk since the VM started (virDomainBlockStats ``wr_bytes``)."""
+        return await self.call_domain(vm_uuid, lambda dom: {d: int(dom.blockStats(d)[3]) for d in disks})
 
     async def set_block_job_speed(self, vm_uuid: str, disk: str, bytes_per_s: int) -> None:
         await self.call_domain(

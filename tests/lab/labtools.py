@@ -110,7 +110,17 @@ def load_lab() -> Lab:
         )
         for h in doc["hosts"]
     )
+    trust_lab_ca(doc.get("caFile"))
     return Lab(doc["token"], Path(doc["tokenFile"]), hosts, bool(doc["agents"]), doc)
+
+
+def trust_lab_ca(ca_file: str | None) -> None:
+    """A TLS lab's agents answer on https with certificates of the lab CA: every client in this process
+    verifies them with it. ``KSA_CA_FILE`` for ``AgentClient`` (and the CLI), ``SSL_CERT_FILE`` for urllib
+    (OpenSSL's default verify paths, read at each new context); tests contact only the lab."""
+    if ca_file:
+        os.environ["KSA_CA_FILE"] = ca_file
+        os.environ["SSL_CERT_FILE"] = ca_file
 
 
 @dataclass(frozen=True)
@@ -191,6 +201,7 @@ def create_guest(
     fill_mib: int = 4,
     disk_write_mib_s: int = 0,
     disk_write_dev: str = "vda",
+    disk_write_seconds: int = 0,
 ) -> Guest:
     proc = lab_cli(
         "guest", "create", name,
@@ -204,8 +215,8 @@ def create_guest(
         "--fill-mib", str(fill_mib),
         *(["--dirty-cpu-bound"] if dirty_cpu_bound else []),
         *(["--working-set-mib", str(working_set_mib)] if working_set_mib else []),
-        *(["--disk-write-mib-s", str(disk_write_mib_s), "--disk-write-dev", disk_write_dev]
-          if disk_write_mib_s else []),
+        *(["--disk-write-mib-s", str(disk_write_mib_s), "--disk-write-dev", disk_write_dev,
+           "--disk-write-seconds", str(disk_write_seconds)] if disk_write_mib_s else []),
     )  # fmt: skip
     return Guest(name=name, uuid=proc.stdout.strip().splitlines()[-1], host=host)
 

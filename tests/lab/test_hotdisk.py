@@ -1,0 +1,154 @@
+"""Hot disks (issue 16): a guest that writes a disk faster than the task's budget.
+
+`auto` moves it with a write-blocking mirror and says when the guest's own writes took the task over its cap;
+`precopy` keeps a background mirror and fails early with the figures, the VM on its source volumes. Every
+premise (the guest's real write rate, the same data on the quiet guest) is measured in the same run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import statistics
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+from agentapi import Run, disk_sources, migrate, migration_body, qemu_img_chain
+from faultkit import CallbackRecorder
+from labtools import Guest, Lab, LabHost
+
+pytestmark = pytest.mark.lab
+MiB = 1024 * 1024
+CAP_MIB = 8
+HOT_MIB_S = 20  # 2.5 x the cap
+
+
+@pytest.fixture
+def recorder() -> Iterator[CallbackRecorder]:
+    server = CallbackRecorder()
+    server.start()
+    yield server
+    server.stop()
+
+
+def write_rate_mib_s(host: LabHost, guest: Guest, dev: str, seconds: float = 4.0) -> float:
+    """The guest's write rate on one disk, from libvirt's block statistics."""
+
+    def written() -> int:
+        out = host.virsh("domblkstat", guest.name, dev)
+        return next(int(line.split()[2]) for line in out.splitlines() if " wr_bytes " in line)
+
+    first, t0 = written(), time.monotonic()
+    time.sleep(seconds)
+    return (written() - first) / (time.monotonic() - t0) / MiB
+
+
+def allocated_mib(path: str) -> float:
+    return sum(int(layer["actual-size"]) for layer in qemu_img_chain(path)[:1]) / MiB
+
+
+def copy_seconds(run: Run) -> float:
+    """From the first COPYING to the last sample: the copy and the switch, as the task saw them."""
+    started = next(t for t, view in run.samples if view["state"] == "COPYING")
+    return run.samples[-1][0] - started
+
+
+async def test_samehost_auto_moves_a_hot_disk_and_says_it_went_over_the_cap(
+    lab_agents: Lab, make_guest: Callable[..., Guest], recorder: CallbackRecorder
+) -> None:
+    host = lab_agents.host("hostA")
+    dst = host.root("ps2")
+    hot = make_guest(data_volumes=1, disk_write_mib_s=HOT_MIB_S)
+    # The quiet guest writes the same region once, then only its records: the same data, a quiet disk.
+    quiet = make_guest(data_volumes=1, disk_write_mib_s=HOT_MIB_S, disk_write_seconds=5)
+    await asyncio.sleep(6)
+    hot.wait_for_acks(10)
+    hot_rate = write_rate_mib_s(host, hot, "vda")
+    quiet_rate = write_rate_mib_s(host, quiet, "vda")
+    assert hot_rate >= 2.2 * CAP_MIB, f"premise: the hot guest writes {hot_rate:.1f} MiB/s"
+    assert quiet_rate < 1.0, f"premise: the quiet guest writes {quiet_rate:.1f} MiB/s"
+    hot_src, quiet_src = disk_sources(host, hot.name), disk_sources(host, quiet.name)
+    hot_data, quiet_data = allocated_mib(hot_src["vda"]), allocated_mib(quiet_src["vda"])
+    assert abs(hot_data - quiet_data) <= 0.15 * quiet_data, (hot_data, quiet_data)
+
+    body = {"withDataVolumes": True, "bandwidth": CAP_MIB, "strategy": "auto"}
+    quiet_run = await migrate(lab_agents, host, quiet.uuid, migration_body(dst.uuid, **body))
+    assert quiet_run.state == "SUCCEEDED", quiet_run.task.get("error")
+    hot_body = migration_body(dst.uuid, callbackUrl=recorder.url(), **body)
+    hot_run = await migrate(lab_agents, host, hot.uuid, hot_body)
+    assert hot_run.state == "SUCCEEDED", hot_run.task.get("error")
+
+    # Moved and pivoted, both disks, in at most twice the time of the quiet disk.
+    for guest, before in ((hot, hot_src), (quiet, quiet_src)):
+        live = disk_sources(host, guest.name)
+        assert set(live) == {"vda", "vdb"}
+        assert all(os.path.dirname(p) == str(dst.path) for p in live.values()), live
+        assert disk_sources(host, guest.name, inactive=True) == live
+        assert all(os.path.exists(p) for p in before.values())
+    ratio = copy_seconds(hot_run) / copy_seconds(quiet_run)
+    assert ratio <= 2.0, f"hot {copy_seconds(hot_run):.1f} s against quiet {copy_seconds(quiet_run):.1f} s"
+
+    details = hot_run.task["details"]
+    # Seen: the disk's write rate and its mode, the decision in the log of decisions.
+    assert details["disks"]["vda"]["mode"] == "write-blocking"
+    assert details["disks"]["vda"]["guestWriteBytesPerSecond"] >= 2 * CAP_MIB * MiB
+    assert details["disks"]["vdb"]["mode"] == "background"
+    assert any(d.get("disk") == "vda" and "write-blocking" in d["message"] for d in details["decisions"])
+    assert quiet_run.task["details"]["disks"]["vda"]["mode"] == "background"
+    # The background copy honours the cap (rate samples of the task, taken each second).
+    rates = [r["backgroundBytesPerSecond"] for r in details["copyRates"]]
+    assert rates and statistics.median(rates) <= 1.1 * CAP_MIB * MiB, rates
+    assert max(rates) <= 2.0 * CAP_MIB * MiB, rates
+    # Never over the budget silently: the guest's own writes crossed at its pace, and the result says so.
+    over = details["overBudget"]
+    assert over["realBytesPerSecond"] > 1.1 * CAP_MIB * MiB
+    assert over["writeBlocking"] == ["vda"]
+    assert over["guestWriteBytesPerSecond"]["vda"] >= 2 * CAP_MIB * MiB
+    callback = await recorder.final(hot_run.task["taskUuid"], within=30)
+    assert callback["success"] is True and callback["overBudget"] == over
+    assert "overBudget" not in quiet_run.task["details"]
+
+    for guest in (hot, quiet):
+        guest.wait_for_acks(10)
+        result = guest.verify()
+        assert result.ok, result.output
+
+
+async def test_samehost_precopy_fails_early_with_the_figures(
+    lab_agents: Lab, make_guest: Callable[..., Guest]
+) -> None:
+    host = lab_agents.host("hostA")
+    dst = host.root("ps2")
+    guest = make_guest(snapshots=1, disk_write_mib_s=HOT_MIB_S)
+    guest.wait_for_acks(10)
+    rate = write_rate_mib_s(host, guest, "vda")
+    assert rate >= 2.2 * CAP_MIB, f"premise: the guest writes {rate:.1f} MiB/s"
+    before = disk_sources(host, guest.name)
+    dst_before = set(os.listdir(dst.path))
+    timeout = 300
+    run = await migrate(
+        lab_agents,
+        host,
+        guest.uuid,
+        migration_body(dst.uuid, withSnapshots=True, bandwidth=CAP_MIB, strategy="precopy", timeout=timeout),
+    )
+    assert run.state == "FAILED"
+    error = run.task["error"]
+    assert error["code"] == "AGENT.CONVERGENCE_FAILED", error
+    assert "vda" in error["description"] and "strategy auto" in error["details"]
+    figures = error["extra"]
+    assert figures["disk"] == "vda"
+    assert figures["guestWriteBytesPerSecond"] >= 2 * CAP_MIB * MiB
+    assert figures["shareBytesPerSecond"] == CAP_MIB * MiB
+    assert figures["budgetNeededBytesPerSecond"] > figures["guestWriteBytesPerSecond"]
+    assert copy_seconds(run) < timeout / 5, "not early"
+    assert run.task["details"]["disks"]["vda"]["trend"] == "losing"
+    assert run.task["details"]["disks"]["vda"]["mode"] == "background"
+    # The VM stays on its source volumes; what the task made is gone.
+    assert disk_sources(host, guest.name) == before
+    assert disk_sources(host, guest.name, inactive=True) == before
+    assert set(os.listdir(dst.path)) == dst_before
+    guest.wait_for_acks(10)
+    result = guest.verify()
+    assert result.ok, result.output
