@@ -170,14 +170,18 @@ class ConvergencePolicy:
             )
 
     @classmethod
-    def from_request(cls, request: MigrationRequest, *, allow_pause: bool = False) -> ConvergencePolicy:
+    def from_request(
+        cls, request: MigrationRequest, *, time_left_s: float | None, allow_pause: bool = False
+    ) -> ConvergencePolicy:
+        """``time_left_s``: the seconds left until the task's deadline (``TaskContext.deadline``) when the
+        controller starts; the skeleton enforces it, the controller only plans with it."""
         return cls(
             strategy=request.primaryStorageMigrateVm.strategy,
             max_downtime_ms=request.migrateVm.downTime,
             allow_postcopy=request.allowPostCopy,
             allow_pause=allow_pause,
             bandwidth=request.bandwidth_bytes,
-            timeout_s=request.timeout,
+            timeout_s=time_left_s,
         )
 
     @property
@@ -420,21 +424,11 @@ class ConvergenceController:
         if self._state in (ControllerState.PAUSED, ControllerState.ABORTED):
             return self._log(out)
         elapsed = sample.time - self._started_at
-        timed_out = self._policy.timeout_s is not None and elapsed >= self._policy.timeout_s
         if self._state is ControllerState.POSTCOPY or sample.postcopy_active:
             if self._state is ControllerState.PRECOPY:
                 self._state = ControllerState.POSTCOPY
                 out.append(Note("post-copy is active: a failure from here cannot be rolled back"))
-            if timed_out and self._once("postcopy-timeout"):
-                out.append(
-                    Note(
-                        "the timeout passed during post-copy: it cannot be aborted, letting it finish",
-                        {"elapsed_s": round(elapsed, 1)},
-                    )
-                )
             return self._log(out)
-        if timed_out:
-            return self._log(out + self._time_out(sample, elapsed))
         if sample.in_disk_phase:
             return self._log(out)
         if sample.memory_bps > 0:
@@ -719,33 +713,24 @@ class ConvergenceController:
             PauseGuest(expected),
         ]
 
-    def _time_out(self, sample: MigrationSample, elapsed: float) -> list[Action]:
+    def explain_deadline(self, sample: MigrationSample) -> ConvergenceVerdict:
+        """Why the migration had not finished when the task's deadline passed (the skeleton enforces the
+        deadline and puts this, figures included, into its AGENT.TIMEOUT error)."""
         p = self._policy
-        est = self._estimate(sample) if self._peaks else None
-        base = f"timed out after {elapsed:.0f} s (timeout {p.timeout_s:g} s)"
+        elapsed = sample.time - (self._started_at or sample.time)
+        base = f"timed out after {elapsed:.0f} s of migration"
         if sample.in_disk_phase:
-            reason = f"{base} during the disk phase, {_mib(sample.disk_remaining)} of disk still to copy"
-            verdict = ConvergenceVerdict(
+            reason = f"{base}, during the disk phase, {_mib(sample.disk_remaining)} of disk still to copy"
+            return ConvergenceVerdict(
                 VerdictKind.TIMED_OUT, reason, elapsed, sample.memory_iteration, sample.auto_converge_throttle
             )
-            out: list[Action] = []
-            if p.allow_pause:
-                out.append(
-                    Note("not pausing the guest: during the disk phase the pause would last the whole copy")
-                )
-            self._state = ControllerState.ABORTED
-            return [*out, Note(f"aborting: {reason}", verdict.figures()), Abort(verdict)]
         reason = f"{base}: pre-copy did not converge within {p.max_downtime_ms} ms of downtime"
+        est = self._estimate(sample) if self._peaks else None
         if est is None:
-            verdict = ConvergenceVerdict(
+            return ConvergenceVerdict(
                 VerdictKind.TIMED_OUT, reason, elapsed, sample.memory_iteration, sample.auto_converge_throttle
             )
-        else:
-            verdict = self._verdict(est, elapsed, "", kind=VerdictKind.TIMED_OUT, lead=reason)
-        if p.allow_pause:
-            return self._pause(verdict)
-        self._state = ControllerState.ABORTED
-        return [Note(f"aborting: {verdict.message}", verdict.figures()), Abort(verdict)]
+        return self._verdict(est, elapsed, "", kind=VerdictKind.TIMED_OUT, lead=reason)
 
     # -- helpers -----------------------------------------------------------------------------------------
 

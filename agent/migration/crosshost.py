@@ -34,7 +34,7 @@ import libvirt
 from agent.client import AgentClient
 from agent.config import AgentConfig
 from agent.errors import AgentError, MigrationFailed, NotFound, PreflightFailed
-from agent.migration import convergence
+from agent.migration import convergence, hotdisk
 from agent.migration.engine import TaskContext, announce, run_past_cancel
 from agent.migration.incoming import IncomingDisk, IncomingLayer, IncomingSpec
 from agent.migration.layers import send_layer_to_peer
@@ -81,6 +81,8 @@ ABORT_REPEAT_S = 10.0
 #: Assumed time for a disk speed change to land until one has been timed (see ``SteeringClock``): a call
 #: takes milliseconds, but the first samples of a migration can come late on a busy host.
 FIRST_CHANGE_S = 0.5
+#: How long the guest's disk writes are measured before a capped migration starts (hot disks, issue 16).
+MEASURE_WRITES_S = 1.5
 MiB = 1024 * 1024
 
 
@@ -102,6 +104,15 @@ class CrossHostEngine:
         self.config = config
         self.wedged: set[str] = set()  # VMs whose libvirt migration job did not end after an abort
         self.tick_s = tick_s
+        self._steering: _Steering | None = None  # the running migration's, for explain_deadline
+
+    def explain_deadline(self) -> tuple[str, dict[str, Any]] | None:
+        """Why the migration had not finished at the task's deadline: the convergence controller's figures."""
+        steer = self._steering
+        if steer is None or steer.last_reading is None:
+            return None
+        verdict = steer.controller.explain_deadline(steer.last_reading)
+        return verdict.message, verdict.figures()
 
     async def run(self, ctx: TaskContext) -> list[dict[str, Any]]:
         async with peer_client(ctx.request, self.config) as peer:
@@ -124,22 +135,11 @@ class CrossHostEngine:
                 )
                 data.update(step="prepared", prepared=prepared)
                 await ctx.checkpoint(data)
-                async with asyncio.timeout(ctx.request.timeout):
-                    await ctx.enter(TaskState.COPYING)
-                    await self._send_layers(ctx, peer, plan, prepared, data)
-                    data["step"] = "migrating"
-                    await ctx.checkpoint(data)
-                    stats = await self._migrate(ctx, plan, prepared)
-            except TimeoutError:
-                timeout = MigrationFailed(
-                    f"the migration did not finish within the task timeout of {ctx.request.timeout} s; "
-                    "it was aborted and the VM keeps running on this host",
-                    code="AGENT.TIMEOUT",
-                )
-                if data["step"] != "migrating":
-                    await self._abort_remote(ctx, peer)
-                    raise timeout from None
-                return await self._settle(ctx, peer, plan, data, timeout)
+                await ctx.enter(TaskState.COPYING)
+                await self._send_layers(ctx, peer, plan, prepared, data)
+                data["step"] = "migrating"
+                await ctx.checkpoint(data)
+                stats = await self._migrate(ctx, plan, prepared)
             except AgentError as err:
                 # An error reported once the migration ran (a lost connection at the very end, libvirtd
                 # restarting under it) must not be taken for a rollback: where the VM runs decides.
@@ -193,9 +193,11 @@ class CrossHostEngine:
     ) -> list[dict[str, Any]]:
         where, here = await self._locate(ctx, peer, data["prepared"])
         if where == "destination":
-            if isinstance(failure, asyncio.CancelledError):
+            if isinstance(failure, asyncio.CancelledError) and ctx.cancel_requested:
                 ctx.log.warning("the cancel came after the switchover; the VM runs on the destination")
                 ctx.note("cancelTooLate", "the cancel arrived after the switchover; the move completed")
+            elif isinstance(failure, asyncio.CancelledError):
+                ctx.log.warning("the deadline passed after the switchover; the VM runs on the destination")
             else:
                 ctx.log.warning("%s, but the VM runs on the destination; committing", _what(failure))
             data["step"] = "committing"
@@ -299,7 +301,9 @@ class CrossHostEngine:
 
     # -- migrating --------------------------------------------------------------------------------------
 
-    def _flags(self, plan: MigrationPlan, policy: convergence.ConvergencePolicy) -> int:
+    def _flags(
+        self, plan: MigrationPlan, policy: convergence.ConvergencePolicy, *, write_blocking: bool = False
+    ) -> int:
         flags: int = (
             libvirt.VIR_MIGRATE_LIVE
             | libvirt.VIR_MIGRATE_PEER2PEER
@@ -316,6 +320,12 @@ class CrossHostEngine:
             flags |= libvirt.VIR_MIGRATE_AUTO_CONVERGE
         if policy.wants_postcopy_flag:
             flags |= libvirt.VIR_MIGRATE_POSTCOPY
+        if write_blocking:  # every disk's mirror: libvirt has one copy mode for the whole migration
+            flags |= libvirt.VIR_MIGRATE_NON_SHARED_SYNCHRONOUS_WRITES
+        if not self.config.insecure_transport:
+            # Memory and the NBD disk mirrors over TLS with the hosts' certificates (qemu.conf
+            # default_tls_x509_cert_dir; the destination verifies the source: migrate_tls_x509_verify).
+            flags |= libvirt.VIR_MIGRATE_TLS
         return flags
 
     async def _migration_params(
@@ -341,7 +351,7 @@ class CrossHostEngine:
             # budget when it starts (_Steering.tick).
             params[libvirt.VIR_MIGRATE_PARAM_BANDWIDTH] = first_mirror_speed(ctx.bandwidth, plan) // MiB
         if ctx.request.primaryStorageMigrateVm.strategy in (Strategy.AUTO_CONVERGE, Strategy.AUTO):
-            policy = convergence.ConvergencePolicy.from_request(ctx.request)
+            policy = _policy(ctx)
             params[libvirt.VIR_MIGRATE_PARAM_AUTO_CONVERGE_INITIAL] = policy.throttle_initial_pct
             params[libvirt.VIR_MIGRATE_PARAM_AUTO_CONVERGE_INCREMENT] = policy.throttle_increment_pct
         return params
@@ -351,8 +361,10 @@ class CrossHostEngine:
     ) -> dict[str, Any]:
         """Run the libvirt migration and steer it; returns the completed job's statistics."""
         params = await self._migration_params(ctx, plan, prepared)
-        policy = convergence.ConvergencePolicy.from_request(ctx.request)
-        flags = self._flags(plan, policy)
+        policy = _policy(ctx)
+        written, write_rates = await _measure_writes(self.host, ctx, plan)
+        write_blocking = _choose_write_blocking(ctx, plan, write_rates)
+        flags = self._flags(plan, policy, write_blocking=write_blocking)
         controller = convergence.ConvergenceController(policy)
         indexes = {d.target: await allocation_index(d) for d in plan.disks}
         # Announce every item's size up front so the one percent covers disks and memory from the start
@@ -374,6 +386,8 @@ class CrossHostEngine:
         )
         steer = _Steering(self, ctx, plan, indexes, controller)
         steer.aliases = aliases
+        steer.watch_disks(written, write_rates, write_blocking)
+        self._steering = steer
         try:
             await self._drive(ctx, migration, steer)
             # The job-completed event (the one place the finished job's statistics, downtime included,
@@ -383,6 +397,7 @@ class CrossHostEngine:
             steer.close()
             self.host.unsubscribe(ctx.vm_uuid, events)
         ctx.note("convergence", steer.summary())
+        steer.judge_budget()
         if completed is None:
             ctx.log.warning("no job-completed event; downtime unknown")
             completed = {}
@@ -618,7 +633,7 @@ class CrossHostEngine:
     async def _watch_running(self, ctx: TaskContext, plan: MigrationPlan) -> AgentError | None:
         """Keep steering a migration this agent did not start in this life (it survived a restart) until
         libvirt ends it; returns the reason if the steering had to abort it."""
-        policy = convergence.ConvergencePolicy.from_request(ctx.request)
+        policy = _policy(ctx)
         steer = _Steering(
             self,
             ctx,
@@ -626,6 +641,7 @@ class CrossHostEngine:
             {d.target: await allocation_index(d) for d in plan.disks},
             convergence.ConvergenceController(policy),
         )
+        self._steering = steer
         with contextlib.suppress(AgentError):
             steer.aliases = {
                 d.target: d.alias for d in parse_disks(await self.host.live_xml(ctx.vm_uuid)) if d.alias
@@ -732,6 +748,7 @@ class _Steering:
         self.clock = SteeringClock(engine.tick_s, first_s=FIRST_CHANGE_S, margin=1.0)
         self.changing: dict[str, asyncio.Task[None]] = {}
         self.last_sample: float | None = None
+        self.last_reading: convergence.MigrationSample | None = None  # for explain_deadline
         self.postcopy_started = False
         self.memory_phase = False
         self.verdict: AgentError | None = None
@@ -740,6 +757,45 @@ class _Steering:
         self.aliases: dict[str, str] = {}
         self.last_counter = -1
         self.last_moved_at = time.monotonic()
+        # Hot disks (issue 16): each disk's guest writes and whether its mirror gains.
+        self.watches: dict[str, hotdisk.DiskWatch] = {}
+        self.written_at_start: dict[str, int] = {}
+        self.written: dict[str, int] = {}
+        self.done: dict[str, int] = {}
+        self.meter = hotdisk.BudgetMeter()
+        self.figures_at = 0.0
+        self.rates: list[dict[str, Any]] = []
+        self.interval_bytes = [0, 0]  # background, guest writes (write-blocking) since the last rate sample
+        self.interval_at: float | None = None
+        self.disk_mode = hotdisk.Mode.BACKGROUND
+
+    def watch_disks(
+        self, written: Mapping[str, int], rates: Mapping[str, float], write_blocking: bool
+    ) -> None:
+        """Watch every disk's guest writes from here on (``written``: the counters when the migration
+        started; ``rates``: as measured before it, for the figures until the window fills)."""
+        mode = hotdisk.Mode.WRITE_BLOCKING if write_blocking else hotdisk.Mode.BACKGROUND
+        for disk in self.plan.disks:
+            self.watches[disk.target] = hotdisk.DiskWatch(disk.target, mode=mode)
+            self.written_at_start[disk.target] = self.written[disk.target] = written[disk.target]
+        self.disk_mode = mode
+
+    def judge_budget(self) -> None:
+        """The disk phase's real-bytes rate against the cap; over it by more than 10 %: say so."""
+        budget = self.ctx.bandwidth
+        self.ctx.note(
+            "budget",
+            {
+                "realBytesPerSecond": int(self.meter.rate),
+                "capBytesPerSecond": budget,
+                "realBytes": self.meter.bytes,
+                "phase": "disks",
+            },
+        )
+        if budget is not None and self.meter.over(budget):
+            note = hotdisk.over_budget_note(self.meter, budget, self.watches)
+            self.ctx.log.warning("over the budget: %s", note["message"])
+            self.ctx.note("overBudget", note)
 
     async def tick(self) -> None:
         try:
@@ -763,6 +819,7 @@ class _Steering:
                     await self.host.set_migration_speed(self.ctx.vm_uuid, max(1, self.ctx.bandwidth // MiB))
             await self.ctx.enter(TaskState.CONVERGING)
         sample = convergence.MigrationSample.from_job_stats(stats, time.monotonic())
+        self.last_reading = sample
         self.controller.retune(max_downtime_ms=self.ctx.downtime_ms, bandwidth=self.ctx.bandwidth)
         for action in self.controller.observe(sample):
             await self._apply(action)
@@ -812,10 +869,20 @@ class _Steering:
             self.clock.landed(sampled - self.last_sample)
         self.last_sample = sampled
         samples: dict[str, tuple[MirrorSample, str]] = {}
+        writes: dict[str, int] = {}
+        if self.watches:
+            with contextlib.suppress(AgentError):
+                writes = await self.host.block_writes(self.ctx.vm_uuid, list(self.watches))
+        blocking = self.watches and self.disk_mode is hotdisk.Mode.WRITE_BLOCKING
         for disk in self.plan.disks:
             job = by_disk.get(disk.target)
             if job is None:
                 continue
+            offset, length = int(job["offset"]), int(job["len"])
+            guest = max(0, writes.get(disk.target, 0) - self.written_at_start.get(disk.target, 0))
+            if blocking:  # QEMU counts the guest's synchronous copies as progress too (hotdisk)
+                offset = max(0, offset - guest)
+                length = max(offset, length - guest)
             if job.get("status") == "concluded" and job.get("error") and self.verdict is None:
                 await self._give_up(
                     MigrationFailed(
@@ -826,8 +893,8 @@ class _Steering:
                 )
                 return
             sample = MirrorSample(
-                int(job["offset"]),
-                int(job["len"]),
+                offset,
+                length,
                 disk.virtual_size,
                 self.indexes[disk.target],
                 bool(job.get("ready")),
@@ -839,9 +906,16 @@ class _Steering:
             self.ctx.progress(f"disk:{target}", done, total)
             if not sample.ready:
                 left[target] = total - done
+            self._observe_disk(target, sampled, writes.get(target), done, total, bool(blocking))
         # Shares in proportion to what each mirror has left: they finish together, so the budget is used to
-        # the end without another change.
-        shares = split_by_remaining(self.ctx.bandwidth, left or {t: 0 for t in samples})
+        # the end without another change. In write-blocking mode the guest's writes are charged first.
+        budget = self.ctx.bandwidth
+        if budget is not None and blocking:
+            charged = sum(w.write_bps for w in self.watches.values())
+            budget = int(max(budget - charged, hotdisk.MIN_BACKGROUND * budget))
+        shares = split_by_remaining(budget, left or {t: 0 for t in samples})
+        if await self._judge_disks(shares, sampled):
+            return
         horizon = self.clock.horizon_s
         for target, (sample, device) in samples.items():
             speed = job_speed(sample, shares.get(target), horizon)
@@ -863,6 +937,58 @@ class _Steering:
             pending = self.changing.get(target)
             if wanted and (pending is None or pending.done()):
                 self.changing[target] = asyncio.create_task(self._set_speed(target, device, speed))
+
+    def _observe_disk(
+        self, target: str, now: float, written: int | None, done: int, total: int, blocking: bool
+    ) -> None:
+        watch = self.watches.get(target)
+        if watch is None or written is None:
+            return
+        moved = max(0, done - self.done.get(target, 0))
+        self.done[target] = done
+        new_writes = max(0, written - self.written.get(target, written)) if blocking else 0
+        self.written[target] = written
+        watch.observe(now, written, total - done)
+        if not self.memory_phase:
+            self.meter.add(now, moved + new_writes)
+            self.interval_bytes[0] += moved
+            self.interval_bytes[1] += new_writes
+
+    async def _judge_disks(self, shares: Mapping[str, int | None], now: float) -> bool:
+        """Figures to the details each second; a mirror that cannot converge ends the migration early
+        (libvirt has one copy mode for a whole migration, chosen at its start). True when it gave up."""
+        if not self.watches:
+            return False
+        if now - self.figures_at >= 1.0:
+            self.figures_at = now
+            self.ctx.note("disks", {t: w.figures(shares.get(t)) for t, w in self.watches.items()})
+            if self.interval_at is not None and now > self.interval_at and not self.memory_phase:
+                seconds = now - self.interval_at
+                self.rates.append(
+                    {
+                        "at": round(now - (self.meter.started or now), 2),
+                        "seconds": round(seconds, 2),
+                        "backgroundBytesPerSecond": int(self.interval_bytes[0] / seconds),
+                        "guestWriteBytesPerSecond": int(self.interval_bytes[1] / seconds),
+                        "capBytesPerSecond": self.ctx.bandwidth,
+                    }
+                )
+                self.ctx.note("copyRates", self.rates[-120:])
+            self.interval_at, self.interval_bytes = now, [0, 0]
+        budget = self.ctx.bandwidth
+        for target, watch in self.watches.items():
+            share = shares.get(target)
+            if budget is None or share is None or self.verdict is not None:
+                continue
+            if hotdisk.cannot_converge(watch, share, now):
+                hint = (
+                    None
+                    if self.ctx.request.primaryStorageMigrateVm.strategy is Strategy.PRECOPY
+                    else "auto started it in background mode from the write rate it measured first"
+                )
+                await self._give_up(hotdisk.disk_verdict(watch, share, budget, len(self.watches), hint=hint))
+                return True
+        return False
 
     async def _set_speed(self, target: str, device: str, speed: int) -> None:
         asked = time.monotonic()
@@ -897,6 +1023,57 @@ class _Steering:
 
     def summary(self) -> dict[str, Any]:
         return {"samples": self.samples, "postcopy": self.postcopy_started, "decisions": self.decisions[-20:]}
+
+
+def _policy(ctx: TaskContext) -> convergence.ConvergencePolicy:
+    """The convergence policy of the request; it plans with the time left until the task's deadline."""
+    deadline = ctx.deadline
+    return convergence.ConvergencePolicy.from_request(
+        ctx.request, time_left_s=None if deadline is None else deadline.remaining()
+    )
+
+
+async def _measure_writes(
+    host: VirtHost, ctx: TaskContext, plan: MigrationPlan
+) -> tuple[dict[str, int], dict[str, float]]:
+    """Each moving disk's bytes written so far and the guest's write rate on it (measured only when the
+    task has a cap: without one the mirrors run as fast as the link and converge)."""
+    targets = [d.target for d in plan.disks]
+    first = await host.block_writes(ctx.vm_uuid, targets)
+    if ctx.bandwidth is None:
+        return first, {}
+    started = time.monotonic()
+    await asyncio.sleep(MEASURE_WRITES_S)
+    second = await host.block_writes(ctx.vm_uuid, targets)
+    seconds = time.monotonic() - started
+    return second, {t: max(0, second[t] - first[t]) / seconds for t in targets}
+
+
+def _choose_write_blocking(ctx: TaskContext, plan: MigrationPlan, rates: Mapping[str, float]) -> bool:
+    """``auto`` (and the other memory strategies) migrate in write-blocking mode when a disk is hot for its
+    share; ``precopy`` never does. The mode applies to every disk of the migration: each guest write on any
+    of them then waits for the destination (a network round trip) before it completes."""
+    if ctx.request.primaryStorageMigrateVm.strategy is Strategy.PRECOPY or not ctx.bandwidth:
+        return False
+    share = first_mirror_speed(ctx.bandwidth, plan)
+    hot = {t: r for t, r in rates.items() if hotdisk.start_write_blocking(r, share)}
+    if hot:
+        ctx.log.info(
+            "hot disk: migrating in write-blocking mode (all disks): guest writes %s B/s, share %d B/s",
+            {t: int(r) for t, r in hot.items()},
+            share,
+        )
+        ctx.note(
+            "diskMode",
+            {
+                "mode": hotdisk.Mode.WRITE_BLOCKING.value,
+                "message": "migrating in write-blocking mode: every guest write on every moving disk waits "
+                "for the destination before it completes",
+                "hot": {t: int(r) for t, r in hot.items()},
+                "shareBytesPerSecond": share,
+            },
+        )
+    return bool(hot)
 
 
 def first_mirror_speed(bandwidth: int, plan: MigrationPlan) -> int:

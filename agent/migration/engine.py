@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Mapping
+from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 from agent.errors import Conflict
@@ -26,6 +28,21 @@ from agent.migration.request import MigrationRequest
 from agent.tasks.model import TaskState
 
 T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Deadline:
+    """The task's one deadline, in wall-clock seconds (``time.time()``): ``timeout`` seconds after the task
+    was created, so a restarted agent keeps it. Enforced by the runner (``agent.migration.runner``) only;
+    engines and the convergence controller may read it to plan, never to end a task."""
+
+    at: float
+
+    def remaining(self) -> float:
+        return max(0.0, self.at - time.time())
+
+    def passed(self) -> bool:
+        return time.time() >= self.at
 
 
 class TaskContext(Protocol):
@@ -43,6 +60,10 @@ class TaskContext(Protocol):
 
     @property
     def downtime_ms(self) -> int: ...
+
+    @property
+    def deadline(self) -> Deadline | None:
+        """The task's one deadline (None: no timeout); see ``Deadline``."""
 
     @property
     def detaching(self) -> bool:
@@ -66,6 +87,9 @@ class TaskContext(Protocol):
 
 
 class Engine(Protocol):
+    """An engine supplies a move's steps; the runner decides how the task ends. An engine may also offer
+    ``explain_deadline() -> (message, figures) | None``: why it had not finished when the deadline passed."""
+
     name: str
 
     async def run(self, ctx: TaskContext) -> list[dict[str, Any]]: ...

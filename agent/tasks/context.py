@@ -11,6 +11,7 @@ import logging
 from collections.abc import Callable, Mapping, MutableMapping
 from typing import TYPE_CHECKING, Any
 
+from agent.migration.engine import Deadline
 from agent.migration.request import MigrationRequest
 from agent.tasks.holds import PhaseHolds
 from agent.tasks.model import TaskState
@@ -69,6 +70,11 @@ class RunContext:
     @property
     def downtime_ms(self) -> int:
         return self._task.tuning.downtime_ms
+
+    @property
+    def deadline(self) -> Deadline | None:
+        timeout = self.request.timeout
+        return None if timeout is None else Deadline(self._task.created_at + timeout)
 
     @property
     def detaching(self) -> bool:

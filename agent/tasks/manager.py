@@ -22,7 +22,7 @@ from collections.abc import Callable
 from typing import Any
 
 from agent.errors import AgentError, Conflict, MigrationFailed, NotFound, ServiceStopping
-from agent.migration.engine import Engine
+from agent.migration import runner
 from agent.migration.request import MigrationRequest, Tuning
 from agent.tasks.context import RunContext
 from agent.tasks.holds import PhaseHolds
@@ -59,7 +59,7 @@ class TaskManager:
         self._clock = clock
         self._tasks: dict[str, Task] = {}
         self._drivers: dict[str, asyncio.Task[None]] = {}
-        self._engines: dict[str, asyncio.Task[list[dict[str, Any]]]] = {}
+        self._engines: dict[str, asyncio.Task[runner.Verdict]] = {}
         self._outgoing = asyncio.Semaphore(outgoing_limit)
         #: Slots for incoming migrations (agent-to-agent endpoints): ``async with manager.incoming: ...``.
         self.incoming = asyncio.Semaphore(incoming_limit)
@@ -301,61 +301,30 @@ class TaskManager:
             getattr(engine, "name", type(engine).__name__),
             " (resume)" if resume else "",
         )
-        run = asyncio.create_task(self._run_engine(engine, ctx), name=f"engine-{task.uuid}")
+        run = asyncio.create_task(runner.run(engine, ctx), name=f"engine-{task.uuid}")
         self._engines[task.uuid] = run
         if task.state is TaskState.CANCELLING:
             # The cancel was journalled before a restart: let the engine take its first step (it sees
             # ctx.cancel_requested and ctx.resume_data), then deliver the cancel so it undoes what it finds.
             asyncio.get_running_loop().call_soon(run.cancel)
         try:
-            inventory = await run
+            verdict = await run
         except asyncio.CancelledError:
-            current = asyncio.current_task()
-            if self._detaching or (current is not None and current.cancelling()):
-                log.info(
-                    "task=%s vm=%s: detached in state %s; it stays unfinished in the journal",
-                    task.uuid,
-                    task.vm_uuid,
-                    task.state,
-                )
-                raise
-            if task.state is TaskState.CANCELLING:
-                await self.recorder.finish(task, TaskState.CANCELLED, "cancelled", error=cancelled_error())
-            else:
-                await self.recorder.finish(
-                    task,
-                    TaskState.FAILED,
-                    "engine cancelled",
-                    error=MigrationFailed("the engine stopped with an unexpected cancel"),
-                )
-        except AgentError as err:
-            await self.recorder.finish(task, TaskState.FAILED, err.code, error=err)
-        except Exception as err:
-            log.exception("task=%s vm=%s: engine raised an unexpected error", task.uuid, task.vm_uuid)
-            internal = AgentError(
-                "internal error in the migration engine", details=f"{type(err).__name__}: {err}"
+            log.info(
+                "task=%s vm=%s: detached in state %s; it stays unfinished in the journal",
+                task.uuid,
+                task.vm_uuid,
+                task.state,
             )
-            internal.__cause__ = err
-            await self.recorder.finish(task, TaskState.FAILED, "internal error", error=internal)
-        else:
-            volumes = inventory if isinstance(inventory, list) else []
-            await self.recorder.finish(
-                task, TaskState.SUCCEEDED, None, inventory={"vmUuid": task.vm_uuid, "volumes": volumes}
-            )
+            raise
         finally:
             self._engines.pop(task.uuid, None)
-
-    async def _run_engine(self, engine: Engine, ctx: RunContext) -> list[dict[str, Any]]:
-        timeout = ctx.request.timeout
-        if timeout is None:
-            return await engine.run(ctx)
-        try:
-            async with asyncio.timeout(timeout):
-                return await engine.run(ctx)
-        except TimeoutError as err:
-            raise MigrationFailed(
-                f"the migration did not finish within {timeout:g} s (request timeout)", code="AGENT.TIMEOUT"
-            ) from err
+        inventory = None
+        if verdict.inventory is not None:
+            inventory = {"vmUuid": task.vm_uuid, "volumes": verdict.inventory}
+        await self.recorder.finish(
+            task, verdict.state, verdict.detail, error=verdict.error, inventory=inventory
+        )
 
     # -- helpers -------------------------------------------------------------------------------------------
 

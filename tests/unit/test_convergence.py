@@ -19,6 +19,7 @@ from agent.migration.convergence import (
     Action,
     ConvergenceController,
     ConvergencePolicy,
+    ConvergenceVerdict,
     MigrationSample,
     Note,
     PauseGuest,
@@ -69,7 +70,8 @@ class Outcome:
     actions: list[Action] = field(default_factory=list)
     samples: list[MigrationSample] = field(default_factory=list)
     per_sample: list[list[Action]] = field(default_factory=list)
-    result: str = "running"  # completed, postcopy, aborted, paused, running
+    result: str = "running"  # completed, postcopy, aborted, paused, deadline, running
+    explanation: ConvergenceVerdict | None = None  # the controller's, when the deadline passed
     time: float = 0.0
     downtime_ms: float | None = None
     iteration: int = 0
@@ -102,6 +104,12 @@ def simulate(
     out = Outcome()
 
     def feed(sample: MigrationSample) -> bool:
+        # The task's deadline is the skeleton's (agent.migration.runner): it ends the run; the controller
+        # only explains it.
+        if policy.timeout_s is not None and sample.time >= policy.timeout_s and out.result == "running":
+            out.result, out.time = "deadline", sample.time
+            out.explanation = ctl.explain_deadline(sample)
+            return True
         acts = ctl.observe(sample)
         out.samples.append(sample)
         out.per_sample.append(acts)
@@ -267,19 +275,20 @@ def test_working_set_auto_with_pause_allowed_pauses_and_says_it_is_downtime() ->
 def test_working_set_precopy_waits_for_the_timeout() -> None:
     policy = lab_policy(Strategy.PRECOPY, timeout_s=300.0)
     out = simulate(policy, working_set_guest())
-    assert out.result == "aborted"
+    assert out.result == "deadline"
     assert out.time >= 300.0
     assert downtimes(out.actions) == [100]
-    before = [a for acts in out.per_sample[1:-1] for a in acts]
+    assert out.of(Abort) == []  # precopy never gives up on its own: the deadline ends it
+    before = [a for acts in out.per_sample[1:] for a in acts]
     assert before == []
-    (abort,) = out.of(Abort)
-    assert isinstance(abort, Abort)
-    assert abort.error.kind is VerdictKind.TIMED_OUT and "timed out" in abort.error.message
+    explanation = out.explanation
+    assert explanation is not None and explanation.kind is VerdictKind.TIMED_OUT
+    assert "timed out" in explanation.message and explanation.working_set_bytes
 
 
 def test_working_set_auto_converge_waits_for_the_timeout() -> None:
     out = simulate(lab_policy(Strategy.AUTO_CONVERGE, timeout_s=300.0), working_set_guest())
-    assert out.result == "aborted" and out.time >= 300.0
+    assert out.result == "deadline" and out.time >= 300.0
     assert max(s.auto_converge_throttle for s in out.samples) >= 40
     assert downtimes(out.actions) == [100]
 
@@ -303,7 +312,7 @@ def test_cpu_bound_guest_auto_throttles_and_converges_where_precopy_does_not() -
     assert max(s.auto_converge_throttle for s in auto.samples) >= 40
     assert any("converging" in a.message for a in auto.of(Note))
     pre = simulate(lab_policy(Strategy.PRECOPY, max_downtime_ms=500, timeout_s=1800.0), guest)
-    assert pre.result == "aborted" and pre.time >= 1800.0
+    assert pre.result == "deadline" and pre.time >= 1800.0
 
 
 def small_set_cpu_bound_guest(working_set: float, speed: float) -> Guest:
@@ -327,7 +336,7 @@ def test_cpu_bound_guest_with_a_pinned_dirty_rate_is_throttled_to_completion(
     precopy = simulate(
         lab_policy(Strategy.PRECOPY, max_downtime_ms=300, timeout_s=120.0), guest, rate=rate_mib * MiB
     )
-    assert precopy.result == "aborted" and precopy.time >= 120.0
+    assert precopy.result == "deadline" and precopy.time >= 120.0
 
 
 def test_pinned_dirty_rate_does_not_wait_past_the_timeout() -> None:
@@ -391,14 +400,13 @@ def test_postcopy_waits_for_the_disk_mirrors() -> None:
     assert any(isinstance(a, StartPostCopy) for a in acts)
 
 
-def test_timeout_in_disk_phase_aborts_and_never_pauses() -> None:
+def test_deadline_in_disk_phase_is_explained_and_never_acted_on() -> None:
     ctl = ConvergenceController(lab_policy(allow_pause=True, timeout_s=10.0))
     ctl.observe(MigrationSample(0.0, disk_total=GiB, disk_remaining=GiB))
-    acts = ctl.observe(MigrationSample(10.0, disk_total=GiB, disk_remaining=GiB // 2))
-    assert not any(isinstance(a, PauseGuest) for a in acts)
-    (abort,) = [a for a in acts if isinstance(a, Abort)]
-    assert "disk phase" in abort.error.message
-    assert ctl.observe(MigrationSample(11.0)) == []
+    late = MigrationSample(10.0, disk_total=GiB, disk_remaining=GiB // 2)
+    assert ctl.observe(late) == []  # the skeleton ends the task at its deadline, not the controller
+    verdict = ctl.explain_deadline(late)
+    assert verdict.kind is VerdictKind.TIMED_OUT and "disk phase" in verdict.message
 
 
 def test_no_abort_once_in_postcopy() -> None:
@@ -408,7 +416,6 @@ def test_no_abort_once_in_postcopy() -> None:
     assert any("cannot be rolled back" in a.message for a in acts if isinstance(a, Note))
     acts = ctl.observe(MigrationSample(20.0, memory_iteration=3, postcopy_active=True))
     assert not any(isinstance(a, Abort) for a in acts)
-    assert any("timeout passed during post-copy" in a.message for a in acts if isinstance(a, Note))
 
 
 def test_retune_lowers_and_raises_and_sets_bandwidth() -> None:
@@ -440,18 +447,17 @@ def test_bandwidth_retune_waits_for_the_memory_phase() -> None:
     assert [a for a in acts if isinstance(a, SetBandwidth)] == [SetBandwidth(20 * MiB)]
 
 
-def test_timeout_in_memory_phase_pauses_only_when_allowed() -> None:
-    for pause in (False, True):
-        ctl = ConvergenceController(lab_policy(Strategy.PRECOPY, allow_pause=pause, timeout_s=60.0))
-        ctl.observe(MigrationSample(0.0, memory_iteration=1, memory_bps=5 * MiB))
-        ctl.observe(MigrationSample(50.0, memory_iteration=2, memory_remaining=40 * MiB, memory_bps=5 * MiB))
-        acts = ctl.observe(
-            MigrationSample(60.0, memory_iteration=3, memory_remaining=45 * MiB, memory_bps=5 * MiB)
-        )
-        assert any(isinstance(a, PauseGuest) for a in acts) is pause
-        assert any(isinstance(a, Abort) for a in acts) is not pause
-        if pause:
-            assert any("counts as downtime" in a.message for a in acts if isinstance(a, Note))
+def test_deadline_in_memory_phase_is_explained_with_figures() -> None:
+    ctl = ConvergenceController(lab_policy(Strategy.PRECOPY, timeout_s=60.0))
+    ctl.observe(MigrationSample(0.0, memory_iteration=1, memory_bps=5 * MiB))
+    ctl.observe(MigrationSample(50.0, memory_iteration=2, memory_remaining=40 * MiB, memory_bps=5 * MiB))
+    late = MigrationSample(60.0, memory_iteration=3, memory_remaining=45 * MiB, memory_bps=5 * MiB)
+    acts = ctl.observe(late)
+    assert not any(isinstance(a, Abort | PauseGuest) for a in acts)
+    verdict = ctl.explain_deadline(late)
+    assert verdict.kind is VerdictKind.TIMED_OUT
+    assert "did not converge within 100 ms" in verdict.message
+    assert verdict.figures()["iteration"] == 3
 
 
 def test_retune_precopy_sets_the_new_max() -> None:
@@ -497,9 +503,10 @@ def test_policy_from_request_and_flags() -> None:
             "allowPostCopy": True,
         }
     )
-    policy = ConvergencePolicy.from_request(req)
+    # The time left comes from the task's deadline (the skeleton's), not from the request's timeout.
+    policy = ConvergencePolicy.from_request(req, time_left_s=870.0)
     assert policy.strategy is Strategy.AUTO and policy.max_downtime_ms == 250
-    assert policy.bandwidth == 50 * MiB and policy.timeout_s == 900
+    assert policy.bandwidth == 50 * MiB and policy.timeout_s == 870.0
     assert policy.postcopy_permitted and policy.wants_auto_converge and policy.wants_postcopy_flag
     assert not lab_policy(Strategy.PRECOPY, allow_postcopy=True).postcopy_permitted
     assert lab_policy(Strategy.POSTCOPY).postcopy_permitted
