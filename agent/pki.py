@@ -275,11 +275,15 @@ def issue_client(directory: Path, name: str, out: Path | None = None, days: int 
     return target
 
 
+def _gnutls_dn(name: x509.Name) -> str:
+    # libvirt matches tls_allowed_dn_list against gnutls_x509_crt_get_dn(), which keeps the certificate's
+    # order ("O=...,CN=host"; GnuTLS 3.7, libvirt 9.0), not RFC 4514's reversed one.
+    return ",".join(attr.rfc4514_string() for attr in name)
+
+
 def subject_dn(cert_file: Path) -> str:
-    """The certificate's subject as libvirt's ``tls_allowed_dn_list`` matches it (RFC 4514, as GnuTLS
-    prints it: "CN=hostA,O=...")."""
-    cert = x509.load_pem_x509_certificate(cert_file.read_bytes())
-    return cert.subject.rfc4514_string()
+    """The certificate's subject as libvirt's ``tls_allowed_dn_list`` matches it ("O=...,CN=hostA")."""
+    return _gnutls_dn(x509.load_pem_x509_certificate(cert_file.read_bytes()).subject)
 
 
 def dn_for(directory: Path, name: str) -> str:
@@ -287,4 +291,4 @@ def dn_for(directory: Path, name: str) -> str:
     ca_cert, _ = load_ca(directory)
     cluster = ca_cert.subject.get_attributes_for_oid(NameOID.ORGANIZATION_NAME)
     attrs = [x509.NameAttribute(NameOID.ORGANIZATION_NAME, str(cluster[0].value))] if cluster else []
-    return x509.Name([*attrs, x509.NameAttribute(NameOID.COMMON_NAME, name)]).rfc4514_string()
+    return _gnutls_dn(x509.Name([*attrs, x509.NameAttribute(NameOID.COMMON_NAME, name)]))

@@ -50,10 +50,9 @@ def server_context(config: AgentConfig) -> ssl.SSLContext | None:
 
 def client_context(config: AgentConfig) -> ssl.SSLContext | None:
     """For calls to other agents: verify them with the cluster CA and present this host's certificate.
-    None with ``insecure_transport`` and no CA (the system's CAs then verify an https peer)."""
+    None without a CA (only with ``insecure_transport``, ``check_transport`` sees to it at start): the
+    system's CAs then verify an https peer."""
     if config.tls_ca is None:
-        if not config.insecure_transport:
-            raise ConfigError("tls_ca: missing; calls to other agents are verified with the cluster CA")
         return None
     context = ssl.create_default_context(cafile=str(config.tls_ca))
     context.minimum_version = ssl.TLSVersion.TLSv1_2

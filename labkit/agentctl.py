@@ -5,19 +5,37 @@ from __future__ import annotations
 import ipaddress
 import os
 import signal
+import ssl
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 from . import hostsetup
-from .layout import AGENT_BIN, AGENT_PORT, BRIDGE_ADDRESS, PREFIX_LEN, STORAGE_ROOTS, TOKEN_FILE, HostSpec
+from .layout import (
+    AGENT_BIN,
+    AGENT_PORT,
+    BRIDGE_ADDRESS,
+    CA_FILE,
+    PREFIX_LEN,
+    STORAGE_ROOTS,
+    TOKEN_FILE,
+    HostSpec,
+    insecure,
+)
 from .state import HostState
 from .sysutil import LabError, kill_pids, log, pid_cmdline, pid_matches, run, tail_file, wait_for, write_file
 
 AGENT_MARK = "kvm-storage-agent"
-# Never let a proxy from the environment see lab traffic: only the lab's own addresses are contacted.
-_NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def _opener() -> urllib.request.OpenerDirector:
+    """Never a proxy from the environment (only the lab's own addresses are contacted); https verified
+    with the lab CA."""
+    handlers: list[urllib.request.BaseHandler] = [urllib.request.ProxyHandler({})]
+    if CA_FILE.exists():
+        handlers.append(urllib.request.HTTPSHandler(context=ssl.create_default_context(cafile=str(CA_FILE))))
+    return urllib.request.build_opener(*handlers)
 
 
 class AgentIncomplete(LabError):
@@ -38,6 +56,14 @@ def config_text(host: HostSpec, hs: HostState) -> str:
         f'state_dir = "{host.agent_state_dir}"',
         f'migration_address = "{host.address}"',
     ]
+    if insecure():
+        lines.append("insecure_transport = true  # scripts/lab up --insecure")
+    else:  # the host's /etc/pki (bind-mounted in its namespace), as a real install has it
+        lines += [
+            'tls_cert = "/etc/pki/libvirt/servercert.pem"',
+            'tls_key = "/etc/pki/libvirt/private/serverkey.pem"',
+            'tls_ca = "/etc/pki/CA/cacert.pem"',
+        ]
     if level := os.environ.get("KSA_LAB_AGENT_LOG_LEVEL"):  # e.g. DEBUG, to see every steering step
         lines.append(f'log_level = "{level.upper()}"')
     for name, _, _ in STORAGE_ROOTS:
@@ -75,7 +101,7 @@ def running_this_checkout(hs: HostState) -> bool:
 
 def healthy(host: HostSpec) -> bool:
     try:
-        with _NO_PROXY.open(f"{host.agent_url}/v1/health", timeout=2) as response:
+        with _opener().open(f"{host.agent_url}/v1/health", timeout=2) as response:
             return bool(200 <= response.status < 300)
     except (OSError, urllib.error.URLError, ValueError):
         return False

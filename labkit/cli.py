@@ -14,11 +14,15 @@ from .sysutil import LabError, log
 
 
 def _cmd_up(args: argparse.Namespace) -> int:
-    lab.up(with_agents=not args.no_agent, restart_agents=args.restart_agents)
+    lab.up(with_agents=not args.no_agent, restart_agents=args.restart_agents, insecure_lab=args.insecure)
     ok, doc = lab.status()
     for host in doc["hosts"]:
         agent = "agent up" if host["health"]["agent"] else "no agent"
         log(f"{host['name']}: {host['address']} {host['libvirtUri']} ({agent})")
+    if doc["caFile"]:
+        log(f"transport: TLS (lab CA {doc['caFile']}; agents on https)")
+    else:
+        log("WARNING: transport: INSECURE (scripts/lab up --insecure): plain TCP and HTTP")
     return 0 if ok else 1
 
 
@@ -82,6 +86,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("up", help="create or repair the lab (idempotent)")
     p.add_argument("--no-agent", action="store_true", help="do not start the agents (also LAB_NO_AGENT=1)")
     p.add_argument("--restart-agents", action="store_true", help="restart running agents (new agent code)")
+    p.add_argument(
+        "--insecure",
+        action="store_true",
+        help="no TLS: libvirtd on plain TCP without authentication, agents on http, migration streams in "
+        "clear text (the lab is secure by default; `up` without this switches it back)",
+    )
     p.set_defaults(func=_cmd_up)
     sub.add_parser("down", help="remove everything the lab made").set_defaults(func=_cmd_down)
     p = sub.add_parser("status", help="describe the lab; exit 1 if it is not up")

@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
+import functools
 import subprocess
 import sys
 from pathlib import Path
 
 from . import holder
-from .layout import HOSTS, LIBVIRT_DIRS, REPO_ROOT, HostSpec
+from .layout import (
+    AGENT_BIN,
+    CA_FILE,
+    HOSTS,
+    LIBVIRT_DIRS,
+    OPERATOR,
+    OPERATOR_PKI,
+    PKI_DIR,
+    REPO_ROOT,
+    HostSpec,
+    insecure,
+)
 from .network import netns_file_inode
 from .state import HostState
 from .sysutil import (
@@ -88,11 +100,19 @@ def hosts_file_text() -> str:
 
 
 def libvirtd_conf(host: HostSpec, hs: HostState) -> str:
+    if insecure():
+        listen = 'listen_tls = 0\nlisten_tcp = 1\nauth_tcp = "none"'
+    else:
+        # TLS only, client certificates verified against the lab CA and limited to the lab's hosts (the
+        # peer-to-peer migration connection) and the operator (virsh, tests) by their DN.
+        allowed = ", ".join(f'"{dn}"' for dn in allowed_dns())
+        listen = (
+            f'listen_tls = 1\nlisten_tcp = 0\nauth_tls = "none"\ntls_no_verify_certificate = 0\n'
+            f"tls_allowed_dn_list = [{allowed}]"
+        )
     return f"""# written by scripts/lab for {host.name}
-listen_tls = 0
-listen_tcp = 1
+{listen}
 listen_addr = "{host.address}"
-auth_tcp = "none"
 auth_unix_ro = "none"
 auth_unix_rw = "none"
 host_uuid = "{hs.uuid}"
@@ -103,6 +123,14 @@ log_outputs = "3:file:/var/log/libvirt/libvirtd.log"
 def qemu_conf(host: HostSpec) -> str:
     # migration_host makes the destination advertise its address, not its name, for the memory and NBD
     # (disk) streams; cgroups are off because the host's /sys (remounted by `ip netns exec`) has none.
+    # TLS: QEMU's migration and NBD streams use /etc/pki/qemu (the host's certificate) when the migration asks
+    # for TLS, and the destination verifies the source's client certificate.
+    tls = (
+        ""
+        if insecure()
+        else 'default_tls_x509_cert_dir = "/etc/pki/qemu"\ndefault_tls_x509_verify = 1\n'
+        "migrate_tls_x509_verify = 1\n"
+    )
     return f"""# written by scripts/lab for {host.name}
 user = "root"
 group = "root"
@@ -112,7 +140,39 @@ security_driver = "none"
 cgroup_controllers = [ ]
 migration_address = "{host.address}"
 migration_host = "{host.address}"
-"""
+{tls}"""
+
+
+# --- certificates -----------------------------------------------------------------------------------------
+
+
+def pki(*args: str) -> str:
+    """`kvm-storage-agent pki ...` (labkit itself stays on the standard library; the agent's CLI has
+    `cryptography`)."""
+    if not AGENT_BIN.exists():
+        raise LabError(f"{AGENT_BIN} is missing: run scripts/setup (the lab's certificates need it)")
+    return run([str(AGENT_BIN), "pki", *args]).stdout.strip()
+
+
+def ensure_ca() -> None:
+    """The lab CA and the operator's client certificate, made once per lab (`down` removes them)."""
+    if not CA_FILE.exists():
+        pki("init", str(PKI_DIR), "--cluster", f"ksa lab {PKI_DIR.parent.name}")
+    if not (OPERATOR_PKI / "clientcert.pem").exists():
+        pki("issue", str(PKI_DIR), "--client", OPERATOR, "--out", str(OPERATOR_PKI))
+
+
+@functools.cache
+def allowed_dns() -> tuple[str, ...]:
+    certs = [h.private_dir("/etc/pki") / "libvirt" / "clientcert.pem" for h in HOSTS]
+    return tuple(pki("dn", str(cert)) for cert in [*certs, OPERATOR_PKI / "clientcert.pem"])
+
+
+def ensure_host_pki(host: HostSpec) -> None:
+    """The host's key and certificate in its own /etc/pki (bind-mounted in its namespace)."""
+    root = host.private_dir("/etc/pki")
+    if not (root / "libvirt" / "servercert.pem").exists():
+        pki("issue", str(PKI_DIR), "--host", host.name, "--address", host.address, "--out", str(root))
 
 
 VIRTLOGD_CONF = 'log_outputs = "3:file:/var/log/libvirt/virtlogd.log"\n'
@@ -132,6 +192,8 @@ def prepare_files(host: HostSpec, hs: HostState) -> bool:
         (host.private_dir(str(Path(sub).parent)) / Path(sub).name).mkdir(parents=True, exist_ok=True)
     etc = host.private_dir("/etc/libvirt")
     (etc / "qemu").mkdir(exist_ok=True)
+    for each in HOSTS:  # every host's DN goes into the allow list, so all certificates come first
+        ensure_host_pki(each)
     changed = write_file(etc / "libvirtd.conf", libvirtd_conf(host, hs))
     changed |= write_file(etc / "qemu.conf", qemu_conf(host))
     changed |= write_file(etc / "virtlogd.conf", VIRTLOGD_CONF)

@@ -12,14 +12,18 @@ from . import agentctl, hostsetup, image, network
 from .layout import (
     AGENT_BIN,
     BRIDGE,
+    CA_FILE,
     GUESTS_DIR,
     HOSTS,
+    INSECURE_FILE,
     LAB_DIR,
+    OPERATOR_PKI,
     STATE_FILE,
     STORAGE_ROOTS,
     TMP_DIR,
     TOKEN_FILE,
     HostSpec,
+    insecure,
 )
 from .state import HostState, LabState, lab_lock
 from .sysutil import (
@@ -46,7 +50,9 @@ def require_root() -> None:
 # --- up ---------------------------------------------------------------------------------------------------
 
 
-def up(with_agents: bool = True, restart_agents: bool = False) -> LabState:
+def up(with_agents: bool = True, restart_agents: bool = False, insecure_lab: bool = False) -> LabState:
+    """Secure by default (a lab CA, libvirtd on TLS only, agents on HTTPS, encrypted migrations);
+    ``insecure_lab``: plain TCP and HTTP as before, explicitly. Switching either way restarts the daemons."""
     require_root()
     with lab_lock():
         state = LabState.load()
@@ -60,6 +66,14 @@ def up(with_agents: bool = True, restart_agents: bool = False) -> LabState:
         state.save()
         if not TOKEN_FILE.exists():
             write_file(TOKEN_FILE, secrets.token_urlsafe(32) + "\n", 0o600)
+        if insecure_lab != insecure():
+            log(f"the lab switches to {'INSECURE (plain TCP and HTTP)' if insecure_lab else 'TLS'}")
+            restart_agents = True
+            if insecure_lab:
+                write_file(INSECURE_FILE, "scripts/lab up --insecure\n")
+            else:
+                INSECURE_FILE.unlink()
+        hostsetup.ensure_ca()
         network.ensure_bridge()
         new_mounts = _ensure_storage()
         for host in HOSTS:
@@ -279,5 +293,17 @@ def status() -> tuple[bool, dict[str, Any]]:
                 "health": health,
             }
         )
-    doc = {"up": all_up, "agents": state.agents, "token": token, "tokenFile": str(TOKEN_FILE), "hosts": hosts}
+    secure = not insecure()
+    doc = {
+        "up": all_up,
+        "agents": state.agents,
+        "token": token,
+        "tokenFile": str(TOKEN_FILE),
+        # TLS: the lab CA that verifies the agents (https) and libvirtd; the operator's client certificate
+        # (libvirt pkipath layout) that libvirtUri already names. Both null in an insecure lab.
+        "transport": "tls" if secure else "insecure",
+        "caFile": str(CA_FILE) if secure else None,
+        "clientPki": str(OPERATOR_PKI) if secure else None,
+        "hosts": hosts,
+    }
     return all_up, doc

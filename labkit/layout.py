@@ -24,6 +24,14 @@ STATE_FILE = LAB_DIR / "lab.json"
 TOKEN_FILE = LAB_DIR / "token"
 GUESTS_DIR = LAB_DIR / "guests"
 TMP_DIR = LAB_DIR / "tmp"
+#: The lab's cluster CA (agent pki init), the hosts' /etc/pki trees and the operator's client certificate
+#: (libvirt's pkipath layout, for `virsh -c qemu+tls://ADDR/system?pkipath=...` from the root namespace).
+PKI_DIR = LAB_DIR / "pki"
+CA_FILE = PKI_DIR / "ca" / "cacert.pem"
+OPERATOR = "operator"
+OPERATOR_PKI = PKI_DIR / "clients" / OPERATOR
+#: Present when the lab was brought up with `scripts/lab up --insecure` (plain TCP and HTTP, as before TLS).
+INSECURE_FILE = LAB_DIR / "insecure"
 # The lock lives in the cache dir because `down` deletes LAB_DIR while holding it.
 LOCK_FILE = CACHE_DIR / f"lab{SUFFIX}.lock"
 
@@ -33,8 +41,24 @@ PREFIX_LEN = 24
 AGENT_PORT = 7070
 LIBVIRT_TCP_PORT = 16509
 
-# Directories every host gets its own copy of, bind-mounted over the system path inside its mount namespace.
-LIBVIRT_DIRS = ("/etc/libvirt", "/run/libvirt", "/var/lib/libvirt", "/var/log/libvirt", "/var/cache/libvirt")
+LIBVIRT_TLS_PORT = 16514
+
+# Directories every host gets its own copy of, bind-mounted over the system path inside its mount namespace
+# (/etc/pki: the host's certificates where libvirtd and QEMU look for them by default).
+LIBVIRT_DIRS = (
+    "/etc/libvirt",
+    "/run/libvirt",
+    "/var/lib/libvirt",
+    "/var/log/libvirt",
+    "/var/cache/libvirt",
+    "/etc/pki",
+)
+
+
+def insecure() -> bool:
+    """The lab runs without TLS (`scripts/lab up --insecure`); read each time: a command may switch it."""
+    return INSECURE_FILE.exists()
+
 
 # name -> (kind, size in MiB): "dir" roots are plain directories, the small tmpfs is for out-of-space tests.
 STORAGE_ROOTS: tuple[tuple[str, str, int], ...] = (
@@ -66,11 +90,14 @@ class HostSpec:
 
     @property
     def libvirt_uri(self) -> str:
-        return f"qemu+tcp://{self.address}/system"
+        """For `virsh -c` from the root namespace: over TLS with the operator's certificate."""
+        if insecure():
+            return f"qemu+tcp://{self.address}/system"
+        return f"qemu+tls://{self.address}/system?pkipath={OPERATOR_PKI}"
 
     @property
     def agent_url(self) -> str:
-        return f"http://{self.address}:{AGENT_PORT}"
+        return f"{'http' if insecure() else 'https'}://{self.address}:{AGENT_PORT}"
 
     @property
     def holder_socket(self) -> Path:

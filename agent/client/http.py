@@ -8,6 +8,7 @@ one borrowed session can talk to several agents with different tokens.
 from __future__ import annotations
 
 import json
+import os
 import ssl
 from collections.abc import AsyncGenerator, Mapping
 from types import TracebackType
@@ -48,7 +49,7 @@ class AgentClient:
         self._session = session
         self._owns_session = session is None
         self._timeout = timeout
-        self._ssl: ssl.SSLContext | bool = ssl_context if ssl_context is not None else True
+        self._ssl: ssl.SSLContext | bool = ssl_context if ssl_context is not None else _default_ssl()
 
     @property
     def base_url(self) -> str:
@@ -202,6 +203,12 @@ class AgentClient:
 
     def _auth_headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self._token}"} if self._token else {}
+
+
+def _default_ssl() -> ssl.SSLContext | bool:
+    """The cluster CA named by ``KSA_CA_FILE`` (as for the CLI's ``--ca-file``), else the system's CAs."""
+    ca_file = os.environ.get("KSA_CA_FILE")
+    return ssl.create_default_context(cafile=ca_file) if ca_file else True
 
 
 def _unwrap_list(body: Any, key: str) -> list[Any]:

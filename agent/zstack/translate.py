@@ -22,6 +22,7 @@ from agent.client import AgentClient, ClientError
 from agent.config import AgentConfig
 from agent.errors import InvalidRequest, MigrationFailed, PreflightFailed, StorageError
 from agent.migration.request import MigrationRequest, Strategy, normalise_uuid
+from agent.security import client_context
 from agent.storage import qemuimg
 from agent.storage.roots import StorageRoots
 from agent.zstack.wire import BlockLiveMigrationCmd, MigrateVmCmd
@@ -103,7 +104,8 @@ async def destination_host(
     """``GET /v1/host`` of the destination agent (its uuid and storage roots)."""
     token = config.read_cluster_token() or config.read_token()
     try:
-        return await AgentClient(agent_url, token, session=session).host()
+        # Over TLS: the destination verified with the cluster CA, this host's certificate presented.
+        return await AgentClient(agent_url, token, session=session, ssl_context=client_context(config)).host()
     except ClientError as err:
         raise MigrationFailed(
             f"the destination agent at {agent_url} cannot be asked for its storage: {err}",

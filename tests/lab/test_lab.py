@@ -38,7 +38,12 @@ def test_two_hosts_each_with_its_own_libvirtd_name_and_uuid(lab: Lab) -> None:
     assert [h.name for h in lab.hosts] == ["hostA", "hostB"]
     assert len({h.uuid for h in lab.hosts}) == 2
     for host in lab.hosts:
-        assert host.libvirt_uri == f"qemu+tcp://{host.address}/system"
+        if lab.raw["transport"] == "tls":  # virsh from the root namespace with the operator's certificate
+            pki = lab.raw["clientPki"]
+            assert host.libvirt_uri == f"qemu+tls://{host.address}/system?pkipath={pki}"
+            assert host.agent_url.startswith("https://")
+        else:
+            assert host.libvirt_uri == f"qemu+tcp://{host.address}/system"
         assert host.virsh("hostname").strip() == host.name
         capabilities = ET.fromstring(host.virsh("capabilities"))
         assert capabilities.findtext("./host/uuid") == host.uuid
@@ -69,10 +74,11 @@ def test_agent_config_describes_the_host(lab: Lab) -> None:
 
 def test_link_down_cuts_a_host_off_and_up_restores_it(lab: Lab) -> None:
     host = lab.host("hostB")
+    port = 16514 if lab.raw["transport"] == "tls" else 16509  # libvirtd's TLS or plain TCP listener
 
     def reachable() -> bool:
         try:
-            with socket.create_connection((host.address, 16509), timeout=1.5):
+            with socket.create_connection((host.address, port), timeout=1.5):
                 return True
         except OSError:
             return False

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import ssl
 import subprocess
 import threading
 import time
@@ -116,9 +117,11 @@ def mn() -> Iterator[ManagementServer]:
 
 
 @pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
+async def http(lab: Lab) -> AsyncIterator[aiohttp.ClientSession]:
     # One connection per call: an agent restarted by a test must not meet a stale keep-alive connection.
-    connector = aiohttp.TCPConnector(force_close=True)
+    # A TLS lab's agents are verified with the lab CA.
+    context = ssl.create_default_context(cafile=lab.raw.get("caFile"))
+    connector = aiohttp.TCPConnector(force_close=True, ssl=context)
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=60)) as session:
         yield session
 

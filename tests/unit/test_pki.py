@@ -57,7 +57,7 @@ def test_host_files_in_the_layouts_libvirt_and_qemu_read(ca_dir: Path, tmp_path:
     assert set(eku) == {ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH}
     usage = cert.extensions.get_extension_for_class(x509.KeyUsage).value
     assert usage.digital_signature and usage.key_encipherment
-    assert pki.subject_dn(host.cert) == "CN=hostA,O=test cluster" == pki.dn_for(ca_dir, "hostA")
+    assert pki.subject_dn(host.cert) == "O=test cluster,CN=hostA" == pki.dn_for(ca_dir, "hostA")
     # The files make a working TLS pair: OpenSSL loads them and verifies the chain.
     server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(host.ca))
     server.load_cert_chain(host.cert, host.key)
@@ -93,7 +93,7 @@ def test_cli_init_issue_and_dn(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert main(["pki", "issue", str(directory), "--client", "ops"]) == 0
     assert main(["pki", "dn", str(directory / "hosts" / "h1" / "libvirt" / "servercert.pem")]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert out[-1] == f"CN=h1,O={pki.DEFAULT_CLUSTER}"
+    assert out[-1] == f"O={pki.DEFAULT_CLUSTER},CN=h1"
     assert main(["pki", "issue", str(directory), "--host", "h2"]) == 2  # an address is required
     assert main(["pki", "init", str(directory)]) == 2  # never replaces the CA
     assert "already holds a CA" in capsys.readouterr().err
