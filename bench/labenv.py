@@ -183,6 +183,9 @@ def ensure_lab() -> Lab:
         )
         for h in doc["hosts"]
     )
+    if doc.get("caFile"):
+        # A TLS lab: the agents are verified with the lab CA (AgentClient reads KSA_CA_FILE).
+        os.environ["KSA_CA_FILE"] = doc["caFile"]
     return Lab(doc["token"], hosts)
 
 
