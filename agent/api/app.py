@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Sequence
 
 import aiohttp
 from aiohttp import web
@@ -61,9 +61,11 @@ def make_app(
     inventory: VmInventory | None = None,
     connect_libvirt: bool = False,
     cluster_token: str | None = None,
+    dialects: Sequence[Callable[[web.Application], None]] = (),
 ) -> web.Application:
     """The agent's app. ``connect_libvirt``: open ``config.libvirt_uri`` at startup (production);
-    ``cluster_token``: also accepted, for agent-to-agent calls."""
+    ``cluster_token``: also accepted, for agent-to-agent calls; ``dialects``: other APIs mounted on top
+    (the ZStack one: ``agent.zstack.mount``), handed down by the entry point so that imports point one way."""
     app = web.Application(
         client_max_size=config.limits.max_request_bytes,
         middlewares=[error_middleware, guard_middleware],
@@ -79,9 +81,7 @@ def make_app(
     app[INCOMING] = None
     add_routes(app)
     app.cleanup_ctx.extend([_virt_ctx, _session_ctx, _tasks_ctx])
-    if config.zstack.enabled:
-        from agent.zstack import mount  # the ZStack dialect (docs/zstack.md); after the task manager's ctx
-
+    for mount in dialects:  # e.g. the ZStack dialect (agent.zstack.mount), after the task manager's ctx
         mount(app)
     app.on_shutdown.append(_on_shutdown)
     return app

@@ -12,6 +12,7 @@ import logging
 import logging.config
 import os
 import ssl
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from aiohttp import web
@@ -53,7 +54,9 @@ def ssl_context(config: AgentConfig) -> ssl.SSLContext | None:
     return server_context(config)
 
 
-def run(config_path: str | os.PathLike[str]) -> None:
+def run(
+    config_path: str | os.PathLike[str], *, dialects: Sequence[Callable[[web.Application], None]] = ()
+) -> None:
     """Serve until SIGTERM/SIGINT. Raises ``ConfigError`` (message names the key) for a bad config."""
     # A crash in a C extension (libvirt-python) otherwise leaves nothing in the journal but the exit code.
     faulthandler.enable()
@@ -61,7 +64,13 @@ def run(config_path: str | os.PathLike[str]) -> None:
     setup_logging(config.log_level)
     token = config.read_token()
     context = ssl_context(config)
-    app = make_app(config, token=token, connect_libvirt=True, cluster_token=config.read_cluster_token())
+    app = make_app(
+        config,
+        token=token,
+        connect_libvirt=True,
+        cluster_token=config.read_cluster_token(),
+        dialects=dialects,
+    )
     notifier = Notifier.from_environment()
     notifier.attach(app)  # under systemd: watchdog pings from the event loop, STOPPING=1 on shutdown
     if config.insecure_transport:

@@ -45,11 +45,12 @@ def serve(config: Path) -> int:
     # Imported here: the client commands must work where the server's dependencies (libvirt) are missing.
     try:
         server = importlib.import_module("agent.api.server")
+        zstack = importlib.import_module("agent.zstack")
     except ImportError as err:  # e.g. libvirt-python missing on this machine: say so in one line
         print(f"kvm-storage-agent: cannot load the server: {err}", file=sys.stderr)
         return Exit.FAILED
     try:
-        result = server.run(config)
+        result = server.run(config, dialects=(zstack.mount,))
         if inspect.iscoroutine(result):
             result = asyncio.run(result)  # tolerate an async run()
     except ConfigError as err:

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from typing import Any, TypedDict
 
-from agent.tasks.model import TaskState
-
-FINAL_STATES = frozenset(state.value for state in TaskState if state.final)
+#: The final task states as the API writes them (``agent.migration.states.TaskState``): the client speaks the
+#: wire, not the model (tests/unit/test_layers.py checks the two agree).
+FINAL_STATES = frozenset({"SUCCEEDED", "FAILED", "CANCELLED"})
 
 
 class ErrorCodeBody(TypedDict, total=False):

@@ -52,8 +52,8 @@ from agent.migration.pacing import (
 from agent.migration.peer import peer_call, peer_client
 from agent.migration.plan import MigrationPlan, allocation_index, inspect_chains, plan_migration
 from agent.migration.request import Strategy
+from agent.migration.states import TaskState
 from agent.storage.roots import StorageRoot, StorageRoots
-from agent.tasks.model import TaskState
 from agent.virt.domxml import parse_disks, rewrite_disk_sources
 from agent.virt.host import UNREACHABLE, DomainEvent, VirtHost
 from agent.virt.peer import PeerDomain, describe, look_at_peer, planned_tops
@@ -775,6 +775,8 @@ class _Steering:
         """Watch every disk's guest writes from here on (``written``: the counters when the migration
         started; ``rates``: as measured before it, for the figures until the window fills)."""
         mode = hotdisk.Mode.WRITE_BLOCKING if write_blocking else hotdisk.Mode.BACKGROUND
+        self.meter.start(time.monotonic())
+        self.interval_at = self.meter.started
         for disk in self.plan.disks:
             self.watches[disk.target] = hotdisk.DiskWatch(disk.target, mode=mode)
             self.written_at_start[disk.target] = self.written[disk.target] = written[disk.target]

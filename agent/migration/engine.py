@@ -25,7 +25,7 @@ from typing import Any, Protocol, TypeVar
 
 from agent.errors import Conflict
 from agent.migration.request import MigrationRequest
-from agent.tasks.model import TaskState
+from agent.migration.states import TaskState
 
 T = TypeVar("T")
 

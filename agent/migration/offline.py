@@ -30,10 +30,10 @@ from agent.migration.layers import send_layer_to_peer
 from agent.migration.peer import peer_call, peer_client
 from agent.migration.plan import DiskPlan, LayerPlan, MigrationPlan, inspect_chains, plan_migration
 from agent.migration.samehost import SPACE_MARGIN
+from agent.migration.states import TaskState
 from agent.storage import qemuimg
 from agent.storage.filecopy import copy_sparse_async
 from agent.storage.roots import StorageRoots
-from agent.tasks.model import TaskState
 from agent.virt.domxml import parse_disks, rewrite_disk_sources
 from agent.virt.host import VirtHost
 

@@ -26,7 +26,7 @@ from typing import Any
 
 from agent.errors import AgentError, MigrationFailed
 from agent.migration.engine import Engine, TaskContext
-from agent.tasks.model import TaskState
+from agent.migration.states import TaskState
 
 log = logging.getLogger(__name__)
 

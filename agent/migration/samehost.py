@@ -51,11 +51,11 @@ from agent.migration.plan import (
     plan_migration,
 )
 from agent.migration.request import Strategy
+from agent.migration.states import TaskState
 from agent.migration.targets import check_precreated_target, check_same_content_below
 from agent.storage import qemuimg
 from agent.storage.filecopy import copy_sparse_async
 from agent.storage.roots import StorageRoots
-from agent.tasks.model import TaskState
 from agent.virt.domxml import block_copy_dest_xml, parse_disks, rewrite_disk_sources
 from agent.virt.host import UNREACHABLE, DomainEvent, VirtHost
 
@@ -115,10 +115,10 @@ class _Work:
 class _Interval:
     """Bytes moved since the last rate sample: background copy, and guest writes in write-blocking mode."""
 
-    def __init__(self) -> None:
+    def __init__(self, since: float | None) -> None:
         self.background = 0
         self.guest = 0
-        self.since: float | None = None
+        self.since = since
 
     def add(self, background: int, guest: int) -> None:
         self.background += background
@@ -338,6 +338,7 @@ class SameHostEngine:
                     )
             shares = hotdisk.disk_shares(ctx.bandwidth, self._watches(work), set())
             await ctx.checkpoint(work.checkpoint_data("mirroring"))
+            work.meter.start(time.monotonic())
             for target, mirror in work.mirrors.items():
                 await self._start_mirror(ctx, mirror, shares[target])
             await self._pace(ctx, work, events)
@@ -500,7 +501,7 @@ class SameHostEngine:
         last_sample: float | None = None
         may_block = ctx.request.primaryStorageMigrateVm.strategy is not Strategy.PRECOPY
         figures_at = 0.0
-        interval = _Interval()
+        interval = _Interval(work.meter.started)
         while True:
             deadline = time.monotonic() + self.tick_s
             while (timeout := deadline - time.monotonic()) > 0:

@@ -1,60 +1,6 @@
-"""Task states and the transitions between them.
+"""Task states live with the engine contract (``agent.migration.states``): engines announce them and the
+skeleton ends tasks in them. Re-exported here for the task engine's own modules."""
 
-PENDING -> PREPARING -> COPYING -> CONVERGING -> SWITCHING -> VERIFYING -> SUCCEEDED
-Any non-final state may go to FAILED or CANCELLING; CANCELLING ends in CANCELLED (or FAILED when the
-cleanup itself fails, or SUCCEEDED when the cancel lost the race against a switch that already happened).
-Engines may skip states (a same-host copy has no CONVERGING), never go back.
-"""
+from agent.migration.states import TaskState, can_transition
 
-from __future__ import annotations
-
-import enum
-
-
-class TaskState(enum.StrEnum):
-    PENDING = "PENDING"
-    PREPARING = "PREPARING"
-    COPYING = "COPYING"
-    CONVERGING = "CONVERGING"
-    SWITCHING = "SWITCHING"
-    VERIFYING = "VERIFYING"
-    SUCCEEDED = "SUCCEEDED"
-    FAILED = "FAILED"
-    CANCELLING = "CANCELLING"
-    CANCELLED = "CANCELLED"
-
-    @property
-    def final(self) -> bool:
-        return self in _FINAL
-
-    @property
-    def active(self) -> bool:
-        return not self.final
-
-
-_FINAL = frozenset({TaskState.SUCCEEDED, TaskState.FAILED, TaskState.CANCELLED})
-_FORWARD = [
-    TaskState.PENDING,
-    TaskState.PREPARING,
-    TaskState.COPYING,
-    TaskState.CONVERGING,
-    TaskState.SWITCHING,
-    TaskState.VERIFYING,
-    TaskState.SUCCEEDED,
-]
-
-
-def can_transition(src: TaskState, dst: TaskState) -> bool:
-    """Whether a task in ``src`` may move to ``dst``."""
-    if src.final:
-        return False
-    if src is TaskState.CANCELLING:
-        return dst in (TaskState.CANCELLED, TaskState.FAILED, TaskState.SUCCEEDED)
-    if dst in (TaskState.FAILED, TaskState.CANCELLING):
-        return True
-    if dst is TaskState.CANCELLED:
-        # Only a task that never started work may end CANCELLED without a CANCELLING step.
-        return src is TaskState.PENDING
-    if src in _FORWARD and dst in _FORWARD:
-        return _FORWARD.index(dst) > _FORWARD.index(src)
-    return False
+__all__ = ["TaskState", "can_transition"]

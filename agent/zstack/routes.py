@@ -186,7 +186,10 @@ def mount(app: web.Application) -> None:
     """Add the ZStack paths (token-free, source-network guarded) and the service's lifecycle to ``app``.
 
     Call after the agent's own routes and ``cleanup_ctx`` are in place: the service needs the task manager.
+    Does nothing unless ``[zstack] enabled`` is set in the config.
     """
+    if not app[CONFIG].zstack.enabled:
+        return
     paths = []
     for path, handler in ROUTES:
         for variant in (path, path + "/"):

@@ -35,6 +35,7 @@ from service_fakes import (
 from agent.api.app import make_app
 from agent.config import parse_config
 from agent.errors import MigrationFailed
+from agent.zstack import mount
 from labkit import agentctl
 from labkit.layout import HOSTS
 from labkit.state import LabState
@@ -197,6 +198,7 @@ async def start_agent(tmp_path: Path, script: Script | None = None, **config: An
         token=TOKEN,
         engine_factory=FakeFactory(script or Script()),
         inventory=FakeInventory(VM_1, VM_2),
+        dialects=(mount,),
     )
     client = TestClient(TestServer(app, host="127.0.0.1"))
     await client.start_server()

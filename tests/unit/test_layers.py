@@ -1,0 +1,90 @@
+"""The import rule: agent/'s layers import one way only (docs/architecture.md).
+
+    base (errors, config, security, pki, systemd)
+      <- virt, storage, transfer, client
+      <- migration <- tasks <- report, metrics <- api <- zstack, cli
+
+A module may import its own package and any layer below it, never one above: a lower layer that needed
+an upper one would hide a cycle (the first version had one behind a late import in api/app.py). The check
+reads every import statement of every module with ``ast``, the late ones inside functions included.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+from agent.client.models import FINAL_STATES
+from agent.migration.states import TaskState
+
+AGENT = Path(__file__).resolve().parents[2] / "agent"
+
+RANK = {
+    "__init__": 0,
+    "errors": 0,
+    "config": 0,
+    "security": 0,
+    "pki": 0,
+    "systemd": 0,
+    "virt": 1,
+    "storage": 1,
+    "transfer": 1,
+    "client": 1,
+    "migration": 2,
+    "tasks": 3,
+    "report": 4,
+    "metrics": 4,
+    "api": 5,
+    "zstack": 6,
+    "cli": 6,
+    "__main__": 7,
+}
+
+
+def upward_imports(root: Path) -> list[str]:
+    """Every ``import agent.X`` / ``from agent.X import`` that points from a lower layer to a higher one."""
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        layer = path.relative_to(root).parts[0].removesuffix(".py")
+        if layer not in RANK:
+            found.append(f"{path}: {layer} is in no layer (add it to RANK and docs/architecture.md)")
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names = [node.module]
+            elif isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            else:
+                continue
+            for name in names:
+                parts = name.split(".")
+                if parts[0] != "agent" or len(parts) < 2 or parts[1] == layer:
+                    continue
+                target = parts[1]
+                if RANK.get(target, 99) > RANK[layer]:
+                    found.append(f"{path}:{node.lineno}: {layer} imports {name}")
+    return found
+
+
+def test_imports_point_one_way() -> None:
+    assert upward_imports(AGENT) == []
+
+
+def test_the_rule_sees_an_upward_import(tmp_path: Path) -> None:
+    """The check is not vacuous: a deliberate upward import, even a late one inside a function, is found."""
+    (tmp_path / "migration").mkdir()
+    (tmp_path / "migration" / "bad.py").write_text(
+        "def f():\n    from agent.api.app import make_app\n    return make_app\n"
+    )
+    (tmp_path / "virt").mkdir()
+    (tmp_path / "virt" / "fine.py").write_text("from agent.errors import AgentError\n")
+    assert upward_imports(tmp_path) == [
+        f"{tmp_path / 'migration' / 'bad.py'}:2: migration imports agent.api.app"
+    ]
+
+
+@pytest.mark.parametrize("state", list(TaskState))
+def test_the_clients_final_states_are_the_models(state: TaskState) -> None:
+    assert (state.value in FINAL_STATES) is state.final
