@@ -163,7 +163,9 @@ def disk_shares(
     return shares
 
 
-def disk_verdict(watch: DiskWatch, share: int, budget: int, disks: int) -> ConvergenceFailed:
+def disk_verdict(
+    watch: DiskWatch, share: int, budget: int, disks: int, *, hint: str | None = None
+) -> ConvergenceFailed:
     """The early failure of ``precopy`` for a disk whose background mirror cannot converge, with figures."""
     write = watch.write_bps
     need = int(write * 1.25 * disks)
@@ -175,6 +177,7 @@ def disk_verdict(watch: DiskWatch, share: int, budget: int, disks: int) -> Conve
             f"{budget / MiB:.1f} MiB/s over {disks} disk(s), remaining bytes not falling for "
             f"{JUDGE_AFTER_S:.0f} s; a background copy needs a budget above {need / MiB:.0f} MiB/s, or use "
             "strategy auto (write-blocking mirror: the guest's writes reach both sides before they complete)"
+            + (f"; {hint}" if hint else "")
         ),
         disk=watch.target,
         guestWriteBytesPerSecond=int(write),
@@ -193,6 +196,11 @@ class BudgetMeter:
     last: float | None = None
     bytes: int = 0
     samples: list[dict[str, Any]] = field(default_factory=list)
+
+    def start(self, now: float) -> None:
+        """The mirrors start now: bytes they move before the first sample count from here."""
+        if self.started is None:
+            self.started = now
 
     def add(self, now: float, moved: int) -> None:
         if self.started is None:
