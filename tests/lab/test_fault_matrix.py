@@ -246,6 +246,7 @@ async def assert_callback(recorder: CallbackRecorder, task: dict[str, Any]) -> N
 # -- the matrix ----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.timeout(CASE_TIMEOUT_S + 600)
 @pytest.mark.parametrize("case", _params())
 async def test_verdict_is_the_truth(
     lab_agents: Lab, make_guest: Callable[..., Guest], recorder: CallbackRecorder, case: Case
