@@ -35,7 +35,7 @@ from agent.client import AgentClient
 from agent.config import AgentConfig
 from agent.errors import AgentError, MigrationFailed, NotFound, PreflightFailed
 from agent.migration import convergence, hotdisk
-from agent.migration.engine import TaskContext, announce, run_past_cancel
+from agent.migration.engine import Step, TaskContext, announce, run_past_cancel
 from agent.migration.incoming import IncomingDisk, IncomingLayer, IncomingSpec
 from agent.migration.layers import send_layer_to_peer
 from agent.migration.pacing import (
@@ -127,30 +127,30 @@ class CrossHostEngine:
             for disk in plan.disks:
                 ctx.progress(f"disk:{disk.target}", 0, disk.estimated_bytes)
             ctx.progress("memory", 0, await self.host.memory_bytes(ctx.vm_uuid))
-            data: dict[str, Any] = {"engine": "cross-host", "step": "preparing", "plan": plan.to_dict()}
+            data: dict[str, Any] = {"engine": "cross-host", "step": Step.PREPARING, "plan": plan.to_dict()}
             await ctx.checkpoint(data)
             try:
                 prepared = await peer_call(
                     peer, "POST", ("v1", "incoming-migrations"), self._incoming_spec(ctx, plan).model_dump()
                 )
-                data.update(step="prepared", prepared=prepared)
+                data.update(step=Step.PREPARED, prepared=prepared)
                 await ctx.checkpoint(data)
                 await ctx.enter(TaskState.COPYING)
                 await self._send_layers(ctx, peer, plan, prepared, data)
-                data["step"] = "migrating"
+                data["step"] = Step.MIGRATING
                 await ctx.checkpoint(data)
                 stats = await self._migrate(ctx, plan, prepared)
             except AgentError as err:
                 # An error reported once the migration ran (a lost connection at the very end, libvirtd
                 # restarting under it) must not be taken for a rollback: where the VM runs decides.
-                if data["step"] != "migrating":
+                if data["step"] != Step.MIGRATING:
                     await self._abort_remote(ctx, peer)
                     raise
                 return await self._settle(ctx, peer, plan, data, err)
             except asyncio.CancelledError as err:
                 if ctx.detaching:  # a stopping agent leaves the p2p migration to libvirt
                     raise
-                if data["step"] != "migrating":
+                if data["step"] != Step.MIGRATING:
                     await self._abort_remote(ctx, peer)
                     raise
                 # The job was aborted (``_cancel_migration``) unless it had already switched over.
@@ -159,7 +159,7 @@ class CrossHostEngine:
                 if not ctx.detaching:
                     await self._abort_remote(ctx, peer)
                 raise
-            data["step"] = "committing"
+            data["step"] = Step.COMMITTING
             await ctx.checkpoint(data)
             return await run_past_cancel(ctx, self._commit(ctx, peer, plan, prepared, stats))
 
@@ -200,7 +200,7 @@ class CrossHostEngine:
                 ctx.log.warning("the deadline passed after the switchover; the VM runs on the destination")
             else:
                 ctx.log.warning("%s, but the VM runs on the destination; committing", _what(failure))
-            data["step"] = "committing"
+            data["step"] = Step.COMMITTING
             await ctx.checkpoint(data)
             return await self._commit(ctx, peer, plan, data["prepared"], None)
         if where == "unknown":
@@ -394,7 +394,7 @@ class CrossHostEngine:
             # survive; LAB-NOTES) can trail the return of migrateToURI3, notably after post-copy.
             completed = await _completed_stats(events, wait_s=5.0)
         finally:
-            steer.close()
+            await steer.close()
             self.host.unsubscribe(ctx.vm_uuid, events)
         ctx.note("convergence", steer.summary())
         steer.judge_budget()
@@ -605,7 +605,7 @@ class CrossHostEngine:
             code="AGENT.INTERRUPTED",
             details="send the request again to retry",
         )
-        if step in ("migrating", "committing"):
+        if step in (Step.MIGRATING, Step.COMMITTING):
             try:
                 await self.host.wait_reachable(LIBVIRT_OUTAGE_S)
                 if ctx.cancel_requested:
@@ -654,7 +654,7 @@ class CrossHostEngine:
                     ctx.log.debug("steering step skipped: %s", err.description)
                 await asyncio.sleep(self.tick_s)
         finally:
-            steer.close()
+            await steer.close()
         return steer.verdict
 
     async def _job_active(self, ctx: TaskContext) -> bool:
@@ -999,10 +999,14 @@ class _Steering:
             self.speeds[target] = speed
         self.clock.landed(time.monotonic() - asked)
 
-    def close(self) -> None:
-        """The job is over: speed changes still on their way are of no use."""
-        for task in self.changing.values():
+    async def close(self) -> None:
+        """The job is over: speed changes still on their way are of no use; cancelled and awaited."""
+        pending = list(self.changing.values())
+        for task in pending:
             task.cancel()
+        # Their failures were logged where they ran; here only their end matters.
+        await asyncio.gather(*pending, return_exceptions=True)
+        self.changing.clear()
 
     async def _apply(self, action: convergence.Action) -> None:
         vm = self.ctx.vm_uuid

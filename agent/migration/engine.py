@@ -17,6 +17,7 @@ The task manager builds a ``TaskContext`` for each task and calls ``engine.run(c
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
 import time
 from collections.abc import Awaitable, Mapping
@@ -43,6 +44,24 @@ class Deadline:
 
     def passed(self) -> bool:
         return time.time() >= self.at
+
+
+class Step(enum.StrEnum):
+    """The engines' checkpoint steps, as journalled (``ctx.checkpoint({"step": ...})``): the last one taken
+    tells a restarted agent where to resume. The values are the journal's wire form; never rename one."""
+
+    # both engines
+    PREPARED = "prepared"
+    # same host
+    COPYING_LAYERS = "copying-layers"
+    CREATING_TOPS = "creating-tops"
+    MIRRORING = "mirroring"
+    SWITCHING = "switching"
+    VERIFYING = "verifying"
+    # cross host
+    PREPARING = "preparing"
+    MIGRATING = "migrating"
+    COMMITTING = "committing"
 
 
 class TaskContext(Protocol):

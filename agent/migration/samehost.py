@@ -30,7 +30,7 @@ import libvirt
 
 from agent.errors import AgentError, MigrationFailed, NotFound, PreflightFailed, StorageError, VirtError
 from agent.migration import hotdisk
-from agent.migration.engine import TaskContext, announce, run_past_cancel
+from agent.migration.engine import Step, TaskContext, announce, run_past_cancel
 from agent.migration.hotdisk import BudgetMeter, DiskWatch, Mode
 from agent.migration.inventory import volume_inventory
 from agent.migration.pacing import (
@@ -100,7 +100,7 @@ class _Work:
     rates: list[dict[str, Any]] = field(default_factory=list)
     meter: BudgetMeter = field(default_factory=BudgetMeter)
 
-    def checkpoint_data(self, step: str) -> dict[str, Any]:
+    def checkpoint_data(self, step: Step) -> dict[str, Any]:
         return {
             "engine": "same-host",
             "step": step,
@@ -163,7 +163,7 @@ class SameHostEngine:
             ctx.progress(f"layer:{os.path.basename(layer.dst)}", 0, layer.actual_size)
         for disk in plan.disks:
             ctx.progress(f"disk:{disk.target}", 0, disk.estimated_bytes)
-        await ctx.checkpoint(work.checkpoint_data("prepared"))
+        await ctx.checkpoint(work.checkpoint_data(Step.PREPARED))
         try:
             await ctx.enter(TaskState.COPYING)
             await self._copy_layers(ctx, work)
@@ -266,7 +266,7 @@ class SameHostEngine:
 
     # -- copying ----------------------------------------------------------------------------------------
 
-    async def _record_created(self, ctx: TaskContext, work: _Work, path: str, step: str) -> None:
+    async def _record_created(self, ctx: TaskContext, work: _Work, path: str, step: Step) -> None:
         """Journal a file before creating it, so a restart knows to remove it."""
         if not self.roots.owner_of(path):
             raise MigrationFailed(f"refusing to create {path}: not inside a storage root")
@@ -279,7 +279,7 @@ class SameHostEngine:
             if layer.dst in work.reused:
                 ctx.progress(item, layer.actual_size, layer.actual_size)
                 continue
-            await self._record_created(ctx, work, layer.dst, "copying-layers")
+            await self._record_created(ctx, work, layer.dst, Step.COPYING_LAYERS)
             done = 0
 
             def on_bytes(n: int, item: str = item, size: int = layer.actual_size) -> None:
@@ -303,7 +303,7 @@ class SameHostEngine:
         for disk in work.plan.disks:
             if disk.precreated:
                 continue  # the caller's file: checked in PREPARING, never created nor removed here
-            await self._record_created(ctx, work, disk.dst_top, "creating-tops")
+            await self._record_created(ctx, work, disk.dst_top, Step.CREATING_TOPS)
             await qemuimg.create(
                 disk.dst_top,
                 disk.dst_format,
@@ -337,7 +337,7 @@ class SameHostEngine:
                         shareBytesPerSecond=shares[target],
                     )
             shares = hotdisk.disk_shares(ctx.bandwidth, self._watches(work), set())
-            await ctx.checkpoint(work.checkpoint_data("mirroring"))
+            await ctx.checkpoint(work.checkpoint_data(Step.MIRRORING))
             work.meter.start(time.monotonic())
             for target, mirror in work.mirrors.items():
                 await self._start_mirror(ctx, mirror, shares[target])
@@ -428,7 +428,7 @@ class SameHostEngine:
             )
         assert mirror.watch is not None
         mirror.watch.restart(Mode.WRITE_BLOCKING)
-        await ctx.checkpoint(work.checkpoint_data("mirroring"))
+        await ctx.checkpoint(work.checkpoint_data(Step.MIRRORING))
         shares = hotdisk.disk_shares(ctx.bandwidth, self._watches(work), self._ready(work))
         await self._start_mirror(ctx, mirror, shares[target])
 
@@ -626,7 +626,7 @@ class SameHostEngine:
 
     async def _finish(self, ctx: TaskContext, work: _Work) -> list[dict[str, Any]]:
         try:
-            await ctx.checkpoint(work.checkpoint_data("switching"))
+            await ctx.checkpoint(work.checkpoint_data(Step.SWITCHING))
             await ctx.enter(TaskState.SWITCHING)
         except BaseException:
             # Nothing is pivoted yet: a cancel landing here (CANCELLING admits no SWITCHING) undoes the copy
@@ -641,7 +641,7 @@ class SameHostEngine:
 
     async def _switch_and_verify(self, ctx: TaskContext, work: _Work) -> list[dict[str, Any]]:
         await self._switch(ctx, work)
-        await ctx.checkpoint(work.checkpoint_data("verifying"))
+        await ctx.checkpoint(work.checkpoint_data(Step.VERIFYING))
         await announce(ctx, TaskState.VERIFYING)
         return await self._verify(ctx, work)
 
@@ -792,10 +792,10 @@ class SameHostEngine:
         ctx.log.info("resuming at step %s", step)
         # No await before these branches: the cancel the manager delivers to a resumed CANCELLING task
         # must land inside them (past a pivot it is absorbed, before one it undoes the copy).
-        if step in ("switching", "verifying"):
+        if step in (Step.SWITCHING, Step.VERIFYING):
             with contextlib.suppress(_NothingSwitched):
                 return await run_past_cancel(ctx, self._resume_switch(ctx, work))
-        if step == "mirroring":
+        if step == Step.MIRRORING:
             try:
                 picked_up = await self._pick_up_mirrors(ctx, work)
             except BaseException:
