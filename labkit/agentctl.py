@@ -43,20 +43,24 @@ class AgentIncomplete(LabError):
     comes up without agents and says so, instead of failing, while colleagues are still writing `serve`."""
 
 
-def config_text(host: HostSpec, hs: HostState) -> str:
-    """agent.toml in the shape agent/config.py reads (one shared lab token doubles as the cluster token)."""
+def config_text(host: HostSpec, hs: HostState, *, twin_port: int | None = None) -> str:
+    """agent.toml in the shape agent/config.py reads (one shared lab token doubles as the cluster token).
+    ``twin_port``: a second, plain-text agent on that port (see ``start_twin``)."""
     lines = [
         f"# written by scripts/lab for {host.name}",
         f'listen_address = "{host.address}"',
-        f"port = {AGENT_PORT}",
+        f"port = {twin_port or AGENT_PORT}",
         f'token_file = "{TOKEN_FILE}"',
         f'cluster_token_file = "{TOKEN_FILE}"',
         f'host_uuid = "{hs.uuid}"',
         'libvirt_uri = "qemu:///system"',
-        f'state_dir = "{host.agent_state_dir}"',
+        f'state_dir = "{host.dir / f"state-{twin_port}" if twin_port else host.agent_state_dir}"',
         f'migration_address = "{host.address}"',
     ]
-    if insecure():
+    if twin_port and not insecure():
+        # Plain HTTP and migration streams; libvirtd itself has only its TLS listener.
+        lines += ["insecure_transport = true", f'peer_libvirt_uri = "qemu+tls://{host.address}/system"']
+    elif insecure():
         lines.append("insecure_transport = true  # scripts/lab up --insecure")
     else:  # the host's /etc/pki (bind-mounted in its namespace), as a real install has it
         lines += [
@@ -68,10 +72,37 @@ def config_text(host: HostSpec, hs: HostState) -> str:
         lines.append(f'log_level = "{level.upper()}"')
     for name, _, _ in STORAGE_ROOTS:
         lines += ["", "[[storage]]", f'uuid = "{hs.storage[name]}"', f'path = "{host.storage_path(name)}"']
+    if twin_port:
+        return "\n".join(lines) + "\n"
     # The ZStack dialect, for a management server played from the lab's network or inside a host.
     lab_net = ipaddress.ip_network(f"{BRIDGE_ADDRESS}/{PREFIX_LEN}", strict=False)
     lines += ["", "[zstack]", "enabled = true", f'allowed_networks = ["{lab_net}", "127.0.0.0/8"]']
     return "\n".join(lines) + "\n"
+
+
+def start_twin(host: HostSpec, hs: HostState, port: int) -> tuple[int, str]:
+    """A second agent on ``host`` with ``insecure_transport = true`` on ``port`` (its own state directory),
+    next to the lab's: to compare plain migration streams with TLS on one lab (tests/lab/test_security.py,
+    bench case 6). Returns (pid, its http URL); the caller stops it (``kill_pids``)."""
+    config = host.dir / f"agent-{port}.toml"
+    write_file(config, config_text(host, hs, twin_port=port))
+    argv = [str(AGENT_BIN), "serve", "--config", str(config)]
+    pid = hostsetup.spawn(host, argv, host.dir / f"agent-{port}.log", env={"PYTHONUNBUFFERED": "1"})
+    url = f"http://{host.address}:{port}"
+
+    def ready() -> bool:
+        if not pid_matches(pid, AGENT_MARK):
+            raise LabError(
+                f"{host.name}: the agent on port {port} exited:\n{tail_file(host.dir / f'agent-{port}.log')}"
+            )
+        try:
+            with _opener().open(f"{url}/v1/health", timeout=2) as response:
+                return bool(response.status == 200)
+        except (OSError, urllib.error.URLError):
+            return False
+
+    wait_for(f"{host.name} agent at {url}", ready, timeout=60, interval=0.3)
+    return pid, url
 
 
 def write_config(host: HostSpec, hs: HostState) -> bool:

@@ -5,8 +5,10 @@ from __future__ import annotations
 import tomllib
 from pathlib import Path
 
+import pytest
+
 from agent.config import parse_config
-from labkit import agentctl, records
+from labkit import agentctl, hostsetup, layout, records
 from labkit.image import module_load_order
 from labkit.layout import HOSTS
 from labkit.state import LabState
@@ -106,3 +108,38 @@ def test_lab_agent_config_is_accepted_by_the_agent() -> None:
         assert config.host_uuid == state.hosts[host.name].uuid
         assert config.listen_address == host.address
         assert len(config.storage) == 3
+
+
+def test_lab_configs_are_tls_unless_the_lab_is_insecure(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The agent, libvirtd and QEMU configs of a TLS lab, of an insecure one, and of a plain twin."""
+
+    monkeypatch.setattr(layout, "INSECURE_FILE", tmp_path / "insecure")
+    monkeypatch.setattr(hostsetup, "allowed_dns", lambda: ("O=lab,CN=hostA", "O=lab,CN=operator"))
+    state = LabState.fresh()
+    host = HOSTS[0]
+    secure = parse_config(tomllib.loads(agentctl.config_text(host, state.hosts[host.name])), host.name)
+    assert not secure.insecure_transport and secure.peer_uri() == f"qemu+tls://{host.address}/system"
+    assert (secure.tls_cert, secure.tls_ca) == (
+        Path("/etc/pki/libvirt/servercert.pem"),
+        Path("/etc/pki/CA/cacert.pem"),
+    )
+    assert host.agent_url.startswith("https://") and "pkipath=" in host.libvirt_uri
+    libvirtd = hostsetup.libvirtd_conf(host, state.hosts[host.name])
+    assert (
+        "listen_tls = 1" in libvirtd and "listen_tcp = 0" in libvirtd and 'auth_tcp = "none"' not in libvirtd
+    )
+    assert 'tls_allowed_dn_list = ["O=lab,CN=hostA", "O=lab,CN=operator"]' in libvirtd
+    assert "migrate_tls_x509_verify = 1" in hostsetup.qemu_conf(host)
+    twin_text = agentctl.config_text(host, state.hosts[host.name], twin_port=7071)
+    twin = parse_config(tomllib.loads(twin_text), host.name)
+    assert twin.insecure_transport and twin.port == 7071 and twin.tls_cert is None
+    assert twin.peer_uri() == f"qemu+tls://{host.address}/system" and twin.state_dir != secure.state_dir
+
+    (tmp_path / "insecure").write_text("")
+    plain = parse_config(tomllib.loads(agentctl.config_text(host, state.hosts[host.name])), host.name)
+    assert plain.insecure_transport and plain.peer_uri() == f"qemu+tcp://{host.address}/system"
+    assert host.agent_url.startswith("http://") and host.libvirt_uri == f"qemu+tcp://{host.address}/system"
+    assert 'auth_tcp = "none"' in hostsetup.libvirtd_conf(host, state.hosts[host.name])
+    assert "tls" not in hostsetup.qemu_conf(host)
