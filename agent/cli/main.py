@@ -98,3 +98,5 @@ def _report(out: Output, err: ClientError) -> None:
         out.note(line)
     if err.status == 401:
         out.note("hint: pass the agent's token with --token-file F (or KSA_TOKEN_FILE)")
+    if "CERTIFICATE_VERIFY_FAILED" in str((err.error or {}).get("description", "")):
+        out.note("hint: pass the cluster CA with --ca-file F (or KSA_CA_FILE), e.g. /etc/pki/CA/cacert.pem")

@@ -3,8 +3,11 @@ file, a cluster client certificate for agent-to-agent paths, no token sent in pl
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
 import ssl
+import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -133,3 +136,21 @@ def test_peer_libvirt_uri_is_tls_unless_insecure(tmp_path: Path, cluster: Path) 
     assert secure.peer_uri() == "qemu+tls://10.0.0.2/system"
     insecure = make_config(tmp_path, insecure_transport=True, migration_address="10.0.0.2")
     assert insecure.peer_uri() == "qemu+tcp://10.0.0.2/system"
+
+
+async def test_cli_verifies_the_agent_with_ca_file(agent_b: TlsAgent) -> None:
+    async def cli(*args: str, env: dict[str, str] | None = None) -> tuple[int, str]:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "agent", "health", "--agent", agent_b.url, *args,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
+        )  # fmt: skip
+        out, _ = await proc.communicate()
+        return proc.returncode or 0, out.decode()
+
+    code, out = await cli()
+    assert code == 3 and "CERTIFICATE_VERIFY_FAILED" in out and "--ca-file" in out, out
+    code, out = await cli("--ca-file", str(agent_b.config.tls_ca))
+    assert code == 0, out
+    code, out = await cli(env={"KSA_CA_FILE": str(agent_b.config.tls_ca)})
+    assert code == 0, out
