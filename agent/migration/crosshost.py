@@ -37,6 +37,7 @@ from agent.errors import AgentError, MigrationFailed, NotFound, PreflightFailed
 from agent.migration import convergence, hotdisk
 from agent.migration.engine import Step, TaskContext, announce, run_past_cancel
 from agent.migration.incoming import IncomingDisk, IncomingLayer, IncomingSpec
+from agent.migration.inventory import planned_inventory, remote_inventory
 from agent.migration.layers import send_layer_to_peer
 from agent.migration.pacing import (
     POSITIONAL_SLACK,
@@ -50,10 +51,10 @@ from agent.migration.pacing import (
     worth_changing,
 )
 from agent.migration.peer import peer_call, peer_client
-from agent.migration.plan import MigrationPlan, allocation_index, inspect_chains, plan_migration
+from agent.migration.plan import MigrationPlan, RemoteRoot, allocation_index, inspect_chains, plan_migration
 from agent.migration.request import Strategy
 from agent.migration.states import TaskState
-from agent.storage.roots import StorageRoot, StorageRoots
+from agent.storage.roots import StorageRoots
 from agent.virt.domxml import parse_disks, rewrite_disk_sources
 from agent.virt.host import UNREACHABLE, DomainEvent, VirtHost
 from agent.virt.peer import PeerDomain, describe, look_at_peer, planned_tops
@@ -84,13 +85,6 @@ FIRST_CHANGE_S = 0.5
 #: How long the guest's disk writes are measured before a capped migration starts (hot disks, issue 16).
 MEASURE_WRITES_S = 1.5
 MiB = 1024 * 1024
-
-
-class RemoteRoot(StorageRoot):
-    """The destination storage seen from the source: names only; the destination agent confines them."""
-
-    def confine(self, path: str | Path, field: str) -> Path:
-        return Path(path)
 
 
 class CrossHostEngine:
@@ -1144,76 +1138,6 @@ _PEER_RETRY_CODES = {
     "AGENT.PEER_UNREACHABLE": "agent unreachable",
     UNREACHABLE: "agent cannot reach its libvirtd",
 }
-
-
-def remote_inventory(vm: Mapping[str, Any], plan: MigrationPlan) -> list[dict[str, Any]]:
-    """The seed-shaped inventory from the destination agent's view of the VM."""
-    planned = {d.target: d for d in plan.disks}
-    out = []
-    for disk in vm.get("disks", []):
-        if disk.get("device") != "disk" or not disk.get("chain"):
-            continue
-        moved = planned.get(disk["target"])
-        top, *below = disk["chain"]
-        storage = plan.dst_storage_uuid if moved else None
-        out.append(
-            {
-                "uuid": moved.volume_uuid if moved else (disk.get("serial") or disk["target"]),
-                "deviceName": disk["target"],
-                "type": moved.role if moved else "Data",
-                "moved": moved is not None,
-                "installPath": top["path"],
-                "primaryStorageUuid": storage,
-                "format": top["format"],
-                "size": top["virtualSize"],
-                "actualSize": top["actualSize"],
-                "backingChain": [
-                    {
-                        "installPath": layer["path"],
-                        "format": layer["format"],
-                        "size": layer["virtualSize"],
-                        "actualSize": layer["actualSize"],
-                        "primaryStorageUuid": storage,
-                    }
-                    for layer in below
-                ],
-            }
-        )
-    return out
-
-
-def planned_inventory(plan: MigrationPlan, prepared: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """The seed-shaped inventory of the moved volumes from the plan and the prepared paths, for when the
-    destination agent cannot describe the VM (sizes as planned; ``actualSize`` unknown)."""
-    paths = {str(d["target"]): d for d in prepared["disks"]}
-    out = []
-    for disk in plan.disks:
-        placed = paths[disk.target]
-        below = list(reversed(placed.get("layers") or []))  # prepared lists them base first
-        out.append(
-            {
-                "uuid": disk.volume_uuid,
-                "deviceName": disk.target,
-                "type": disk.role,
-                "moved": True,
-                "installPath": placed["top"],
-                "primaryStorageUuid": plan.dst_storage_uuid,
-                "format": disk.dst_format,
-                "size": disk.virtual_size,
-                "actualSize": None,
-                "backingChain": [
-                    {
-                        "installPath": path,
-                        "format": layer.format,
-                        "size": layer.virtual_size,
-                        "actualSize": layer.actual_size,
-                        "primaryStorageUuid": plan.dst_storage_uuid,
-                    }
-                    for path, layer in zip(below, reversed(disk.lower_layers), strict=False)
-                ],
-            }
-        )
-    return out
 
 
 def _not_as_planned(ctx: TaskContext, view: PeerDomain, tops: Mapping[str, str]) -> MigrationFailed:

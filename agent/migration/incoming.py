@@ -32,6 +32,7 @@ from agent.migration.request import normalise_uuid
 from agent.migration.targets import check_precreated_target
 from agent.storage import qemuimg
 from agent.storage.roots import StorageRoot, StorageRoots
+from agent.storage.space import check_free_space
 from agent.transfer.export import IncomingLayer as LayerExport
 from agent.transfer.verify import LayerDigest, verify_layer
 from agent.virt.domxml import parse_disks
@@ -39,7 +40,6 @@ from agent.virt.host import VirtHost
 
 log = logging.getLogger(__name__)
 
-SPACE_MARGIN = 64 * 1024 * 1024
 #: Seconds an abort waits for the paused incoming domain of a failed migration to disappear.
 INCOMING_GONE_S = 20
 #: How often the start-up reconciliation looks again at a record whose migration is still in flight, and for
@@ -224,15 +224,7 @@ class IncomingService:
                         details="remove it or choose another destination",
                     )
             needed += disk.estimatedBytes + sum(layer.actualSize for layer in disk.layers)
-        free, _total = await asyncio.to_thread(root.usage)
-        if needed * 1.1 + SPACE_MARGIN > free:
-            raise PreflightFailed(
-                f"storage {root.uuid} on this host has {free} bytes free; the move needs about "
-                f"{int(needed * 1.1)} plus a margin",
-                code="AGENT.NO_SPACE",
-                field="dstPrimaryStorageUuid",
-                details="free space there or pick another primary storage",
-            )
+        await check_free_space(root, needed, field="dstPrimaryStorageUuid", where=" on this host")
 
     async def _create_disk(self, record: dict[str, Any], disk: IncomingDisk, paths: dict[str, Any]) -> None:
         """Create the top now; lower layers are created by their transfer (``open_layer``), base first."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from agent.migration.plan import MigrationPlan
@@ -44,6 +44,76 @@ async def volume_inventory(
                         "primaryStorageUuid": (r.uuid if (r := roots.owner_of(layer.path)) else None),
                     }
                     for layer in chain[1:]
+                ],
+            }
+        )
+    return out
+
+
+def remote_inventory(vm: Mapping[str, Any], plan: MigrationPlan) -> list[dict[str, Any]]:
+    """The seed-shaped inventory from the destination agent's view of the VM."""
+    planned = {d.target: d for d in plan.disks}
+    out = []
+    for disk in vm.get("disks", []):
+        if disk.get("device") != "disk" or not disk.get("chain"):
+            continue
+        moved = planned.get(disk["target"])
+        top, *below = disk["chain"]
+        storage = plan.dst_storage_uuid if moved else None
+        out.append(
+            {
+                "uuid": moved.volume_uuid if moved else (disk.get("serial") or disk["target"]),
+                "deviceName": disk["target"],
+                "type": moved.role if moved else "Data",
+                "moved": moved is not None,
+                "installPath": top["path"],
+                "primaryStorageUuid": storage,
+                "format": top["format"],
+                "size": top["virtualSize"],
+                "actualSize": top["actualSize"],
+                "backingChain": [
+                    {
+                        "installPath": layer["path"],
+                        "format": layer["format"],
+                        "size": layer["virtualSize"],
+                        "actualSize": layer["actualSize"],
+                        "primaryStorageUuid": storage,
+                    }
+                    for layer in below
+                ],
+            }
+        )
+    return out
+
+
+def planned_inventory(plan: MigrationPlan, prepared: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The seed-shaped inventory of the moved volumes from the plan and the prepared paths, for when the
+    destination agent cannot describe the VM (sizes as planned; ``actualSize`` unknown)."""
+    paths = {str(d["target"]): d for d in prepared["disks"]}
+    out = []
+    for disk in plan.disks:
+        placed = paths[disk.target]
+        below = list(reversed(placed.get("layers") or []))  # prepared lists them base first
+        out.append(
+            {
+                "uuid": disk.volume_uuid,
+                "deviceName": disk.target,
+                "type": disk.role,
+                "moved": True,
+                "installPath": placed["top"],
+                "primaryStorageUuid": plan.dst_storage_uuid,
+                "format": disk.dst_format,
+                "size": disk.virtual_size,
+                "actualSize": None,
+                "backingChain": [
+                    {
+                        "installPath": path,
+                        "format": layer.format,
+                        "size": layer.virtual_size,
+                        "actualSize": layer.actual_size,
+                        "primaryStorageUuid": plan.dst_storage_uuid,
+                    }
+                    for path, layer in zip(below, reversed(disk.lower_layers), strict=False)
                 ],
             }
         )

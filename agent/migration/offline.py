@@ -22,18 +22,24 @@ from typing import Any
 
 from agent.config import AgentConfig
 from agent.errors import AgentError, MigrationFailed, PreflightFailed
-from agent.migration.crosshost import RemoteRoot, remote_inventory
 from agent.migration.engine import TaskContext
 from agent.migration.incoming import IncomingDisk, IncomingLayer, IncomingSpec
-from agent.migration.inventory import volume_inventory
+from agent.migration.inventory import remote_inventory, volume_inventory
 from agent.migration.layers import send_layer_to_peer
 from agent.migration.peer import peer_call, peer_client
-from agent.migration.plan import DiskPlan, LayerPlan, MigrationPlan, inspect_chains, plan_migration
-from agent.migration.samehost import SPACE_MARGIN
+from agent.migration.plan import (
+    DiskPlan,
+    LayerPlan,
+    MigrationPlan,
+    RemoteRoot,
+    inspect_chains,
+    plan_migration,
+)
 from agent.migration.states import TaskState
 from agent.storage import qemuimg
 from agent.storage.filecopy import copy_sparse_async
 from agent.storage.roots import StorageRoots
+from agent.storage.space import check_free_space
 from agent.virt.domxml import parse_disks, rewrite_disk_sources
 from agent.virt.host import VirtHost
 
@@ -85,14 +91,7 @@ class OfflineEngine:
                     details="remove it or choose another destination",
                 )
         root = self.roots.get(plan.dst_storage_uuid)
-        free, _total = await asyncio.to_thread(root.usage)
-        if plan.bytes_total * 1.1 + SPACE_MARGIN > free:
-            raise PreflightFailed(
-                f"storage {root.uuid} has {free} bytes free; the move needs about "
-                f"{int(plan.bytes_total * 1.1)}",
-                code="AGENT.NO_SPACE",
-                field="primaryStorageMigrateVm.dstPrimaryStorageUuid",
-            )
+        await check_free_space(root, plan.bytes_total, field="primaryStorageMigrateVm.dstPrimaryStorageUuid")
         created: list[str] = []
         data: dict[str, Any] = {"engine": "offline", "created": created}
         try:

@@ -335,3 +335,10 @@ async def allocation_index(disk: DiskPlan) -> AllocationIndex:
     """Where the bytes a mirror of ``disk`` moves are: data in any layer when flattening, else in the top."""
     extents = await qemuimg.allocation_map(disk.src_top)
     return AllocationIndex((e.start, e.length) for e in extents if e.data and (disk.flatten or e.depth == 0))
+
+
+class RemoteRoot(StorageRoot):
+    """The destination storage seen from the source: names only; the destination agent confines them."""
+
+    def confine(self, path: str | Path, field: str) -> Path:
+        return Path(path)

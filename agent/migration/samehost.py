@@ -56,10 +56,10 @@ from agent.migration.targets import check_precreated_target, check_same_content_
 from agent.storage import qemuimg
 from agent.storage.filecopy import copy_sparse_async
 from agent.storage.roots import StorageRoots
+from agent.storage.space import check_free_space
 from agent.virt.domxml import block_copy_dest_xml, parse_disks, rewrite_disk_sources
 from agent.virt.host import UNREACHABLE, DomainEvent, VirtHost
 
-SPACE_MARGIN = 64 * 1024 * 1024
 TICK_S = 0.25
 #: How long a copy waits for a restarting libvirtd (QEMU keeps mirroring meanwhile; libvirt 9.0 takes the
 #: block jobs back when it reconnects to QEMU). Past this the task fails and cleans up.
@@ -242,15 +242,7 @@ class SameHostEngine:
         needed = sum(layer.actual_size for layer in plan.layers if layer.dst not in reused)
         needed += sum(d.estimated_bytes for d in plan.disks)
         root = self.roots.get(plan.dst_storage_uuid)
-        free, _total = await asyncio.to_thread(root.usage)
-        if needed * 1.1 + SPACE_MARGIN > free:
-            raise PreflightFailed(
-                f"storage {root.uuid} has {free} bytes free; this move needs about {int(needed * 1.1)} "
-                f"plus a {SPACE_MARGIN} byte margin",
-                code="AGENT.NO_SPACE",
-                field="primaryStorageMigrateVm.dstPrimaryStorageUuid",
-                details="free space there or pick another primary storage",
-            )
+        await check_free_space(root, needed, field="primaryStorageMigrateVm.dstPrimaryStorageUuid")
         return reused
 
     async def _identical_layer(self, layer: LayerPlan) -> bool:

@@ -212,9 +212,16 @@ def test_health_needs_no_token(capsys: pytest.CaptureFixture[str], url: str, fak
 
 
 def fake_server_module(monkeypatch: pytest.MonkeyPatch, run: Callable[[Path], object]) -> None:
-    """Stand in for ``agent.api.server`` (a colleague's module): ``serve`` only needs its ``run``."""
+    """Stand in for ``agent.api.server``: ``serve`` only needs its ``run`` (given the config path and the
+    dialects to mount, which must be the ZStack one)."""
+    from agent.zstack import mount
+
+    def run_with_dialects(config: Path, *, dialects: tuple[object, ...] = ()) -> object:
+        assert dialects == (mount,)
+        return run(config)
+
     module = types.ModuleType("agent.api.server")
-    module.run = run  # type: ignore[attr-defined]
+    module.run = run_with_dialects  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "agent.api.server", module)
 
 
