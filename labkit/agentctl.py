@@ -105,6 +105,14 @@ def start_twin(host: HostSpec, hs: HostState, port: int) -> tuple[int, str]:
     return pid, url
 
 
+def config_stale(host: HostSpec, hs: HostState) -> bool:
+    """The running agent's config is not what the lab wants now (e.g. the lab switched to or from TLS)."""
+    try:
+        return host.agent_config.read_text() != config_text(host, hs)
+    except OSError:
+        return True
+
+
 def write_config(host: HostSpec, hs: HostState) -> bool:
     host.agent_state_dir.mkdir(parents=True, exist_ok=True)
     return write_file(host.agent_config, config_text(host, hs))

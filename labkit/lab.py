@@ -120,8 +120,9 @@ def _ensure_agents(state: LabState, with_agents: bool, restart: bool) -> None:
         return
     for host in HOSTS:
         hs = state.hosts[host.name]
-        if agentctl.running(hs) and (restart or not agentctl.running_this_checkout(hs)):
-            log(f"{host.name}: restarting the agent (from {AGENT_BIN})")
+        stale = agentctl.config_stale(host, hs)
+        if agentctl.running(hs) and (restart or stale or not agentctl.running_this_checkout(hs)):
+            log(f"{host.name}: restarting the agent (from {AGENT_BIN}{', new config' if stale else ''})")
             agentctl.stop(host, hs)
     if all(agentctl.running(state.hosts[h.name]) and agentctl.healthy(h) for h in HOSTS):
         state.agents = True
