@@ -34,7 +34,7 @@ import libvirt
 from agent.client import AgentClient
 from agent.config import AgentConfig
 from agent.errors import AgentError, MigrationFailed, NotFound, PreflightFailed
-from agent.migration import convergence, hotdisk
+from agent.migration import convergence, hotdisk, runner
 from agent.migration.engine import Step, TaskContext, announce, run_past_cancel
 from agent.migration.incoming import IncomingDisk, IncomingLayer, IncomingSpec
 from agent.migration.inventory import planned_inventory, remote_inventory
@@ -186,7 +186,8 @@ class CrossHostEngine:
         failure: BaseException,
     ) -> list[dict[str, Any]]:
         where, here = await self._locate(ctx, peer, data["prepared"])
-        if where == "destination":
+        settlement = runner.settle(where)
+        if settlement is runner.Settlement.COMMIT:
             if isinstance(failure, asyncio.CancelledError) and ctx.cancel_requested:
                 ctx.log.warning("the cancel came after the switchover; the VM runs on the destination")
                 ctx.note("cancelTooLate", "the cancel arrived after the switchover; the move completed")
@@ -197,7 +198,7 @@ class CrossHostEngine:
             data["step"] = Step.COMMITTING
             await ctx.checkpoint(data)
             return await self._commit(ctx, peer, plan, data["prepared"], None)
-        if where == "unknown":
+        if settlement is runner.Settlement.KEEP_ALL:
             raise MigrationFailed(
                 f"cannot tell where VM {ctx.vm_uuid} runs after the migration ended ({_what(failure)})",
                 code="AGENT.VM_LOCATION_UNKNOWN",
@@ -660,8 +661,8 @@ class CrossHostEngine:
 
     async def _locate(
         self, ctx: TaskContext, peer: AgentClient, prepared: Mapping[str, Any]
-    ) -> tuple[str, str | None]:
-        """Where the VM is once libvirt's job is over: ``destination``, ``source`` or ``unknown``, and its
+    ) -> tuple[runner.Place, str | None]:
+        """Where the VM is once libvirt's job is over (the skeleton's rule, ``runner.place_of``), and its
         state on this host (None: libvirtd did not answer). Asked of the hypervisors first: this host's
         libvirtd and the destination's (the one the migration went to); the destination agent only when
         that libvirtd is silent.
@@ -686,13 +687,7 @@ class CrossHostEngine:
                 local = None
         remote = await self._remote_state(ctx, peer, prepared)
         ctx.log.info("the migration job is over: the VM is %s here, %s on the destination", local, remote)
-        if remote == "running":
-            return "destination", local
-        if local not in (None, "undefined"):
-            return "source", local
-        if local == "undefined" and remote not in (None, "undefined"):
-            return "destination", local
-        return "unknown", local
+        return runner.place_of(local, remote), local
 
     async def _remote_state(
         self, ctx: TaskContext, peer: AgentClient, prepared: Mapping[str, Any]
