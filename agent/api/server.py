@@ -81,10 +81,10 @@ def run(
             config.peer_uri(),
         )
     log.info(
-        "kvm-storage-agent starting on %s://%s:%d (host %s, %d storage roots, state in %s)",
-        "https" if context is not None else "http",
+        "kvm-storage-agent starting on %s:%d over %s (host %s, %d storage roots, state in %s)",
         config.listen_address,
         config.port,
+        "https" if context is not None else "plain http",
         config.host_uuid,
         len(config.storage),
         config.state_dir,
