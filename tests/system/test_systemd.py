@@ -15,6 +15,7 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -28,6 +29,8 @@ from nspawn import (
     copy_project,
     wheelhouse,
 )
+
+from agent import pki
 
 pytestmark = [pytest.mark.system, pytest.mark.timeout(900)]
 
@@ -101,6 +104,7 @@ def container() -> Iterator[Container]:
             f"{SECOND_UUID}={SECOND_PATH}",
             "--host-uuid",
             HOST_UUID,
+            "--insecure-transport",  # this container's API is checked over plain HTTP on loopback
         )
         assert "starts at the next boot" in out, out
         with box.path("/etc/libvirt/qemu.conf").open("a") as conf:
@@ -318,6 +322,48 @@ def test_install_again_upgrades_in_place_keeping_token_config_and_journal(contai
     assert container.exec("readlink", "/opt/kvm-storage-agent/current").strip() == new_live
 
 
+def test_pki_dir_puts_libvirtd_and_qemu_on_tls(container: Container, tmp_path: Path) -> None:
+    """--pki-dir: the host's files from `pki issue` in /etc/pki, libvirtd on its TLS socket with client
+    certificates verified (the cluster's DNs only), qemu.conf's migration TLS forced."""
+    ca = pki.init_ca(tmp_path / "cluster", cluster="ksa system test")
+    pki.issue_host(ca.dir, "ksa-box", ["127.0.0.1"], out=container.path("/root/pki-host"))
+    pki.issue_client(ca.dir, "operator", out=container.path("/root/operator"))
+    other = pki.init_ca(tmp_path / "other", cluster="ksa system test")
+    pki.issue_client(other.dir, "operator", out=container.path("/root/stranger"))
+    pid = show(container, "MainPID")["MainPID"]
+
+    out = container.exec(
+        INSTALL, "--wheelhouse", WHEELS_IN_CONTAINER, "--pki-dir", "/root/pki-host", timeout=300
+    )
+    assert "restarting libvirtd with its TLS socket" in out, out
+    assert "the kept /etc/kvm-storage-agent/agent.toml has no tls_cert" in out, out  # config never rewritten
+    assert container.exec("systemctl", "is-active", "libvirtd-tls.socket").strip() == "active"
+    for rel, mode, group in (
+        ("CA/cacert.pem", 0o644, "root"),
+        ("libvirt/servercert.pem", 0o644, "root"),
+        ("libvirt/private/serverkey.pem", 0o600, "root"),
+        ("libvirt/private/clientkey.pem", 0o600, "root"),
+        ("qemu/server-key.pem", 0o640, "libvirt-qemu"),
+        ("qemu/client-cert.pem", 0o644, "root"),
+    ):
+        found = container.exec("stat", "-c", "%a %G", f"/etc/pki/{rel}").split()
+        assert found == [f"{mode:o}", group], (rel, found)
+    libvirtd_conf = container.path("/etc/libvirt/libvirtd.conf").read_text()
+    assert 'tls_allowed_dn_list = ["O=ksa system test,CN=*"]' in libvirtd_conf, libvirtd_conf
+    assert "tls_no_verify_certificate = 0" in libvirtd_conf
+    qemu_conf = container.path("/etc/libvirt/qemu.conf").read_text()
+    assert "migrate_tls_force = 1" in qemu_conf and "migrate_tls_x509_verify = 1" in qemu_conf, qemu_conf
+
+    uri = "qemu+tls://127.0.0.1/system?pkipath={}"
+    listed = container.exec("virsh", "-c", uri.format("/root/operator"), "list", "--all", "--uuid")
+    assert VM_UUID in listed.split()
+    refused = container.exec("virsh", "-c", uri.format("/root/stranger"), "hostname", check=False)
+    assert "failed to connect" in refused, refused
+    # The agent was stopped and started again around libvirtd's restart, on the same code.
+    wait_healthy(container)
+    assert show(container, "MainPID")["MainPID"] != pid
+
+
 def test_the_vagrant_demo_vm_moves_with_the_cli_on_path(container: Container) -> None:
     """vagrant/demo-vm and the README's command line, same-host here (the Vagrant lab goes cross-host)."""
     container.path("/usr/src/demo-vm").write_text((REPO / "vagrant" / "demo-vm").read_text())
@@ -358,6 +404,12 @@ def test_uninstall_leaves_no_unit_and_keeps_data_unless_purged(container: Contai
     assert container.exec("systemctl", "is-enabled", "libvirtd-tcp.socket", check=False).strip() == "disabled"
     libvirtd_conf = container.path("/etc/libvirt/libvirtd.conf").read_text()
     assert libvirtd_conf == (container.lower / "etc/libvirt/libvirtd.conf").read_text()  # as Debian ships it
+    # ... and the TLS settings and files of --pki-dir.
+    assert container.exec("systemctl", "is-enabled", "libvirtd-tls.socket", check=False).strip() == "disabled"
+    qemu_conf = container.path("/etc/libvirt/qemu.conf").read_text()
+    assert qemu_conf == (container.lower / "etc/libvirt/qemu.conf").read_text() + QEMU_CONF
+    assert not container.path("/etc/pki/libvirt/servercert.pem").exists()
+    assert not container.path("/etc/pki/qemu/server-key.pem").exists()
     assert not container.path("/usr/local/bin/kvm-storage-agent").exists()
 
     container.exec(INSTALL, "--uninstall", "--purge")
