@@ -34,7 +34,7 @@ import libvirt
 from agent.client import AgentClient
 from agent.config import AgentConfig
 from agent.errors import AgentError, MigrationFailed, NotFound, PreflightFailed
-from agent.migration import convergence, hotdisk, runner
+from agent.migration import convergence, hotdisk, runner, snapshots
 from agent.migration.engine import Step, TaskContext, announce, run_past_cancel
 from agent.migration.incoming import IncomingDisk, IncomingLayer, IncomingSpec
 from agent.migration.inventory import planned_inventory, remote_inventory
@@ -131,9 +131,13 @@ class CrossHostEngine:
                 await ctx.checkpoint(data)
                 await ctx.enter(TaskState.COPYING)
                 await self._send_layers(ctx, peer, plan, prepared, data)
+                # libvirt's snapshot metadata travels beside the migration (journalled first): see _migrate.
+                data["snapshots"] = [
+                    m.to_dict() for m in await self.host.call_domain(ctx.vm_uuid, snapshots.read_snapshots)
+                ]
                 data["step"] = Step.MIGRATING
                 await ctx.checkpoint(data)
-                stats = await self._migrate(ctx, plan, prepared)
+                stats = await self._migrate(ctx, plan, prepared, data["snapshots"])
             except AgentError as err:
                 # An error reported once the migration ran (a lost connection at the very end, libvirtd
                 # restarting under it) must not be taken for a rollback: where the VM runs decides.
@@ -234,7 +238,19 @@ class CrossHostEngine:
                 raise PreflightFailed(f"disk {disk.target} already has a block job", field="vmUuid")
         chains = await inspect_chains(disks)
         dst_uuid = ctx.request.primaryStorageMigrateVm.dstPrimaryStorageUuid
-        return plan_migration(ctx.vm_uuid, disks, chains, ctx.request, RemoteRoot(dst_uuid, Path("/")))
+        plan = plan_migration(ctx.vm_uuid, disks, chains, ctx.request, RemoteRoot(dst_uuid, Path("/")))
+        snapshots.refuse_internal({d.target: chains[d.target] for d in plan.disks})
+        metas = await self.host.call_domain(ctx.vm_uuid, snapshots.read_snapshots)
+        if metas and any(d.flatten and len(d.src_chain) > 1 for d in plan.disks):
+            raise PreflightFailed(
+                "the VM has libvirt snapshots ("
+                + ", ".join(m.name for m in metas)
+                + ") whose layers a flattening move would not keep",
+                code="AGENT.SNAPSHOTS_NEED_CHAIN",
+                field="primaryStorageMigrateVm.withSnapshots",
+                details="move it with withSnapshots: true, or delete the snapshots first",
+            )
+        return plan
 
     def _incoming_spec(self, ctx: TaskContext, plan: MigrationPlan) -> IncomingSpec:
         return IncomingSpec(
@@ -352,9 +368,70 @@ class CrossHostEngine:
         return params
 
     async def _migrate(
+        self,
+        ctx: TaskContext,
+        plan: MigrationPlan,
+        prepared: Mapping[str, Any],
+        snapshot_data: list[dict[str, Any]] | None = None,
+    ) -> dict[str, Any]:
+        """Run the libvirt migration and steer it; returns the completed job's statistics.
+
+        libvirt 9.0 refuses to migrate a domain with snapshot metadata: the metadata (already journalled)
+        is taken off the source first, redefined on the destination with the new paths afterwards, and put
+        back on the source when the migration fails."""
+        metas = [snapshots.SnapshotMeta.from_dict(d) for d in snapshot_data or []]
+        if not metas:
+            return await self._migrate_vm(ctx, plan, prepared)
+        await self.host.call_domain(ctx.vm_uuid, lambda dom: snapshots.drop_snapshot_metadata(dom, metas))
+        try:
+            stats = await self._migrate_vm(ctx, plan, prepared)
+        except BaseException:
+            with contextlib.suppress(AgentError):  # the VM is gone from here only if it switched over
+                await self.host.call_domain(ctx.vm_uuid, lambda dom: snapshots.redefine_snapshots(dom, metas))
+                ctx.log.info("snapshot metadata put back on this host: %s", ", ".join(m.name for m in metas))
+            raise
+        await self._carry_snapshots(ctx, plan, prepared, metas)
+        return stats
+
+    async def _carry_snapshots(
+        self,
+        ctx: TaskContext,
+        plan: MigrationPlan,
+        prepared: Mapping[str, Any],
+        metas: list[snapshots.SnapshotMeta],
+    ) -> None:
+        """Redefine the snapshots on the destination, rewritten to the new paths. The VM already runs
+        there: a failure is reported (the XML stays in the journal and the details), not fatal."""
+        moved: dict[str, str] = {}
+        for disk in plan.disks:
+            top = next(t["top"] for t in prepared["disks"] if t["target"] == disk.target)
+            moved[disk.src_top] = top
+            for layer in disk.src_chain[1:]:  # lower layers keep their file names next to the top
+                moved[layer] = os.path.join(os.path.dirname(top), os.path.basename(layer))
+        rewritten = [
+            snapshots.SnapshotMeta(m.name, snapshots.rewrite_snapshot(m.xml, moved), m.current) for m in metas
+        ]
+        try:
+            remote = await VirtHost.open(prepared["libvirtUri"])
+            try:
+                await remote.call_domain(
+                    ctx.vm_uuid, lambda dom: snapshots.redefine_snapshots(dom, rewritten)
+                )
+            finally:
+                await remote.close()
+        except AgentError as err:
+            ctx.log.error("snapshot metadata not redefined on the destination: %s", err.description)
+            ctx.note("snapshots", {"error": err.description, "xml": [m.to_dict() for m in rewritten]})
+            return
+        ctx.log.info("snapshot metadata carried to the destination: %s", ", ".join(m.name for m in metas))
+        ctx.note(
+            "snapshots",
+            {"carried": [m.name for m in metas], "current": next((m.name for m in metas if m.current), None)},
+        )
+
+    async def _migrate_vm(
         self, ctx: TaskContext, plan: MigrationPlan, prepared: Mapping[str, Any]
     ) -> dict[str, Any]:
-        """Run the libvirt migration and steer it; returns the completed job's statistics."""
         params = await self._migration_params(ctx, plan, prepared)
         policy = _policy(ctx)
         written, write_rates = await _measure_writes(self.host, ctx, plan)

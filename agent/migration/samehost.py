@@ -29,7 +29,7 @@ from typing import Any
 import libvirt
 
 from agent.errors import AgentError, MigrationFailed, NotFound, PreflightFailed, StorageError, VirtError
-from agent.migration import hotdisk
+from agent.migration import hotdisk, snapshots
 from agent.migration.engine import Step, TaskContext, announce, run_past_cancel
 from agent.migration.hotdisk import BudgetMeter, DiskWatch, Mode
 from agent.migration.inventory import volume_inventory
@@ -188,7 +188,9 @@ class SameHostEngine:
         disks = parse_disks(await self.host.live_xml(ctx.vm_uuid))
         chains = await inspect_chains(disks)
         dst_root = self.roots.get(ctx.request.primaryStorageMigrateVm.dstPrimaryStorageUuid)
-        return plan_migration(ctx.vm_uuid, disks, chains, ctx.request, dst_root)
+        plan = plan_migration(ctx.vm_uuid, disks, chains, ctx.request, dst_root)
+        snapshots.refuse_internal({d.target: chains[d.target] for d in plan.disks})
+        return plan
 
     async def _check_precreated(self, plan: MigrationPlan) -> MigrationPlan:
         """Check the targets the caller made (``agent.migration.targets``); their backing joins the plan."""
@@ -635,7 +637,34 @@ class SameHostEngine:
         await self._switch(ctx, work)
         await ctx.checkpoint(work.checkpoint_data(Step.VERIFYING))
         await announce(ctx, TaskState.VERIFYING)
-        return await self._verify(ctx, work)
+        inventory = await self._verify(ctx, work)
+        await self._carry_snapshots(ctx, work.plan)
+        return inventory
+
+    async def _carry_snapshots(self, ctx: TaskContext, plan: MigrationPlan) -> None:
+        """Point libvirt's snapshot metadata at the moved files (``agent.migration.snapshots``), so that
+        snapshot-list and a revert use the new storage. The VM already runs there: a failure is reported,
+        not fatal."""
+        try:
+            metas = await self.host.call_domain(ctx.vm_uuid, snapshots.read_snapshots)
+            if not metas:
+                return
+            moved = {layer.src: layer.dst for layer in plan.layers}
+            moved.update({d.src_top: d.dst_top for d in plan.disks})
+            rewritten = [
+                snapshots.SnapshotMeta(m.name, snapshots.rewrite_snapshot(m.xml, moved), m.current)
+                for m in metas
+            ]
+            await self.host.call_domain(ctx.vm_uuid, lambda dom: snapshots.redefine_snapshots(dom, rewritten))
+        except AgentError as err:
+            ctx.log.error("snapshot metadata not rewritten: %s", err.description)
+            ctx.note("snapshots", {"error": err.description})
+            return
+        ctx.log.info("snapshot metadata rewritten to the new paths: %s", ", ".join(m.name for m in metas))
+        ctx.note(
+            "snapshots",
+            {"carried": [m.name for m in metas], "current": next((m.name for m in metas if m.current), None)},
+        )
 
     async def _switch(self, ctx: TaskContext, work: _Work) -> None:
         pivoted: list[str] = []

@@ -29,6 +29,7 @@ class ImageInfo:
     backing: str | None  # the backing file name as written in the header, resolved to a full path
     backing_format: str | None
     cluster_size: int | None
+    internal_snapshots: tuple[str, ...] = ()  # qcow2-internal snapshots (``qemu-img snapshot -l``)
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,7 @@ def _layer(entry: dict[str, Any]) -> ImageInfo:
         backing=backing,
         backing_format=entry.get("backing-filename-format"),
         cluster_size=entry.get("cluster-size"),
+        internal_snapshots=tuple(str(snap.get("name")) for snap in entry.get("snapshots") or ()),
     )
 
 
