@@ -10,6 +10,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from agent.errors import CODE_MEANINGS, Code
+
 
 class _Open(BaseModel):
     model_config = ConfigDict(extra="allow")
@@ -18,7 +20,12 @@ class _Open(BaseModel):
 class ErrorCode(_Open):
     """ZStack's ErrorCode; ``field`` names the offending input for a 400."""
 
-    code: str = Field(examples=["AGENT.STORAGE_NOT_FOUND"])
+    code: str = Field(
+        examples=["AGENT.STORAGE_NOT_FOUND"],
+        description="a stable code: "
+        + "; ".join(f"{code.value}: {meaning}" for code, meaning in CODE_MEANINGS.items()),
+        json_schema_extra={"enum": [code.value for code in Code]},
+    )
     description: str
     details: str | None = None
     cause: ErrorCode | None = None

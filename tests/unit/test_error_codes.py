@@ -1,0 +1,29 @@
+"""The error codes are one registry (agent.errors.Code), each with its meaning, all in the OpenAPI document:
+a code used anywhere in agent/ that is not registered fails here."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from agent.api.routes import openapi_document
+from agent.errors import CODE_MEANINGS, Code
+
+AGENT = Path(__file__).resolve().parents[2] / "agent"
+
+
+def test_every_code_used_is_registered() -> None:
+    used = {
+        match
+        for path in AGENT.rglob("*.py")
+        for match in re.findall(r"[\"'](AGENT\.[A-Z_]+)[\"']", path.read_text())
+    }
+    assert used, "the scan found no code at all"
+    assert used - {c.value for c in Code} == set()
+
+
+def test_every_code_has_a_meaning_and_the_openapi_lists_them() -> None:
+    assert set(CODE_MEANINGS) == set(Code)
+    schema = openapi_document()["components"]["schemas"]["ErrorCode"]["properties"]["code"]
+    assert set(schema["enum"]) == {c.value for c in Code}
+    assert all(CODE_MEANINGS[c] in schema["description"] for c in Code)
