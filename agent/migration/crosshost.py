@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import time
 from collections.abc import Mapping
@@ -974,7 +975,9 @@ class _Steering:
             self.ctx.progress(f"disk:{target}", done, total)
             if not sample.ready:
                 left[target] = total - done
-            self._observe_disk(target, sampled, writes.get(target), done, total, bool(blocking))
+            # READY completes ``done``; the budget counts what the background really moved.
+            copied = real_bytes_done(dataclasses.replace(sample, ready=False))[0]
+            self._observe_disk(target, sampled, writes.get(target), copied, total - done, bool(blocking))
         # Shares in proportion to what each mirror has left: they finish together, so the budget is used to
         # the end without another change. In write-blocking mode the guest's writes are charged first.
         budget = self.ctx.bandwidth
@@ -1007,16 +1010,16 @@ class _Steering:
                 self.changing[target] = asyncio.create_task(self._set_speed(target, device, speed))
 
     def _observe_disk(
-        self, target: str, now: float, written: int | None, done: int, total: int, blocking: bool
+        self, target: str, now: float, written: int | None, copied: int, remaining: int, blocking: bool
     ) -> None:
         watch = self.watches.get(target)
         if watch is None or written is None:
             return
-        moved = max(0, done - self.done.get(target, 0))
-        self.done[target] = done
+        moved = max(0, copied - self.done.get(target, 0))
+        self.done[target] = max(copied, self.done.get(target, 0))
         new_writes = max(0, written - self.written.get(target, written)) if blocking else 0
         self.written[target] = written
-        watch.observe(now, written, total - done)
+        watch.observe(now, written, remaining)
         if not self.memory_phase:
             self.meter.add(now, moved + new_writes)
             self.interval_bytes[0] += moved

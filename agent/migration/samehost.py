@@ -81,6 +81,7 @@ class _Mirror:
     watch: DiskWatch | None = None
     written_at_start: int = 0  # the guest's wr_bytes when this mirror started
     written: int = 0  # the latest wr_bytes
+    copied: int = 0  # real bytes the background copy moved (done without READY's completion)
     ends_to_ignore: int = 0  # end events of mirrors this task aborted on purpose (restarts)
 
     @property
@@ -359,7 +360,7 @@ class SameHostEngine:
         )
         mirror.speed = share or 0
         mirror.ready = False
-        mirror.done = 0
+        mirror.done = mirror.copied = 0
         ctx.log.info(
             "mirror of %s started: %s -> %s%s, %s",
             target,
@@ -526,9 +527,12 @@ class SameHostEngine:
                     cur = max(0, cur - guest)
                     end = max(cur, end - guest)
                 sample = MirrorSample(cur, end, mirror.disk.virtual_size, mirror.index, mirror.ready)
-                done, mirror.total = real_bytes_done(sample)
-                moved = max(0, done - mirror.done)
-                mirror.done = done
+                mirror.done, mirror.total = real_bytes_done(sample)
+                # READY says the copy is complete, not that the background moved it all (write-blocking
+                # writes covered part): the budget counts what the background really moved.
+                copied = real_bytes_done(dataclasses.replace(sample, ready=False))[0]
+                moved = max(0, copied - mirror.copied)
+                mirror.copied = max(mirror.copied, copied)
                 new_writes = max(0, writes[target] - mirror.written)
                 mirror.written = writes[target]
                 interval.add(moved, new_writes if mirror.mode is Mode.WRITE_BLOCKING else 0)
