@@ -249,6 +249,8 @@ def dirty_rate_mib_s(host: LabHost, guest: Guest, seconds: int = 4) -> float:
             if "=" in line
         )
         if stats.get("dirtyrate.calc_status") == "2":  # measured
-            return float(stats.get("dirtyrate.megabytes_per_second", "0"))
+            rate = float(stats.get("dirtyrate.megabytes_per_second", "0"))
+            print(f"{guest.name}: dirties {rate:.1f} MiB/s (measured over {seconds} s)")
+            return rate
         assert time.monotonic() < deadline, f"no dirty rate measured for {guest.name}: {stats}"
         time.sleep(0.5)
