@@ -7,14 +7,12 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import json
-import os
 import signal
 import socket
 import ssl
 import subprocess
 import sys
 import time
-import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -30,9 +28,11 @@ from labtools import Guest, Lab, LabHost, virsh
 
 from agent import pki
 from agent.client import AgentClient, AgentUnreachable, ApiError
-from labkit import hostsetup
+from labkit import agentctl
 from labkit.layout import LIBVIRT_TLS_PORT, host_by_name
 from labkit.records import MAGIC
+from labkit.state import LabState
+from labkit.sysutil import kill_pids
 
 pytestmark = pytest.mark.lab
 
@@ -133,54 +133,21 @@ async def test_migration_streams_are_encrypted_and_plain_only_with_the_insecure_
 
 
 @pytest.fixture
-def insecure_agents(tls_lab: Lab, tmp_path: Path) -> Iterator[dict[str, LabHost]]:
+def insecure_agents(tls_lab: Lab) -> Iterator[dict[str, LabHost]]:
     """A second agent on each lab host with ``insecure_transport = true`` (http on another port, no
     VIR_MIGRATE_TLS); libvirtd stays on TLS (peer_libvirt_uri qemu+tls://, its own control connection)."""
+    state = LabState.load()
+    assert state is not None
     pids: list[int] = []
     hosts: dict[str, LabHost] = {}
     try:
         for host in tls_lab.hosts:
-            spec = host_by_name(host.name)
-            config = spec.dir / "agent-insecure.toml"
-            lines = [
-                line
-                for line in host.agent_config.read_text().splitlines()
-                if not line.startswith(("tls_", "port", "state_dir", "[zstack]", "enabled", "allowed_"))
-            ]
-            lines[1:1] = [
-                f"port = {INSECURE_PORT}",
-                "insecure_transport = true",
-                f'peer_libvirt_uri = "qemu+tls://{host.address}/system"',
-                f'state_dir = "{spec.dir / "state-insecure"}"',
-            ]
-            config.write_text("\n".join(lines) + "\n")
-            agent_bin = Path(sys.executable).with_name("kvm-storage-agent")
-            argv = [str(agent_bin), "serve", "--config", str(config)]
-            pids.append(hostsetup.spawn(spec, argv, spec.dir / "agent-insecure.log"))
-            hosts[host.name] = dataclasses.replace(host, agent_url=f"http://{host.address}:{INSECURE_PORT}")
-        for host in hosts.values():
-            wait_healthy(host.agent_url)
+            pid, url = agentctl.start_twin(host_by_name(host.name), state.hosts[host.name], INSECURE_PORT)
+            pids.append(pid)
+            hosts[host.name] = dataclasses.replace(host, agent_url=url)
         yield hosts
     finally:
-        for pid in pids:
-            os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + 30
-        while any(Path(f"/proc/{pid}").exists() for pid in pids) and time.monotonic() < deadline:
-            time.sleep(0.2)
-
-
-def wait_healthy(url: str) -> None:
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            with opener.open(f"{url}/v1/health", timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            pass
-        assert time.monotonic() < deadline, f"no agent at {url}"
-        time.sleep(0.3)
+        kill_pids(pids, grace=30)
 
 
 # --- who may talk to libvirtd -----------------------------------------------------------------------------
