@@ -31,6 +31,7 @@ CASES: dict[str, tuple[str, str]] = {
     "3": ("bench.cases.transfer", "cross-host transfer of one layer vs qemu-img convert to NBD"),
     "4": ("bench.cases.livemig", "live migration at several dirty rates: auto vs precopy"),
     "5": ("bench.cases.overhead", "agent CPU and API latency"),
+    "6": ("bench.cases.tls", "live migration with TLS vs insecure_transport, and vs virsh migrate [--tls]"),
 }
 PLOT_FILE = "migration-progress.png"
 
