@@ -861,7 +861,7 @@ class _Steering:
                 "phase": "disks",
             },
         )
-        if budget is not None and self.meter.over(budget):
+        if budget is not None and self.meter.over(budget, len(self.watches)):
             note = hotdisk.over_budget_note(self.meter, budget, self.watches)
             self.ctx.log.warning("over the budget: %s", note["message"])
             self.ctx.note("overBudget", note)

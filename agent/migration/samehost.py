@@ -84,6 +84,10 @@ class _Mirror:
     copied: int = 0  # real bytes the background copy moved (done without READY's completion)
     ends_to_ignore: int = 0  # end events of mirrors this task aborted on purpose (restarts)
 
+    def __post_init__(self) -> None:
+        if self.watch is None:  # picked up after a restart, or made for cleanup
+            self.watch = DiskWatch(self.disk.target)
+
     @property
     def mode(self) -> Mode:
         return self.watch.mode if self.watch else Mode.BACKGROUND
@@ -438,7 +442,7 @@ class SameHostEngine:
             "budget",
             {"realBytesPerSecond": int(meter.rate), "capBytesPerSecond": budget, "realBytes": meter.bytes},
         )
-        if budget is not None and meter.over(budget):
+        if budget is not None and meter.over(budget, len(work.mirrors)):
             note = hotdisk.over_budget_note(meter, budget, self._watches(work))
             ctx.log.warning("over the budget: %s", note["message"])
             ctx.note("overBudget", note)
@@ -531,7 +535,7 @@ class SameHostEngine:
                 # READY says the copy is complete, not that the background moved it all (write-blocking
                 # writes covered part): the budget counts what the background really moved.
                 copied = real_bytes_done(dataclasses.replace(sample, ready=False))[0]
-                moved = max(0, copied - mirror.copied)
+                moved = max(0, copied - mirror.copied) if mirror.copied >= 0 else 0
                 mirror.copied = max(mirror.copied, copied)
                 new_writes = max(0, writes[target] - mirror.written)
                 mirror.written = writes[target]
@@ -851,8 +855,18 @@ class SameHostEngine:
             work.mirrors[disk.target] = _Mirror(disk, AllocationIndex([]))
         if ctx.cancel_requested or not all(job is not None for job in jobs):
             return False
+        blocking = set((ctx.resume_data or {}).get("writeBlocking", []))
+        written = await self.host.block_writes(ctx.vm_uuid, [d.target for d in work.plan.disks])
         for disk in work.plan.disks:
-            work.mirrors[disk.target].index = await allocation_index(disk)
+            mirror = work.mirrors[disk.target]
+            mirror.index = await allocation_index(disk)
+            if disk.target in blocking and mirror.watch is not None:
+                mirror.watch.mode = Mode.WRITE_BLOCKING
+            # The guest's writes before the restart are unknown: the background part is estimated from here,
+            # and what was copied before counts from the first sample on (-1).
+            mirror.written_at_start = mirror.written = written[disk.target]
+            mirror.copied = -1
+        work.meter.start(time.monotonic())
         events = self.host.subscribe(ctx.vm_uuid)
         try:
             await self._pace(ctx, work, events)
