@@ -17,9 +17,9 @@ AgentError                 root; carries a stable ``code``, a description, detai
 
 Lower errors are wrapped with ``raise X(...) from err``; ``asyncio.CancelledError`` is never wrapped.
 
-Every code the agent reports is a member of ``Code`` (with its meaning in ``CODE_MEANINGS``, listed in the
-OpenAPI document): a management plane may act on them, so they are stable; tests/unit/test_error_codes.py
-fails on a code used anywhere in agent/ that is not registered here.
+Every code the agent reports is a member of ``Code``, with its meaning (both listed in the OpenAPI
+document): a management plane may act on them, so they are stable. tests/unit/test_error_codes.py fails on a
+code used anywhere in agent/ that is not registered here.
 """
 
 from __future__ import annotations
@@ -29,104 +29,113 @@ from typing import Any
 
 
 class Code(enum.StrEnum):
-    """The stable error codes (values as they appear in an ErrorCode's ``code``)."""
+    """The stable error codes (values as they appear in an ErrorCode's ``code``), each with its meaning."""
 
-    INTERNAL = "AGENT.INTERNAL"
-    CAUSE = "AGENT.CAUSE"
-    INVALID_REQUEST = "AGENT.INVALID_REQUEST"
-    REQUEST_TIMEOUT = "AGENT.REQUEST_TIMEOUT"
-    METHOD_NOT_ALLOWED = "AGENT.METHOD_NOT_ALLOWED"
-    PAYLOAD_TOO_LARGE = "AGENT.PAYLOAD_TOO_LARGE"
-    UNAUTHORIZED = "AGENT.UNAUTHORIZED"
-    CLUSTER_CERTIFICATE_REQUIRED = "AGENT.CLUSTER_CERTIFICATE_REQUIRED"
-    NOT_FOUND = "AGENT.NOT_FOUND"
-    VM_NOT_FOUND = "AGENT.VM_NOT_FOUND"
-    STORAGE_NOT_FOUND = "AGENT.STORAGE_NOT_FOUND"
-    PATH_OUTSIDE_ROOT = "AGENT.PATH_OUTSIDE_ROOT"
-    CONFLICT = "AGENT.CONFLICT"
-    INVALID_TRANSITION = "AGENT.INVALID_TRANSITION"
-    STOPPING = "AGENT.STOPPING"
-    PREFLIGHT_FAILED = "AGENT.PREFLIGHT_FAILED"
-    NO_SPACE = "AGENT.NO_SPACE"
-    TARGET_EXISTS = "AGENT.TARGET_EXISTS"
-    TARGET_MISMATCH = "AGENT.TARGET_MISMATCH"
-    ENGINE_UNAVAILABLE = "AGENT.ENGINE_UNAVAILABLE"
-    MIGRATION_FAILED = "AGENT.MIGRATION_FAILED"
-    CONVERGENCE_FAILED = "AGENT.CONVERGENCE_FAILED"
-    MIGRATION_STALLED = "AGENT.MIGRATION_STALLED"
-    DISK_COPY_FAILED = "AGENT.DISK_COPY_FAILED"
-    BLOCK_JOB_FAILED = "AGENT.BLOCK_JOB_FAILED"
-    BLOCK_JOB_GONE = "AGENT.BLOCK_JOB_GONE"
-    PIVOT_FAILED = "AGENT.PIVOT_FAILED"
-    ROLLBACK_FAILED = "AGENT.ROLLBACK_FAILED"
-    VERIFY_FAILED = "AGENT.VERIFY_FAILED"
-    TIMEOUT = "AGENT.TIMEOUT"
-    CANCELLED = "AGENT.CANCELLED"
-    INTERRUPTED = "AGENT.INTERRUPTED"
-    VM_STOPPED = "AGENT.VM_STOPPED"
-    VM_LOCATION_UNKNOWN = "AGENT.VM_LOCATION_UNKNOWN"
-    PEER_UNREACHABLE = "AGENT.PEER_UNREACHABLE"
-    PEER_ERROR = "AGENT.PEER_ERROR"
-    LIBVIRT_ERROR = "AGENT.LIBVIRT_ERROR"
-    LIBVIRT_OPERATION_INVALID = "AGENT.LIBVIRT_OPERATION_INVALID"
-    LIBVIRT_UNAVAILABLE = "AGENT.LIBVIRT_UNAVAILABLE"
-    LIBVIRT_UNREACHABLE = "AGENT.LIBVIRT_UNREACHABLE"
-    STORAGE_ERROR = "AGENT.STORAGE_ERROR"
-    STORAGE_DAEMON = "AGENT.STORAGE_DAEMON"
-    STORAGE_DAEMON_DIED = "AGENT.STORAGE_DAEMON_DIED"
-    TRANSFER_FAILED = "AGENT.TRANSFER_FAILED"
-    INTERNAL_SNAPSHOTS = "AGENT.INTERNAL_SNAPSHOTS"
-    SNAPSHOTS_NEED_CHAIN = "AGENT.SNAPSHOTS_NEED_CHAIN"
+    meaning: str
 
+    def __new__(cls, value: str, meaning: str) -> Code:
+        member = str.__new__(cls, value)
+        member._value_ = value
+        member.meaning = meaning
+        return member
 
-CODE_MEANINGS: dict[Code, str] = {
-    Code.INTERNAL: "a bug in the agent; the details name the exception",
-    Code.CAUSE: "the cause of an error was not the agent's own (an exception of a library)",
-    Code.INVALID_REQUEST: "bad input; `field` names it",
-    Code.REQUEST_TIMEOUT: "the request body did not arrive in time",
-    Code.METHOD_NOT_ALLOWED: "the path exists, not with this method",
-    Code.PAYLOAD_TOO_LARGE: "the request body is over the limit",
-    Code.UNAUTHORIZED: "missing or wrong bearer token",
-    Code.CLUSTER_CERTIFICATE_REQUIRED: "an agent-to-agent path called without a cluster client certificate",
-    Code.NOT_FOUND: "no such task or incoming migration",
-    Code.VM_NOT_FOUND: "no such VM on this host",
-    Code.STORAGE_NOT_FOUND: "no storage root with that uuid in this agent's config",
-    Code.PATH_OUTSIDE_ROOT: "a path that escapes its storage root",
-    Code.CONFLICT: "the VM already has a task, or the same taskUuid came with another body",
-    Code.INVALID_TRANSITION: "a task was asked to go to a state its current one does not allow",
-    Code.STOPPING: "the agent is shutting down; send the request again to another or later",
-    Code.PREFLIGHT_FAILED: "the move cannot start as asked (VM state, a block job); nothing was made",
-    Code.NO_SPACE: "the destination storage has not enough free space; nothing was made",
-    Code.TARGET_EXISTS: "a destination file exists already; nothing was made",
-    Code.TARGET_MISMATCH: "a pre-created target does not fit the volume (size, format, backing)",
-    Code.ENGINE_UNAVAILABLE: "no migration engine could be created (libvirt not connected)",
-    Code.MIGRATION_FAILED: "a step of the move failed; the VM runs on from its source volumes",
-    Code.CONVERGENCE_FAILED: "a live migration cannot converge within what the request allows (figures)",
-    Code.MIGRATION_STALLED: "no progress for 30 s (a cut link); aborted, the VM runs on at the source",
-    Code.DISK_COPY_FAILED: "a disk mirror of the migration failed",
-    Code.BLOCK_JOB_FAILED: "a block copy failed",
-    Code.BLOCK_JOB_GONE: "a block copy disappeared (the VM stopped, libvirtd lost it)",
-    Code.PIVOT_FAILED: "a pivot failed; pivoted disks were put back on their sources",
-    Code.ROLLBACK_FAILED: "putting a pivoted disk back failed: the details name both sets of files",
-    Code.VERIFY_FAILED: "after the switch the VM does not run from the planned volumes; nothing was removed",
-    Code.TIMEOUT: "the task's timeout passed before the switch; the VM runs on from its source volumes",
-    Code.CANCELLED: "cancelled on request; the VM keeps its source volumes",
-    Code.INTERRUPTED: "the agent restarted during a step that cannot resume; cleaned up, send it again",
-    Code.VM_STOPPED: "the VM was shut down during the move",
-    Code.VM_LOCATION_UNKNOWN: "neither host could say where the VM runs; nothing was removed anywhere",
-    Code.PEER_UNREACHABLE: "the destination agent could not be reached",
-    Code.PEER_ERROR: "the destination agent answered with an error without a code",
-    Code.LIBVIRT_ERROR: "a libvirt call failed",
-    Code.LIBVIRT_OPERATION_INVALID: "libvirt refused the operation in the domain's current state",
-    Code.LIBVIRT_UNAVAILABLE: "this agent runs without a libvirt connection",
-    Code.LIBVIRT_UNREACHABLE: "libvirtd does not answer (stopped, restarting)",
-    Code.STORAGE_ERROR: "qemu-img or a file operation failed",
-    Code.STORAGE_DAEMON: "qemu-storage-daemon (image transfer) failed",
-    Code.STORAGE_DAEMON_DIED: "qemu-storage-daemon (image transfer) died",
-    Code.TRANSFER_FAILED: "an image transfer between hosts failed its verification or stopped",
-    Code.INTERNAL_SNAPSHOTS: "the VM has qcow2-internal snapshots (a mirror cannot keep them); nothing made",
-    Code.SNAPSHOTS_NEED_CHAIN: "libvirt snapshot metadata travels only with the chain kept (withSnapshots)",
-}
+    INTERNAL = "AGENT.INTERNAL", "a bug in the agent; the details name the exception"
+    CAUSE = "AGENT.CAUSE", "the cause of an error was not the agent's own (an exception of a library)"
+    INVALID_REQUEST = "AGENT.INVALID_REQUEST", "bad input; `field` names it"
+    REQUEST_TIMEOUT = "AGENT.REQUEST_TIMEOUT", "the request body did not arrive in time"
+    METHOD_NOT_ALLOWED = "AGENT.METHOD_NOT_ALLOWED", "the path exists, not with this method"
+    PAYLOAD_TOO_LARGE = "AGENT.PAYLOAD_TOO_LARGE", "the request body is over the limit"
+    UNAUTHORIZED = "AGENT.UNAUTHORIZED", "missing or wrong bearer token"
+    CLUSTER_CERTIFICATE_REQUIRED = (
+        "AGENT.CLUSTER_CERTIFICATE_REQUIRED",
+        "an agent-to-agent path called without a cluster client certificate",
+    )
+    NOT_FOUND = "AGENT.NOT_FOUND", "no such task or incoming migration"
+    VM_NOT_FOUND = "AGENT.VM_NOT_FOUND", "no such VM on this host"
+    STORAGE_NOT_FOUND = "AGENT.STORAGE_NOT_FOUND", "no storage root with that uuid in this agent's config"
+    PATH_OUTSIDE_ROOT = "AGENT.PATH_OUTSIDE_ROOT", "a path that escapes its storage root"
+    CONFLICT = "AGENT.CONFLICT", "the VM already has a task, or the same taskUuid came with another body"
+    INVALID_TRANSITION = (
+        "AGENT.INVALID_TRANSITION",
+        "a task was asked to go to a state its current one does not allow",
+    )
+    STOPPING = "AGENT.STOPPING", "the agent is shutting down; send the request again to another or later"
+    PREFLIGHT_FAILED = (
+        "AGENT.PREFLIGHT_FAILED",
+        "the move cannot start as asked (VM state, a block job); nothing was made",
+    )
+    NO_SPACE = "AGENT.NO_SPACE", "the destination storage has not enough free space; nothing was made"
+    TARGET_EXISTS = "AGENT.TARGET_EXISTS", "a destination file exists already; nothing was made"
+    TARGET_MISMATCH = (
+        "AGENT.TARGET_MISMATCH",
+        "a pre-created target does not fit the volume (size, format, backing)",
+    )
+    ENGINE_UNAVAILABLE = (
+        "AGENT.ENGINE_UNAVAILABLE",
+        "no migration engine could be created (libvirt not connected)",
+    )
+    MIGRATION_FAILED = (
+        "AGENT.MIGRATION_FAILED",
+        "a step of the move failed; the VM runs on from its source volumes",
+    )
+    CONVERGENCE_FAILED = (
+        "AGENT.CONVERGENCE_FAILED",
+        "a live migration cannot converge within what the request allows (figures)",
+    )
+    MIGRATION_STALLED = (
+        "AGENT.MIGRATION_STALLED",
+        "no progress for 30 s (a cut link); aborted, the VM runs on at the source",
+    )
+    DISK_COPY_FAILED = "AGENT.DISK_COPY_FAILED", "a disk mirror of the migration failed"
+    BLOCK_JOB_FAILED = "AGENT.BLOCK_JOB_FAILED", "a block copy failed"
+    BLOCK_JOB_GONE = "AGENT.BLOCK_JOB_GONE", "a block copy disappeared (the VM stopped, libvirtd lost it)"
+    PIVOT_FAILED = "AGENT.PIVOT_FAILED", "a pivot failed; pivoted disks were put back on their sources"
+    ROLLBACK_FAILED = (
+        "AGENT.ROLLBACK_FAILED",
+        "putting a pivoted disk back failed: the details name both sets of files",
+    )
+    VERIFY_FAILED = (
+        "AGENT.VERIFY_FAILED",
+        "after the switch the VM does not run from the planned volumes; nothing was removed",
+    )
+    TIMEOUT = (
+        "AGENT.TIMEOUT",
+        "the task's timeout passed before the switch; the VM runs on from its source volumes",
+    )
+    CANCELLED = "AGENT.CANCELLED", "cancelled on request; the VM keeps its source volumes"
+    INTERRUPTED = (
+        "AGENT.INTERRUPTED",
+        "the agent restarted during a step that cannot resume; cleaned up, send it again",
+    )
+    VM_STOPPED = "AGENT.VM_STOPPED", "the VM was shut down during the move"
+    VM_LOCATION_UNKNOWN = (
+        "AGENT.VM_LOCATION_UNKNOWN",
+        "neither host could say where the VM runs; nothing was removed anywhere",
+    )
+    PEER_UNREACHABLE = "AGENT.PEER_UNREACHABLE", "the destination agent could not be reached"
+    PEER_ERROR = "AGENT.PEER_ERROR", "the destination agent answered with an error without a code"
+    LIBVIRT_ERROR = "AGENT.LIBVIRT_ERROR", "a libvirt call failed"
+    LIBVIRT_OPERATION_INVALID = (
+        "AGENT.LIBVIRT_OPERATION_INVALID",
+        "libvirt refused the operation in the domain's current state",
+    )
+    LIBVIRT_UNAVAILABLE = "AGENT.LIBVIRT_UNAVAILABLE", "this agent runs without a libvirt connection"
+    LIBVIRT_UNREACHABLE = "AGENT.LIBVIRT_UNREACHABLE", "libvirtd does not answer (stopped, restarting)"
+    STORAGE_ERROR = "AGENT.STORAGE_ERROR", "qemu-img or a file operation failed"
+    STORAGE_DAEMON = "AGENT.STORAGE_DAEMON", "qemu-storage-daemon (image transfer) failed"
+    STORAGE_DAEMON_DIED = "AGENT.STORAGE_DAEMON_DIED", "qemu-storage-daemon (image transfer) died"
+    TRANSFER_FAILED = (
+        "AGENT.TRANSFER_FAILED",
+        "an image transfer between hosts failed its verification or stopped",
+    )
+    INTERNAL_SNAPSHOTS = (
+        "AGENT.INTERNAL_SNAPSHOTS",
+        "the VM has qcow2-internal snapshots (a mirror cannot keep them); nothing made",
+    )
+    SNAPSHOTS_NEED_CHAIN = (
+        "AGENT.SNAPSHOTS_NEED_CHAIN",
+        "libvirt snapshot metadata travels only with the chain kept (withSnapshots)",
+    )
 
 
 class AgentError(Exception):

@@ -10,7 +10,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from agent.errors import CODE_MEANINGS, Code
+from agent.errors import Code
 
 
 class _Open(BaseModel):
@@ -22,8 +22,7 @@ class ErrorCode(_Open):
 
     code: str = Field(
         examples=["AGENT.STORAGE_NOT_FOUND"],
-        description="a stable code: "
-        + "; ".join(f"{code.value}: {meaning}" for code, meaning in CODE_MEANINGS.items()),
+        description="a stable code: " + "; ".join(f"{code.value}: {code.meaning}" for code in Code),
         json_schema_extra={"enum": [code.value for code in Code]},
     )
     description: str
