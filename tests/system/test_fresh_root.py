@@ -5,10 +5,11 @@ A bare ``debootstrap --variant=minbase bookworm`` root (cached; the test runs in
 it) gets only this machine's package sources, CA certificates and pip index settings, and the checkout's
 git-tracked files. Inside, as the README says (as root, from the checkout): ``./scripts/setup``, twice (it is
 idempotent); then, as a later boot would (``/run`` is empty again), virtlogd and libvirtd are started with the
-lab's own settings (``labkit.hostsetup``: qemu.conf with user and group root and no security driver,
-libvirtd.conf, pid files under /run/libvirt) in a network namespace of their own, and the QEMU driver must
-answer ``virsh -c qemu:///system capabilities`` and define, start and destroy a TCG domain with no disk
-(SeaBIOS only). Last, the agent's command and pytest's collection must work in the ``.venv`` setup made.
+lab's settings (those ``labkit.hostsetup`` writes for an insecure lab: qemu.conf with user and group root
+and no security driver, libvirtd.conf, pid files under /run/libvirt) in a network namespace of their own,
+and the QEMU driver must answer ``virsh -c qemu:///system capabilities`` and define, start and destroy a TCG
+domain with no disk (SeaBIOS only). Last, the agent's command and pytest's collection must work in the
+``.venv`` setup made.
 
 The root is run without booting (``systemd-nspawn`` with a minimal PID 1): PID 1 on the project's machines is
 not systemd either. When something fails, the message carries the tail of setup's output and of libvirtd's
@@ -35,18 +36,35 @@ from nspawn import (
 )
 
 from agent import __version__
-from labkit.hostsetup import VIRTLOGD_CONF, libvirtd_conf, qemu_conf
-from labkit.layout import HostSpec
-from labkit.state import HostState
 
 pytestmark = [pytest.mark.system, pytest.mark.timeout(3600)]
 
 CHECKOUT = "/root/kvm-storage-agent"
 #: Lines of setup's output and of each daemon log that a failure message shows.
 TAIL_LINES = 40
-#: One lab host's settings, on an address of the root's own network namespace (only loopback is there; libvirt
-#: refuses a loopback address as the migration host).
-FRESH_HOST = HostSpec("fresh", "192.0.2.11")
+#: The lab host's address, on the root's own loopback (libvirt refuses a loopback address as migration host).
+ADDRESS = "192.0.2.11"
+#: One lab host's settings as ``labkit.hostsetup`` writes them for ``scripts/lab up --insecure``, written out
+#: here so that they do not depend on this machine's lab (its TLS files live outside the root).
+QEMU_CONF = f"""user = "root"
+group = "root"
+dynamic_ownership = 0
+remember_owner = 0
+security_driver = "none"
+cgroup_controllers = [ ]
+migration_address = "{ADDRESS}"
+migration_host = "{ADDRESS}"
+"""
+LIBVIRTD_CONF = f"""listen_tls = 0
+listen_tcp = 1
+auth_tcp = "none"
+listen_addr = "{ADDRESS}"
+auth_unix_ro = "none"
+auth_unix_rw = "none"
+host_uuid = "{uuid.uuid4()}"
+log_outputs = "3:file:/var/log/libvirt/libvirtd.log"
+"""
+VIRTLOGD_CONF = 'log_outputs = "3:file:/var/log/libvirt/virtlogd.log"\n'
 DOMAIN = "ksa-fresh"
 DOMAIN_XML = f"""<domain type='qemu'>
   <name>{DOMAIN}</name>
@@ -139,12 +157,11 @@ def test_setup_on_a_brand_new_debian_brings_up_libvirt_and_the_agent(fresh: Cont
     )
 
     etc = fresh.path("/etc/libvirt")
-    host_state = HostState(uuid=str(uuid.uuid4()), storage={})
-    (etc / "libvirtd.conf").write_text(libvirtd_conf(FRESH_HOST, host_state))
-    (etc / "qemu.conf").write_text(qemu_conf(FRESH_HOST))
+    (etc / "libvirtd.conf").write_text(LIBVIRTD_CONF)
+    (etc / "qemu.conf").write_text(QEMU_CONF)
     (etc / "virtlogd.conf").write_text(VIRTLOGD_CONF)
     fresh.path(f"/root/{DOMAIN}.xml").write_text(DOMAIN_XML)
-    script_env = {"DOMAIN": DOMAIN, "ADDRESS": FRESH_HOST.address, "TAIL": str(TAIL_LINES)}
+    script_env = {"DOMAIN": DOMAIN, "ADDRESS": ADDRESS, "TAIL": str(TAIL_LINES)}
     started = time.monotonic()
     libvirt = fresh.run_plain("bash", "-c", LIBVIRT_CHECK, env=script_env, timeout=300)
     took["libvirt"] = time.monotonic() - started
