@@ -93,7 +93,7 @@ class LiveAgent:
         self.session.trust_env = False  # loopback only, never through a proxy from the environment
 
     def start(self) -> None:
-        code = SERVER.format(unit=str(Path(__file__).parent), base=str(self.base))
+        code = SERVER.format(unit=str(Path(__file__).resolve().parents[1]), base=str(self.base))
         self.proc = subprocess.Popen(
             [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
         )

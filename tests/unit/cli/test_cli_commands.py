@@ -27,7 +27,7 @@ from agent.config import ConfigError, load_config
 
 TASK = "6e5d4c3b-2a19-4807-b6a5-9483726150ab"
 OTHER = "1a2b3c4d-5e6f-4a7b-8c9d-0e1f2a3b4c5d"
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 
 Cli = Callable[..., Run]
 

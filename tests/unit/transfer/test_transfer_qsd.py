@@ -20,7 +20,7 @@ from agent.transfer.qsd import DaemonCommandFailed, DaemonDied, DaemonError, Sto
 
 pytestmark = needs_qemu
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 
 
 async def test_start_execute_stop() -> None:
