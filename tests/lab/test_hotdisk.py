@@ -19,6 +19,8 @@ from agentapi import Run, disk_sources, migrate, migration_body, qemu_img_chain
 from faultkit import CallbackRecorder
 from labtools import Guest, Lab, LabHost
 
+from agent.migration.hotdisk import BUFFER_SLACK
+
 pytestmark = pytest.mark.lab
 MiB = 1024 * 1024
 HOT_MIB_S = 20  # asked of the guest; what it really writes sets the cap (2.5 x under it)
@@ -61,6 +63,17 @@ def cap_for(rate_mib_s: float) -> int:
     cap = int(rate_mib_s / 2.5)
     assert cap >= 2, f"premise: the guest writes only {rate_mib_s:.1f} MiB/s (asked {HOT_MIB_S})"
     return cap
+
+
+def assert_background_within_cap(samples: list[dict[str, Any]], cap: int, mirrors: int) -> None:
+    """The background copy's rate samples (one a second) hold the cap: their median within 1.1 x, and their
+    bytes over the whole copy within 1.1 x cap x time once one 16 MiB mirror buffer per disk is set aside
+    (QEMU lets a buffer go at once: single seconds measured 12 and 25 MB/s at caps of 4 and 7 MiB/s)."""
+    rates = [r["backgroundBytesPerSecond"] for r in samples]
+    seconds = sum(r["seconds"] for r in samples)
+    moved = sum(r["backgroundBytesPerSecond"] * r["seconds"] for r in samples)
+    assert rates and statistics.median(rates) <= 1.1 * cap * MiB, rates
+    assert moved - mirrors * BUFFER_SLACK <= 1.1 * cap * MiB * seconds, (moved, seconds, rates)
 
 
 def allocated_mib(path: str) -> float:
@@ -116,9 +129,7 @@ async def test_samehost_auto_moves_a_hot_disk_and_says_it_went_over_the_cap(
     assert any(d.get("disk") == "vda" and "write-blocking" in d["message"] for d in details["decisions"])
     assert quiet_run.task["details"]["disks"]["vda"]["mode"] == "background"
     # The background copy honours the cap (rate samples of the task, taken each second).
-    rates = [r["backgroundBytesPerSecond"] for r in details["copyRates"]]
-    assert rates and statistics.median(rates) <= 1.1 * cap * MiB, rates
-    assert max(rates) <= 2.0 * cap * MiB, rates
+    assert_background_within_cap(details["copyRates"], cap, 2)
     # Never over the budget silently: the guest's own writes crossed at its pace, and the result says so.
     over = details["overBudget"]
     assert over["realBytesPerSecond"] > 1.1 * cap * MiB
@@ -225,8 +236,7 @@ async def test_crosshost_auto_migrates_a_hot_disk_in_write_blocking_mode(
     assert details["diskMode"]["hot"]["vda"] >= 1.5 * cap * MiB  # measured before the migration
     assert details["disks"]["vda"]["mode"] == details["disks"]["vdb"]["mode"] == "write-blocking"
     assert "diskMode" not in quiet_run.task["details"]
-    rates = [r["backgroundBytesPerSecond"] for r in details["copyRates"]]
-    assert rates and statistics.median(rates) <= 1.1 * cap * MiB, rates
+    assert_background_within_cap(details["copyRates"], cap, 2)
     # Each guest write now waits for the other host: the guest may slow under the cap (measured: 20 MiB/s
     # asked, about 4.4 on a loaded machine). Over the cap by more than 10 % or not, the result says which.
     callback = await recorder.final(hot_run.task["taskUuid"], within=30)
