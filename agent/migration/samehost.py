@@ -21,8 +21,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import os
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -679,7 +681,9 @@ class SameHostEngine:
         failure: AgentError | None = None
         for target in work.mirrors:
             try:
-                await self.host.abort_block_job(ctx.vm_uuid, target, pivot=True)
+                await self._through_outage(
+                    ctx, f"pivot of {target}", functools.partial(self._pivot, ctx, work.mirrors[target].disk)
+                )
                 pivoted.append(target)
             except AgentError as err:
                 ctx.log.error("pivot of %s failed: %s", target, err.description)
@@ -692,7 +696,11 @@ class SameHostEngine:
         for target in work.mirrors:
             if target not in pivoted:
                 with contextlib.suppress(AgentError):
-                    await self.host.abort_block_job(ctx.vm_uuid, target)
+                    await self._through_outage(
+                        ctx,
+                        f"abort of {target}",
+                        functools.partial(self.host.abort_block_job, ctx.vm_uuid, target),
+                    )
         for target in pivoted:
             await self._mirror_back(ctx, work.mirrors[target].disk)
         await self._remove_created(ctx, work)
@@ -701,6 +709,35 @@ class SameHostEngine:
             code="AGENT.PIVOT_FAILED",
             details=f"pivoted then rolled back: {', '.join(pivoted) or 'none'}",
         ) from failure
+
+    async def _pivot(self, ctx: TaskContext, disk: DiskPlan) -> None:
+        """Pivot one disk; taken again after a libvirtd outage, it first looks whether the pivot happened
+        before the outage cut the call (no job left, the live source already the destination top)."""
+        if await self.host.block_job(ctx.vm_uuid, disk.target) is None:
+            live = {d.target: d.source for d in parse_disks(await self.host.live_xml(ctx.vm_uuid))}
+            if live.get(disk.target) == str(disk.dst_top):
+                return
+        await self.host.abort_block_job(ctx.vm_uuid, disk.target, pivot=True)
+
+    async def _through_outage(self, ctx: TaskContext, what: str, call: Callable[[], Awaitable[None]]) -> None:
+        """A libvirt step that a libvirtd restart must not fail: QEMU keeps the block jobs and libvirt takes
+        them back when it reconnects (measured, libvirt 9.0), so the step waits for it (``LIBVIRT_OUTAGE_S``)
+        and is taken again. Found by the fault matrix: a restart at the pivot failed the task and left both
+        mirrors running."""
+        deadline = time.monotonic() + LIBVIRT_OUTAGE_S
+        while True:
+            try:
+                await call()
+                return
+            except VirtError as err:
+                if err.code != UNREACHABLE or time.monotonic() > deadline:
+                    raise
+                ctx.log.warning("%s: libvirtd is not answering (%s); waiting for it", what, err.description)
+            if not await self.host.wait_reachable(max(1.0, deadline - time.monotonic())):
+                raise MigrationFailed(
+                    f"{what}: libvirtd did not come back within {LIBVIRT_OUTAGE_S:.0f} s", code=UNREACHABLE
+                )
+            await asyncio.sleep(1.0)  # libvirt takes the block jobs back right after it reconnects
 
     async def _mirror_back(self, ctx: TaskContext, disk: DiskPlan) -> None:
         """Copy a pivoted disk back onto its (intact) source top and pivot to it."""
