@@ -194,6 +194,10 @@ async def test_bandwidth_is_one_budget_for_real_bytes(
     )
     assert run.state == "SUCCEEDED", run.task.get("error")
     copying = [(t, v["progress"]["bytesDone"]) for t, v in run.samples if v["state"] == "COPYING"]
+    # The copy starts after the agent measured the guest's writes for a moment (hot disks, issue 16): the
+    # rate is taken from the last sample before the first byte moved.
+    first = next(i for i, (_, b) in enumerate(copying) if b > 0)
+    copying = copying[max(0, first - 1) :]
     assert len(copying) > 8, "the copy was too short to measure"
     (t0, b0), (t1, b1) = copying[0], copying[-1]
     rate = (b1 - b0) / (t1 - t0) / MiB
