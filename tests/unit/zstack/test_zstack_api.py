@@ -37,7 +37,7 @@ from agent.config import parse_config
 from agent.errors import MigrationFailed
 from agent.zstack import mount
 from labkit import agentctl
-from labkit.layout import HOSTS
+from labkit.layout import BRIDGE_ADDRESS, HOSTS
 from labkit.state import LabState
 
 MiB = 1024 * 1024
@@ -657,7 +657,7 @@ def test_the_lab_turns_the_dialect_on_for_its_networks() -> None:
         config = parse_config(tomllib.loads(agentctl.config_text(host, state.hosts[host.name])), host.name)
         assert config.zstack.enabled
         assert config.zstack.allowed_networks == (
-            ipaddress.ip_network("10.213.0.0/24"),
+            ipaddress.ip_network(f"{BRIDGE_ADDRESS}/24", strict=False),  # the lab instance's own subnet
             ipaddress.ip_network("127.0.0.0/8"),
         )
 
