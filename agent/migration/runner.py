@@ -106,6 +106,11 @@ async def run(engine: Engine, ctx: TaskContext) -> Verdict:
         async with asyncio.timeout(None if deadline is None else deadline.remaining()):
             inventory = await engine.run(ctx)
     except TimeoutError as err:
+        # The deadline's own expiry, or an engine's wait that leaked its TimeoutError (1 s of slack: the
+        # deadline is wall-clock time, the timer the loop's monotonic clock).
+        if deadline is None or deadline.remaining() > 1.0:
+            ctx.log.exception("the migration engine raised an unexpected TimeoutError")
+            return Verdict.failed(AgentError("internal error in the migration engine", details=repr(err)))
         return Verdict.failed(_timed_out(engine, ctx, err))
     except asyncio.CancelledError:
         current = asyncio.current_task()
