@@ -23,7 +23,7 @@ from typing import Any
 from agent.config import AgentConfig
 from agent.errors import AgentError, MigrationFailed, PreflightFailed
 from agent.migration.engine import TaskContext
-from agent.migration.incoming import IncomingDisk, IncomingLayer, IncomingSpec
+from agent.migration.incoming import IncomingDisk, IncomingSpec
 from agent.migration.inventory import remote_inventory, volume_inventory
 from agent.migration.layers import send_layer_to_peer
 from agent.migration.peer import peer_call, peer_client
@@ -181,34 +181,7 @@ class OfflineEngine:
     # -- another host -----------------------------------------------------------------------------------
 
     async def _to_peer(self, ctx: TaskContext, plan: MigrationPlan) -> list[dict[str, Any]]:
-        # Every layer travels, the top included: it is one more layer of a chain nobody writes.
-        spec = IncomingSpec(
-            migrationId=ctx.task_uuid,
-            vmUuid=ctx.vm_uuid,
-            dstPrimaryStorageUuid=plan.dst_storage_uuid,
-            disks=[
-                IncomingDisk(
-                    target=d.target,
-                    volumeUuid=d.volume_uuid,
-                    top=str(d.dst_top),
-                    format=d.dst_format,
-                    virtualSize=d.virtual_size,
-                    estimatedBytes=0,
-                    flatten=True,
-                    layers=[IncomingLayer.of(lp) for lp in d.lower_layers]
-                    + [
-                        IncomingLayer(
-                            name=os.path.basename(str(d.dst_top)),
-                            format=d.dst_format,
-                            virtualSize=d.virtual_size,
-                            actualSize=d.estimated_bytes,
-                        )
-                    ],
-                    offline=True,
-                )
-                for d in plan.disks
-            ],
-        )
+        spec = IncomingSpec.of(ctx.task_uuid, plan, (IncomingDisk.offline_copy(d) for d in plan.disks))
         temporary: list[str] = []
         data: dict[str, Any] = {"engine": "offline", "created": temporary, "incoming": True}
         async with peer_client(ctx.request, self.config) as peer:

@@ -11,8 +11,7 @@ from typing import Any
 import pytest
 
 from agent.errors import VirtError
-from agent.migration import crosshost
-from agent.migration.crosshost import CrossHostEngine
+from agent.migration.crosshost import CrossHostEngine, migrate
 
 VM = "0f6b2c1e-8d7a-4c39-9a57-3e2d1c0b9a88"
 
@@ -40,8 +39,8 @@ def _ctx() -> Any:
 
 @pytest.fixture(autouse=True)
 def _short_grace(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(crosshost, "ABORT_GRACE_S", 0.5)
-    monkeypatch.setattr(crosshost, "ABORT_REPEAT_S", 0.1)
+    monkeypatch.setattr(migrate, "ABORT_GRACE_S", 0.5)
+    monkeypatch.setattr(migrate, "ABORT_REPEAT_S", 0.1)
 
 
 async def test_a_job_that_ends_after_a_repeated_abort_is_awaited() -> None:

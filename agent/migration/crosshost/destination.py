@@ -1,0 +1,95 @@
+"""Calls to the destination agent that must outlive a restart or a cut link: retried while it cannot be
+reached; its other answers, errors included, are final."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from agent.client import AgentClient
+from agent.errors import AgentError, MigrationFailed, NotFound
+from agent.migration.engine import TaskContext
+from agent.migration.peer import peer_call
+from agent.virt.host import UNREACHABLE
+
+#: How long to keep asking an unreachable destination agent to clean up after a failure.
+ABORT_RETRY_S = 180.0
+#: How long to keep asking an unreachable destination agent to confirm a migration that the hypervisors
+#: already show as done; past it the task succeeds with ``destinationAgent: unconfirmed`` and the destination
+#: agent commits its record itself when it starts again (``IncomingService.reconcile``).
+COMMIT_RETRY_S = 45.0
+
+_PEER_RETRY_CODES = {
+    "AGENT.PEER_UNREACHABLE": "agent unreachable",
+    UNREACHABLE: "agent cannot reach its libvirtd",
+}
+
+
+async def peer_call_retrying(
+    ctx: TaskContext,
+    peer: AgentClient,
+    method: str,
+    segments: tuple[str, ...],
+    body: Any,
+    *,
+    within_s: float = ABORT_RETRY_S,
+) -> Any:
+    """``peer_call``, retried for up to ``within_s`` while the destination agent cannot be reached
+    (restarting, a cut link healing) or cannot reach its own libvirtd (restarting: without it the agent
+    cannot tell whether the VM runs there, so it must not remove files yet); its other answers, errors
+    included, are final."""
+    delay = 1.0
+    deadline = time.monotonic() + within_s
+    while True:
+        try:
+            return await peer_call(peer, method, segments, body)
+        except MigrationFailed as err:
+            if err.code not in _PEER_RETRY_CODES or time.monotonic() > deadline:
+                raise
+            ctx.log.warning(
+                "destination %s (%s); retrying in %.0f s", _PEER_RETRY_CODES[err.code], method, delay
+            )
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 10.0)
+
+
+async def confirm(ctx: TaskContext, peer: AgentClient) -> bool:
+    """Have the destination agent commit its record; False (and a note) when it cannot be reached in
+    ``COMMIT_RETRY_S`` or refuses: the VM's place is already known, so that never fails the task."""
+    try:
+        await peer_call_retrying(
+            ctx,
+            peer,
+            "POST",
+            ("v1", "incoming-migrations", ctx.task_uuid, "commit"),
+            {},
+            within_s=COMMIT_RETRY_S,
+        )
+    except NotFound:
+        # Committed by an earlier life of this task, or by the destination agent's own reconciliation
+        # at its start: the record is gone, the VM's disks decide.
+        ctx.log.info("the destination had already committed this migration")
+    except AgentError as err:
+        ctx.log.warning(
+            "the VM runs on the destination, but its agent did not confirm (%s); it commits its record "
+            "when it starts again",
+            err.description,
+        )
+        ctx.note("destinationAgent", f"unconfirmed: {err.description}")
+        return False
+    return True
+
+
+async def abort_remote(ctx: TaskContext, peer: AgentClient) -> None:
+    """Have the destination remove what it prepared; retried while it cannot be reached (a cut link
+    heals, a restarting agent comes back), and shielded from the cancel that brought us here."""
+
+    async def _abort() -> None:
+        try:
+            await peer_call_retrying(ctx, peer, "DELETE", ("v1", "incoming-migrations", ctx.task_uuid), None)
+        except AgentError as err:
+            ctx.log.error("the destination agent could not clean up: %s", err.description)
+            ctx.note("destinationCleanup", f"failed: {err.description}")
+
+    await asyncio.shield(_abort())

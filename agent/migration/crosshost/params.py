@@ -1,0 +1,141 @@
+"""What libvirt is told when the migration starts: its flags and parameters, the disks' first speed, the
+convergence policy, and whether the guest's writes call for write-blocking mirrors (hot disks, issue 16)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import libvirt
+
+from agent.config import AgentConfig
+from agent.migration import convergence, hotdisk
+from agent.migration.engine import TaskContext
+from agent.migration.plan import MigrationPlan
+from agent.migration.request import Strategy
+from agent.virt.domxml import rewrite_disk_sources
+from agent.virt.host import VirtHost
+
+#: How long the guest's disk writes are measured before a capped migration starts (hot disks, issue 16).
+MEASURE_WRITES_S = 1.5
+MiB = 1024 * 1024
+
+
+def policy_of(ctx: TaskContext) -> convergence.ConvergencePolicy:
+    """The convergence policy of the request; it plans with the time left until the task's deadline."""
+    deadline = ctx.deadline
+    return convergence.ConvergencePolicy.from_request(
+        ctx.request, time_left_s=None if deadline is None else deadline.remaining()
+    )
+
+
+def first_mirror_speed(bandwidth: int, plan: MigrationPlan) -> int:
+    """Bytes/s every disk mirror starts at: one share of the budget each, in whole MiB/s as libvirt takes
+    it (at least 1)."""
+    return max(1, bandwidth // max(1, len(plan.disks)) // MiB) * MiB
+
+
+def migration_flags(
+    config: AgentConfig,
+    plan: MigrationPlan,
+    policy: convergence.ConvergencePolicy,
+    *,
+    write_blocking: bool = False,
+) -> int:
+    flags: int = (
+        libvirt.VIR_MIGRATE_LIVE
+        | libvirt.VIR_MIGRATE_PEER2PEER
+        | libvirt.VIR_MIGRATE_PERSIST_DEST
+        | libvirt.VIR_MIGRATE_UNDEFINE_SOURCE
+        | libvirt.VIR_MIGRATE_ABORT_ON_ERROR
+    )
+    if plan.shallow_mirrors:
+        flags |= libvirt.VIR_MIGRATE_NON_SHARED_INC  # the top's data only: lower layers are there
+    else:
+        flags |= libvirt.VIR_MIGRATE_NON_SHARED_DISK  # full: flattens a chain into the destination
+    # Both capabilities must be set when the migration starts; QEMU cannot enable them later.
+    if policy.wants_auto_converge:
+        flags |= libvirt.VIR_MIGRATE_AUTO_CONVERGE
+    if policy.wants_postcopy_flag:
+        flags |= libvirt.VIR_MIGRATE_POSTCOPY
+    if write_blocking:  # every disk's mirror: libvirt has one copy mode for the whole migration
+        flags |= libvirt.VIR_MIGRATE_NON_SHARED_SYNCHRONOUS_WRITES
+    if not config.insecure_transport:
+        # Memory and the NBD disk mirrors over TLS with the hosts' certificates (qemu.conf
+        # default_tls_x509_cert_dir; the destination verifies the source: migrate_tls_x509_verify).
+        flags |= libvirt.VIR_MIGRATE_TLS
+    return flags
+
+
+async def migration_params(
+    host: VirtHost, ctx: TaskContext, plan: MigrationPlan, prepared: Mapping[str, Any]
+) -> dict[str, Any]:
+    new_sources = {
+        d["target"]: (d["top"], next(p.dst_format for p in plan.disks if p.target == d["target"]))
+        for d in prepared["disks"]
+    }
+    live = await host.call_domain(
+        ctx.vm_uuid, lambda dom: str(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_MIGRATABLE))
+    )
+    inactive = await host.inactive_xml(ctx.vm_uuid)
+    params: dict[str, Any] = {
+        libvirt.VIR_MIGRATE_PARAM_URI: prepared["migrationUri"],
+        libvirt.VIR_MIGRATE_PARAM_MIGRATE_DISKS: [d.target for d in plan.disks],
+        libvirt.VIR_MIGRATE_PARAM_DEST_XML: rewrite_disk_sources(live, new_sources),
+        libvirt.VIR_MIGRATE_PARAM_PERSIST_XML: rewrite_disk_sources(inactive, new_sources),
+    }
+    if ctx.bandwidth:
+        # libvirt starts every disk mirror at this speed on its own (LAB-NOTES): one share each keeps the
+        # moment before the first steering tick within the budget. The memory stream gets the whole
+        # budget when it starts (Steering.tick).
+        params[libvirt.VIR_MIGRATE_PARAM_BANDWIDTH] = first_mirror_speed(ctx.bandwidth, plan) // MiB
+    if ctx.request.primaryStorageMigrateVm.strategy in (Strategy.AUTO_CONVERGE, Strategy.AUTO):
+        policy = policy_of(ctx)
+        params[libvirt.VIR_MIGRATE_PARAM_AUTO_CONVERGE_INITIAL] = policy.throttle_initial_pct
+        params[libvirt.VIR_MIGRATE_PARAM_AUTO_CONVERGE_INCREMENT] = policy.throttle_increment_pct
+    return params
+
+
+async def measure_writes(
+    host: VirtHost, ctx: TaskContext, plan: MigrationPlan
+) -> tuple[dict[str, int], dict[str, float]]:
+    """Each moving disk's bytes written so far and the guest's write rate on it (measured only when the
+    task has a cap: without one the mirrors run as fast as the link and converge)."""
+    targets = [d.target for d in plan.disks]
+    first = await host.block_writes(ctx.vm_uuid, targets)
+    if ctx.bandwidth is None:
+        return first, {}
+    started = time.monotonic()
+    await asyncio.sleep(MEASURE_WRITES_S)
+    second = await host.block_writes(ctx.vm_uuid, targets)
+    seconds = time.monotonic() - started
+    return second, {t: max(0, second[t] - first[t]) / seconds for t in targets}
+
+
+def choose_write_blocking(ctx: TaskContext, plan: MigrationPlan, rates: Mapping[str, float]) -> bool:
+    """``auto`` (and the other memory strategies) migrate in write-blocking mode when a disk is hot for its
+    share; ``precopy`` never does. The mode applies to every disk of the migration: each guest write on any
+    of them then waits for the destination (a network round trip) before it completes."""
+    if ctx.request.primaryStorageMigrateVm.strategy is Strategy.PRECOPY or not ctx.bandwidth:
+        return False
+    share = first_mirror_speed(ctx.bandwidth, plan)
+    hot = {t: r for t, r in rates.items() if hotdisk.start_write_blocking(r, share)}
+    if hot:
+        ctx.log.info(
+            "hot disk: migrating in write-blocking mode (all disks): guest writes %s B/s, share %d B/s",
+            {t: int(r) for t, r in hot.items()},
+            share,
+        )
+        ctx.note(
+            "diskMode",
+            {
+                "mode": hotdisk.Mode.WRITE_BLOCKING.value,
+                "message": "migrating in write-blocking mode: every guest write on every moving disk waits "
+                "for the destination before it completes",
+                "hot": {t: int(r) for t, r in hot.items()},
+                "shareBytesPerSecond": share,
+            },
+        )
+    return bool(hot)

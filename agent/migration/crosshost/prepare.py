@@ -1,0 +1,90 @@
+"""Before the migration: plan it here, have the destination agent prepare the targets (``incoming``), and
+fill the destination's lower layers over the transfer service."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from agent.client import AgentClient
+from agent.errors import PreflightFailed
+from agent.migration import snapshots
+from agent.migration.engine import TaskContext
+from agent.migration.incoming import IncomingDisk, IncomingSpec
+from agent.migration.layers import send_layer_to_peer
+from agent.migration.plan import MigrationPlan, RemoteRoot, inspect_chains, plan_migration
+from agent.virt.domxml import parse_disks
+from agent.virt.host import VirtHost
+
+
+async def plan_live_move(host: VirtHost, ctx: TaskContext) -> MigrationPlan:
+    """Plan from the live XML and the chains; refuse a VM that is not running, a disk with a block job,
+    and libvirt snapshots whose layers a flattening move would lose."""
+    state = await host.domain_state(ctx.vm_uuid)
+    if state != "running":
+        raise PreflightFailed(
+            f"VM {ctx.vm_uuid} is {state}; a live migration needs it running", field="vmUuid"
+        )
+    disks = parse_disks(await host.live_xml(ctx.vm_uuid))
+    for disk in disks:
+        if disk.mirror:
+            raise PreflightFailed(f"disk {disk.target} already has a block job", field="vmUuid")
+    chains = await inspect_chains(disks)
+    dst_uuid = ctx.request.primaryStorageMigrateVm.dstPrimaryStorageUuid
+    plan = plan_migration(ctx.vm_uuid, disks, chains, ctx.request, RemoteRoot(dst_uuid, Path("/")))
+    snapshots.refuse_internal({d.target: chains[d.target] for d in plan.disks})
+    metas = await host.call_domain(ctx.vm_uuid, snapshots.read_snapshots)
+    if metas and any(d.flatten and len(d.src_chain) > 1 for d in plan.disks):
+        raise PreflightFailed(
+            "the VM has libvirt snapshots ("
+            + ", ".join(m.name for m in metas)
+            + ") whose layers a flattening move would not keep",
+            code="AGENT.SNAPSHOTS_NEED_CHAIN",
+            field="primaryStorageMigrateVm.withSnapshots",
+            details="move it with withSnapshots: true, or delete the snapshots first",
+        )
+    return plan
+
+
+def incoming_spec(ctx: TaskContext, plan: MigrationPlan) -> IncomingSpec:
+    """What the destination agent prepares: an empty top on its copy of each kept chain."""
+    return IncomingSpec.of(ctx.task_uuid, plan, (IncomingDisk.live(d) for d in plan.disks))
+
+
+async def send_layers(
+    ctx: TaskContext,
+    peer: AgentClient,
+    plan: MigrationPlan,
+    prepared: Mapping[str, Any],
+    data: dict[str, Any],
+) -> None:
+    """Fill the destination's lower layers, base first, each verified before the next (resumable)."""
+    if not plan.layers:
+        return
+
+    done: dict[str, str] = data.setdefault("layersDone", {})  # destination path -> source path
+    for disk in plan.disks:
+        paths = next(d for d in prepared["disks"] if d["target"] == disk.target)["layers"]
+        for index, (layer, dst_path) in enumerate(zip(disk.lower_layers, paths, strict=True)):
+            if dst_path in done:  # sent before a restart, or a base shared with another disk
+                continue
+            item = f"layer:{os.path.basename(layer.src)}"
+
+            def progress(done_bytes: int, total: int, item: str = item) -> None:
+                ctx.progress(item, done_bytes, total)
+
+            await send_layer_to_peer(
+                peer,
+                ctx.task_uuid,
+                disk.target,
+                index,
+                layer.src,
+                layer.format,
+                rate=lambda: ctx.bandwidth,
+                on_progress=progress,
+                log=ctx.log,
+            )
+            done[dst_path] = layer.src
+            await ctx.checkpoint(data)

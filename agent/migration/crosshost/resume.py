@@ -1,0 +1,112 @@
+"""After an agent restart: a migration that libvirt still runs (peer to peer, the source libvirtd owns it)
+is steered to its end and settled; one interrupted earlier is cleaned up on the destination and fails."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from agent.client import AgentClient
+from agent.errors import AgentError, MigrationFailed
+from agent.migration import convergence
+from agent.migration.crosshost.commit import LIBVIRT_OUTAGE_S
+from agent.migration.crosshost.destination import abort_remote
+from agent.migration.crosshost.params import policy_of
+from agent.migration.crosshost.settle import job_active, settle
+from agent.migration.crosshost.steering import Steering
+from agent.migration.engine import Step, TaskContext
+from agent.migration.plan import MigrationPlan, allocation_index
+from agent.virt.domxml import parse_disks
+from agent.virt.host import VirtHost
+
+
+async def resume(
+    host: VirtHost,
+    ctx: TaskContext,
+    peer: AgentClient,
+    data: Mapping[str, Any],
+    *,
+    tick_s: float,
+    wedged: set[str],
+    on_steering: Callable[[Steering], None],
+) -> list[dict[str, Any]]:
+    """By the step journalled last. ``migrating`` / ``committing``: the peer-to-peer migration may still run:
+    it is steered to its end (aborted first if a cancel was journalled), then where the VM runs decides
+    (``settle``): commit and succeed, or clean the destination and fail. Earlier steps (preparing, sending
+    lower layers): the destination is cleaned up and the task fails (``AGENT.INTERRUPTED``; the management
+    plane sends the request again)."""
+    plan = MigrationPlan.from_dict(data["plan"])
+    step = data.get("step")
+    work = dict(data)
+    ctx.log.info("resuming cross-host migration at step %s", step)
+    interrupted = MigrationFailed(
+        f"the agent restarted during step {step!r}; the destination was cleaned up and the VM stays on "
+        "this host",
+        code="AGENT.INTERRUPTED",
+        details="send the request again to retry",
+    )
+
+    async def settled(failure: BaseException) -> list[dict[str, Any]]:
+        return await settle(host, ctx, peer, plan, work, failure, wedged=ctx.vm_uuid in wedged)
+
+    if step in (Step.MIGRATING, Step.COMMITTING):
+        try:
+            await host.wait_reachable(LIBVIRT_OUTAGE_S)
+            if ctx.cancel_requested:
+                await _abort_job_if_active(host, ctx)
+            verdict = await _watch_running(host, ctx, plan, tick_s=tick_s, on_steering=on_steering)
+        except asyncio.CancelledError as err:
+            if ctx.detaching:
+                raise
+            # Cancelled now (or journalled before the restart): abort the job unless it switched over.
+            await asyncio.shield(_abort_job_if_active(host, ctx))
+            return await settled(err)
+        if ctx.cancel_requested:  # aborted above, or it had ended: where the VM is decides
+            return await settled(asyncio.CancelledError())
+        return await settled(verdict or interrupted)
+    await abort_remote(ctx, peer)
+    if ctx.cancel_requested:  # journalled before the restart: the task ends CANCELLED, cleaned up
+        raise asyncio.CancelledError()
+    raise interrupted
+
+
+async def _abort_job_if_active(host: VirtHost, ctx: TaskContext) -> None:
+    with contextlib.suppress(AgentError):
+        if await job_active(host, ctx):
+            await host.abort_job(ctx.vm_uuid)
+
+
+async def _watch_running(
+    host: VirtHost,
+    ctx: TaskContext,
+    plan: MigrationPlan,
+    *,
+    tick_s: float,
+    on_steering: Callable[[Steering], None],
+) -> AgentError | None:
+    """Keep steering a migration this agent did not start in this life (it survived a restart) until
+    libvirt ends it; returns the reason if the steering had to abort it."""
+    policy = policy_of(ctx)
+    steer = Steering(
+        host,
+        ctx,
+        plan,
+        {d.target: await allocation_index(d) for d in plan.disks},
+        convergence.ConvergenceController(policy),
+        tick_s=tick_s,
+    )
+    on_steering(steer)
+    with contextlib.suppress(AgentError):
+        steer.aliases = {d.target: d.alias for d in parse_disks(await host.live_xml(ctx.vm_uuid)) if d.alias}
+    try:
+        while await job_active(host, ctx):
+            try:
+                await steer.tick()
+            except AgentError as err:
+                ctx.log.debug("steering step skipped: %s", err.description)
+            await asyncio.sleep(tick_s)
+    finally:
+        await steer.close()
+    return steer.verdict
