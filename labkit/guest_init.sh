@@ -83,14 +83,14 @@ dirtier() {   # dirtier MIB_PER_S|max WORKING_SET_MIB
     dd if=/dev/zero of=/dirty/ws bs=1M count=$ws 2>/dev/null
     say "KSA-DIRTY $rate MiB/s over $ws MiB"
     if [ "$rate" = max ]; then
-        # As fast as the vCPU goes: the dirtying is bound by the guest's CPU, so a throttle slows it. Each
-        # finished pass over the working set is said with the guest's clock: its true speed, which QEMU's
-        # sampling estimate cannot show once the whole set changes within the sampling window.
+        # As fast as the vCPU goes: the dirtying is bound by the guest's CPU, so a throttle slows it. Both
+        # loops say every 8 MiB written, with the guest's clock (KSA-DIRTIED MiB CS): the guest's true
+        # speed, which QEMU's sampling estimate cannot show once the whole set changes within its window.
         while :; do
             dd if=/dirty/chunk$(( (n / ws) % 2 )) of=/dirty/ws bs=1M count=1 seek=$((n % ws)) \
                 conv=notrunc 2>/dev/null
             n=$((n + 1))
-            if [ $((n % ws)) -eq 0 ]; then centis; say "KSA-DIRTY-PASS $n $CS"; fi
+            if [ $((n % 8)) -eq 0 ]; then centis; say "KSA-DIRTIED $n $CS"; fi
         done
     fi
     while :; do
@@ -102,6 +102,7 @@ dirtier() {   # dirtier MIB_PER_S|max WORKING_SET_MIB
             dd if=/dirty/chunk$(( (n / ws) % 2 )) of=/dirty/ws bs=1M count=1 seek=$((n % ws)) \
                 conv=notrunc 2>/dev/null
             n=$((n + 1)); j=$((j + 1))
+            if [ $((n % 8)) -eq 0 ]; then centis; say "KSA-DIRTIED $n $CS"; fi
         done
         centis; left=$(( 100 - (CS - start) ))
         if [ $left -ge 100 ]; then sleep 1; elif [ $left -gt 0 ]; then sleep 0.$(printf %02d $left); fi
