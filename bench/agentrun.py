@@ -1,5 +1,6 @@
 """Driving the lab's real agents: a migration request, its task followed to the end with progress samples,
-and the final callback received on the lab bridge (the agent's "request to final callback" time)."""
+and the final callback received on the lab bridge by labkit's ``CallbackRecorder`` (the agent's "request to
+final callback" time)."""
 
 from __future__ import annotations
 
@@ -7,93 +8,19 @@ import asyncio
 import contextlib
 import logging
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from aiohttp import web
-
-from agent.client import AgentClient, AgentUnreachable, ApiError
+from agent.client import AgentUnreachable, ApiError
 from bench.labenv import BenchError, Disturbed, Host, Lab, daemon_pids, restarted
-from labkit.layout import BRIDGE_ADDRESS
+from labkit.agents import agent_client
+from labkit.mgmtplane import CallbackRecorder
 
 log = logging.getLogger(__name__)
 
 FINAL = ("SUCCEEDED", "FAILED", "CANCELLED")
-
-
-class CallbackReceiver:
-    """A tiny management plane on the bridge address: records when each task's final result arrives."""
-
-    def __init__(self, address: str = BRIDGE_ADDRESS) -> None:
-        self.address = address
-        self.port = 0
-        self._arrived: dict[str, tuple[float, dict[str, Any]]] = {}
-        self._waiters: dict[str, asyncio.Event] = {}
-        self._runner: web.AppRunner | None = None
-
-    async def __aenter__(self) -> CallbackReceiver:
-        app = web.Application()
-        app.router.add_post("/callback", self._on_callback)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, self.address, 0)
-        await site.start()
-        server = site._server  # the only way aiohttp exposes the port it bound for port 0
-        assert server is not None
-        self.port = int(server.sockets[0].getsockname()[1])  # type: ignore[attr-defined]
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.address}:{self.port}/callback"
-
-    async def _on_callback(self, request: web.Request) -> web.Response:
-        at = time.monotonic()
-        body = await request.json()
-        task_uuid = request.headers.get("taskuuid", "")
-        self._arrived.setdefault(task_uuid, (at, body))
-        self._waiters.setdefault(task_uuid, asyncio.Event()).set()
-        return web.json_response({"success": True})
-
-    async def wait(self, task_uuid: str, within_s: float) -> float | None:
-        """When the task's final result arrived (monotonic), or None if it did not within ``within_s``."""
-        event = self._waiters.setdefault(task_uuid, asyncio.Event())
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(within_s):
-                await event.wait()
-        arrived = self._arrived.get(task_uuid)
-        return arrived[0] if arrived else None
-
-
-def migration_body(dst_storage: str, **extra: Any) -> dict[str, Any]:
-    """A PrimaryStorageMigrateVm body (DESIGN.md) with the bench's defaults; extra keys land where they
-    belong (primaryStorageMigrateVm, migrateVm or the top level)."""
-    psm: dict[str, Any] = {"dstPrimaryStorageUuid": dst_storage}
-    for key in ("withDataVolumes", "withSnapshots", "dstHostUuid", "strategy"):
-        if key in extra:
-            psm[key] = extra.pop(key)
-    body: dict[str, Any] = {"primaryStorageMigrateVm": psm, "taskUuid": str(uuid.uuid4())}
-    migrate_vm = {k: extra.pop(k) for k in ("bandwidth", "downTime") if k in extra}
-    if migrate_vm:
-        body["migrateVm"] = migrate_vm
-    body.update(extra)
-    return body
-
-
-def to_host_body(dst: Host, storage: str = "ps1", **extra: Any) -> dict[str, Any]:
-    return migration_body(
-        dst.root(storage).uuid,
-        dstHostUuid=dst.uuid,
-        dstHost={"uuid": dst.uuid, "agentUrl": dst.agent_url, "migrationAddress": dst.migration_address},
-        **extra,
-    )
 
 
 @dataclass
@@ -166,16 +93,16 @@ async def run_task(
     vm_uuid: str,
     body: dict[str, Any],
     *,
-    receiver: CallbackReceiver | None = None,
+    receiver: CallbackRecorder | None = None,
     poll_s: float = 0.25,
     within_s: float = 900,
 ) -> TaskRun:
     """Start a migration on ``host``'s agent and follow it to its end (and to its final callback)."""
     if receiver is not None:
-        body = {**body, "callbackUrl": receiver.url}
+        body = {**body, "callbackUrl": receiver.url()}
     pids = await asyncio.to_thread(daemon_pids)
     run = TaskRun(str(body["taskUuid"]), time.monotonic(), time.time())
-    async with AgentClient(host.agent_url, lab.token) as agent:
+    async with agent_client(lab, host) as agent:
         try:
             await agent.start_migration(vm_uuid, body)
         except AgentUnreachable as err:
@@ -198,7 +125,7 @@ async def run_task(
                     break
                 await asyncio.sleep(poll_s)
     if receiver is not None:
-        run.callback_at = await receiver.wait(run.task_uuid, within_s=30)
+        run.callback_at = await receiver.arrival(run.task_uuid, within=30)
         if run.callback_at is None:
             log.warning("no final callback for task %s within 30 s of its end", run.task_uuid)
     if gone := restarted(pids, await asyncio.to_thread(daemon_pids)):
@@ -221,6 +148,6 @@ async def active_tasks(lab: Lab) -> int:
     count = 0
     for host in lab.hosts:
         with contextlib.suppress(Exception):
-            async with AgentClient(host.agent_url, lab.token) as agent:
+            async with agent_client(lab, host) as agent:
                 count += sum(1 for t in await agent.tasks() if t["state"] not in FINAL)
     return count

@@ -18,10 +18,10 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from bench.agentrun import CallbackReceiver
 from bench.context import FULL, QUICK, Context, Settings
 from bench.labenv import REPO, BenchError, ensure_lab, run
 from bench.table import Row, render_markdown, verdicts
+from labkit.mgmtplane import CallbackRecorder
 
 log = logging.getLogger("bench")
 
@@ -80,7 +80,7 @@ async def _run_cases(settings: Settings, wanted: list[str]) -> tuple[Context, li
     lab = ensure_lab()
     rows: list[Row] = []
     failures: list[str] = []
-    async with CallbackReceiver() as receiver:
+    with CallbackRecorder() as receiver:
         ctx = Context(lab, receiver, settings)
         for number in wanted:
             module_name, title = CASES[number]

@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from bench.agentrun import CallbackReceiver
 from bench.labenv import Lab
+from labkit.mgmtplane import CallbackRecorder
 
 
 @dataclass(frozen=True)
@@ -96,7 +96,7 @@ class CpuUse:
 @dataclass
 class Context:
     lab: Lab
-    receiver: CallbackReceiver
+    receiver: CallbackRecorder
     settings: Settings
     raw: dict[str, Any] = field(default_factory=dict)  # per case, for the JSON file
     cpu: list[CpuUse] = field(default_factory=list)

@@ -21,6 +21,9 @@ from typing import Any, TypeVar
 
 import psutil  # type: ignore[import-untyped]
 
+from labkit.agents import trust_lab_ca
+from labkit.domain import disks_in_xml
+from labkit.labview import LabHost, hosts_from_status
 from labkit.layout import LAB_DIR, SUFFIX
 
 REPO = Path(__file__).resolve().parent.parent
@@ -54,31 +57,12 @@ def lab_cli(*args: str, timeout: float = 600) -> str:
     return run([str(LAB_SCRIPT), *args], timeout=timeout).stdout
 
 
-@dataclass(frozen=True)
-class Root:
-    name: str
-    uuid: str
-    path: Path
+class Host(LabHost):
+    """A lab host as the benchmark sees it: a failed virsh is a ``BenchError`` (a disturbed measurement is
+    taken again), and a command may take long (a 2 GiB block copy with ``--wait``)."""
 
-
-@dataclass(frozen=True)
-class Host:
-    name: str
-    uuid: str
-    address: str
-    libvirt_uri: str
-    agent_url: str
-    migration_address: str
-    roots: tuple[Root, ...]
-
-    def root(self, name: str) -> Root:
-        return next(r for r in self.roots if r.name == name)
-
-    def root_of(self, path: str) -> Root:
-        return next(r for r in self.roots if Path(path).parent == r.path)
-
-    def virsh(self, *args: str, timeout: float = 600, check: bool = True) -> str:
-        return run(["virsh", "-c", self.libvirt_uri, *args], timeout=timeout, check=check).stdout
+    virsh_failure = BenchError
+    virsh_timeout = 600
 
     def netns(self, argv: list[str]) -> list[str]:
         """argv run inside this host's network namespace (its address, its link)."""
@@ -171,21 +155,8 @@ def ensure_lab() -> Lab:
         log.info("the lab is not up: scripts/lab up")
         run([str(LAB_SCRIPT), "up"], timeout=600)
     doc = wait_healthy()
-    hosts = tuple(
-        Host(
-            name=h["name"],
-            uuid=h["uuid"],
-            address=h["address"],
-            libvirt_uri=h["libvirtUri"],
-            agent_url=h["agentUrl"],
-            migration_address=h["migrationAddress"],
-            roots=tuple(Root(s["name"], s["uuid"], Path(s["path"])) for s in h["storage"]),
-        )
-        for h in doc["hosts"]
-    )
-    if doc.get("caFile"):
-        # A TLS lab: the agents are verified with the lab CA (AgentClient reads KSA_CA_FILE).
-        os.environ["KSA_CA_FILE"] = doc["caFile"]
+    hosts = hosts_from_status(doc, Host)
+    trust_lab_ca(doc.get("caFile"))
     return Lab(doc["token"], hosts)
 
 
@@ -205,13 +176,7 @@ def virtual_size(path: str) -> int:
 
 def disk_sources(host: Host, domain: str) -> dict[str, str]:
     """target dev -> source file of the running domain (live XML)."""
-    root = ET.fromstring(host.virsh("dumpxml", domain))
-    out = {}
-    for disk in root.iter("disk"):
-        target, source = disk.find("target"), disk.find("source")
-        if disk.get("device") == "disk" and target is not None and source is not None:
-            out[str(target.get("dev"))] = str(source.get("file"))
-    return out
+    return {disk.dev: disk.path for disk in disks_in_xml(host.virsh("dumpxml", domain))}
 
 
 # -- processes ----------------------------------------------------------------------------------------------

@@ -7,25 +7,11 @@ from dataclasses import dataclass
 from xml.sax.saxutils import escape, quoteattr
 
 from .layout import HOSTS, HostSpec
-from .state import LabState
-from .sysutil import LabError, pid_matches, run
+from .sysutil import LabError
+from .virsh import virsh, virsh_run
 
 EMULATOR = "/usr/bin/qemu-system-x86_64"
 METADATA_NS = "urn:kvm-storage-agent:lab"
-
-
-def virsh_argv(host: HostSpec) -> list[str]:
-    """virsh for one lab host. The lab's own calls go to libvirtd's Unix socket inside the host's namespaces,
-    so that they keep working while a test has cut the host's link; TCP when the holder is not there."""
-    state = LabState.load()
-    pid = state.hosts[host.name].holder_pid if state else None
-    if pid is not None and pid_matches(pid, "labkit.holder"):
-        return ["nsenter", "-t", str(pid), "-m", "-u", "-n", "--", "virsh", "-c", "qemu:///system"]
-    return ["virsh", "-c", host.libvirt_uri]
-
-
-def virsh(host: HostSpec, *args: str, check: bool = True, timeout: float = 120) -> str:
-    return run([*virsh_argv(host), *args], check=check, timeout=timeout).stdout
 
 
 @dataclass(frozen=True)
@@ -144,7 +130,7 @@ def placements(name: str) -> list[Placement]:
     """Every lab host that has the domain (running or only defined), active ones first."""
     found = []
     for host in HOSTS:
-        proc = run([*virsh_argv(host), "domstate", name], check=False, timeout=30)
+        proc = virsh_run(host, "domstate", name, timeout=30)
         if proc.returncode == 0:
             found.append(Placement(host, proc.stdout.strip()))
     return sorted(found, key=lambda p: not p.active)

@@ -6,13 +6,13 @@ import argparse
 import json
 from typing import Any
 
-from . import guests
+from . import guestcreate, guestdir, guests
 from .layout import HOSTS
 from .sysutil import log
 
 
 def _create(args: argparse.Namespace) -> int:
-    opts = guests.GuestOptions(
+    opts = guestcreate.GuestOptions(
         name=args.name,
         host=args.host,
         data_volumes=args.data_volumes,
@@ -31,7 +31,7 @@ def _create(args: argparse.Namespace) -> int:
         boot_timeout=args.boot_timeout,
         keep_on_failure=args.keep_on_failure,
     )
-    guest = guests.create(opts)
+    guest = guestcreate.create(opts)
     log(f"{guest.name}: {guest.uuid} on {guest.host}, disks {', '.join(d.dev for d in guest.disks)}")
     print(guest.uuid)
     return 0
@@ -52,7 +52,7 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def _acks(args: argparse.Namespace) -> int:
-    summary = guests.acks_summary(args.name)
+    summary = guestdir.acks_summary(args.name)
     if args.json:
         print(json.dumps(summary))
     else:

@@ -16,36 +16,34 @@ import logging
 import math
 import os
 import subprocess
-import tempfile
 import threading
 import time
 import uuid
-import xml.etree.ElementTree as ET
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import libvirt
 
-from bench.agentrun import TaskRun, migration_body, require_clean, run_task, to_host_body
+from bench.agentrun import TaskRun, require_clean, run_task
 from bench.cases.samehost import other_root
 from bench.context import Context, CpuUse
 from bench.labenv import (
     DAEMONS,
     BenchError,
     BenchGuest,
-    Host,
     MiB,
-    Root,
     allocated_bytes,
     bench_guest,
     cpu_of,
     measure_again_if_disturbed,
-    run,
-    virtual_size,
 )
 from bench.stats import active_span, max_window_rate, mean_rate
 from bench.table import Row, Target
+from bench.virshmigrate import virsh_migrate
+from labkit.bodies import migration_body, to_host_body
+from labkit.labview import StorageRoot
+from labkit.virsh import virsh_argv
 
 log = logging.getLogger(__name__)
 
@@ -63,23 +61,33 @@ def _allocated(guest: BenchGuest) -> int:
     return sum(allocated_bytes(p) for p in guest.sources().values())
 
 
-class FileGrowth:
-    """Polls the bytes allocated to the destination files (st_blocks) in a thread: what really arrived,
-    whatever the agent's progress says and however late it says it."""
+class _Sampler:
+    """A thread that takes samples from ``__enter__`` to ``__exit__`` (``_loop`` until ``_stop`` is set)."""
 
-    def __init__(self, paths: list[Path], every_s: float = 0.1) -> None:
-        self.paths, self.every_s = paths, every_s
-        self.samples: list[tuple[float, float]] = []  # (monotonic, bytes)
+    def __init__(self) -> None:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
-    def __enter__(self) -> FileGrowth:
+    def __enter__(self) -> Self:
         self._thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join(10)
+
+    def _loop(self) -> None:
+        raise NotImplementedError
+
+
+class FileGrowth(_Sampler):
+    """Polls the bytes allocated to the destination files (st_blocks) in a thread: what really arrived,
+    whatever the agent's progress says and however late it says it."""
+
+    def __init__(self, paths: list[Path], every_s: float = 0.1) -> None:
+        super().__init__()
+        self.paths, self.every_s = paths, every_s
+        self.samples: list[tuple[float, float]] = []  # (monotonic, bytes)
 
     def _allocated(self) -> int:
         total = 0
@@ -103,7 +111,7 @@ class FileGrowth:
         return [(t - result.started, v) for t, v in self.samples if began <= t - result.started <= ended]
 
 
-def _destination_files(guest: BenchGuest, root: Root) -> list[Path]:
+def _destination_files(guest: BenchGuest, root: StorageRoot) -> list[Path]:
     """Where the agent puts each disk's copy: the same file name in the destination root."""
     return [root.path / Path(src).name for src in guest.sources().values()]
 
@@ -158,7 +166,7 @@ def _virsh_copy(guest: BenchGuest, cap_mib: int) -> dict[str, float]:
     for dev in sources:
         dst = str(dst_root.path / f"{guest.name}-{dev}-{uuid.uuid4().hex[:6]}.qcow2")
         guest.files.add(dst)
-        argv = ["virsh", "-c", guest.host.libvirt_uri, "blockcopy", guest.name, dev, dst]
+        argv = [*virsh_argv(guest.host.libvirt_uri), "blockcopy", guest.name, dev, dst]
         argv += ["--bandwidth", str(cap_mib), "--wait", "--pivot", "--transient-job"]
         procs.append(subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
     errors = [p.communicate()[1].strip() for p in procs if p.wait() != 0]
@@ -202,33 +210,13 @@ async def _agent_cross(ctx: Context, guest: BenchGuest, cap_mib: int) -> dict[st
     return _agent_figures(result, cap_mib * MiB, allocated, phase_end, arrived)
 
 
-def _destination_xml(src: Host, name: str, new_paths: dict[str, str]) -> str:
-    root = ET.fromstring(src.virsh("dumpxml", "--migratable", name))
-    for disk in root.iter("disk"):
-        target, source = disk.find("target"), disk.find("source")
-        if target is not None and source is not None and target.get("dev") in new_paths:
-            source.set("file", new_paths[str(target.get("dev"))])
-            for stale in disk.findall("backingStore"):
-                disk.remove(stale)
-    return ET.tostring(root, encoding="unicode")
-
-
-class JobWatcher:
+class JobWatcher(_Sampler):
     """Polls a domain's migration job statistics (libvirt-python, in a thread) to time its disk phase."""
 
     def __init__(self, uri: str, name: str, every_s: float = 0.25) -> None:
+        super().__init__()
         self.uri, self.name, self.every_s = uri, name, every_s
         self.samples: list[tuple[float, dict[str, Any]]] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-
-    def __enter__(self) -> JobWatcher:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(10)
 
     def _loop(self) -> None:
         conn = libvirt.open(self.uri)
@@ -251,31 +239,8 @@ class JobWatcher:
 def _virsh_migrate(ctx: Context, guest: BenchGuest, cap_mib: int) -> dict[str, float]:
     """Plain libvirt: every disk mirror gets the whole cap and is charged for holes; memory after it."""
     allocated = _allocated(guest)
-    src, dst = guest.host, ctx.lab.other(guest.host)
-    sources = guest.sources()
-    new_paths = {
-        dev: str(dst.root("ps1").path / f"{guest.name}-{dev}-{uuid.uuid4().hex[:6]}.qcow2") for dev in sources
-    }
-    for dev, path in new_paths.items():  # libvirt needs the targets of plain files to exist
-        guest.files.add(path)
-        run(["qemu-img", "create", "-q", "-f", "qcow2", path, str(virtual_size(sources[dev]))])
-    with tempfile.NamedTemporaryFile("w", suffix=".xml", prefix="bench-") as xml:
-        xml.write(_destination_xml(src, guest.name, new_paths))
-        xml.flush()
-        argv = ["virsh", "-c", src.libvirt_uri, "migrate", "--live", "--copy-storage-all", "--persistent"]
-        argv += ["--undefinesource", "--xml", xml.name, "--persistent-xml", xml.name]
-        argv += ["--migrateuri", f"tcp://{dst.migration_address}", "--bandwidth", str(cap_mib)]
-        argv += [guest.name, dst.libvirt_uri]
-        started = time.monotonic()
-        with JobWatcher(src.libvirt_uri, guest.name) as watcher:
-            proc = subprocess.run(argv, capture_output=True, text=True, timeout=900, check=False)
-        took = time.monotonic() - started
-    if proc.returncode != 0:
-        guest.locate(ctx.lab)
-        guest.drop_unused_files()
-        raise BenchError(f"virsh migrate failed: {proc.stderr.strip()}")
-    guest.moved_to(dst)
-    guest.drop_unused_files()
+    watcher = JobWatcher(guest.host.libvirt_uri, guest.name)
+    started, took = virsh_migrate(ctx.lab, guest, ["--bandwidth", str(cap_mib)], during=watcher)
     memory_at = watcher.first(
         lambda s: int(s.get("memory_processed", 0)) > 0 or int(s.get("memory_iteration", 0)) > 0
     )

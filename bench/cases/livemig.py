@@ -9,10 +9,11 @@ import logging
 import os
 from typing import Any
 
-from bench.agentrun import TaskRun, run_task, to_host_body
+from bench.agentrun import TaskRun, run_task
 from bench.context import Context
 from bench.labenv import BenchError, BenchGuest, Disturbed, MiB, bench_guest, measure_again_if_disturbed
 from bench.table import Row, Target
+from labkit.bodies import to_host_body
 
 log = logging.getLogger(__name__)
 

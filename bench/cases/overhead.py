@@ -11,13 +11,15 @@ import logging
 import time
 from typing import Any
 
-from agent.client import AgentClient, ClientError
-from bench.agentrun import FINAL, active_tasks, migration_body
+from agent.client import ClientError
+from bench.agentrun import FINAL, active_tasks
 from bench.cases.samehost import other_root
 from bench.context import Context
 from bench.labenv import BenchGuest, GiB, Host, bench_guest, cpu_of
 from bench.stats import percentile
 from bench.table import Row
+from labkit.agents import agent_client
+from labkit.bodies import migration_body
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +45,7 @@ async def _load(
     """Open loop: one GET every 1/rps seconds, round-robin over the tasks, each timed on its own (a slow
     answer does not delay the next request). Latencies in ms."""
     latencies: list[float] = []
-    clients = {h.name: AgentClient(h.agent_url, ctx.lab.token) for h, _ in targets}
+    clients = {h.name: agent_client(ctx.lab, h) for h, _ in targets}
     pending: set[asyncio.Task[None]] = set()
 
     async def one(host: Host, task_uuid: str) -> None:
@@ -76,10 +78,7 @@ async def _load(
 async def _wait_final(ctx: Context, targets: list[tuple[Host, str]], done: asyncio.Event) -> list[str]:
     states: dict[str, str] = {}
     async with contextlib.AsyncExitStack() as stack:
-        clients = {
-            h.name: await stack.enter_async_context(AgentClient(h.agent_url, ctx.lab.token))
-            for h, _ in targets
-        }
+        clients = {h.name: await stack.enter_async_context(agent_client(ctx.lab, h)) for h, _ in targets}
         while len(states) < len(targets):
             for host, task_uuid in targets:
                 if task_uuid not in states:
@@ -102,7 +101,7 @@ async def _latency(ctx: Context) -> dict[str, Any]:
         targets: list[tuple[Host, str]] = []
         for guest in guests:
             body = migration_body(other_root(guest, guest.sources()["vda"]).uuid, bandwidth=s.load_cap_mib_s)
-            async with AgentClient(guest.host.agent_url, ctx.lab.token) as agent:
+            async with agent_client(ctx.lab, guest.host) as agent:
                 await agent.start_migration(guest.uuid, body)
             targets.append((guest.host, str(body["taskUuid"])))
         done = asyncio.Event()

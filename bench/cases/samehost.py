@@ -15,7 +15,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 
-from bench.agentrun import active_tasks, migration_body, require_clean, run_task
+from bench.agentrun import active_tasks, require_clean, run_task
 from bench.context import Context, CpuUse
 from bench.labenv import (
     DAEMONS,
@@ -23,7 +23,6 @@ from bench.labenv import (
     BenchGuest,
     GiB,
     MiB,
-    Root,
     allocated_bytes,
     bench_guest,
     cpu_of,
@@ -31,6 +30,8 @@ from bench.labenv import (
     run,
 )
 from bench.table import Row, Target
+from labkit.bodies import migration_body
+from labkit.labview import StorageRoot
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,7 @@ VIRSH = "virsh blockcopy --wait --pivot"
 QEMU_IMG = "qemu-img convert"
 
 
-def other_root(guest: BenchGuest, path: str) -> Root:
+def other_root(guest: BenchGuest, path: str) -> StorageRoot:
     here = guest.host.root_of(path).name
     return guest.host.root("ps2" if here == "ps1" else "ps1")
 

@@ -10,19 +10,16 @@ from __future__ import annotations
 import logging
 import os
 import re
-import subprocess
-import tempfile
-import time
-import uuid
 from dataclasses import replace
 from typing import Any
 
-from bench.agentrun import run_task, to_host_body
-from bench.cases.bandwidth import _destination_xml
+from bench.agentrun import run_task
 from bench.context import Context
-from bench.labenv import BenchError, BenchGuest, Host, bench_guest, run, virtual_size
+from bench.labenv import BenchError, BenchGuest, Host, bench_guest
 from bench.table import Row, Target
+from bench.virshmigrate import virsh_migrate
 from labkit import agentctl
+from labkit.bodies import to_host_body
 from labkit.layout import host_by_name
 from labkit.state import LabState
 from labkit.sysutil import kill_pids
@@ -49,30 +46,8 @@ async def _agent(ctx: Context, guest: BenchGuest, hosts: dict[str, Host]) -> dic
 
 
 def _virsh(ctx: Context, guest: BenchGuest, tls: bool) -> dict[str, Any]:
-    src, dst = guest.host, ctx.lab.other(guest.host)
-    sources = guest.sources()
-    new_paths = {
-        dev: str(dst.root("ps1").path / f"{guest.name}-{dev}-{uuid.uuid4().hex[:6]}.qcow2") for dev in sources
-    }
-    for dev, path in new_paths.items():  # libvirt needs the targets of plain files to exist
-        guest.files.add(path)
-        run(["qemu-img", "create", "-q", "-f", "qcow2", path, str(virtual_size(sources[dev]))])
-    with tempfile.NamedTemporaryFile("w", suffix=".xml", prefix="bench-") as xml:
-        xml.write(_destination_xml(src, guest.name, new_paths))
-        xml.flush()
-        argv = ["virsh", "-c", src.libvirt_uri, "migrate", "--live", "--p2p", "--copy-storage-all"]
-        argv += ["--persistent", "--undefinesource", "--xml", xml.name, "--persistent-xml", xml.name]
-        argv += ["--migrateuri", f"tcp://{dst.migration_address}", *(["--tls"] if tls else [])]
-        argv += [guest.name, dst.libvirt_uri]
-        started = time.monotonic()
-        proc = subprocess.run(argv, capture_output=True, text=True, timeout=900, check=False)
-        took = time.monotonic() - started
-    if proc.returncode != 0:
-        guest.locate(ctx.lab)
-        guest.drop_unused_files()
-        raise BenchError(f"virsh migrate{' --tls' if tls else ''} failed: {proc.stderr.strip()}")
-    guest.moved_to(dst)
-    guest.drop_unused_files()
+    dst = ctx.lab.other(guest.host)
+    _started, took = virsh_migrate(ctx.lab, guest, ["--p2p", *(["--tls"] if tls else [])])
     info = dst.virsh("domjobinfo", "--completed", guest.name, check=False)
     found = _DOWNTIME.search(info)
     return {"totalS": took, "downtimeMs": float(found.group(1)) if found else None}

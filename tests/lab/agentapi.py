@@ -6,13 +6,12 @@ import asyncio
 import json
 import subprocess
 import time
-import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
 from labtools import Lab, LabHost
 
-from agent.client import AgentClient
+from labkit.agents import agent_client
 
 
 @dataclass
@@ -51,21 +50,8 @@ def assert_progress_honest(run: Run, *, slack: float = 5.0) -> None:
     assert run.samples[-1][1]["progress"]["percent"] == (100.0 if run.state == "SUCCEEDED" else percents[-1])
 
 
-def migration_body(dst_storage: str, **extra: Any) -> dict[str, Any]:
-    psm = {"dstPrimaryStorageUuid": dst_storage}
-    for key in ("withDataVolumes", "withSnapshots", "dstHostUuid", "strategy"):
-        if key in extra:
-            psm[key] = extra.pop(key)
-    body: dict[str, Any] = {"primaryStorageMigrateVm": psm, "taskUuid": str(uuid.uuid4())}
-    migrate_vm = {k: extra.pop(k) for k in ("bandwidth", "downTime") if k in extra}
-    if migrate_vm:
-        body["migrateVm"] = migrate_vm
-    body.update(extra)
-    return body
-
-
 async def start(lab: Lab, host: LabHost, vm_uuid: str, body: dict[str, Any]) -> dict[str, Any]:
-    async with AgentClient(host.agent_url, lab.token) as agent:
+    async with agent_client(lab, host) as agent:
         return dict(await agent.start_migration(vm_uuid, body))
 
 
@@ -82,7 +68,7 @@ async def follow(
     samples: list[tuple[float, dict[str, Any]]] = []
     t0 = time.monotonic()
     cancelled = False
-    async with AgentClient(host.agent_url, lab.token) as agent:
+    async with agent_client(lab, host) as agent:
         async with asyncio.timeout(within_s):
             while True:
                 task = dict(await agent.task(task_uuid))

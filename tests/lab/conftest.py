@@ -10,13 +10,14 @@ Guest has acks(), total_acks(), wait_for_acks(more, timeout), verify() -> Verify
 from __future__ import annotations
 
 import re
-import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 from labtools import Guest, Lab, LabNotUp, create_guest, load_lab
+
+from labkit.agents import agent_healthy
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -34,18 +35,9 @@ def lab() -> Lab:
         pytest.fail(str(err), pytrace=False)
 
 
-def _healthy(url: str) -> bool:
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    try:
-        with opener.open(f"{url}/v1/health", timeout=3) as response:
-            return bool(200 <= response.status < 300)
-    except OSError:
-        return False
-
-
 @pytest.fixture(scope="session")
 def lab_agents(lab: Lab) -> Lab:
-    down = [h.name for h in lab.hosts if not _healthy(h.agent_url)]
+    down = [h.name for h in lab.hosts if not agent_healthy(h.agent_url)]
     if down:
         hosts = ", ".join(down)
         pytest.fail(f"the agent does not answer on {hosts} (scripts/lab up starts it)", pytrace=False)

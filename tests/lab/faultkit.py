@@ -6,38 +6,26 @@ phase-by-fault matrix (test_fault_matrix.py).
 from __future__ import annotations
 
 import asyncio
-import json
 import os
-import subprocess
-import threading
 import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-from agentapi import Run, disk_sources, migration_body, qemu_img_chain, start
-from aiohttp import web
+from agentapi import Run, disk_sources, qemu_img_chain, start
 from labtools import Guest, Lab, LabHost, lab_cli, lab_status
 
-from agent.client import AgentClient, AgentUnreachable, ApiError
-from labkit.layout import BRIDGE_ADDRESS
+from agent.client import ApiError
+from labkit.agents import agent_client, agent_healthy, task_view
+from labkit.bodies import migration_body, to_host_body
+from labkit.virsh import virsh_output
 
 FINAL = ("SUCCEEDED", "FAILED", "CANCELLED")
 
 
 # -- the lab around each case --------------------------------------------------------------------------------
-
-
-def _healthy(url: str) -> bool:
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    try:
-        with opener.open(f"{url}/v1/health", timeout=3) as response:
-            return bool(200 <= response.status < 300)
-    except OSError:
-        return False
 
 
 @pytest.fixture(autouse=True)
@@ -49,7 +37,7 @@ def lab_restored(lab_agents: Lab) -> Iterator[Lab]:
     if not all(h["health"]["libvirtd"] for h in status.get("hosts", [])):
         lab_cli("up")
     for host in lab_agents.hosts:
-        if not _healthy(host.agent_url):
+        if not agent_healthy(host.agent_url):
             lab_agents.agent("start", host.name)
 
 
@@ -67,15 +55,6 @@ def small_guest(make_guest: Callable[..., Guest], **options: Any) -> Guest:
     guests panicked on the destination right after an `auto` live migration 3 times in 10 (see
     docs/reliability.md)."""
     return make_guest(**{"disk_size_mib": 256, "memory_mib": 256, **options})
-
-
-def to_host(dst: LabHost, storage: str = "ps1", **extra: Any) -> dict[str, Any]:
-    return migration_body(
-        dst.root(storage).uuid,
-        dstHostUuid=dst.uuid,
-        dstHost={"uuid": dst.uuid, "agentUrl": dst.agent_url, "migrationAddress": dst.migration_address},
-        **extra,
-    )
 
 
 @dataclass
@@ -107,7 +86,7 @@ def guest_files(lab: Lab, names: set[str]) -> dict[tuple[str, str], set[str]]:
 
 def no_jobs(host: LabHost, guest: Guest, targets: list[str]) -> None:
     for target in targets:
-        out = virsh_all(host, "blockjob", guest.name, target, "--info")
+        out = virsh_output(host.libvirt_uri, "blockjob", guest.name, target, "--info")
         assert "No current block job" in out, f"{guest.name} {target} on {host.name}: {out}"
     info = host.virsh("domjobinfo", guest.name)
     assert "Job type:" in info and "None" in info.split("Job type:")[1].splitlines()[0], info
@@ -167,36 +146,6 @@ def assert_no_loss(guest: Guest, *, more: int = 10) -> None:
 # -- driving a case ------------------------------------------------------------------------------------------
 
 
-async def task_view(lab: Lab, host: LabHost, task_uuid: str) -> dict[str, Any]:
-    """The task's view; an agent that is restarting (this case's kill, or another run sharing the lab) is
-    asked again for up to a minute."""
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            async with AgentClient(host.agent_url, lab.token) as agent:
-                return dict(await agent.task(task_uuid))
-        except AgentUnreachable:
-            if time.monotonic() > deadline:
-                raise
-            await asyncio.sleep(0.5)
-
-
-async def wait_until(check: Callable[[], bool], what: str, within: float = 60, every: float = 0.1) -> None:
-    deadline = time.monotonic() + within
-    while not await asyncio.to_thread(check):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(every)
-
-
-def virsh_all(host: LabHost, *args: str) -> str:
-    """stdout and stderr of virsh (`blockjob --info` prints its progress line on stderr)."""
-    proc = subprocess.run(
-        ["virsh", "-c", host.libvirt_uri, *args], capture_output=True, text=True, timeout=60, check=False
-    )
-    return proc.stdout + proc.stderr
-
-
 async def wait_for_progress(lab: Lab, host: LabHost, task_uuid: str, percent: float) -> None:
     """Until the task's progress reaches ``percent``; fails at once, with its error, if it ends first."""
     deadline = time.monotonic() + 120
@@ -210,7 +159,7 @@ async def wait_for_progress(lab: Lab, host: LabHost, task_uuid: str, percent: fl
 
 
 def block_copy_running(host: LabHost, guest: Guest, target: str = "vda") -> bool:
-    return "Block Copy" in virsh_all(host, "blockjob", guest.name, target, "--info")
+    return "Block Copy" in virsh_output(host.libvirt_uri, "blockjob", guest.name, target, "--info")
 
 
 async def wait_for_migration(lab: Lab, host: LabHost, guest: Guest, task_uuid: str) -> None:
@@ -235,7 +184,7 @@ def mirrors_ready(host: LabHost, guest: Guest, targets: list[str]) -> bool:
 
 def kill_agent(lab: Lab, host: LabHost) -> None:
     lab.agent("kill", host.name)
-    assert not _healthy(host.agent_url)
+    assert not agent_healthy(host.agent_url)
 
 
 def start_agent(lab: Lab, host: LabHost) -> None:
@@ -243,7 +192,7 @@ def start_agent(lab: Lab, host: LabHost) -> None:
         lab.agent("start", host.name)
     except AssertionError:
         # Teammates share the lab: their fixtures start a dead agent too, and a second one cannot bind.
-        if not _healthy(host.agent_url):
+        if not agent_healthy(host.agent_url):
             raise
 
 
@@ -279,7 +228,7 @@ async def check_duplicates(lab: Lab, host: LabHost, guest: Guest, body: dict[str
 
 async def check_one_task(lab: Lab, host: LabHost, guest: Guest, body: dict[str, Any]) -> None:
     """Only one task ever ran for the VM, and the request sent again after its end is that finished task."""
-    async with AgentClient(host.agent_url, lab.token) as agent:
+    async with agent_client(lab, host) as agent:
         mine = await agent.tasks(vm_uuid=guest.uuid)
     assert [t["taskUuid"] for t in mine] == [body["taskUuid"]]
     again = await start(lab, host, guest.uuid, body)
@@ -290,69 +239,10 @@ async def check_destination_full(lab: Lab, src: LabHost, dst: LabHost, guest: Gu
     """hostB's `small` root (64 MiB tmpfs) cannot take the disks: its agent refuses in the preflight before
     creating anything; the VM stays on hostA from its volumes."""
     small_before = set(os.listdir(dst.root("small").path))
-    task = await start(lab, src, guest.uuid, to_host(dst, "small"))
+    task = await start(lab, src, guest.uuid, to_host_body(dst, "small"))
     run = await finish(lab, src, task["taskUuid"], within_s=120)
     assert run.state == "FAILED"
     assert run.task["error"]["code"] == "AGENT.NO_SPACE", run.task["error"]
     assert "COPYING" not in run.states
     assert set(os.listdir(dst.root("small").path)) == small_before
     assert_settled(lab, guest, before, on=src, root=None)
-
-
-# -- the management plane's side -----------------------------------------------------------------------------
-
-
-class CallbackRecorder:
-    """Stands in for the management plane: records the final results the agents POST to ``callbackUrl``.
-    It listens on the lab bridge (the agents' namespaces reach it) in a thread of its own, so that a test
-    blocked in a lab command never keeps a callback waiting."""
-
-    PATH = "/callback"
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._bodies: dict[str, list[dict[str, Any]]] = {}
-        self._loop = asyncio.new_event_loop()
-        self._runner: web.AppRunner | None = None
-        self.port = 0
-        self._thread = threading.Thread(target=self._loop.run_forever, name="callback-recorder", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-        asyncio.run_coroutine_threadsafe(self._serve(), self._loop).result(timeout=10)
-
-    def stop(self) -> None:
-        if self._runner is not None:
-            asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(timeout=10)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(timeout=10)
-        self._loop.close()
-
-    async def _serve(self) -> None:
-        app = web.Application()
-        app.router.add_post(self.PATH, self._handle)
-        self._runner = web.AppRunner(app)
-        await self._runner.setup()
-        await web.TCPSite(self._runner, BRIDGE_ADDRESS, 0).start()
-        self.port = self._runner.addresses[0][1]
-
-    async def _handle(self, request: web.Request) -> web.Response:
-        body = json.loads(await request.read())
-        with self._lock:
-            self._bodies.setdefault(request.headers.get("taskuuid", ""), []).append(body)
-        return web.Response(status=200)
-
-    def url(self) -> str:
-        return f"http://{BRIDGE_ADDRESS}:{self.port}{self.PATH}"
-
-    async def final(self, task_uuid: str, within: float) -> dict[str, Any]:
-        """The final result posted for the task (the first; a redelivery after a restart must be equal)."""
-        deadline = time.monotonic() + within
-        while True:
-            with self._lock:
-                bodies = list(self._bodies.get(task_uuid, []))
-            if bodies:
-                assert all(b == bodies[0] for b in bodies), f"callbacks disagree: {bodies}"
-                return bodies[0]
-            assert time.monotonic() < deadline, f"no callback for task {task_uuid}"
-            await asyncio.sleep(0.5)

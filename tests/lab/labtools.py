@@ -16,6 +16,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from labkit import labview
+from labkit.agents import trust_lab_ca
+from labkit.guestdir import console_path
+from labkit.labview import hosts_from_status
+
 REPO = Path(__file__).resolve().parents[2]
 LAB_SCRIPT = REPO / "scripts" / "lab"
 _VERIFIED = re.compile(r"verified (\d+) records on (\d+) disks")
@@ -35,38 +40,10 @@ def lab_cli(*args: str, check: bool = True, timeout: float = 600) -> subprocess.
     return proc
 
 
-def virsh(uri: str, *args: str, check: bool = True, timeout: float = 120) -> str:
-    proc = subprocess.run(
-        ["virsh", "-c", uri, *args], capture_output=True, text=True, timeout=timeout, check=False
-    )
-    if check and proc.returncode != 0:
-        raise AssertionError(f"virsh -c {uri} {' '.join(args)}: {proc.stderr.strip()}")
-    return proc.stdout
+class LabHost(labview.LabHost):
+    """A lab host as a test sees it: a failed virsh fails the test."""
 
-
-@dataclass(frozen=True)
-class StorageRoot:
-    uuid: str
-    path: Path
-    name: str
-
-
-@dataclass(frozen=True)
-class LabHost:
-    name: str
-    uuid: str
-    address: str
-    libvirt_uri: str
-    agent_url: str
-    migration_address: str
-    storage: tuple[StorageRoot, ...]
-    agent_config: Path
-
-    def root(self, name: str) -> StorageRoot:
-        return next(r for r in self.storage if r.name == name)
-
-    def virsh(self, *args: str, check: bool = True) -> str:
-        return virsh(self.libvirt_uri, *args, check=check)
+    virsh_failure = AssertionError
 
 
 @dataclass(frozen=True)
@@ -97,30 +74,9 @@ def load_lab() -> Lab:
     if proc.returncode != 0 or not proc.stdout.strip():
         raise LabNotUp(f"the lab is not up (run scripts/lab up): {proc.stderr.strip()}")
     doc = json.loads(proc.stdout)
-    hosts = tuple(
-        LabHost(
-            name=h["name"],
-            uuid=h["uuid"],
-            address=h["address"],
-            libvirt_uri=h["libvirtUri"],
-            agent_url=h["agentUrl"],
-            migration_address=h["migrationAddress"],
-            storage=tuple(StorageRoot(s["uuid"], Path(s["path"]), s["name"]) for s in h["storage"]),
-            agent_config=Path(h["agentConfig"]),
-        )
-        for h in doc["hosts"]
-    )
+    hosts = hosts_from_status(doc, LabHost)
     trust_lab_ca(doc.get("caFile"))
     return Lab(doc["token"], Path(doc["tokenFile"]), hosts, bool(doc["agents"]), doc)
-
-
-def trust_lab_ca(ca_file: str | None) -> None:
-    """A TLS lab's agents answer on https with certificates of the lab CA: every client in this process
-    verifies them with it. ``KSA_CA_FILE`` for ``AgentClient`` (and the CLI), ``SSL_CERT_FILE`` for urllib
-    (OpenSSL's default verify paths, read at each new context); tests contact only the lab."""
-    if ca_file:
-        os.environ["KSA_CA_FILE"] = ca_file
-        os.environ["SSL_CERT_FILE"] = ca_file
 
 
 @dataclass(frozen=True)
@@ -178,8 +134,6 @@ class Guest:
 
     def console(self) -> str:
         """The guest's serial console so far (the lab keeps it with the guest's record)."""
-        from labkit.guests import console_path
-
         try:
             return console_path(self.name).read_text(errors="replace")
         except FileNotFoundError:

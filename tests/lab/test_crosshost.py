@@ -17,22 +17,15 @@ from agentapi import (
     follow,
     images_identical,
     migrate,
-    migration_body,
     qemu_img_chain,
     start,
 )
 from labtools import Guest, Lab, LabHost, dirty_rate_mib_s, restart_libvirtd
 
+from labkit.agents import agent_client
+from labkit.bodies import to_host_body
+
 pytestmark = pytest.mark.lab
-
-
-def to_host(lab: Lab, dst: LabHost, storage: str = "ps1", **extra: Any) -> dict[str, Any]:
-    return migration_body(
-        dst.root(storage).uuid,
-        dstHostUuid=dst.uuid,
-        dstHost={"uuid": dst.uuid, "agentUrl": dst.agent_url, "migrationAddress": dst.migration_address},
-        **extra,
-    )
 
 
 def files_under(host: LabHost) -> dict[str, set[str]]:
@@ -57,9 +50,7 @@ async def test_flatten_to_other_host(lab_agents: Lab, make_guest: Callable[..., 
     guest = make_guest(data_volumes=1, snapshots=1)
     guest.wait_for_acks(10)
     before = disk_sources(src, guest.name)
-    run = await migrate(
-        lab_agents, src, guest.uuid, to_host(lab_agents, dst, withDataVolumes=True, downTime=500)
-    )
+    run = await migrate(lab_agents, src, guest.uuid, to_host_body(dst, withDataVolumes=True, downTime=500))
     assert run.state == "SUCCEEDED", run.task.get("error")
     assert run.states[:3] == ["PENDING", "PREPARING", "COPYING"] and run.states[-1] == "SUCCEEDED"
     assert guest.where() == {"hostB": "running"}, "the VM must run on hostB only (undefined on hostA)"
@@ -87,7 +78,7 @@ async def test_cancel_in_disk_phase_keeps_vm_on_source(
         lab_agents,
         src,
         guest.uuid,
-        to_host(lab_agents, dst, withDataVolumes=True, bandwidth=10),
+        to_host_body(dst, withDataVolumes=True, bandwidth=10),
         cancel_after=3.0,
     )
     assert run.state == "CANCELLED", run.task.get("error")
@@ -104,7 +95,7 @@ async def test_cancel_in_memory_phase_keeps_vm_on_source(
     guest = make_guest(dirty_mib_s=8)
     before, dst_files = disk_sources(src, guest.name), files_under(dst)
     task = await start(
-        lab_agents, src, guest.uuid, to_host(lab_agents, dst, bandwidth=5, downTime=50, strategy="precopy")
+        lab_agents, src, guest.uuid, to_host_body(dst, bandwidth=5, downTime=50, strategy="precopy")
     )
     async with asyncio.timeout(180):
         while True:
@@ -123,9 +114,7 @@ async def test_cancel_in_memory_phase_keeps_vm_on_source(
 
 
 async def _get(lab: Lab, host: LabHost, task_uuid: str) -> dict[str, Any]:
-    from agent.client import AgentClient
-
-    async with AgentClient(host.agent_url, lab.token) as agent:
+    async with agent_client(lab, host) as agent:
         return dict(await agent.task(task_uuid))
 
 
@@ -133,9 +122,7 @@ async def test_cut_link_fails_cleanly(lab_agents: Lab, make_guest: Callable[...,
     src, dst = lab_agents.host("hostA"), lab_agents.host("hostB")
     guest = make_guest(data_volumes=1, fill_mib=96)
     before, dst_files = disk_sources(src, guest.name), files_under(dst)
-    task = await start(
-        lab_agents, src, guest.uuid, to_host(lab_agents, dst, withDataVolumes=True, bandwidth=10)
-    )
+    task = await start(lab_agents, src, guest.uuid, to_host_body(dst, withDataVolumes=True, bandwidth=10))
     await asyncio.sleep(3)
     lab_agents.link("down", "hostB")
     try:
@@ -211,7 +198,7 @@ async def test_precopy_runs_to_timeout_and_rolls_back(
         lab_agents,
         src,
         guest.uuid,
-        to_host(lab_agents, dst, bandwidth=bandwidth, downTime=100, strategy="precopy", timeout=90),
+        to_host_body(dst, bandwidth=bandwidth, downTime=100, strategy="precopy", timeout=90),
         within_s=300,
     )
     assert run.state == "FAILED"
@@ -230,7 +217,7 @@ async def test_auto_gives_up_early_with_figures(lab_agents: Lab, make_guest: Cal
         lab_agents,
         src,
         guest.uuid,
-        to_host(lab_agents, dst, bandwidth=bandwidth, downTime=100, timeout=600),
+        to_host_body(dst, bandwidth=bandwidth, downTime=100, timeout=600),
         within_s=600,
     )
     elapsed = time.monotonic() - started
@@ -262,7 +249,7 @@ async def test_auto_switches_to_postcopy_when_allowed(
         lab_agents,
         src,
         guest.uuid,
-        to_host(lab_agents, dst, bandwidth=bandwidth, downTime=100, allowPostCopy=True, timeout=600),
+        to_host_body(dst, bandwidth=bandwidth, downTime=100, allowPostCopy=True, timeout=600),
         within_s=600,
     )
     assert run.state == "SUCCEEDED", run.task.get("error")
@@ -287,7 +274,7 @@ async def test_keeps_chains_across_hosts(lab_agents: Lab, make_guest: Callable[.
         lab_agents,
         src,
         guest.uuid,
-        to_host(lab_agents, dst, withDataVolumes=True, withSnapshots=True, downTime=1000),
+        to_host_body(dst, withDataVolumes=True, withSnapshots=True, downTime=1000),
     )
     assert run.state == "SUCCEEDED", run.task.get("error")
     assert guest.where() == {"hostB": "running"}

@@ -30,11 +30,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from agentapi import migration_body, start
+from agentapi import start
 from faultkit import (
     FINAL,
     Before,
-    CallbackRecorder,
     assert_no_loss,
     assert_settled,
     finish,
@@ -43,10 +42,12 @@ from faultkit import (
     lab_restored,
     small_guest,
     start_agent,
-    task_view,
-    to_host,
 )
 from labtools import Guest, Lab, LabHost, restart_libvirtd
+
+from labkit.agents import task_view
+from labkit.bodies import migration_body, to_host_body
+from labkit.mgmtplane import CallbackRecorder
 
 pytestmark = pytest.mark.lab
 __all__ = ["lab_restored"]  # the autouse fixture, imported so that it applies here
@@ -272,7 +273,7 @@ async def test_verdict_is_the_truth(
         callbackUrl=recorder.url(),
     )
     if case.engine == "crosshost":
-        body = to_host(
+        body = to_host_body(
             dst,
             withDataVolumes=True,
             withSnapshots=True,

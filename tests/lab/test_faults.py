@@ -22,12 +22,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from agentapi import migration_body, start
+from agentapi import start
 from faultkit import (
     FINAL,
     SLOW_DISK_MIB,
     Before,
-    _healthy,
     assert_no_loss,
     assert_settled,
     block_copy_running,
@@ -40,15 +39,14 @@ from faultkit import (
     mirrors_ready,
     small_guest,
     start_agent,
-    task_view,
-    to_host,
     wait_for_migration,
     wait_for_progress,
-    wait_until,
 )
 from labtools import Guest, Lab, LabHost, lab_status, restart_libvirtd
 
-from agent.client import AgentClient
+from labkit.agents import agent_client, agent_healthy, task_view
+from labkit.bodies import migration_body, to_host_body
+from labkit.waits import wait_until
 
 pytestmark = pytest.mark.lab
 __all__ = ["lab_restored"]  # the autouse fixture, imported so that it applies here
@@ -107,7 +105,7 @@ async def test_samehost_agent_killed_between_pivots_pivots_the_rest(
     await wait_until(lambda: mirrors_ready(host, guest, ["vda", "vdb"]), "both mirrors READY", within=120)
     host.virsh("blockjob", guest.name, "vda", "--pivot")
     set_journal_step(host, task["taskUuid"], "switching")
-    assert not _healthy(host.agent_url), "someone restarted the agent before the journal was set up"
+    assert not agent_healthy(host.agent_url), "someone restarted the agent before the journal was set up"
     start_agent(lab_agents, host)
 
     run = await finish(lab_agents, host, task["taskUuid"])
@@ -165,7 +163,7 @@ async def test_samehost_cancel_racing_the_switch(lab_agents: Lab, make_guest: Ca
     await wait_until(switching, "the task to reach SWITCHING", within=120, every=0.005)
     os.kill(pid, signal.SIGSTOP)
     try:
-        async with AgentClient(host.agent_url, lab_agents.token) as agent:
+        async with agent_client(lab_agents, host) as agent:
             answer = dict(await agent.cancel(task["taskUuid"]))
         await asyncio.sleep(1)
     finally:
@@ -194,7 +192,7 @@ async def test_crosshost_cancel_after_postcopy_started(
     guest = small_guest(make_guest, dirty_mib_s=8, memory_mib=256)
     before = Before.take(lab_agents, src, guest)
     task = await start(
-        lab_agents, src, guest.uuid, to_host(dst, bandwidth=5, downTime=100, strategy="postcopy")
+        lab_agents, src, guest.uuid, to_host_body(dst, bandwidth=5, downTime=100, strategy="postcopy")
     )
 
     async def postcopy() -> bool:
@@ -206,7 +204,7 @@ async def test_crosshost_cancel_after_postcopy_started(
     while not await postcopy():
         assert time.monotonic() < deadline, "post-copy never started"
         await asyncio.sleep(0.2)
-    async with AgentClient(src.agent_url, lab_agents.token) as agent:
+    async with agent_client(lab_agents, src) as agent:
         answer = dict(await agent.cancel(task["taskUuid"]))
 
     run = await finish(lab_agents, src, task["taskUuid"])
@@ -278,7 +276,7 @@ async def test_crosshost_destination_full_then_vm_destroyed_mid_migration(
     guest = small_guest(make_guest, fill_mib=48)
     before = Before.take(lab_agents, src, guest)
     await check_destination_full(lab_agents, src, dst, guest, before)
-    task = await start(lab_agents, src, guest.uuid, to_host(dst, bandwidth=6))
+    task = await start(lab_agents, src, guest.uuid, to_host_body(dst, bandwidth=6))
     await wait_for_migration(lab_agents, src, guest, task["taskUuid"])
     await wait_for_progress(lab_agents, src, task["taskUuid"], 5)
     src.virsh("destroy", guest.name)

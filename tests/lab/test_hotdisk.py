@@ -15,11 +15,12 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from agentapi import Run, disk_sources, migrate, migration_body, qemu_img_chain
-from faultkit import CallbackRecorder
+from agentapi import Run, disk_sources, migrate, qemu_img_chain
 from labtools import Guest, Lab, LabHost
 
 from agent.migration.hotdisk import BUFFER_SLACK
+from labkit.bodies import migration_body, to_host_body
+from labkit.mgmtplane import CallbackRecorder
 
 pytestmark = pytest.mark.lab
 MiB = 1024 * 1024
@@ -183,15 +184,6 @@ async def test_samehost_precopy_fails_early_with_the_figures(
     assert result.ok, result.output
 
 
-def to_host(dst: LabHost, **extra: Any) -> dict[str, Any]:
-    return migration_body(
-        dst.root("ps1").uuid,
-        dstHostUuid=dst.uuid,
-        dstHost={"uuid": dst.uuid, "agentUrl": dst.agent_url, "migrationAddress": dst.migration_address},
-        **extra,
-    )
-
-
 async def test_crosshost_auto_migrates_a_hot_disk_in_write_blocking_mode(
     lab_agents: Lab, make_guest: Callable[..., Guest], recorder: CallbackRecorder
 ) -> None:
@@ -210,10 +202,10 @@ async def test_crosshost_auto_migrates_a_hot_disk_in_write_blocking_mode(
     assert all(len(chain) == 2 for chain in src_chains.values())
 
     body = {"withDataVolumes": True, "withSnapshots": True, "bandwidth": cap, "downTime": DOWNTIME_MS}
-    quiet_run = await migrate(lab_agents, src, quiet.uuid, to_host(dst, timeout=600, **body))
+    quiet_run = await migrate(lab_agents, src, quiet.uuid, to_host_body(dst, timeout=600, **body))
     assert quiet_run.state == "SUCCEEDED", quiet_run.task.get("error")
     hot_run = await migrate(
-        lab_agents, src, hot.uuid, to_host(dst, callbackUrl=recorder.url(), timeout=600, **body)
+        lab_agents, src, hot.uuid, to_host_body(dst, callbackUrl=recorder.url(), timeout=600, **body)
     )
     assert hot_run.state == "SUCCEEDED", hot_run.task.get("error")
     assert hot.where() == {"hostB": "running"} and quiet.where() == {"hostB": "running"}
@@ -267,7 +259,9 @@ async def test_crosshost_precopy_fails_early_with_the_figures(
         lab_agents,
         src,
         guest.uuid,
-        to_host(dst, withSnapshots=True, bandwidth=cap, strategy="precopy", downTime=300, timeout=timeout),
+        to_host_body(
+            dst, withSnapshots=True, bandwidth=cap, strategy="precopy", downTime=300, timeout=timeout
+        ),
     )
     assert run.state == "FAILED"
     error = run.task["error"]

@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from typing import Any
 
 import pytest
-from agentapi import disk_sources, migrate, migration_body, qemu_img_chain
+from agentapi import disk_sources, migrate, qemu_img_chain
 from labtools import Guest, Lab, LabHost
 
 from agent.migration.snapshots import snapshot_paths
+from labkit.bodies import migration_body, to_host_body
 
 pytestmark = pytest.mark.lab
 
@@ -36,15 +36,6 @@ def assert_snapshots_at(host: LabHost, guest: Guest, root: str, old: dict[str, s
         assert not set(paths) & set(old.values())
     parent = host.virsh("snapshot-parent", guest.name, "s2").strip()
     assert parent == "s1"
-
-
-def to_host(dst: LabHost, **extra: Any) -> dict[str, Any]:
-    return migration_body(
-        dst.root("ps1").uuid,
-        dstHostUuid=dst.uuid,
-        dstHost={"uuid": dst.uuid, "agentUrl": dst.agent_url, "migrationAddress": dst.migration_address},
-        **extra,
-    )
 
 
 async def test_samehost_move_carries_two_libvirt_snapshots(
@@ -83,7 +74,7 @@ async def test_crosshost_move_carries_two_libvirt_snapshots(
         lab_agents,
         src,
         guest.uuid,
-        to_host(dst, withDataVolumes=True, withSnapshots=True, downTime=1000, timeout=600),
+        to_host_body(dst, withDataVolumes=True, withSnapshots=True, downTime=1000, timeout=600),
     )
     assert run.state == "SUCCEEDED", run.task.get("error")
     assert guest.where() == {"hostB": "running"}

@@ -7,9 +7,11 @@ import os
 from collections.abc import Callable
 
 import pytest
-from agentapi import disk_sources, images_identical, migrate, migration_body, qemu_img_chain
+from agentapi import disk_sources, images_identical, migrate, qemu_img_chain
 from labtools import Guest, Lab
-from test_crosshost import _qsd_processes, files_under, to_host
+from test_crosshost import _qsd_processes, files_under
+
+from labkit.bodies import migration_body, to_host_body
 
 pytestmark = pytest.mark.lab
 
@@ -58,7 +60,7 @@ async def test_offline_to_other_host_boots_there(lab_agents: Lab, make_guest: Ca
         lab_agents,
         src,
         guest.uuid,
-        to_host(lab_agents, dst, withDataVolumes=True, withSnapshots=True, bandwidth=200),
+        to_host_body(dst, withDataVolumes=True, withSnapshots=True, bandwidth=200),
     )
     assert run.state == "SUCCEEDED", run.task.get("error")
     assert guest.where() == {"hostB": "shut off"}, "defined on hostB only"
@@ -82,7 +84,7 @@ async def test_offline_flatten_to_other_host(lab_agents: Lab, make_guest: Callab
     guest = make_guest(snapshots=1)
     stop(guest, lab_agents)
     src_files = files_under(src)
-    run = await migrate(lab_agents, src, guest.uuid, to_host(lab_agents, dst))
+    run = await migrate(lab_agents, src, guest.uuid, to_host_body(dst))
     assert run.state == "SUCCEEDED", run.task.get("error")
     (path,) = disk_sources(dst, guest.name, inactive=True).values()
     assert len(qemu_img_chain(path)) == 1

@@ -11,13 +11,13 @@ from agentapi import (
     disk_sources,
     images_identical,
     migrate,
-    migration_body,
     qemu_img_chain,
     start,
 )
 from labtools import Guest, Lab
 
 from agent.client import ApiError
+from labkit.bodies import migration_body
 
 pytestmark = pytest.mark.lab
 MiB = 1024 * 1024

@@ -19,20 +19,22 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from agentapi import migrate, migration_body
+from agentapi import migrate
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-from labtools import Guest, Lab, LabHost, virsh
+from labtools import Guest, Lab, LabHost
 
 from agent import pki
 from agent.client import AgentClient, AgentUnreachable, ApiError
 from labkit import agentctl
+from labkit.bodies import migration_body
 from labkit.layout import LIBVIRT_TLS_PORT, host_by_name
 from labkit.records import MAGIC
 from labkit.state import LabState
 from labkit.sysutil import kill_pids
+from labkit.virsh import virsh
 
 pytestmark = pytest.mark.lab
 
@@ -218,7 +220,12 @@ def test_libvirtd_refuses_a_client_certificate_not_from_the_cluster_ca(
         cluster = subject.get_attributes_for_oid(NameOID.ORGANIZATION_NAME)[0].value
         other = pki.issue_client(pki.init_ca(tmp_path / "other", cluster=str(cluster)).dir, "operator")
         with pytest.raises(AssertionError, match="failed to connect to the hypervisor"):
-            virsh(f"qemu+tls://{host.address}/system?pkipath={other}", "hostname", timeout=30)
+            virsh(
+                f"qemu+tls://{host.address}/system?pkipath={other}",
+                "hostname",
+                timeout=30,
+                failure=AssertionError,
+            )
         cert, key = other / "clientcert.pem", other / "clientkey.pem"
         assert libvirtd_confirmation(host, ca_file, cert, key) == b""
     new = new_log_lines(log, before)
@@ -227,13 +234,13 @@ def test_libvirtd_refuses_a_client_certificate_not_from_the_cluster_ca(
     # The lab's own operator certificate is let in.
     own = libvirtd_confirmation(host, ca_file, operator / "clientcert.pem", operator / "clientkey.pem")
     assert own == b"\x01"
-    assert virsh(host.libvirt_uri, "hostname").strip() == host.name
+    assert host.virsh("hostname").strip() == host.name
 
 
 def test_libvirtd_has_no_plain_tcp_listener(tls_lab: Lab) -> None:
     host = tls_lab.host("hostB")
     with pytest.raises(AssertionError, match="failed to connect"):
-        virsh(f"qemu+tcp://{host.address}/system", "hostname", timeout=30)
+        virsh(f"qemu+tcp://{host.address}/system", "hostname", timeout=30, failure=AssertionError)
 
 
 # --- who may call the agent's agent-to-agent endpoints ------------------------------------------------------

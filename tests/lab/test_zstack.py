@@ -9,20 +9,20 @@ import json
 import os
 import ssl
 import subprocess
-import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
 import pytest
 from agentapi import disk_sources, qemu_img_chain
-from aiohttp import web
 from labtools import Guest, Lab, LabHost
 
-from labkit.layout import BRIDGE_ADDRESS
+from agent.client import ApiError
+from labkit.agents import agent_client
+from labkit.mgmtplane import Call, ManagementPlane
+from labkit.waits import wait_until
 
 pytestmark = pytest.mark.lab
 
@@ -30,82 +30,26 @@ ZS_HOST = {"hostA": "a0c0b6f1d2e34f5a8b9c0d1e2f3a4b01", "hostB": "a0c0b6f1d2e34f
 CANCELLED = "AGENT.CANCELLED: the migration was cancelled on request; the VM keeps its source volumes"
 
 
-@dataclass
-class Call:
-    path: str
-    headers: dict[str, str]
-    body: Any
-
-
-class ManagementServer:
-    """ZStack's side, on the bridge address, in its own thread: a test that blocks its loop (guest verify,
-    lab commands) never keeps the agents' callbacks and progress reports waiting."""
+class ManagementServer(ManagementPlane):
+    """ZStack's side: its callback path and the command path the agents send progress reports to."""
 
     CALLBACK = "/zstack/asyncrest/callback"
     COMMAND = "/zstack/kvm/command"
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._calls: list[Call] = []
-        self._loop = asyncio.new_event_loop()
-        self._runner: web.AppRunner | None = None
-        self.port = 0
-        self._thread = threading.Thread(target=self._loop.run_forever, name="fake-zstack-mn", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-        asyncio.run_coroutine_threadsafe(self._serve(), self._loop).result(timeout=10)
-
-    def stop(self) -> None:
-        if self._runner is not None:
-            asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(timeout=10)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(timeout=10)
-        self._loop.close()
-
-    async def _serve(self) -> None:
-        app = web.Application()
-        app.router.add_post(self.CALLBACK, self._handle)
-        app.router.add_post(self.COMMAND, self._handle)
-        self._runner = web.AppRunner(app)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, BRIDGE_ADDRESS, 0)
-        await site.start()
-        self.port = self._runner.addresses[0][1]
-
-    async def _handle(self, request: web.Request) -> web.Response:
-        call = Call(request.path, dict(request.headers), json.loads(await request.read()))
-        with self._lock:
-            self._calls.append(call)
-        return web.Response(status=200)
-
-    def url(self, path: str) -> str:
-        return f"http://{BRIDGE_ADDRESS}:{self.port}{path}"
+        super().__init__([self.CALLBACK, self.COMMAND], name="fake-zstack-mn")
 
     def callbacks(self, task_uuid: str) -> list[Call]:
-        with self._lock:
-            return [
-                c for c in self._calls if c.path == self.CALLBACK and c.headers.get("taskuuid") == task_uuid
-            ]
+        return self.calls(self.CALLBACK, task_uuid)
 
     def progress(self, api: str) -> list[Call]:
-        with self._lock:
-            return [
-                c for c in self._calls if c.path == self.COMMAND and c.body["threadContextMap"]["api"] == api
-            ]
+        return [c for c in self.calls(self.COMMAND) if c.body["threadContextMap"]["api"] == api]
 
     async def answer(self, task_uuid: str, within: float = 300) -> Call:
-        await poll(lambda: bool(self.callbacks(task_uuid)), within)
+        await wait_until(
+            lambda: bool(self.callbacks(task_uuid)), f"the callback of {task_uuid}", within=within
+        )
         return self.callbacks(task_uuid)[0]
-
-
-async def poll(check: Callable[[], bool], within: float) -> None:
-    """Until ``check()`` holds (the fake management server lives in another thread: no event to wait on)."""
-    deadline = time.monotonic() + within
-    while not check():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"not within {within} s")
-        await asyncio.sleep(0.25)
 
 
 @pytest.fixture
@@ -230,15 +174,13 @@ async def settled_progress(mn: ManagementServer, api: str, last: int, within: fl
         reports = mn.progress(api)
         return bool(reports) and int(reports[-1].body["progress"]) == last
 
-    await poll(arrived, within)
+    await wait_until(arrived, f"the last progress report of {api}", within=within)
     return mn.progress(api)
 
 
 async def wait_copying(lab: Lab, host: LabHost, task_uuid: str) -> None:
     """Until the task is COPYING and its mirrors report bytes."""
-    from agent.client import AgentClient, ApiError
-
-    async with AgentClient(host.agent_url, lab.token) as agent, asyncio.timeout(120):
+    async with agent_client(lab, host) as agent, asyncio.timeout(120):
         while True:
             try:
                 view = await agent.task(str(uuid.UUID(task_uuid)))
@@ -392,9 +334,7 @@ async def test_reload_after_an_agent_restart_reports_the_real_outcome(
     reloaded = await mn.answer(reload_uuid)
     original = await mn.answer(task_uuid)
 
-    from agent.client import AgentClient
-
-    async with AgentClient(host.agent_url, lab_agents.token) as agent:
+    async with agent_client(lab_agents, host) as agent:
         tasks = await agent.tasks(vm_uuid=guest.uuid)
     assert [t["taskUuid"] for t in tasks] == [str(uuid.UUID(task_uuid))], "the reload started nothing new"
     assert tasks[0]["state"] == "SUCCEEDED", tasks[0]["error"]

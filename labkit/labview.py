@@ -1,0 +1,73 @@
+"""The lab as ``scripts/lab status --json`` describes it to its users (the lab tests, the benchmark): each
+host with its addresses, libvirt URI, agent URL and storage roots."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, TypeVar
+
+from .sysutil import LabError
+from .virsh import virsh
+
+
+@dataclass(frozen=True)
+class StorageRoot:
+    name: str
+    uuid: str
+    path: Path
+
+
+@dataclass(frozen=True)
+class LabHost:
+    name: str
+    uuid: str
+    address: str
+    libvirt_uri: str
+    agent_url: str
+    migration_address: str
+    storage: tuple[StorageRoot, ...]
+    agent_config: Path
+
+    #: What a failed ``virsh`` raises (tests' subclass: AssertionError; the benchmark's: its own error), and
+    #: how long a virsh command may take by default.
+    virsh_failure: ClassVar[type[Exception]] = LabError
+    virsh_timeout: ClassVar[float] = 120
+
+    def root(self, name: str) -> StorageRoot:
+        return next(r for r in self.storage if r.name == name)
+
+    def root_of(self, path: str | Path) -> StorageRoot:
+        """The root that holds the file ``path``."""
+        return next(r for r in self.storage if Path(path).parent == r.path)
+
+    def virsh(self, *args: str, check: bool = True, timeout: float | None = None) -> str:
+        """virsh on this host as an operator runs it (``virsh -c libvirtUri``)."""
+        return virsh(
+            self.libvirt_uri,
+            *args,
+            check=check,
+            timeout=timeout or self.virsh_timeout,
+            failure=self.virsh_failure,
+        )
+
+
+H = TypeVar("H", bound=LabHost)
+
+
+def hosts_from_status(doc: Mapping[str, Any], host_type: type[H]) -> tuple[H, ...]:
+    """The hosts of a status document, as ``host_type`` (``LabHost`` or a subclass)."""
+    return tuple(
+        host_type(
+            name=h["name"],
+            uuid=h["uuid"],
+            address=h["address"],
+            libvirt_uri=h["libvirtUri"],
+            agent_url=h["agentUrl"],
+            migration_address=h["migrationAddress"],
+            storage=tuple(StorageRoot(s["name"], s["uuid"], Path(s["path"])) for s in h["storage"]),
+            agent_config=Path(h["agentConfig"]),
+        )
+        for h in doc["hosts"]
+    )
