@@ -1,0 +1,56 @@
+"""Undo before the switch: every mirror aborted without pivot and every file the task created removed; the
+VM never stopped using its source volumes."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+from agent.errors import AgentError
+from agent.migration.engine import TaskContext
+from agent.migration.samehost.work import LIBVIRT_OUTAGE_S, Work
+from agent.storage.roots import StorageRoots
+from agent.virt.host import VirtHost
+
+
+async def abandon(host: VirtHost, roots: StorageRoots, ctx: TaskContext, work: Work) -> None:
+    """Undo everything before the switch, shielded from the cancel that brought us here."""
+    await asyncio.shield(_abandon(host, roots, ctx, work))
+
+
+async def _abandon(host: VirtHost, roots: StorageRoots, ctx: TaskContext, work: Work) -> None:
+    if work.mirrors and not await host.wait_reachable(LIBVIRT_OUTAGE_S):
+        # A mirror may still be writing into the destination files: removing them would leave a block
+        # job on a deleted file that the next attempt trips over. Keep them and say so.
+        ctx.log.error("libvirtd unreachable: mirrors not aborted, destination files kept")
+        ctx.note("destinationFilesKept", list(work.created))
+        return
+    for target in work.mirrors:
+        try:
+            if await host.block_job(ctx.vm_uuid, target) is not None:
+                await host.abort_block_job(ctx.vm_uuid, target)
+                for _ in range(100):  # the abort completes asynchronously in QEMU
+                    if await host.block_job(ctx.vm_uuid, target) is None:
+                        break
+                    await asyncio.sleep(0.1)
+        except AgentError as err:
+            ctx.log.error("could not abort the mirror of %s: %s", target, err.description)
+    remove_created(roots, ctx, work)
+    ctx.log.info(
+        "abandoned: mirrors aborted, %d destination files removed; VM %s stays on its source volumes",
+        len(work.created),
+        ctx.vm_uuid,
+    )
+
+
+def remove_created(roots: StorageRoots, ctx: TaskContext, work: Work) -> None:
+    """Remove the files this task created (inside a storage root only), newest first."""
+    for path in reversed(work.created):
+        if not roots.owner_of(path):
+            continue
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        except OSError as err:
+            ctx.log.error("could not remove %s: %s", path, err.strerror)

@@ -1,0 +1,63 @@
+"""COPYING, first part: lower layers copied as files (sparse, rate-limited, outside the guest's I/O path),
+pointed at their new backing files and compared; then the destination tops created. Every file is
+journalled before it is created, so a restart knows to remove it."""
+
+from __future__ import annotations
+
+import os
+
+from agent.errors import MigrationFailed
+from agent.migration.engine import Step, TaskContext
+from agent.migration.samehost.work import Work
+from agent.storage import qemuimg
+from agent.storage.filecopy import copy_sparse_async
+from agent.storage.roots import StorageRoots
+
+
+async def record_created(roots: StorageRoots, ctx: TaskContext, work: Work, path: str, step: Step) -> None:
+    """Journal a file before creating it, so a restart knows to remove it."""
+    if not roots.owner_of(path):
+        raise MigrationFailed(f"refusing to create {path}: not inside a storage root")
+    work.created.append(path)
+    await ctx.checkpoint(work.checkpoint_data(step))
+
+
+async def copy_layers(roots: StorageRoots, ctx: TaskContext, work: Work) -> None:
+    for layer in work.plan.layers:
+        item = f"layer:{os.path.basename(layer.dst)}"
+        if layer.dst in work.reused:
+            ctx.progress(item, layer.actual_size, layer.actual_size)
+            continue
+        await record_created(roots, ctx, work, layer.dst, Step.COPYING_LAYERS)
+        done = 0
+
+        def on_bytes(n: int, item: str = item, size: int = layer.actual_size) -> None:
+            nonlocal done
+            done += n
+            ctx.progress(item, done, max(size, done))
+
+        ctx.progress(item, 0, layer.actual_size)
+        await copy_sparse_async(layer.src, layer.dst, rate=lambda: ctx.bandwidth, on_bytes=on_bytes)
+        if layer.backing_dst is not None:
+            await qemuimg.rebase_unsafe(layer.dst, layer.backing_dst, layer.backing_format or "qcow2")
+        if not await qemuimg.compare(layer.src, layer.dst):
+            raise MigrationFailed(
+                f"the copy of {layer.src} at {layer.dst} differs from its source",
+                code="AGENT.VERIFY_FAILED",
+            )
+        ctx.progress(item, done, done)
+        ctx.log.info("layer %s copied to %s (%d bytes) and verified", layer.src, layer.dst, done)
+
+
+async def create_tops(roots: StorageRoots, ctx: TaskContext, work: Work) -> None:
+    for disk in work.plan.disks:
+        if disk.precreated:
+            continue  # the caller's file: checked in PREPARING, never created nor removed here
+        await record_created(roots, ctx, work, disk.dst_top, Step.CREATING_TOPS)
+        await qemuimg.create(
+            disk.dst_top,
+            disk.dst_format,
+            disk.virtual_size,
+            backing=disk.dst_backing,
+            backing_format=disk.dst_backing_format,
+        )

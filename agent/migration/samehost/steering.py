@@ -1,0 +1,188 @@
+"""COPYING, second part: measure the guest's writes, start every disk's mirror (in write-blocking mode where
+the guest writes near the disk's share), and pace them all with the shared mirror pacer until every one is
+READY. A libvirtd restart is waited out (the mirrors run on in QEMU); a VM shut down under the copy is
+``AGENT.VM_STOPPED``."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from agent.errors import AgentError, MigrationFailed, NotFound, VirtError
+from agent.migration import hotdisk
+from agent.migration.engine import Step, TaskContext
+from agent.migration.hotdisk import DiskWatch, Mode
+from agent.migration.pacer import EQUAL_SHARES, JobFigures, MirrorPacer, judge_budget
+from agent.migration.pacing import SteeringClock
+from agent.migration.plan import allocation_index
+from agent.migration.request import Strategy
+from agent.migration.samehost.mirrors import on_event, restart_write_blocking, start_mirror
+from agent.migration.samehost.work import LIBVIRT_OUTAGE_S, Mirror, Work
+from agent.virt.domxml import parse_disks
+from agent.virt.host import UNREACHABLE, DomainEvent, VirtHost
+
+#: How long the guest's writes are measured before the mirrors start, when the task has a cap.
+MEASURE_WRITES_S = 1.5
+
+
+async def mirror_until_ready(host: VirtHost, ctx: TaskContext, work: Work, *, tick_s: float) -> None:
+    await host.ensure_connected()
+    events = host.subscribe(ctx.vm_uuid)
+    try:
+        for disk in work.plan.disks:
+            work.mirrors[disk.target] = Mirror.of(disk, await allocation_index(disk), DiskWatch(disk.target))
+        await _measure_writes(host, ctx, work)
+        shares = hotdisk.disk_shares(ctx.bandwidth, work.watches, set())
+        may_block = ctx.request.primaryStorageMigrateVm.strategy is not Strategy.PRECOPY
+        for target, mirror in work.mirrors.items():
+            assert mirror.watch is not None
+            write = mirror.watch.write_bps
+            if may_block and hotdisk.start_write_blocking(write, shares[target]):
+                mirror.watch.mode = Mode.WRITE_BLOCKING
+                work.decide(
+                    ctx,
+                    f"{target} mirrored in write-blocking mode from the start",
+                    disk=target,
+                    guestWriteBytesPerSecond=int(write),
+                    shareBytesPerSecond=shares[target],
+                )
+        shares = hotdisk.disk_shares(ctx.bandwidth, work.watches, set())
+        await ctx.checkpoint(work.checkpoint_data(Step.MIRRORING))
+        work.meter.start(time.monotonic())
+        for target, mirror in work.mirrors.items():
+            await start_mirror(host, ctx, mirror, shares[target])
+        await pace(host, ctx, work, events, tick_s=tick_s)
+        judge_budget(ctx, work.meter, work.watches)
+    finally:
+        host.unsubscribe(ctx.vm_uuid, events)
+
+
+async def _measure_writes(host: VirtHost, ctx: TaskContext, work: Work) -> None:
+    """The guest's write rate on every disk, before any mirror starts (only a capped task needs it)."""
+    targets = list(work.mirrors)
+    first = await host.block_writes(ctx.vm_uuid, targets)
+    now = time.monotonic()
+    for target, mirror in work.mirrors.items():
+        assert mirror.watch is not None
+        mirror.watch.observe(now, first[target], mirror.index.total)
+    if ctx.bandwidth is None:
+        return
+    await asyncio.sleep(MEASURE_WRITES_S)
+    second = await host.block_writes(ctx.vm_uuid, targets)
+    now = time.monotonic()
+    for target, mirror in work.mirrors.items():
+        assert mirror.watch is not None
+        mirror.watch.observe(now, second[target], mirror.index.total)
+    ctx.note("disks", work.figures(hotdisk.disk_shares(ctx.bandwidth, work.watches, set())))
+
+
+async def pace(
+    host: VirtHost, ctx: TaskContext, work: Work, events: asyncio.Queue[DomainEvent], *, tick_s: float
+) -> None:
+    """Steer every mirror's speed from its allocation map until all are READY. A libvirtd restart is
+    waited out (the mirrors run on in QEMU); a VM shut down under the copy is ``AGENT.VM_STOPPED``."""
+    while True:
+        try:
+            await _pace_until_ready(host, ctx, work, events, tick_s=tick_s)
+            return
+        except VirtError as err:
+            if err.code != UNREACHABLE:
+                await raise_if_stopped(host, ctx, err)
+                raise
+            ctx.log.warning("libvirtd unreachable (%s); waiting for it, the mirrors run on", err.description)
+            if not await host.wait_reachable(LIBVIRT_OUTAGE_S):
+                raise MigrationFailed(
+                    f"libvirtd did not come back within {LIBVIRT_OUTAGE_S:.0f} s",
+                    code=UNREACHABLE,
+                    details="the copy was abandoned; the VM stays on its source volumes",
+                ) from err
+            ctx.log.info("libvirtd is back; picking the mirrors up again")
+        except MigrationFailed as err:
+            if err.code in ("AGENT.BLOCK_JOB_GONE", "AGENT.BLOCK_JOB_FAILED"):
+                await raise_if_stopped(host, ctx, err)
+            raise
+
+
+async def raise_if_stopped(host: VirtHost, ctx: TaskContext, err: AgentError | None) -> None:
+    """Raise ``AGENT.VM_STOPPED`` (caused by ``err``) when the VM no longer runs: its user shut it down
+    and its mirrors ended with it."""
+    try:
+        state = await host.domain_state(ctx.vm_uuid)
+    except NotFound:
+        state = "undefined"
+    except AgentError:
+        return
+    if state in ("running", "paused"):
+        return
+    raise MigrationFailed(
+        f"VM {ctx.vm_uuid} was shut down during the copy (now {state})",
+        code="AGENT.VM_STOPPED",
+        details="the copy was abandoned; the VM's definition keeps its source volumes",
+    ) from err
+
+
+async def _pace_until_ready(
+    host: VirtHost, ctx: TaskContext, work: Work, events: asyncio.Queue[DomainEvent], *, tick_s: float
+) -> None:
+    last_xml_check = 0.0
+    # A speed that crosses a hole must be replaced before the job reaches the data behind it: when libvirt
+    # answers late (another task's slow calls, a busy host), plan for the gaps seen between samples.
+    clock = SteeringClock(tick_s, first_s=tick_s, margin=1.0)
+    pacer = MirrorPacer(ctx, EQUAL_SHARES, clock, work.mirrors, work.meter, work.rates)
+    may_block = ctx.request.primaryStorageMigrateVm.strategy is not Strategy.PRECOPY
+    while True:
+        deadline = time.monotonic() + tick_s
+        while (timeout := deadline - time.monotonic()) > 0:
+            try:
+                event = await asyncio.wait_for(events.get(), timeout)
+            except TimeoutError:
+                break
+            on_event(work, event)
+        sampled = time.monotonic()
+        writes = await host.block_writes(ctx.vm_uuid, list(work.mirrors))
+        jobs: dict[str, JobFigures] = {}
+        for target, mirror in work.mirrors.items():
+            job = await host.block_job(ctx.vm_uuid, target)
+            if job is None:
+                raise MigrationFailed(
+                    f"the mirror of {target} disappeared",
+                    code="AGENT.BLOCK_JOB_GONE",
+                    details="libvirt or QEMU ended the job; see the libvirt log",
+                )
+            jobs[target] = JobFigures(job.cur, job.end, mirror.ready)  # READY comes from events and the XML
+        samples = pacer.observe(sampled, jobs, writes)
+        shares = pacer.shares(samples)
+        losing = pacer.losing(shares, sampled)
+        for target, mirror in work.mirrors.items():
+            share = shares.get(target)
+            if target in losing:
+                assert mirror.watch is not None and share is not None and ctx.bandwidth is not None
+                if not may_block:
+                    raise hotdisk.disk_verdict(mirror.watch, share, ctx.bandwidth, len(work.mirrors))
+                work.decide(
+                    ctx,
+                    f"{target} losing at its share: its mirror restarts in write-blocking mode",
+                    disk=target,
+                    guestWriteBytesPerSecond=int(mirror.watch.write_bps),
+                    shareBytesPerSecond=share,
+                    remainingBytes=mirror.total - mirror.done,
+                )
+                await restart_write_blocking(host, ctx, work, mirror)
+                continue
+            speed = pacer.next_speed(target, samples[target], share)
+            if speed is not None:
+                await host.set_block_job_speed(ctx.vm_uuid, target, speed)
+                mirror.speed = speed
+        pacer.figures(sampled, shares)
+        if all(m.ready for m in work.mirrors.values()):
+            for mirror in work.mirrors.values():
+                if mirror.watch is not None:
+                    mirror.watch.observe(sampled, mirror.written, 0)
+            pacer.figures(sampled, shares, force=True)
+            return
+        if time.monotonic() - last_xml_check > 5 * tick_s:
+            # Fallback for a lost READY event: the live XML is the authority.
+            last_xml_check = time.monotonic()
+            for disk in parse_disks(await host.live_xml(ctx.vm_uuid)):
+                if disk.target in work.mirrors and disk.mirror_ready:
+                    work.mirrors[disk.target].ready = True

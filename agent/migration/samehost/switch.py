@@ -1,0 +1,149 @@
+"""SWITCHING: when every mirror is READY, pivot them all (``VirtHost.abort_block_job(pivot=True)``). If one
+pivot fails, the disks already pivoted are mirrored back onto their source files, so the VM runs from one
+consistent set: all source or all destination. A libvirtd restart during a pivot is waited out."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import libvirt
+
+from agent.errors import AgentError, MigrationFailed, VirtError
+from agent.migration.engine import Step, TaskContext, announce, run_past_cancel
+from agent.migration.plan import DiskPlan
+from agent.migration.samehost.abandon import abandon, remove_created
+from agent.migration.samehost.verify import carry_snapshots, verify
+from agent.migration.samehost.work import LIBVIRT_OUTAGE_S, Work
+from agent.migration.states import TaskState
+from agent.storage.roots import StorageRoots
+from agent.virt.domxml import block_copy_dest_xml, parse_disks
+from agent.virt.host import UNREACHABLE, VirtHost
+
+
+async def finish(
+    host: VirtHost, roots: StorageRoots, ctx: TaskContext, work: Work, *, tick_s: float
+) -> list[dict[str, Any]]:
+    """Every mirror is READY: switch, then verify; from the first pivot on, past any cancel."""
+    try:
+        await ctx.checkpoint(work.checkpoint_data(Step.SWITCHING))
+        await ctx.enter(TaskState.SWITCHING)
+    except BaseException:
+        # Nothing is pivoted yet: a cancel landing here (CANCELLING admits no SWITCHING) undoes the copy
+        # like one during it; leaving now would keep the mirrors running and the files behind.
+        if not ctx.detaching:
+            await abandon(host, roots, ctx, work)
+        raise
+    # From the first pivot on there is no way back (a failed pivot is rolled back inside switch): the
+    # switch and the persistent definition's rewrite run to their end even when a cancel arrives, and
+    # the task reports the truth (the VM runs from the destination).
+    return await run_past_cancel(ctx, _switch_and_verify(host, roots, ctx, work, tick_s=tick_s))
+
+
+async def _switch_and_verify(
+    host: VirtHost, roots: StorageRoots, ctx: TaskContext, work: Work, *, tick_s: float
+) -> list[dict[str, Any]]:
+    await switch(host, roots, ctx, work, tick_s=tick_s)
+    await ctx.checkpoint(work.checkpoint_data(Step.VERIFYING))
+    await announce(ctx, TaskState.VERIFYING)
+    inventory = await verify(host, roots, ctx, work)
+    await carry_snapshots(host, ctx, work.plan)
+    return inventory
+
+
+async def switch(host: VirtHost, roots: StorageRoots, ctx: TaskContext, work: Work, *, tick_s: float) -> None:
+    pivoted: list[str] = []
+    failure: AgentError | None = None
+    for target in work.mirrors:
+        try:
+            await through_outage(
+                host,
+                ctx,
+                f"pivot of {target}",
+                functools.partial(pivot, host, ctx, work.mirrors[target].disk),
+            )
+            pivoted.append(target)
+        except AgentError as err:
+            ctx.log.error("pivot of %s failed: %s", target, err.description)
+            failure = err
+            break
+    if failure is None:
+        ctx.log.info("all %d disks pivoted to storage %s", len(pivoted), work.plan.dst_storage_uuid)
+        return
+    # Keep one consistent set of volumes: put the pivoted disks back on their source files.
+    for target in work.mirrors:
+        if target not in pivoted:
+            with contextlib.suppress(AgentError):
+                await through_outage(
+                    host,
+                    ctx,
+                    f"abort of {target}",
+                    functools.partial(host.abort_block_job, ctx.vm_uuid, target),
+                )
+    for target in pivoted:
+        await _mirror_back(host, ctx, work.mirrors[target].disk, tick_s=tick_s)
+    remove_created(roots, ctx, work)
+    raise MigrationFailed(
+        "a pivot failed; every disk runs from its source volume again",
+        code="AGENT.PIVOT_FAILED",
+        details=f"pivoted then rolled back: {', '.join(pivoted) or 'none'}",
+    ) from failure
+
+
+async def pivot(host: VirtHost, ctx: TaskContext, disk: DiskPlan) -> None:
+    """Pivot one disk; taken again after a libvirtd outage, it first looks whether the pivot happened
+    before the outage cut the call (no job left, the live source already the destination top)."""
+    if await host.block_job(ctx.vm_uuid, disk.target) is None:
+        live = {d.target: d.source for d in parse_disks(await host.live_xml(ctx.vm_uuid))}
+        if live.get(disk.target) == str(disk.dst_top):
+            return
+    await host.abort_block_job(ctx.vm_uuid, disk.target, pivot=True)
+
+
+async def through_outage(
+    host: VirtHost, ctx: TaskContext, what: str, call: Callable[[], Awaitable[None]]
+) -> None:
+    """A libvirt step that a libvirtd restart must not fail: QEMU keeps the block jobs and libvirt takes
+    them back when it reconnects (measured, libvirt 9.0), so the step waits for it (``LIBVIRT_OUTAGE_S``)
+    and is taken again. Found by the fault matrix: a restart at the pivot failed the task and left both
+    mirrors running."""
+    deadline = time.monotonic() + LIBVIRT_OUTAGE_S
+    while True:
+        try:
+            await call()
+            return
+        except VirtError as err:
+            if err.code != UNREACHABLE or time.monotonic() > deadline:
+                raise
+            ctx.log.warning("%s: libvirtd is not answering (%s); waiting for it", what, err.description)
+        if not await host.wait_reachable(max(1.0, deadline - time.monotonic())):
+            raise MigrationFailed(
+                f"{what}: libvirtd did not come back within {LIBVIRT_OUTAGE_S:.0f} s", code=UNREACHABLE
+            )
+        await asyncio.sleep(1.0)  # libvirt takes the block jobs back right after it reconnects
+
+
+async def _mirror_back(host: VirtHost, ctx: TaskContext, disk: DiskPlan, *, tick_s: float) -> None:
+    """Copy a pivoted disk back onto its (intact) source top and pivot to it."""
+    flags = libvirt.VIR_DOMAIN_BLOCK_COPY_REUSE_EXT | libvirt.VIR_DOMAIN_BLOCK_COPY_TRANSIENT_JOB
+    if not disk.flatten:
+        flags |= libvirt.VIR_DOMAIN_BLOCK_COPY_SHALLOW
+    dest = block_copy_dest_xml(disk.src_top, disk.src_format)
+    await host.block_copy(ctx.vm_uuid, disk.target, dest, bandwidth=None, flags=flags)
+    while True:
+        job = await host.block_job(ctx.vm_uuid, disk.target)
+        if job is None:
+            raise MigrationFailed(
+                f"rolling {disk.target} back to {disk.src_top} failed", code="AGENT.ROLLBACK_FAILED"
+            )
+        if any(
+            d.target == disk.target and d.mirror_ready for d in parse_disks(await host.live_xml(ctx.vm_uuid))
+        ):
+            break
+        await asyncio.sleep(tick_s)
+    await host.abort_block_job(ctx.vm_uuid, disk.target, pivot=True)
+    ctx.log.warning("disk %s rolled back to %s", disk.target, disk.src_top)
