@@ -15,26 +15,24 @@
   ``taskuuid``, else the VM's running task, else the latest job of the same kind for the same VM and volume).
 - ``/job/cancel`` cancels the tasks whose command carried ``threadContext.api`` = ``cancellationApiId``.
 
-Background work (intakes, answers, delayed replies) is owned here and cancelled by ``stop()``.
+Background work (intakes, answers, delayed replies) is owned here (``BackgroundWork``) and cancelled by
+``stop()``; the records live in a ``CommandLedger``; the command bodies are read by ``intake``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 import logging
 import time
 import uuid as uuidlib
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
-from pydantic import ValidationError
 
 import agent
 from agent.api.keys import VmInventory
-from agent.api.validation import invalid_from
 from agent.config import AgentConfig
 from agent.errors import AgentError
 from agent.migration.request import MigrationRequest, normalise_uuid
@@ -46,11 +44,12 @@ from agent.tasks.manager import TaskManager
 from agent.tasks.model import TaskState
 from agent.tasks.task import Task
 from agent.zstack import translate
-from agent.zstack.records import KEEP_ANSWERED_S, CommandRecord, CommandStore, HostLink
+from agent.zstack.background import BackgroundWork
+from agent.zstack.intake import Refused, parse, wants_reload
+from agent.zstack.ledger import CommandLedger
+from agent.zstack.records import CommandRecord, CommandStore, HostLink
 from agent.zstack.wire import (
-    BLOCK_COPY,
     COMMAND_PATH_HEADER,
-    MIGRATE,
     MIN_REMAINING_S,
     PROGRESS_COMMAND_PATH,
     URL_RE,
@@ -71,10 +70,6 @@ _PROGRESS_CHANGES = (ChangeKind.CREATED, ChangeKind.STATE, ChangeKind.PHASE, Cha
 #: Bounds on ``/job/cancel``'s ``times`` and ``interval`` (the handler waits that long at most).
 MAX_CANCEL_TIMES = 10
 MAX_CANCEL_INTERVAL_S = 10.0
-
-
-class Refused(Exception):
-    """A command refused before it became a task; the message is ZStack's ``error`` string."""
 
 
 class ZStackService:
@@ -102,13 +97,9 @@ class ZStackService:
         self._inventory = inventory
         self._virt_host = virt_host
         self._clock = clock
-        self._store = CommandStore(config.state_dir / "zstack")
-        self._records: dict[str, CommandRecord] = {}
-        self._by_task: dict[str, set[str]] = {}
+        self._ledger = CommandLedger(CommandStore(config.state_dir / "zstack"))
         self._answering: set[str] = set()
-        self._background: set[asyncio.Task[None]] = set()
-        self._save_lock = asyncio.Lock()
-        self._stopped = False
+        self._background = BackgroundWork()
         self.link = HostLink()
 
     # -- lifecycle -----------------------------------------------------------------------------------------
@@ -116,12 +107,7 @@ class ZStackService:
     async def start(self) -> None:
         """Listen to the manager, load the records, answer those whose task ended while nobody listened."""
         self._manager.add_listener(self._on_change)
-        records = await asyncio.to_thread(self._store.load, self._clock())
-        self.link = await asyncio.to_thread(self._store.load_link)
-        for record in records:
-            self._records[record.task_uuid] = record
-            if record.agent_task:
-                self._by_task.setdefault(record.agent_task, set()).add(record.task_uuid)
+        records, self.link = await self._ledger.load(self._clock())
         pending = [r for r in records if not r.answered]
         if pending:
             log.info("zstack: %d unanswered commands from before the start", len(pending))
@@ -129,11 +115,7 @@ class ZStackService:
             await self._reconcile(record)
 
     async def stop(self) -> None:
-        self._stopped = True
-        background = list(self._background)
-        for task in background:
-            task.cancel()
-        await asyncio.gather(*background, return_exceptions=True)
+        await self._background.stop()
 
     async def _reconcile(self, record: CommandRecord) -> None:
         if record.agent_task is None:
@@ -153,18 +135,18 @@ class ZStackService:
 
     async def receive(self, kind: str, task_uuid: str, callback_url: str, body: bytes) -> None:
         """Take an asynchronous migration command; the handler answers 200 right after this returns."""
-        known = self._records.get(task_uuid)
+        known = self._ledger.get(task_uuid)
         if known is not None:
             await self._duplicate(known, body)
             return
-        self._forget_old()
+        self._ledger.forget_old(self._clock())
         record = CommandRecord(task_uuid, kind, callback_url, self._clock())
-        self._records[task_uuid] = record
-        await self._save(record)
-        self._spawn(self._intake(record, body), f"zstack-intake-{task_uuid}")
+        self._ledger.add(record)
+        await self._ledger.save(record)
+        self._background.spawn(self._intake(record, body), f"zstack-intake-{task_uuid}")
 
     async def _duplicate(self, record: CommandRecord, body: bytes) -> None:
-        if _wants_reload(body) and record.answered and record.agent_task:
+        if wants_reload(body) and record.answered and record.agent_task:
             task = await self._manager.find(record.agent_task)
             if task is not None and task.state.final:
                 log.info("zstack task=%s: reload of an answered command; answering again", record.task_uuid)
@@ -186,13 +168,13 @@ class ZStackService:
             await self._refuse(record, f"internal error in the agent: {type(err).__name__}: {err}")
 
     async def _accept(self, record: CommandRecord, body: bytes) -> None:
-        cmd = _parse(record.kind, body)
+        cmd = parse(record.kind, body)
         record.thread_context = dict(cmd.threadContext)
         record.thread_context_stack = list(cmd.threadContextStack)
         record.vm_uuid = translate.vm_uuid_of(cmd.vmUuid)
         if isinstance(cmd, BlockLiveMigrationCmd):
             record.volume = cmd.oldVolumePath
-        await self._save(record)
+        await self._ledger.save(record)
         remaining = remaining_s(cmd.taskContext, self._clock())
         if remaining is not None and remaining <= MIN_REMAINING_S:
             raise Refused(f"timeout[{int(remaining)}] is too short")
@@ -238,22 +220,12 @@ class ZStackService:
         active = self._manager.active_task_for(record.vm_uuid)
         if active is not None:
             return active.uuid
-        same = [
-            r
-            for r in self._records.values()
-            if r is not record
-            and r.agent_task
-            and r.kind == record.kind
-            and r.vm_uuid == record.vm_uuid
-            and (record.kind != BLOCK_COPY or r.volume == record.volume)
-        ]
-        return max(same, key=lambda r: r.created_at).agent_task if same else None
+        return self._ledger.latest_like(record)
 
     async def _attach(self, record: CommandRecord, agent_task: str) -> None:
         # Indexed before the first await, so the listener sees every change from here on.
-        record.agent_task = agent_task
-        self._by_task.setdefault(agent_task, set()).add(record.task_uuid)
-        await self._save(record)
+        self._ledger.attach(record, agent_task)
+        await self._ledger.save(record)
         task = await self._manager.find(agent_task)
         if task is None:
             await self._deliver(record, answer(False, f"task {agent_task} is gone"))
@@ -283,7 +255,7 @@ class ZStackService:
                 record.task_uuid, record.callback_url, json.dumps(body), self._clock(), once=not again
             )
             record.answered = True
-            await self._save(record)
+            await self._ledger.save(record)
         finally:
             self._answering.discard(record.task_uuid)
         self._outbox.wake()
@@ -299,15 +271,12 @@ class ZStackService:
     # -- task events ---------------------------------------------------------------------------------------
 
     def _on_change(self, task: Task, change: TaskChange) -> None:
-        if self._stopped:
+        if self._background.stopped:
             return
-        for task_uuid in list(self._by_task.get(task.uuid, ())):
-            record = self._records.get(task_uuid)
-            if record is None or record.answered:
-                continue
+        for record in self._ledger.answered_by(task.uuid):
             if change.kind is ChangeKind.FINISHED:
                 self._push_progress(record, task, final=True)
-                self._spawn(self._answer_task(record, task), f"zstack-answer-{task_uuid}")
+                self._background.spawn(self._answer_task(record, task), f"zstack-answer-{record.task_uuid}")
             elif change.kind in _PROGRESS_CHANGES:
                 self._push_progress(record, task)
 
@@ -346,9 +315,7 @@ class ZStackService:
         times = min(max(cmd.times or 1, 1), MAX_CANCEL_TIMES)
         interval = min(max(float(cmd.interval or 0), 0.0), MAX_CANCEL_INTERVAL_S)
         for attempt in range(times):
-            matched = [
-                r for r in self._records.values() if not r.answered and r.api_id == cmd.cancellationApiId
-            ]
+            matched = self._ledger.unanswered_for_api(cmd.cancellationApiId)
             if matched:
                 for record in matched:
                     await self._cancel_record(record)
@@ -360,7 +327,7 @@ class ZStackService:
     async def _cancel_record(self, record: CommandRecord) -> None:
         log.info("zstack task=%s: cancel requested (agent task %s)", record.task_uuid, record.agent_task)
         record.cancel_requested = True
-        await self._save(record)
+        await self._ledger.save(record)
         if record.agent_task is not None:
             try:
                 await self._manager.cancel(record.agent_task)
@@ -371,8 +338,7 @@ class ZStackService:
         if cmd.sendCommandUrl and not URL_RE.match(cmd.sendCommandUrl):
             return answer(False, "sendCommandUrl must be an http(s) URL")
         self.link = HostLink(cmd.hostUuid, cmd.sendCommandUrl)
-        async with self._save_lock:
-            await asyncio.to_thread(self._store.save_link, self.link)
+        await self._ledger.save_link(self.link)
         log.info("zstack: connected as host %s; progress goes to %s", cmd.hostUuid, cmd.sendCommandUrl)
         versions: dict[str, str] = {}
         if self._virt_host is not None:
@@ -403,53 +369,4 @@ class ZStackService:
             await self._journal.add_outbox(task_uuid, callback_url, json.dumps(body), self._clock())
             self._outbox.wake()
 
-        self._spawn(run(), f"zstack-reply-{task_uuid}")
-
-    # -- plumbing ------------------------------------------------------------------------------------------
-
-    def _forget_old(self) -> None:
-        """Drop answered records past ``KEEP_ANSWERED_S`` from memory (their files go at the next start)."""
-        cutoff = self._clock() - KEEP_ANSWERED_S
-        for task_uuid, record in list(self._records.items()):
-            if record.answered and record.created_at < cutoff:
-                del self._records[task_uuid]
-                if record.agent_task in self._by_task:
-                    self._by_task[record.agent_task].discard(task_uuid)
-                    if not self._by_task[record.agent_task]:
-                        del self._by_task[record.agent_task]
-
-    async def _save(self, record: CommandRecord) -> None:
-        snapshot = dataclasses.replace(record)
-        async with self._save_lock:
-            await asyncio.to_thread(self._store.save, snapshot)
-
-    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
-        if self._stopped:
-            coro.close()
-            return
-        task = asyncio.create_task(coro, name=name)
-        self._background.add(task)
-        task.add_done_callback(self._background_done)
-
-    def _background_done(self, task: asyncio.Task[None]) -> None:
-        self._background.discard(task)
-        if not task.cancelled() and (err := task.exception()) is not None:
-            log.error("%s failed: %s: %s", task.get_name(), type(err).__name__, err, exc_info=err)
-
-
-def _parse(kind: str, body: bytes) -> MigrateVmCmd | BlockLiveMigrationCmd:
-    model: type[MigrateVmCmd] | type[BlockLiveMigrationCmd] = (
-        MigrateVmCmd if kind == MIGRATE else BlockLiveMigrationCmd
-    )
-    try:
-        return model.model_validate_json(body)
-    except ValidationError as err:
-        raise invalid_from(err) from err
-
-
-def _wants_reload(body: bytes) -> bool:
-    try:
-        data = json.loads(body)
-    except ValueError:
-        return False
-    return isinstance(data, dict) and data.get("reload") is True
+        self._background.spawn(run(), f"zstack-reply-{task_uuid}")
