@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -16,17 +15,8 @@ from agent.errors import AgentError, MigrationFailed
 from agent.migration import convergence, hotdisk
 from agent.migration.crosshost.params import MiB, first_mirror_speed
 from agent.migration.engine import TaskContext
-from agent.migration.pacing import (
-    POSITIONAL_SLACK,
-    SPEED_SLACK,
-    AllocationIndex,
-    MirrorSample,
-    SteeringClock,
-    job_speed,
-    real_bytes_done,
-    split_by_remaining,
-    worth_changing,
-)
+from agent.migration.pacer import BY_REMAINING, JobFigures, MirrorPacer, PacedMirror, judge_budget
+from agent.migration.pacing import AllocationIndex, SteeringClock
 from agent.migration.plan import MigrationPlan
 from agent.migration.request import Strategy
 from agent.migration.states import TaskState
@@ -56,16 +46,18 @@ class Steering:
         self.host = host
         self.ctx = ctx
         self.plan = plan
-        self.indexes = indexes
         self.controller = controller
         # libvirt starts every mirror at the migration's bandwidth (migration_params).
         first = first_mirror_speed(ctx.bandwidth, plan) if ctx.bandwidth else 0
-        self.speeds: dict[str, int] = {d.target: first for d in plan.disks}
+        self.mirrors = {
+            d.target: PacedMirror(d.target, indexes[d.target], d.virtual_size, speed=first)
+            for d in plan.disks
+        }
         # Speed changes go through libvirt's QMP passthrough: they run in the background, one per disk at a
         # time, and speeds are planned for as long as changes are seen to take (a busy libvirtd answers late).
-        self.clock = SteeringClock(tick_s, first_s=FIRST_CHANGE_S, margin=1.0)
+        clock = SteeringClock(tick_s, first_s=FIRST_CHANGE_S, margin=1.0)
+        self.pacer = MirrorPacer(ctx, BY_REMAINING, clock, self.mirrors, hotdisk.BudgetMeter())
         self.changing: dict[str, asyncio.Task[None]] = {}
-        self.last_sample: float | None = None
         self.last_reading: convergence.MigrationSample | None = None  # for explain_deadline
         self.postcopy_started = False
         self.memory_phase = False
@@ -75,17 +67,6 @@ class Steering:
         self.aliases: dict[str, str] = {}
         self.last_counter = -1
         self.last_moved_at = time.monotonic()
-        # Hot disks (issue 16): each disk's guest writes and whether its mirror gains.
-        self.watches: dict[str, hotdisk.DiskWatch] = {}
-        self.written_at_start: dict[str, int] = {}
-        self.written: dict[str, int] = {}
-        self.done: dict[str, int] = {}
-        self.meter = hotdisk.BudgetMeter()
-        self.figures_at = 0.0
-        self.rates: list[dict[str, Any]] = []
-        self.interval_bytes = [0, 0]  # background, guest writes (write-blocking) since the last rate sample
-        self.interval_at: float | None = None
-        self.disk_mode = hotdisk.Mode.BACKGROUND
 
     def watch_disks(
         self, written: Mapping[str, int], rates: Mapping[str, float], write_blocking: bool
@@ -93,29 +74,15 @@ class Steering:
         """Watch every disk's guest writes from here on (``written``: the counters when the migration
         started; ``rates``: as measured before it, for the figures until the window fills)."""
         mode = hotdisk.Mode.WRITE_BLOCKING if write_blocking else hotdisk.Mode.BACKGROUND
-        self.meter.start(time.monotonic())
-        self.interval_at = self.meter.started
+        self.pacer.start(time.monotonic())
         for disk in self.plan.disks:
-            self.watches[disk.target] = hotdisk.DiskWatch(disk.target, mode=mode)
-            self.written_at_start[disk.target] = self.written[disk.target] = written[disk.target]
-        self.disk_mode = mode
+            mirror = self.mirrors[disk.target]
+            mirror.watch = hotdisk.DiskWatch(disk.target, mode=mode)
+            mirror.written_at_start = mirror.written = written[disk.target]
 
     def judge_budget(self) -> None:
         """The disk phase's real-bytes rate against the cap; over it by more than 10 %: say so."""
-        budget = self.ctx.bandwidth
-        self.ctx.note(
-            "budget",
-            {
-                "realBytesPerSecond": int(self.meter.rate),
-                "capBytesPerSecond": budget,
-                "realBytes": self.meter.bytes,
-                "phase": "disks",
-            },
-        )
-        if budget is not None and self.meter.over(budget, len(self.watches)):
-            note = hotdisk.over_budget_note(self.meter, budget, self.watches)
-            self.ctx.log.warning("over the budget: %s", note["message"])
-            self.ctx.note("overBudget", note)
+        judge_budget(self.ctx, self.pacer.meter, self.pacer.watches, phase="disks")
 
     async def tick(self) -> None:
         try:
@@ -134,6 +101,7 @@ class Steering:
             self.ctx.progress("memory", processed, processed + remaining)
         if int(stats.get("memory_iteration", 0)) >= 1 and not self.memory_phase:
             self.memory_phase = True
+            self.pacer.counting = False  # the disks' budget is judged on their own phase
             if self.ctx.bandwidth and len(self.plan.disks) > 1:  # the disks started at one share each
                 with contextlib.suppress(AgentError):
                     await self.host.set_migration_speed(self.ctx.vm_uuid, max(1, self.ctx.bandwidth // MiB))
@@ -167,7 +135,9 @@ class Steering:
         await self.host.abort_job(self.ctx.vm_uuid)
 
     async def _disks(self) -> None:
-        """Steer the NBD mirrors so the budget is charged for real bytes, across all disks."""
+        """Pace the NBD mirrors (the shared mirror pacer) so the budget is charged for real bytes, across all
+        disks; a mirror that cannot converge ends the migration early (libvirt has one copy mode for a whole
+        migration, chosen at its start)."""
         try:
             jobs = await self.host.qmp(self.ctx.vm_uuid, "query-block-jobs")
         except AgentError as err:
@@ -182,27 +152,18 @@ class Steering:
                 by_disk[target] = job
         if not by_disk:
             return
-        # A speed set now stays in effect until the next sample at least, so the gaps between samples count as
-        # latency too.
         sampled = time.monotonic()
-        if self.last_sample is not None:
-            self.clock.landed(sampled - self.last_sample)
-        self.last_sample = sampled
-        samples: dict[str, tuple[MirrorSample, str]] = {}
+        pacer = self.pacer
         writes: dict[str, int] = {}
-        if self.watches:
+        if pacer.watches:
             with contextlib.suppress(AgentError):
-                writes = await self.host.block_writes(self.ctx.vm_uuid, list(self.watches))
-        blocking = self.watches and self.disk_mode is hotdisk.Mode.WRITE_BLOCKING
+                writes = await self.host.block_writes(self.ctx.vm_uuid, list(pacer.watches))
+        figures: dict[str, JobFigures] = {}
+        devices: dict[str, str] = {}
         for disk in self.plan.disks:
             job = by_disk.get(disk.target)
             if job is None:
                 continue
-            offset, length = int(job["offset"]), int(job["len"])
-            guest = max(0, writes.get(disk.target, 0) - self.written_at_start.get(disk.target, 0))
-            if blocking:  # QEMU counts the guest's synchronous copies as progress too (hotdisk)
-                offset = max(0, offset - guest)
-                length = max(offset, length - guest)
             if job.get("status") == "concluded" and job.get("error") and self.verdict is None:
                 await self._give_up(
                     MigrationFailed(
@@ -212,112 +173,37 @@ class Steering:
                     )
                 )
                 return
-            sample = MirrorSample(
-                offset,
-                length,
-                disk.virtual_size,
-                self.indexes[disk.target],
-                bool(job.get("ready")),
-            )
-            samples[disk.target] = (sample, str(job["device"]))
-        left: dict[str, int] = {}
-        for target, (sample, _device) in samples.items():
-            done, total = real_bytes_done(sample)
-            self.ctx.progress(f"disk:{target}", done, total)
-            if not sample.ready:
-                left[target] = total - done
-            # READY completes ``done``; the budget counts what the background really moved.
-            copied = real_bytes_done(dataclasses.replace(sample, ready=False))[0]
-            self._observe_disk(target, sampled, writes.get(target), copied, total - done, bool(blocking))
-        # Shares in proportion to what each mirror has left: they finish together, so the budget is used to
-        # the end without another change. In write-blocking mode the guest's writes are charged first.
-        budget = self.ctx.bandwidth
-        if budget is not None and blocking:
-            charged = sum(w.write_bps for w in self.watches.values())
-            budget = int(max(budget - charged, hotdisk.MIN_BACKGROUND * budget))
-        shares = split_by_remaining(budget, left or {t: 0 for t in samples})
-        if await self._judge_disks(shares, sampled):
+            figures[disk.target] = JobFigures(int(job["offset"]), int(job["len"]), bool(job.get("ready")))
+            devices[disk.target] = str(job["device"])
+        samples = pacer.observe(sampled, figures, writes)
+        shares = pacer.shares(samples)
+        pacer.figures(sampled, shares)
+        losing = pacer.losing(shares, sampled)
+        if losing and self.verdict is None:
+            await self._give_up(self._disk_verdict(losing[0], shares))
             return
-        horizon = self.clock.horizon_s
-        for target, (sample, device) in samples.items():
-            speed = job_speed(sample, shares.get(target), horizon)
-            current = self.speeds.get(target)
-            self.ctx.log.debug(
-                "disk steering: %s at %d/%d (%d real bytes left), speed %s -> %d B/s for %.1f s",
-                target,
-                sample.cur,
-                sample.end,
-                left.get(target, 0),
-                current,
-                speed,
-                horizon,
-            )
-            # A job that walks the whole disk crosses holes at speeds that change by factors; one charged for
-            # real bytes only is left alone unless its share really moved.
-            slack = POSITIONAL_SLACK if sample.positional else SPEED_SLACK
-            wanted = worth_changing(current, speed, slack)
+        for target, sample in samples.items():
+            speed = pacer.next_speed(target, sample, shares.get(target))
             pending = self.changing.get(target)
-            if wanted and (pending is None or pending.done()):
-                self.changing[target] = asyncio.create_task(self._set_speed(target, device, speed))
+            if speed is not None and (pending is None or pending.done()):
+                self.changing[target] = asyncio.create_task(self._set_speed(target, devices[target], speed))
 
-    def _observe_disk(
-        self, target: str, now: float, written: int | None, copied: int, remaining: int, blocking: bool
-    ) -> None:
-        watch = self.watches.get(target)
-        if watch is None or written is None:
-            return
-        moved = max(0, copied - self.done.get(target, 0))
-        self.done[target] = max(copied, self.done.get(target, 0))
-        new_writes = max(0, written - self.written.get(target, written)) if blocking else 0
-        self.written[target] = written
-        watch.observe(now, written, remaining)
-        if not self.memory_phase:
-            self.meter.add(now, moved + new_writes)
-            self.interval_bytes[0] += moved
-            self.interval_bytes[1] += new_writes
-
-    async def _judge_disks(self, shares: Mapping[str, int | None], now: float) -> bool:
-        """Figures to the details each second; a mirror that cannot converge ends the migration early
-        (libvirt has one copy mode for a whole migration, chosen at its start). True when it gave up."""
-        if not self.watches:
-            return False
-        if now - self.figures_at >= 1.0:
-            self.figures_at = now
-            self.ctx.note("disks", {t: w.figures(shares.get(t)) for t, w in self.watches.items()})
-            if self.interval_at is not None and now > self.interval_at and not self.memory_phase:
-                seconds = now - self.interval_at
-                self.rates.append(
-                    {
-                        "at": round(now - (self.meter.started or now), 2),
-                        "seconds": round(seconds, 2),
-                        "backgroundBytesPerSecond": int(self.interval_bytes[0] / seconds),
-                        "guestWriteBytesPerSecond": int(self.interval_bytes[1] / seconds),
-                        "capBytesPerSecond": self.ctx.bandwidth,
-                    }
-                )
-                self.ctx.note("copyRates", self.rates[-120:])
-            self.interval_at, self.interval_bytes = now, [0, 0]
-        budget = self.ctx.bandwidth
-        for target, watch in self.watches.items():
-            share = shares.get(target)
-            if budget is None or share is None or self.verdict is not None:
-                continue
-            if hotdisk.cannot_converge(watch, share, now):
-                hint = (
-                    None
-                    if self.ctx.request.primaryStorageMigrateVm.strategy is Strategy.PRECOPY
-                    else "auto started it in background mode from the write rate it measured first"
-                )
-                await self._give_up(hotdisk.disk_verdict(watch, share, budget, len(self.watches), hint=hint))
-                return True
-        return False
+    def _disk_verdict(self, target: str, shares: Mapping[str, int | None]) -> AgentError:
+        watch, share, budget = self.mirrors[target].watch, shares[target], self.ctx.bandwidth
+        assert watch is not None and share is not None and budget is not None
+        hint = (
+            None
+            if self.ctx.request.primaryStorageMigrateVm.strategy is Strategy.PRECOPY
+            else "auto started it in background mode from the write rate it measured first"
+        )
+        return hotdisk.disk_verdict(watch, share, budget, len(self.pacer.watches), hint=hint)
 
     async def _set_speed(self, target: str, device: str, speed: int) -> None:
         asked = time.monotonic()
         with contextlib.suppress(AgentError):
             await self.host.qmp(self.ctx.vm_uuid, "block-job-set-speed", {"device": device, "speed": speed})
-            self.speeds[target] = speed
-        self.clock.landed(time.monotonic() - asked)
+            self.mirrors[target].speed = speed
+        self.pacer.clock.landed(time.monotonic() - asked)
 
     async def close(self) -> None:
         """The job is over: speed changes still on their way are of no use; cancelled and awaited."""
