@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 from agent.client import AgentClient, BadResponse, TaskView, follow_task
 from agent.client.errors import local_error
@@ -17,6 +18,16 @@ from .output import Output
 from .progress import make_progress_view
 
 Handler = Callable[[AgentClient, argparse.Namespace, Output], Awaitable[int]]
+_Answer = TypeVar("_Answer")
+
+
+def _print(out: Output, answer: _Answer, human: Callable[[Output, _Answer], None]) -> int:
+    """The agent's answer as it came in ``--json`` mode, else as ``human`` renders it."""
+    if out.json_mode:
+        out.json(answer)
+    else:
+        human(out, answer)
+    return Exit.OK
 
 
 async def migrate(client: AgentClient, args: argparse.Namespace, out: Output) -> int:
@@ -74,21 +85,11 @@ async def follow(client: AgentClient, task_uuid: str, args: argparse.Namespace, 
 
 
 async def tasks(client: AgentClient, args: argparse.Namespace, out: Output) -> int:
-    listed = await client.tasks(state=args.state, vm_uuid=args.vm)
-    if out.json_mode:
-        out.json(listed)
-    else:
-        render.task_table(out, listed)
-    return Exit.OK
+    return _print(out, await client.tasks(state=args.state, vm_uuid=args.vm), render.task_table)
 
 
 async def show(client: AgentClient, args: argparse.Namespace, out: Output) -> int:
-    task = await client.task(args.task_uuid)
-    if out.json_mode:
-        out.json(task)
-    else:
-        render.task_detail(out, task)
-    return Exit.OK
+    return _print(out, await client.task(args.task_uuid), render.task_detail)
 
 
 async def cancel(client: AgentClient, args: argparse.Namespace, out: Output) -> int:
@@ -120,30 +121,15 @@ async def retune(client: AgentClient, args: argparse.Namespace, out: Output) -> 
 
 
 async def vms(client: AgentClient, args: argparse.Namespace, out: Output) -> int:
-    listed = await client.list_vms()
-    if out.json_mode:
-        out.json(listed)
-    else:
-        render.vm_table(out, listed)
-    return Exit.OK
+    return _print(out, await client.list_vms(), render.vm_table)
 
 
 async def vm(client: AgentClient, args: argparse.Namespace, out: Output) -> int:
-    answer = await client.vm(args.vm_uuid)
-    if out.json_mode:
-        out.json(answer)
-    else:
-        render.vm_detail(out, answer)
-    return Exit.OK
+    return _print(out, await client.vm(args.vm_uuid), render.vm_detail)
 
 
 async def host(client: AgentClient, args: argparse.Namespace, out: Output) -> int:
-    answer = await client.host()
-    if out.json_mode:
-        out.json(answer)
-    else:
-        render.host_detail(out, answer)
-    return Exit.OK
+    return _print(out, await client.host(), render.host_detail)
 
 
 async def health(client: AgentClient, args: argparse.Namespace, out: Output) -> int:
