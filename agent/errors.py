@@ -144,6 +144,13 @@ class AgentError(Exception):
     code = "AGENT.INTERNAL"
     http_status = 500
 
+    def __init_subclass__(cls, *, code: str | None = None, http_status: int | None = None) -> None:
+        super().__init_subclass__()
+        if code is not None:
+            cls.code = code
+        if http_status is not None:
+            cls.http_status = http_status
+
     def __init__(
         self,
         description: str,
@@ -190,63 +197,42 @@ def _cause_of(err: BaseException) -> dict[str, Any] | None:
     }
 
 
-class InvalidRequest(AgentError):
-    code = "AGENT.INVALID_REQUEST"
-    http_status = 400
+# The tree of the module docstring, one row a class: its stable code and the HTTP status it answers with
+# (without one, its base's).
+class InvalidRequest(AgentError, code="AGENT.INVALID_REQUEST", http_status=400): ...
 
 
-class StorageNotFound(InvalidRequest):
-    code = "AGENT.STORAGE_NOT_FOUND"
+class StorageNotFound(InvalidRequest, code="AGENT.STORAGE_NOT_FOUND"): ...
 
 
-class PathOutsideRoot(InvalidRequest):
-    code = "AGENT.PATH_OUTSIDE_ROOT"
+class PathOutsideRoot(InvalidRequest, code="AGENT.PATH_OUTSIDE_ROOT"): ...
 
 
-class Unauthorized(AgentError):
-    code = "AGENT.UNAUTHORIZED"
-    http_status = 401
+class Unauthorized(AgentError, code="AGENT.UNAUTHORIZED", http_status=401): ...
 
 
-class NotFound(AgentError):
-    code = "AGENT.NOT_FOUND"
-    http_status = 404
+class NotFound(AgentError, code="AGENT.NOT_FOUND", http_status=404): ...
 
 
-class Conflict(AgentError):
-    code = "AGENT.CONFLICT"
-    http_status = 409
+class Conflict(AgentError, code="AGENT.CONFLICT", http_status=409): ...
 
 
-class PayloadTooLarge(AgentError):
-    code = "AGENT.PAYLOAD_TOO_LARGE"
-    http_status = 413
+class PayloadTooLarge(AgentError, code="AGENT.PAYLOAD_TOO_LARGE", http_status=413): ...
 
 
-class ServiceStopping(AgentError):
-    code = "AGENT.STOPPING"
-    http_status = 503
+class ServiceStopping(AgentError, code="AGENT.STOPPING", http_status=503): ...
 
 
-class PreflightFailed(AgentError):
-    code = "AGENT.PREFLIGHT_FAILED"
-    http_status = 409
+class PreflightFailed(AgentError, code="AGENT.PREFLIGHT_FAILED", http_status=409): ...
 
 
-class MigrationFailed(AgentError):
-    code = "AGENT.MIGRATION_FAILED"
-    http_status = 500
+class MigrationFailed(AgentError, code="AGENT.MIGRATION_FAILED", http_status=500): ...
 
 
-class ConvergenceFailed(MigrationFailed):
-    code = "AGENT.CONVERGENCE_FAILED"
+class ConvergenceFailed(MigrationFailed, code="AGENT.CONVERGENCE_FAILED"): ...
 
 
-class VirtError(AgentError):
-    code = "AGENT.LIBVIRT_ERROR"
-    http_status = 502
+class VirtError(AgentError, code="AGENT.LIBVIRT_ERROR", http_status=502): ...
 
 
-class StorageError(AgentError):
-    code = "AGENT.STORAGE_ERROR"
-    http_status = 500
+class StorageError(AgentError, code="AGENT.STORAGE_ERROR", http_status=500): ...
