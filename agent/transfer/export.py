@@ -38,6 +38,7 @@ import os
 import random
 import socket
 from pathlib import Path
+from typing import TypedDict, Unpack
 
 from agent.errors import InvalidRequest, StorageError
 from agent.storage import qemuimg
@@ -57,6 +58,17 @@ class IncomingState(enum.Enum):
     EXPORTED = "exported"
     FINISHED = "finished"
     ABORTED = "aborted"
+
+
+class LayerOptions(TypedDict, total=False):
+    """``IncomingLayer``'s optional arguments, as ``prepare`` passes them on (defaults: the class's)."""
+
+    backing: str | None
+    backing_format: str | None
+    cluster_size: int | None
+    tls: bool
+    ports: range | None
+    runtime_dir: str | None
 
 
 class IncomingLayer:
@@ -96,35 +108,13 @@ class IncomingLayer:
 
     @classmethod
     async def prepare(
-        cls,
-        path: str,
-        fmt: str,
-        virtual_size: int,
-        *,
-        listen_host: str,
-        backing: str | None = None,
-        backing_format: str | None = None,
-        cluster_size: int | None = None,
-        tls: bool = True,
-        ports: range | None = None,
-        runtime_dir: str | None = None,
+        cls, path: str, fmt: str, virtual_size: int, *, listen_host: str, **options: Unpack[LayerOptions]
     ) -> IncomingLayer:
         """Create ``path`` (it must not exist yet) and export it; on any failure nothing is left behind.
 
         ``path`` and ``backing`` must already be confined to a storage root by the caller.
         """
-        layer = cls(
-            path,
-            fmt,
-            virtual_size,
-            listen_host=listen_host,
-            backing=backing,
-            backing_format=backing_format,
-            cluster_size=cluster_size,
-            tls=tls,
-            ports=ports,
-            runtime_dir=runtime_dir,
-        )
+        layer = cls(path, fmt, virtual_size, listen_host=listen_host, **options)
         try:
             await layer._prepare()
         except BaseException:
