@@ -20,7 +20,8 @@ from agent.api.middleware import json_response
 from agent.migration.incoming import IncomingSpec
 from agent.migration.request import MigrationRequest, Tuning
 
-_TASK_ERRORS = (400, 401, 404, 503)
+#: The errors of a path that names one VM, task or incoming migration: a malformed uuid, an unknown one.
+_NAMED = (400, 401, 404, 503)
 
 
 @dataclass(frozen=True)
@@ -42,7 +43,20 @@ async def openapi(request: web.Request) -> web.StreamResponse:
     return json_response(openapi_document())
 
 
-ROUTES: tuple[Route, ...] = (
+def _on_task(method: str, suffix: str, handler: Handler, summary: str, **options: Any) -> Route:
+    """A route on one task; it answers with the task's view."""
+    options.setdefault("errors", _NAMED)
+    return Route(
+        method, f"/v1/tasks/{{taskUuid}}{suffix}", handler, summary, answer=models.TaskView, **options
+    )
+
+
+def _from_peer(method: str, suffix: str, handler: Handler, summary: str, **options: Any) -> Route:
+    """Agent to agent: the destination side of a migration, under ``/v1/incoming-migrations``."""
+    return Route(method, f"/v1/incoming-migrations{suffix}", handler, f"Agent to agent: {summary}", **options)
+
+
+_INFO = (
     Route(
         "GET",
         "/v1/health",
@@ -73,8 +87,10 @@ ROUTES: tuple[Route, ...] = (
         info_handlers.describe_vm,
         "One VM with its disks and backing chains",
         answer=models.VmView,
-        errors=(400, 401, 404, 502, 503),
+        errors=(*_NAMED, 502),
     ),
+)
+_TASKS = (
     Route(
         "POST",
         "/v1/vms/{vmUuid}/storage-migrations",
@@ -84,7 +100,7 @@ ROUTES: tuple[Route, ...] = (
         body=MigrationRequest,
         answer=models.TaskView,
         status=202,
-        errors=(400, 401, 404, 408, 409, 413, 503),
+        errors=(*_NAMED, 408, 409, 413),
     ),
     Route(
         "GET",
@@ -95,100 +111,90 @@ ROUTES: tuple[Route, ...] = (
         errors=(400, 401, 503),
         query=("state", "vmUuid"),
     ),
-    Route(
-        "GET",
-        "/v1/tasks/{taskUuid}",
-        task_handlers.get_task,
-        "One task",
-        answer=models.TaskView,
-        errors=_TASK_ERRORS,
-    ),
-    Route(
+    _on_task("GET", "", task_handlers.get_task, "One task"),
+    _on_task(
         "PATCH",
-        "/v1/tasks/{taskUuid}",
+        "",
         task_handlers.retune_task,
         "Retune a running task",
         body=Tuning,
-        answer=models.TaskView,
-        errors=(*_TASK_ERRORS, 409, 413),
+        errors=(*_NAMED, 409, 413),
     ),
-    Route(
+    _on_task(
         "POST",
-        "/v1/tasks/{taskUuid}/cancel",
+        "/cancel",
         task_handlers.cancel_task,
         "Cancel (idempotent); the VM keeps its source volumes",
-        answer=models.TaskView,
         status=202,
-        errors=_TASK_ERRORS,
     ),
-    Route(
+    _on_task(
         "GET",
-        "/v1/tasks/{taskUuid}/events",
+        "/events",
         events.task_events,
         "Server-sent events: the task view after each change (event: state | progress); ends after a "
         "final state",
-        answer=models.TaskView,
-        errors=_TASK_ERRORS,
         content_type="text/event-stream",
     ),
-    Route(
+)
+_INCOMING = (
+    _from_peer(
         "POST",
-        "/v1/incoming-migrations",
+        "",
         incoming_handlers.prepare,
-        "Agent to agent: prepare this host to receive a VM's volumes (targets created, space checked)",
+        "prepare this host to receive a VM's volumes (targets created, space checked)",
         body=IncomingSpec,
         status=201,
         errors=(400, 401, 409, 503),
     ),
-    Route(
-        "GET",
-        "/v1/incoming-migrations/{migrationId}",
-        incoming_handlers.get,
-        "Agent to agent: one prepared incoming migration",
-        errors=(400, 401, 404, 503),
+    _from_peer(
+        "GET", "/{migrationId}", incoming_handlers.get, "one prepared incoming migration", errors=_NAMED
     ),
-    Route(
+    _from_peer(
         "POST",
-        "/v1/incoming-migrations/{migrationId}/commit",
+        "/{migrationId}/commit",
         incoming_handlers.commit,
-        "Agent to agent: the VM arrived; check it runs from the new paths",
-        errors=(400, 401, 404, 503),
+        "the VM arrived; check it runs from the new paths",
+        errors=_NAMED,
     ),
-    Route(
+    _from_peer(
         "POST",
-        "/v1/incoming-migrations/{migrationId}/layers",
+        "/{migrationId}/layers",
         incoming_handlers.open_layer,
-        "Agent to agent: create a lower chain layer and export it (NBD over TLS-PSK) for the source to fill",
+        "create a lower chain layer and export it (NBD over TLS-PSK) for the source to fill",
         body=incoming_handlers.LayerRef,
         status=201,
-        errors=(400, 401, 404, 409, 503),
+        errors=(*_NAMED, 409),
     ),
-    Route(
+    _from_peer(
         "POST",
-        "/v1/incoming-migrations/{migrationId}/layers/finish",
+        "/{migrationId}/layers/finish",
         incoming_handlers.finish_layer,
-        "Agent to agent: close a layer's export and verify it against the source's digest",
+        "close a layer's export and verify it against the source's digest",
         body=incoming_handlers.LayerDone,
-        errors=(400, 401, 404, 503),
+        errors=_NAMED,
     ),
-    Route(
+    _from_peer(
         "POST",
-        "/v1/incoming-migrations/{migrationId}/define",
+        "/{migrationId}/define",
         incoming_handlers.define,
-        "Agent to agent: offline move: define the VM on this host from its transferred images",
+        "offline move: define the VM on this host from its transferred images",
         body=incoming_handlers.Definition,
-        errors=(400, 401, 404, 409, 503),
+        errors=(*_NAMED, 409),
     ),
-    Route(
+    _from_peer(
         "DELETE",
-        "/v1/incoming-migrations/{migrationId}",
+        "/{migrationId}",
         incoming_handlers.abort,
-        "Agent to agent: remove what the incoming migration created (idempotent)",
+        "remove what the incoming migration created (idempotent)",
         errors=(400, 401, 409, 503),
     ),
+)
+_DOCUMENTS = (
     Route("GET", "/v1/openapi.json", openapi, "This document"),
     Route("GET", "/metrics", info_handlers.metrics, "Prometheus metrics", content_type="text/plain"),
 )
+#: The agent's routes, in the order the OpenAPI document lists them.
+ROUTES: tuple[Route, ...] = (*_INFO, *_TASKS, *_INCOMING, *_DOCUMENTS)
 
 
 def add_routes(app: web.Application) -> None:
