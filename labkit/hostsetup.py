@@ -33,6 +33,7 @@ from .sysutil import (
     wait_for,
     write_file,
 )
+from .virsh import virsh_run
 
 HOSTS_FILE_MOUNT = "/etc/hosts"
 
@@ -236,7 +237,7 @@ def libvirtd_ok(hs: HostState) -> bool:
 
 
 def libvirtd_answers(host: HostSpec) -> bool:
-    proc = run(["virsh", "-c", host.libvirt_uri, "hostname"], check=False, timeout=20)
+    proc = virsh_run(host.libvirt_uri, "hostname", timeout=20)  # over the network, as an operator
     return proc.returncode == 0 and proc.stdout.strip() == host.name
 
 

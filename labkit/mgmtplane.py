@@ -16,7 +16,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any
+from typing import Any, Self
 
 from aiohttp import web
 
@@ -60,7 +60,7 @@ class ManagementPlane:
         self._thread.join(timeout=10)
         self._loop.close()
 
-    def __enter__(self) -> ManagementPlane:
+    def __enter__(self) -> Self:
         self.start()
         return self
 

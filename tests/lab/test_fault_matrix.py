@@ -119,12 +119,8 @@ def _params() -> list[Any]:
 
 @pytest.fixture(scope="module")
 def recorder() -> Iterator[CallbackRecorder]:
-    server = CallbackRecorder()
-    server.start()
-    try:
+    with CallbackRecorder() as server:
         yield server
-    finally:
-        server.stop()
 
 
 def holds_file(host: LabHost) -> Path:

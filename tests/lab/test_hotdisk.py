@@ -32,10 +32,8 @@ DOWNTIME_MS = 1000
 
 @pytest.fixture
 def recorder() -> Iterator[CallbackRecorder]:
-    server = CallbackRecorder()
-    server.start()
-    yield server
-    server.stop()
+    with CallbackRecorder() as server:
+        yield server
 
 
 def write_rate_mib_s(host: LabHost, guest: Guest, dev: str, seconds: float = 4.0) -> float:

@@ -54,10 +54,8 @@ class ManagementServer(ManagementPlane):
 
 @pytest.fixture
 def mn() -> Iterator[ManagementServer]:
-    server = ManagementServer()
-    server.start()
-    yield server
-    server.stop()
+    with ManagementServer() as server:
+        yield server
 
 
 @pytest.fixture
