@@ -16,7 +16,7 @@ from typing import Any
 from aiohttp import web
 
 from agent.config import AgentConfig, ConfigError
-from agent.errors import Unauthorized
+from agent.errors import Code, Unauthorized
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +25,7 @@ AGENT_TO_AGENT_PREFIX = "/v1/incoming-migrations"
 
 
 class ClusterCertificateRequired(Unauthorized):
-    code = "AGENT.CLUSTER_CERTIFICATE_REQUIRED"
+    code = Code.CLUSTER_CERTIFICATE_REQUIRED
 
 
 def server_context(config: AgentConfig) -> ssl.SSLContext | None:

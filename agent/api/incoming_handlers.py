@@ -11,14 +11,14 @@ from pydantic import BaseModel, ConfigDict, Field
 from agent.api.keys import INCOMING
 from agent.api.middleware import json_response
 from agent.api.validation import path_uuid, read_object, validate
-from agent.errors import VirtError
+from agent.errors import Code, VirtError
 from agent.migration.incoming import IncomingService, IncomingSpec
 
 
 def _service(request: web.Request) -> IncomingService:
     service = request.app[INCOMING]
     if service is None:
-        raise VirtError("libvirt is not connected in this agent", code="AGENT.LIBVIRT_UNAVAILABLE")
+        raise VirtError("libvirt is not connected in this agent", code=Code.LIBVIRT_UNAVAILABLE)
     return service
 
 

@@ -19,7 +19,7 @@ from agent.api.keys import CONFIG, INVENTORY, MANAGER, METRICS, VmInventory
 from agent.api.middleware import json_response
 from agent.api.validation import path_uuid
 from agent.config import StorageRootConfig
-from agent.errors import VirtError
+from agent.errors import Code, VirtError
 from agent.metrics import CONTENT_TYPE
 
 
@@ -85,7 +85,7 @@ async def describe_vm(request: web.Request) -> web.StreamResponse:
 def _inventory(request: web.Request) -> VmInventory:
     inventory = request.app[INVENTORY]
     if inventory is None:
-        raise VirtError("libvirt is not connected in this agent", code="AGENT.LIBVIRT_UNAVAILABLE")
+        raise VirtError("libvirt is not connected in this agent", code=Code.LIBVIRT_UNAVAILABLE)
     return inventory
 
 

@@ -18,7 +18,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from agent.api.keys import CONFIG, SERVICE
-from agent.errors import AgentError, NotFound, PayloadTooLarge, ServiceStopping, Unauthorized
+from agent.errors import AgentError, Code, NotFound, PayloadTooLarge, ServiceStopping, Unauthorized
 from agent.security import require_cluster_certificate
 
 log = logging.getLogger(__name__)
@@ -70,7 +70,7 @@ def _from_http(exc: web.HTTPException, request: web.Request) -> AgentError:
     if isinstance(exc, web.HTTPMethodNotAllowed):
         return AgentError(
             f"{request.method} is not allowed on {request.path}",
-            code="AGENT.METHOD_NOT_ALLOWED",
+            code=Code.METHOD_NOT_ALLOWED,
             details=f"allowed: {', '.join(sorted(exc.allowed_methods))}",
         )
     return AgentError(exc.reason or "HTTP error", code=f"AGENT.HTTP_{exc.status}", details=exc.text)

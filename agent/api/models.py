@@ -21,7 +21,7 @@ class ErrorCode(_Open):
     """ZStack's ErrorCode; ``field`` names the offending input for a 400."""
 
     code: str = Field(
-        examples=["AGENT.STORAGE_NOT_FOUND"],
+        examples=[Code.STORAGE_NOT_FOUND],
         description="a stable code: " + "; ".join(f"{code.value}: {code.meaning}" for code in Code),
         json_schema_extra={"enum": [code.value for code in Code]},
     )

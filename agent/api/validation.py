@@ -16,7 +16,7 @@ from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
 from agent.config import AgentConfig
-from agent.errors import InvalidRequest
+from agent.errors import Code, InvalidRequest
 from agent.migration.request import MigrationRequest, normalise_uuid
 from agent.storage.roots import StorageRoots
 
@@ -29,7 +29,7 @@ STORAGE_FIELD = "primaryStorageMigrateVm.dstPrimaryStorageUuid"
 
 
 class RequestTimeout(InvalidRequest):
-    code = "AGENT.REQUEST_TIMEOUT"
+    code = Code.REQUEST_TIMEOUT
     http_status = 408
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.config import AgentConfig
-from agent.errors import AgentError, MigrationFailed, PreflightFailed
+from agent.errors import AgentError, Code, MigrationFailed, PreflightFailed
 from agent.migration.engine import TaskContext
 from agent.migration.incoming import IncomingDisk, IncomingSpec
 from agent.migration.inventory import remote_inventory, volume_inventory
@@ -59,7 +59,7 @@ class OfflineEngine:
             raise MigrationFailed(
                 "the agent restarted during an offline move; the partial copy was removed and the VM is "
                 "still defined with its source volumes",
-                code="AGENT.INTERRUPTED",
+                code=Code.INTERRUPTED,
                 details="send the request again to retry",
             )
         await ctx.enter(TaskState.PREPARING)
@@ -86,7 +86,7 @@ class OfflineEngine:
             if os.path.lexists(path):
                 raise PreflightFailed(
                     f"target {path} already exists",
-                    code="AGENT.TARGET_EXISTS",
+                    code=Code.TARGET_EXISTS,
                     field="volumes",
                     details="remove it or choose another destination",
                 )
@@ -124,7 +124,7 @@ class OfflineEngine:
         for now in defined:
             if now.target in new and now.source != new[now.target][0]:
                 raise MigrationFailed(
-                    f"the definition still points {now.target} at {now.source}", code="AGENT.VERIFY_FAILED"
+                    f"the definition still points {now.target} at {now.source}", code=Code.VERIFY_FAILED
                 )
         return await volume_inventory(defined, plan, self.roots)
 
@@ -148,7 +148,7 @@ class OfflineEngine:
             await qemuimg.rebase_unsafe(layer.dst, layer.backing_dst, layer.backing_format or "qcow2")
         if not await qemuimg.compare(layer.src, layer.dst):
             raise MigrationFailed(
-                f"the copy of {layer.src} at {layer.dst} differs from its source", code="AGENT.VERIFY_FAILED"
+                f"the copy of {layer.src} at {layer.dst} differs from its source", code=Code.VERIFY_FAILED
             )
         ctx.progress(item, done, done)
 
@@ -161,7 +161,7 @@ class OfflineEngine:
         await qemuimg.run(*args, disk.src_top, disk.dst_top, limit_s=None)
         if not await qemuimg.compare(disk.src_top, disk.dst_top):
             raise MigrationFailed(
-                f"the flattened copy of {disk.target} differs from its source", code="AGENT.VERIFY_FAILED"
+                f"the flattened copy of {disk.target} differs from its source", code=Code.VERIFY_FAILED
             )
         ctx.progress(f"disk:{disk.target}", disk.estimated_bytes, disk.estimated_bytes)
 

@@ -6,7 +6,7 @@ from typing import Any
 
 from agent.client import AgentClient, ApiError, ClientError
 from agent.config import AgentConfig
-from agent.errors import InvalidRequest, MigrationFailed, NotFound
+from agent.errors import Code, InvalidRequest, MigrationFailed, NotFound
 from agent.migration.request import MigrationRequest
 from agent.security import client_context
 
@@ -38,13 +38,13 @@ async def peer_call(peer: AgentClient, method: str, segments: tuple[str, ...], b
             raise NotFound(f"destination agent: {error.get('description', err)}") from err
         raise MigrationFailed(
             f"destination agent refused {method} {'/'.join(segments)}: {error.get('description', err)}",
-            code=str(error.get("code") or "AGENT.PEER_ERROR"),
+            code=str(error.get("code") or Code.PEER_ERROR),
             field=error.get("field"),
             details=error.get("details"),
         ) from err
     except ClientError as err:
         raise MigrationFailed(
             f"destination agent unreachable: {err}",
-            code="AGENT.PEER_UNREACHABLE",
+            code=Code.PEER_UNREACHABLE,
             details="check dstHost.agentUrl, the token and the network",
         ) from err

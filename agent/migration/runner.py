@@ -25,7 +25,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from agent.errors import AgentError, MigrationFailed
+from agent.errors import AgentError, Code, MigrationFailed
 from agent.migration.engine import Engine, TaskContext
 from agent.migration.states import TaskState
 
@@ -94,9 +94,7 @@ class Verdict:
 
     @classmethod
     def cancelled(cls) -> Verdict:
-        return cls(
-            TaskState.CANCELLED, "cancelled", AgentError(CANCELLED_DESCRIPTION, code="AGENT.CANCELLED")
-        )
+        return cls(TaskState.CANCELLED, "cancelled", AgentError(CANCELLED_DESCRIPTION, code=Code.CANCELLED))
 
 
 async def run(engine: Engine, ctx: TaskContext) -> Verdict:
@@ -141,7 +139,7 @@ def _timed_out(engine: Engine, ctx: TaskContext, err: TimeoutError) -> Migration
         f"the migration did not finish within the task timeout of {timeout:g} s"
         + (f" ({reason[0]})" if reason else "")
         + "; it was stopped and the VM keeps running from its source volumes",
-        code="AGENT.TIMEOUT",
+        code=Code.TIMEOUT,
         details="raise the timeout or the bandwidth, or lower the guest's load",
     )
     if reason and reason[1]:

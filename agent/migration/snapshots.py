@@ -21,7 +21,7 @@ from typing import Any
 
 import libvirt
 
-from agent.errors import PreflightFailed
+from agent.errors import Code, PreflightFailed
 from agent.storage.qemuimg import ImageInfo
 
 
@@ -101,7 +101,7 @@ def refuse_internal(chains: Mapping[str, Sequence[ImageInfo]]) -> None:
         raise PreflightFailed(
             "the VM has internal (qcow2) snapshots, which a live storage migration cannot keep: "
             + "; ".join(found),
-            code="AGENT.INTERNAL_SNAPSHOTS",
+            code=Code.INTERNAL_SNAPSHOTS,
             field="vmUuid",
             details="delete them (virsh snapshot-delete, qemu-img snapshot -d) or turn them into external "
             "snapshots before moving the VM",

@@ -13,11 +13,11 @@ neither create nor remove. Before any byte moves, each target is checked against
 
 from __future__ import annotations
 
-from agent.errors import PreflightFailed, StorageError
+from agent.errors import Code, PreflightFailed, StorageError
 from agent.storage import qemuimg
 from agent.storage.qemuimg import ImageInfo
 
-MISMATCH = "AGENT.TARGET_MISMATCH"
+MISMATCH = Code.TARGET_MISMATCH
 
 
 async def check_precreated_target(

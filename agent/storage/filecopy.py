@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from agent.errors import StorageError
+from agent.errors import Code, StorageError
 
 CHUNK = 4 * 1024 * 1024
 
@@ -114,7 +114,7 @@ def copy_sparse(
     except OSError as err:
         raise StorageError(
             f"copying {src} to {dst} failed: {err.strerror}",
-            code="AGENT.NO_SPACE" if err.errno == errno.ENOSPC else None,
+            code=Code.NO_SPACE if err.errno == errno.ENOSPC else None,
         ) from err
     finally:
         os.close(src_fd)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 
-from agent.errors import PreflightFailed
+from agent.errors import Code, PreflightFailed
 from agent.storage.roots import StorageRoot
 
 #: Bytes left free in a root after a move, whatever its size.
@@ -26,7 +26,7 @@ async def check_free_space(root: StorageRoot, needed: int, *, field: str, where:
         raise PreflightFailed(
             f"storage {root.uuid}{where} has {free} bytes free; the move needs about {wanted} plus a "
             f"{SPACE_MARGIN} byte margin",
-            code="AGENT.NO_SPACE",
+            code=Code.NO_SPACE,
             field=field,
             details="free space there or pick another primary storage",
         )

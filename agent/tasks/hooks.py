@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from agent.errors import MigrationFailed
+from agent.errors import Code, MigrationFailed
 from agent.migration.engine import Engine, TaskContext
 from agent.migration.request import MigrationRequest
 
@@ -57,7 +57,7 @@ class EngineUnavailable:
 
     async def run(self, ctx: TaskContext) -> list[dict[str, Any]]:
         raise MigrationFailed(
-            "migration engine not available", details=self.reason, code="AGENT.ENGINE_UNAVAILABLE"
+            "migration engine not available", details=self.reason, code=Code.ENGINE_UNAVAILABLE
         )
 
 

@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from agent.errors import AgentError, Conflict, MigrationFailed, NotFound, ServiceStopping
+from agent.errors import AgentError, Code, Conflict, MigrationFailed, NotFound, ServiceStopping
 from agent.migration import runner
 from agent.migration.request import MigrationRequest, Tuning
 from agent.tasks.context import RunContext
@@ -286,7 +286,7 @@ class TaskManager:
             wrapped = MigrationFailed(
                 "the migration engine could not be created",
                 details=f"{type(err).__name__}: {err}",
-                code="AGENT.ENGINE_UNAVAILABLE",
+                code=Code.ENGINE_UNAVAILABLE,
             )
             wrapped.__cause__ = err
             await self.recorder.finish(task, TaskState.FAILED, "no engine", error=wrapped)

@@ -15,7 +15,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
-from agent.errors import AgentError, Conflict, MigrationFailed
+from agent.errors import AgentError, Code, Conflict, MigrationFailed
 from agent.tasks.hooks import ChangeKind, TaskChange, TaskListener
 from agent.tasks.journal import Journal
 from agent.tasks.model import TaskState, can_transition
@@ -28,12 +28,12 @@ log = logging.getLogger(__name__)
 class InvalidTransition(Conflict):
     """A task was asked to move to a state its current state does not allow."""
 
-    code = "AGENT.INVALID_TRANSITION"
+    code = Code.INVALID_TRANSITION
 
 
 def cancelled_error() -> AgentError:
     return AgentError(
-        "the migration was cancelled on request; the VM keeps its source volumes", code="AGENT.CANCELLED"
+        "the migration was cancelled on request; the VM keeps its source volumes", code=Code.CANCELLED
     )
 
 

@@ -37,7 +37,7 @@ from typing import Any, TypeVar
 from qemu.qmp import EventListener, ExecInterruptedError, QMPClient, QMPError
 from qemu.qmp.qmp_client import ExecuteError
 
-from agent.errors import StorageError
+from agent.errors import Code, StorageError
 
 log = logging.getLogger(__name__)
 
@@ -48,11 +48,11 @@ T = TypeVar("T")
 
 
 class DaemonError(StorageError):
-    code = "AGENT.STORAGE_DAEMON"
+    code = Code.STORAGE_DAEMON
 
 
 class DaemonDied(DaemonError):
-    code = "AGENT.STORAGE_DAEMON_DIED"
+    code = Code.STORAGE_DAEMON_DIED
 
 
 class DaemonCommandFailed(DaemonError):

@@ -35,7 +35,7 @@ from typing import Any
 
 from qemu.qmp import EventListener
 
-from agent.errors import StorageError
+from agent.errors import Code, StorageError
 from agent.storage import qemuimg
 from agent.transfer.endpoint import NbdEndpoint, add_psk_credentials
 from agent.transfer.nodes import add_read_only_chain
@@ -53,7 +53,7 @@ ProgressFn = Callable[[int, int], None]
 
 
 class TransferFailed(StorageError):
-    code = "AGENT.TRANSFER_FAILED"
+    code = Code.TRANSFER_FAILED
 
 
 @dataclass(frozen=True)

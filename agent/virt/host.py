@@ -23,14 +23,14 @@ from typing import Any, TypeVar
 
 import libvirt
 
-from agent.errors import NotFound, VirtError
+from agent.errors import Code, NotFound, VirtError
 from agent.virt.events import ensure_event_loop
 
 log = logging.getLogger(__name__)
 
 #: ``VirtError.code`` when libvirtd cannot be reached (stopped, restarting): the one libvirt failure worth
 #: waiting out, since QEMU and its block jobs keep running without it.
-UNREACHABLE = "AGENT.LIBVIRT_UNREACHABLE"
+UNREACHABLE = Code.LIBVIRT_UNREACHABLE
 
 T = TypeVar("T")
 
@@ -410,10 +410,10 @@ def _alive(conn: Any) -> bool:
 def _code_for(err: Any) -> str:
     code = err.get_error_code()
     if code == libvirt.VIR_ERR_OPERATION_INVALID:
-        return "AGENT.LIBVIRT_OPERATION_INVALID"
+        return Code.LIBVIRT_OPERATION_INVALID
     if code == libvirt.VIR_ERR_NO_DOMAIN:
-        return "AGENT.VM_NOT_FOUND"
-    return "AGENT.LIBVIRT_ERROR"
+        return Code.VM_NOT_FOUND
+    return Code.LIBVIRT_ERROR
 
 
 def _version(number: int) -> str:

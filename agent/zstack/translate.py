@@ -20,7 +20,7 @@ import aiohttp
 
 from agent.client import AgentClient, ClientError
 from agent.config import AgentConfig
-from agent.errors import InvalidRequest, MigrationFailed, PreflightFailed, StorageError
+from agent.errors import Code, InvalidRequest, MigrationFailed, PreflightFailed, StorageError
 from agent.migration.request import MigrationRequest, Strategy, normalise_uuid
 from agent.security import client_context
 from agent.storage import qemuimg
@@ -67,7 +67,7 @@ async def block_copy_request(
     except StorageError as err:
         raise PreflightFailed(
             f"the pre-created target {target} cannot be read",
-            code="AGENT.TARGET_MISMATCH",
+            code=Code.TARGET_MISMATCH,
             field="newVolume.installPath",
             details=err.details,
         ) from err
@@ -109,7 +109,7 @@ async def destination_host(
     except ClientError as err:
         raise MigrationFailed(
             f"the destination agent at {agent_url} cannot be asked for its storage: {err}",
-            code="AGENT.PEER_UNREACHABLE",
+            code=Code.PEER_UNREACHABLE,
             details="destHostManagementIp must reach the destination's kvm-storage-agent",
         ) from err
 

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from agent.client import AgentClient
-from agent.errors import AgentError, MigrationFailed, NotFound
+from agent.errors import AgentError, Code, MigrationFailed, NotFound
 from agent.migration.crosshost.destination import COMMIT_RETRY_S, confirm, peer_call_retrying
 from agent.migration.engine import TaskContext, announce
 from agent.migration.inventory import planned_inventory, remote_inventory
@@ -51,7 +51,7 @@ async def commit(
         still_here = None
     if still_here not in (None, "shutoff"):
         raise MigrationFailed(
-            f"VM {ctx.vm_uuid} still runs on this host after the migration", code="AGENT.VERIFY_FAILED"
+            f"VM {ctx.vm_uuid} still runs on this host after the migration", code=Code.VERIFY_FAILED
         )
     view = await look_at_peer(prepared["libvirtUri"], ctx.vm_uuid)
     if view is not None and not view.runs_from(tops):
@@ -71,13 +71,13 @@ async def commit(
                 if agent_tops.get(target) != top:
                     raise MigrationFailed(
                         f"on the destination {target} uses {agent_tops.get(target)}, not {top}",
-                        code="AGENT.VERIFY_FAILED",
+                        code=Code.VERIFY_FAILED,
                         details="the VM runs on the destination; nothing was removed on either host",
                     )
         elif stats is None:
             raise MigrationFailed(
                 f"cannot confirm that VM {ctx.vm_uuid} runs on the destination",
-                code="AGENT.VM_LOCATION_UNKNOWN",
+                code=Code.VM_LOCATION_UNKNOWN,
                 details="the VM left this host, but neither the destination's libvirtd nor its agent "
                 "answered; nothing was removed on either host: check the destination before retrying",
             )
@@ -94,7 +94,7 @@ def _not_as_planned(ctx: TaskContext, view: PeerDomain, tops: Mapping[str, str])
     """The destination libvirtd shows the VM, but not running from the planned tops."""
     return MigrationFailed(
         f"VM {ctx.vm_uuid} is {view.state} on the destination, not running from the planned volumes",
-        code="AGENT.VERIFY_FAILED",
+        code=Code.VERIFY_FAILED,
         details="planned: "
         + ", ".join(f"{t}={p}" for t, p in tops.items())
         + "; live there: "

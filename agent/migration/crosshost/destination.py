@@ -8,7 +8,7 @@ import time
 from typing import Any
 
 from agent.client import AgentClient
-from agent.errors import AgentError, MigrationFailed, NotFound
+from agent.errors import AgentError, Code, MigrationFailed, NotFound
 from agent.migration.engine import TaskContext
 from agent.migration.peer import peer_call
 from agent.virt.host import UNREACHABLE
@@ -20,8 +20,8 @@ ABORT_RETRY_S = 180.0
 #: agent commits its record itself when it starts again (``IncomingService.reconcile``).
 COMMIT_RETRY_S = 45.0
 
-_PEER_RETRY_CODES = {
-    "AGENT.PEER_UNREACHABLE": "agent unreachable",
+_PEER_RETRY_CODES: dict[str, str] = {
+    Code.PEER_UNREACHABLE: "agent unreachable",
     UNREACHABLE: "agent cannot reach its libvirtd",
 }
 

@@ -11,7 +11,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from agent.config import AgentConfig
-from agent.errors import AgentError, MigrationFailed
+from agent.errors import AgentError, Code, MigrationFailed
 from agent.migration import convergence, snapshots
 from agent.migration.crosshost.params import (
     choose_write_blocking,
@@ -192,7 +192,7 @@ class Migration:
                 raise steer.verdict from err
             raise MigrationFailed(
                 f"the migration failed: {err.description}",
-                code="AGENT.MIGRATION_FAILED",
+                code=Code.MIGRATION_FAILED,
                 details="the VM keeps running on this host from its source volumes",
             ) from err
 

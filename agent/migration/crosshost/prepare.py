@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.client import AgentClient
-from agent.errors import PreflightFailed
+from agent.errors import Code, PreflightFailed
 from agent.migration import snapshots
 from agent.migration.engine import TaskContext
 from agent.migration.incoming import IncomingDisk, IncomingSpec
@@ -41,7 +41,7 @@ async def plan_live_move(host: VirtHost, ctx: TaskContext) -> MigrationPlan:
             "the VM has libvirt snapshots ("
             + ", ".join(m.name for m in metas)
             + ") whose layers a flattening move would not keep",
-            code="AGENT.SNAPSHOTS_NEED_CHAIN",
+            code=Code.SNAPSHOTS_NEED_CHAIN,
             field="primaryStorageMigrateVm.withSnapshots",
             details="move it with withSnapshots: true, or delete the snapshots first",
         )

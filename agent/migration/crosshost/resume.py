@@ -9,7 +9,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from agent.client import AgentClient
-from agent.errors import AgentError, MigrationFailed
+from agent.errors import AgentError, Code, MigrationFailed
 from agent.migration import convergence
 from agent.migration.crosshost.commit import LIBVIRT_OUTAGE_S
 from agent.migration.crosshost.destination import abort_remote
@@ -44,7 +44,7 @@ async def resume(
     interrupted = MigrationFailed(
         f"the agent restarted during step {step!r}; the destination was cleaned up and the VM stays on "
         "this host",
-        code="AGENT.INTERRUPTED",
+        code=Code.INTERRUPTED,
         details="send the request again to retry",
     )
 

@@ -12,7 +12,7 @@ from typing import Any
 import libvirt
 
 from agent.client import AgentClient
-from agent.errors import AgentError, MigrationFailed, NotFound
+from agent.errors import AgentError, Code, MigrationFailed, NotFound
 from agent.migration import runner
 from agent.migration.crosshost.commit import LIBVIRT_OUTAGE_S, commit
 from agent.migration.crosshost.destination import abort_remote, peer_call_retrying
@@ -74,7 +74,7 @@ async def _settle_steps(
     if settlement is runner.Settlement.KEEP_ALL:
         raise MigrationFailed(
             f"cannot tell where VM {ctx.vm_uuid} runs after the migration ended ({_what(failure)})",
-            code="AGENT.VM_LOCATION_UNKNOWN",
+            code=Code.VM_LOCATION_UNKNOWN,
             details=(
                 "neither this host's libvirtd nor the destination's libvirtd or agent could tell; "
                 "nothing was removed on either host: check both before retrying. Source volumes: "
@@ -87,7 +87,7 @@ async def _settle_steps(
     if here in ("shutoff", "crashed") and not isinstance(failure, asyncio.CancelledError):
         raise MigrationFailed(
             f"VM {ctx.vm_uuid} was shut down during the migration (now {here})",
-            code="AGENT.VM_STOPPED",
+            code=Code.VM_STOPPED,
             details="the migration was abandoned and the destination cleaned up; the VM stays "
             "defined on this host with its source volumes",
         ) from failure

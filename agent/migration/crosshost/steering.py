@@ -11,7 +11,7 @@ from typing import Any
 
 import libvirt
 
-from agent.errors import AgentError, MigrationFailed
+from agent.errors import AgentError, Code, MigrationFailed
 from agent.migration import convergence, hotdisk
 from agent.migration.crosshost.params import MiB, first_mirror_speed
 from agent.migration.engine import TaskContext
@@ -124,7 +124,7 @@ class Steering:
                 MigrationFailed(
                     f"the migration made no progress for {STALL_S:.0f} s and was aborted; "
                     "the VM keeps running on this host",
-                    code="AGENT.MIGRATION_STALLED",
+                    code=Code.MIGRATION_STALLED,
                     details="the link to the destination or the destination itself does not answer",
                 )
             )
@@ -168,7 +168,7 @@ class Steering:
                 await self._give_up(
                     MigrationFailed(
                         f"copying {disk.target} to the destination failed: {job['error']}",
-                        code="AGENT.DISK_COPY_FAILED",
+                        code=Code.DISK_COPY_FAILED,
                         details="the link or the destination storage failed; the VM keeps running here",
                     )
                 )

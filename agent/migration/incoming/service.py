@@ -23,7 +23,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from agent.errors import Conflict, InvalidRequest, MigrationFailed, NotFound, PreflightFailed
+from agent.errors import Code, Conflict, InvalidRequest, MigrationFailed, NotFound, PreflightFailed
 from agent.migration.incoming.reconcile import RECONCILE_EVERY_S, RECONCILE_GIVE_UP_S, reconcile
 from agent.migration.incoming.records import IncomingRecords, remove_created
 from agent.migration.incoming.wire import IncomingDisk, IncomingSpec
@@ -138,7 +138,7 @@ class IncomingService:
                 if os.path.lexists(path):
                     raise PreflightFailed(
                         f"target {path} already exists on this host",
-                        code="AGENT.TARGET_EXISTS",
+                        code=Code.TARGET_EXISTS,
                         field="disks",
                         details="remove it or choose another destination",
                     )
@@ -264,7 +264,7 @@ class IncomingService:
                 if got is None or got.source != disk["top"]:
                     raise MigrationFailed(
                         f"VM {record['vmUuid']} does not use {disk['top']} for {disk['target']} here",
-                        code="AGENT.VERIFY_FAILED",
+                        code=Code.VERIFY_FAILED,
                     )
             persistent = await self.host.is_persistent(record["vmUuid"])
             self.records.forget(migration_id)

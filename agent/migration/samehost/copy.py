@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 
-from agent.errors import MigrationFailed
+from agent.errors import Code, MigrationFailed
 from agent.migration.engine import Step, TaskContext
 from agent.migration.samehost.work import Work
 from agent.storage import qemuimg
@@ -43,7 +43,7 @@ async def copy_layers(roots: StorageRoots, ctx: TaskContext, work: Work) -> None
         if not await qemuimg.compare(layer.src, layer.dst):
             raise MigrationFailed(
                 f"the copy of {layer.src} at {layer.dst} differs from its source",
-                code="AGENT.VERIFY_FAILED",
+                code=Code.VERIFY_FAILED,
             )
         ctx.progress(item, done, done)
         ctx.log.info("layer %s copied to %s (%d bytes) and verified", layer.src, layer.dst, done)

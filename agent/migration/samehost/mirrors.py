@@ -9,7 +9,7 @@ import os
 
 import libvirt
 
-from agent.errors import MigrationFailed
+from agent.errors import Code, MigrationFailed
 from agent.migration import hotdisk
 from agent.migration.engine import Step, TaskContext
 from agent.migration.hotdisk import Mode
@@ -96,6 +96,6 @@ def on_event(work: Work, event: DomainEvent) -> None:
         what = "failed" if event.status == libvirt.VIR_DOMAIN_BLOCK_JOB_FAILED else "was cancelled"
         raise MigrationFailed(
             f"the mirror of {mirror.disk.target} {what}",
-            code="AGENT.BLOCK_JOB_FAILED",
+            code=Code.BLOCK_JOB_FAILED,
             details="often the destination storage ran out of space; see the libvirt log",
         )

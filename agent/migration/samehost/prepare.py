@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import os
 
-from agent.errors import PreflightFailed, StorageError
+from agent.errors import Code, PreflightFailed, StorageError
 from agent.migration import snapshots
 from agent.migration.engine import TaskContext
 from agent.migration.plan import LayerPlan, MigrationPlan, inspect_chains, plan_migration
@@ -67,7 +67,7 @@ async def preflight(host: VirtHost, roots: StorageRoots, ctx: TaskContext, plan:
             raise PreflightFailed(
                 f"target {disk.dst_top} already exists",
                 field="volumes",
-                code="AGENT.TARGET_EXISTS",
+                code=Code.TARGET_EXISTS,
                 details="remove it or choose another dstInstallPath",
             )
     reused = []
@@ -79,7 +79,7 @@ async def preflight(host: VirtHost, roots: StorageRoots, ctx: TaskContext, plan:
                 continue
             raise PreflightFailed(
                 f"{layer.dst} exists and is not a copy of {layer.src}",
-                code="AGENT.TARGET_EXISTS",
+                code=Code.TARGET_EXISTS,
                 field="volumes",
                 details="remove the stale file or choose another destination",
             )

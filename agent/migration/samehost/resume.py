@@ -7,7 +7,7 @@ import contextlib
 import time
 from typing import Any
 
-from agent.errors import MigrationFailed, NotFound, StorageError
+from agent.errors import Code, MigrationFailed, NotFound, StorageError
 from agent.migration.engine import Step, TaskContext, announce, run_past_cancel
 from agent.migration.hotdisk import Mode
 from agent.migration.pacing import AllocationIndex
@@ -69,7 +69,7 @@ async def resume(
     raise MigrationFailed(
         f"the agent restarted during step {step!r}; the partial copy was removed and the VM stays on "
         "its source volumes",
-        code="AGENT.INTERRUPTED",
+        code=Code.INTERRUPTED,
         details="send the request again to retry",
     )
 
@@ -136,7 +136,7 @@ async def _refuse_if_stopped_after_switch(host: VirtHost, ctx: TaskContext, work
     raise MigrationFailed(
         f"VM {ctx.vm_uuid} is {state}: the agent restarted during the switch and cannot tell which "
         "volumes hold its latest writes; nothing was changed or removed",
-        code="AGENT.VM_STOPPED",
+        code=Code.VM_STOPPED,
         details="sources: "
         + ", ".join(d.src_top for d in work.plan.disks)
         + "; destinations: "

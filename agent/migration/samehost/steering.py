@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import time
 
-from agent.errors import AgentError, MigrationFailed, NotFound, VirtError
+from agent.errors import AgentError, Code, MigrationFailed, NotFound, VirtError
 from agent.migration import hotdisk
 from agent.migration.engine import Step, TaskContext
 from agent.migration.hotdisk import DiskWatch, Mode
@@ -98,7 +98,7 @@ async def pace(
                 ) from err
             ctx.log.info("libvirtd is back; picking the mirrors up again")
         except MigrationFailed as err:
-            if err.code in ("AGENT.BLOCK_JOB_GONE", "AGENT.BLOCK_JOB_FAILED"):
+            if err.code in (Code.BLOCK_JOB_GONE, Code.BLOCK_JOB_FAILED):
                 await raise_if_stopped(host, ctx, err)
             raise
 
@@ -116,7 +116,7 @@ async def raise_if_stopped(host: VirtHost, ctx: TaskContext, err: AgentError | N
         return
     raise MigrationFailed(
         f"VM {ctx.vm_uuid} was shut down during the copy (now {state})",
-        code="AGENT.VM_STOPPED",
+        code=Code.VM_STOPPED,
         details="the copy was abandoned; the VM's definition keeps its source volumes",
     ) from err
 
@@ -146,7 +146,7 @@ async def _pace_until_ready(
             if job is None:
                 raise MigrationFailed(
                     f"the mirror of {target} disappeared",
-                    code="AGENT.BLOCK_JOB_GONE",
+                    code=Code.BLOCK_JOB_GONE,
                     details="libvirt or QEMU ended the job; see the libvirt log",
                 )
             jobs[target] = JobFigures(job.cur, job.end, mirror.ready)  # READY comes from events and the XML

@@ -13,7 +13,7 @@ from typing import Any
 
 import libvirt
 
-from agent.errors import AgentError, MigrationFailed, VirtError
+from agent.errors import AgentError, Code, MigrationFailed, VirtError
 from agent.migration.engine import Step, TaskContext, announce, run_past_cancel
 from agent.migration.plan import DiskPlan
 from agent.migration.samehost.abandon import abandon, remove_created
@@ -89,7 +89,7 @@ async def switch(host: VirtHost, roots: StorageRoots, ctx: TaskContext, work: Wo
     remove_created(roots, ctx, work)
     raise MigrationFailed(
         "a pivot failed; every disk runs from its source volume again",
-        code="AGENT.PIVOT_FAILED",
+        code=Code.PIVOT_FAILED,
         details=f"pivoted then rolled back: {', '.join(pivoted) or 'none'}",
     ) from failure
 
@@ -138,7 +138,7 @@ async def _mirror_back(host: VirtHost, ctx: TaskContext, disk: DiskPlan, *, tick
         job = await host.block_job(ctx.vm_uuid, disk.target)
         if job is None:
             raise MigrationFailed(
-                f"rolling {disk.target} back to {disk.src_top} failed", code="AGENT.ROLLBACK_FAILED"
+                f"rolling {disk.target} back to {disk.src_top} failed", code=Code.ROLLBACK_FAILED
             )
         if any(
             d.target == disk.target and d.mirror_ready for d in parse_disks(await host.live_xml(ctx.vm_uuid))

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from agent.errors import AgentError, MigrationFailed
+from agent.errors import AgentError, Code, MigrationFailed
 from agent.migration import snapshots
 from agent.migration.engine import TaskContext
 from agent.migration.inventory import volume_inventory
@@ -25,7 +25,7 @@ async def verify(host: VirtHost, roots: StorageRoots, ctx: TaskContext, work: Wo
         if disk.target in expected and disk.source != expected[disk.target][0]:
             raise MigrationFailed(
                 f"after the switch {disk.target} uses {disk.source}, not {expected[disk.target][0]}",
-                code="AGENT.VERIFY_FAILED",
+                code=Code.VERIFY_FAILED,
             )
     if await host.is_persistent(ctx.vm_uuid):
         inactive = await host.inactive_xml(ctx.vm_uuid)
@@ -34,7 +34,7 @@ async def verify(host: VirtHost, roots: StorageRoots, ctx: TaskContext, work: Wo
             if disk.target in expected and disk.source != expected[disk.target][0]:
                 raise MigrationFailed(
                     f"the persistent definition still points {disk.target} at {disk.source}",
-                    code="AGENT.VERIFY_FAILED",
+                    code=Code.VERIFY_FAILED,
                 )
     for moved in work.plan.disks:
         chain = await qemuimg.backing_chain(moved.dst_top)
@@ -45,7 +45,7 @@ async def verify(host: VirtHost, roots: StorageRoots, ctx: TaskContext, work: Wo
         if len(chain) != want or any(not roots.owner_of(layer.path) for layer in owned):
             raise MigrationFailed(
                 f"the chain of {moved.target} at the destination is not as planned",
-                code="AGENT.VERIFY_FAILED",
+                code=Code.VERIFY_FAILED,
                 details=" <- ".join(layer.path for layer in chain),
             )
         total = work.mirrors[moved.target].total
