@@ -20,7 +20,7 @@ from agentapi import (
     qemu_img_chain,
     start,
 )
-from labtools import Guest, Lab, LabHost, dirty_rate_mib_s, restart_libvirtd
+from labtools import Guest, Lab, LabHost, dirty_speed_mib_s, restart_libvirtd
 
 from labkit.agents import agent_client
 from labkit.bodies import to_host_body
@@ -180,7 +180,7 @@ def _converging_guest(make_guest: Callable[..., Guest], lab: Lab) -> tuple[Guest
     more downtime, more bandwidth or post-copy can finish it."""
     guest = make_guest(dirty_mib_s=8)
     guest.wait_for_acks(5)
-    rate = dirty_rate_mib_s(lab.host("hostA"), guest)
+    rate = dirty_speed_mib_s(guest)
     assert rate >= 2, (
         f"premise not met: the guest dirties only {rate:.1f} MiB/s (the lab's guest, not the agent)"
     )

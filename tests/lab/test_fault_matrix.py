@@ -81,15 +81,16 @@ FAULTS = {
 }
 SAMEHOST_FAULTS = ("src-agent-kill", "src-libvirtd-restart")
 PHASES = ("PREPARING", "COPYING", "CONVERGING", "SWITCHING")
-#: One case per fault and per phase, within the CI budget; the acceptance case of issue 15 first.
+#: One case per fault and per phase (every fault once, every phase at least once, same host too), the
+#: cheapest such set in the full run's seconds (docs/reliability.md, about 5 min), so that `./scripts/test`
+#: stays within its 30 minutes; the acceptance case of issue 15 first.
 QUICK = {
-    ("crosshost", "SWITCHING", "dst-agent-kill-until-end"),
+    ("crosshost", "CONVERGING", "dst-agent-kill-until-end"),
     ("crosshost", "COPYING", "src-agent-kill"),
-    ("crosshost", "PREPARING", "dst-agent-kill-30s"),
-    ("crosshost", "CONVERGING", "src-libvirtd-restart"),
-    ("crosshost", "COPYING", "dst-libvirtd-restart"),
-    ("crosshost", "CONVERGING", "link-cut-20s"),
-    ("samehost", "SWITCHING", "src-agent-kill"),
+    ("crosshost", "COPYING", "dst-agent-kill-30s"),
+    ("samehost", "SWITCHING", "src-libvirtd-restart"),
+    ("crosshost", "PREPARING", "dst-libvirtd-restart"),
+    ("crosshost", "SWITCHING", "link-cut-20s"),
 }
 
 

@@ -12,14 +12,13 @@ throttle 40-80 %).
 
 from __future__ import annotations
 
-import re
 import sys
 import time
 from collections.abc import Callable
 
 import pytest
 from agentapi import disk_sources, migrate
-from labtools import Guest, Lab
+from labtools import Guest, Lab, dirty_speed_mib_s, kernel_death_after
 from test_crosshost import assert_stayed_on_source, files_under
 
 from labkit.bodies import to_host_body
@@ -38,45 +37,11 @@ def _cpu_bound_guest(make_guest: Callable[..., Guest]) -> tuple[Guest, int]:
     the premise, and so the test's meaning, stays the same)."""
     guest = make_guest(dirty_cpu_bound=True, working_set_mib=64, memory_mib=256)
     guest.wait_for_acks(5)
-    # The guest's own figure, not QEMU's estimate (libvirt `domdirtyrate-calc`): page sampling counts pages
-    # whose content changed within its window, so it cannot read above working set / window (16 MiB/s here)
-    # however fast the guest goes, and it read 0-18 MiB/s for this guest rewriting 24-44 MiB/s. A link set
-    # from it was a fraction of the guest's speed, and no throttle could bring the guest under it (CI).
-    rate = guest_dirty_speed_mib_s(guest)
-    print(f"{guest.name}: rewrites its working set at {rate:.1f} MiB/s")
+    rate = dirty_speed_mib_s(guest)  # the guest's own marks, not QEMU's estimate (which saturates)
     assert rate >= 8, (
         f"premise not met: the CPU-bound guest dirties only {rate:.1f} MiB/s (the lab, not the agent)"
     )
     return guest, max(4, int(rate / DIRTY_OVER_LINK))
-
-
-#: The dirtier's mark: MiB written so far, the guest's uptime in 1/100 s (whole lines only: kernel output can
-#: cut into a console line).
-DIRTIED = re.compile(r"KSA-DIRTIED (\d+) (\d+)\s*$")
-
-
-def guest_dirty_speed_mib_s(guest: Guest, seconds: float = 4, within_s: float = 60) -> float:
-    """How fast the guest dirties its working set, in MiB/s, over at least ``seconds`` of the guest's own
-    clock: its dirtier says every 8 MiB written (``KSA-DIRTIED <MiB> <uptime in 1/100 s>``). The guest's own
-    figure, so its true speed, not an estimate that saturates."""
-    mark = len(guest.console())
-    deadline = time.monotonic() + within_s
-    while True:
-        lines = guest.console()[mark:].splitlines()[1:]  # the first may have been cut at the mark
-        seen = [(int(m[1]), int(m[2])) for m in map(DIRTIED.match, lines) if m]
-        if len(seen) >= 3 and seen[-1][1] - seen[0][1] >= seconds * 100:
-            return (seen[-1][0] - seen[0][0]) / (seen[-1][1] - seen[0][1]) * 100
-        assert time.monotonic() < deadline, f"{guest.name} said {len(seen)} dirtying marks in {within_s} s"
-        time.sleep(0.5)
-
-
-#: What a guest kernel that died prints on its console.
-PANIC_SIGNS = ("Kernel panic", "BUG: kernel", "Oops:")
-
-
-def _panic_after(guest: Guest, mark: int) -> str | None:
-    """The first console line after ``mark`` that shows the guest kernel died, if any."""
-    return next((ln for ln in guest.console()[mark:].splitlines() if any(s in ln for s in PANIC_SIGNS)), None)
 
 
 async def test_auto_throttles_a_cpu_bound_guest_to_completion(
@@ -113,7 +78,7 @@ async def test_auto_throttles_a_cpu_bound_guest_to_completion(
         try:
             guest.wait_for_acks(10, timeout=60)  # alive on the destination, not only defined there
         except AssertionError as err:
-            panic = _panic_after(guest, mark)
+            panic = kernel_death_after(guest, mark)
             if attempt == 1 and panic is not None:
                 # Said on stderr, not as a warning: the suite turns warnings into errors, which would fail
                 # the case on the very path that was meant to run it again.
