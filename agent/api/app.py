@@ -39,13 +39,14 @@ from agent.api.routes import add_routes
 from agent.api.wiring import LibvirtInventory, open_virt_host, production_engine_factory
 from agent.config import AgentConfig
 from agent.metrics import AgentMetrics
+from agent.migration.engine import EngineFactory
 from agent.migration.incoming import IncomingService
 from agent.report.outbox import OutboxDeliverer
 from agent.report.progress import ProgressReporter
 from agent.storage.roots import StorageRoots
 from agent.tasks.holds import FILE_NAME as HOLDS_FILE
 from agent.tasks.holds import PhaseHolds
-from agent.tasks.hooks import ChangeKind, EngineFactory, TaskChange, TaskListener, unavailable_engine_factory
+from agent.tasks.hooks import ChangeKind, TaskChange, TaskListener, unavailable_engine_factory
 from agent.tasks.journal import Journal
 from agent.tasks.manager import TaskManager
 from agent.tasks.task import Task

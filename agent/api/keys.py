@@ -14,10 +14,10 @@ from aiohttp import web
 
 from agent.config import AgentConfig
 from agent.metrics import AgentMetrics
+from agent.migration.engine import EngineFactory
 from agent.migration.incoming import IncomingService
 from agent.report.outbox import OutboxDeliverer
 from agent.report.progress import ProgressReporter
-from agent.tasks.hooks import EngineFactory
 from agent.tasks.journal import Journal
 from agent.tasks.manager import TaskManager
 

@@ -9,8 +9,9 @@ import logging
 from typing import Any
 
 from agent.config import AgentConfig
+from agent.migration.engine import EngineFactory
 from agent.migration.factory import make_engine_factory
-from agent.tasks.hooks import EngineFactory, unavailable_engine_factory
+from agent.tasks.hooks import unavailable_engine_factory
 from agent.virt import inventory
 from agent.virt.host import VirtHost
 

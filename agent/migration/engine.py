@@ -20,7 +20,7 @@ import asyncio
 import enum
 import logging
 import time
-from collections.abc import Awaitable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
@@ -149,3 +149,8 @@ async def run_past_cancel(ctx: TaskContext, steps: Awaitable[T]) -> T:
     if absorbed and ctx.cancel_requested:
         ctx.note("cancelTooLate", "the cancel arrived after the switch had begun; the move completed")
     return result
+
+
+#: Makes the engine for a task: (request, VM uuid, resumed after a restart) -> engine. The agent's is
+#: ``migration.factory.make_engine_factory``; tests pass their own.
+EngineFactory = Callable[[MigrationRequest, str, bool], Engine]

@@ -2,20 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 from agent.config import AgentConfig
 from agent.errors import InvalidRequest
 from agent.migration.crosshost import CrossHostEngine
-from agent.migration.engine import Engine, TaskContext
+from agent.migration.engine import Engine, EngineFactory, TaskContext
 from agent.migration.offline import OfflineEngine
 from agent.migration.request import MigrationRequest
 from agent.migration.samehost import SameHostEngine
 from agent.storage.roots import StorageRoots
 from agent.virt.host import VirtHost
-
-EngineFactory = Callable[[MigrationRequest, str, bool], Engine]
 
 
 def is_same_host(request: MigrationRequest, config: AgentConfig) -> bool:

@@ -16,7 +16,7 @@ A mirror's rate limit applies to each job on its own, and how it is charged depe
 from __future__ import annotations
 
 import bisect
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 UNLIMITED_SPEED = 8 * 1024**3  # bytes/s; QEMU takes 0 as "no limit", but we keep a finite figure to steer
@@ -160,16 +160,6 @@ class SteeringClock:
         floor = self.tick_s * HORIZON_TICKS
         slowest = max(self._latencies) if self._latencies else self.first_s
         return max(floor, self.margin * (slowest + self.tick_s))
-
-
-def split_budget(budget: int | None, demands: Sequence[str]) -> dict[str, int | None]:
-    """Equal shares of one budget among the jobs still moving data; re-split as they finish."""
-    if not demands:
-        return {}
-    if budget is None:
-        return {name: None for name in demands}
-    share = max(budget // len(demands), 1)
-    return {name: share for name in demands}
 
 
 #: Added to what each job has left before the budget is split: QEMU's mirror reports progress a buffer (16 MiB

@@ -17,13 +17,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from agent.errors import Code, MigrationFailed
-from agent.migration.engine import Engine, TaskContext
+from agent.migration.engine import Engine, EngineFactory, TaskContext
 from agent.migration.request import MigrationRequest
 
 if TYPE_CHECKING:
     from agent.tasks.task import Task
-
-EngineFactory = Callable[[MigrationRequest, str, bool], Engine]
 
 
 class ChangeKind(enum.StrEnum):

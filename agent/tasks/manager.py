@@ -23,10 +23,11 @@ from typing import Any
 
 from agent.errors import AgentError, Code, Conflict, MigrationFailed, NotFound, ServiceStopping
 from agent.migration import runner
+from agent.migration.engine import EngineFactory
 from agent.migration.request import MigrationRequest, Tuning
 from agent.tasks.context import RunContext
 from agent.tasks.holds import PhaseHolds
-from agent.tasks.hooks import ChangeKind, EngineFactory, TaskChange, TaskListener
+from agent.tasks.hooks import ChangeKind, TaskChange, TaskListener
 from agent.tasks.journal import Journal
 from agent.tasks.model import TaskState
 from agent.tasks.recorder import TaskRecorder, cancelled_error

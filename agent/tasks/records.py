@@ -13,7 +13,7 @@ from agent.errors import AgentError
 from agent.migration.request import MigrationRequest
 from agent.tasks.journal import StateRow, TaskRecord
 from agent.tasks.model import TaskState
-from agent.tasks.task import StateChange, Task, Tuning, iso_time
+from agent.tasks.task import CurrentTuning, StateChange, Task, iso_time
 
 
 def new_record(task: Task) -> TaskRecord:
@@ -48,9 +48,9 @@ def task_from_record(record: TaskRecord) -> Task:
     history = [StateChange(row.state, row.at, row.detail) for row in record.history]
     if not history or history[-1].state is not record.state:
         history.append(StateChange(record.state, record.updated_at, None))
-    tuning = Tuning(request.migrateVm.bandwidth, request.migrateVm.downTime)
+    tuning = CurrentTuning(request.migrateVm.bandwidth, request.migrateVm.downTime)
     if record.tuning:
-        tuning = Tuning(
+        tuning = CurrentTuning(
             record.tuning.get("bandwidth") or None, int(record.tuning.get("downTime", tuning.downtime_ms))
         )
     task = Task(

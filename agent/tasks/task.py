@@ -30,8 +30,9 @@ class StateChange:
 
 
 @dataclass
-class Tuning:
-    """What a PATCH can change while the task runs: bandwidth (MiB/s, None = uncapped), downtime (ms)."""
+class CurrentTuning:
+    """The tuning in force: the request's, then each PATCH's (``migration.request.Tuning`` is a PATCH's body).
+    Bandwidth in MiB/s (None = uncapped), downtime in ms."""
 
     bandwidth_mib: int | None
     downtime_ms: int
@@ -49,7 +50,7 @@ class Task:
     request: MigrationRequest
     created_at: float
     history: list[StateChange]
-    tuning: Tuning
+    tuning: CurrentTuning
     updated_at: float = 0.0
     phase: str | None = None
     details: dict[str, Any] = field(default_factory=dict)
@@ -77,7 +78,7 @@ class Task:
             created_at=at,
             updated_at=at,
             history=[StateChange(TaskState.PENDING, at)],
-            tuning=Tuning(request.migrateVm.bandwidth, request.migrateVm.downTime),
+            tuning=CurrentTuning(request.migrateVm.bandwidth, request.migrateVm.downTime),
         )
 
     @property

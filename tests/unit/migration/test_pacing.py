@@ -13,7 +13,6 @@ from agent.migration.pacing import (
     SteeringClock,
     job_speed,
     real_bytes_done,
-    split_budget,
     split_by_remaining,
     worth_changing,
 )
@@ -177,9 +176,3 @@ def test_worth_changing() -> None:
     assert worth_changing(100 * MiB, 130 * MiB)
     assert worth_changing(0, 5 * MiB) and worth_changing(5 * MiB, 0)
     assert not worth_changing(0, 0)
-
-
-def test_split_budget() -> None:
-    assert split_budget(90, ["vda", "vdb", "vdc"]) == {"vda": 30, "vdb": 30, "vdc": 30}
-    assert split_budget(None, ["vda"]) == {"vda": None}
-    assert split_budget(10, []) == {}
