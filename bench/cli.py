@@ -32,6 +32,7 @@ CASES: dict[str, tuple[str, str]] = {
     "4": ("bench.cases.livemig", "live migration at several dirty rates: auto vs precopy"),
     "5": ("bench.cases.overhead", "agent CPU and API latency"),
     "6": ("bench.cases.tls", "live migration with TLS vs insecure_transport, and vs virsh migrate [--tls]"),
+    "7": ("bench.cases.hotdisk", "hot disk at 2.5 x its cap vs virsh blockcopy/migrate [synchronous writes]"),
 }
 PLOT_FILE = "migration-progress.png"
 
