@@ -39,8 +39,11 @@ class Code(enum.StrEnum):
         member.meaning = meaning
         return member
 
+    # The agent itself
     INTERNAL = "AGENT.INTERNAL", "a bug in the agent; the details name the exception"
     CAUSE = "AGENT.CAUSE", "the cause of an error was not the agent's own (an exception of a library)"
+
+    # The request as sent
     INVALID_REQUEST = "AGENT.INVALID_REQUEST", "bad input; `field` names it"
     REQUEST_TIMEOUT = "AGENT.REQUEST_TIMEOUT", "the request body did not arrive in time"
     METHOD_NOT_ALLOWED = "AGENT.METHOD_NOT_ALLOWED", "the path exists, not with this method"
@@ -50,16 +53,22 @@ class Code(enum.StrEnum):
         "AGENT.CLUSTER_CERTIFICATE_REQUIRED",
         "an agent-to-agent path called without a cluster client certificate",
     )
+
+    # What the request names
     NOT_FOUND = "AGENT.NOT_FOUND", "no such task or incoming migration"
     VM_NOT_FOUND = "AGENT.VM_NOT_FOUND", "no such VM on this host"
     STORAGE_NOT_FOUND = "AGENT.STORAGE_NOT_FOUND", "no storage root with that uuid in this agent's config"
     PATH_OUTSIDE_ROOT = "AGENT.PATH_OUTSIDE_ROOT", "a path that escapes its storage root"
+
+    # The agent's own state
     CONFLICT = "AGENT.CONFLICT", "the VM already has a task, or the same taskUuid came with another body"
     INVALID_TRANSITION = (
         "AGENT.INVALID_TRANSITION",
         "a task was asked to go to a state its current one does not allow",
     )
     STOPPING = "AGENT.STOPPING", "the agent is shutting down; send the request again to another or later"
+
+    # Refused before anything is made
     PREFLIGHT_FAILED = (
         "AGENT.PREFLIGHT_FAILED",
         "the move cannot start as asked (VM state, a block job); nothing was made",
@@ -74,6 +83,8 @@ class Code(enum.StrEnum):
         "AGENT.ENGINE_UNAVAILABLE",
         "no migration engine could be created (libvirt not connected)",
     )
+
+    # The move failed: the VM runs on from its source volumes
     MIGRATION_FAILED = (
         "AGENT.MIGRATION_FAILED",
         "a step of the move failed; the VM runs on from its source volumes",
@@ -98,6 +109,8 @@ class Code(enum.StrEnum):
         "AGENT.VERIFY_FAILED",
         "after the switch the VM does not run from the planned volumes; nothing was removed",
     )
+
+    # Other endings: the request's limits, an operator, a restart, the VM itself
     TIMEOUT = (
         "AGENT.TIMEOUT",
         "the task's timeout passed before the switch; the VM runs on from its source volumes",
@@ -112,6 +125,8 @@ class Code(enum.StrEnum):
         "AGENT.VM_LOCATION_UNKNOWN",
         "neither host could say where the VM runs; nothing was removed anywhere",
     )
+
+    # The components the agent drives: the destination agent, libvirt, storage, transfers
     PEER_UNREACHABLE = "AGENT.PEER_UNREACHABLE", "the destination agent could not be reached"
     PEER_ERROR = "AGENT.PEER_ERROR", "the destination agent answered with an error without a code"
     LIBVIRT_ERROR = "AGENT.LIBVIRT_ERROR", "a libvirt call failed"
@@ -128,6 +143,8 @@ class Code(enum.StrEnum):
         "AGENT.TRANSFER_FAILED",
         "an image transfer between hosts failed its verification or stopped",
     )
+
+    # Snapshots
     INTERNAL_SNAPSHOTS = (
         "AGENT.INTERNAL_SNAPSHOTS",
         "the VM has qcow2-internal snapshots (a mirror cannot keep them); nothing made",
