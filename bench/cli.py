@@ -1,4 +1,4 @@
-"""`scripts/bench [--quick] [--out DIR] [--cases 1,2,3,4,5]`: run the cases on the lab, print the table,
+"""`scripts/bench [--quick] [--out DIR] [--cases 1,2,3,4,5,6,7]`: run the cases on the lab, print the table,
 write table.md, results.json and migration-progress.png into DIR."""
 
 from __future__ import annotations
