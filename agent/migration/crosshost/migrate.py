@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -13,6 +12,7 @@ from typing import Any
 from agent.config import AgentConfig
 from agent.errors import AgentError, Code, MigrationFailed
 from agent.migration import convergence, snapshots
+from agent.migration.crosshost import snapmeta
 from agent.migration.crosshost.params import (
     choose_write_blocking,
     measure_writes,
@@ -80,45 +80,10 @@ class Migration:
         try:
             stats = await self._migrate_vm(plan, prepared)
         except BaseException:
-            with contextlib.suppress(AgentError):  # the VM is gone from here only if it switched over
-                await self.host.call_domain(ctx.vm_uuid, lambda dom: snapshots.redefine_snapshots(dom, metas))
-                ctx.log.info("snapshot metadata put back on this host: %s", ", ".join(m.name for m in metas))
+            await snapmeta.put_back_here(self.host, ctx, metas)
             raise
-        await self._carry_snapshots(plan, prepared, metas)
+        await snapmeta.carry_to_destination(ctx, plan, prepared, metas)
         return stats
-
-    async def _carry_snapshots(
-        self, plan: MigrationPlan, prepared: Mapping[str, Any], metas: list[snapshots.SnapshotMeta]
-    ) -> None:
-        """Redefine the snapshots on the destination, rewritten to the new paths. The VM already runs
-        there: a failure is reported (the XML stays in the journal and the details), not fatal."""
-        ctx = self.ctx
-        moved: dict[str, str] = {}
-        for disk in plan.disks:
-            top = next(t["top"] for t in prepared["disks"] if t["target"] == disk.target)
-            moved[disk.src_top] = top
-            for layer in disk.src_chain[1:]:  # lower layers keep their file names next to the top
-                moved[layer] = os.path.join(os.path.dirname(top), os.path.basename(layer))
-        rewritten = [
-            snapshots.SnapshotMeta(m.name, snapshots.rewrite_snapshot(m.xml, moved), m.current) for m in metas
-        ]
-        try:
-            remote = await VirtHost.open(prepared["libvirtUri"])
-            try:
-                await remote.call_domain(
-                    ctx.vm_uuid, lambda dom: snapshots.redefine_snapshots(dom, rewritten)
-                )
-            finally:
-                await remote.close()
-        except AgentError as err:
-            ctx.log.error("snapshot metadata not redefined on the destination: %s", err.description)
-            ctx.note("snapshots", {"error": err.description, "xml": [m.to_dict() for m in rewritten]})
-            return
-        ctx.log.info("snapshot metadata carried to the destination: %s", ", ".join(m.name for m in metas))
-        ctx.note(
-            "snapshots",
-            {"carried": [m.name for m in metas], "current": next((m.name for m in metas if m.current), None)},
-        )
 
     async def _migrate_vm(self, plan: MigrationPlan, prepared: Mapping[str, Any]) -> dict[str, Any]:
         ctx, host = self.ctx, self.host

@@ -14,6 +14,7 @@ import libvirt
 from agent.client import AgentClient
 from agent.errors import AgentError, Code, MigrationFailed, NotFound
 from agent.migration import runner
+from agent.migration.crosshost import snapmeta
 from agent.migration.crosshost.commit import LIBVIRT_OUTAGE_S, commit
 from agent.migration.crosshost.destination import abort_remote, peer_call_retrying
 from agent.migration.engine import Step, TaskContext, run_past_cancel
@@ -70,6 +71,7 @@ async def _settle_steps(
             ctx.log.warning("%s, but the VM runs on the destination; committing", _what(failure))
         data["step"] = Step.COMMITTING
         await ctx.checkpoint(data)
+        await snapmeta.carry_to_destination(ctx, plan, data["prepared"], snapmeta.journalled(data))
         return await commit(host, ctx, peer, plan, data["prepared"], None)
     if settlement is runner.Settlement.KEEP_ALL:
         raise MigrationFailed(
@@ -83,6 +85,7 @@ async def _settle_steps(
                 + ", ".join(f"{t}={p}" for t, p in planned_tops(data["prepared"]).items())
             ),
         ) from failure
+    await snapmeta.put_back_here(host, ctx, snapmeta.journalled(data))
     await abort_remote(ctx, peer)
     if here in ("shutoff", "crashed") and not isinstance(failure, asyncio.CancelledError):
         raise MigrationFailed(
