@@ -4,17 +4,20 @@ metadata; a move carries it, rewritten to the new paths, on the same host and ac
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import Callable
 
 import pytest
-from agentapi import disk_sources, migrate, qemu_img_chain
+from agentapi import disk_sources, migrate, qemu_img_chain, start
+from faultkit import finish, kill_agent, lab_restored, start_agent, wait_for_migration
 from labtools import Guest, Lab, LabHost
 
 from agent.migration.snapshots import snapshot_paths
 from labkit.bodies import migration_body, to_host_body
 
 pytestmark = pytest.mark.lab
+__all__ = ["lab_restored"]  # the autouse fixture (agents and libvirtd back after each case)
 
 
 def take_two_snapshots(host: LabHost, guest: Guest) -> None:
@@ -105,6 +108,37 @@ async def test_internal_snapshots_are_refused_before_anything_is_copied(
     assert "COPYING" not in [s["state"] for s in run.task["states"]]
     assert disk_sources(host, guest.name) == before and set(os.listdir(dst.path)) == dst_files
     host.virsh("snapshot-delete", guest.name, "inside1")
+    guest.wait_for_acks(10)
+    result = guest.verify()
+    assert result.ok, result.output
+
+
+async def test_crosshost_snapshots_survive_a_source_agent_restart_mid_migration(
+    lab_agents: Lab, make_guest: Callable[..., Guest]
+) -> None:
+    """The metadata is off the source while libvirt migrates (libvirt 9.0 refuses a domain that has any):
+    the source agent is killed right then and started again 2 s later; the task resumes from its journal,
+    and the metadata ends up where the VM runs, rewritten to the new paths."""
+    src, dst = lab_agents.host("hostA"), lab_agents.host("hostB")
+    guest = make_guest(data_volumes=1)
+    take_two_snapshots(src, guest)
+    before = disk_sources(src, guest.name)
+    body = to_host_body(
+        dst, withDataVolumes=True, withSnapshots=True, downTime=1000, bandwidth=20, timeout=600
+    )
+    task = await start(lab_agents, src, guest.uuid, body)
+    try:
+        await wait_for_migration(lab_agents, src, guest, task["taskUuid"])
+        assert "s1" not in src.virsh("snapshot-list", guest.name, "--name")  # off the source while it runs
+        kill_agent(lab_agents, src)
+        await asyncio.sleep(2)
+    finally:
+        start_agent(lab_agents, src)
+    run = await finish(lab_agents, src, task["taskUuid"], within_s=400)
+
+    assert run.state == "SUCCEEDED", run.task.get("error")
+    assert guest.where() == {"hostB": "running"}
+    assert_snapshots_at(dst, guest, str(dst.root("ps1").path), before)
     guest.wait_for_acks(10)
     result = guest.verify()
     assert result.ok, result.output
