@@ -219,16 +219,17 @@ def _exit_of(host: HostSpec, pid: int | None) -> str:
 
 def stop(host: HostSpec, hs: HostState, *, hard: bool = False) -> None:
     """SIGTERM with time for a graceful shutdown, or SIGKILL at once (`hard`, for fault tests)."""
-    if not running(hs):
+    # An agent the state does not name (a start that raced another) is stopped too: it may be the one
+    # serving, while the pid the state names is the one that lost the race for the port.
+    pids = ([hs.agent_pid] if running(hs) and hs.agent_pid is not None else []) + strays(host, hs)
+    if not pids:
         hs.agent_pid = None
         host.agent_pid_file.unlink(missing_ok=True)
         return
-    assert hs.agent_pid is not None
-    pids = [hs.agent_pid, *strays(host, hs)]
     if hard:
         kill_pids(pids, grace=0, sig=signal.SIGKILL)
     else:
         kill_pids(pids, grace=20)
-    log(f"{host.name}: agent pid {hs.agent_pid} {'killed' if hard else 'stopped'}")
+    log(f"{host.name}: agent pid {', '.join(map(str, pids))} {'killed' if hard else 'stopped'}")
     hs.agent_pid = None
     host.agent_pid_file.unlink(missing_ok=True)

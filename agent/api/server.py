@@ -8,12 +8,14 @@ within the other half (they go on in libvirt and are resumed from the journal at
 from __future__ import annotations
 
 import faulthandler
+import fcntl
 import logging
 import logging.config
 import os
 import ssl
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import IO
 
 from aiohttp import web
 
@@ -54,6 +56,32 @@ def ssl_context(config: AgentConfig) -> ssl.SSLContext | None:
     return server_context(config)
 
 
+class StateDirInUse(Exception):
+    """Another agent serves from the same state directory (its journal and incoming records)."""
+
+
+def hold_state_dir(state_dir: Path) -> IO[str]:
+    """An exclusive lock on ``state_dir/agent.lock`` for the life of the process. A second agent on the same
+    state (a start that raced another, a unit started twice) would resume the same tasks beside the first
+    before it failed to bind the port; it stops here instead, before anything runs."""
+    state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    handle = open(state_dir / "agent.lock", "a+")  # noqa: SIM115 (held until the process ends)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "unknown"
+        handle.close()
+        raise StateDirInUse(
+            f"another kvm-storage-agent (pid {holder}) serves from {state_dir}: stop it first"
+        ) from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    return handle
+
+
 def run(
     config_path: str | os.PathLike[str], *, dialects: Sequence[Callable[[web.Application], None]] = ()
 ) -> None:
@@ -62,6 +90,7 @@ def run(
     faulthandler.enable()
     config = load_config(Path(config_path))
     setup_logging(config.log_level)
+    lock = hold_state_dir(Path(config.state_dir))
     token = config.read_token()
     context = ssl_context(config)
     app = make_app(
@@ -99,3 +128,4 @@ def run(
         handle_signals=True,
     )
     log.info("kvm-storage-agent stopped")
+    lock.close()

@@ -57,6 +57,9 @@ def serve(config: Path) -> int:
         message = " ".join(str(err).split())
         print(f"kvm-storage-agent: config error: {message}", file=sys.stderr)
         return Exit.USAGE
+    except server.StateDirInUse as err:
+        print(f"kvm-storage-agent: {err}", file=sys.stderr)
+        return Exit.FAILED
     return result if isinstance(result, int) else Exit.OK
 
 
