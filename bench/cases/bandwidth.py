@@ -61,7 +61,7 @@ def _allocated(guest: BenchGuest) -> int:
     return sum(allocated_bytes(p) for p in guest.sources().values())
 
 
-class _Sampler:
+class Sampler:
     """A thread that takes samples from ``__enter__`` to ``__exit__`` (``_loop`` until ``_stop`` is set)."""
 
     def __init__(self) -> None:
@@ -80,7 +80,7 @@ class _Sampler:
         raise NotImplementedError
 
 
-class FileGrowth(_Sampler):
+class FileGrowth(Sampler):
     """Polls the bytes allocated to the destination files (st_blocks) in a thread: what really arrived,
     whatever the agent's progress says and however late it says it."""
 
@@ -210,7 +210,7 @@ async def _agent_cross(ctx: Context, guest: BenchGuest, cap_mib: int) -> dict[st
     return _agent_figures(result, cap_mib * MiB, allocated, phase_end, arrived)
 
 
-class JobWatcher(_Sampler):
+class JobWatcher(Sampler):
     """Polls a domain's migration job statistics (libvirt-python, in a thread) to time its disk phase."""
 
     def __init__(self, uri: str, name: str, every_s: float = 0.25) -> None:

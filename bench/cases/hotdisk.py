@@ -27,18 +27,17 @@ import os
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Self
+from typing import Any
 
 import libvirt
 
 from bench.agentrun import require_clean, run_task
-from bench.cases.bandwidth import JobWatcher
+from bench.cases.bandwidth import JobWatcher, Sampler
 from bench.cases.samehost import other_root
 from bench.context import Context
 from bench.labenv import (
@@ -134,23 +133,14 @@ def rate_mib_s(samples: Sequence[tuple[float, str, int]], start: float, end: flo
 # -- measuring ----------------------------------------------------------------------------------------------
 
 
-class GuestWrites:
+class GuestWrites(Sampler):
     """A thread reading the guest's ``wr_bytes`` on the hot disk, on every lab host, every ``every_s``."""
 
     def __init__(self, hosts: Sequence[Host], name: str, every_s: float = 0.25) -> None:
+        super().__init__()
         self.uris = {h.name: h.libvirt_uri for h in hosts}
         self.name, self.every_s = name, every_s
         self.samples: list[tuple[float, str, int]] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-
-    def __enter__(self) -> Self:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(10)
 
     def _loop(self) -> None:
         conns = {name: libvirt.open(uri) for name, uri in self.uris.items()}
