@@ -94,6 +94,14 @@ class Guest:
     name: str
     uuid: str
     host: str  # where it was created
+    #: Where this case's part of the console starts (its length when the case made the guest, or at the
+    #: case's last ``mark()``): a kernel death is looked for after it only.
+    console_mark: int = 0
+
+    def mark(self) -> int:
+        """From here on is this case's console (e.g. just before a migration); returns the mark."""
+        self.console_mark = len(self.console())
+        return self.console_mark
 
     def acks(self) -> dict[str, int]:
         return dict(json.loads(lab_cli("guest", "acks", self.name, "--json").stdout)["disks"])
@@ -111,10 +119,9 @@ class Guest:
                 return now
             if time.monotonic() > deadline:
                 message = f"{self.name}: acks not up by {more} in {timeout} s: {start} -> {now}"
-                death = kernel_death_after(self, 0)
+                death = kernel_death_after(self, self.console_mark)
                 if death is not None:
-                    # Worded for scripts/test's one re-run of exactly this (pytest --only-rerun).
-                    message += f"; {GUEST_KERNEL_DIED}: {death.strip()}"
+                    message += f"; the guest's kernel died, its console:\n{death}"
                 raise AssertionError(message)
             time.sleep(0.5)
 
@@ -177,7 +184,9 @@ def create_guest(
         *(["--disk-write-mib-s", str(disk_write_mib_s), "--disk-write-dev", disk_write_dev,
            "--disk-write-seconds", str(disk_write_seconds)] if disk_write_mib_s else []),
     )  # fmt: skip
-    return Guest(name=name, uuid=proc.stdout.strip().splitlines()[-1], host=host)
+    guest = Guest(name=name, uuid=proc.stdout.strip().splitlines()[-1], host=host)
+    guest.mark()
+    return guest
 
 
 def lab_status() -> dict[str, Any]:
@@ -222,17 +231,17 @@ def dirty_speed_mib_s(guest: Guest, seconds: float = 4, within_s: float = 60) ->
         time.sleep(0.5)
 
 
-#: The words a lab case's failure carries when the guest's kernel died (``Guest.wait_for_acks``): the TCG
-#: guest death after a live switchover (docs/reliability.md), QEMU's defect, not the agent's. `./scripts/test`
-#: runs such a case once more (pytest-rerunfailures, ``--only-rerun``), and only such a case.
-GUEST_KERNEL_DIED = "the guest's kernel died on its console"
-
 #: What a guest kernel that died prints on its console.
 PANIC_SIGNS = ("Kernel panic", "BUG: kernel", "Oops:")
+#: Console lines given with a kernel's report of its death (the first line and what follows it).
+DEATH_LINES = 12
 
 
 def kernel_death_after(guest: Guest, mark: int) -> str | None:
-    """The first console line after ``mark`` (a length of ``guest.console()``) that shows the guest kernel
-    died, if any. A TCG guest has died right after a live migration's switchover in about 1 run of 6
-    (docs/reliability.md: the migration succeeds, the kernel oopses in interrupt context as it resumes)."""
-    return next((ln for ln in guest.console()[mark:].splitlines() if any(s in ln for s in PANIC_SIGNS)), None)
+    """The console lines from the first one after ``mark`` (a length of ``guest.console()``) that shows the
+    guest kernel died, if any: its report, to put in a failure. A TCG guest has died right after a live
+    migration's switchover (docs/reliability.md, "Agent kills and the `auto` strategy"); such a case fails,
+    it is never run again."""
+    lines = guest.console()[mark:].splitlines()
+    first = next((i for i, ln in enumerate(lines) if any(s in ln for s in PANIC_SIGNS)), None)
+    return None if first is None else "\n".join(lines[first : first + DEATH_LINES])
