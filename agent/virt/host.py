@@ -340,6 +340,10 @@ class VirtHost:
     async def set_max_downtime(self, vm_uuid: str, ms: int) -> None:
         await self.call_domain(vm_uuid, lambda dom: dom.migrateSetMaxDowntime(int(ms), 0))
 
+    async def max_downtime(self, vm_uuid: str) -> int:
+        """The downtime (ms) the running migration is allowed now, as QEMU has it."""
+        return int(await self.call_domain(vm_uuid, lambda dom: dom.migrateGetMaxDowntime(0)))
+
     async def set_migration_speed(self, vm_uuid: str, mib_per_s: int) -> None:
         await self.call_domain(vm_uuid, lambda dom: dom.migrateSetMaxSpeed(max(1, int(mib_per_s)), 0))
 

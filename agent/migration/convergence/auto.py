@@ -52,6 +52,10 @@ class AutoJudge:
         self._last_throttle = 0
         self._noted: set[str] = set()
 
+    def resume(self, throttle: int) -> None:
+        """Taking over a running migration: the throttle already in force is not a rise seen now."""
+        self._last_throttle = throttle
+
     def forget(self) -> None:
         """The bandwidth changed: progress is judged afresh."""
         self._ref = None

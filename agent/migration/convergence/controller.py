@@ -118,6 +118,33 @@ class ConvergenceController:
         self._bandwidth_sent = p.bandwidth
         return self._log(out)
 
+    def resume(self, sample: MigrationSample, downtime_ms: int | None) -> list[Action]:
+        """Take over a migration that an earlier life of the agent started (it survived a restart): carry on
+        from what QEMU runs with now, the allowed downtime (``downtime_ms``, read back; None if it could not
+        be) and the auto-converge throttle of ``sample``. Nothing is set: a resumed controller never restarts
+        the schedule (``start`` would put the downtime back to its initial value in the middle of a
+        migration, a change QEMU then runs with for the passes left)."""
+        if self._state is not ControllerState.IDLE:
+            return []
+        p = self._policy
+        self._state = ControllerState.PRECOPY
+        self._started_at = sample.time
+        known = downtime_ms is not None
+        # Unknown: judged as if the most allowed were in force, so nothing is ever raised on a guess.
+        self._downtime = downtime_ms if downtime_ms is not None else p.max_downtime_ms
+        self._bandwidth_sent = p.bandwidth
+        self._auto.resume(sample.auto_converge_throttle)
+        shown = f"{self._downtime} ms" if known else "an unknown downtime (not read back; nothing raised)"
+        return self._log(
+            [
+                Note(
+                    f"resumed after an agent restart: carrying on with {shown} allowed and the throttle at "
+                    f"{sample.auto_converge_throttle} %, as QEMU runs them; nothing was reset",
+                    {"downtime_ms": self._downtime, "throttle_pct": sample.auto_converge_throttle},
+                )
+            ]
+        )
+
     def retune(
         self, *, max_downtime_ms: int | None = None, bandwidth: int | Literal[_Keep.KEEP] | None = KEEP
     ) -> None:

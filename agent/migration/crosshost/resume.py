@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -78,6 +79,23 @@ async def _abort_job_if_active(host: VirtHost, ctx: TaskContext) -> None:
             await host.abort_job(ctx.vm_uuid)
 
 
+async def _take_over(host: VirtHost, ctx: TaskContext, steer: Steering) -> None:
+    """The controller carries on from the downtime and throttle QEMU runs with. A fresh controller's
+    ``start`` would set the initial downtime again in the middle of the migration (issue 21: a change of
+    ours that the running migration did not ask for), so a resumed one is never started."""
+    stats: dict[str, Any] = {}
+    downtime: int | None = None
+    with contextlib.suppress(AgentError):
+        stats = await host.job_stats(ctx.vm_uuid)
+    with contextlib.suppress(AgentError):
+        downtime = await host.max_downtime(ctx.vm_uuid)
+    sample = convergence.MigrationSample.from_job_stats(stats, time.monotonic())
+    for action in steer.controller.resume(sample, downtime):
+        if isinstance(action, convergence.Note):
+            ctx.log.info("convergence: %s %s", action.message, action.figures)
+            steer.decisions.append({"message": action.message, **dict(action.figures)})
+
+
 async def _watch_running(
     host: VirtHost,
     ctx: TaskContext,
@@ -98,6 +116,7 @@ async def _watch_running(
         tick_s=tick_s,
     )
     on_steering(steer)
+    await _take_over(host, ctx, steer)
     with contextlib.suppress(AgentError):
         steer.aliases = {d.target: d.alias for d in parse_disks(await host.live_xml(ctx.vm_uuid)) if d.alias}
     try:

@@ -91,17 +91,21 @@ def simulate(
     disk: int = 0,
     tick: float = 1.0,
     limit: float = 3600.0,
+    resumed_at_ms: int | None = None,
 ) -> Outcome:
     """QEMU 7.2 pre-copy, coarsely. Pages leave at ``rate`` in chunks of a tenth of it (QEMU's 100 ms
     rate-limit window). Once what is left is below rate x downtime limit, QEMU syncs the dirty bitmap: the
     pages the guest dirtied since the last sync join what was left (pages dirty twice count once), and QEMU
     switches over if the total still fits, else goes on. Auto-converge raises the throttle after two syncs
     that found more than half of what the period sent (at most once a second). The controller gets a sample
-    every ``tick``."""
+    every ``tick``. ``resumed_at_ms``: the controller takes over a migration already running with that
+    downtime allowed (an agent restart), as crosshost/resume.py does."""
     if auto_converge is None:
         auto_converge = policy.wants_auto_converge
     ctl = ConvergenceController(policy)
     out = Outcome()
+    if resumed_at_ms is not None:
+        out.downtime_limit = resumed_at_ms
 
     def feed(sample: MigrationSample) -> bool:
         # The task's deadline is the skeleton's (agent.migration.runner): it ends the run; the controller
@@ -110,7 +114,10 @@ def simulate(
             out.result, out.time = "deadline", sample.time
             out.explanation = ctl.explain_deadline(sample)
             return True
-        acts = ctl.observe(sample)
+        acts = []
+        if resumed_at_ms is not None and not out.samples:
+            acts += ctl.resume(sample, resumed_at_ms)
+        acts += ctl.observe(sample)
         out.samples.append(sample)
         out.per_sample.append(acts)
         out.actions += acts
@@ -196,6 +203,40 @@ def lab_policy(strategy: Strategy = Strategy.AUTO, **kw: Any) -> ConvergencePoli
 
 def downtimes(actions: list[Action]) -> list[int]:
     return [a.ms for a in actions if isinstance(a, SetDowntime)]
+
+
+# -- taking over after an agent restart -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("strategy", list(Strategy))
+def test_a_resumed_controller_never_sets_the_downtime_back(strategy: Strategy) -> None:
+    # Issue 21: a fresh controller's start() put the downtime back to 50 ms in the middle of a migration
+    # that had been allowed 400 ms. Resumed, it carries on from what QEMU runs with.
+    policy = lab_policy(strategy, max_downtime_ms=1000)
+    out = simulate(policy, hot_set_guest(1.5 * MiB), resumed_at_ms=400)
+    assert out.result == "completed"
+    assert out.samples, "the controller saw the migration"
+    assert all(ms >= 400 for ms in downtimes(out.actions)), downtimes(out.actions)
+    first = out.per_sample[0]
+    assert not any(isinstance(a, SetDowntime) for a in first)
+    assert any(isinstance(a, Note) and "resumed after an agent restart" in a.message for a in first)
+
+
+def test_a_resumed_controller_with_an_unknown_downtime_raises_nothing() -> None:
+    ctl = ConvergenceController(lab_policy(max_downtime_ms=800))
+    sample = MigrationSample(10.0, memory_iteration=3, memory_total=256 * MiB, auto_converge_throttle=50)
+    actions = ctl.resume(sample, None)
+    assert [type(a) for a in actions] == [Note]
+    assert ctl.downtime_ms == 800
+    assert ctl.resume(sample, 100) == []  # once only
+    assert not [a for a in ctl.observe(sample) if isinstance(a, SetDowntime)]
+
+
+def test_a_started_controller_is_not_resumed() -> None:
+    ctl = ConvergenceController(lab_policy())
+    ctl.start(0.0)
+    assert ctl.resume(MigrationSample(1.0), 300) == []
+    assert ctl.downtime_ms == 50
 
 
 # -- the four strategies on the measured cases ---------------------------------------------------------------
