@@ -48,6 +48,10 @@ class Code(enum.StrEnum):
     REQUEST_TIMEOUT = "AGENT.REQUEST_TIMEOUT", "the request body did not arrive in time"
     METHOD_NOT_ALLOWED = "AGENT.METHOD_NOT_ALLOWED", "the path exists, not with this method"
     PAYLOAD_TOO_LARGE = "AGENT.PAYLOAD_TOO_LARGE", "the request body is over the limit"
+    HTTP_REFUSED = (
+        "AGENT.HTTP_REFUSED",
+        "the HTTP layer refused the request (malformed, or a header it cannot take); the status says which",
+    )
     UNAUTHORIZED = "AGENT.UNAUTHORIZED", "missing or wrong bearer token"
     CLUSTER_CERTIFICATE_REQUIRED = (
         "AGENT.CLUSTER_CERTIFICATE_REQUIRED",
@@ -96,6 +100,10 @@ class Code(enum.StrEnum):
     MIGRATION_STALLED = (
         "AGENT.MIGRATION_STALLED",
         "no progress for 30 s (a cut link); aborted, the VM runs on at the source",
+    )
+    MIGRATION_JOB_WEDGED = (
+        "AGENT.MIGRATION_JOB_WEDGED",
+        "an earlier migration job of the VM never ended after its abort; restart libvirtd first",
     )
     DISK_COPY_FAILED = "AGENT.DISK_COPY_FAILED", "a disk mirror of the migration failed"
     BLOCK_JOB_FAILED = "AGENT.BLOCK_JOB_FAILED", "a block copy failed"

@@ -73,7 +73,13 @@ def _from_http(exc: web.HTTPException, request: web.Request) -> AgentError:
             code=Code.METHOD_NOT_ALLOWED,
             details=f"allowed: {', '.join(sorted(exc.allowed_methods))}",
         )
-    return AgentError(exc.reason or "HTTP error", code=f"AGENT.HTTP_{exc.status}", details=exc.text)
+    # Anything else aiohttp refuses itself (a malformed request, 411, 415, 431, ...): one registered code,
+    # the status on the response and in the details.
+    return AgentError(
+        exc.reason or "HTTP error",
+        code=Code.HTTP_REFUSED,
+        details=f"HTTP {exc.status}" + (f": {exc.text}" if exc.text else ""),
+    )
 
 
 @web.middleware

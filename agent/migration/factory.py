@@ -41,6 +41,7 @@ class ByVmState:
 
 def make_engine_factory(config: AgentConfig, host: VirtHost) -> EngineFactory:
     roots = StorageRoots.from_config(config)
+    wedged: set[str] = set()  # the host's, across tasks (CrossHostEngine)
 
     def factory(request: MigrationRequest, vm_uuid: str, resume: bool) -> Engine:
         same_host = is_same_host(request, config)
@@ -49,7 +50,9 @@ def make_engine_factory(config: AgentConfig, host: VirtHost) -> EngineFactory:
                 "a move to another host needs dstHost with the destination agent's agentUrl",
                 field="dstHost.agentUrl",
             )
-        live: Engine = SameHostEngine(host, roots) if same_host else CrossHostEngine(host, roots, config)
+        live: Engine = (
+            SameHostEngine(host, roots) if same_host else CrossHostEngine(host, roots, config, wedged=wedged)
+        )
         return ByVmState(live, OfflineEngine(host, roots, config, same_host=same_host), host)
 
     return factory

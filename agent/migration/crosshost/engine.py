@@ -29,11 +29,11 @@ from typing import Any
 
 from agent.client import AgentClient
 from agent.config import AgentConfig
-from agent.errors import AgentError
+from agent.errors import AgentError, Code, MigrationFailed
 from agent.migration import snapshots
 from agent.migration.crosshost.commit import commit
 from agent.migration.crosshost.destination import abort_remote
-from agent.migration.crosshost.migrate import Migration
+from agent.migration.crosshost.migrate import WEDGED_DETAILS, Migration
 from agent.migration.crosshost.prepare import incoming_spec, plan_live_move, send_layers
 from agent.migration.crosshost.resume import resume
 from agent.migration.crosshost.settle import settle
@@ -52,12 +52,20 @@ class CrossHostEngine:
     name = "cross-host"
 
     def __init__(
-        self, host: VirtHost, roots: StorageRoots, config: AgentConfig, *, tick_s: float = TICK_S
+        self,
+        host: VirtHost,
+        roots: StorageRoots,
+        config: AgentConfig,
+        *,
+        wedged: set[str] | None = None,
+        tick_s: float = TICK_S,
     ) -> None:
         self.host = host
         self.roots = roots
         self.config = config
-        self.wedged: set[str] = set()  # VMs whose libvirt migration job did not end after an abort
+        # VMs whose libvirt migration job did not end after an abort: the agent's, shared by every task
+        # (an engine lives for one task), so the next task of such a VM is refused until the job ends.
+        self.wedged: set[str] = set() if wedged is None else wedged
         self.tick_s = tick_s
         self._steering: Steering | None = None  # the running migration's, for explain_deadline
 
@@ -82,6 +90,12 @@ class CrossHostEngine:
         return await self._migration(ctx).wait_after_abort(migration)
 
     async def run(self, ctx: TaskContext) -> list[dict[str, Any]]:
+        if not ctx.resume_data and ctx.vm_uuid in self.wedged:
+            raise MigrationFailed(
+                "an earlier migration job of this VM is still held by libvirt; nothing was done",
+                code=Code.MIGRATION_JOB_WEDGED,
+                details=WEDGED_DETAILS,
+            )
         async with peer_client(ctx.request, self.config) as peer:
             if ctx.resume_data:
                 return await resume(

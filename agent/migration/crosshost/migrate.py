@@ -191,12 +191,15 @@ class Migration:
             ABORT_GRACE_S,
             WEDGED_DETAILS,
         )
-        migration.add_done_callback(
-            lambda f: ctx.log.warning(
+
+        def released(f: asyncio.Future[None]) -> None:
+            self.wedged.discard(ctx.vm_uuid)
+            ctx.log.warning(
                 "libvirt's wedged migration call returned at last: %s",
                 "cancelled" if f.cancelled() else (f.exception() or "without error"),
             )
-        )
+
+        migration.add_done_callback(released)
         return False
 
 

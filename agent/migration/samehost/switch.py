@@ -84,8 +84,26 @@ async def switch(host: VirtHost, roots: StorageRoots, ctx: TaskContext, work: Wo
                     f"abort of {target}",
                     functools.partial(host.abort_block_job, ctx.vm_uuid, target),
                 )
+    stuck: dict[str, str] = {}
     for target in pivoted:
-        await _mirror_back(host, ctx, work.mirrors[target].disk, tick_s=tick_s)
+        disk = work.mirrors[target].disk
+        try:
+            await _mirror_back(host, ctx, disk, tick_s=tick_s)
+        except MigrationFailed as err:
+            ctx.log.error("rolling %s back failed: %s", target, err.description)
+            stuck[target] = f"{target} runs from {disk.dst_top} ({err.description})"
+    if stuck:
+        # The destination files of the stuck disks are in use: nothing is removed.
+        back = [t for t in pivoted if t not in stuck]
+        raise MigrationFailed(
+            "a pivot failed and putting the pivoted disks back did not finish: the VM runs from a mixed set "
+            "of volumes",
+            code=Code.ROLLBACK_FAILED,
+            details="; ".join(stuck.values())
+            + (f"; back on their sources: {', '.join(back)}" if back else "")
+            + ". Nothing was removed. Move the VM's storage again to one storage (this task's destination "
+            "is the shortest way) or copy the named disks back by hand",
+        ) from failure
     remove_created(roots, ctx, work)
     raise MigrationFailed(
         "a pivot failed; every disk runs from its source volume again",
@@ -127,6 +145,21 @@ async def through_outage(
         await asyncio.sleep(1.0)  # libvirt takes the block jobs back right after it reconnects
 
 
+#: A copy back (the rollback of a pivoted disk) whose progress stands still this long is given up.
+ROLLBACK_STALL_S = 60.0
+
+
+def _stop_rollback_wait(ctx: TaskContext, still_s: float) -> str | None:
+    """Why waiting for a copy back to become READY must stop now, if it must."""
+    if still_s > ROLLBACK_STALL_S:
+        return f"the copy made no progress for {ROLLBACK_STALL_S:.0f} s"
+    if ctx.cancel_requested:
+        return "the task was cancelled"
+    if ctx.deadline is not None and ctx.deadline.passed():
+        return "the task's timeout passed"
+    return None
+
+
 async def _mirror_back(host: VirtHost, ctx: TaskContext, disk: DiskPlan, *, tick_s: float) -> None:
     """Copy a pivoted disk back onto its (intact) source top and pivot to it."""
     flags = libvirt.VIR_DOMAIN_BLOCK_COPY_REUSE_EXT | libvirt.VIR_DOMAIN_BLOCK_COPY_TRANSIENT_JOB
@@ -134,16 +167,30 @@ async def _mirror_back(host: VirtHost, ctx: TaskContext, disk: DiskPlan, *, tick
         flags |= libvirt.VIR_DOMAIN_BLOCK_COPY_SHALLOW
     dest = block_copy_dest_xml(disk.src_top, disk.src_format)
     await host.block_copy(ctx.vm_uuid, disk.target, dest, bandwidth=None, flags=flags)
+    # Bounded: this runs past a cancel (run_past_cancel), so its own limits are the only ones. A mirror
+    # that makes no progress, a cancel, or the task's deadline ends the wait; the disk then stays on the
+    # destination, which the caller reports.
+    last_cur, moved_at = -1, time.monotonic()
     while True:
         job = await host.block_job(ctx.vm_uuid, disk.target)
         if job is None:
             raise MigrationFailed(
-                f"rolling {disk.target} back to {disk.src_top} failed", code=Code.ROLLBACK_FAILED
+                f"rolling {disk.target} back to {disk.src_top} failed: the copy back disappeared",
+                code=Code.ROLLBACK_FAILED,
             )
         if any(
             d.target == disk.target and d.mirror_ready for d in parse_disks(await host.live_xml(ctx.vm_uuid))
         ):
             break
+        if job.cur != last_cur:
+            last_cur, moved_at = job.cur, time.monotonic()
+        why = _stop_rollback_wait(ctx, time.monotonic() - moved_at)
+        if why is not None:
+            with contextlib.suppress(AgentError):
+                await host.abort_block_job(ctx.vm_uuid, disk.target)
+            raise MigrationFailed(
+                f"rolling {disk.target} back to {disk.src_top} stopped: {why}", code=Code.ROLLBACK_FAILED
+            )
         await asyncio.sleep(tick_s)
     await host.abort_block_job(ctx.vm_uuid, disk.target, pivot=True)
     ctx.log.warning("disk %s rolled back to %s", disk.target, disk.src_top)

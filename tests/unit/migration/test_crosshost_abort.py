@@ -5,15 +5,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
-from agent.errors import VirtError
+from agent.errors import MigrationFailed, VirtError
 from agent.migration.crosshost import CrossHostEngine, migrate
 
 VM = "0f6b2c1e-8d7a-4c39-9a57-3e2d1c0b9a88"
+OTHER_HOST = "7d3c0a52-6c1e-4b7e-9f3a-2b1d0c9e8f71"
 
 
 class FakeHost:
@@ -29,8 +31,8 @@ class FakeHost:
             self.migration.set_exception(VirtError("operation aborted: migration out: canceled by client"))
 
 
-def _engine(host: FakeHost) -> CrossHostEngine:
-    return CrossHostEngine(host, None, None)  # type: ignore[arg-type]
+def _engine(host: FakeHost | None, wedged: set[str] | None = None) -> CrossHostEngine:
+    return CrossHostEngine(host, None, None, wedged=wedged)  # type: ignore[arg-type]
 
 
 def _ctx() -> Any:
@@ -67,3 +69,48 @@ async def test_a_wedged_job_is_left_behind_and_remembered(caplog: pytest.LogCapt
     migration.set_result(None)  # libvirt lets go at last: logged, not raised
     await asyncio.sleep(0)
     assert any("returned at last" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_wedged_vm_is_refused_by_the_next_task_until_libvirt_lets_go() -> None:
+    # Issue 21: the set died with each engine (one per task), so the VM could be migrated again at once,
+    # against the error's own advice. The agent's factory hands every engine one set.
+    migration: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    shared: set[str] = set()
+    first = _engine(FakeHost(migration, ends_after_aborts=None), shared)
+    assert await first._wait_after_abort(_ctx(), migration) is False
+
+    second = _engine(None, shared)
+    ctx = SimpleNamespace(vm_uuid=VM, resume_data=None, log=logging.getLogger("test"))
+    with pytest.raises(MigrationFailed) as refused:
+        await second.run(ctx)  # type: ignore[arg-type]
+    assert refused.value.code == "AGENT.MIGRATION_JOB_WEDGED"
+    assert "Restart libvirtd" in str(refused.value.details)
+
+    migration.set_result(None)  # the wedged call returned at last: the VM may move again
+    await asyncio.sleep(0)
+    assert shared == set()
+
+
+def test_the_agents_engines_share_one_wedged_set(tmp_path: Path) -> None:
+    from service_fakes import STORAGE_A, make_config
+
+    from agent.migration.factory import ByVmState, make_engine_factory
+    from agent.migration.request import MigrationRequest
+
+    factory = make_engine_factory(make_config(tmp_path, insecure_transport=True), None)  # type: ignore[arg-type]
+    request = MigrationRequest.model_validate(
+        {
+            "primaryStorageMigrateVm": {
+                "dstPrimaryStorageUuid": STORAGE_A,
+                "dstHostUuid": OTHER_HOST,
+            },
+            "dstHost": {
+                "uuid": OTHER_HOST,
+                "agentUrl": "https://192.0.2.12:7070",
+            },
+        }
+    )
+    engines = [factory(request, VM, False) for _ in range(2)]
+    lives = [e.live for e in engines if isinstance(e, ByVmState)]
+    assert len(lives) == 2 and all(isinstance(e, CrossHostEngine) for e in lives)
+    assert lives[0].wedged is lives[1].wedged  # type: ignore[attr-defined]

@@ -15,7 +15,7 @@ import pytest
 
 from agent.errors import ConvergenceFailed, MigrationFailed, VirtError
 from agent.migration import hotdisk
-from agent.migration.engine import Step
+from agent.migration.engine import Deadline, Step
 from agent.migration.hotdisk import DiskWatch, Mode
 from agent.migration.pacing import AllocationIndex
 from agent.migration.plan import DiskPlan, MigrationPlan
@@ -73,6 +73,7 @@ class Ctx:
         self.announced: list[Any] = []
         self.detaching = False
         self.cancel_requested = False
+        self.deadline: Deadline | None = None
 
     def progress(self, item: str, done: int, total: int) -> None:
         self.progressed[item] = (done, total)
@@ -276,6 +277,45 @@ async def test_a_failed_pivot_puts_the_pivoted_disks_back_on_their_sources(tmp_p
     assert host.calls == ["pivot vda", "pivot vdb", "abort vdb", "copy vda", "pivot vda"]
     assert host.sources == {t: m.disk.src_top for t, m in work.mirrors.items()}
     assert not created.exists()
+
+
+class NeverReadyHost(FakeHost):
+    """A copy back (the rollback of a pivoted disk) that never becomes READY."""
+
+    async def block_copy(
+        self, vm_uuid: str, target: str, dest: str, *, bandwidth: int | None, flags: int
+    ) -> None:
+        self.calls.append(f"copy {target}")
+        self.cur[target] = 0
+
+
+@pytest.mark.parametrize("stop", ["cancel", "deadline", "stall"])
+async def test_a_rollback_that_never_gets_ready_ends_and_says_where_each_disk_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stop: str
+) -> None:
+    # Issue 21: the copy back looped without bound inside run_past_cancel: neither a cancel nor the
+    # deadline could end it.
+    work = work_of(tmp_path, "vda", "vdb")
+    created = tmp_path / "dst-vda.qcow2"
+    created.write_text("")
+    work.created.append(str(created))
+    host = NeverReadyHost(work)
+    host.fail_pivot = {"vdb"}
+    ctx = Ctx()
+    if stop == "cancel":
+        ctx.cancel_requested = True
+    elif stop == "deadline":
+        ctx.deadline = Deadline(0.0)
+    else:
+        host.step = 0  # the copy back stands still
+        monkeypatch.setattr(switch, "ROLLBACK_STALL_S", 0.05)
+    with pytest.raises(MigrationFailed) as failed:
+        await asyncio.wait_for(switch.switch(host, None, ctx, work, tick_s=0.01), 10)  # type: ignore[arg-type]
+    assert failed.value.code == "AGENT.ROLLBACK_FAILED"
+    assert f"vda runs from {work.mirrors['vda'].disk.dst_top}" in str(failed.value.details)
+    assert host.calls == ["pivot vda", "pivot vdb", "abort vdb", "copy vda", "abort vda"]
+    assert host.sources["vda"] == work.mirrors["vda"].disk.dst_top  # where it really runs
+    assert created.exists()  # in use: nothing removed
 
 
 async def test_a_pivot_cut_by_a_libvirtd_restart_is_taken_again(
