@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 
 import psutil  # type: ignore[import-untyped]
 
+from labkit import memcheck
 from labkit.agents import trust_lab_ca
 from labkit.domain import disks_in_xml
 from labkit.labview import LabHost, hosts_from_status
@@ -39,6 +40,10 @@ T = TypeVar("T")
 
 class BenchError(Exception):
     """Something the benchmark needs is not there or did not work (the lab, a command, a guest)."""
+
+
+class GuestHarmed(BenchError):
+    """The guest's memory checker found an inconsistent page or stopped: a finding, never measured again."""
 
 
 class Disturbed(BenchError):
@@ -231,8 +236,12 @@ class BenchGuest:
         return found
 
     def moved_to(self, host: Host) -> None:
+        """After a move (or a failed one) the guest runs on ``host``; its memory checker must print a new
+        `ok` there with no inconsistent page anywhere on its console (a BenchError otherwise: never
+        measured again)."""
         self.host = host
         self.sources()
+        check_memory(self.name)
 
     def locate(self, lab: Lab, within_s: float = 60) -> Host:
         """Find the host where the domain runs now (after a cross-host move, or one that failed). A failed
@@ -257,6 +266,16 @@ class BenchGuest:
             if Path(path).resolve().is_relative_to(LAB_DIR) and os.path.isfile(path):
                 os.unlink(path)
             self.files.discard(path)
+
+
+def check_memory(name: str) -> None:
+    if not memcheck.enabled(name):
+        return
+    try:
+        report = memcheck.fresh(name, memcheck.mark(name))
+    except memcheck.MemCheckError as err:
+        raise GuestHarmed(str(err)) from err
+    log.info("%s", report.describe())
 
 
 def _destroy(name: str) -> None:
@@ -292,6 +311,8 @@ async def measure_again_if_disturbed(
             if gone := restarted(before, await asyncio.to_thread(daemon_pids), watch):
                 raise Disturbed(f"restarted during the measurement: {', '.join(gone)}")
             return result
+        except GuestHarmed:
+            raise  # a finding about the guest, not a disturbance: never hidden by measuring again
         except BenchError as err:
             if attempt == attempts:
                 raise

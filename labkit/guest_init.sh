@@ -11,6 +11,9 @@
 # the last ksa.hotmib MiB of disk ksa.hotdev at ksa.hot MiB/s (1 MiB O_DIRECT writes spread over each second,
 # never touching records or filler), printing "KSA-HOT <dev> <MiB written> <uptime>" every 5 s; for
 # ksa.hotsecs seconds if set (then "KSA-HOTSTOP <dev> <MiB written>").
+# The memory checker (/bin/ksa-memcheck, labkit/memcheck.c) verifies and rewrites ksa.memmib MiB of pages
+# at ksa.memrate MiB/s and prints "KSA-MEM ok <pages checked>" every 2 s, or "KSA-MEM STALE|BAD ..." on an
+# inconsistent page (ksa.memmib=0: no checker).
 
 /bin/busybox mkdir -p /proc /sys /dev /tmp /dirty /bin /sbin /usr/bin /usr/sbin
 /bin/busybox --install -s
@@ -171,6 +174,12 @@ fi
 HOT=$(arg hot 0)
 if [ "$HOT" -gt 0 ]; then
     hotwriter "$(arg hotdev vda)" "$HOT" "$(arg hotmib 64)" "$(arg hotsecs 0)" &
+fi
+MEMMIB=$(arg memmib 0)
+if [ "$MEMMIB" -gt 0 ]; then
+    # Pages that stay at the physical address the checker reports (the lab's corruption test writes there).
+    echo 0 > /proc/sys/vm/compact_unevictable_allowed 2>/dev/null
+    /bin/ksa-memcheck "$MEMMIB" "$(arg memrate 2)" 2 > $CON 2>&1 &
 fi
 heartbeat &
 while :; do sleep 3600; done   # PID 1 must never exit

@@ -6,7 +6,7 @@ import argparse
 import json
 from typing import Any
 
-from . import guestcreate, guestdir, guests
+from . import guestcreate, guestdir, guests, memcheck
 from .layout import HOSTS
 from .sysutil import log
 
@@ -28,6 +28,8 @@ def _create(args: argparse.Namespace) -> int:
         disk_write_dev=args.disk_write_dev,
         disk_write_region_mib=args.disk_write_region_mib,
         disk_write_seconds=args.disk_write_seconds,
+        mem_check_mib=args.mem_check_mib,
+        mem_check_mib_s=args.mem_check_mib_s,
         boot_timeout=args.boot_timeout,
         keep_on_failure=args.keep_on_failure,
     )
@@ -58,6 +60,27 @@ def _acks(args: argparse.Namespace) -> int:
     else:
         disks = ", ".join(f"{dev} {count}" for dev, count in summary["disks"].items())
         print(f"{args.name}: {summary['total']} acknowledged writes ({disks}); {summary['boots']} boot(s)")
+    return 0
+
+
+def _memcheck(args: argparse.Namespace) -> int:
+    if not memcheck.enabled(args.name):
+        print(f"{args.name}: no memory checker (created with --mem-check-mib 0, or not a lab guest)")
+        return 1
+    since = memcheck.mark(args.name)
+    try:
+        report = memcheck.fresh(args.name, since, timeout=args.wait)
+    except memcheck.MemCheckError as err:
+        if args.json:
+            print(json.dumps({"name": args.name, "ok": False, "error": str(err)}))
+        else:
+            print(f"FAILED: {err}")
+        return 1
+    if args.json:
+        summary = {"ok": True, "checked": report.checked, "runningOn": report.running_on}
+        print(json.dumps({"name": args.name, **summary, "starts": report.starts}))
+    else:
+        print(report.describe())
     return 0
 
 
@@ -109,6 +132,16 @@ def add_guest_commands(sub: Any) -> None:
     p.add_argument(
         "--disk-write-seconds", type=int, default=0, metavar="S", help="stop that writer after S s (0: never)"
     )
+    p.add_argument(
+        "--mem-check-mib",
+        type=int,
+        default=16,
+        metavar="N",
+        help="the memory checker's region, MiB (0: no checker)",
+    )
+    p.add_argument(
+        "--mem-check-mib-s", type=int, default=2, metavar="N", help="how fast the checker rewrites it"
+    )
     p.add_argument("--boot-timeout", type=float, default=180, metavar="S")
     p.add_argument("--keep-on-failure", action="store_true", help="leave a guest that failed to start")
     p.set_defaults(func=_create)
@@ -122,6 +155,15 @@ def add_guest_commands(sub: Any) -> None:
     p.add_argument("name")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_acks)
+
+    p = gsub.add_parser(
+        "memcheck",
+        help="the memory checker: a new ok line and no inconsistency on the console (exit 1 otherwise)",
+    )
+    p.add_argument("name")
+    p.add_argument("--wait", type=float, default=10, metavar="S", help="how long to wait for a new ok line")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_memcheck)
 
     p = gsub.add_parser("destroy", help="stop, undefine and delete a guest on whatever host has it")
     p.add_argument("name")

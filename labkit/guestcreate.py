@@ -40,6 +40,8 @@ class GuestOptions:
     disk_write_dev: str = "vda"
     disk_write_region_mib: int = 64
     disk_write_seconds: int = 0  # stop the writer after this long (0: never)
+    mem_check_mib: int = 16  # the memory checker's region (0: no checker; labkit/memcheck.c)
+    mem_check_mib_s: int = 2  # how fast the checker rewrites it
     boot_timeout: float = 180.0
     keep_on_failure: bool = False
 
@@ -66,6 +68,8 @@ def _check_options(opts: GuestOptions) -> None:
         raise LabError("--disk-write-region-mib too large: it would overwrite the filler of the chain")
     if opts.working_set_mib is not None and not 8 <= opts.working_set_mib <= opts.memory_mib // 2:
         raise LabError("--working-set-mib must be 8 .. half of --memory-mib")
+    if not 0 <= opts.mem_check_mib <= opts.memory_mib // 4 or opts.mem_check_mib_s < 1:
+        raise LabError("--mem-check-mib must be 0 .. a quarter of --memory-mib, --mem-check-mib-s >= 1")
     if opts.memory_mib < 96:
         raise LabError("--memory-mib must be at least 96")
     if GuestRecord.dir_of(opts.name).exists() or domain.placements(opts.name):
@@ -122,6 +126,7 @@ def create(opts: GuestOptions) -> GuestRecord:
         disks=[GuestDisk(dev, plan[dev][-1], []) for dev in devs],
         disk_write_mib_s=opts.disk_write_mib_s,
         disk_write_dev=opts.disk_write_dev,
+        mem_check_mib=opts.mem_check_mib,
     )
     guest.dir.mkdir(parents=True)
     guest.console.touch()
@@ -133,6 +138,7 @@ def create(opts: GuestOptions) -> GuestRecord:
         ws = opts.working_set_mib or max(8, min(48, opts.memory_mib // 4))
         dirty = "max" if opts.dirty_cpu_bound else str(opts.dirty_mib_s)
         args = f"ksa.disks={len(devs)} ksa.dirty={dirty} ksa.ws={ws}"
+        args += f" ksa.memmib={opts.mem_check_mib} ksa.memrate={opts.mem_check_mib_s}"
         if opts.disk_write_mib_s:
             args += (
                 f" ksa.hot={opts.disk_write_mib_s} ksa.hotdev={opts.disk_write_dev}"

@@ -38,6 +38,7 @@ class GuestRecord:
     disks: list[GuestDisk]
     disk_write_mib_s: int = 0
     disk_write_dev: str = "vda"
+    mem_check_mib: int = 0  # the memory checker's region (records written before it existed: none)
 
     @staticmethod
     def dir_of(name: str) -> Path:

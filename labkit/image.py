@@ -1,8 +1,9 @@
 """The test guest's kernel and initramfs, built from Debian packages and cached in /var/cache/ksa-lab.
 
 Kernel: linux-image-cloud-amd64's dependency (apt-get download + dpkg-deb -x); its virtio drivers are
-modules, which the init script loads. Userland: busybox-static and guest_init.sh, packed with cpio.
-The initramfs is named after a hash of its contents, so a changed init script gives a new file and guests
+modules, which the init script loads. Userland: busybox-static, guest_init.sh and the memory checker
+(memcheck.c, compiled static with gcc here), packed with cpio. The initramfs is named after a hash of its
+inputs (the checker's source among them), so a changed init script or checker gives a new file and guests
 that are already defined keep theirs.
 """
 
@@ -21,6 +22,8 @@ from .sysutil import LabError, log, run
 
 IMAGE_DIR = CACHE_DIR / "guest"
 INIT_SCRIPT = Path(__file__).with_name("guest_init.sh")
+MEMCHECK_SOURCE = Path(__file__).with_name("memcheck.c")
+MEMCHECK_BINARY = "bin/ksa-memcheck"  # in the initramfs
 META_PACKAGE = "linux-image-cloud-amd64"
 # The drivers a guest needs for its virtio disks; the load order comes from each module's `depends=`
 # (it changes between kernel builds: in 6.1.0-56 virtio needs virtio_ring, unlike older notes say).
@@ -152,7 +155,7 @@ def _ensure_initrd(kernel_dir: Path) -> Path:
     busybox = _busybox()
     modules = module_load_order(sorted((kernel_dir / "modules").glob("*.ko")))
     digest = hashlib.sha256()
-    for path in (INIT_SCRIPT, busybox, *modules):
+    for path in (INIT_SCRIPT, MEMCHECK_SOURCE, busybox, *modules):
         digest.update(path.name.encode() + b"\0" + path.read_bytes())
     initrd = IMAGE_DIR / f"initrd-{digest.hexdigest()[:16]}.img"
     if initrd.exists():
@@ -164,6 +167,7 @@ def _ensure_initrd(kernel_dir: Path) -> Path:
         (tree / "lib" / "modules").mkdir(parents=True)
         shutil.copy2(busybox, tree / "bin" / "busybox")
         shutil.copy2(INIT_SCRIPT, tree / "init")
+        _compile_memcheck(tree / MEMCHECK_BINARY)
         (tree / "init").chmod(0o755)
         for module in modules:
             shutil.copy2(module, tree / "lib" / "modules" / module.name)
@@ -187,3 +191,15 @@ def _ensure_initrd(kernel_dir: Path) -> Path:
                 raise LabError("packing the initramfs failed (cpio | gzip)")
         partial.replace(initrd)
     return initrd
+
+
+def _compile_memcheck(target: Path) -> None:
+    """The memory checker as a static binary: the initramfs has no C library."""
+    if shutil.which("gcc") is None:
+        raise LabError("no gcc to build the guest's memory checker (run scripts/setup)")
+    proc = run(["gcc", "-static", "-O2", "-Wall", "-o", target, MEMCHECK_SOURCE], check=False)
+    if proc.returncode != 0 or not target.exists() or not _is_static_elf(target):
+        raise LabError(
+            f"building {MEMCHECK_SOURCE.name} (gcc -static) failed; libc6-dev installed? (scripts/setup):"
+            f"\n{proc.stderr.strip()}"
+        )

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from labkit import labview
+from labkit import labview, memcheck
 from labkit.agents import trust_lab_ca
 from labkit.guestdir import console_path
 from labkit.labview import hosts_from_status
@@ -110,12 +110,16 @@ class Guest:
         return sum(self.acks().values())
 
     def wait_for_acks(self, more: int = 20, timeout: float = 120) -> dict[str, int]:
-        """Wait until every disk acknowledged at least `more` writes beyond what it had at the call."""
+        """Wait until every disk acknowledged at least `more` writes beyond what it had at the call, and the
+        guest's memory checker printed a new `KSA-MEM ok` after the call with no inconsistent page anywhere
+        on its console (``assert_memory_whole``): every test passes here after a migration."""
+        mark = len(self.console())
         start = self.acks()
         deadline = time.monotonic() + timeout
         while True:
             now = self.acks()
             if now and all(now.get(dev, 0) >= start.get(dev, 0) + more for dev in now):
+                self.assert_memory_whole(mark, max(deadline - time.monotonic(), 3 * memcheck.EVERY_S + 4))
                 return now
             if time.monotonic() > deadline:
                 message = f"{self.name}: acks not up by {more} in {timeout} s: {start} -> {now}"
@@ -124,6 +128,18 @@ class Guest:
                     message += f"; the guest's kernel died, its console:\n{death}"
                 raise AssertionError(message)
             time.sleep(0.5)
+
+    def assert_memory_whole(self, mark: int, timeout: float = 3 * memcheck.EVERY_S + 4) -> None:
+        """The memory checker (docs/lab.md) printed a new `ok` after ``mark`` (a length of ``console()``):
+        it runs where the guest runs now; and no page was ever found stale or broken. Guests made with
+        ``mem_check_mib=0`` have no checker."""
+        if not memcheck.enabled(self.name):
+            return
+        try:
+            report = memcheck.fresh(self.name, mark, timeout)
+        except memcheck.MemCheckError as err:
+            raise AssertionError(str(err)) from err
+        print(report.describe())
 
     def verify(self, *, suspend: bool = True) -> VerifyResult:
         args = ["guest", "verify", self.name] + ([] if suspend else ["--no-suspend"])
@@ -168,6 +184,7 @@ def create_guest(
     disk_write_mib_s: int = 0,
     disk_write_dev: str = "vda",
     disk_write_seconds: int = 0,
+    mem_check_mib: int | None = None,
 ) -> Guest:
     proc = lab_cli(
         "guest", "create", name,
@@ -181,6 +198,7 @@ def create_guest(
         "--fill-mib", str(fill_mib),
         *(["--dirty-cpu-bound"] if dirty_cpu_bound else []),
         *(["--working-set-mib", str(working_set_mib)] if working_set_mib else []),
+        *(["--mem-check-mib", str(mem_check_mib)] if mem_check_mib is not None else []),
         *(["--disk-write-mib-s", str(disk_write_mib_s), "--disk-write-dev", disk_write_dev,
            "--disk-write-seconds", str(disk_write_seconds)] if disk_write_mib_s else []),
     )  # fmt: skip
