@@ -94,6 +94,7 @@ async def _take_over(host: VirtHost, ctx: TaskContext, steer: Steering) -> None:
         if isinstance(action, convergence.Note):
             ctx.log.info("convergence: %s %s", action.message, action.figures)
             steer.decisions.append({"message": action.message, **dict(action.figures)})
+            ctx.note("decisions", steer.decisions[-20:])
 
 
 async def _watch_running(
