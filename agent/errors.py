@@ -9,6 +9,7 @@ AgentError                 root; carries a stable ``code``, a description, detai
  +- Conflict               the VM already has a task, a task in the wrong state (409)
  +- PayloadTooLarge        request body over the limit (413)
  +- ServiceStopping        the agent is shutting down (503)
+ +- LimitsNotApplied       a live change of the limits did not take in QEMU (503)
  +- PreflightFailed        the plan cannot run: no space, a block job present, target exists (409)
  +- MigrationFailed        a step of a running migration failed (task ends FAILED)
  |   +- ConvergenceFailed   live migration cannot converge within what the request allows
@@ -71,6 +72,14 @@ class Code(enum.StrEnum):
         "a task was asked to go to a state its current one does not allow",
     )
     STOPPING = "AGENT.STOPPING", "the agent is shutting down; send the request again to another or later"
+    LIMITS_NOT_APPLIED = (
+        "AGENT.LIMITS_NOT_APPLIED",
+        "a retune did not take in QEMU: the details name each stream, value and error",
+    )
+    LIMITS_TOO_LATE = (
+        "AGENT.LIMITS_TOO_LATE",
+        "a retune came after the streams it governs ended (the switch is under way)",
+    )
 
     # Refused before anything is made
     PREFLIGHT_FAILED = (
@@ -246,6 +255,9 @@ class PayloadTooLarge(AgentError, code="AGENT.PAYLOAD_TOO_LARGE", http_status=41
 
 
 class ServiceStopping(AgentError, code="AGENT.STOPPING", http_status=503): ...
+
+
+class LimitsNotApplied(AgentError, code="AGENT.LIMITS_NOT_APPLIED", http_status=503): ...
 
 
 class PreflightFailed(AgentError, code="AGENT.PREFLIGHT_FAILED", http_status=409): ...

@@ -7,7 +7,8 @@ The task manager builds a ``TaskContext`` for each task and calls ``engine.run(c
   undone (``ctx.resume_data`` holds the last one when the agent restarted mid-task);
 - reports bytes per item with ``ctx.progress(item, done, total)``; items are volumes or ``"memory"``;
 - reads ``ctx.bandwidth`` / ``ctx.downtime_ms`` whenever it decides, and may ``await ctx.tuning_changed()``
-  to be woken by a PATCH;
+  to be woken by a PATCH; while its streams run it attaches their ``LiveLimits`` (``ctx.attach_limits``),
+  through which a PATCH applies at once and answers with what QEMU then reports (``agent.migration.limits``);
 - returns the inventory (``list[VolumeInventory]`` as dicts) on success, raises ``AgentError`` on failure;
   on ``asyncio.CancelledError`` it undoes what it did (the VM keeps its source volumes) and re-raises,
   except when ``ctx.detaching`` is True: the agent is stopping, so it leaves running libvirt jobs alone,
@@ -22,11 +23,14 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from agent.errors import Conflict
 from agent.migration.request import MigrationRequest
 from agent.migration.states import TaskState
+
+if TYPE_CHECKING:
+    from agent.migration.limits import LiveLimits
 
 T = TypeVar("T")
 
@@ -103,6 +107,9 @@ class TaskContext(Protocol):
 
     async def tuning_changed(self) -> None:
         """Return when a PATCH changed bandwidth or downtime."""
+
+    def attach_limits(self, limits: LiveLimits | None) -> None:
+        """The running streams' ``LiveLimits`` (None: they ended); a PATCH goes through it."""
 
 
 class Engine(Protocol):

@@ -26,6 +26,7 @@ from agent.migration.engine import TaskContext
 from agent.migration.incoming import IncomingDisk, IncomingSpec
 from agent.migration.inventory import remote_inventory, volume_inventory
 from agent.migration.layers import send_layer_to_peer
+from agent.migration.limits import AgentTransfer, LiveLimits
 from agent.migration.peer import peer_call, peer_client
 from agent.migration.plan import (
     DiskPlan,
@@ -52,8 +53,22 @@ class OfflineEngine:
         self.roots = roots
         self.config = config
         self.same_host = same_host
+        self.limits: LiveLimits | None = None
 
     async def run(self, ctx: TaskContext) -> list[dict[str, Any]]:
+        transfer = AgentTransfer()
+        self.limits = transfer.limits = LiveLimits(ctx, transfer)
+        ctx.attach_limits(self.limits)  # a PATCH changes the rate the copies read for every chunk
+        try:
+            return await self._run(ctx)
+        finally:
+            ctx.attach_limits(None)
+
+    def _rate(self, ctx: TaskContext) -> int | None:
+        """Bytes/s for the agent's own copies now (None: uncapped)."""
+        return self.limits.budget if self.limits is not None else ctx.bandwidth
+
+    async def _run(self, ctx: TaskContext) -> list[dict[str, Any]]:
         if ctx.resume_data:
             await self._resume_cleanup(ctx, ctx.resume_data)
             raise MigrationFailed(
@@ -143,7 +158,7 @@ class OfflineEngine:
             done += n
             ctx.progress(item, done, max(layer.actual_size, done))
 
-        await copy_sparse_async(layer.src, layer.dst, rate=lambda: ctx.bandwidth, on_bytes=on_bytes)
+        await copy_sparse_async(layer.src, layer.dst, rate=lambda: self._rate(ctx), on_bytes=on_bytes)
         if layer.backing_dst is not None:
             await qemuimg.rebase_unsafe(layer.dst, layer.backing_dst, layer.backing_format or "qcow2")
         if not await qemuimg.compare(layer.src, layer.dst):
@@ -156,8 +171,10 @@ class OfflineEngine:
         await self._record(ctx, data, disk.dst_top)
         ctx.progress(f"disk:{disk.target}", 0, disk.estimated_bytes)
         args = ["qemu-img", "convert", "-U", "-O", disk.dst_format]
-        if ctx.bandwidth:
-            args += ["-r", str(ctx.bandwidth)]  # qemu-img's own rate limit, bytes/s
+        rate = self._rate(ctx)
+        if rate:
+            # qemu-img's own rate limit, bytes/s: taken once, a retune does not reach a running convert.
+            args += ["-r", str(rate)]
         await qemuimg.run(*args, disk.src_top, disk.dst_top, limit_s=None)
         if not await qemuimg.compare(disk.src_top, disk.dst_top):
             raise MigrationFailed(
@@ -208,7 +225,7 @@ class OfflineEngine:
                             index,
                             src,
                             fmt,
-                            rate=lambda: ctx.bandwidth,
+                            rate=lambda: self._rate(ctx),
                             on_progress=progress,
                             log=ctx.log,
                         )

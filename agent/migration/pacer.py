@@ -32,6 +32,7 @@ from typing import Any, Protocol
 from agent.migration import hotdisk
 from agent.migration.engine import TaskContext
 from agent.migration.hotdisk import BudgetMeter, DiskWatch, Mode
+from agent.migration.limits import LiveLimits
 from agent.migration.pacing import (
     POSITIONAL_SLACK,
     SPEED_SLACK,
@@ -166,6 +167,10 @@ class MirrorPacer:
     rates: list[dict[str, Any]] = field(default_factory=list)
     #: Whether the bytes moved count against the budget (across hosts: not once the memory phase began).
     counting: bool = True
+    #: The migration's limits (``agent.migration.limits``): the budget in force is theirs when given.
+    limits: LiveLimits | None = None
+    #: The latest samples of the jobs, for a retune between two ticks (``speeds``).
+    last_samples: dict[str, MirrorSample] = field(default_factory=dict)
     _interval: _Interval = field(default_factory=_Interval)
     _last_sample: float | None = None
     _figures_at: float = 0.0
@@ -177,6 +182,11 @@ class MirrorPacer:
         """The mirrors start now: the budget meter and the rate samples count from here."""
         self.meter.start(now)
         self._interval.since = self.meter.started
+
+    @property
+    def budget(self) -> int | None:
+        """Bytes/s for all the mirrors now (None: uncapped)."""
+        return self.limits.budget if self.limits is not None else self.ctx.bandwidth
 
     @property
     def watches(self) -> dict[str, DiskWatch]:
@@ -223,10 +233,19 @@ class MirrorPacer:
                 self.meter.add(now, moved + new_writes)
                 self._interval.background += moved
                 self._interval.guest += new_writes
+        self.last_samples = samples
         return samples
 
     def shares(self, sampled: Collection[str]) -> dict[str, int | None]:
-        return self.rule.shares(self.ctx.bandwidth, self.mirrors, sampled)
+        return self.rule.shares(self.budget, self.mirrors, sampled)
+
+    def speeds(self, budget: int | None) -> dict[str, int]:
+        """Every job's speed from now under ``budget`` (None: 0 each, no limit), from the latest samples,
+        whatever is in effect: what a retune sets at once (``LiveLimits.retune``)."""
+        samples = self.last_samples
+        shares = self.rule.shares(budget, self.mirrors, samples)
+        horizon = self.clock.horizon_s
+        return {t: job_speed(sample, shares.get(t), horizon) for t, sample in samples.items()}
 
     def losing(self, shares: Mapping[str, int | None], now: float) -> list[str]:
         """The mirrors still copying that cannot converge at their share (``hotdisk.cannot_converge``)."""
@@ -267,7 +286,7 @@ class MirrorPacer:
             return
         rates = self._interval.take(now, self.meter.started)
         if rates is not None and self.counting:
-            self.rates.append({**rates, "capBytesPerSecond": self.ctx.bandwidth})
+            self.rates.append({**rates, "capBytesPerSecond": self.budget})
             self.ctx.note("copyRates", self.rates[-120:])
 
 

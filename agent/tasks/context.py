@@ -12,6 +12,7 @@ from collections.abc import Callable, Mapping, MutableMapping
 from typing import TYPE_CHECKING, Any
 
 from agent.migration.engine import Deadline
+from agent.migration.limits import LiveLimits
 from agent.migration.request import MigrationRequest
 from agent.tasks.holds import PhaseHolds
 from agent.tasks.model import TaskState
@@ -105,6 +106,9 @@ class RunContext:
 
     def note(self, key: str, value: Any) -> None:
         self._recorder.note(self._task, key, value)
+
+    def attach_limits(self, limits: LiveLimits | None) -> None:
+        self._task.live_limits = limits
 
     async def tuning_changed(self) -> None:
         """Return when a PATCH changed the tuning since the previous return (or since this run started).

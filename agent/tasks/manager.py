@@ -21,9 +21,18 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from agent.errors import AgentError, Code, Conflict, MigrationFailed, NotFound, ServiceStopping
+from agent.errors import (
+    AgentError,
+    Code,
+    Conflict,
+    LimitsNotApplied,
+    MigrationFailed,
+    NotFound,
+    ServiceStopping,
+)
 from agent.migration import runner
 from agent.migration.engine import EngineFactory
+from agent.migration.limits import pending_view
 from agent.migration.request import MigrationRequest, Tuning
 from agent.tasks.context import RunContext
 from agent.tasks.holds import PhaseHolds
@@ -35,6 +44,12 @@ from agent.tasks.records import new_record, task_from_record
 from agent.tasks.task import Task
 
 log = logging.getLogger(__name__)
+
+MIB = 1024 * 1024
+#: How long a PATCH waits for QEMU to take the new limits before it answers 503.
+RETUNE_APPLY_S = 10.0
+#: States in which the streams a retune governs have ended (the switch is under way).
+_PAST_THE_STREAMS = frozenset({TaskState.SWITCHING, TaskState.VERIFYING})
 
 
 class TaskManager:
@@ -238,14 +253,38 @@ class TaskManager:
         return task
 
     async def retune(self, task_uuid: str, tuning: Tuning) -> Task:
-        """Change bandwidth and/or downtime of an active task; wakes ``ctx.tuning_changed()``."""
+        """Change bandwidth and/or downtime of an active task: journalled, then applied at once to the
+        streams that run (``LiveLimits.retune``: the task's details then show what QEMU reports), or taken
+        by the streams when they start. 409 once the streams it would govern have ended (the switch is under
+        way); 503 (``LimitsNotApplied``) when QEMU did not take it."""
         task = self.get(task_uuid)
         async with task.lock:
             if _settled(task):
                 raise Conflict(
                     f"task {task.uuid} is {task.state}; only a running task can be retuned", field="taskUuid"
                 )
+            if task.live_limits is None and task.state in _PAST_THE_STREAMS:
+                raise Conflict(
+                    f"task {task.uuid} is {task.state}: the streams a retune governs have ended",
+                    code=Code.LIMITS_TOO_LATE,
+                    field="taskUuid",
+                )
             await self.recorder.save_tuning(task, tuning.bandwidth, tuning.downTime)
+        limits = task.live_limits
+        bandwidth = task.tuning.bandwidth_mib
+        cap = bandwidth * MIB if bandwidth else None
+        if limits is None:
+            self.recorder.note(task, "limits", pending_view(cap, task.tuning.downtime_ms))
+        else:
+            try:
+                async with asyncio.timeout(RETUNE_APPLY_S):
+                    await limits.retune(cap=cap, downtime_ms=task.tuning.downtime_ms)
+            except TimeoutError as err:
+                raise LimitsNotApplied(
+                    f"QEMU did not take the new limits within {RETUNE_APPLY_S:.0f} s",
+                    details="libvirt or QEMU answers late; the agent applies them at its next step",
+                    field="bandwidth" if tuning.bandwidth is not None else "downTime",
+                ) from err
         return task
 
     # -- driving a task ------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from agent.migration.limits import LiveLimits
 from agent.migration.request import MigrationRequest
 from agent.tasks.model import TaskState
 from agent.tasks.progress import ProgressTracker
@@ -63,6 +64,8 @@ class Task:
     tracker: ProgressTracker = field(default_factory=ProgressTracker)
     cancel_requested: bool = False
     tuning_generation: int = 0
+    #: The running migration's limits while its streams exist (``ctx.attach_limits``): a PATCH applies there.
+    live_limits: LiveLimits | None = field(default=None, repr=False)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
     _changed: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
     _retuned: asyncio.Event = field(default_factory=asyncio.Event, repr=False)

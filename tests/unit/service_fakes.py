@@ -15,8 +15,9 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from agent.config import AgentConfig, parse_config
-from agent.errors import AgentError, NotFound
+from agent.errors import AgentError, NotFound, VirtError
 from agent.migration.engine import Engine, TaskContext
+from agent.migration.limits import Effective, LiveLimits, Targets
 from agent.migration.request import MigrationRequest
 from agent.tasks.model import TaskState
 
@@ -84,12 +85,56 @@ class Script:
     crash: Exception | None = None
     factory_error: Exception | None = None
     wait_tuning: bool = False
+    streams: Any = None  # a ``limits.Streams``: the engine attaches its ``LiveLimits`` while COPYING
+    switch_gate: asyncio.Event | None = None  # when set: the engine waits for it while SWITCHING
     started: asyncio.Event = field(default_factory=asyncio.Event)
     cancelled: list[bool] = field(default_factory=list)  # ctx.detaching at each CancelledError
     tuned: list[tuple[int | None, int]] = field(default_factory=list)
     bandwidth_seen: list[int | None] = field(default_factory=list)  # ctx.bandwidth at each start (bytes/s)
     calls: list[tuple[str, bool]] = field(default_factory=list)  # (vm_uuid, resume)
     resume_data_seen: list[Any] = field(default_factory=list)
+
+
+MiB = 1024 * 1024
+
+
+class FakeStreams:
+    """Knobs in memory: ``qemu`` is what QEMU holds; ``fail`` knobs raise that many times."""
+
+    def __init__(self) -> None:
+        self.qemu = Effective(disks={"vda": MiB, "vdb": MiB}, has_stream=True, stream=2 * MiB, downtime_ms=50)
+        self.calls: list[tuple[str, int | None]] = []
+        self.fail: dict[str, int] = {}
+        self.asked: list[tuple[int | None, int]] = []
+        self.gate: asyncio.Event | None = None
+
+    def targets(self, budget: int | None, downtime_ms: int) -> Targets:
+        self.asked.append((budget, downtime_ms))
+        disk = 0 if budget is None else budget // 2
+        return Targets(disks={"vda": disk, "vdb": disk}, stream=budget, downtime_ms=downtime_ms)
+
+    async def _call(self, knob: str, value: int | None) -> None:
+        self.calls.append((knob, value))
+        if self.gate is not None:
+            await self.gate.wait()
+        if self.fail.get(knob, 0) > 0:
+            self.fail[knob] -= 1
+            raise VirtError(f"libvirt: cannot set {knob}")
+
+    async def set_disk_speed(self, target: str, bytes_per_s: int) -> None:
+        await self._call(target, bytes_per_s)
+        self.qemu = self.qemu.merged(Effective(disks={target: bytes_per_s}))
+
+    async def set_stream_speed(self, bytes_per_s: int | None) -> None:
+        await self._call("stream", bytes_per_s)
+        self.qemu = self.qemu.merged(Effective(has_stream=True, stream=bytes_per_s))
+
+    async def set_downtime(self, ms: int) -> None:
+        await self._call("downtime", ms)
+        self.qemu = self.qemu.merged(Effective(downtime_ms=ms))
+
+    async def read(self) -> Effective:
+        return self.qemu
 
 
 class FakeEngine:
@@ -110,6 +155,8 @@ class FakeEngine:
                 await ctx.enter(TaskState.PREPARING)
                 await ctx.checkpoint({"step": "prepared"})
                 await ctx.enter(TaskState.COPYING, "copying disks")
+            if script.streams is not None:
+                ctx.attach_limits(LiveLimits(ctx, script.streams))
             total = script.item_bytes
             for step in range(1, script.steps + 1):
                 ctx.progress("vol-root", total * step // script.steps, total)
@@ -125,7 +172,10 @@ class FakeEngine:
             if script.fail is not None:
                 raise script.fail
             ctx.progress("memory", 500, 500)
+            ctx.attach_limits(None)
             await ctx.enter(TaskState.SWITCHING)
+            if script.switch_gate is not None:
+                await script.switch_gate.wait()
             ctx.note("downtimeMs", 42)
             await ctx.enter(TaskState.VERIFYING)
         except asyncio.CancelledError:

@@ -157,6 +157,11 @@ class ConvergenceController:
             self._policy = dataclasses.replace(self._policy, bandwidth=bandwidth)
             self._retuned_bandwidth = True
 
+    def take_retune(self, sample: MigrationSample) -> list[Action]:
+        """The actions a retune calls for now (those ``observe`` would begin with), for a caller that applies
+        a live change at once (``agent.migration.limits``); ``sample``: the latest reading."""
+        return self._log(self._apply_retune(sample))
+
     def observe(self, sample: MigrationSample) -> list[Action]:
         """Actions to apply after this sample (often none)."""
         out: list[Action] = []

@@ -1,5 +1,6 @@
 """Steering a running migration, one tick at a time: progress, the disk mirrors' pacing, a stall, and the
-convergence controller's actions on the memory phase."""
+convergence controller's actions on the memory phase. Every limit it changes goes through the migration's
+``LiveLimits`` (``agent.migration.limits``), which a PATCH uses too."""
 
 from __future__ import annotations
 
@@ -13,10 +14,18 @@ import libvirt
 
 from agent.errors import AgentError, Code, MigrationFailed
 from agent.migration import convergence, hotdisk
-from agent.migration.crosshost.params import MiB, first_mirror_speed
+from agent.migration.crosshost.streams import MigrationStreams, job_device, stream_target
 from agent.migration.engine import TaskContext
-from agent.migration.pacer import BY_REMAINING, JobFigures, MirrorPacer, PacedMirror, judge_budget
-from agent.migration.pacing import AllocationIndex, SteeringClock
+from agent.migration.limits import LiveLimits, Targets
+from agent.migration.pacer import (
+    BY_REMAINING,
+    FIGURES_EVERY_S,
+    JobFigures,
+    MirrorPacer,
+    PacedMirror,
+    judge_budget,
+)
+from agent.migration.pacing import UNLIMITED_SPEED, AllocationIndex, SteeringClock
 from agent.migration.plan import MigrationPlan
 from agent.migration.request import Strategy
 from agent.migration.states import TaskState
@@ -47,11 +56,10 @@ class Steering:
         self.ctx = ctx
         self.plan = plan
         self.controller = controller
-        # libvirt starts every mirror at the migration's bandwidth (migration_params).
-        first = first_mirror_speed(ctx.bandwidth, plan) if ctx.bandwidth else 0
+        # Each mirror's speed in effect is read from QEMU every tick (libvirt starts them at the migration's
+        # bandwidth when it began, which a PATCH may have changed since).
         self.mirrors = {
-            d.target: PacedMirror(d.target, indexes[d.target], d.virtual_size, speed=first)
-            for d in plan.disks
+            d.target: PacedMirror(d.target, indexes[d.target], d.virtual_size) for d in plan.disks
         }
         # Speed changes go through libvirt's QMP passthrough: they run in the background, one per disk at a
         # time, and speeds are planned for as long as changes are seen to take (a busy libvirtd answers late).
@@ -64,9 +72,26 @@ class Steering:
         self.verdict: AgentError | None = None
         self.decisions: list[dict[str, Any]] = []
         self.samples = 0
-        self.aliases: dict[str, str] = {}
         self.last_counter = -1
         self.last_moved_at = time.monotonic()
+        self.streams = MigrationStreams(
+            host, ctx, self.pacer, controller, {}, last_reading=lambda: self.last_reading, on_note=self._note
+        )
+        self.limits = LiveLimits(ctx, self.streams)
+        self.pacer.limits = self.limits
+        # Made and attached with no await between: a PATCH journalled meanwhile is either read by the limits
+        # (ctx.bandwidth) or applied through them.
+        ctx.attach_limits(self.limits)
+        self._stream_read_at = 0.0
+
+    @property
+    def aliases(self) -> dict[str, str]:
+        """target -> libvirt's alias of the disk, which names its mirror job."""
+        return dict(self.streams.aliases)
+
+    @aliases.setter
+    def aliases(self, aliases: Mapping[str, str]) -> None:
+        self.streams.aliases = dict(aliases)
 
     def watch_disks(
         self, written: Mapping[str, int], rates: Mapping[str, float], write_blocking: bool
@@ -102,15 +127,27 @@ class Steering:
         if int(stats.get("memory_iteration", 0)) >= 1 and not self.memory_phase:
             self.memory_phase = True
             self.pacer.counting = False  # the disks' budget is judged on their own phase
-            if self.ctx.bandwidth and len(self.plan.disks) > 1:  # the disks started at one share each
-                with contextlib.suppress(AgentError):
-                    await self.host.set_migration_speed(self.ctx.vm_uuid, max(1, self.ctx.bandwidth // MiB))
             await self.ctx.enter(TaskState.CONVERGING)
+        await self._stream()
         sample = convergence.MigrationSample.from_job_stats(stats, time.monotonic())
         self.last_reading = sample
-        self.controller.retune(max_downtime_ms=self.ctx.downtime_ms, bandwidth=self.ctx.bandwidth)
+        self.controller.retune(max_downtime_ms=self.limits.downtime_ms, bandwidth=self.limits.budget)
         for action in self.controller.observe(sample):
             await self._apply(action)
+
+    async def _stream(self) -> None:
+        """The migration stream carries the whole budget (libvirt started it, and every mirror, at one
+        share); its speed and the downtime are read back from QEMU about once a second."""
+        now = time.monotonic()
+        if now - self._stream_read_at < FIGURES_EVERY_S:
+            return
+        self._stream_read_at = now
+        limits = self.limits
+        try:
+            limits.observe(await self.streams.read_stream())
+        except AgentError as err:
+            self.ctx.log.debug("limits: query-migrate-parameters failed: %s", err.description)
+        await limits.apply(Targets(stream=stream_target(limits.budget)), limits.generation)
 
     async def _watch_for_stall(self, stats: Mapping[str, Any]) -> None:
         counter = sum(
@@ -143,15 +180,18 @@ class Steering:
         except AgentError as err:
             self.ctx.log.debug("disk steering: query-block-jobs failed: %s", err.description)
             return
-        # libvirt names a migration's mirror jobs after the disk's alias: "drive-virtio-disk0".
         by_device = {str(job.get("device", "")): job for job in jobs or []}
-        by_disk: dict[str, dict[str, Any]] = {}
-        for target, alias in self.aliases.items():
-            job = by_device.get(f"drive-{alias}") or by_device.get(alias)
+        by_disk: dict[str, Mapping[str, Any]] = {}
+        for target, alias in self.streams.aliases.items():
+            job = job_device(by_device, alias)
             if job is not None:
                 by_disk[target] = job
         if not by_disk:
             return
+        effective = self.streams.disks_of(jobs)
+        self.limits.observe(effective)
+        for target, in_effect in effective.disks.items():
+            self.mirrors[target].speed = in_effect  # what QEMU runs it at, not what was asked
         sampled = time.monotonic()
         pacer = self.pacer
         writes: dict[str, int] = {}
@@ -159,7 +199,6 @@ class Steering:
             with contextlib.suppress(AgentError):
                 writes = await self.host.block_writes(self.ctx.vm_uuid, list(pacer.watches))
         figures: dict[str, JobFigures] = {}
-        devices: dict[str, str] = {}
         for disk in self.plan.disks:
             job = by_disk.get(disk.target)
             if job is None:
@@ -174,7 +213,7 @@ class Steering:
                 )
                 return
             figures[disk.target] = JobFigures(int(job["offset"]), int(job["len"]), bool(job.get("ready")))
-            devices[disk.target] = str(job["device"])
+            self.streams.devices[disk.target] = str(job["device"])
         samples = pacer.observe(sampled, figures, writes)
         shares = pacer.shares(samples)
         pacer.figures(sampled, shares)
@@ -182,14 +221,15 @@ class Steering:
         if losing and self.verdict is None:
             await self._give_up(self._disk_verdict(losing[0], shares))
             return
+        generation = self.limits.generation  # the budget the shares were made under
         for target, sample in samples.items():
             speed = pacer.next_speed(target, sample, shares.get(target))
             pending = self.changing.get(target)
             if speed is not None and (pending is None or pending.done()):
-                self.changing[target] = asyncio.create_task(self._set_speed(target, devices[target], speed))
+                self.changing[target] = asyncio.create_task(self._set_speed(target, speed, generation))
 
     def _disk_verdict(self, target: str, shares: Mapping[str, int | None]) -> AgentError:
-        watch, share, budget = self.mirrors[target].watch, shares[target], self.ctx.bandwidth
+        watch, share, budget = self.mirrors[target].watch, shares[target], self.pacer.budget
         assert watch is not None and share is not None and budget is not None
         hint = (
             None
@@ -198,15 +238,14 @@ class Steering:
         )
         return hotdisk.disk_verdict(watch, share, budget, len(self.pacer.watches), hint=hint)
 
-    async def _set_speed(self, target: str, device: str, speed: int) -> None:
-        asked = time.monotonic()
-        with contextlib.suppress(AgentError):
-            await self.host.qmp(self.ctx.vm_uuid, "block-job-set-speed", {"device": device, "speed": speed})
-            self.mirrors[target].speed = speed
-        self.pacer.clock.landed(time.monotonic() - asked)
+    async def _set_speed(self, target: str, speed: int, generation: int) -> None:
+        """In the background: a busy libvirtd answers QMP late, and the tick must go on meanwhile."""
+        await self.limits.apply(Targets(disks={target: speed}), generation)
 
     async def close(self) -> None:
-        """The job is over: speed changes still on their way are of no use; cancelled and awaited."""
+        """The job is over: speed changes still on their way are of no use; cancelled and awaited. A PATCH
+        from here on has no stream to apply to."""
+        self.ctx.attach_limits(None)
         pending = list(self.changing.values())
         for task in pending:
             task.cancel()
@@ -214,17 +253,20 @@ class Steering:
         await asyncio.gather(*pending, return_exceptions=True)
         self.changing.clear()
 
+    def _note(self, note: convergence.Note) -> None:
+        self.ctx.log.info("convergence: %s %s", note.message, note.figures)
+        self.decisions.append({"message": note.message, **dict(note.figures)})
+        self.ctx.note("decisions", self.decisions[-20:])
+
     async def _apply(self, action: convergence.Action) -> None:
         vm = self.ctx.vm_uuid
         if isinstance(action, convergence.Note):
-            self.ctx.log.info("convergence: %s %s", action.message, action.figures)
-            self.decisions.append({"message": action.message, **dict(action.figures)})
-            self.ctx.note("decisions", self.decisions[-20:])
+            self._note(action)
         elif isinstance(action, convergence.SetDowntime):
-            await self.host.set_max_downtime(vm, action.ms)
+            await self.limits.apply(Targets(downtime_ms=action.ms))
         elif isinstance(action, convergence.SetBandwidth):
-            if self.memory_phase:
-                await self.host.set_migration_speed(vm, max(1, action.bytes_per_s // MiB))
+            speed = None if action.bytes_per_s >= UNLIMITED_SPEED else action.bytes_per_s
+            await self.limits.apply(Targets(stream=stream_target(speed)), self.limits.generation)
         elif isinstance(action, convergence.StartPostCopy):
             self.ctx.log.warning("switching to post-copy: from here a failure cannot roll back")
             await self.host.start_postcopy(vm)

@@ -12,11 +12,13 @@ from agent.errors import AgentError, Code, MigrationFailed, NotFound, VirtError
 from agent.migration import hotdisk
 from agent.migration.engine import Step, TaskContext
 from agent.migration.hotdisk import DiskWatch, Mode
+from agent.migration.limits import Effective, LiveLimits, Targets
 from agent.migration.pacer import EQUAL_SHARES, JobFigures, MirrorPacer, judge_budget
 from agent.migration.pacing import SteeringClock
 from agent.migration.plan import allocation_index
 from agent.migration.request import Strategy
 from agent.migration.samehost.mirrors import on_event, restart_write_blocking, start_mirror
+from agent.migration.samehost.streams import BlockJobStreams
 from agent.migration.samehost.work import LIBVIRT_OUTAGE_S, Mirror, Work
 from agent.virt.domxml import parse_disks
 from agent.virt.host import UNREACHABLE, DomainEvent, VirtHost
@@ -79,11 +81,31 @@ async def _measure_writes(host: VirtHost, ctx: TaskContext, work: Work) -> None:
 async def pace(
     host: VirtHost, ctx: TaskContext, work: Work, events: asyncio.Queue[DomainEvent], *, tick_s: float
 ) -> None:
-    """Steer every mirror's speed from its allocation map until all are READY. A libvirtd restart is
-    waited out (the mirrors run on in QEMU); a VM shut down under the copy is ``AGENT.VM_STOPPED``."""
+    """Steer every mirror's speed from its allocation map until all are READY, every change through the
+    move's ``LiveLimits`` (which a PATCH uses meanwhile). A libvirtd restart is waited out (the mirrors run
+    on in QEMU); a VM shut down under the copy is ``AGENT.VM_STOPPED``."""
+    streams = BlockJobStreams(host, ctx, work)
+    limits = LiveLimits(ctx, streams)
+    ctx.attach_limits(limits)  # no await since the limits read ctx.bandwidth: no PATCH falls between
+    try:
+        await _pace(host, ctx, work, events, limits, streams, tick_s=tick_s)
+    finally:
+        ctx.attach_limits(None)
+
+
+async def _pace(
+    host: VirtHost,
+    ctx: TaskContext,
+    work: Work,
+    events: asyncio.Queue[DomainEvent],
+    limits: LiveLimits,
+    streams: BlockJobStreams,
+    *,
+    tick_s: float,
+) -> None:
     while True:
         try:
-            await _pace_until_ready(host, ctx, work, events, tick_s=tick_s)
+            await _pace_until_ready(host, ctx, work, events, limits, streams, tick_s=tick_s)
             return
         except VirtError as err:
             if err.code != UNREACHABLE:
@@ -122,13 +144,21 @@ async def raise_if_stopped(host: VirtHost, ctx: TaskContext, err: AgentError | N
 
 
 async def _pace_until_ready(
-    host: VirtHost, ctx: TaskContext, work: Work, events: asyncio.Queue[DomainEvent], *, tick_s: float
+    host: VirtHost,
+    ctx: TaskContext,
+    work: Work,
+    events: asyncio.Queue[DomainEvent],
+    limits: LiveLimits,
+    streams: BlockJobStreams,
+    *,
+    tick_s: float,
 ) -> None:
     last_xml_check = 0.0
     # A speed that crosses a hole must be replaced before the job reaches the data behind it: when libvirt
     # answers late (another task's slow calls, a busy host), plan for the gaps seen between samples.
     clock = SteeringClock(tick_s, first_s=tick_s, margin=1.0)
-    pacer = MirrorPacer(ctx, EQUAL_SHARES, clock, work.mirrors, work.meter, work.rates)
+    pacer = MirrorPacer(ctx, EQUAL_SHARES, clock, work.mirrors, work.meter, work.rates, limits=limits)
+    streams.pacer = pacer
     may_block = ctx.request.primaryStorageMigrateVm.strategy is not Strategy.PRECOPY
     while True:
         deadline = time.monotonic() + tick_s
@@ -141,6 +171,7 @@ async def _pace_until_ready(
         sampled = time.monotonic()
         writes = await host.block_writes(ctx.vm_uuid, list(work.mirrors))
         jobs: dict[str, JobFigures] = {}
+        in_effect: dict[str, int] = {}
         for target, mirror in work.mirrors.items():
             job = await host.block_job(ctx.vm_uuid, target)
             if job is None:
@@ -150,15 +181,19 @@ async def _pace_until_ready(
                     details="libvirt or QEMU ended the job; see the libvirt log",
                 )
             jobs[target] = JobFigures(job.cur, job.end, mirror.ready)  # READY comes from events and the XML
+            in_effect[target] = mirror.speed = job.bandwidth  # what QEMU runs it at, not what was asked
+        limits.observe(Effective(disks=in_effect, read_at=time.time()))
+        generation = limits.generation  # the budget the shares are made under
         samples = pacer.observe(sampled, jobs, writes)
         shares = pacer.shares(samples)
         losing = pacer.losing(shares, sampled)
         for target, mirror in work.mirrors.items():
             share = shares.get(target)
             if target in losing:
-                assert mirror.watch is not None and share is not None and ctx.bandwidth is not None
+                budget = pacer.budget
+                assert mirror.watch is not None and share is not None and budget is not None
                 if not may_block:
-                    raise hotdisk.disk_verdict(mirror.watch, share, ctx.bandwidth, len(work.mirrors))
+                    raise hotdisk.disk_verdict(mirror.watch, share, budget, len(work.mirrors))
                 work.decide(
                     ctx,
                     f"{target} losing at its share: its mirror restarts in write-blocking mode",
@@ -171,8 +206,7 @@ async def _pace_until_ready(
                 continue
             speed = pacer.next_speed(target, samples[target], share)
             if speed is not None:
-                await host.set_block_job_speed(ctx.vm_uuid, target, speed)
-                mirror.speed = speed
+                await limits.apply(Targets(disks={target: speed}), generation)
         pacer.figures(sampled, shares)
         if all(m.ready for m in work.mirrors.values()):
             for mirror in work.mirrors.values():

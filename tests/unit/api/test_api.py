@@ -20,6 +20,7 @@ from service_fakes import (
     Client,
     FakeFactory,
     FakeInventory,
+    FakeStreams,
     Script,
     body,
     eventually,
@@ -406,7 +407,10 @@ async def test_cancel_running_and_retune(aiohttp_client: Any, tmp_path: Path) ->
     await wait_state(client, task["taskUuid"], "COPYING")
     resp = await client.patch(url, json={"bandwidth": 5, "downTime": 1000}, headers=AUTH)
     assert resp.status == 200
-    assert (await resp.json())["tuning"] == {"bandwidth": 5, "downTime": 1000}
+    answer = await resp.json()
+    assert answer["tuning"] == {"bandwidth": 5, "downTime": 1000}
+    limits = answer["details"]["limits"]  # no stream runs in the fake engine: what the next ones start with
+    assert limits["effective"] is None and limits["budgetBytesPerSecond"] == 5 * 1024 * 1024
     await assert_error(
         await client.patch(url, json={}, headers=AUTH), 400, "AGENT.INVALID_REQUEST", "bandwidth"
     )
@@ -422,6 +426,55 @@ async def test_cancel_running_and_retune(aiohttp_client: Any, tmp_path: Path) ->
     assert [s["state"] for s in view["states"]][-2:] == ["CANCELLING", "CANCELLED"]
     await assert_error(await client.patch(url, json={"bandwidth": 5}, headers=AUTH), 409, "AGENT.CONFLICT")
     assert (await client.post(f"{url}/cancel", headers=AUTH)).status == 202
+
+
+async def test_a_retune_answers_with_the_limits_qemu_reports_after_it(
+    aiohttp_client: Any, tmp_path: Path
+) -> None:
+    script = Script(gate=asyncio.Event(), streams=FakeStreams())
+    client = await start(aiohttp_client, tmp_path, script)
+    task = await (await client.post(MIGRATE.format(VM_1), json=body(), headers=AUTH)).json()
+    await wait_state(client, task["taskUuid"], "COPYING")
+    resp = await client.patch(
+        f"/v1/tasks/{task['taskUuid']}", json={"bandwidth": 0, "downTime": 700}, headers=AUTH
+    )
+    assert resp.status == 200
+    limits = (await resp.json())["details"]["limits"]
+    assert limits["asked"]["bandwidthBytesPerSecond"] is None and limits["budgetBytesPerSecond"] is None
+    effective = limits["effective"]
+    assert effective["disks"] == {"vda": {"bytesPerSecond": 0}, "vdb": {"bytesPerSecond": 0}}
+    assert effective["migrationBytesPerSecond"] is None and effective["downtimeLimitMs"] == 700
+    script.gate.set()  # type: ignore[union-attr]
+    await wait_state(client, task["taskUuid"], "SUCCEEDED")
+
+
+async def test_a_retune_qemu_refuses_is_503_and_one_after_the_streams_is_409(
+    aiohttp_client: Any, tmp_path: Path
+) -> None:
+    streams = FakeStreams()
+    streams.fail = {"vdb": 2}
+    script = Script(gate=asyncio.Event(), streams=streams, switch_gate=asyncio.Event())
+    client = await start(aiohttp_client, tmp_path, script)
+    task = await (await client.post(MIGRATE.format(VM_1), json=body(), headers=AUTH)).json()
+    url = f"/v1/tasks/{task['taskUuid']}"
+    await wait_state(client, task["taskUuid"], "COPYING")
+    error = await assert_error(
+        await client.patch(url, json={"bandwidth": 0}, headers=AUTH),
+        503,
+        "AGENT.LIMITS_NOT_APPLIED",
+        "bandwidth",
+    )
+    assert "disk vdb to 0" in error["description"]
+    limits = (await (await client.get(url, headers=AUTH)).json())["details"]["limits"]
+    assert limits["effective"]["disks"]["vdb"] == {"bytesPerSecond": 1024 * 1024}  # what QEMU still runs
+    assert limits["failedChanges"] == 2 and limits["unapplied"][0]["knob"] == "disk vdb"
+    script.gate.set()  # type: ignore[union-attr]
+    await wait_state(client, task["taskUuid"], "SWITCHING")
+    await assert_error(
+        await client.patch(url, json={"bandwidth": 5}, headers=AUTH), 409, "AGENT.LIMITS_TOO_LATE"
+    )
+    script.switch_gate.set()  # type: ignore[union-attr]
+    await wait_state(client, task["taskUuid"], "SUCCEEDED")
 
 
 async def test_outgoing_limit_queues_over_http(aiohttp_client: Any, tmp_path: Path) -> None:

@@ -63,6 +63,9 @@ class Ctx:
     def note(self, key: str, value: Any) -> None:
         self.notes[key] = value
 
+    def attach_limits(self, limits: Any) -> None:
+        self.limits = limits
+
 
 class FakeHost:
     def __init__(self, jobs: list[dict[str, Any]]) -> None:

@@ -114,6 +114,9 @@ class FakeContext:
     def note(self, key: str, value: Any) -> None:
         self.notes[key] = value
 
+    def attach_limits(self, limits: Any) -> None:
+        self.limits = limits
+
     async def tuning_changed(self) -> None:
         await asyncio.Event().wait()
 

@@ -62,6 +62,7 @@ class Ctx:
     def __init__(self, bandwidth: int | None = None, strategy: str = "auto") -> None:
         self.vm_uuid = VM
         self.bandwidth = bandwidth
+        self.downtime_ms = 300
         self.request = MigrationRequest.model_validate(
             {"primaryStorageMigrateVm": {"dstPrimaryStorageUuid": STORAGE, "strategy": strategy}}
         )
@@ -80,6 +81,9 @@ class Ctx:
 
     def note(self, key: str, value: Any) -> None:
         self.notes[key] = value
+
+    def attach_limits(self, limits: Any) -> None:
+        self.limits = limits
 
     async def checkpoint(self, data: dict[str, Any]) -> None:
         self.checkpoints.append(dict(data))
