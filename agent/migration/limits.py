@@ -30,6 +30,13 @@ unit tested, tests/unit/migration/test_limits.py):
    ``LimitsNotApplied`` (HTTP 503) naming each knob, value and error.
 6. The effective limits are what QEMU reports: read back after every ``retune``, and with the progress
    (``observe`` from the engine's own reads, ``refresh``); in the task's details under ``limits``.
+
+Where to find one: while a move's streams run, its engine attaches its ``LiveLimits`` to the task
+(``ctx.attach_limits``; ``Task.live_limits`` in ``agent.tasks``), and detaches it when they end. A caller
+outside the engine (a PATCH in ``TaskManager.retune``; the host budget) awaits ``live_limits.retune(...)``
+with a timeout of its own. Before the streams start (and between two runs of them) there is none: the
+engine reads ``ctx.bandwidth`` when it starts them, and builds its ``LiveLimits`` from it (a host share
+meant for a task that has not started yet must reach it the same way, before the streams start).
 """
 
 from __future__ import annotations
