@@ -332,6 +332,7 @@ class LiveLimits:
                     continue
                 # Until the next reading, QEMU took what it answered to without an error.
                 self.effective = self.effective.merged(landed())
+                self._note()
                 return None
             failed = Unapplied(knob, value, error, time.time())
             self.unapplied = [*self.unapplied, failed][-KEEP_UNAPPLIED:]

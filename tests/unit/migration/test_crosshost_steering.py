@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from agent.errors import MigrationFailed
+from agent.errors import MigrationFailed, VirtError
 from agent.migration import convergence
 from agent.migration.crosshost.steering import Steering
 from agent.migration.pacing import AllocationIndex
@@ -74,6 +74,8 @@ class FakeHost:
         self.aborted = 0
         self.speed_calls = asyncio.Event()
         self.release = asyncio.Event()
+        self.fail = 0  # speed changes that fail before one succeeds
+        self.tries = 0
 
     async def qmp(self, vm_uuid: str, command: str, arguments: dict[str, Any] | None = None) -> Any:
         if command == "query-block-jobs":
@@ -81,6 +83,10 @@ class FakeHost:
         assert command == "block-job-set-speed" and arguments is not None
         self.speed_calls.set()
         await self.release.wait()  # a busy libvirtd: the change is still on its way
+        self.tries += 1
+        if self.fail:
+            self.fail -= 1
+            raise VirtError("libvirt: the job is busy")
         self.set.append((arguments["device"], arguments["speed"]))
         return {}
 
@@ -165,3 +171,42 @@ async def test_the_disks_budget_counts_only_their_own_phase(memory_phase: bool) 
     await steer._disks()
     await steer.close()
     assert steer.pacer.meter.bytes == (0 if memory_phase else 40 * MiB)
+
+
+async def test_a_cap_lifted_before_the_first_tick_is_lifted_in_qemu() -> None:
+    """libvirt started the mirrors at 1 MiB/s; the cap was lifted before the steering began (issue 27): the
+    speed in effect is the one QEMU reports, so the mirrors are set to 0 (no limit)."""
+    host = FakeHost(
+        [
+            job("drive-virtio-disk0", 0, 300 * MiB, speed=MiB),
+            job("drive-virtio-disk1", 0, 100 * MiB, speed=MiB),
+        ]
+    )
+    host.release.set()
+    ctx = Ctx(bandwidth=None)
+    steer = steering(host, ctx)
+    await steer._disks()
+    await asyncio.gather(*steer.changing.values())
+    await steer.close()
+    assert sorted(host.set) == [("drive-virtio-disk0", 0), ("drive-virtio-disk1", 0)]
+    assert ctx.notes["limits"]["effective"]["disks"] == {
+        "vda": {"bytesPerSecond": 0},
+        "vdb": {"bytesPerSecond": 0},
+    }
+
+
+async def test_a_failed_speed_change_is_logged_retried_once_and_counted(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    host = FakeHost([job("drive-virtio-disk0", 0, 300 * MiB, speed=MiB)])
+    host.release.set()
+    host.fail = 2
+    ctx = Ctx(bandwidth=None)
+    steer = steering(host, ctx)
+    await steer._disks()
+    await asyncio.gather(*steer.changing.values())
+    await steer.close()
+    assert host.tries == 2 and host.set == []
+    assert any("disk vda to 0 failed (attempt 2 of 2)" in r.getMessage() for r in caplog.records)
+    limits = ctx.notes["limits"]
+    assert limits["failedChanges"] == 2 and limits["effective"]["disks"]["vda"] == {"bytesPerSecond": MiB}
