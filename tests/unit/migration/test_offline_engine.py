@@ -270,3 +270,22 @@ async def test_the_engine_only_creates_files_inside_a_storage_root(tmp_path: Pat
         await s.engine._record(ctx, data, str(tmp_path / "elsewhere.qcow2"))
 
     assert data["created"] == [] and ctx.checkpoints == []
+
+
+async def test_a_retune_reaches_the_rate_the_copies_read_and_the_view_says_so(tmp_path: Path) -> None:
+    """A stopped VM's files are moved by the agent: its limiter reads the budget of the move's LiveLimits for
+    every chunk (issue 27), so a PATCH while it copies changes the rate at once."""
+    s = setup(tmp_path)
+    ctx = FakeContext(request(withSnapshots=True))
+    seen: list[Any] = []
+    real = s.engine._copy_file
+
+    async def copy_file(c: Any, data: dict[str, Any], layer: Any) -> None:
+        view = await ctx.limits.retune(cap=5 * 1024 * 1024)
+        seen.append((s.engine._rate(ctx), view["effective"]["agentTransferBytesPerSecond"]))
+        await real(c, data, layer)
+
+    s.engine._copy_file = copy_file  # type: ignore[method-assign]
+    await s.engine.run(ctx)
+    assert seen and all(rate == (5 * 1024 * 1024, 5 * 1024 * 1024) for rate in seen)
+    assert ctx.limits is None  # detached once the copies ended
