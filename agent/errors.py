@@ -26,7 +26,7 @@ code used anywhere in agent/ that is not registered here.
 from __future__ import annotations
 
 import enum
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 
 class Code(enum.StrEnum):
@@ -39,6 +39,11 @@ class Code(enum.StrEnum):
         member._value_ = value
         member.meaning = meaning
         return member
+
+    @classmethod
+    def known(cls, value: object) -> Code | None:
+        """The member whose value this is; None for a code this agent does not register."""
+        return next((code for code in cls if code.value == value), None)
 
     # The agent itself
     INTERNAL = "AGENT.INTERNAL", "a bug in the agent; the details name the exception"
@@ -172,13 +177,20 @@ class Code(enum.StrEnum):
     )
 
 
+@runtime_checkable
+class ErrorCodeCarrier(Protocol):
+    """An error that carries another agent's ErrorCode (``agent.client.ClientError``): shown as it came."""
+
+    def to_error_code(self) -> dict[str, Any]: ...
+
+
 class AgentError(Exception):
     """Root of every error the agent raises on purpose."""
 
-    code = "AGENT.INTERNAL"
+    code: Code = Code.INTERNAL
     http_status = 500
 
-    def __init_subclass__(cls, *, code: str | None = None, http_status: int | None = None) -> None:
+    def __init_subclass__(cls, *, code: Code | None = None, http_status: int | None = None) -> None:
         super().__init_subclass__()
         if code is not None:
             cls.code = code
@@ -191,7 +203,7 @@ class AgentError(Exception):
         *,
         details: str | None = None,
         field: str | None = None,
-        code: str | None = None,
+        code: Code | None = None,
         **extra: Any,
     ) -> None:
         super().__init__(description)
@@ -221,10 +233,10 @@ def _cause_of(err: BaseException) -> dict[str, Any] | None:
     cause = err.__cause__
     if cause is None:
         return None
-    if isinstance(cause, AgentError):
+    if isinstance(cause, ErrorCodeCarrier):  # ours, or another agent's as it came
         return cause.to_error_code()
     return {
-        "code": "AGENT.CAUSE",
+        "code": Code.CAUSE,
         "description": f"{type(cause).__name__}: {cause}",
         "details": None,
         "cause": None,
@@ -233,43 +245,43 @@ def _cause_of(err: BaseException) -> dict[str, Any] | None:
 
 # The tree of the module docstring, one row a class: its stable code and the HTTP status it answers with
 # (without one, its base's).
-class InvalidRequest(AgentError, code="AGENT.INVALID_REQUEST", http_status=400): ...
+class InvalidRequest(AgentError, code=Code.INVALID_REQUEST, http_status=400): ...
 
 
-class StorageNotFound(InvalidRequest, code="AGENT.STORAGE_NOT_FOUND"): ...
+class StorageNotFound(InvalidRequest, code=Code.STORAGE_NOT_FOUND): ...
 
 
-class PathOutsideRoot(InvalidRequest, code="AGENT.PATH_OUTSIDE_ROOT"): ...
+class PathOutsideRoot(InvalidRequest, code=Code.PATH_OUTSIDE_ROOT): ...
 
 
-class Unauthorized(AgentError, code="AGENT.UNAUTHORIZED", http_status=401): ...
+class Unauthorized(AgentError, code=Code.UNAUTHORIZED, http_status=401): ...
 
 
-class NotFound(AgentError, code="AGENT.NOT_FOUND", http_status=404): ...
+class NotFound(AgentError, code=Code.NOT_FOUND, http_status=404): ...
 
 
-class Conflict(AgentError, code="AGENT.CONFLICT", http_status=409): ...
+class Conflict(AgentError, code=Code.CONFLICT, http_status=409): ...
 
 
-class PayloadTooLarge(AgentError, code="AGENT.PAYLOAD_TOO_LARGE", http_status=413): ...
+class PayloadTooLarge(AgentError, code=Code.PAYLOAD_TOO_LARGE, http_status=413): ...
 
 
-class ServiceStopping(AgentError, code="AGENT.STOPPING", http_status=503): ...
+class ServiceStopping(AgentError, code=Code.STOPPING, http_status=503): ...
 
 
-class LimitsNotApplied(AgentError, code="AGENT.LIMITS_NOT_APPLIED", http_status=503): ...
+class LimitsNotApplied(AgentError, code=Code.LIMITS_NOT_APPLIED, http_status=503): ...
 
 
-class PreflightFailed(AgentError, code="AGENT.PREFLIGHT_FAILED", http_status=409): ...
+class PreflightFailed(AgentError, code=Code.PREFLIGHT_FAILED, http_status=409): ...
 
 
-class MigrationFailed(AgentError, code="AGENT.MIGRATION_FAILED", http_status=500): ...
+class MigrationFailed(AgentError, code=Code.MIGRATION_FAILED, http_status=500): ...
 
 
-class ConvergenceFailed(MigrationFailed, code="AGENT.CONVERGENCE_FAILED"): ...
+class ConvergenceFailed(MigrationFailed, code=Code.CONVERGENCE_FAILED): ...
 
 
-class VirtError(AgentError, code="AGENT.LIBVIRT_ERROR", http_status=502): ...
+class VirtError(AgentError, code=Code.LIBVIRT_ERROR, http_status=502): ...
 
 
-class StorageError(AgentError, code="AGENT.STORAGE_ERROR", http_status=500): ...
+class StorageError(AgentError, code=Code.STORAGE_ERROR, http_status=500): ...

@@ -5,15 +5,15 @@ ClientError                the call did not give the answer asked for; carries `
  +- AgentUnreachable       no answer at all: refused, timed out, dropped halfway
  +- BadResponse            an answer that is not the API's (not JSON, wrong shape, not an event stream)
 
-``ClientError`` is an ``AgentError`` so that an agent calling a peer agent can wrap it
-(``raise MigrationFailed(...) from err``) and the peer's own ErrorCode shows up verbatim as the cause.
+Its ``code`` is the peer's own (or ``CLIENT.*`` for what the client saw itself), a plain string: this
+agent's ``Code`` registry does not list another agent's or the client's codes, so ``ClientError`` is not an
+``AgentError``. An agent calling a peer agent wraps it (``raise MigrationFailed(...) from err``) and the
+peer's own ErrorCode shows up verbatim as the cause (``to_error_code``).
 """
 
 from __future__ import annotations
 
 from typing import Any
-
-from agent.errors import AgentError
 
 from .models import ErrorCodeBody
 
@@ -21,20 +21,17 @@ from .models import ErrorCodeBody
 TRANSIENT_STATUSES = frozenset({502, 503, 504})
 
 
-class ClientError(AgentError):
+class ClientError(Exception):
     """A call to an agent failed; ``status`` is the HTTP status (None without an answer)."""
 
     code = "CLIENT.ERROR"
-    # What our own agent answers when it relays a peer's failure: the peer, not we, went wrong.
-    http_status = 502
 
     def __init__(self, error: ErrorCodeBody, status: int | None = None) -> None:
-        super().__init__(
-            error.get("description") or error.get("code") or "request failed",
-            details=error.get("details"),
-            field=error.get("field"),
-            code=error.get("code") or self.code,
-        )
+        self.description: str = error.get("description") or error.get("code") or "request failed"
+        super().__init__(self.description)
+        self.details = error.get("details")
+        self.field = error.get("field")
+        self.code = error.get("code") or self.code
         self.error = error
         self.status = status
 

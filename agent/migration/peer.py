@@ -38,7 +38,7 @@ async def peer_call(peer: AgentClient, method: str, segments: tuple[str, ...], b
             raise NotFound(f"destination agent: {error.get('description', err)}") from err
         raise MigrationFailed(
             f"destination agent refused {method} {'/'.join(segments)}: {error.get('description', err)}",
-            code=str(error.get("code") or Code.PEER_ERROR),
+            code=_known_code(error.get("code")),
             field=error.get("field"),
             details=error.get("details"),
         ) from err
@@ -48,3 +48,9 @@ async def peer_call(peer: AgentClient, method: str, segments: tuple[str, ...], b
             code=Code.PEER_UNREACHABLE,
             details="check dstHost.agentUrl, the token and the network",
         ) from err
+
+
+def _known_code(code: object) -> Code:
+    """The destination's code as this agent's ``Code``; one it does not know (another version, no code at all)
+    is ``PEER_ERROR``: the destination's body stays the cause."""
+    return Code.known(code) or Code.PEER_ERROR
