@@ -13,6 +13,7 @@ from agent.migration.request import MigrationRequest
 from agent.migration.samehost import SameHostEngine
 from agent.storage.roots import StorageRoots
 from agent.virt.host import VirtHost
+from agent.virt.states import DomainState
 
 
 def is_same_host(request: MigrationRequest, config: AgentConfig) -> bool:
@@ -34,7 +35,7 @@ class ByVmState:
             engine = self.offline if ctx.resume_data.get("engine") == "offline" else self.live
         else:
             state = await self.host.domain_state(ctx.vm_uuid)
-            engine = self.offline if state == "shutoff" else self.live
+            engine = self.offline if state == DomainState.SHUTOFF else self.live
         ctx.note("engine", engine.name)
         return await engine.run(ctx)
 

@@ -43,6 +43,7 @@ from agent.storage.roots import StorageRoots
 from agent.storage.space import check_free_space
 from agent.virt.domxml import parse_disks, rewrite_disk_sources
 from agent.virt.host import VirtHost
+from agent.virt.states import DomainState
 
 
 class OfflineEngine:
@@ -79,7 +80,7 @@ class OfflineEngine:
             )
         await ctx.enter(TaskState.PREPARING)
         state = await self.host.domain_state(ctx.vm_uuid)
-        if state != "shutoff":
+        if state != DomainState.SHUTOFF:
             raise PreflightFailed(
                 f"VM {ctx.vm_uuid} is {state}; an offline move needs it shut off", field="vmUuid"
             )

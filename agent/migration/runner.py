@@ -28,6 +28,7 @@ from typing import Any
 from agent.errors import AgentError, Code, MigrationFailed
 from agent.migration.engine import Engine, TaskContext
 from agent.migration.states import TaskState
+from agent.virt.states import DomainState
 
 log = logging.getLogger(__name__)
 
@@ -48,16 +49,16 @@ class Settlement(enum.Enum):
     KEEP_ALL = "keep all"  # nobody can tell: remove nothing anywhere; AGENT.VM_LOCATION_UNKNOWN
 
 
-def place_of(source_state: str | None, destination_state: str | None) -> Place:
+def place_of(source_state: DomainState | None, destination_state: DomainState | None) -> Place:
     """The rule, from each side's word on the VM (``running``, ``paused``, ``shutoff``, ``undefined``, or
     None when that side did not answer). An incoming migration shows as a *paused* domain on the destination
     until it switches over: only a running domain there, or one defined there while the source has none,
     means it arrived."""
-    if destination_state == "running":
+    if destination_state == DomainState.RUNNING:
         return Place.DESTINATION
-    if source_state not in (None, "undefined"):
+    if source_state not in (None, DomainState.UNDEFINED):
         return Place.SOURCE
-    if source_state == "undefined" and destination_state not in (None, "undefined"):
+    if source_state == DomainState.UNDEFINED and destination_state not in (None, DomainState.UNDEFINED):
         return Place.DESTINATION
     return Place.UNKNOWN
 

@@ -25,6 +25,7 @@ import libvirt
 
 from agent.errors import Code, NotFound, VirtError
 from agent.virt.events import ensure_event_loop
+from agent.virt.states import DomainState
 
 log = logging.getLogger(__name__)
 
@@ -35,14 +36,14 @@ UNREACHABLE = Code.LIBVIRT_UNREACHABLE
 T = TypeVar("T")
 
 _DOMAIN_STATES = {
-    libvirt.VIR_DOMAIN_NOSTATE: "nostate",
-    libvirt.VIR_DOMAIN_RUNNING: "running",
-    libvirt.VIR_DOMAIN_BLOCKED: "blocked",
-    libvirt.VIR_DOMAIN_PAUSED: "paused",
-    libvirt.VIR_DOMAIN_SHUTDOWN: "shutdown",
-    libvirt.VIR_DOMAIN_SHUTOFF: "shutoff",
-    libvirt.VIR_DOMAIN_CRASHED: "crashed",
-    libvirt.VIR_DOMAIN_PMSUSPENDED: "pmsuspended",
+    libvirt.VIR_DOMAIN_NOSTATE: DomainState.NOSTATE,
+    libvirt.VIR_DOMAIN_RUNNING: DomainState.RUNNING,
+    libvirt.VIR_DOMAIN_BLOCKED: DomainState.BLOCKED,
+    libvirt.VIR_DOMAIN_PAUSED: DomainState.PAUSED,
+    libvirt.VIR_DOMAIN_SHUTDOWN: DomainState.SHUTDOWN,
+    libvirt.VIR_DOMAIN_SHUTOFF: DomainState.SHUTOFF,
+    libvirt.VIR_DOMAIN_CRASHED: DomainState.CRASHED,
+    libvirt.VIR_DOMAIN_PMSUSPENDED: DomainState.PMSUSPENDED,
 }
 
 
@@ -69,9 +70,9 @@ class BlockJob:
     bandwidth: int  # bytes/s, 0 = unlimited
 
 
-def _domain_state(dom: Any) -> str:
+def _domain_state(dom: Any) -> DomainState:
     state, _reason = dom.state()
-    return _DOMAIN_STATES.get(state, "unknown")
+    return _DOMAIN_STATES.get(state, DomainState.UNKNOWN)
 
 
 class VirtHost:
@@ -232,7 +233,7 @@ class VirtHost:
 
         return await self.call(_list)
 
-    async def domain_state(self, vm_uuid: str) -> str:
+    async def domain_state(self, vm_uuid: str) -> DomainState:
         return await self.call_domain(vm_uuid, _domain_state)
 
     async def domain_name(self, vm_uuid: str) -> str:
@@ -411,7 +412,7 @@ def _alive(conn: Any) -> bool:
         return False
 
 
-def _code_for(err: Any) -> str:
+def _code_for(err: Any) -> Code:
     code = err.get_error_code()
     if code == libvirt.VIR_ERR_OPERATION_INVALID:
         return Code.LIBVIRT_OPERATION_INVALID

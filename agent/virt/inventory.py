@@ -8,6 +8,7 @@ from agent.errors import StorageError
 from agent.storage import qemuimg
 from agent.virt.domxml import domain_name, parse_disks
 from agent.virt.host import VirtHost
+from agent.virt.states import DomainState
 
 
 async def list_vms(host: VirtHost) -> list[dict[str, Any]]:
@@ -17,7 +18,7 @@ async def list_vms(host: VirtHost) -> list[dict[str, Any]]:
 async def describe_vm(host: VirtHost, vm_uuid: str) -> dict[str, Any]:
     """The domain with every disk; file disks carry their qemu-img chain (top first)."""
     state = await host.domain_state(vm_uuid)
-    xml = await host.live_xml(vm_uuid) if state != "shutoff" else await host.inactive_xml(vm_uuid)
+    xml = await host.live_xml(vm_uuid) if state != DomainState.SHUTOFF else await host.inactive_xml(vm_uuid)
     disks = []
     for disk in parse_disks(xml):
         entry: dict[str, Any] = {

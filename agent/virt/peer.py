@@ -21,6 +21,7 @@ import libvirt
 
 from agent.virt.domxml import parse_disks
 from agent.virt.events import ensure_event_loop
+from agent.virt.states import DomainState
 
 log = logging.getLogger(__name__)
 
@@ -34,13 +35,13 @@ _pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="libvirt-peer")
 class PeerDomain:
     """What a peer libvirtd says of one VM. ``state`` is ``undefined`` when it does not know the VM."""
 
-    state: str
+    state: DomainState
     live_tops: dict[str, str]  # target -> top image of the running domain (empty unless active)
     persistent_tops: dict[str, str]  # target -> top image of the persistent definition (empty if none)
 
     @property
     def running(self) -> bool:
-        return self.state == "running"
+        return self.state == DomainState.RUNNING
 
     def runs_from(self, tops: dict[str, str]) -> bool:
         """Running, and every named disk's live and persistent top is the given path."""
@@ -51,13 +52,13 @@ class PeerDomain:
 
 
 _STATES = {
-    libvirt.VIR_DOMAIN_RUNNING: "running",
-    libvirt.VIR_DOMAIN_BLOCKED: "running",
-    libvirt.VIR_DOMAIN_PAUSED: "paused",
-    libvirt.VIR_DOMAIN_SHUTDOWN: "shutdown",
-    libvirt.VIR_DOMAIN_SHUTOFF: "shutoff",
-    libvirt.VIR_DOMAIN_CRASHED: "crashed",
-    libvirt.VIR_DOMAIN_PMSUSPENDED: "pmsuspended",
+    libvirt.VIR_DOMAIN_RUNNING: DomainState.RUNNING,
+    libvirt.VIR_DOMAIN_BLOCKED: DomainState.RUNNING,
+    libvirt.VIR_DOMAIN_PAUSED: DomainState.PAUSED,
+    libvirt.VIR_DOMAIN_SHUTDOWN: DomainState.SHUTDOWN,
+    libvirt.VIR_DOMAIN_SHUTOFF: DomainState.SHUTOFF,
+    libvirt.VIR_DOMAIN_CRASHED: DomainState.CRASHED,
+    libvirt.VIR_DOMAIN_PMSUSPENDED: DomainState.PMSUSPENDED,
 }
 
 
@@ -73,9 +74,9 @@ def _look(uri: str, vm_uuid: str) -> PeerDomain:
             dom = conn.lookupByUUIDString(vm_uuid)
         except libvirt.libvirtError as err:
             if err.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
-                return PeerDomain("undefined", {}, {})
+                return PeerDomain(DomainState.UNDEFINED, {}, {})
             raise
-        state = _STATES.get(dom.state()[0], "nostate")
+        state = _STATES.get(dom.state()[0], DomainState.NOSTATE)
         live = _tops(dom.XMLDesc(0)) if dom.isActive() else {}
         persistent = _tops(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)) if dom.isPersistent() else {}
         return PeerDomain(state, live, persistent)

@@ -16,6 +16,7 @@ from agent.migration.plan import MigrationPlan
 from agent.migration.states import TaskState
 from agent.virt.host import VirtHost
 from agent.virt.peer import PeerDomain, look_at_peer, planned_tops
+from agent.virt.states import DomainState
 
 #: How long to wait for this host's libvirtd to come back (restart) before deciding where the VM runs.
 LIBVIRT_OUTAGE_S = 120.0
@@ -49,7 +50,7 @@ async def commit(
         still_here = await host.domain_state(ctx.vm_uuid)
     except NotFound:
         still_here = None
-    if still_here not in (None, "shutoff"):
+    if still_here not in (None, DomainState.SHUTOFF):
         raise MigrationFailed(
             f"VM {ctx.vm_uuid} still runs on this host after the migration", code=Code.VERIFY_FAILED
         )

@@ -17,13 +17,14 @@ from agent.migration.layers import send_layer_to_peer
 from agent.migration.plan import MigrationPlan, RemoteRoot, inspect_chains, plan_migration
 from agent.virt.domxml import parse_disks
 from agent.virt.host import VirtHost
+from agent.virt.states import DomainState
 
 
 async def plan_live_move(host: VirtHost, ctx: TaskContext) -> MigrationPlan:
     """Plan from the live XML and the chains; refuse a VM that is not running, a disk with a block job,
     and libvirt snapshots whose layers a flattening move would lose."""
     state = await host.domain_state(ctx.vm_uuid)
-    if state != "running":
+    if state != DomainState.RUNNING:
         raise PreflightFailed(
             f"VM {ctx.vm_uuid} is {state}; a live migration needs it running", field="vmUuid"
         )

@@ -21,6 +21,7 @@ from agent.migration.engine import Step, TaskContext, run_past_cancel
 from agent.migration.plan import MigrationPlan
 from agent.virt.host import VirtHost
 from agent.virt.peer import describe, look_at_peer, planned_tops
+from agent.virt.states import DomainState
 
 #: How long to keep asking the destination libvirtd where the VM is before asking its agent instead.
 PEER_LIBVIRT_WAIT_S = 30.0
@@ -87,7 +88,7 @@ async def _settle_steps(
         ) from failure
     await snapmeta.put_back_here(host, ctx, snapmeta.journalled(data))
     await abort_remote(ctx, peer)
-    if here in ("shutoff", "crashed") and not isinstance(failure, asyncio.CancelledError):
+    if here in (DomainState.SHUTOFF, DomainState.CRASHED) and not isinstance(failure, asyncio.CancelledError):
         raise MigrationFailed(
             f"VM {ctx.vm_uuid} was shut down during the migration (now {here})",
             code=Code.VM_STOPPED,
@@ -119,7 +120,7 @@ async def locate(
     libvirtd restart here, its recovery first ends an interrupted outgoing migration (libvirt 9.0:
     cancelled, the VM resumed on this host), so wait for the job to be gone before looking.
     """
-    local: str | None = None
+    local: DomainState | None = None
     if await host.wait_reachable(LIBVIRT_OUTAGE_S):
         deadline = time.monotonic() + (0 if wedged else 60)
         while time.monotonic() < deadline:
@@ -129,7 +130,7 @@ async def locate(
         try:
             local = await host.domain_state(ctx.vm_uuid)
         except NotFound:
-            local = "undefined"
+            local = DomainState.UNDEFINED
         except AgentError:
             local = None
     remote = await _remote_state(ctx, peer, prepared)
@@ -137,7 +138,9 @@ async def locate(
     return runner.place_of(local, remote), local
 
 
-async def _remote_state(ctx: TaskContext, peer: AgentClient, prepared: Mapping[str, Any]) -> str | None:
+async def _remote_state(
+    ctx: TaskContext, peer: AgentClient, prepared: Mapping[str, Any]
+) -> DomainState | None:
     """The VM's state on the destination: its libvirtd's word (waited for while it restarts), else its
     agent's; None when neither answers."""
     # A libvirtd that is merely restarting answers again within seconds.
@@ -151,9 +154,9 @@ async def _remote_state(ctx: TaskContext, peer: AgentClient, prepared: Mapping[s
     ctx.log.warning("the destination libvirtd is %s; asking the destination agent", describe(view))
     try:
         vm = await peer_call_retrying(ctx, peer, "GET", ("v1", "vms", ctx.vm_uuid), None)
-        return str(vm.get("state"))
+        return DomainState.of(vm.get("state"))
     except NotFound:
-        return "undefined"
+        return DomainState.UNDEFINED
     except AgentError:
         return None
 

@@ -12,6 +12,7 @@ from agent.migration.incoming.records import IncomingRecords, remove_created
 from agent.storage.roots import StorageRoots
 from agent.virt.domxml import parse_disks
 from agent.virt.host import VirtHost
+from agent.virt.states import DomainState
 
 log = logging.getLogger(__name__)
 
@@ -79,12 +80,12 @@ async def _reconcile_one(
     try:
         state = await host.domain_state(vm_uuid)
     except NotFound:
-        state = "undefined"
+        state = DomainState.UNDEFINED
     except AgentError as err:
         log.info("incoming migration %s: libvirtd not answering (%s); later", migration_id, err)
         return False
-    if state in ("running", "shutoff"):
-        xml = await (host.live_xml if state == "running" else host.inactive_xml)(vm_uuid)
+    if state in (DomainState.RUNNING, DomainState.SHUTOFF):
+        xml = await (host.live_xml if state == DomainState.RUNNING else host.inactive_xml)(vm_uuid)
         live = {d.target: d.source for d in parse_disks(xml)}
         if all(live.get(t) == top for t, top in tops.items()):
             records.forget(migration_id)
@@ -102,7 +103,7 @@ async def _reconcile_one(
             state,
         )
         return True
-    if state == "undefined":
+    if state == DomainState.UNDEFINED:
         removed = remove_created(record, roots)
         records.forget(migration_id)
         log.info(

@@ -36,6 +36,7 @@ from agent.transfer.export import IncomingLayer as LayerExport
 from agent.transfer.verify import LayerDigest, verify_layer
 from agent.virt.domxml import parse_disks
 from agent.virt.host import VirtHost
+from agent.virt.states import DomainState
 
 log = logging.getLogger(__name__)
 
@@ -330,7 +331,7 @@ class IncomingService:
                 state = await self.host.domain_state(vm_uuid)
             except NotFound:
                 return False
-            if state != "paused":
-                return state == "running"
+            if state != DomainState.PAUSED:
+                return state == DomainState.RUNNING
             await asyncio.sleep(1)
         return True

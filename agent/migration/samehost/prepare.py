@@ -16,11 +16,12 @@ from agent.storage.roots import StorageRoots
 from agent.storage.space import check_free_space
 from agent.virt.domxml import parse_disks
 from agent.virt.host import VirtHost
+from agent.virt.states import DomainState
 
 
 async def plan_move(host: VirtHost, roots: StorageRoots, ctx: TaskContext) -> MigrationPlan:
     state = await host.domain_state(ctx.vm_uuid)
-    if state not in ("running", "paused"):
+    if state not in (DomainState.RUNNING, DomainState.PAUSED):
         raise PreflightFailed(
             f"VM {ctx.vm_uuid} is {state}; a live storage migration needs it running",
             field="vmUuid",

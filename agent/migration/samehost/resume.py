@@ -21,6 +21,7 @@ from agent.migration.states import TaskState
 from agent.storage.roots import StorageRoots
 from agent.virt.domxml import parse_disks
 from agent.virt.host import VirtHost
+from agent.virt.states import DomainState
 
 
 class _NothingSwitched(Exception):
@@ -130,8 +131,8 @@ async def _refuse_if_stopped_after_switch(host: VirtHost, ctx: TaskContext, work
     try:
         state = await host.domain_state(ctx.vm_uuid)
     except NotFound:
-        state = "undefined"
-    if state in ("running", "paused"):
+        state = DomainState.UNDEFINED
+    if state in (DomainState.RUNNING, DomainState.PAUSED):
         return
     raise MigrationFailed(
         f"VM {ctx.vm_uuid} is {state}: the agent restarted during the switch and cannot tell which "

@@ -22,6 +22,7 @@ from agent.migration.samehost.streams import BlockJobStreams
 from agent.migration.samehost.work import LIBVIRT_OUTAGE_S, Mirror, Work
 from agent.virt.domxml import parse_disks
 from agent.virt.host import UNREACHABLE, DomainEvent, VirtHost
+from agent.virt.states import DomainState
 
 #: How long the guest's writes are measured before the mirrors start, when the task has a cap.
 MEASURE_WRITES_S = 1.5
@@ -131,10 +132,10 @@ async def raise_if_stopped(host: VirtHost, ctx: TaskContext, err: AgentError | N
     try:
         state = await host.domain_state(ctx.vm_uuid)
     except NotFound:
-        state = "undefined"
+        state = DomainState.UNDEFINED
     except AgentError:
         return
-    if state in ("running", "paused"):
+    if state in (DomainState.RUNNING, DomainState.PAUSED):
         return
     raise MigrationFailed(
         f"VM {ctx.vm_uuid} was shut down during the copy (now {state})",
