@@ -22,7 +22,7 @@ from agent.api.validation import (
 )
 from agent.errors import InvalidRequest, NotFound
 from agent.migration.request import MigrationRequest, Tuning
-from agent.tasks.model import TaskState
+from agent.migration.states import TaskState
 
 
 async def start_migration(request: web.Request) -> web.StreamResponse:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from agent import __version__
 from agent.migration.request import Strategy, normalise_uuid
-from agent.tasks.model import TaskState
+from agent.migration.states import TaskState
 
 from . import commands, pki
 

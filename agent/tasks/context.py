@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING, Any
 from agent.migration.engine import Deadline
 from agent.migration.limits import LiveLimits
 from agent.migration.request import MigrationRequest
+from agent.migration.states import TaskState
 from agent.tasks.holds import PhaseHolds
-from agent.tasks.model import TaskState
 from agent.tasks.task import Task
 
 if TYPE_CHECKING:

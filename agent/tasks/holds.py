@@ -13,7 +13,7 @@ import json
 import logging
 from pathlib import Path
 
-from agent.tasks.model import TaskState
+from agent.migration.states import TaskState
 
 log = logging.getLogger(__name__)
 

@@ -34,11 +34,11 @@ from agent.migration import runner
 from agent.migration.engine import EngineFactory
 from agent.migration.limits import pending_view
 from agent.migration.request import MigrationRequest, Tuning
+from agent.migration.states import TaskState
 from agent.tasks.context import RunContext
 from agent.tasks.holds import PhaseHolds
 from agent.tasks.hooks import ChangeKind, TaskChange, TaskListener
 from agent.tasks.journal import Journal
-from agent.tasks.model import TaskState
 from agent.tasks.recorder import TaskRecorder, cancelled_error
 from agent.tasks.records import new_record, task_from_record
 from agent.tasks.task import Task

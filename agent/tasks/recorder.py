@@ -16,9 +16,9 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from agent.errors import AgentError, Code, Conflict, MigrationFailed
+from agent.migration.states import TaskState, can_transition
 from agent.tasks.hooks import ChangeKind, TaskChange, TaskListener
 from agent.tasks.journal import Journal
-from agent.tasks.model import TaskState, can_transition
 from agent.tasks.records import callback_body, final_view, progress_json
 from agent.tasks.task import StateChange, Task
 

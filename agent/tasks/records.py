@@ -11,8 +11,8 @@ from typing import Any
 
 from agent.errors import AgentError
 from agent.migration.request import MigrationRequest
+from agent.migration.states import TaskState
 from agent.tasks.journal import StateRow, TaskRecord
-from agent.tasks.model import TaskState
 from agent.tasks.task import CurrentTuning, StateChange, Task, iso_time
 
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from agent.migration.limits import LiveLimits
 from agent.migration.request import MigrationRequest
-from agent.tasks.model import TaskState
+from agent.migration.states import TaskState
 from agent.tasks.progress import ProgressTracker
 
 

@@ -36,12 +36,12 @@ from agent.api.keys import VmInventory
 from agent.config import AgentConfig
 from agent.errors import AgentError
 from agent.migration.request import MigrationRequest, normalise_uuid
+from agent.migration.states import TaskState
 from agent.report.outbox import OutboxDeliverer
 from agent.report.progress import ProgressReporter
 from agent.tasks.hooks import ChangeKind, TaskChange
 from agent.tasks.journal import Journal
 from agent.tasks.manager import TaskManager
-from agent.tasks.model import TaskState
 from agent.tasks.task import Task
 from agent.zstack import translate
 from agent.zstack.background import BackgroundWork

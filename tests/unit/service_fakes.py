@@ -19,7 +19,7 @@ from agent.errors import AgentError, NotFound, VirtError
 from agent.migration.engine import Engine, TaskContext
 from agent.migration.limits import Effective, LiveLimits, Targets
 from agent.migration.request import MigrationRequest
-from agent.tasks.model import TaskState
+from agent.migration.states import TaskState
 
 TOKEN = "s3cret-token-for-tests"
 HOST_UUID = "6f1b7c1e-6a52-4e8e-9a8e-3c0d2b1f0a11"

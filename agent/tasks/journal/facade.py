@@ -15,11 +15,11 @@ from pathlib import Path
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from agent.errors import StorageError
+from agent.migration.states import TaskState
 from agent.tasks.journal import outbox_table, tasks_table
 from agent.tasks.journal.rows import OutboxEntry, TaskRecord, dumps, opt_dumps
 from agent.tasks.journal.schema import connect
 from agent.tasks.journal.tasks_table import FINAL_STATES
-from agent.tasks.model import TaskState
 
 _T = TypeVar("_T")
 _P = ParamSpec("_P")

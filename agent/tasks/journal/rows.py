@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent.tasks.model import TaskState
+from agent.migration.states import TaskState
 
 
 @dataclass(frozen=True)

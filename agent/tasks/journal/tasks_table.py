@@ -8,9 +8,9 @@ from collections.abc import Mapping
 from typing import Any
 
 from agent.errors import StorageError
+from agent.migration.states import TaskState
 from agent.tasks.journal.rows import StateRow, TaskRecord, dumps, opt_dumps, opt_loads
 from agent.tasks.journal.schema import Transaction
-from agent.tasks.model import TaskState
 
 FINAL_STATES = tuple(state.value for state in TaskState if state.final)
 

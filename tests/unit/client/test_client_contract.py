@@ -23,7 +23,7 @@ from agent.config import parse_config
 from agent.errors import NotFound
 from agent.migration.engine import Engine, TaskContext
 from agent.migration.request import MigrationRequest
-from agent.tasks.model import TaskState
+from agent.migration.states import TaskState
 
 ServerFactory = Callable[..., Awaitable[TestServer]]
 TOKEN = "contract-token"

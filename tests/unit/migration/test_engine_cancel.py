@@ -17,9 +17,9 @@ from service_fakes import STORAGE_A, VM_1, eventually
 from agent.errors import MigrationFailed
 from agent.migration.engine import Engine, TaskContext, announce, run_past_cancel
 from agent.migration.request import MigrationRequest
+from agent.migration.states import TaskState as S
 from agent.tasks.journal import Journal
 from agent.tasks.manager import TaskManager
-from agent.tasks.model import TaskState as S
 
 TASK = "bbbbbbbb-0000-4000-8000-000000000001"
 

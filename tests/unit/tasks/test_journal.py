@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from agent.errors import StorageError
+from agent.migration.states import TaskState
 from agent.tasks.journal import Journal, StateRow, TaskRecord
-from agent.tasks.model import TaskState
 
 
 def record(uuid: str = "t1", vm: str = "vm1", at: float = 100.0) -> TaskRecord:

@@ -13,9 +13,9 @@ from service_fakes import STORAGE_A, VM_1, VM_2, VM_3, FakeFactory, Script, even
 
 from agent.errors import Conflict, MigrationFailed, NotFound, ServiceStopping
 from agent.migration.request import MigrationRequest, Tuning
+from agent.migration.states import TaskState as S
 from agent.tasks.journal import Journal
 from agent.tasks.manager import TaskManager
-from agent.tasks.model import TaskState as S
 from agent.tasks.task import Task
 
 HAPPY = [S.PENDING, S.PREPARING, S.COPYING, S.SWITCHING, S.VERIFYING, S.SUCCEEDED]
