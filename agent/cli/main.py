@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib
-import inspect
 import os
 import ssl
 import sys
@@ -44,15 +42,13 @@ def serve(config: Path) -> int:
     """Run the service; a bad config is one line naming the key and exit 2, not a traceback."""
     # Imported here: the client commands must work where the server's dependencies (libvirt) are missing.
     try:
-        server = importlib.import_module("agent.api.server")
-        zstack = importlib.import_module("agent.zstack")
+        from agent.api import server
+        from agent.zstack import mount
     except ImportError as err:  # e.g. libvirt-python missing on this machine: say so in one line
         print(f"kvm-storage-agent: cannot load the server: {err}", file=sys.stderr)
         return Exit.FAILED
     try:
-        result = server.run(config, dialects=(zstack.mount,))
-        if inspect.iscoroutine(result):
-            result = asyncio.run(result)  # tolerate an async run()
+        server.run(config, dialects=(mount,))
     except ConfigError as err:
         message = " ".join(str(err).split())
         print(f"kvm-storage-agent: config error: {message}", file=sys.stderr)
@@ -60,7 +56,7 @@ def serve(config: Path) -> int:
     except server.StateDirInUse as err:
         print(f"kvm-storage-agent: {err}", file=sys.stderr)
         return Exit.FAILED
-    return result if isinstance(result, int) else Exit.OK
+    return Exit.OK
 
 
 async def _run(args: argparse.Namespace, out: Output) -> int:
