@@ -72,10 +72,6 @@ class HostPki:
     def key(self) -> Path:
         return self.root / "libvirt" / "private" / "serverkey.pem"
 
-    @property
-    def qemu_dir(self) -> Path:
-        return self.root / "qemu"
-
     def files(self) -> dict[str, str]:
         """Relative path -> what it holds ("ca", "cert" or "key")."""
         return {

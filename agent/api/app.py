@@ -106,7 +106,7 @@ async def _virt_ctx(app: web.Application) -> AsyncIterator[None]:
     if app[ENGINE_FACTORY] is None:
         app[ENGINE_FACTORY] = (
             production_engine_factory(config, host)
-            if app[CONNECT_LIBVIRT]
+            if host is not None
             else unavailable_engine_factory("this agent was started without libvirt")
         )
     # Records an earlier life left behind are settled from what libvirtd says (an owned background task).

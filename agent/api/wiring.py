@@ -11,7 +11,6 @@ from typing import Any
 from agent.config import AgentConfig
 from agent.migration.engine import EngineFactory
 from agent.migration.factory import make_engine_factory
-from agent.tasks.hooks import unavailable_engine_factory
 from agent.virt import inventory
 from agent.virt.host import VirtHost
 
@@ -36,7 +35,5 @@ class LibvirtInventory:
         return await inventory.describe_vm(self._host, vm_uuid)
 
 
-def production_engine_factory(config: AgentConfig, host: VirtHost | None) -> EngineFactory:
-    if host is None:
-        return unavailable_engine_factory("libvirt is not connected in this agent")
+def production_engine_factory(config: AgentConfig, host: VirtHost) -> EngineFactory:
     return make_engine_factory(config, host)

@@ -83,9 +83,6 @@ class MigrationPlan:
         for the whole virtual size when the target is an NBD export (holes included; LAB-NOTES)."""
         return all(not d.flatten or (len(d.src_chain) == 1 and not d.precreated) for d in self.disks)
 
-    def created_paths(self) -> list[str]:
-        return [layer.dst for layer in self.layers] + [d.dst_top for d in self.disks]
-
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 

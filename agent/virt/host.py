@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import json
 import logging
 import threading
@@ -399,10 +398,6 @@ class VirtHost:
 
     def _on_lifecycle(self, _conn: Any, dom: Any, event: int, detail: int, _o: Any) -> None:
         self._publish(DomainEvent("lifecycle", dom.UUIDString(), status=event, detail=detail))
-
-    def run_blocking(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
-        """Run any blocking helper in the libvirt pool (for callers that hold a raw handle)."""
-        return asyncio.get_running_loop().run_in_executor(self._executor, functools.partial(fn, *args))
 
 
 def _alive(conn: Any) -> bool:

@@ -85,10 +85,6 @@ class CrossHostEngine:
             self.host, self.config, ctx, tick_s=self.tick_s, wedged=self.wedged, on_steering=self._steer_with
         )
 
-    async def _wait_after_abort(self, ctx: TaskContext, migration: asyncio.Future[None]) -> bool:
-        """``Migration.wait_after_abort`` for a call this engine did not start in the task (tests)."""
-        return await self._migration(ctx).wait_after_abort(migration)
-
     async def run(self, ctx: TaskContext) -> list[dict[str, Any]]:
         if not ctx.resume_data and ctx.vm_uuid in self.wedged:
             raise MigrationFailed(

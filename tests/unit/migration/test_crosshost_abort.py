@@ -35,6 +35,11 @@ def _engine(host: FakeHost | None, wedged: set[str] | None = None) -> CrossHostE
     return CrossHostEngine(host, None, None, wedged=wedged)  # type: ignore[arg-type]
 
 
+def _migration(host: FakeHost, wedged: set[str]) -> migrate.Migration:
+    """The migration of one task; ``wedged`` is the agent's set, shared by every task's engine."""
+    return migrate.Migration(host, None, _ctx(), tick_s=0.25, wedged=wedged)  # type: ignore[arg-type]
+
+
 def _ctx() -> Any:
     return SimpleNamespace(vm_uuid=VM, log=logging.getLogger("test"))
 
@@ -48,23 +53,23 @@ def _short_grace(monkeypatch: pytest.MonkeyPatch) -> None:
 async def test_a_job_that_ends_after_a_repeated_abort_is_awaited() -> None:
     migration: asyncio.Future[None] = asyncio.get_running_loop().create_future()
     host = FakeHost(migration, ends_after_aborts=2)
-    engine = _engine(host)
+    wedged: set[str] = set()
 
-    assert await engine._wait_after_abort(_ctx(), migration) is True
+    assert await _migration(host, wedged).wait_after_abort(migration) is True
 
     assert host.aborts == 2
-    assert engine.wedged == set()
+    assert wedged == set()
 
 
 async def test_a_wedged_job_is_left_behind_and_remembered(caplog: pytest.LogCaptureFixture) -> None:
     migration: asyncio.Future[None] = asyncio.get_running_loop().create_future()
     host = FakeHost(migration, ends_after_aborts=None)
-    engine = _engine(host)
+    wedged: set[str] = set()
 
-    assert await engine._wait_after_abort(_ctx(), migration) is False
+    assert await _migration(host, wedged).wait_after_abort(migration) is False
 
     assert host.aborts >= 3  # repeated while waiting
-    assert engine.wedged == {VM}
+    assert wedged == {VM}
     assert any("Restart libvirtd" in r.getMessage() for r in caplog.records)
     migration.set_result(None)  # libvirt lets go at last: logged, not raised
     await asyncio.sleep(0)
@@ -76,8 +81,10 @@ async def test_a_wedged_vm_is_refused_by_the_next_task_until_libvirt_lets_go() -
     # against the error's own advice. The agent's factory hands every engine one set.
     migration: asyncio.Future[None] = asyncio.get_running_loop().create_future()
     shared: set[str] = set()
-    first = _engine(FakeHost(migration, ends_after_aborts=None), shared)
-    assert await first._wait_after_abort(_ctx(), migration) is False
+    assert (
+        await _migration(FakeHost(migration, ends_after_aborts=None), shared).wait_after_abort(migration)
+        is False
+    )
 
     second = _engine(None, shared)
     ctx = SimpleNamespace(vm_uuid=VM, resume_data=None, log=logging.getLogger("test"))

@@ -187,7 +187,6 @@ def test_any_plan_keeps_every_rule(root: StorageRoot, data: st.DataObject) -> No
     assert plan.bytes_total == sum(d.estimated_bytes for d in plan.disks) + sum(
         lp.actual_size for lp in plan.layers
     )
-    assert set(plan.created_paths()) == set(layer_dsts) | set(destinations)
     # The journal round trip (resume reads the plan back from it) loses nothing.
     assert MigrationPlan.from_dict(plan.to_dict()) == plan
 
