@@ -20,25 +20,23 @@ def _uuid(value: str) -> str:
         raise argparse.ArgumentTypeError(str(err)) from err
 
 
-def _positive_int(value: str) -> int:
+def _whole_number(value: str, *, least: int, note: str = "") -> int:
     try:
         number = int(value)
     except ValueError as err:
         raise argparse.ArgumentTypeError(f"{value!r} is not a whole number") from err
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    if number < least:
+        raise argparse.ArgumentTypeError(f"{value} must be at least {least}{note}")
     return number
+
+
+def _positive_int(value: str) -> int:
+    return _whole_number(value, least=1)
 
 
 def _bandwidth(value: str) -> int:
     """MiB/s; 0 means uncapped, as in libvirt and ``virsh``."""
-    try:
-        number = int(value)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number") from err
-    if number < 0:
-        raise argparse.ArgumentTypeError(f"{value} must be at least 0 (0: uncapped)")
-    return number
+    return _whole_number(value, least=0, note=" (0: uncapped)")
 
 
 def _positive_float(value: str) -> float:
