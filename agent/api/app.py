@@ -50,6 +50,7 @@ from agent.tasks.hooks import ChangeKind, TaskChange, TaskListener, unavailable_
 from agent.tasks.journal import Journal
 from agent.tasks.manager import TaskManager
 from agent.tasks.task import Task
+from agent.virt.writes import WriteHistory
 
 JOURNAL_NAME = "journal.sqlite"
 
@@ -91,9 +92,13 @@ def make_app(
 async def _virt_ctx(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
     host = None
+    history = None
     if app[CONNECT_LIBVIRT]:
         host = await open_virt_host(config.libvirt_uri)
         app[VIRT_HOST] = host
+        # The guests' write counters, sampled from now on so that a capped copy starts without measuring.
+        history = WriteHistory(host)
+        history.start()
         if app[INVENTORY] is None:
             app[INVENTORY] = LibvirtInventory(host)
     app[INCOMING] = IncomingService(
@@ -105,7 +110,7 @@ async def _virt_ctx(app: web.Application) -> AsyncIterator[None]:
     )
     if app[ENGINE_FACTORY] is None:
         app[ENGINE_FACTORY] = (
-            production_engine_factory(config, host)
+            production_engine_factory(config, host, history)
             if host is not None
             else unavailable_engine_factory("this agent was started without libvirt")
         )
@@ -122,6 +127,8 @@ async def _virt_ctx(app: web.Application) -> AsyncIterator[None]:
             # A failure was logged by the loop itself when it happened.
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await reconcile
+        if history is not None:
+            await history.stop()
         if host is not None:
             await host.close()
 

@@ -13,6 +13,7 @@ from agent.migration.engine import EngineFactory
 from agent.migration.factory import make_engine_factory
 from agent.virt import inventory
 from agent.virt.host import VirtHost
+from agent.virt.writes import WriteHistory
 
 log = logging.getLogger(__name__)
 
@@ -35,5 +36,7 @@ class LibvirtInventory:
         return await inventory.describe_vm(self._host, vm_uuid)
 
 
-def production_engine_factory(config: AgentConfig, host: VirtHost) -> EngineFactory:
-    return make_engine_factory(config, host)
+def production_engine_factory(
+    config: AgentConfig, host: VirtHost, history: WriteHistory | None = None
+) -> EngineFactory:
+    return make_engine_factory(config, host, history)

@@ -14,6 +14,7 @@ from agent.migration.samehost import SameHostEngine
 from agent.storage.roots import StorageRoots
 from agent.virt.host import VirtHost
 from agent.virt.states import DomainState
+from agent.virt.writes import WriteHistory
 
 
 def is_same_host(request: MigrationRequest, config: AgentConfig) -> bool:
@@ -40,7 +41,11 @@ class ByVmState:
         return await engine.run(ctx)
 
 
-def make_engine_factory(config: AgentConfig, host: VirtHost) -> EngineFactory:
+def make_engine_factory(
+    config: AgentConfig, host: VirtHost, history: WriteHistory | None = None
+) -> EngineFactory:
+    """``history``: the guests' write counters sampled before each request (a capped move reads its disks'
+    write rates there instead of measuring them first)."""
     roots = StorageRoots.from_config(config)
     wedged: set[str] = set()  # the host's, across tasks (CrossHostEngine)
 
@@ -52,7 +57,9 @@ def make_engine_factory(config: AgentConfig, host: VirtHost) -> EngineFactory:
                 field="dstHost.agentUrl",
             )
         live: Engine = (
-            SameHostEngine(host, roots) if same_host else CrossHostEngine(host, roots, config, wedged=wedged)
+            SameHostEngine(host, roots, history=history)
+            if same_host
+            else CrossHostEngine(host, roots, config, wedged=wedged, history=history)
         )
         return ByVmState(live, OfflineEngine(host, roots, config, same_host=same_host), host)
 

@@ -285,6 +285,21 @@ class VirtHost:
         """Bytes the guest wrote to each disk since the VM started (virDomainBlockStats ``wr_bytes``)."""
         return await self.call_domain(vm_uuid, lambda dom: {d: int(dom.blockStats(d)[3]) for d in disks})
 
+    async def all_block_writes(self) -> dict[str, dict[str, int]]:
+        """Bytes the guest wrote to each disk, for every running VM at once (virConnectGetAllDomainStats,
+        block group); a VM busy with another job at that moment is left out (``NOWAIT``) rather than waited
+        for."""
+        flags = (
+            libvirt.VIR_CONNECT_GET_ALL_DOMAINS_STATS_ACTIVE
+            | libvirt.VIR_CONNECT_GET_ALL_DOMAINS_STATS_NOWAIT
+        )
+        return await self.call(
+            lambda conn: {
+                dom.UUIDString(): _written(stats)
+                for dom, stats in conn.getAllDomainStats(libvirt.VIR_DOMAIN_STATS_BLOCK, flags)
+            }
+        )
+
     async def set_block_job_speed(self, vm_uuid: str, disk: str, bytes_per_s: int) -> None:
         await self.call_domain(
             vm_uuid,
@@ -398,6 +413,17 @@ class VirtHost:
 
     def _on_lifecycle(self, _conn: Any, dom: Any, event: int, detail: int, _o: Any) -> None:
         self._publish(DomainEvent("lifecycle", dom.UUIDString(), status=event, detail=detail))
+
+
+def _written(stats: dict[str, Any]) -> dict[str, int]:
+    """``{target: bytes written}`` from one domain's block statistics (``block.<i>.name``,
+    ``block.<i>.wr.bytes``)."""
+    out: dict[str, int] = {}
+    for i in range(int(stats.get("block.count", 0))):
+        name, written = stats.get(f"block.{i}.name"), stats.get(f"block.{i}.wr.bytes")
+        if name is not None and written is not None:
+            out[str(name)] = int(written)
+    return out
 
 
 def _alive(conn: Any) -> bool:

@@ -44,6 +44,7 @@ from agent.migration.plan import MigrationPlan
 from agent.migration.states import TaskState
 from agent.storage.roots import StorageRoots
 from agent.virt.host import VirtHost
+from agent.virt.writes import WriteHistory
 
 TICK_S = 0.25
 
@@ -59,8 +60,10 @@ class CrossHostEngine:
         *,
         wedged: set[str] | None = None,
         tick_s: float = TICK_S,
+        history: WriteHistory | None = None,
     ) -> None:
         self.host = host
+        self.history = history  # the guests' write counters from before the request
         self.roots = roots
         self.config = config
         # VMs whose libvirt migration job did not end after an abort: the agent's, shared by every task
@@ -82,7 +85,13 @@ class CrossHostEngine:
 
     def _migration(self, ctx: TaskContext) -> Migration:
         return Migration(
-            self.host, self.config, ctx, tick_s=self.tick_s, wedged=self.wedged, on_steering=self._steer_with
+            self.host,
+            self.config,
+            ctx,
+            tick_s=self.tick_s,
+            wedged=self.wedged,
+            on_steering=self._steer_with,
+            history=self.history,
         )
 
     async def run(self, ctx: TaskContext) -> list[dict[str, Any]]:

@@ -15,16 +15,17 @@ from agent.migration import convergence, snapshots
 from agent.migration.crosshost import snapmeta
 from agent.migration.crosshost.params import (
     choose_write_blocking,
-    measure_writes,
     migration_flags,
     migration_params,
     policy_of,
 )
 from agent.migration.crosshost.steering import Steering
 from agent.migration.engine import TaskContext
+from agent.migration.guestwrites import read_guest_writes
 from agent.migration.plan import MigrationPlan, allocation_index
 from agent.virt.domxml import parse_disks
 from agent.virt.host import DomainEvent, VirtHost
+from agent.virt.writes import WriteHistory
 
 #: How long libvirt's migration call may take to return once the job was aborted, and how often the abort
 #: is repeated meanwhile. libvirt 9.0 can wait forever for a disk mirror it cancelled after a cut link (the
@@ -53,6 +54,7 @@ class Migration:
         tick_s: float,
         wedged: set[str],
         on_steering: Callable[[Steering], None] = lambda steer: None,
+        history: WriteHistory | None = None,
     ) -> None:
         self.host = host
         self.config = config
@@ -60,6 +62,7 @@ class Migration:
         self.tick_s = tick_s
         self.wedged = wedged
         self.on_steering = on_steering
+        self.history = history  # the guests' write counters from before the request
 
     async def run(
         self,
@@ -89,7 +92,16 @@ class Migration:
         ctx, host = self.ctx, self.host
         params = await migration_params(host, ctx, plan, prepared)
         policy = policy_of(ctx)
-        written, write_rates = await measure_writes(host, ctx, plan)
+        reading = await read_guest_writes(
+            host, self.history, ctx.vm_uuid, [d.target for d in plan.disks], with_rate=bool(ctx.bandwidth)
+        )
+        if reading.waited_s:
+            ctx.log.info(
+                "no guest write counters from before the request: measured them for %.1f s", reading.waited_s
+            )
+        if ctx.bandwidth:
+            ctx.note("guestWrites", reading.figures())
+        written, write_rates = reading.written, reading.rates()
         write_blocking = choose_write_blocking(ctx, plan, write_rates)
         flags = migration_flags(self.config, plan, policy, write_blocking=write_blocking)
         controller = convergence.ConvergenceController(policy)

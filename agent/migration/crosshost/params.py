@@ -3,8 +3,6 @@ convergence policy, and whether the guest's writes call for write-blocking mirro
 
 from __future__ import annotations
 
-import asyncio
-import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -18,8 +16,6 @@ from agent.migration.request import Strategy
 from agent.virt.domxml import rewrite_disk_sources
 from agent.virt.host import VirtHost
 
-#: How long the guest's disk writes are measured before a capped migration starts (hot disks, issue 16).
-MEASURE_WRITES_S = 1.5
 MiB = 1024 * 1024
 
 
@@ -96,22 +92,6 @@ async def migration_params(
         params[libvirt.VIR_MIGRATE_PARAM_AUTO_CONVERGE_INITIAL] = policy.throttle_initial_pct
         params[libvirt.VIR_MIGRATE_PARAM_AUTO_CONVERGE_INCREMENT] = policy.throttle_increment_pct
     return params
-
-
-async def measure_writes(
-    host: VirtHost, ctx: TaskContext, plan: MigrationPlan
-) -> tuple[dict[str, int], dict[str, float]]:
-    """Each moving disk's bytes written so far and the guest's write rate on it (measured only when the
-    task has a cap: without one the mirrors run as fast as the link and converge)."""
-    targets = [d.target for d in plan.disks]
-    first = await host.block_writes(ctx.vm_uuid, targets)
-    if ctx.bandwidth is None:
-        return first, {}
-    started = time.monotonic()
-    await asyncio.sleep(MEASURE_WRITES_S)
-    second = await host.block_writes(ctx.vm_uuid, targets)
-    seconds = time.monotonic() - started
-    return second, {t: max(0, second[t] - first[t]) / seconds for t in targets}
 
 
 def choose_write_blocking(ctx: TaskContext, plan: MigrationPlan, rates: Mapping[str, float]) -> bool:

@@ -34,6 +34,7 @@ from agent.migration.samehost.work import Work
 from agent.migration.states import TaskState
 from agent.storage.roots import StorageRoots
 from agent.virt.host import VirtHost
+from agent.virt.writes import WriteHistory
 
 TICK_S = 0.25
 
@@ -41,10 +42,18 @@ TICK_S = 0.25
 class SameHostEngine:
     name = "same-host"
 
-    def __init__(self, host: VirtHost, roots: StorageRoots, *, tick_s: float = TICK_S) -> None:
+    def __init__(
+        self,
+        host: VirtHost,
+        roots: StorageRoots,
+        *,
+        tick_s: float = TICK_S,
+        history: WriteHistory | None = None,
+    ) -> None:
         self.host = host
         self.roots = roots
         self.tick_s = tick_s
+        self.history = history  # the guests' write counters from before the request
 
     async def run(self, ctx: TaskContext) -> list[dict[str, Any]]:
         host, roots = self.host, self.roots
@@ -65,7 +74,7 @@ class SameHostEngine:
             await ctx.enter(TaskState.COPYING)
             await copy_layers(roots, ctx, work)
             await create_tops(roots, ctx, work)
-            await mirror_until_ready(host, ctx, work, tick_s=self.tick_s)
+            await mirror_until_ready(host, ctx, work, tick_s=self.tick_s, history=self.history)
         except BaseException:
             # A cancel, or the task's deadline (the runner cancels the engine when it passes).
             if not ctx.detaching:  # a stopping agent lets running mirrors be; resume picks them up

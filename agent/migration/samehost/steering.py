@@ -1,7 +1,7 @@
-"""COPYING, second part: measure the guest's writes, start every disk's mirror (in write-blocking mode where
-the guest writes near the disk's share), and pace them all with the shared mirror pacer until every one is
-READY. A libvirtd restart is waited out (the mirrors run on in QEMU); a VM shut down under the copy is
-``AGENT.VM_STOPPED``."""
+"""COPYING, second part: read the guest's write rates (from counters sampled before the request), start
+every disk's mirror (in write-blocking mode where the guest writes near the disk's share), and pace them all
+with the shared mirror pacer until every one is READY. A libvirtd restart is waited out (the mirrors run on
+in QEMU); a VM shut down under the copy is ``AGENT.VM_STOPPED``."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import time
 from agent.errors import AgentError, Code, MigrationFailed, NotFound, VirtError
 from agent.migration import hotdisk
 from agent.migration.engine import Step, TaskContext
+from agent.migration.guestwrites import read_guest_writes
 from agent.migration.hotdisk import DiskWatch, Mode
 from agent.migration.limits import Effective, LiveLimits, Targets
 from agent.migration.pacer import EQUAL_SHARES, JobFigures, MirrorPacer, judge_budget
@@ -23,18 +24,18 @@ from agent.migration.samehost.work import LIBVIRT_OUTAGE_S, Mirror, Work
 from agent.virt.domxml import parse_disks
 from agent.virt.host import UNREACHABLE, DomainEvent, VirtHost
 from agent.virt.states import DomainState
-
-#: How long the guest's writes are measured before the mirrors start, when the task has a cap.
-MEASURE_WRITES_S = 1.5
+from agent.virt.writes import WriteHistory
 
 
-async def mirror_until_ready(host: VirtHost, ctx: TaskContext, work: Work, *, tick_s: float) -> None:
+async def mirror_until_ready(
+    host: VirtHost, ctx: TaskContext, work: Work, *, tick_s: float, history: WriteHistory | None = None
+) -> None:
     await host.ensure_connected()
     events = host.subscribe(ctx.vm_uuid)
     try:
         for disk in work.plan.disks:
             work.mirrors[disk.target] = Mirror.of(disk, await allocation_index(disk), DiskWatch(disk.target))
-        await _measure_writes(host, ctx, work)
+        await _measure_writes(host, ctx, work, history)
         shares = hotdisk.disk_shares(ctx.bandwidth, work.watches, set())
         may_block = ctx.request.primaryStorageMigrateVm.strategy is not Strategy.PRECOPY
         for target, mirror in work.mirrors.items():
@@ -60,22 +61,23 @@ async def mirror_until_ready(host: VirtHost, ctx: TaskContext, work: Work, *, ti
         host.unsubscribe(ctx.vm_uuid, events)
 
 
-async def _measure_writes(host: VirtHost, ctx: TaskContext, work: Work) -> None:
-    """The guest's write rate on every disk, before any mirror starts (only a capped task needs it)."""
-    targets = list(work.mirrors)
-    first = await host.block_writes(ctx.vm_uuid, targets)
-    now = time.monotonic()
-    for target, mirror in work.mirrors.items():
-        assert mirror.watch is not None
-        mirror.watch.observe(now, first[target], mirror.index.total)
+async def _measure_writes(host: VirtHost, ctx: TaskContext, work: Work, history: WriteHistory | None) -> None:
+    """Every disk's watch gets the guest's writes from before the copy (a capped task only needs the rate:
+    read from the samples the agent took before the request, see ``guestwrites``)."""
+    reading = await read_guest_writes(
+        host, history, ctx.vm_uuid, list(work.mirrors), with_rate=ctx.bandwidth is not None
+    )
+    for sample in reading.samples:
+        for target, mirror in work.mirrors.items():
+            assert mirror.watch is not None
+            mirror.watch.observe(sample.at, sample.written[target], mirror.index.total)
     if ctx.bandwidth is None:
         return
-    await asyncio.sleep(MEASURE_WRITES_S)
-    second = await host.block_writes(ctx.vm_uuid, targets)
-    now = time.monotonic()
-    for target, mirror in work.mirrors.items():
-        assert mirror.watch is not None
-        mirror.watch.observe(now, second[target], mirror.index.total)
+    if reading.waited_s:
+        ctx.log.info(
+            "no guest write counters from before the request: measured them for %.1f s", reading.waited_s
+        )
+    ctx.note("guestWrites", reading.figures())
     ctx.note("disks", work.figures(hotdisk.disk_shares(ctx.bandwidth, work.watches, set())))
 
 
