@@ -62,6 +62,8 @@ def migration_body(args: argparse.Namespace) -> dict[str, Any]:
         body["timeout"] = args.timeout
     if args.allow_postcopy:
         body["allowPostCopy"] = True
+    if args.priority is not None:
+        body["priority"] = args.priority
     _check(body)
     return body
 

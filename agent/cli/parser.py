@@ -140,6 +140,12 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     migrate.add_argument("--strategy", choices=[s.value for s in Strategy], default=Strategy.AUTO.value)
     migrate.add_argument("--allow-postcopy", action="store_true")
     migrate.add_argument(
+        "--priority",
+        metavar="N",
+        type=_positive_int,
+        help="1-100, higher first when tasks wait for a slot on the host (default 10)",
+    )
+    migrate.add_argument(
         "--timeout", metavar="S", type=_positive_float, help="give the task up after S seconds"
     )
     migrate.add_argument(

@@ -67,6 +67,9 @@ def task_detail(out: Output, task: TaskView) -> None:
     out.line(f"vm         {_text(task.get('vmUuid'))}")
     out.line(f"state      {_text(task.get('state'))}")
     out.line(f"phase      {_text(task.get('phase'))}")
+    queue = task.get("queue")
+    if isinstance(queue, dict):
+        out.line(f"queue      position {_text(queue.get('position'))}: {_text(queue.get('reason'))}")
     done, total = number(progress.get("bytesDone")), number(progress.get("bytesTotal"))
     out.line(f"progress   {_percent(task)}  {human_bytes(done)} / {human_bytes(total)}")
     out.line(f"rate       {human_rate(number(progress.get('bytesPerSecond')))}")

@@ -98,6 +98,10 @@ class VolumeMapping(_Wire):
     dstInstallPath: str | None = Field(default=None, max_length=4096)
 
 
+#: A request's ``priority`` when it names none.
+DEFAULT_PRIORITY = 10
+
+
 class MigrationRequest(_Wire):
     primaryStorageMigrateVm: PrimaryStorageMigrateVm
     migrateVm: MigrateVm = MigrateVm()
@@ -109,6 +113,13 @@ class MigrationRequest(_Wire):
     progressUrl: str | None = Field(default=None, max_length=2048)
     timeout: float | None = Field(default=None, gt=0, le=7 * 24 * 3600, description="seconds")
     allowPostCopy: bool = False
+    priority: int = Field(
+        default=DEFAULT_PRIORITY,
+        ge=1,
+        le=100,
+        description="higher goes first: queued tasks are admitted by priority, first come first served "
+        "within one",
+    )
     volumes: list[VolumeMapping] = Field(default_factory=list, max_length=64)
     targetsPrecreated: bool = Field(
         default=False,

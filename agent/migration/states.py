@@ -1,6 +1,7 @@
 """Task states and the transitions between them.
 
-PENDING -> PREPARING -> COPYING -> CONVERGING -> SWITCHING -> VERIFYING -> SUCCEEDED
+PENDING -> [QUEUED ->] PREPARING -> COPYING -> CONVERGING -> SWITCHING -> VERIFYING -> SUCCEEDED
+QUEUED: every slot for a running task on this host is taken; the task waits its turn (``tasks.admission``).
 Any non-final state may go to FAILED or CANCELLING; CANCELLING ends in CANCELLED (or FAILED when the
 cleanup itself fails, or SUCCEEDED when the cancel lost the race against a switch that already happened).
 Engines may skip states (a same-host copy has no CONVERGING), never go back.
@@ -13,6 +14,7 @@ import enum
 
 class TaskState(enum.StrEnum):
     PENDING = "PENDING"
+    QUEUED = "QUEUED"
     PREPARING = "PREPARING"
     COPYING = "COPYING"
     CONVERGING = "CONVERGING"
@@ -31,10 +33,16 @@ class TaskState(enum.StrEnum):
     def active(self) -> bool:
         return not self.final
 
+    @property
+    def waiting(self) -> bool:
+        """Not started yet: accepted, or queued for a slot."""
+        return self in (TaskState.PENDING, TaskState.QUEUED)
+
 
 _FINAL = frozenset({TaskState.SUCCEEDED, TaskState.FAILED, TaskState.CANCELLED})
 _FORWARD = [
     TaskState.PENDING,
+    TaskState.QUEUED,
     TaskState.PREPARING,
     TaskState.COPYING,
     TaskState.CONVERGING,
@@ -54,7 +62,7 @@ def can_transition(src: TaskState, dst: TaskState) -> bool:
         return True
     if dst is TaskState.CANCELLED:
         # Only a task that never started work may end CANCELLED without a CANCELLING step.
-        return src is TaskState.PENDING
+        return src in (TaskState.PENDING, TaskState.QUEUED)
     if src in _FORWARD and dst in _FORWARD:
         return _FORWARD.index(dst) > _FORWARD.index(src)
     return False

@@ -2,7 +2,9 @@
 
 Rules it keeps:
 - one active task per VM; the same ``taskUuid`` again gives the same task (idempotency, also after a restart);
-- at most ``outgoing_limit`` engines run at once, the rest wait in PENDING (queued, never refused);
+- at most ``outgoing_limit`` engines run at once, the rest wait in QUEUED (never refused), with their
+  position and the reason in their view; the queue is ordered by priority, first come first served within
+  one (``admission``), and rebuilt in the same order from the journal after a restart;
 - every change is journalled before it becomes visible (``TaskRecorder``), so what the API shows is durable;
 - cancel is idempotent and safe in every state: a task that has no engine yet ends CANCELLED at once, a
   running engine gets ``CancelledError`` (it undoes its work) after CANCELLING is journalled;
@@ -35,6 +37,7 @@ from agent.migration.engine import EngineFactory
 from agent.migration.limits import pending_view
 from agent.migration.request import MigrationRequest, Tuning
 from agent.migration.states import TaskState
+from agent.tasks.admission import Admission, Rank
 from agent.tasks.context import RunContext
 from agent.tasks.holds import PhaseHolds
 from agent.tasks.hooks import ChangeKind, TaskChange, TaskListener
@@ -76,7 +79,8 @@ class TaskManager:
         self._tasks: dict[str, Task] = {}
         self._drivers: dict[str, asyncio.Task[None]] = {}
         self._engines: dict[str, asyncio.Task[runner.Verdict]] = {}
-        self._outgoing = asyncio.Semaphore(outgoing_limit)
+        self._admission = Admission(outgoing_limit, on_change=self._queue_changed)
+        self._queued: set[str] = set()  # tasks whose view shows a place in the queue
         #: Slots for incoming migrations (agent-to-agent endpoints): ``async with manager.incoming: ...``.
         self.incoming = asyncio.Semaphore(incoming_limit)
         self._submit_lock = asyncio.Lock()
@@ -105,6 +109,7 @@ class TaskManager:
                 log.exception(
                     "task=%s vm=%s: skipping an unreadable finished task", record.uuid, record.vm_uuid
                 )
+        found: list[Task] = []
         for record in await self._journal.load_unfinished():
             try:
                 task = task_from_record(record)
@@ -117,8 +122,11 @@ class TaskManager:
                 await self._journal.record_state(record.uuid, TaskState.FAILED, str(err), self._clock())
                 continue
             self._tasks[task.uuid] = task
+            found.append(task)
+        # Tasks under way take their slots first, then the queue in its order (``admission``).
+        for task in sorted(found, key=lambda t: self._rank(t, _resumes(t))):
             task.cancel_requested = task.state is TaskState.CANCELLING
-            resume = task.state is not TaskState.PENDING or task.resume_data is not None
+            resume = _resumes(task)
             log.info(
                 "task=%s vm=%s: found unfinished in state %s, handing it back (resume=%s)",
                 task.uuid,
@@ -232,15 +240,16 @@ class TaskManager:
             raise NotFound(f"no task {task_uuid}", field="taskUuid")
         if _settled(task):
             return task
-        task.cancel_requested = True  # from here on the driver never starts an engine for a PENDING task
+        task.cancel_requested = True  # from here on the driver never starts an engine for a waiting task
         async with task.lock:
             if _settled(task):
                 return task
             engine = self._engines.get(task.uuid)
-            if engine is None and task.state is TaskState.PENDING:
+            if engine is None and task.state.waiting:
                 await self.recorder.finish_locked(
                     task, TaskState.CANCELLED, "cancelled before start", error=cancelled_error()
                 )
+                task.apply_queue(None)  # its driver leaves the queue as it ends
                 driver = self._drivers.get(task.uuid)
                 if driver is not None:
                     driver.cancel()
@@ -302,10 +311,13 @@ class TaskManager:
 
     async def _drive(self, task: Task, resume: bool) -> None:
         try:
-            async with self._outgoing:
-                if task.state.final or (task.cancel_requested and task.state is TaskState.PENDING):
+            await self._admit(task, resume)
+            try:
+                if task.state.final or (task.cancel_requested and task.state.waiting):
                     return  # cancelled while queued: cancel() records CANCELLED, no engine is started
                 await self._execute(task, resume)
+            finally:
+                self._admission.leave()
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -313,6 +325,49 @@ class TaskManager:
             raise
         finally:
             self._prune()
+
+    async def _admit(self, task: Task, resume: bool) -> None:
+        """Take a slot; when every one is taken the task waits in QUEUED (journalled) for its turn."""
+        if self._admission.must_wait() and task.state is TaskState.PENDING and not task.cancel_requested:
+            async with task.lock:
+                if task.state is TaskState.PENDING and not task.cancel_requested:
+                    await self.recorder.transition_locked(task, TaskState.QUEUED, self._queue_reason())
+        await self._admission.enter(task.uuid, self._rank(task, resume))
+
+    def _rank(self, task: Task, resume: bool) -> Rank:
+        return self._admission.rank(
+            priority=task.request.priority,
+            created_at=task.created_at,
+            resumed=resume and not task.state.waiting,
+        )
+
+    def _queue_reason(self) -> str:
+        limit = self._admission.limit
+        return (
+            f"waiting for a slot: {self._admission.running} of {limit} outgoing migrations run on this host "
+            "(limits.outgoing_migrations)"
+        )
+
+    def _queue_changed(self) -> None:
+        """Every waiting task's view shows its place in the queue, and why it waits."""
+        waiting = self._admission.waiting()
+        reason = self._queue_reason()
+        for position, task_uuid in enumerate(waiting, 1):
+            task = self._tasks.get(task_uuid)
+            if task is not None:
+                task.apply_queue(
+                    {
+                        "position": position,
+                        "queued": len(waiting),
+                        "priority": task.request.priority,
+                        "reason": reason,
+                    }
+                )
+        for task_uuid in self._queued - set(waiting):
+            task = self._tasks.get(task_uuid)
+            if task is not None:
+                task.apply_queue(None)
+        self._queued = set(waiting)
 
     async def _execute(self, task: Task, resume: bool) -> None:
         try:
@@ -374,6 +429,11 @@ class TaskManager:
         if excess > 0:
             for task in sorted(finished, key=lambda t: t.finished_at or t.updated_at)[:excess]:
                 del self._tasks[task.uuid]
+
+
+def _resumes(task: Task) -> bool:
+    """Whether a task found unfinished at start goes back to its engine's resume path."""
+    return not task.state.waiting or task.resume_data is not None
 
 
 def _settled(task: Task) -> bool:

@@ -65,7 +65,7 @@ def task_from_record(record: TaskRecord) -> Task:
         resume_data=record.checkpoint,
     )
     task.phase = history[-1].detail or history[-1].state.value.lower()
-    task.started_at = next((c.at for c in history if c.state is not TaskState.PENDING), None)
+    task.started_at = next((c.at for c in history if not c.state.waiting), None)
     if record.progress:
         items = record.progress.get("items") or {}
         task.tracker.restore(

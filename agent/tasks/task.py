@@ -63,6 +63,7 @@ class Task:
     finished_at: float | None = None
     tracker: ProgressTracker = field(default_factory=ProgressTracker)
     cancel_requested: bool = False
+    queue: dict[str, Any] | None = None  # while QUEUED: position and reason (``TaskManager``), not journalled
     tuning_generation: int = 0
     #: The running migration's limits while its streams exist (``ctx.attach_limits``): a PATCH applies there.
     live_limits: LiveLimits | None = field(default=None, repr=False)
@@ -97,7 +98,7 @@ class Task:
     def apply_state(self, change: StateChange) -> None:
         self.history.append(change)
         self.phase = change.detail or change.state.value.lower()
-        if self.started_at is None and change.state not in (TaskState.PENDING,) and not change.state.final:
+        if self.started_at is None and not change.state.waiting and not change.state.final:
             self.started_at = change.at
         if change.state.final:
             self.finished_at = change.at
@@ -118,6 +119,12 @@ class Task:
         retuned, self._retuned = self._retuned, asyncio.Event()
         retuned.set()
         self.touch(now)
+
+    def apply_queue(self, queue: dict[str, Any] | None) -> None:
+        """Where the task stands in the queue (None: it does not wait); wakes the watchers when it moved."""
+        if queue != self.queue:
+            self.queue = queue
+            self.touch()
 
     def touch(self, now: float | None = None) -> None:
         """Mark the view changed: wakes every ``wait_changed`` caller (no queue, latest view wins)."""
@@ -155,6 +162,7 @@ class Task:
             "error": self.error,
             "inventory": self.inventory,
             "tuning": self.tuning.to_json(),
+            "queue": self.queue,
             "createdAt": iso_time(self.created_at),
             "updatedAt": iso_time(self.updated_at),
             "request": request_summary(self.request),

@@ -387,12 +387,13 @@ async def test_cancel_before_start_via_the_api(aiohttp_client: Any, tmp_path: Pa
     first = await (await client.post(MIGRATE.format(VM_1), json=body(), headers=AUTH)).json()
     queued = await (await client.post(MIGRATE.format(VM_2), json=body(), headers=AUTH)).json()
     await wait_state(client, first["taskUuid"], "COPYING")
-    assert (await wait_state(client, queued["taskUuid"], "PENDING"))["state"] == "PENDING"
+    assert (await wait_state(client, queued["taskUuid"], "QUEUED"))["state"] == "QUEUED"
     for _ in range(2):
         resp = await client.post(f"/v1/tasks/{queued['taskUuid']}/cancel", headers=AUTH)
         assert resp.status == 202
         view = await resp.json()
-        assert [s["state"] for s in view["states"]] == ["PENDING", "CANCELLED"]
+        assert [s["state"] for s in view["states"]] == ["PENDING", "QUEUED", "CANCELLED"]
+        assert view["queue"] is None
         assert view["error"]["code"] == "AGENT.CANCELLED"
     script.gate.set()  # type: ignore[union-attr]
     await wait_state(client, first["taskUuid"], "SUCCEEDED")
@@ -486,7 +487,8 @@ async def test_outgoing_limit_queues_over_http(aiohttp_client: Any, tmp_path: Pa
     second_view = await second.json()
     await wait_state(client, first["taskUuid"], "COPYING")
     await asyncio.sleep(0.05)
-    assert (await wait_state(client, second_view["taskUuid"], "PENDING"))["state"] == "PENDING"
+    queued = await wait_state(client, second_view["taskUuid"], "QUEUED")
+    assert queued["queue"]["position"] == 1 and "limits.outgoing_migrations" in queued["queue"]["reason"]
     script.gate.set()  # type: ignore[union-attr]
     await wait_state(client, second_view["taskUuid"], "SUCCEEDED")
 

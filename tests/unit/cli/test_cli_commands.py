@@ -138,6 +138,15 @@ def test_show(cli: Cli, fake: FakeAgent) -> None:
     assert "item       vol-root  50.0%  512 B / 1.0 KiB" in result.out
 
 
+def test_show_says_where_a_queued_task_waits_and_why(cli: Cli, fake: FakeAgent) -> None:
+    fake.tasks[TASK].cursor = 0
+    reason = "waiting for a slot: 2 of 2 outgoing migrations run on this host (limits.outgoing_migrations)"
+    fake.tasks[TASK].snapshots[0].update(state="QUEUED", queue={"position": 3, "reason": reason})
+    result = cli("show", TASK)
+    assert "state      QUEUED" in result.out
+    assert f"queue      position 3: {reason}" in result.out
+
+
 def test_show_json_and_an_unknown_task(cli: Cli) -> None:
     assert json.loads(cli("show", TASK, "--json").out)["taskUuid"] == TASK
     missing = cli("show", "00000000-0000-4000-8000-000000000000")

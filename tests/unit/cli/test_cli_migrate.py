@@ -92,7 +92,7 @@ def test_full_cross_host_body(migrate: Migrate, fake: FakeAgent, tmp_path: Path)
         "--dst-token-file", str(dst_token),
         "--with-data-volumes", "--with-snapshots",
         "--bandwidth", "50", "--downtime", "200",
-        "--strategy", "postcopy", "--allow-postcopy",
+        "--strategy", "postcopy", "--allow-postcopy", "--priority", "20",
         "--timeout", "600", "--task-uuid", TASK_UUID,
     )  # fmt: skip
     assert result.code == 0, result.err
@@ -116,6 +116,7 @@ def test_full_cross_host_body(migrate: Migrate, fake: FakeAgent, tmp_path: Path)
         "taskUuid": TASK_UUID,
         "timeout": 600.0,
         "allowPostCopy": True,
+        "priority": 20,
     }
     assert result.out == f"{TASK_UUID}\n"
 

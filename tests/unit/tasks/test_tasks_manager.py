@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from service_fakes import STORAGE_A, VM_1, VM_2, VM_3, FakeFactory, Script, eventually
+from service_fakes import STORAGE_A, VM_1, VM_2, VM_3, VM_4, VM_5, FakeFactory, Script, eventually
 
 from agent.errors import Conflict, MigrationFailed, NotFound, ServiceStopping
 from agent.migration.request import MigrationRequest, Tuning
@@ -128,13 +128,12 @@ async def test_cancel_before_start_never_runs_the_engine(tmp_path: Path) -> None
         manager = await h.start()
         first, _ = await manager.submit(VM_1, request(tid(1)))
         queued, _ = await manager.submit(VM_2, request(tid(2)))
-        await eventually(lambda: first.state is S.COPYING)
-        assert queued.state is S.PENDING
+        await eventually(lambda: first.state is S.COPYING and queued.state is S.QUEUED)
         await manager.cancel(queued.uuid)
-        assert queued.state_sequence == [S.PENDING, S.CANCELLED]
+        assert queued.state_sequence == [S.PENDING, S.QUEUED, S.CANCELLED]
         assert queued.error is not None and queued.error["code"] == "AGENT.CANCELLED"
         await manager.cancel(queued.uuid)  # idempotent
-        assert queued.state_sequence == [S.PENDING, S.CANCELLED]
+        assert queued.state_sequence == [S.PENDING, S.QUEUED, S.CANCELLED]
         script.gate.set()  # type: ignore[union-attr]
         await finished(first)
         assert [vm for vm, _ in script.calls] == [VM_1]
@@ -182,13 +181,76 @@ async def test_outgoing_limit_queues_instead_of_refusing(tmp_path: Path) -> None
         tasks = [(await manager.submit(vm, request(tid(n))))[0] for n, vm in enumerate((VM_1, VM_2, VM_3))]
         await eventually(lambda: sum(t.state is S.COPYING for t in tasks) == 2)
         await asyncio.sleep(0.05)
-        assert [t.state for t in tasks].count(S.PENDING) == 1
+        (queued,) = [t for t in tasks if t.state is S.QUEUED]
+        assert queued.queue is not None and queued.queue["position"] == 1
+        assert "2 of 2 outgoing migrations" in queued.queue["reason"]
+        assert queued.view()["queue"] == queued.queue
         script.gate.set()  # type: ignore[union-attr]
         for task in tasks:
             await finished(task)
         assert all(t.state is S.SUCCEEDED for t in tasks)
+        assert queued.state_sequence == [S.PENDING, S.QUEUED, *HAPPY[1:]]
+        assert queued.queue is None
     finally:
         await h.stop()
+
+
+async def test_the_queue_goes_by_priority_then_first_come_first_served(tmp_path: Path) -> None:
+    script = Script(gate=asyncio.Event())
+    h = Harness(tmp_path, script, outgoing_limit=1)
+    try:
+        manager = await h.start()
+        running, _ = await manager.submit(VM_1, request(tid(1)))
+        await eventually(lambda: running.state is S.COPYING)
+        low, _ = await manager.submit(VM_2, request(tid(2), priority=5))
+        first, _ = await manager.submit(VM_3, request(tid(3)))
+        second, _ = await manager.submit(VM_4, request(tid(4)))
+        urgent, _ = await manager.submit(VM_5, request(tid(5), priority=50))
+        order = [urgent, first, second, low]
+        await eventually(lambda: all(t.queue is not None for t in order))
+        assert [t.queue["position"] for t in order if t.queue] == [1, 2, 3, 4]
+        assert all(t.state is S.QUEUED for t in order)
+        # Cancelling a queued task takes it out of the queue; the others move up.
+        await manager.cancel(first.uuid)
+        assert first.state is S.CANCELLED and first.queue is None
+        assert first.state_sequence == [S.PENDING, S.QUEUED, S.CANCELLED]
+        await eventually(lambda: [t.queue["position"] for t in (urgent, second, low) if t.queue] == [1, 2, 3])
+        script.gate.set()  # type: ignore[union-attr]
+        for task in (running, urgent, second, low):
+            await finished(task)
+        started = [vm for vm, _resume in script.calls]
+        assert started == [VM_1, VM_5, VM_4, VM_2]
+    finally:
+        await h.stop()
+
+
+async def test_the_queue_survives_a_restart_in_the_same_order(tmp_path: Path) -> None:
+    script = Script(gate=asyncio.Event())
+    h = Harness(tmp_path, script, outgoing_limit=1)
+    manager = await h.start()
+    running, _ = await manager.submit(VM_1, request(tid(1)))
+    await eventually(lambda: running.state is S.COPYING)
+    later, _ = await manager.submit(VM_2, request(tid(2)))
+    sooner, _ = await manager.submit(VM_3, request(tid(3), priority=20))
+    await eventually(lambda: later.state is S.QUEUED and sooner.state is S.QUEUED)
+    await h.stop()
+
+    script2 = Script(gate=asyncio.Event())
+    h2 = Harness(tmp_path, script2, outgoing_limit=1)
+    try:
+        manager2 = await h2.start()
+        # The task under way resumes first; the queue is rebuilt from the journal in its order.
+        await eventually(lambda: script2.calls == [(VM_1, True)])
+        queued = [manager2.get(sooner.uuid), manager2.get(later.uuid)]
+        await eventually(lambda: [t.queue["position"] if t.queue else None for t in queued] == [1, 2])
+        assert all(t.state is S.QUEUED for t in queued)
+        script2.gate.set()  # type: ignore[union-attr]
+        for task in queued:
+            await finished(task)
+        assert script2.calls == [(VM_1, True), (VM_3, False), (VM_2, False)]
+        assert queued[1].state_sequence == [S.PENDING, S.QUEUED, *HAPPY[1:]]
+    finally:
+        await h2.stop()
 
 
 async def test_one_task_per_vm_and_idempotent_task_uuid(tmp_path: Path) -> None:
