@@ -68,6 +68,11 @@ async def _settle_steps(
             ctx.note("cancelTooLate", "the cancel arrived after the switchover; the move completed")
         elif isinstance(failure, asyncio.CancelledError):
             ctx.log.warning("the deadline passed after the switchover; the VM runs on the destination")
+        elif isinstance(failure, AgentError) and failure.code is Code.INTERRUPTED:
+            # A resumed task whose migration ended while the agent was away: nothing went wrong.
+            ctx.log.info(
+                "the migration finished while the agent was restarting; the VM runs on the destination"
+            )
         else:
             ctx.log.warning("%s, but the VM runs on the destination; committing", _what(failure))
         data["step"] = Step.COMMITTING
