@@ -41,6 +41,8 @@ class StorageRootConfig(_Strict):
 class LimitsConfig(_Strict):
     outgoing_migrations: int = Field(default=2, ge=1, le=64)
     incoming_migrations: int = Field(default=2, ge=1, le=64)
+    #: Layer exports (a qemu-storage-daemon and a port each) open at once for incoming migrations.
+    incoming_exports: int = Field(default=2, ge=1, le=64)
     max_request_bytes: int = Field(default=1024 * 1024, ge=1024)
 
 
@@ -48,8 +50,14 @@ class ReportConfig(_Strict):
     progress_interval_s: float = Field(default=1.0, gt=0)
     retry_initial_s: float = Field(default=1.0, gt=0)
     retry_max_s: float = Field(default=60.0, gt=0)
-    retry_for_s: float = Field(default=7 * 24 * 3600.0, gt=0)
+    #: A final report is given up after this long or this many attempts, whichever comes first (the task's
+    #: result stays in GET /v1/tasks/{id} either way).
+    retry_for_s: float = Field(default=24 * 3600.0, gt=0)
+    retry_max_attempts: int = Field(default=1500, ge=1)
     timeout_s: float = Field(default=10.0, gt=0)
+    #: Where callbackUrl and progressUrl may point, beside the address each request came from
+    #: (agent/report/destinations.py); the ZStack dialect's allowed_networks are added to it.
+    allowed_networks: tuple[IPvAnyNetwork, ...] = ()
 
 
 class ZStackConfig(_Strict):
@@ -58,6 +66,10 @@ class ZStackConfig(_Strict):
 
     enabled: bool = False
     allowed_networks: tuple[IPvAnyNetwork, ...] = ()
+    #: Commands taken and not yet answered; more are refused with 429 and Retry-After.
+    max_open_commands: int = Field(default=64, ge=1)
+    #: Command records kept in all (answered ones go first, oldest first): each holds a callback.
+    max_records: int = Field(default=4096, ge=16)
 
 
 class AgentConfig(_Strict):
@@ -128,6 +140,12 @@ class AgentConfig(_Strict):
             path = given[key]
             if not path.is_file():
                 raise ConfigError(f"{key}: {path} is not a readable file")
+
+    def report_networks(self) -> tuple[Any, ...]:
+        """Where reports may go beside each request's own address: ``[report] allowed_networks``, and the
+        ZStack dialect's networks when it is on (its management servers call from there)."""
+        zstack = self.zstack.allowed_networks if self.zstack.enabled else ()
+        return (*self.report.allowed_networks, *zstack)
 
     def read_token(self) -> str:
         return read_secret(self.token_file, "token_file")

@@ -5,9 +5,11 @@ AgentError                 root; carries a stable ``code``, a description, detai
  |   +- StorageNotFound     unknown storage uuid (400)
  |   +- PathOutsideRoot     a path that escapes its storage root (400)
  +- Unauthorized           missing or wrong token (401)
+ +- Forbidden              a known caller whose role or identity may not do this (403)
  +- NotFound               unknown VM, task or incoming migration (404)
  +- Conflict               the VM already has a task, a task in the wrong state (409)
  +- PayloadTooLarge        request body over the limit (413)
+ +- Busy                   a limit of this host is full; ``retry_after_s`` says when to try again (429)
  +- ServiceStopping        the agent is shutting down (503)
  +- LimitsNotApplied       a live change of the limits did not take in QEMU (503)
  +- PreflightFailed        the plan cannot run: no space, a block job present, target exists (409)
@@ -63,6 +65,16 @@ class Code(enum.StrEnum):
         "AGENT.CLUSTER_CERTIFICATE_REQUIRED",
         "an agent-to-agent path called without a cluster client certificate",
     )
+    FORBIDDEN = "AGENT.FORBIDDEN", "the caller's role may not call this path (the details name both)"
+    NOT_YOUR_MIGRATION = (
+        "AGENT.NOT_YOUR_MIGRATION",
+        "the incoming migration was prepared by another peer; only that peer may act on it",
+    )
+    DOMAIN_MISMATCH = (
+        "AGENT.DOMAIN_MISMATCH",
+        "the domain to define differs from what the source declared at prepare (`field` names the part)",
+    )
+    BUSY = "AGENT.BUSY", "a limit of this host is full (Retry-After says when to try again)"
 
     # What the request names
     NOT_FOUND = "AGENT.NOT_FOUND", "no such task or incoming migration"
@@ -257,6 +269,9 @@ class PathOutsideRoot(InvalidRequest, code=Code.PATH_OUTSIDE_ROOT): ...
 class Unauthorized(AgentError, code=Code.UNAUTHORIZED, http_status=401): ...
 
 
+class Forbidden(AgentError, code=Code.FORBIDDEN, http_status=403): ...
+
+
 class NotFound(AgentError, code=Code.NOT_FOUND, http_status=404): ...
 
 
@@ -264,6 +279,14 @@ class Conflict(AgentError, code=Code.CONFLICT, http_status=409): ...
 
 
 class PayloadTooLarge(AgentError, code=Code.PAYLOAD_TOO_LARGE, http_status=413): ...
+
+
+class Busy(AgentError, code=Code.BUSY, http_status=429):
+    """A limit is full; the answer carries ``Retry-After``."""
+
+    def __init__(self, description: str, *, retry_after_s: int = 5, **kwargs: Any) -> None:
+        super().__init__(description, **kwargs)
+        self.retry_after_s = retry_after_s
 
 
 class ServiceStopping(AgentError, code=Code.STOPPING, http_status=503): ...

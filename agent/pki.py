@@ -19,6 +19,7 @@ Keys are written 0600. Server and client files of a host hold the same key and c
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import ipaddress
 import os
@@ -110,12 +111,16 @@ def _key_pem(key: rsa.RSAPrivateKey) -> bytes:
 
 
 def _write(path: Path, data: bytes, mode: int) -> None:
+    """Write ``path`` whole, with ``mode`` from its first byte: a fresh temporary file (never one that was
+    there, nor a link someone placed: ``O_EXCL | O_NOFOLLOW``), renamed over it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()  # left by an interrupted run: ours to replace, never to write through
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
     with os.fdopen(fd, "wb") as handle:
+        os.fchmod(handle.fileno(), mode)  # the umask may have taken bits away; never more than mode
         handle.write(data)
-    os.chmod(tmp, mode)  # the umask may have taken bits away
     os.replace(tmp, path)
 
 

@@ -17,6 +17,7 @@ from .layout import (
     AGENT_PORT,
     BRIDGE_ADDRESS,
     CA_FILE,
+    CLUSTER_TOKEN_FILE,
     PREFIX_LEN,
     STORAGE_ROOTS,
     TOKEN_FILE,
@@ -44,14 +45,15 @@ class AgentIncomplete(LabError):
 
 
 def config_text(host: HostSpec, hs: HostState, *, twin_port: int | None = None) -> str:
-    """agent.toml in the shape agent/config.py reads (one shared lab token doubles as the cluster token).
+    """agent.toml in the shape agent/config.py reads (the management plane's token, and the cluster token the
+    agents present to each other).
     ``twin_port``: a second, plain-text agent on that port (see ``start_twin``)."""
     lines = [
         f"# written by scripts/lab for {host.name}",
         f'listen_address = "{host.address}"',
         f"port = {twin_port or AGENT_PORT}",
         f'token_file = "{TOKEN_FILE}"',
-        f'cluster_token_file = "{TOKEN_FILE}"',
+        f'cluster_token_file = "{CLUSTER_TOKEN_FILE}"',
         f'host_uuid = "{hs.uuid}"',
         'libvirt_uri = "qemu:///system"',
         f'state_dir = "{host.dir / f"state-{twin_port}" if twin_port else host.agent_state_dir}"',

@@ -13,6 +13,7 @@ from .layout import (
     AGENT_BIN,
     BRIDGE,
     CA_FILE,
+    CLUSTER_TOKEN_FILE,
     GUESTS_DIR,
     HOSTS,
     INSECURE_FILE,
@@ -64,8 +65,9 @@ def up(with_agents: bool = True, restart_agents: bool = False, insecure_lab: boo
         for path in (LAB_DIR, GUESTS_DIR, TMP_DIR):
             path.mkdir(parents=True, exist_ok=True)
         state.save()
-        if not TOKEN_FILE.exists():
-            write_file(TOKEN_FILE, secrets.token_urlsafe(32) + "\n", 0o600)
+        for secret in (TOKEN_FILE, CLUSTER_TOKEN_FILE):
+            if not secret.exists():
+                write_file(secret, secrets.token_urlsafe(32) + "\n", 0o600)
         if insecure_lab != insecure():
             log(f"the lab switches to {'INSECURE (plain TCP and HTTP)' if insecure_lab else 'TLS'}")
             restart_agents = True

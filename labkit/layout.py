@@ -22,6 +22,9 @@ LAB_DIR = Path(f"/var/lib/ksa-lab{SUFFIX}")
 CACHE_DIR = Path("/var/cache/ksa-lab")
 STATE_FILE = LAB_DIR / "lab.json"
 TOKEN_FILE = LAB_DIR / "token"
+#: What the agents present to each other beside their host certificates (a peer's token, not the
+#: management plane's: agent/api/access.py).
+CLUSTER_TOKEN_FILE = LAB_DIR / "cluster-token"
 GUESTS_DIR = LAB_DIR / "guests"
 TMP_DIR = LAB_DIR / "tmp"
 #: The lab's cluster CA (agent pki init), the hosts' /etc/pki trees and the operator's client certificate

@@ -40,7 +40,7 @@ from agent.api.wiring import LibvirtInventory, open_virt_host, production_engine
 from agent.config import AgentConfig
 from agent.metrics import AgentMetrics
 from agent.migration.engine import EngineFactory
-from agent.migration.incoming import IncomingService
+from agent.migration.incoming import IncomingLimits, IncomingService
 from agent.report.outbox import OutboxDeliverer
 from agent.report.progress import ProgressReporter
 from agent.storage.roots import StorageRoots
@@ -66,15 +66,15 @@ def make_app(
     dialects: Sequence[Callable[[web.Application], None]] = (),
 ) -> web.Application:
     """The agent's app. ``connect_libvirt``: open ``config.libvirt_uri`` at startup (production);
-    ``cluster_token``: also accepted, for agent-to-agent calls; ``dialects``: other APIs mounted on top
-    (the ZStack one: ``agent.zstack.mount``), handed down by the entry point so that imports point one way."""
+    ``cluster_token``: what peer agents present beside their host certificate (``agent.api.access``);
+    ``dialects``: other APIs mounted on top (the ZStack one: ``agent.zstack.mount``), handed down by the
+    entry point so that imports point one way."""
     app = web.Application(
         client_max_size=config.limits.max_request_bytes,
         middlewares=[error_middleware, guard_middleware],
     )
     app[CONFIG] = config
-    others = (cluster_token,) if cluster_token and cluster_token != token else ()
-    app[SERVICE] = ServiceState(token=token, other_tokens=others)
+    app[SERVICE] = ServiceState(token=token, cluster_token=cluster_token or None)
     app[METRICS] = AgentMetrics()
     app[ENGINE_FACTORY] = engine_factory
     app[INVENTORY] = inventory
@@ -107,6 +107,7 @@ async def _virt_ctx(app: web.Application) -> AsyncIterator[None]:
         config.state_dir,
         peer_libvirt_uri=config.peer_uri(),
         migration_address=config.migration_host(),
+        limits=IncomingLimits(config.limits.incoming_migrations, config.limits.incoming_exports),
     )
     if app[ENGINE_FACTORY] is None:
         app[ENGINE_FACTORY] = (

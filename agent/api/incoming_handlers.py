@@ -1,18 +1,27 @@
 """Agent-to-agent endpoints: the destination side of a cross-host migration (``agent.migration.incoming``).
 
-The source agent calls them with this agent's token or the cluster token; the management plane never needs to.
+Only peer agents call them (``agent.api.access``: the ``peer`` role); every record is bound to the peer that
+prepared it, by the caller's name. The management plane never needs to call them.
 """
 
 from __future__ import annotations
 
+import asyncio
+
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 
-from agent.api.keys import INCOMING
+from agent.api.access import CALLER
+from agent.api.info_handlers import root_usage
+from agent.api.keys import CONFIG, INCOMING, INVENTORY
 from agent.api.middleware import json_response
 from agent.api.validation import path_uuid, read_object, validate
 from agent.errors import Code, VirtError
 from agent.migration.incoming import IncomingService, IncomingSpec
+
+
+def _peer(request: web.Request) -> str:
+    return request[CALLER].peer_name
 
 
 def _service(request: web.Request) -> IncomingService:
@@ -22,24 +31,41 @@ def _service(request: web.Request) -> IncomingService:
     return service
 
 
+async def offer(request: web.Request) -> web.StreamResponse:
+    """``GET /v1/incoming-migrations``: what a source needs to plan a move here: this host's uuid and its
+    storage roots (uuid, path, free and total bytes)."""
+    config = request.app[CONFIG]
+    storage = await asyncio.gather(*(asyncio.to_thread(root_usage, root) for root in config.storage))
+    return json_response({"hostUuid": config.host_uuid, "storage": list(storage)})
+
+
 async def prepare(request: web.Request) -> web.StreamResponse:
     """``POST /v1/incoming-migrations``: create the target images; idempotent for the same spec."""
     spec = validate(IncomingSpec, await read_object(request))
-    return json_response(await _service(request).prepare(spec), status=201)
+    return json_response(await _service(request).prepare(spec, _peer(request)), status=201)
 
 
 async def get(request: web.Request) -> web.StreamResponse:
-    return json_response(await _service(request).get(path_uuid(request, "migrationId")))
+    return json_response(await _service(request).get(path_uuid(request, "migrationId"), _peer(request)))
+
+
+async def vm(request: web.Request) -> web.StreamResponse:
+    """``GET .../{id}/vm``: the migration's VM as this host sees it (also once the migration settled)."""
+    vm_uuid = _service(request).vm_of(path_uuid(request, "migrationId"), _peer(request))
+    inventory = request.app[INVENTORY]
+    if inventory is None:
+        raise VirtError("libvirt is not connected in this agent", code=Code.LIBVIRT_UNAVAILABLE)
+    return json_response(await inventory.describe_vm(vm_uuid))
 
 
 async def commit(request: web.Request) -> web.StreamResponse:
     """``POST /v1/incoming-migrations/{id}/commit``: the VM runs here from the new paths."""
-    return json_response(await _service(request).commit(path_uuid(request, "migrationId")))
+    return json_response(await _service(request).commit(path_uuid(request, "migrationId"), _peer(request)))
 
 
 async def abort(request: web.Request) -> web.StreamResponse:
     """``DELETE /v1/incoming-migrations/{id}``: remove what it created (idempotent)."""
-    return json_response(await _service(request).abort(path_uuid(request, "migrationId")))
+    return json_response(await _service(request).abort(path_uuid(request, "migrationId"), _peer(request)))
 
 
 class LayerRef(BaseModel):
@@ -58,7 +84,9 @@ async def open_layer(request: web.Request) -> web.StreamResponse:
     """``POST .../{id}/layers``: create a lower layer and export it over NBD for the source to fill."""
     ref = validate(LayerRef, await read_object(request))
     migration_id = path_uuid(request, "migrationId")
-    return json_response(await _service(request).open_layer(migration_id, ref.target, ref.index), status=201)
+    return json_response(
+        await _service(request).open_layer(migration_id, _peer(request), ref.target, ref.index), status=201
+    )
 
 
 async def finish_layer(request: web.Request) -> web.StreamResponse:
@@ -66,7 +94,9 @@ async def finish_layer(request: web.Request) -> web.StreamResponse:
     done = validate(LayerDone, await read_object(request))
     migration_id = path_uuid(request, "migrationId")
     return json_response(
-        await _service(request).finish_layer(migration_id, done.target, done.index, dict(done.digest))
+        await _service(request).finish_layer(
+            migration_id, _peer(request), done.target, done.index, dict(done.digest)
+        )
     )
 
 
@@ -78,4 +108,6 @@ class Definition(BaseModel):
 async def define(request: web.Request) -> web.StreamResponse:
     """``POST .../{id}/define``: offline move: define the VM here on its transferred images."""
     body = validate(Definition, await read_object(request))
-    return json_response(await _service(request).define(path_uuid(request, "migrationId"), body.xml))
+    return json_response(
+        await _service(request).define(path_uuid(request, "migrationId"), _peer(request), body.xml)
+    )

@@ -32,7 +32,7 @@ async def health(request: web.Request) -> web.StreamResponse:
 async def host(request: web.Request) -> web.StreamResponse:
     """``GET /v1/host``: cpu, memory and each storage root's free/total bytes."""
     config = request.app[CONFIG]
-    storage = await asyncio.gather(*(asyncio.to_thread(_root_usage, root) for root in config.storage))
+    storage = await asyncio.gather(*(asyncio.to_thread(root_usage, root) for root in config.storage))
     counts = request.app[MANAGER].count_by_state()
     body = {
         "hostUuid": config.host_uuid,
@@ -59,7 +59,7 @@ def _memory() -> dict[str, Any]:
     return {"totalBytes": int(mem.total), "availableBytes": int(mem.available), "percent": float(mem.percent)}
 
 
-def _root_usage(root: StorageRootConfig) -> dict[str, Any]:
+def root_usage(root: StorageRootConfig) -> dict[str, Any]:
     entry: dict[str, Any] = {"uuid": root.uuid, "path": str(root.path), "totalBytes": None, "freeBytes": None}
     try:
         usage = shutil.disk_usage(root.path)

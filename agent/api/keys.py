@@ -35,8 +35,8 @@ class ServiceState:
     """Lifecycle flags shared by middlewares and long-lived handlers (server-sent events)."""
 
     token: str = field(repr=False)
-    #: Also accepted: the cluster token other agents use for agent-to-agent calls.
-    other_tokens: tuple[str, ...] = field(default=(), repr=False)
+    #: The cluster token peer agents present beside their host certificate (``agent.api.access``).
+    cluster_token: str | None = field(default=None, repr=False)
     #: Paths served without the token because their handlers apply their own access rule (the ZStack
     #: dialect's source networks, ``agent.zstack``).
     open_paths: frozenset[str] = frozenset()
@@ -44,6 +44,8 @@ class ServiceState:
 
 
 CONFIG = web.AppKey("config", AgentConfig)
+#: (method, path template) -> the role the route needs (``agent.api.routes``, ``agent.api.access``).
+ROUTE_ROLES: web.AppKey[dict[tuple[str, str], Any]] = web.AppKey("route_roles")
 SERVICE = web.AppKey("service", ServiceState)
 METRICS = web.AppKey("metrics", AgentMetrics)
 #: The engine factory tests inject; None in production (built from the virt host at startup).

@@ -1,5 +1,5 @@
-"""Middlewares: every error becomes an ErrorCode body with its status; 503 while stopping; bearer auth
-(agent-to-agent paths over TLS also need a cluster client certificate: agent/security.py).
+"""Middlewares: every error becomes an ErrorCode body with its status; 503 while stopping; who calls and
+whether the route's role allows it (``agent.api.access``, the one place for both).
 
 Order (outermost first): ``error_middleware`` -> ``guard_middleware`` -> handler. Nothing a client sends can
 produce a bare 500: an unexpected exception is logged with its traceback and answered as ``AGENT.INTERNAL``.
@@ -9,7 +9,6 @@ The token is compared in constant time and never logged.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
 from typing import Any
@@ -17,20 +16,19 @@ from typing import Any
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from agent.api.keys import CONFIG, SERVICE
-from agent.errors import AgentError, Code, NotFound, PayloadTooLarge, ServiceStopping, Unauthorized
-from agent.security import require_cluster_certificate
+from agent.api.access import CALLER, Role, Tokens, authorize, identify
+from agent.api.keys import CONFIG, ROUTE_ROLES, SERVICE
+from agent.errors import AgentError, Busy, Code, NotFound, PayloadTooLarge, ServiceStopping, Unauthorized
 
 log = logging.getLogger(__name__)
 
-#: Paths answered without a token.
-PUBLIC_PATHS = frozenset({"/v1/health"})
-
 
 def error_response(err: AgentError, status: int | None = None) -> web.Response:
-    headers = (
-        {"WWW-Authenticate": 'Bearer realm="kvm-storage-agent"'} if isinstance(err, Unauthorized) else None
-    )
+    headers = None
+    if isinstance(err, Unauthorized):
+        headers = {"WWW-Authenticate": 'Bearer realm="kvm-storage-agent"'}
+    elif isinstance(err, Busy):
+        headers = {"Retry-After": str(err.retry_after_s)}
     return json_response(err.to_error_code(), status=status or err.http_status, headers=headers)
 
 
@@ -87,21 +85,22 @@ async def guard_middleware(request: web.Request, handler: Handler) -> web.Stream
     service = request.app[SERVICE]
     if service.stopping.is_set():
         raise ServiceStopping("the agent is stopping")
-    require_cluster_certificate(request)
-    if request.path not in PUBLIC_PATHS and request.path not in service.open_paths:
-        check_token(request.headers.get("Authorization"), service.token, *service.other_tokens)
+    role = route_role(request)
+    if role not in (Role.PUBLIC, Role.DIALECT):
+        caller = identify(request, Tokens(service.token, service.cluster_token))
+        authorize(request, caller, role)
+        request[CALLER] = caller
     return await handler(request)
 
 
-def check_token(header: str | None, token: str, *others: str) -> None:
-    """Raise ``Unauthorized`` unless ``header`` is ``Bearer <token>`` for one of the accepted tokens
-    (constant-time comparison, every token compared)."""
-    if header is None:
-        raise Unauthorized("missing Authorization: Bearer <token>")
-    scheme, _, given = header.partition(" ")
-    if scheme.lower() != "bearer" or not given:
-        raise Unauthorized("Authorization must be: Bearer <token>")
-    presented = given.strip().encode()
-    matches = [hmac.compare_digest(presented, accepted.encode()) for accepted in (token, *others)]
-    if not any(matches):
-        raise Unauthorized("wrong token")
+def route_role(request: web.Request) -> Role:
+    """The role the matched route needs (``agent.api.routes``); a dialect's open paths apply their own
+    rule; a path no route knows needs the management role (so that a stranger learns nothing of it)."""
+    if request.path in request.app[SERVICE].open_paths:
+        return Role.DIALECT
+    route = request.match_info.route
+    resource = route.resource
+    if resource is None:
+        return Role.MANAGEMENT
+    role: Role = request.app[ROUTE_ROLES].get((route.method, resource.canonical), Role.MANAGEMENT)
+    return role

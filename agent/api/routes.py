@@ -1,8 +1,9 @@
 """The route table: one list drives both the aiohttp router and the OpenAPI document.
 
-Each ``Route`` names its handler, the request body model (if any), the answer model and status, and whether
-it needs the bearer token. ``openapi_document()`` turns the table plus the pydantic models' JSON schemas into
-an OpenAPI 3.1 document (``GET /v1/openapi.json``).
+Each ``Route`` names its handler, the request body model (if any), the answer model and status, and the
+role its caller needs (``agent.api.access``: public, management, or peer for the agent-to-agent paths).
+``openapi_document()`` turns the table plus the pydantic models' JSON schemas into an OpenAPI 3.1 document
+(``GET /v1/openapi.json``).
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from pydantic import BaseModel
 
 import agent
 from agent.api import events, incoming_handlers, info_handlers, models, task_handlers
+from agent.api.access import Role
+from agent.api.keys import ROUTE_ROLES
 from agent.api.middleware import json_response
 from agent.migration.incoming import IncomingSpec
 from agent.migration.request import MigrationRequest, Tuning
@@ -33,7 +36,7 @@ class Route:
     body: type[BaseModel] | None = None
     answer: type[BaseModel] | None = None
     status: int = 200
-    auth: bool = True
+    role: Role = Role.MANAGEMENT
     errors: tuple[int, ...] = (401, 503)
     content_type: str = "application/json"
     query: tuple[str, ...] = field(default=())
@@ -53,7 +56,14 @@ def _on_task(method: str, suffix: str, handler: Handler, summary: str, **options
 
 def _from_peer(method: str, suffix: str, handler: Handler, summary: str, **options: Any) -> Route:
     """Agent to agent: the destination side of a migration, under ``/v1/incoming-migrations``."""
-    return Route(method, f"/v1/incoming-migrations{suffix}", handler, f"Agent to agent: {summary}", **options)
+    return Route(
+        method,
+        f"/v1/incoming-migrations{suffix}",
+        handler,
+        f"Agent to agent: {summary}",
+        role=Role.PEER,
+        **options,
+    )
 
 
 _INFO = (
@@ -63,7 +73,7 @@ _INFO = (
         info_handlers.health,
         "Liveness; no token needed",
         answer=models.Health,
-        auth=False,
+        role=Role.PUBLIC,
         errors=(503,),
     ),
     Route(
@@ -138,6 +148,12 @@ _TASKS = (
 )
 _INCOMING = (
     _from_peer(
+        "GET",
+        "",
+        incoming_handlers.offer,
+        "this host's uuid and storage roots (what a source plans a move here with)",
+    ),
+    _from_peer(
         "POST",
         "",
         incoming_handlers.prepare,
@@ -148,6 +164,14 @@ _INCOMING = (
     ),
     _from_peer(
         "GET", "/{migrationId}", incoming_handlers.get, "one prepared incoming migration", errors=_NAMED
+    ),
+    _from_peer(
+        "GET",
+        "/{migrationId}/vm",
+        incoming_handlers.vm,
+        "the migration's VM with its disks as this host sees it (also after the migration settled)",
+        answer=models.VmView,
+        errors=(*_NAMED, 502),
     ),
     _from_peer(
         "POST",
@@ -198,6 +222,7 @@ ROUTES: tuple[Route, ...] = (*_INFO, *_TASKS, *_INCOMING, *_DOCUMENTS)
 
 
 def add_routes(app: web.Application) -> None:
+    app[ROUTE_ROLES] = {(route.method, route.path): route.role for route in ROUTES}
     for route in ROUTES:
         app.router.add_route(route.method, route.path, route.handler)
 
@@ -249,12 +274,16 @@ def openapi_document() -> dict[str, Any]:
         }
         # Any body can be too large (the app's client_max_size answers 413 before a handler runs).
         statuses = (*route.errors, 413) if route.body is not None else route.errors
+        if route.role in (Role.MANAGEMENT, Role.PEER):
+            statuses = (*statuses, 403)  # a known caller of the other role (agent.api.access)
+        if route.role is Role.PEER:
+            statuses = (*statuses, 429)  # a limit of the destination is full (Retry-After)
         for status in sorted(set(statuses)):
             operation["responses"][str(status)] = {
                 "description": "ErrorCode",
                 "content": {"application/json": {"schema": error_ref}},
             }
-        if route.auth:
+        if route.role is not Role.PUBLIC:
             operation["security"] = [{"bearer": []}]
         else:
             operation["security"] = []

@@ -23,6 +23,7 @@ from agent.api.validation import (
 from agent.errors import InvalidRequest, NotFound
 from agent.migration.request import MigrationRequest, Tuning
 from agent.migration.states import TaskState
+from agent.report.destinations import check_report_url
 
 
 async def start_migration(request: web.Request) -> web.StreamResponse:
@@ -36,7 +37,13 @@ async def start_migration(request: web.Request) -> web.StreamResponse:
     manager = request.app[MANAGER]
     known = await manager.find(migration.taskUuid or "")
     if known is None:
-        await check_destination(migration, request.app[CONFIG])
+        config = request.app[CONFIG]
+        await check_destination(migration, config)
+        for field, url in (("callbackUrl", migration.callbackUrl), ("progressUrl", migration.progressUrl)):
+            if url:
+                await check_report_url(
+                    url, allowed=config.report_networks(), submitter=request.remote, field=field
+                )
         inventory = request.app[INVENTORY]
         if inventory is not None:
             await inventory.describe_vm(vm_uuid)  # NotFound -> 404

@@ -199,7 +199,12 @@ class OfflineEngine:
     # -- another host -----------------------------------------------------------------------------------
 
     async def _to_peer(self, ctx: TaskContext, plan: MigrationPlan) -> list[dict[str, Any]]:
-        spec = IncomingSpec.of(ctx.task_uuid, plan, (IncomingDisk.offline_copy(d) for d in plan.disks))
+        spec = IncomingSpec.of(
+            ctx.task_uuid,
+            plan,
+            (IncomingDisk.offline_copy(d) for d in plan.disks),
+            domain=await self.host.inactive_xml(ctx.vm_uuid),
+        )
         temporary: list[str] = []
         data: dict[str, Any] = {"engine": "offline", "created": temporary, "incoming": True}
         async with peer_client(ctx.request, self.config) as peer:
@@ -251,7 +256,7 @@ class OfflineEngine:
             # The destination has the definition now: drop ours, so the VM is defined on one host only.
             await self.host.undefine(ctx.vm_uuid)
             await ctx.enter(TaskState.VERIFYING)
-            vm = await peer_call(peer, "GET", ("v1", "vms", ctx.vm_uuid), None)
+            vm = await peer_call(peer, "GET", ("v1", "incoming-migrations", ctx.task_uuid, "vm"), None)
             return remote_inventory(vm, plan)
 
     async def _flat_copy(self, ctx: TaskContext, data: dict[str, Any], disk: DiskPlan) -> str:

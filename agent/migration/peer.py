@@ -12,9 +12,10 @@ from agent.security import client_context
 
 
 def peer_client(request: MigrationRequest, config: AgentConfig) -> AgentClient:
-    """A client of the destination agent: the token handed over in the request, else the cluster token;
-    over TLS, verifying the peer with the cluster CA and presenting this host's certificate. A token never
-    goes out over plain HTTP unless ``insecure_transport`` says so."""
+    """A client of the destination agent: over TLS, verifying the peer with the cluster CA and presenting
+    this host's certificate (what identifies this agent there), with the token handed over in the request,
+    else the cluster token, as a second factor. This agent's own management token never goes to a peer; a
+    token never goes out over plain HTTP unless ``insecure_transport`` says so."""
     dst = request.dstHost
     if dst is None or not dst.agentUrl:
         raise InvalidRequest("a move to another host needs dstHost.agentUrl", field="dstHost.agentUrl")
@@ -24,7 +25,7 @@ def peer_client(request: MigrationRequest, config: AgentConfig) -> AgentClient:
             "(insecure_transport is off)",
             field="dstHost.agentUrl",
         )
-    token = dst.token or config.read_cluster_token() or config.read_token()
+    token = dst.token or config.read_cluster_token()
     return AgentClient(dst.agentUrl, token, ssl_context=client_context(config))
 
 

@@ -3,8 +3,10 @@
 The task manager writes an outbox row in the same transaction as a task's final state; this deliverer
 POSTs each row to its ``callbackUrl`` (header ``taskuuid``) until a 2xx answer, waiting ``retry_initial_s``
 doubled per failed attempt up to ``retry_max_s`` (with +-20 % jitter), and gives up after ``retry_for_s``
-(logged as an error). Rows survive restarts: a new deliverer picks up whatever is due. It runs in its own
-background task, so a dead or slow management server never touches a migration.
+or ``retry_max_attempts`` (logged as an error; the task's result stays in the API). No redirect is followed
+and at most ``MAX_ANSWER_BYTES`` of an answer is read (``agent.report.destinations``). Rows survive
+restarts: a new deliverer picks up whatever is due. It runs in its own background task, so a dead or slow
+management server never touches a migration.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from collections.abc import Callable
 import aiohttp
 
 from agent.config import ReportConfig
+from agent.report.destinations import MAX_ANSWER_BYTES
 from agent.tasks.journal import Journal, OutboxEntry
 
 log = logging.getLogger(__name__)
@@ -106,7 +109,7 @@ class OutboxDeliverer:
             return
         self._on_failure()
         attempts = entry.attempts + 1
-        if now - entry.created_at >= self._policy.retry_for_s:
+        if now - entry.created_at >= self._policy.retry_for_s or attempts >= self._policy.retry_max_attempts:
             await self._journal.outbox_given_up(entry.id, now, error)
             log.error(
                 "task=%s: giving up on the final report to %s after %d attempts: %s",
@@ -133,9 +136,11 @@ class OutboxDeliverer:
         try:
             async with (
                 asyncio.timeout(self._policy.timeout_s),
-                self._session.post(entry.url, data=entry.body, headers=headers) as response,
+                self._session.post(
+                    entry.url, data=entry.body, headers=headers, allow_redirects=False
+                ) as response,
             ):
-                await response.read()
+                await response.content.read(MAX_ANSWER_BYTES)
                 if 200 <= response.status < 300:
                     return None
                 return f"HTTP {response.status}"

@@ -20,6 +20,8 @@ from typing import Any
 
 import aiohttp
 
+from agent.report.destinations import MAX_ANSWER_BYTES
+
 log = logging.getLogger(__name__)
 
 Payload = Callable[[], dict[str, Any]]
@@ -128,9 +130,10 @@ class ProgressReporter:
                         **(pending.headers if pending.headers is not None else {"taskuuid": task_uuid}),
                         "Content-Type": "application/json",
                     },
+                    allow_redirects=False,
                 ) as response,
             ):
-                await response.read()
+                await response.content.read(MAX_ANSWER_BYTES)
                 if 200 <= response.status < 300:
                     return
                 problem = f"HTTP {response.status}"

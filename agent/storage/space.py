@@ -18,13 +18,18 @@ SPACE_MARGIN = 64 * 1024 * 1024
 ESTIMATE_SLACK = 1.1
 
 
-async def check_free_space(root: StorageRoot, needed: int, *, field: str, where: str = "") -> None:
-    """Raise ``AGENT.NO_SPACE`` (naming ``field``) unless ``root`` has room for ``needed`` bytes."""
+async def check_free_space(
+    root: StorageRoot, needed: int, *, field: str, where: str = "", reserved: int = 0
+) -> None:
+    """Raise ``AGENT.NO_SPACE`` (naming ``field``) unless ``root`` has room for ``needed`` bytes beside the
+    ``reserved`` bytes that moves in flight still need (counted whole: conservative)."""
     free, _total = await asyncio.to_thread(root.usage)
+    free -= int(reserved * ESTIMATE_SLACK)
     wanted = int(needed * ESTIMATE_SLACK)
     if wanted + SPACE_MARGIN > free:
+        held = f" ({reserved} reserved by moves in flight)" if reserved else ""
         raise PreflightFailed(
-            f"storage {root.uuid}{where} has {free} bytes free; the move needs about {wanted} plus a "
+            f"storage {root.uuid}{where} has {free} bytes free{held}; the move needs about {wanted} plus a "
             f"{SPACE_MARGIN} byte margin",
             code=Code.NO_SPACE,
             field=field,

@@ -65,16 +65,29 @@ class CommandLedger:
         ]
         return max(same, key=lambda r: r.created_at).agent_task if same else None
 
-    def forget_old(self, now: float) -> None:
-        """Drop answered records past ``KEEP_ANSWERED_S`` from memory (their files go at the next start)."""
+    def unanswered(self) -> int:
+        return sum(1 for r in self._records.values() if not r.answered)
+
+    def forget_old(self, now: float, keep: int | None = None) -> None:
+        """Drop answered records past ``KEEP_ANSWERED_S`` from memory (their files go at the next start),
+        and the oldest answered ones, with their files, beyond ``keep`` records in all."""
         cutoff = now - KEEP_ANSWERED_S
         for task_uuid, record in list(self._records.items()):
             if record.answered and record.created_at < cutoff:
-                del self._records[task_uuid]
-                if record.agent_task in self._by_task:
-                    self._by_task[record.agent_task].discard(task_uuid)
-                    if not self._by_task[record.agent_task]:
-                        del self._by_task[record.agent_task]
+                self._drop(task_uuid)
+        if keep is None or len(self._records) < keep:
+            return
+        answered = sorted((r for r in self._records.values() if r.answered), key=lambda r: r.created_at)
+        for record in answered[: len(self._records) - keep + 1]:
+            self._drop(record.task_uuid)
+            self._store.remove(record.task_uuid)
+
+    def _drop(self, task_uuid: str) -> None:
+        record = self._records.pop(task_uuid)
+        if record.agent_task in self._by_task:
+            self._by_task[record.agent_task].discard(task_uuid)
+            if not self._by_task[record.agent_task]:
+                del self._by_task[record.agent_task]
 
     async def save(self, record: CommandRecord) -> None:
         snapshot = dataclasses.replace(record)

@@ -79,6 +79,9 @@ class CommandStore:
     def save(self, record: CommandRecord) -> None:
         _write_json(self.commands / f"{record.task_uuid}.json", asdict(record))
 
+    def remove(self, task_uuid: str) -> None:
+        (self.commands / f"{task_uuid}.json").unlink(missing_ok=True)
+
     def load_link(self) -> HostLink:
         try:
             data = json.loads((self.dir / "host.json").read_text())

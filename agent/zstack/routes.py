@@ -32,6 +32,7 @@ from agent.api.keys import (
 from agent.api.middleware import json_response
 from agent.api.validation import BODY_TIMEOUT_S, invalid_from
 from agent.errors import InvalidRequest
+from agent.report.destinations import check_report_url
 from agent.zstack.service import ZStackService
 from agent.zstack.wire import (
     BLOCK_COPY,
@@ -100,11 +101,18 @@ def _async_headers(request: web.Request) -> tuple[str, str] | None:
     return task_uuid, callback
 
 
+async def _check_callback(request: web.Request, url: str, field: str = CALLBACK_URL_HEADER) -> None:
+    """Answers go only to the management server that asked or the configured networks (400 otherwise)."""
+    config = request.app[CONFIG]
+    await check_report_url(url, allowed=config.report_networks(), submitter=request.remote, field=field)
+
+
 def _migration(kind: str) -> Handler:
     async def handler(request: web.Request) -> web.StreamResponse:
         headers = _async_headers(request)
         if headers is None:
             raise web.HTTPBadRequest(text="taskUuid missing in request header")
+        await _check_callback(request, headers[1])
         body = await _body(request)
         await request.app[ZSTACK].receive(kind, headers[0], headers[1], body)
         return web.Response(status=200)
@@ -122,6 +130,7 @@ def _command(work: Callable[[ZStackService, bytes], Awaitable[dict[str, Any]]]) 
         service = request.app[ZSTACK]
         if headers is None:
             return json_response(await _run(work, service, body))
+        await _check_callback(request, headers[1])
         service.reply_later(headers[0], headers[1], lambda: _run(work, service, body))
         return web.Response(status=200)
 
@@ -161,6 +170,8 @@ async def connect(request: web.Request) -> web.StreamResponse:
     body = await _body(request)
     try:
         cmd = _parse(ConnectCmd, body)
+        if cmd.sendCommandUrl:
+            await _check_callback(request, cmd.sendCommandUrl, "sendCommandUrl")
     except InvalidRequest as err:
         return json_response(answer(False, error_message(err.to_error_code())))
     return json_response(await request.app[ZSTACK].connect(cmd))

@@ -34,7 +34,7 @@ import aiohttp
 import agent
 from agent.api.keys import VmInventory
 from agent.config import AgentConfig
-from agent.errors import AgentError
+from agent.errors import AgentError, Busy
 from agent.migration.request import MigrationRequest, normalise_uuid
 from agent.migration.states import TaskState
 from agent.report.outbox import OutboxDeliverer
@@ -139,7 +139,14 @@ class ZStackService:
         if known is not None:
             await self._duplicate(known, body)
             return
-        self._ledger.forget_old(self._clock())
+        limits = self.config.zstack
+        if self._ledger.unanswered() >= limits.max_open_commands:
+            raise Busy(
+                f"{limits.max_open_commands} ZStack commands are open on this host; try again later",
+                retry_after_s=30,
+                details="[zstack] max_open_commands in agent.toml",
+            )
+        self._ledger.forget_old(self._clock(), keep=limits.max_records)
         record = CommandRecord(task_uuid, kind, callback_url, self._clock())
         self._ledger.add(record)
         await self._ledger.save(record)

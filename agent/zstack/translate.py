@@ -9,11 +9,17 @@
   absent) flattens into the targets, IncCopy copies only the top layers onto targets whose chains are in
   place (checked by the destination before anything moves).
 Bandwidth (MiB/s) is the task's one budget, whatever ZStack divided it into per disk.
+
+Nothing ZStack sends reaches qemu-img or an HTTP client unparsed: install paths are absolute and normal
+(no ``..``, no ``protocol:`` prefix qemu would follow) and confined in a storage root before qemu-img sees
+them (``confined_path``); host addresses are an IP address or a DNS name, nothing else (``host_address``).
 """
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import re
 from typing import Any
 
 import aiohttp
@@ -31,6 +37,33 @@ from agent.zstack.wire import BlockLiveMigrationCmd, MigrateVmCmd
 REPLY_MARGIN_S = 10.0
 #: The longest task timeout a request may carry.
 MAX_TIMEOUT_S = 7 * 24 * 3600.0
+
+
+_LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_HOSTNAME = re.compile(rf"^(?=.{{1,253}}$){_LABEL}(\.{_LABEL})*$")
+
+
+def host_address(raw: str, field: str) -> str:
+    """An IP address or a DNS name (no port, scheme, path or user)."""
+    try:
+        return str(ipaddress.ip_address(raw))
+    except ValueError:
+        if not _HOSTNAME.match(raw):
+            raise InvalidRequest(
+                f"{field} {raw!r} is not an IP address or a host name", field=field
+            ) from None
+        return raw
+
+
+def confined_path(raw: str, roots: StorageRoots, field: str) -> str:
+    """``raw`` if it is absolute and normal and resolves inside one of this host's storage roots; the
+    resolved path (what qemu-img may open) is returned."""
+    if not raw.startswith("/") or os.path.normpath(raw) != raw or "\x00" in raw:
+        raise InvalidRequest(f"{field} {raw!r} is not an absolute, normal path", field=field)
+    root = roots.owner_of(raw)
+    if root is None:
+        raise InvalidRequest(f"{field} {raw} is not inside a primary storage of this host", field=field)
+    return str(root.confine(raw, field))
 
 
 def vm_uuid_of(raw: str) -> str:
@@ -56,14 +89,12 @@ async def block_copy_request(
     cmd: BlockLiveMigrationCmd, task_uuid: str, config: AgentConfig, remaining: float | None
 ) -> MigrationRequest:
     target = cmd.newVolume.installPath
-    root = StorageRoots.from_config(config).owner_of(target)
-    if root is None:
-        raise InvalidRequest(
-            f"newVolume.installPath {target} is not inside a primary storage of this host",
-            field="newVolume.installPath",
-        )
+    roots = StorageRoots.from_config(config)
+    real = confined_path(target, roots, "newVolume.installPath")
+    root = roots.owner_of(real)
+    assert root is not None  # confined_path found it
     try:
-        info = await qemuimg.info(target)
+        info = await qemuimg.info(real)
     except StorageError as err:
         raise PreflightFailed(
             f"the pre-created target {target} cannot be read",
@@ -93,19 +124,23 @@ async def block_copy_request(
     )
 
 
-def agent_url_of(host: str, config: AgentConfig) -> str:
+def agent_url_of(host: str, config: AgentConfig, field: str = "destHostManagementIp") -> str:
     scheme = "https" if config.tls_cert else "http"
-    return f"{scheme}://{host}:{config.port}"
+    address = host_address(host, field)
+    return f"{scheme}://{f'[{address}]' if ':' in address else address}:{config.port}"
 
 
 async def destination_host(
     agent_url: str, config: AgentConfig, session: aiohttp.ClientSession
 ) -> dict[str, Any]:
-    """``GET /v1/host`` of the destination agent (its uuid and storage roots)."""
-    token = config.read_cluster_token() or config.read_token()
+    """The destination agent's uuid and storage roots (``GET /v1/incoming-migrations``, a peer's call)."""
+    client = AgentClient(
+        agent_url, config.read_cluster_token(), session=session, ssl_context=client_context(config)
+    )
     try:
         # Over TLS: the destination verified with the cluster CA, this host's certificate presented.
-        return await AgentClient(agent_url, token, session=session, ssl_context=client_context(config)).host()
+        answer: dict[str, Any] = await client.request("GET", "v1", "incoming-migrations")
+        return answer
     except ClientError as err:
         raise MigrationFailed(
             f"the destination agent at {agent_url} cannot be asked for its storage: {err}",
@@ -158,7 +193,12 @@ async def migrate_request(
             "disks is empty: this agent moves storage; a migration on shared storage is not its job",
             field="disks",
         )
-    agent_url = agent_url_of(cmd.destHostManagementIp or cmd.destHostIp, config)
+    migration_address = host_address(cmd.destHostIp, "destHostIp")
+    agent_url = agent_url_of(
+        cmd.destHostManagementIp or cmd.destHostIp,
+        config,
+        "destHostManagementIp" if cmd.destHostManagementIp else "destHostIp",
+    )
     host = await destination_host(agent_url, config, session)
     dst_uuid = normalise_uuid(str(host.get("hostUuid")))
     if dst_uuid == config.host_uuid:
@@ -177,7 +217,7 @@ async def migrate_request(
                 "downTime": min(max(cmd.downTime, 1), 600_000) if cmd.downTime else 300,
                 "bandwidth": _bandwidth(cmd.bandwidth),
             },
-            "dstHost": {"uuid": dst_uuid, "agentUrl": agent_url, "migrationAddress": cmd.destHostIp},
+            "dstHost": {"uuid": dst_uuid, "agentUrl": agent_url, "migrationAddress": migration_address},
             "taskUuid": task_uuid,
             "timeout": task_timeout(remaining, cmd.timeout),
             "volumes": [

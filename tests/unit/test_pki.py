@@ -118,3 +118,19 @@ def _handshake(server: ssl.SSLContext, client: ssl.SSLContext, hostname: str) ->
         if all(done.values()):
             return
     raise AssertionError("handshake did not finish")
+
+
+def test_a_link_planted_at_the_temporary_name_gets_no_key(ca_dir: Path, tmp_path: Path) -> None:
+    """The repro: ``pki._write`` opened ``*.tmp`` following a symlink another user planted there, so the new
+    key landed in a file of theirs. Now the temporary file is made fresh (O_EXCL | O_NOFOLLOW), 0600."""
+    out = tmp_path / "hv9"
+    trap = tmp_path / "readable-by-all"
+    trap.write_bytes(b"")
+    trap.chmod(0o666)
+    key = pki.HostPki(out).key
+    key.parent.mkdir(parents=True)
+    (key.parent / (key.name + ".tmp")).symlink_to(trap)
+    issued = pki.issue_host(ca_dir, "hv9", ["10.0.0.9"], out=out)
+    assert trap.read_bytes() == b""
+    assert not issued.key.is_symlink() and b"PRIVATE KEY" in issued.key.read_bytes()
+    assert stat.S_IMODE(issued.key.stat().st_mode) == 0o600

@@ -62,7 +62,12 @@ async def commit(
     if confirmed:
         with contextlib.suppress(AgentError):
             vm = await peer_call_retrying(
-                ctx, peer, "GET", ("v1", "vms", ctx.vm_uuid), None, within_s=COMMIT_RETRY_S
+                ctx,
+                peer,
+                "GET",
+                ("v1", "incoming-migrations", ctx.task_uuid, "vm"),
+                None,
+                within_s=COMMIT_RETRY_S,
             )
     if view is None:
         # The destination libvirtd did not answer: its agent's view, or libvirt's own success, decides.

@@ -158,7 +158,9 @@ async def _remote_state(
         return view.state
     ctx.log.warning("the destination libvirtd is %s; asking the destination agent", describe(view))
     try:
-        vm = await peer_call_retrying(ctx, peer, "GET", ("v1", "vms", ctx.vm_uuid), None)
+        vm = await peer_call_retrying(
+            ctx, peer, "GET", ("v1", "incoming-migrations", ctx.task_uuid, "vm"), None
+        )
         return DomainState.of(vm.get("state"))
     except NotFound:
         return DomainState.UNDEFINED

@@ -1,8 +1,8 @@
 """The destination side of a move to another host: the wire format the source sends (``wire``), the service
-that prepares, commits or aborts (``service``), its records on disk (``records``) and their settling at
-start (``reconcile``)."""
+that prepares, commits or aborts (``service``), the domain a source may define (``domain``), its records on
+disk (``records``) and their settling at start (``reconcile``)."""
 
-from agent.migration.incoming.service import IncomingService
+from agent.migration.incoming.service import IncomingLimits, IncomingService
 from agent.migration.incoming.wire import IncomingDisk, IncomingLayer, IncomingSpec
 
-__all__ = ["IncomingDisk", "IncomingLayer", "IncomingService", "IncomingSpec"]
+__all__ = ["IncomingDisk", "IncomingLayer", "IncomingLimits", "IncomingService", "IncomingSpec"]

@@ -88,7 +88,7 @@ async def _reconcile_one(
         xml = await (host.live_xml if state == DomainState.RUNNING else host.inactive_xml)(vm_uuid)
         live = {d.target: d.source for d in parse_disks(xml)}
         if all(live.get(t) == top for t, top in tops.items()):
-            records.forget(migration_id)
+            records.settle(record, "committed")
             log.info(
                 "incoming migration %s committed at start: VM %s is %s here from its new volumes",
                 migration_id,

@@ -11,6 +11,16 @@ The source agent drives it over the authenticated agent API:
 - ``define`` (offline move): define the VM here from the transferred images, then forget the record;
 - ``abort``: remove every file this migration created; idempotent, also after an agent restart.
 
+Every record is bound to the peer that prepared it (``peer``, the caller's name from ``agent.api.access``):
+only that peer may open layers, define, commit, abort or look at it (403 ``AGENT.NOT_YOUR_MIGRATION``).
+What a peer asks is checked against what was prepared: a pre-created disk carries no layers; a layer's path
+is new (never an existing file) and never a disk's top (but for an offline move's last layer, which is its
+own disk's top); ``define`` takes only the domain the source declared at prepare (``domain``).
+
+Limits (``IncomingLimits``): open migrations and open layer exports per host (429 ``AGENT.BUSY`` with
+``Retry-After`` when full); the space a prepare needs is reserved until its migration settles, so that
+concurrent prepares cannot all pass one free-space check.
+
 Records (``records``) outlive the agent; ``reconcile`` settles them at start.
 """
 
@@ -20,10 +30,12 @@ import asyncio
 import contextlib
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from agent.errors import Code, Conflict, InvalidRequest, MigrationFailed, NotFound, PreflightFailed
+from agent.errors import Busy, Code, Conflict, InvalidRequest, MigrationFailed, NotFound, PreflightFailed
+from agent.migration.incoming.domain import check_definition, domain_parts, domain_uuid
 from agent.migration.incoming.reconcile import RECONCILE_EVERY_S, RECONCILE_GIVE_UP_S, reconcile
 from agent.migration.incoming.records import IncomingRecords, remove_created
 from agent.migration.incoming.wire import IncomingDisk, IncomingSpec
@@ -42,6 +54,17 @@ log = logging.getLogger(__name__)
 
 #: Seconds an abort waits for the paused incoming domain of a failed migration to disappear.
 INCOMING_GONE_S = 20
+#: Seconds a peer refused for a full limit is asked to wait (``Retry-After``).
+RETRY_AFTER_S = 10
+
+
+@dataclass(frozen=True)
+class IncomingLimits:
+    """Per host: migrations prepared and not settled, and layer exports open (each one a
+    qemu-storage-daemon and a port)."""
+
+    migrations: int = 2
+    exports: int = 2
 
 
 class IncomingService:
@@ -55,8 +78,10 @@ class IncomingService:
         *,
         peer_libvirt_uri: str,
         migration_address: str,
+        limits: IncomingLimits = IncomingLimits(),
     ) -> None:
         self.roots = roots
+        self.limits = limits
         self.host = host
         self.records = IncomingRecords(state_dir)
         self.peer_libvirt_uri = peer_libvirt_uri
@@ -67,23 +92,36 @@ class IncomingService:
     def list_ids(self) -> list[str]:
         return self.records.list_ids()
 
-    async def prepare(self, spec: IncomingSpec) -> dict[str, Any]:
-        """Create the destination images; answers with their paths and where to migrate to."""
+    async def prepare(self, spec: IncomingSpec, peer: str) -> dict[str, Any]:
+        """Create the destination images for ``peer``; answers with their paths and where to migrate to."""
         async with self._lock:
+            parts = None if spec.domain is None else self._declared(spec)
+            wire = spec.model_dump(exclude={"domain"})
             if self.records.exists(spec.migrationId):
-                existing = self.records.load(spec.migrationId)
-                if existing["spec"] != spec.model_dump():
+                existing = self.records.load_owned(spec.migrationId, peer)
+                if existing["spec"] != wire or existing.get("domainParts") != parts:
                     raise Conflict(f"incoming migration {spec.migrationId} exists with another spec")
                 return self._answer(existing)
+            open_ids = self.records.list_ids()
+            if len(open_ids) >= self.limits.migrations:
+                raise Busy(
+                    f"this host has {len(open_ids)} incoming migrations open; the limit is "
+                    f"{self.limits.migrations}",
+                    retry_after_s=RETRY_AFTER_S,
+                    details="limits.incoming_migrations in agent.toml",
+                )
             root = self.roots.get(spec.dstPrimaryStorageUuid, field="dstPrimaryStorageUuid")
             layout = self._layout(spec, root)
-            await self._preflight(spec, root, layout)
+            needed = await self._preflight(spec, root, layout)
             record: dict[str, Any] = {
                 "migrationId": spec.migrationId,
                 "vmUuid": spec.vmUuid,
-                "spec": spec.model_dump(),
+                "peer": peer,
+                "spec": wire,
+                "domainParts": parts,
                 "layout": layout,
                 "created": [],
+                "reserved": {"storage": root.uuid, "bytes": needed},
                 "state": "preparing",
             }
             self.records.save(record)
@@ -96,17 +134,38 @@ class IncomingService:
             record["state"] = "prepared"
             self.records.save(record)
             log.info(
-                "incoming migration %s for VM %s prepared in storage %s",
+                "incoming migration %s for VM %s prepared in storage %s for %s",
                 spec.migrationId,
                 spec.vmUuid,
                 root.uuid,
+                peer,
             )
             return self._answer(record)
 
+    @staticmethod
+    def _declared(spec: IncomingSpec) -> dict[str, str]:
+        """The declared domain's parts; it must be the migration's VM."""
+        assert spec.domain is not None
+        uuid = domain_uuid(spec.domain)
+        if uuid is None or normalise_uuid(uuid) != spec.vmUuid:
+            raise InvalidRequest(
+                f"the declared domain's uuid {uuid} is not the migration's VM {spec.vmUuid}",
+                code=Code.DOMAIN_MISMATCH,
+                field="domain",
+            )
+        return domain_parts(spec.domain)
+
     def _layout(self, spec: IncomingSpec, root: StorageRoot) -> dict[str, Any]:
-        disks = []
-        seen: set[str] = set()
+        """Every disk's top and lower layers, confined in ``root``. A pre-created disk carries no layers
+        (a real source plans lower layers only for targets it makes); no path is written twice; a layer is
+        never a top (but an offline move's last layer is its own disk's top: it travels like the others)."""
+        disks: list[dict[str, Any]] = []
         for i, disk in enumerate(spec.disks):
+            if disk.precreated and disk.layers:
+                raise InvalidRequest(
+                    "a pre-created disk carries no layers: its chain is the management plane's",
+                    field=f"disks[{i}].layers",
+                )
             top = str(root.confine(disk.top, f"disks[{i}].top"))
             top_dir = os.path.dirname(top)
             layers = [
@@ -117,14 +176,34 @@ class IncomingService:
                 )
                 for j, layer in enumerate(disk.layers)
             ]
-            for path in [top, *layers]:
-                if path in seen and path not in layers:
-                    raise PreflightFailed(f"two images would be written to {path}", field=f"disks[{i}]")
-                seen.add(path)
             disks.append({"target": disk.target, "top": top, "layers": layers})
+        tops = {d["top"] for d in disks}
+        seen: set[str] = set()
+        for i, (disk, paths) in enumerate(zip(spec.disks, disks, strict=True)):
+            own_top = [paths["top"]] if disk.offline and paths["layers"][-1:] == [paths["top"]] else []
+            for j, path in enumerate(paths["layers"]):
+                if path in tops and not (own_top and j == len(paths["layers"]) - 1):
+                    raise InvalidRequest(
+                        f"layer {path} would overwrite a disk's top", field=f"disks[{i}].layers[{j}].name"
+                    )
+            for written in [paths["top"], *(p for p in paths["layers"] if p not in own_top)]:
+                if written in seen:
+                    raise PreflightFailed(f"two images would be written to {written}", field=f"disks[{i}]")
+                seen.add(written)
         return {"disks": disks}
 
-    async def _preflight(self, spec: IncomingSpec, root: StorageRoot, layout: dict[str, Any]) -> None:
+    def _reserved(self, storage_uuid: str) -> int:
+        """Bytes the open migrations of this host reserved in ``storage_uuid``."""
+        total = 0
+        for migration_id in self.records.list_ids():
+            with contextlib.suppress(NotFound, KeyError, TypeError, ValueError):
+                reserved = self.records.load(migration_id).get("reserved") or {}
+                if reserved.get("storage") == storage_uuid:
+                    total += int(reserved.get("bytes", 0))
+        return total
+
+    async def _preflight(self, spec: IncomingSpec, root: StorageRoot, layout: dict[str, Any]) -> int:
+        """Check the targets and the space; returns the bytes the migration reserves."""
         needed = 0
         for i, (disk, paths) in enumerate(zip(spec.disks, layout["disks"], strict=True)):
             if disk.precreated:
@@ -135,7 +214,7 @@ class IncomingService:
                     flatten=disk.flatten,
                     field=f"disks[{i}].top",
                 )
-            for path in [] if disk.precreated else [paths["top"], *paths["layers"]]:
+            for path in [*([] if disk.precreated else [paths["top"]]), *paths["layers"]]:
                 if os.path.lexists(path):
                     raise PreflightFailed(
                         f"target {path} already exists on this host",
@@ -144,7 +223,14 @@ class IncomingService:
                         details="remove it or choose another destination",
                     )
             needed += disk.estimatedBytes + sum(layer.actualSize for layer in disk.layers)
-        await check_free_space(root, needed, field="dstPrimaryStorageUuid", where=" on this host")
+        await check_free_space(
+            root,
+            needed,
+            field="dstPrimaryStorageUuid",
+            where=" on this host",
+            reserved=self._reserved(root.uuid),
+        )
+        return needed
 
     async def _create_disk(self, record: dict[str, Any], disk: IncomingDisk, paths: dict[str, Any]) -> None:
         """Create the top now; lower layers are created by their transfer (``open_layer``), base first."""
@@ -163,22 +249,36 @@ class IncomingService:
             backing_may_be_missing=True,
         )
 
-    async def open_layer(self, migration_id: str, target: str, index: int) -> dict[str, Any]:
+    async def open_layer(self, migration_id: str, peer: str, target: str, index: int) -> dict[str, Any]:
         """Create lower layer ``index`` of ``target`` and export it over NBD (TLS-PSK) for the source to
         fill; answers the endpoint, which only the authenticated source agent learns."""
         async with self._lock:
-            record = self.records.load(migration_id)
+            record = self.records.load_owned(migration_id, peer)
             path, spec, backing, backing_fmt = self._layer(record, target, index)
             key = (normalise_uuid(migration_id), path)
             if key in self._layers:
                 return {"path": path, "endpoint": self._layers[key].endpoint.to_dict()}
             if path in record.get("layersDone", []):
                 raise Conflict(f"layer {path} was already transferred and verified")
-            if path not in record["created"]:
+            if len(self._layers) >= self.limits.exports:
+                raise Busy(
+                    f"this host has {len(self._layers)} layer exports open; the limit is "
+                    f"{self.limits.exports}",
+                    retry_after_s=RETRY_AFTER_S,
+                    details="limits.incoming_exports in agent.toml",
+                )
+            if path in record["created"]:
+                if os.path.lexists(path):  # our partial copy from before a restart: start it over
+                    os.unlink(path)
+            elif os.path.lexists(path):  # never this migration's: someone else's file
+                raise PreflightFailed(
+                    f"layer {path} already exists on this host; it is not this migration's",
+                    code=Code.TARGET_EXISTS,
+                    field="index",
+                )
+            else:
                 record["created"].append(path)
                 self.records.save(record)
-            if os.path.lexists(path):  # a partial copy from before a restart: start it over
-                os.unlink(path)
             layer = await LayerExport.prepare(
                 path,
                 spec["format"],
@@ -195,12 +295,12 @@ class IncomingService:
             return {"path": path, "endpoint": layer.endpoint.to_dict()}
 
     async def finish_layer(
-        self, migration_id: str, target: str, index: int, digest: dict[str, Any]
+        self, migration_id: str, peer: str, target: str, index: int, digest: dict[str, Any]
     ) -> dict[str, Any]:
         """The source finished sending: close the export, then check the layer against the source's digest
         and its backing pointer. A layer that does not match is removed."""
         async with self._lock:
-            record = self.records.load(migration_id)
+            record = self.records.load_owned(migration_id, peer)
             path, spec, backing, backing_fmt = self._layer(record, target, index)
             layer = self._layers.pop((normalise_uuid(migration_id), path), None)
             if layer is None:
@@ -250,13 +350,17 @@ class IncomingService:
             "migrationAddress": self.migration_address,
         }
 
-    async def get(self, migration_id: str) -> dict[str, Any]:
-        return self._answer(self.records.load(migration_id))
+    async def get(self, migration_id: str, peer: str) -> dict[str, Any]:
+        return self._answer(self.records.load_owned(migration_id, peer))
 
-    async def commit(self, migration_id: str) -> dict[str, Any]:
+    def vm_of(self, migration_id: str, peer: str) -> str:
+        """The VM of ``peer``'s migration, open or settled (where it runs is then asked of libvirt)."""
+        return self.records.vm_of(migration_id, peer)
+
+    async def commit(self, migration_id: str, peer: str) -> dict[str, Any]:
         """The VM arrived: check it runs here from the new paths, then forget the record."""
         async with self._lock:
-            record = self.records.load(migration_id)
+            record = self.records.load_owned(migration_id, peer)
             if self.host is None:
                 raise MigrationFailed("no libvirt connection on the destination agent")
             live = {d.target: d for d in parse_disks(await self.host.live_xml(record["vmUuid"]))}
@@ -268,17 +372,21 @@ class IncomingService:
                         code=Code.VERIFY_FAILED,
                     )
             persistent = await self.host.is_persistent(record["vmUuid"])
-            self.records.forget(migration_id)
+            self.records.settle(record, "committed")
             log.info("incoming migration %s committed: VM %s runs here", migration_id, record["vmUuid"])
             return {"migrationId": migration_id, "state": "committed", "persistent": persistent}
 
-    async def define(self, migration_id: str, xml: str) -> dict[str, Any]:
-        """Offline move: define the VM here from the transferred images, then forget the record."""
+    async def define(self, migration_id: str, peer: str, xml: str) -> dict[str, Any]:
+        """Offline move: define the VM here from the transferred images, then forget the record. Only the
+        domain declared at prepare, on this migration's images (``domain.check_definition``)."""
         async with self._lock:
-            record = self.records.load(migration_id)
+            record = self.records.load_owned(migration_id, peer)
+            wanted = {d["target"]: d["top"] for d in record["layout"]["disks"]}
+            check_definition(
+                xml, declared=record.get("domainParts"), vm_uuid=record["vmUuid"], tops=set(wanted.values())
+            )
             if self.host is None:
                 raise MigrationFailed("no libvirt connection on the destination agent")
-            wanted = {d["target"]: d["top"] for d in record["layout"]["disks"]}
             given = {d.target: d.source for d in parse_disks(xml)}
             for target, top in wanted.items():
                 if given.get(target) != top:
@@ -291,15 +399,15 @@ class IncomingService:
                     "not every image has arrived and been verified", details=", ".join(missing) or None
                 )
             await self.host.define_xml(xml)
-            self.records.forget(migration_id)
+            self.records.settle(record, "defined")
             log.info("incoming migration %s: VM %s defined here", migration_id, record["vmUuid"])
             return {"migrationId": migration_id, "state": "defined"}
 
-    async def abort(self, migration_id: str) -> dict[str, Any]:
+    async def abort(self, migration_id: str, peer: str) -> dict[str, Any]:
         """Remove what the migration created; unknown ids are fine (idempotent)."""
         async with self._lock:
             try:
-                record = self.records.load(migration_id)
+                record = self.records.load_owned(migration_id, peer)
             except NotFound:
                 return {"migrationId": migration_id, "state": "aborted", "removed": []}
             if self.host is not None and await self._vm_runs_here(record["vmUuid"]):

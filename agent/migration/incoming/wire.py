@@ -102,6 +102,12 @@ class IncomingSpec(_Wire):
     vmUuid: str
     dstPrimaryStorageUuid: str
     disks: list[IncomingDisk] = Field(min_length=1, max_length=64)
+    domain: str | None = Field(
+        default=None,
+        max_length=512 * 1024,
+        description="the VM's definition on the source, for a move that defines it here (offline): the "
+        "destination later defines only this, with the disk sources on the prepared images",
+    )
 
     # The migration id names the record file and both ids reach libvirt: anything but a uuid is a 400
     # (found by the API fuzzing: a malformed id was a 500).
@@ -111,10 +117,18 @@ class IncomingSpec(_Wire):
         return normalise_uuid(value)
 
     @classmethod
-    def of(cls, migration_id: str, plan: MigrationPlan, disks: Iterable[IncomingDisk]) -> IncomingSpec:
+    def of(
+        cls,
+        migration_id: str,
+        plan: MigrationPlan,
+        disks: Iterable[IncomingDisk],
+        *,
+        domain: str | None = None,
+    ) -> IncomingSpec:
         return cls(
             migrationId=migration_id,
             vmUuid=plan.vm_uuid,
             dstPrimaryStorageUuid=plan.dst_storage_uuid,
             disks=list(disks),
+            domain=domain,
         )

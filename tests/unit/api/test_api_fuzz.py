@@ -61,8 +61,10 @@ from service_fakes import TOKEN, VM_1, VM_2, FakeFactory, FakeInventory, Script,
 from agent.api.app import make_app
 
 config = make_config(Path({base!r}), limits={{"max_request_bytes": 64 * 1024}})
-app = make_app(config, token=TOKEN, engine_factory=FakeFactory(Script(steps=2, step_s=0.01)),
-               inventory=FakeInventory(VM_1, VM_2))
+# Plain HTTP, the token doubling as the cluster token: the caller has both roles, so that the generated
+# requests reach the agent-to-agent handlers too (agent/api/access.py).
+app = make_app(config, token=TOKEN, cluster_token=TOKEN,
+               engine_factory=FakeFactory(Script(steps=2, step_s=0.01)), inventory=FakeInventory(VM_1, VM_2))
 
 async def main():
     runner = web.AppRunner(app)

@@ -21,6 +21,7 @@ from agent.transfer.verify import layer_digest
 pytestmark = [needs_qemu]
 
 ROOT_UUID = "2b7c1d0e5a6f4e3d9c8b7a6f5e4d3c2b"
+PEER = "host:source"  # the caller's name the service binds each record to (agent/api/access.py)
 
 
 def _service(tmp_path: Path) -> tuple[IncomingService, Path]:
@@ -79,18 +80,18 @@ def _small_cluster_chain(src: Path) -> list[str]:
 
 
 async def _send(service: IncomingService, spec: IncomingSpec, index: int, src: str) -> dict[str, object]:
-    opened = await service.open_layer(spec.migrationId, "vda", index)
+    opened = await service.open_layer(spec.migrationId, PEER, "vda", index)
     info = await qemuimg.info(src)
     await send_layer_to(src, info.format, NbdEndpoint.from_dict(opened["endpoint"]), rate=lambda: None)
     digest = await layer_digest(src, info.format)
-    return await service.finish_layer(spec.migrationId, "vda", index, digest.to_dict())
+    return await service.finish_layer(spec.migrationId, PEER, "vda", index, digest.to_dict())
 
 
 async def test_layers_keep_their_cluster_size_and_verify(tmp_path: Path) -> None:
     service, root = _service(tmp_path)
     layers = _small_cluster_chain(tmp_path / "src")
     spec = await _spec(layers)
-    answer = await service.prepare(spec)
+    answer = await service.prepare(spec, PEER)
     assert answer["disks"][0]["layers"] == [str(root / "base.qcow2"), str(root / "mid.qcow2")]
 
     for index, src in enumerate(layers):
@@ -114,7 +115,7 @@ async def test_without_cluster_size_the_default_is_used(tmp_path: Path) -> None:
     base = create(src / "base.qcow2", 16 * MiB)
     qemu_io(base, "write -P 0x61 0 2M")
     spec = await _spec([base], with_cluster_size=False)
-    await service.prepare(spec)
+    await service.prepare(spec, PEER)
     assert (await _send(service, spec, 0, base))["verified"] is True
     assert (await qemuimg.info(str(root / "base.qcow2"))).cluster_size == 65536
 
@@ -123,12 +124,12 @@ async def test_abort_removes_every_layer_and_export(tmp_path: Path) -> None:
     service, root = _service(tmp_path)
     layers = _small_cluster_chain(tmp_path / "src")
     spec = await _spec(layers)
-    await service.prepare(spec)
+    await service.prepare(spec, PEER)
     await _send(service, spec, 0, layers[0])
-    await service.open_layer(spec.migrationId, "vda", 1)  # left open: the source died mid-copy
+    await service.open_layer(spec.migrationId, PEER, "vda", 1)  # left open: the source died mid-copy
     assert qsd_children()
 
-    answer = await service.abort(spec.migrationId)
+    answer = await service.abort(spec.migrationId, PEER)
 
     # The open export removes its own partial layer; the rest is listed.
     assert set(answer["removed"]) >= {str(root / "top.qcow2"), str(root / "base.qcow2")}
@@ -147,8 +148,8 @@ async def test_a_layer_outside_the_spec_is_not_found(tmp_path: Path) -> None:
     service, _root = _service(tmp_path)
     layers = _small_cluster_chain(tmp_path / "src")
     spec = await _spec(layers)
-    await service.prepare(spec)
+    await service.prepare(spec, PEER)
     with pytest.raises(AgentError) as err:
-        await service.open_layer(spec.migrationId, "vda", 2)
+        await service.open_layer(spec.migrationId, PEER, "vda", 2)
     assert err.value.field == "index"
-    await service.abort(spec.migrationId)
+    await service.abort(spec.migrationId, PEER)

@@ -227,7 +227,7 @@ async def test_zstack_migrate_with_bandwidth_zero_runs_uncapped(
         return web.json_response({"hostUuid": DST_HOST, "storage": storage})
 
     destination = web.Application()
-    destination.router.add_get("/v1/host", host)
+    destination.router.add_get("/v1/incoming-migrations", host)
     dst_server: TestServer = await aiohttp_server(destination)
     script = Script()
     client = await start_agent(tmp_path, script, port=dst_server.port)
