@@ -161,7 +161,6 @@ async def _tasks_ctx(app: web.Application) -> AsyncIterator[None]:
             journal,
             factory,
             outgoing_limit=config.limits.outgoing_migrations,
-            incoming_limit=config.limits.incoming_migrations,
             holds=PhaseHolds(config.state_dir / HOLDS_FILE),
         )
         manager.add_listener(metrics_listener(metrics))

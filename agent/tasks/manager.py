@@ -64,7 +64,6 @@ class TaskManager:
         engine_factory: EngineFactory,
         *,
         outgoing_limit: int,
-        incoming_limit: int,
         keep_finished: int = 1000,
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
@@ -81,8 +80,7 @@ class TaskManager:
         self._engines: dict[str, asyncio.Task[runner.Verdict]] = {}
         self._admission = Admission(outgoing_limit, on_change=self._queue_changed)
         self._queued: set[str] = set()  # tasks whose view shows a place in the queue
-        #: Slots for incoming migrations (agent-to-agent endpoints): ``async with manager.incoming: ...``.
-        self.incoming = asyncio.Semaphore(incoming_limit)
+        # Incoming migrations are limited where they are prepared (agent.migration.incoming.service).
         self._submit_lock = asyncio.Lock()
         self._stopping = False
         self._detaching = False

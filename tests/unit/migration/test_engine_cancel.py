@@ -60,7 +60,7 @@ async def manager_with(tmp_path: Path, engine: SwitchingEngine) -> tuple[TaskMan
         return engine
 
     journal = await Journal.open(tmp_path / "journal.sqlite")
-    manager = TaskManager(journal, factory, outgoing_limit=1, incoming_limit=1)
+    manager = TaskManager(journal, factory, outgoing_limit=1)
     await manager.start()
     request = MigrationRequest.model_validate(
         {"primaryStorageMigrateVm": {"dstPrimaryStorageUuid": STORAGE_A}, "taskUuid": TASK}

@@ -39,7 +39,7 @@ class Harness:
     def __init__(self, tmp_path: Path, script: Script, **limits: int) -> None:
         self.path = tmp_path / "journal.sqlite"
         self.factory = FakeFactory(script)
-        self.limits: dict[str, int] = {"outgoing_limit": 2, "incoming_limit": 2, **limits}
+        self.limits: dict[str, int] = {"outgoing_limit": 2, **limits}
         self.journal: Journal | None = None
         self.manager: TaskManager | None = None
 
@@ -49,7 +49,6 @@ class Harness:
             self.journal,
             self.factory,
             outgoing_limit=self.limits["outgoing_limit"],
-            incoming_limit=self.limits["incoming_limit"],
         )
         await self.manager.start()
         return self.manager
