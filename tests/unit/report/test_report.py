@@ -83,8 +83,13 @@ async def test_final_result_reaches_the_callback_in_the_seed_shape(
         result = models.CallbackBody.model_validate(call.body)
         assert result.success is True and result.error is None
         assert result.inventory is not None and result.inventory["volumes"][0]["uuid"] == "vol-root"
-        rows = await client.app[JOURNAL].outbox_entries(task["taskUuid"])
-        assert rows[0]["delivered_at"] is not None
+
+        async def delivered() -> bool:
+            # The receiver records the call before it answers; the row is marked once the answer is in.
+            rows = await client.app[JOURNAL].outbox_entries(task["taskUuid"])
+            return rows[0]["delivered_at"] is not None
+
+        await eventually(delivered)
     finally:
         await client.close()
 
