@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import secrets
 import signal
 import ssl
 import time
@@ -87,6 +88,7 @@ def start_twin(host: HostSpec, hs: HostState, port: int) -> tuple[int, str]:
     next to the lab's: to compare plain migration streams with TLS on one lab (tests/lab/test_security.py,
     bench case 6). Returns (pid, its http URL); the caller stops it (``kill_pids``)."""
     config = host.dir / f"agent-{port}.toml"
+    ensure_cluster_token()
     write_file(config, config_text(host, hs, twin_port=port))
     argv = [str(AGENT_BIN), "serve", "--config", str(config)]
     pid = hostsetup.spawn(host, argv, host.dir / f"agent-{port}.log", env={"PYTHONUNBUFFERED": "1"})
@@ -117,7 +119,14 @@ def config_stale(host: HostSpec, hs: HostState) -> bool:
 
 def write_config(host: HostSpec, hs: HostState) -> bool:
     host.agent_state_dir.mkdir(parents=True, exist_ok=True)
+    ensure_cluster_token()
     return write_file(host.agent_config, config_text(host, hs))
+
+
+def ensure_cluster_token() -> None:
+    """The cluster token the config names (a lab brought up before it existed gets one at the next start)."""
+    if not CLUSTER_TOKEN_FILE.exists():
+        write_file(CLUSTER_TOKEN_FILE, secrets.token_urlsafe(32) + "\n", 0o600)
 
 
 def serve_available() -> str | None:
