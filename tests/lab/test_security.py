@@ -30,7 +30,7 @@ from agent import pki
 from agent.client import AgentClient, AgentUnreachable, ApiError
 from labkit import agentctl
 from labkit.bodies import migration_body
-from labkit.layout import LIBVIRT_TLS_PORT, host_by_name
+from labkit.layout import CLUSTER_TOKEN_FILE, LIBVIRT_TLS_PORT, host_by_name
 from labkit.records import MAGIC
 from labkit.state import LabState
 from labkit.sysutil import kill_pids
@@ -281,3 +281,34 @@ async def test_agent_refuses_agent_to_agent_calls_without_a_cluster_certificate(
         with pytest.raises(ApiError) as unknown:
             await agent.request("GET", "v1", "incoming-migrations", migration_id)
     assert unknown.value.status == 404
+
+
+async def test_roles_on_the_lab_agents(tls_lab: Lab) -> None:
+    """Issue 22 on the real agents: the cluster token alone opens nothing, a host certificate opens only the
+    agent-to-agent paths, an operator certificate is the management plane's and no peer."""
+    host = tls_lab.host("hostB")
+    cluster_token = CLUSTER_TOKEN_FILE.read_text().strip()
+    assert cluster_token != tls_lab.token
+    ca_only = ssl.create_default_context(cafile=tls_lab.raw["caFile"])
+    async with AgentClient(host.agent_url, cluster_token, ssl_context=ca_only) as agent:
+        for path in (("v1", "vms"), ("v1", "tasks"), ("v1", "incoming-migrations")):
+            with pytest.raises(ApiError) as alone:
+                await agent.request("GET", *path)
+            assert alone.value.status == 401, path
+    own = pki.HostPki(host_by_name("hostA").private_dir("/etc/pki"))
+    as_host_a = ssl.create_default_context(cafile=tls_lab.raw["caFile"])
+    as_host_a.load_cert_chain(own.cert, own.key)
+    async with AgentClient(host.agent_url, cluster_token, ssl_context=as_host_a) as agent:
+        with pytest.raises(ApiError) as not_management:
+            await agent.request("GET", "v1", "vms")
+        assert not_management.value.status == 403
+        offer = await agent.request("GET", "v1", "incoming-migrations")
+        assert offer["hostUuid"] == host.uuid
+    operator = Path(tls_lab.raw["clientPki"])
+    as_operator = ssl.create_default_context(cafile=tls_lab.raw["caFile"])
+    as_operator.load_cert_chain(operator / "clientcert.pem", operator / "clientkey.pem")
+    async with AgentClient(host.agent_url, None, ssl_context=as_operator) as agent:
+        assert "vms" in await agent.request("GET", "v1", "vms")
+        with pytest.raises(ApiError) as no_peer:
+            await agent.request("GET", "v1", "incoming-migrations")
+        assert no_peer.value.status == 403
