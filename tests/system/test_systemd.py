@@ -362,6 +362,29 @@ def test_pki_dir_puts_libvirtd_and_qemu_on_tls(container: Container, tmp_path: P
     # The agent was stopped and started again around libvirtd's restart, on the same code.
     wait_healthy(container)
     assert show(container, "MainPID")["MainPID"] != pid
+    assert "narrow it with --tls-allowed-peer" in out, out
+
+    # Narrowed to named peers (issue 22): a cluster certificate of another name is refused.
+    pki.issue_client(ca.dir, "mallory", out=container.path("/root/mallory"))
+    out = container.exec(
+        INSTALL,
+        "--wheelhouse",
+        WHEELS_IN_CONTAINER,
+        "--pki-dir",
+        "/root/pki-host",
+        "--tls-allowed-peer",
+        "operator",
+        "--tls-allowed-peer",
+        "ksa-box",
+        timeout=300,
+    )
+    libvirtd_conf = container.path("/etc/libvirt/libvirtd.conf").read_text()
+    narrowed = 'tls_allowed_dn_list = ["O=ksa system test,CN=operator", "O=ksa system test,CN=ksa-box"]'
+    assert narrowed in libvirtd_conf, libvirtd_conf
+    assert VM_UUID in container.exec("virsh", "-c", uri.format("/root/operator"), "list", "--all", "--uuid")
+    refused = container.exec("virsh", "-c", uri.format("/root/mallory"), "hostname", check=False)
+    assert "failed to connect" in refused, refused
+    wait_healthy(container)
 
 
 def test_the_vagrant_demo_vm_moves_with_the_cli_on_path(container: Container) -> None:
