@@ -154,3 +154,18 @@ async def test_cli_verifies_the_agent_with_ca_file(agent_b: TlsAgent) -> None:
     assert code == 0, out
     code, out = await cli(env={"KSA_CA_FILE": str(agent_b.config.tls_ca)})
     assert code == 0, out
+
+
+def test_a_source_never_sends_its_own_management_token(tmp_path: Path, cluster: Path) -> None:
+    """Issue 22: without cluster_token_file a source sent its own token_file to every destination."""
+    request = MigrationRequest.model_validate(
+        {
+            "primaryStorageMigrateVm": {"dstPrimaryStorageUuid": "aa" * 16, "dstHostUuid": "bb" * 16},
+            "dstHost": {"uuid": "bb" * 16, "agentUrl": "https://127.0.0.1:7070", "migrationAddress": "x"},
+        }
+    )
+    peer = peer_client(request, tls_config(tmp_path, cluster, "agent-a"))
+    assert "Authorization" not in peer._auth_headers()
+    (tmp_path / "cluster-token").write_text("the-cluster-token\n")
+    config = tls_config(tmp_path, cluster, "agent-a", cluster_token_file=str(tmp_path / "cluster-token"))
+    assert peer_client(request, config)._auth_headers() == {"Authorization": "Bearer the-cluster-token"}
