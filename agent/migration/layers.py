@@ -13,7 +13,7 @@ import logging
 from collections.abc import Callable
 
 from agent.client import AgentClient
-from agent.migration.peer import peer_call
+from agent.migration.peer import peer_call, peer_call_when_free
 from agent.transfer.endpoint import NbdEndpoint
 from agent.transfer.send import send_layer_to
 from agent.transfer.verify import layer_digest
@@ -33,7 +33,9 @@ async def send_layer_to_peer(
 ) -> None:
     """Open the destination's export, copy, and have the destination verify; raises on any mismatch."""
     ref = {"target": target, "index": index}
-    opened = await peer_call(peer, "POST", ("v1", "incoming-migrations", migration_id, "layers"), ref)
+    opened = await peer_call_when_free(
+        peer, "POST", ("v1", "incoming-migrations", migration_id, "layers"), ref
+    )
     endpoint = NbdEndpoint.from_dict(opened["endpoint"])
     # The digest of the source layer is read while the copy runs: both only read the read-only layer.
     digest = asyncio.ensure_future(layer_digest(src, fmt, force_share=True))

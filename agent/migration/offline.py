@@ -27,7 +27,7 @@ from agent.migration.incoming import IncomingDisk, IncomingSpec
 from agent.migration.inventory import remote_inventory, volume_inventory
 from agent.migration.layers import send_layer_to_peer
 from agent.migration.limits import AgentTransfer, LiveLimits
-from agent.migration.peer import peer_call, peer_client
+from agent.migration.peer import peer_call, peer_call_when_free, peer_client
 from agent.migration.plan import (
     DiskPlan,
     LayerPlan,
@@ -210,7 +210,9 @@ class OfflineEngine:
         async with peer_client(ctx.request, self.config) as peer:
             await ctx.checkpoint(data)
             try:
-                prepared = await peer_call(peer, "POST", ("v1", "incoming-migrations"), spec.model_dump())
+                prepared = await peer_call_when_free(
+                    peer, "POST", ("v1", "incoming-migrations"), spec.model_dump()
+                )
                 await ctx.enter(TaskState.COPYING)
                 for disk in plan.disks:
                     sources = [(lp.src, lp.format) for lp in disk.lower_layers]

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import time
 from typing import Any
 
 from agent.client import AgentClient, ApiError, ClientError
@@ -9,6 +12,13 @@ from agent.config import AgentConfig
 from agent.errors import Code, InvalidRequest, MigrationFailed, NotFound
 from agent.migration.request import MigrationRequest
 from agent.security import client_context
+
+log = logging.getLogger(__name__)
+
+#: How long a source waits for a destination whose limits are full (429 AGENT.BUSY) before it fails.
+BUSY_WAIT_S = 120.0
+#: Between two tries.
+BUSY_RETRY_S = 10.0
 
 
 def peer_client(request: MigrationRequest, config: AgentConfig) -> AgentClient:
@@ -55,3 +65,32 @@ def _known_code(code: object) -> Code:
     """The destination's code as this agent's ``Code``; one it does not know (another version, no code at all)
     is ``PEER_ERROR``: the destination's body stays the cause."""
     return Code.known(code) or Code.PEER_ERROR
+
+
+async def peer_call_when_free(
+    peer: AgentClient,
+    method: str,
+    segments: tuple[str, ...],
+    body: Any,
+    *,
+    within_s: float = BUSY_WAIT_S,
+    every_s: float = BUSY_RETRY_S,
+) -> Any:
+    """``peer_call`` that waits, up to ``within_s``, while the destination's limits are full (its open
+    incoming migrations or layer exports: 429 ``AGENT.BUSY``); any other answer is final. A cancel (the
+    task's deadline) ends the wait."""
+    deadline = time.monotonic() + within_s
+    while True:
+        try:
+            return await peer_call(peer, method, segments, body)
+        except MigrationFailed as err:
+            if err.code != Code.BUSY or time.monotonic() + every_s > deadline:
+                raise
+            log.info(
+                "destination busy (%s %s): %s; trying again in %.0f s",
+                method,
+                "/".join(segments),
+                err.description,
+                every_s,
+            )
+        await asyncio.sleep(every_s)

@@ -39,7 +39,7 @@ from agent.migration.crosshost.resume import resume
 from agent.migration.crosshost.settle import settle
 from agent.migration.crosshost.steering import Steering
 from agent.migration.engine import Step, TaskContext, run_past_cancel
-from agent.migration.peer import peer_call, peer_client
+from agent.migration.peer import peer_call_when_free, peer_client
 from agent.migration.plan import MigrationPlan
 from agent.migration.states import TaskState
 from agent.storage.roots import StorageRoots
@@ -124,7 +124,7 @@ class CrossHostEngine:
             data: dict[str, Any] = {"engine": "cross-host", "step": Step.PREPARING, "plan": plan.to_dict()}
             await ctx.checkpoint(data)
             try:
-                prepared = await peer_call(
+                prepared = await peer_call_when_free(
                     peer, "POST", ("v1", "incoming-migrations"), incoming_spec(ctx, plan).model_dump()
                 )
                 data.update(step=Step.PREPARED, prepared=prepared)
