@@ -12,15 +12,14 @@ import asyncio
 import logging
 from collections.abc import Callable
 
-from agent.client import AgentClient
-from agent.migration.peer import peer_call, peer_call_when_free
+from agent.migration.peer import DestinationAgent
 from agent.transfer.endpoint import NbdEndpoint
 from agent.transfer.send import send_layer_to
 from agent.transfer.verify import layer_digest
 
 
 async def send_layer_to_peer(
-    peer: AgentClient,
+    peer: DestinationAgent,
     migration_id: str,
     target: str,
     index: int,
@@ -33,9 +32,7 @@ async def send_layer_to_peer(
 ) -> None:
     """Open the destination's export, copy, and have the destination verify; raises on any mismatch."""
     ref = {"target": target, "index": index}
-    opened = await peer_call_when_free(
-        peer, "POST", ("v1", "incoming-migrations", migration_id, "layers"), ref
-    )
+    opened = await peer.open_layer(migration_id, ref)
     endpoint = NbdEndpoint.from_dict(opened["endpoint"])
     # The digest of the source layer is read while the copy runs: both only read the read-only layer.
     digest = asyncio.ensure_future(layer_digest(src, fmt, force_share=True))
@@ -46,12 +43,7 @@ async def send_layer_to_peer(
         digest.cancel()
         await asyncio.gather(digest, return_exceptions=True)
         raise
-    await peer_call(
-        peer,
-        "POST",
-        ("v1", "incoming-migrations", migration_id, "layers", "finish"),
-        {**ref, "digest": source_digest.to_dict()},
-    )
+    await peer.finish_layer(migration_id, ref, source_digest.to_dict())
     log.info(
         "layer %s sent to %s (%d bytes in %.1f s) and verified there",
         src,

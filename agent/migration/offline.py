@@ -27,7 +27,7 @@ from agent.migration.incoming import IncomingDisk, IncomingSpec
 from agent.migration.inventory import remote_inventory, volume_inventory
 from agent.migration.layers import send_layer_to_peer
 from agent.migration.limits import AgentTransfer, LiveLimits
-from agent.migration.peer import peer_call, peer_call_when_free, peer_client
+from agent.migration.peer import DestinationAgent
 from agent.migration.plan import (
     DiskPlan,
     LayerPlan,
@@ -193,8 +193,8 @@ class OfflineEngine:
         await self._remove(list(data.get("created", [])))
         if data.get("incoming"):
             with contextlib.suppress(AgentError):
-                async with peer_client(ctx.request, self.config) as peer:
-                    await peer_call(peer, "DELETE", ("v1", "incoming-migrations", ctx.task_uuid), None)
+                async with DestinationAgent.of(ctx.request, self.config) as peer:
+                    await peer.abort(ctx.task_uuid)
 
     # -- another host -----------------------------------------------------------------------------------
 
@@ -207,12 +207,10 @@ class OfflineEngine:
         )
         temporary: list[str] = []
         data: dict[str, Any] = {"engine": "offline", "created": temporary, "incoming": True}
-        async with peer_client(ctx.request, self.config) as peer:
+        async with DestinationAgent.of(ctx.request, self.config) as peer:
             await ctx.checkpoint(data)
             try:
-                prepared = await peer_call_when_free(
-                    peer, "POST", ("v1", "incoming-migrations"), spec.model_dump()
-                )
+                prepared = await peer.prepare(spec.model_dump())
                 await ctx.enter(TaskState.COPYING)
                 for disk in plan.disks:
                     sources = [(lp.src, lp.format) for lp in disk.lower_layers]
@@ -244,21 +242,17 @@ class OfflineEngine:
                     for d in prepared["disks"]
                 }
                 xml = rewrite_disk_sources(await self.host.inactive_xml(ctx.vm_uuid), new)
-                await peer_call(
-                    peer, "POST", ("v1", "incoming-migrations", ctx.task_uuid, "define"), {"xml": xml}
-                )
+                await peer.define(ctx.task_uuid, xml)
             except BaseException:
                 await asyncio.shield(self._remove(temporary))
                 if not ctx.detaching:
                     with contextlib.suppress(AgentError):
-                        await asyncio.shield(
-                            peer_call(peer, "DELETE", ("v1", "incoming-migrations", ctx.task_uuid), None)
-                        )
+                        await asyncio.shield(peer.abort(ctx.task_uuid))
                 raise
             # The destination has the definition now: drop ours, so the VM is defined on one host only.
             await self.host.undefine(ctx.vm_uuid)
             await ctx.enter(TaskState.VERIFYING)
-            vm = await peer_call(peer, "GET", ("v1", "incoming-migrations", ctx.task_uuid, "vm"), None)
+            vm = await peer.vm(ctx.task_uuid)
             return remote_inventory(vm, plan)
 
     async def _flat_copy(self, ctx: TaskContext, data: dict[str, Any], disk: DiskPlan) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Mapping
 from typing import Any
 
 from agent.client import AgentClient, ApiError, ClientError
@@ -37,6 +38,68 @@ def peer_client(request: MigrationRequest, config: AgentConfig) -> AgentClient:
         )
     token = dst.token or config.read_cluster_token()
     return AgentClient(dst.agentUrl, token, ssl_context=client_context(config))
+
+
+class DestinationAgent:
+    """The destination agent as the source agent speaks to it: the one place the agent-to-agent paths
+    (``/v1/incoming-migrations``) are written. Every call raises what ``peer_call`` makes
+    of a failure: ``NotFound`` for a 404, else ``MigrationFailed`` with the destination's code (or
+    ``PEER_UNREACHABLE``). Used as ``async with``, it closes its HTTP client."""
+
+    def __init__(self, client: AgentClient) -> None:
+        self.client = client
+
+    @classmethod
+    def of(cls, request: MigrationRequest, config: AgentConfig) -> DestinationAgent:
+        return cls(peer_client(request, config))
+
+    async def __aenter__(self) -> DestinationAgent:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.client.close()
+
+    async def offer(self) -> Any:
+        """What the destination offers a peer (its host uuid and storage roots). Unlike the calls below it
+        raises the client's own ``ClientError``: its caller (the ZStack dialect) words that failure itself."""
+        return await self.client.request("GET", "v1", "incoming-migrations")
+
+    async def prepare(self, spec: Mapping[str, Any]) -> Any:
+        """Create the incoming migration's files and record; the answer names them (``disks``,
+        ``libvirtUri``)."""
+        return await self._call("POST", (), dict(spec), when_free=True)
+
+    async def open_layer(self, migration_id: str, ref: Mapping[str, Any]) -> Any:
+        """Export one prepared layer over NBD for writing; the answer holds its ``endpoint`` and ``path``."""
+        return await self._call("POST", (migration_id, "layers"), dict(ref), when_free=True)
+
+    async def finish_layer(self, migration_id: str, ref: Mapping[str, Any], digest: Mapping[str, Any]) -> Any:
+        """Close the layer's export and have the destination check its copy against the source's digest."""
+        return await self._call("POST", (migration_id, "layers", "finish"), {**ref, "digest": dict(digest)})
+
+    async def define(self, migration_id: str, xml: str) -> Any:
+        """Define the VM there (an offline move) from the rewritten XML."""
+        return await self._call("POST", (migration_id, "define"), {"xml": xml})
+
+    async def commit(self, migration_id: str) -> Any:
+        """The VM runs there from the prepared files: the destination forgets its record and keeps them."""
+        return await self._call("POST", (migration_id, "commit"), {})
+
+    async def abort(self, migration_id: str) -> Any:
+        """Remove what was prepared for the migration (the VM did not arrive)."""
+        return await self._call("DELETE", (migration_id,), None)
+
+    async def vm(self, migration_id: str) -> Any:
+        """The destination agent's view of the migration's VM (its state and disks)."""
+        return await self._call("GET", (migration_id, "vm"), None)
+
+    async def _call(
+        self, method: str, segments: tuple[str, ...], body: Any, *, when_free: bool = False
+    ) -> Any:
+        """``when_free``: a call that opens something there (a migration, an export) waits while the
+        destination's limits are full (``peer_call_when_free``)."""
+        call = peer_call_when_free if when_free else peer_call
+        return await call(self.client, method, ("v1", "incoming-migrations", *segments), body)
 
 
 async def peer_call(peer: AgentClient, method: str, segments: tuple[str, ...], body: Any) -> Any:

@@ -27,6 +27,7 @@ import aiohttp
 from agent.client import AgentClient, ClientError
 from agent.config import AgentConfig
 from agent.errors import Code, InvalidRequest, MigrationFailed, PreflightFailed, StorageError
+from agent.migration.peer import DestinationAgent
 from agent.migration.request import MigrationRequest, Strategy, normalise_uuid
 from agent.security import client_context
 from agent.storage import qemuimg
@@ -139,7 +140,7 @@ async def destination_host(
     )
     try:
         # Over TLS: the destination verified with the cluster CA, this host's certificate presented.
-        answer: dict[str, Any] = await client.request("GET", "v1", "incoming-migrations")
+        answer: dict[str, Any] = await DestinationAgent(client).offer()
         return answer
     except ClientError as err:
         raise MigrationFailed(

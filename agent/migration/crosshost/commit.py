@@ -7,11 +7,11 @@ import contextlib
 from collections.abc import Mapping
 from typing import Any
 
-from agent.client import AgentClient
 from agent.errors import AgentError, Code, MigrationFailed, NotFound
-from agent.migration.crosshost.destination import COMMIT_RETRY_S, confirm, peer_call_retrying
+from agent.migration.crosshost.destination import COMMIT_RETRY_S, confirm, retrying
 from agent.migration.engine import TaskContext, announce
 from agent.migration.inventory import planned_inventory, remote_inventory
+from agent.migration.peer import DestinationAgent
 from agent.migration.plan import MigrationPlan
 from agent.migration.states import TaskState
 from agent.virt.host import VirtHost
@@ -25,7 +25,7 @@ LIBVIRT_OUTAGE_S = 120.0
 async def commit(
     host: VirtHost,
     ctx: TaskContext,
-    peer: AgentClient,
+    peer: DestinationAgent,
     plan: MigrationPlan,
     prepared: Mapping[str, Any],
     stats: Mapping[str, Any] | None,
@@ -61,14 +61,7 @@ async def commit(
     vm: Mapping[str, Any] | None = None
     if confirmed:
         with contextlib.suppress(AgentError):
-            vm = await peer_call_retrying(
-                ctx,
-                peer,
-                "GET",
-                ("v1", "incoming-migrations", ctx.task_uuid, "vm"),
-                None,
-                within_s=COMMIT_RETRY_S,
-            )
+            vm = await retrying(ctx, "VM look-up", lambda: peer.vm(ctx.task_uuid), within_s=COMMIT_RETRY_S)
     if view is None:
         # The destination libvirtd did not answer: its agent's view, or libvirt's own success, decides.
         if vm is not None:

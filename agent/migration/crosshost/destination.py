@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
-from agent.client import AgentClient
 from agent.errors import AgentError, Code, MigrationFailed, NotFound
 from agent.migration.engine import TaskContext
-from agent.migration.peer import peer_call
+from agent.migration.peer import DestinationAgent
 from agent.virt.host import UNREACHABLE
+
+T = TypeVar("T")
 
 #: How long to keep asking an unreachable destination agent to clean up after a failure.
 ABORT_RETRY_S = 180.0
@@ -26,16 +28,11 @@ _PEER_RETRY_CODES: dict[str, str] = {
 }
 
 
-async def peer_call_retrying(
-    ctx: TaskContext,
-    peer: AgentClient,
-    method: str,
-    segments: tuple[str, ...],
-    body: Any,
-    *,
-    within_s: float = ABORT_RETRY_S,
-) -> Any:
-    """``peer_call``, retried for up to ``within_s`` while the destination agent cannot be reached
+async def retrying(
+    ctx: TaskContext, what: str, call: Callable[[], Awaitable[T]], *, within_s: float = ABORT_RETRY_S
+) -> T:
+    """A ``DestinationAgent`` call (``what`` for the log), retried for up to ``within_s`` while the
+    destination agent cannot be reached
     (restarting, a cut link healing) or cannot reach its own libvirtd (restarting: without it the agent
     cannot tell whether the VM runs there, so it must not remove files yet); its other answers, errors
     included, are final."""
@@ -43,29 +40,22 @@ async def peer_call_retrying(
     deadline = time.monotonic() + within_s
     while True:
         try:
-            return await peer_call(peer, method, segments, body)
+            return await call()
         except MigrationFailed as err:
             if err.code not in _PEER_RETRY_CODES or time.monotonic() > deadline:
                 raise
             ctx.log.warning(
-                "destination %s (%s); retrying in %.0f s", _PEER_RETRY_CODES[err.code], method, delay
+                "destination %s (%s); retrying in %.0f s", _PEER_RETRY_CODES[err.code], what, delay
             )
         await asyncio.sleep(delay)
         delay = min(delay * 2, 10.0)
 
 
-async def confirm(ctx: TaskContext, peer: AgentClient) -> bool:
+async def confirm(ctx: TaskContext, peer: DestinationAgent) -> bool:
     """Have the destination agent commit its record; False (and a note) when it cannot be reached in
     ``COMMIT_RETRY_S`` or refuses: the VM's place is already known, so that never fails the task."""
     try:
-        await peer_call_retrying(
-            ctx,
-            peer,
-            "POST",
-            ("v1", "incoming-migrations", ctx.task_uuid, "commit"),
-            {},
-            within_s=COMMIT_RETRY_S,
-        )
+        await retrying(ctx, "commit", lambda: peer.commit(ctx.task_uuid), within_s=COMMIT_RETRY_S)
     except NotFound:
         # Committed by an earlier life of this task, or by the destination agent's own reconciliation
         # at its start: the record is gone, the VM's disks decide.
@@ -81,13 +71,13 @@ async def confirm(ctx: TaskContext, peer: AgentClient) -> bool:
     return True
 
 
-async def abort_remote(ctx: TaskContext, peer: AgentClient) -> None:
+async def abort_remote(ctx: TaskContext, peer: DestinationAgent) -> None:
     """Have the destination remove what it prepared; retried while it cannot be reached (a cut link
     heals, a restarting agent comes back), and shielded from the cancel that brought us here."""
 
     async def _abort() -> None:
         try:
-            await peer_call_retrying(ctx, peer, "DELETE", ("v1", "incoming-migrations", ctx.task_uuid), None)
+            await retrying(ctx, "abort", lambda: peer.abort(ctx.task_uuid))
         except AgentError as err:
             ctx.log.error("the destination agent could not clean up: %s", err.description)
             ctx.note("destinationCleanup", f"failed: {err.description}")

@@ -27,7 +27,6 @@ import asyncio
 import os
 from typing import Any
 
-from agent.client import AgentClient
 from agent.config import AgentConfig
 from agent.errors import AgentError, Code, MigrationFailed
 from agent.migration import snapshots
@@ -39,7 +38,7 @@ from agent.migration.crosshost.resume import resume
 from agent.migration.crosshost.settle import settle
 from agent.migration.crosshost.steering import Steering
 from agent.migration.engine import Step, TaskContext, run_past_cancel
-from agent.migration.peer import peer_call_when_free, peer_client
+from agent.migration.peer import DestinationAgent
 from agent.migration.plan import MigrationPlan
 from agent.migration.states import TaskState
 from agent.storage.roots import StorageRoots
@@ -101,7 +100,7 @@ class CrossHostEngine:
                 code=Code.MIGRATION_JOB_WEDGED,
                 details=WEDGED_DETAILS,
             )
-        async with peer_client(ctx.request, self.config) as peer:
+        async with DestinationAgent.of(ctx.request, self.config) as peer:
             if ctx.resume_data:
                 return await resume(
                     self.host,
@@ -124,9 +123,7 @@ class CrossHostEngine:
             data: dict[str, Any] = {"engine": "cross-host", "step": Step.PREPARING, "plan": plan.to_dict()}
             await ctx.checkpoint(data)
             try:
-                prepared = await peer_call_when_free(
-                    peer, "POST", ("v1", "incoming-migrations"), incoming_spec(ctx, plan).model_dump()
-                )
+                prepared = await peer.prepare(incoming_spec(ctx, plan).model_dump())
                 data.update(step=Step.PREPARED, prepared=prepared)
                 await ctx.checkpoint(data)
                 await ctx.enter(TaskState.COPYING)
@@ -164,7 +161,7 @@ class CrossHostEngine:
     async def _settle(
         self,
         ctx: TaskContext,
-        peer: AgentClient,
+        peer: DestinationAgent,
         plan: MigrationPlan,
         data: dict[str, Any],
         failure: BaseException,

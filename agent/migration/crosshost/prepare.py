@@ -8,12 +8,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from agent.client import AgentClient
 from agent.errors import Code, PreflightFailed
 from agent.migration import snapshots
 from agent.migration.engine import TaskContext
 from agent.migration.incoming import IncomingDisk, IncomingSpec
 from agent.migration.layers import send_layer_to_peer
+from agent.migration.peer import DestinationAgent
 from agent.migration.plan import MigrationPlan, RemoteRoot, inspect_chains, plan_migration
 from agent.virt.domxml import parse_disks
 from agent.virt.host import VirtHost
@@ -56,7 +56,7 @@ def incoming_spec(ctx: TaskContext, plan: MigrationPlan) -> IncomingSpec:
 
 async def send_layers(
     ctx: TaskContext,
-    peer: AgentClient,
+    peer: DestinationAgent,
     plan: MigrationPlan,
     prepared: Mapping[str, Any],
     data: dict[str, Any],

@@ -9,7 +9,6 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from agent.client import AgentClient
 from agent.errors import AgentError, Code, MigrationFailed
 from agent.migration import convergence
 from agent.migration.crosshost.commit import LIBVIRT_OUTAGE_S
@@ -18,6 +17,7 @@ from agent.migration.crosshost.params import policy_of
 from agent.migration.crosshost.settle import job_active, settle
 from agent.migration.crosshost.steering import Steering
 from agent.migration.engine import Step, TaskContext
+from agent.migration.peer import DestinationAgent
 from agent.migration.plan import MigrationPlan, allocation_index
 from agent.virt.domxml import parse_disks
 from agent.virt.host import VirtHost
@@ -26,7 +26,7 @@ from agent.virt.host import VirtHost
 async def resume(
     host: VirtHost,
     ctx: TaskContext,
-    peer: AgentClient,
+    peer: DestinationAgent,
     data: Mapping[str, Any],
     *,
     tick_s: float,

@@ -11,13 +11,13 @@ from typing import Any
 
 import libvirt
 
-from agent.client import AgentClient
 from agent.errors import AgentError, Code, MigrationFailed, NotFound
 from agent.migration import runner
 from agent.migration.crosshost import snapmeta
 from agent.migration.crosshost.commit import LIBVIRT_OUTAGE_S, commit
-from agent.migration.crosshost.destination import abort_remote, peer_call_retrying
+from agent.migration.crosshost.destination import abort_remote, retrying
 from agent.migration.engine import Step, TaskContext, run_past_cancel
+from agent.migration.peer import DestinationAgent
 from agent.migration.plan import MigrationPlan
 from agent.virt.host import VirtHost
 from agent.virt.peer import describe, look_at_peer, planned_tops
@@ -30,7 +30,7 @@ PEER_LIBVIRT_WAIT_S = 30.0
 async def settle(
     host: VirtHost,
     ctx: TaskContext,
-    peer: AgentClient,
+    peer: DestinationAgent,
     plan: MigrationPlan,
     data: dict[str, Any],
     failure: BaseException,
@@ -53,7 +53,7 @@ async def settle(
 async def _settle_steps(
     host: VirtHost,
     ctx: TaskContext,
-    peer: AgentClient,
+    peer: DestinationAgent,
     plan: MigrationPlan,
     data: dict[str, Any],
     failure: BaseException,
@@ -113,7 +113,7 @@ async def job_active(host: VirtHost, ctx: TaskContext) -> bool:
 
 
 async def locate(
-    host: VirtHost, ctx: TaskContext, peer: AgentClient, prepared: Mapping[str, Any], *, wedged: bool
+    host: VirtHost, ctx: TaskContext, peer: DestinationAgent, prepared: Mapping[str, Any], *, wedged: bool
 ) -> tuple[runner.Place, str | None]:
     """Where the VM is once libvirt's job is over (the skeleton's rule, ``runner.place_of``), and its
     state on this host (None: libvirtd did not answer). Asked of the hypervisors first: this host's
@@ -144,7 +144,7 @@ async def locate(
 
 
 async def _remote_state(
-    ctx: TaskContext, peer: AgentClient, prepared: Mapping[str, Any]
+    ctx: TaskContext, peer: DestinationAgent, prepared: Mapping[str, Any]
 ) -> DomainState | None:
     """The VM's state on the destination: its libvirtd's word (waited for while it restarts), else its
     agent's; None when neither answers."""
@@ -158,9 +158,7 @@ async def _remote_state(
         return view.state
     ctx.log.warning("the destination libvirtd is %s; asking the destination agent", describe(view))
     try:
-        vm = await peer_call_retrying(
-            ctx, peer, "GET", ("v1", "incoming-migrations", ctx.task_uuid, "vm"), None
-        )
+        vm = await retrying(ctx, "VM look-up", lambda: peer.vm(ctx.task_uuid))
         return DomainState.of(vm.get("state"))
     except NotFound:
         return DomainState.UNDEFINED
