@@ -12,6 +12,7 @@ details are used: the tests judge the agent by these.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import threading
@@ -33,16 +34,18 @@ def _qmp(host: LabHost, vm: str, command: str) -> object:
         return None
 
 
-def qemu_moved(host: LabHost, vm: str) -> Callable[[], int | None]:
-    """Bytes the source QEMU has sent so far (memory and disk mirrors), or None once it is gone."""
+def qemu_moved(host: LabHost, vm: str) -> Callable[[], dict[str, int] | None]:
+    """Bytes the source QEMU has sent so far, per stream: ``ram`` and each mirror job (by its device), or
+    None once it is gone."""
 
-    def read() -> int | None:
+    def read() -> dict[str, int] | None:
         jobs = _qmp(host, vm, "query-block-jobs")
         mig = _qmp(host, vm, "query-migrate")
         if not isinstance(jobs, list) or not isinstance(mig, dict):
             return None
-        ram = mig.get("ram") or {}
-        return int(ram.get("transferred", 0)) + sum(int(j["offset"]) for j in jobs)
+        moved = {str(j["device"]): int(j["offset"]) for j in jobs}
+        moved["ram"] = int((mig.get("ram") or {}).get("transferred", 0))
+        return moved
 
     return read
 
@@ -58,29 +61,36 @@ def memory_stream_started(host: LabHost, vm: str, timeout: float) -> float:
     raise AssertionError(f"{vm}: the memory stream did not start within {timeout} s")
 
 
-def files_allocated(root: Path, before: Iterable[str]) -> Callable[[], int | None]:
-    """Bytes allocated by the files that appeared in ``root`` since ``before`` (its listing then)."""
+def files_allocated(root: Path, before: Iterable[str]) -> Callable[[], dict[str, int] | None]:
+    """Bytes allocated by each file that appeared in ``root`` since ``before`` (its listing then)."""
     old = set(before)
 
-    def read() -> int | None:
-        total = 0
+    def read() -> dict[str, int] | None:
+        sizes: dict[str, int] = {}
         for name in set(os.listdir(root)) - old:
             try:
-                total += os.stat(root / name).st_blocks * 512
+                sizes[name] = os.stat(root / name).st_blocks * 512
             except FileNotFoundError:
                 continue
-        return total
+        return sizes
 
     return read
 
 
+#: A step of at least this in a mirror's counter is one of its bursts: QEMU 7.2's mirror copies up to its
+#: buffer (16 MiB) at once and then sleeps as long as its speed requires (seen in the lab: offsets step by
+#: 16 MiB, every 8 s at 2 MiB/s).
+BURST = 1024 * 1024
+BURST_GAP_S = 0.5
+
+
 @dataclass
 class Sampler:
-    """Reads ``read()`` every ``every`` seconds in a thread (monotonic time, bytes), until the block ends."""
+    """Reads ``read()`` (bytes per stream) every ``every`` seconds in a thread, until the block ends."""
 
-    read: Callable[[], int | None]
+    read: Callable[[], dict[str, int] | None]
     every: float = 0.1
-    samples: list[tuple[float, int]] = field(default_factory=list)
+    samples: list[tuple[float, dict[str, int]]] = field(default_factory=list)
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
 
@@ -101,33 +111,76 @@ class Sampler:
                 self.samples.append((time.monotonic(), moved))
             self._stop.wait(self.every)
 
-    def rate(self, start: float, end: float) -> float:
+    def _series(self, stream: str | None) -> list[tuple[float, int]]:
+        """(time, bytes) of one stream, or of all of them together (None)."""
+        samples = list(self.samples)
+        if stream is None:
+            return [(t, sum(m.values())) for t, m in samples]
+        return [(t, m[stream]) for t, m in samples if stream in m]
+
+    def streams(self) -> set[str]:
+        return {name for _t, m in list(self.samples) for name in m}
+
+    def rate(self, start: float, end: float, stream: str | None = None) -> float:
         """Bytes/s between the first and the last sample in [start, end]."""
-        window = [s for s in list(self.samples) if start <= s[0] <= end]
+        window = [s for s in self._series(stream) if start <= s[0] <= end]
         assert len(window) >= 2, f"fewer than two samples in [{start:.2f}, {end:.2f}]: {self.samples[-3:]}"
         (t0, b0), (t1, b1) = window[0], window[-1]
         return (b1 - b0) / (t1 - t0)
 
     def rate_until_done(self, start: float, end: float) -> float:
-        """Bytes/s from the last sample at or before ``start`` until the transfer stopped (the first sample
-        within 1 % of the last one up to ``end``): an uncapped transfer may end within a sample or two, and
-        counting from before ``start`` only underestimates it."""
-        samples = list(self.samples)
-        before = [s for s in samples if s[0] <= start]
-        after = [s for s in samples if start < s[0] <= end]
-        assert before and after, f"no samples around {start:.2f}: {samples[-3:]}"
+        """Bytes/s (all streams) from the last sample at or before ``start`` until the transfer stopped (the
+        first sample within 1 % of the last one up to ``end``): an uncapped transfer may end within a sample
+        or two, and counting from before ``start`` only underestimates it."""
+        series = self._series(None)
+        before = [s for s in series if s[0] <= start]
+        after = [s for s in series if start < s[0] <= end]
+        assert before and after, f"no samples around {start:.2f}: {self.samples[-3:]}"
         t0, b0 = before[-1]
         last = after[-1][1]
         t1, b1 = next(s for s in after if s[1] >= b0 + 0.99 * (last - b0))
         return (b1 - b0) / (t1 - t0)
 
+    def bursts(self, stream: str, after: float) -> list[tuple[float, int]]:
+        """The bursts of ``stream`` after ``after``: (when the step began, the bytes once it was over). Steps
+        less than ``BURST_GAP_S`` apart are one burst (its requests complete over a few samples)."""
+        series = self._series(stream)
+        out: list[tuple[float, int]] = []
+        last_step = -1.0
+        for (_t0, b0), (t, b) in itertools.pairwise(series):
+            if t <= after or b - b0 < BURST:
+                continue
+            if out and t - last_step < BURST_GAP_S:
+                out[-1] = (out[-1][0], b)
+            else:
+                out.append((t, b))
+            last_step = t
+        return out
+
+    def burst_rate(self, stream: str, after: float) -> tuple[float, float]:
+        """(when the first burst after ``after`` began, the rate from its end to the end of the last burst
+        seen, over the time between their beginnings): the rate a bursting mirror holds; the first burst
+        after a change is not counted (QEMU charges it against the sleep that follows)."""
+        steps = self.bursts(stream, after)
+        assert len(steps) >= 2, f"{stream}: fewer than two bursts after {after:.2f}: {steps}"
+        (t0, b0), (t1, b1) = steps[0], steps[-1]
+        return t0, (b1 - b0) / (t1 - t0)
+
     def wait_until(self, what: str, predicate: Callable[[int], bool], timeout: float) -> float:
-        """Wait for the first new sample for which ``predicate(bytes)`` holds; returns its time."""
+        """Wait for the first new sample whose total ``predicate(bytes)`` holds; returns its time."""
         seen = len(self.samples)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             for at, moved in list(self.samples)[seen:]:
-                if predicate(moved):
+                if predicate(sum(moved.values())):
                     return at
             time.sleep(0.02)
         raise AssertionError(f"never saw {what} within {timeout} s (last: {self.samples[-1:]})")
+
+    def wait_for_bursts(self, streams: Iterable[str], after: float, count: int, timeout: float) -> None:
+        """Wait until every stream stepped ``count`` times after ``after``."""
+        deadline = time.monotonic() + timeout
+        names = list(streams)
+        while not all(len(self.bursts(n, after)) >= count for n in names):
+            assert time.monotonic() < deadline, {n: self.bursts(n, after) for n in names}
+            time.sleep(0.1)
