@@ -44,6 +44,7 @@ def qemu_moved(host: LabHost, vm: str) -> Callable[[], dict[str, int] | None]:
         if not isinstance(jobs, list) or not isinstance(mig, dict):
             return None
         moved = {str(j["device"]): int(j["offset"]) for j in jobs}
+        moved.update({SPEED + str(j["device"]): int(j.get("speed", 0)) for j in jobs})
         moved["ram"] = int((mig.get("ram") or {}).get("transferred", 0))
         return moved
 
@@ -82,6 +83,8 @@ def files_allocated(root: Path, before: Iterable[str]) -> Callable[[], dict[str,
 #: 16 MiB, every 8 s at 2 MiB/s).
 BURST = 1024 * 1024
 BURST_GAP_S = 0.5
+#: The readings of a mirror's speed in effect ride along under this prefix (not bytes: never summed).
+SPEED = "speed:"
 
 
 @dataclass
@@ -115,11 +118,16 @@ class Sampler:
         """(time, bytes) of one stream, or of all of them together (None)."""
         samples = list(self.samples)
         if stream is None:
-            return [(t, sum(m.values())) for t, m in samples]
+            return [(t, sum(v for k, v in m.items() if not k.startswith(SPEED))) for t, m in samples]
         return [(t, m[stream]) for t, m in samples if stream in m]
 
     def streams(self) -> set[str]:
-        return {name for _t, m in list(self.samples) for name in m}
+        return {name for _t, m in list(self.samples) for name in m if not name.startswith(SPEED)}
+
+    def mean_speed(self, stream: str, start: float, end: float) -> float | None:
+        """The mean of the speed QEMU reported for a mirror over [start, end] (None: not read)."""
+        speeds = [v for t, v in self._series(SPEED + stream) if start <= t <= end]
+        return sum(speeds) / len(speeds) if speeds else None
 
     def rate(self, start: float, end: float, stream: str | None = None) -> float:
         """Bytes/s between the first and the last sample in [start, end]."""
@@ -157,14 +165,14 @@ class Sampler:
             last_step = t
         return out
 
-    def burst_rate(self, stream: str, after: float) -> tuple[float, float]:
+    def burst_rate(self, stream: str, after: float) -> tuple[float, float, float]:
         """(when the first burst after ``after`` began, the rate from its end to the end of the last burst
         seen, over the time between their beginnings): the rate a bursting mirror holds; the first burst
         after a change is not counted (QEMU charges it against the sleep that follows)."""
         steps = self.bursts(stream, after)
         assert len(steps) >= 2, f"{stream}: fewer than two bursts after {after:.2f}: {steps}"
         (t0, b0), (t1, b1) = steps[0], steps[-1]
-        return t0, (b1 - b0) / (t1 - t0)
+        return t0, t1, (b1 - b0) / (t1 - t0)
 
     def wait_until(self, what: str, predicate: Callable[[int], bool], timeout: float) -> float:
         """Wait for the first new sample whose total ``predicate(bytes)`` holds; returns its time."""

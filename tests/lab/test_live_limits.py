@@ -70,20 +70,36 @@ class Retuner:
         self.cap = mib
         return view
 
-    async def lower_mirrors(self, mib: int, phase: str, mirrors: list[str]) -> dict[str, Any]:
-        """A cap of ``mib`` MiB/s on bursting mirrors: the first burst of each within 3 s, and from it the
-        sum of their burst-to-burst rates within 10 % of the cap (two bursts each after the first)."""
-        at, view = await self.patch(mib, phase)
+    async def lower_mirrors(self, mib: int, phase: str, mirrors: list[str], bursts: int = 4) -> list[str]:
+        """A cap of ``mib`` MiB/s on bursting mirrors: the first burst of each within 3 s; from it each
+        mirror's burst-to-burst rate within 10 % of the speed QEMU reports for it (where read) and the sum of
+        those rates within 10 % of the cap. Returns what did not hold (the caller asserts it at the end, so
+        one move measures every step)."""
+        at, _view = await self.patch(mib, phase)
         per_disk = 16 * MiB / (mib * MiB / len(mirrors))  # seconds between two bursts of one mirror
-        await asyncio.to_thread(self.sampler.wait_for_bursts, mirrors, at, 3, 3 + 2.5 * per_disk)
+        await asyncio.to_thread(
+            self.sampler.wait_for_bursts, mirrors, at, bursts, 3 + (bursts - 0.5) * per_disk
+        )
         before = self.sampler.rate(at - 3, at)
-        firsts, rates = zip(*(self.sampler.burst_rate(m, at) for m in mirrors), strict=True)
-        line = self._say(phase, mib, before, sum(rates))
-        print(f"  first bursts {[round(t - at, 2) for t in firsts]} s after the PATCH")
-        assert max(firsts) - at <= 3.0, line
-        assert 0.9 * mib * MiB <= sum(rates) <= 1.1 * mib * MiB, line
+        measured = [self.sampler.burst_rate(m, at) for m in mirrors]
+        total = sum(rate for _t0, _t1, rate in measured)
+        line = self._say(phase, mib, before, total)
+        wrong: list[str] = []
+        for mirror, (t0, t1, rate) in zip(mirrors, measured, strict=True):
+            speed = self.sampler.mean_speed(mirror, t0, t1)
+            shown = "not read" if speed is None else f"{speed / MiB:.2f} MiB/s"
+            print(
+                f"  {mirror}: first burst {t0 - at:.2f} s after the PATCH, {rate / MiB:.2f} MiB/s over "
+                f"{t1 - t0:.1f} s, QEMU's speed {shown}"
+            )
+            if t0 - at > 3.0:
+                wrong.append(f"{mirror}: first burst {t0 - at:.2f} s after the PATCH")
+            if speed is not None and not 0.9 * speed <= rate <= 1.1 * speed:
+                wrong.append(f"{mirror}: {rate / MiB:.2f} MiB/s against its speed {speed / MiB:.2f}")
+        if not 0.9 * mib * MiB <= total <= 1.1 * mib * MiB:
+            wrong.append(line)
         self.cap = mib
-        return view
+        return wrong
 
     async def lift(self, phase: str) -> dict[str, Any]:
         """PATCH bandwidth 0: at least 5 x the old cap from the PATCH until the transfer stopped."""
@@ -172,7 +188,7 @@ async def test_caps_lowered_and_lifted_across_hosts(
         sampler.wait_until("the disk mirrors moving", lambda moved: moved > 8 * MiB, 120)
         mirrors = sorted(sampler.streams() - {"ram"})
         assert len(mirrors) == 2, mirrors
-        await retune.lower_mirrors(4, "COPYING", mirrors)
+        wrong = await retune.lower_mirrors(4, "COPYING", mirrors)
         await retune.patch(20, "COPYING")
         await _wait_state(lab_agents, a, task["taskUuid"], "CONVERGING")
         retune.cap = 20
@@ -180,6 +196,7 @@ async def test_caps_lowered_and_lifted_across_hosts(
         await retune.lower_stream(2, "CONVERGING", "ram")
         assert_lifted_in_qemu(await retune.lift("CONVERGING"), stream=True)
         await _finish(lab_agents, a, task["taskUuid"], guest)
+    assert not wrong, wrong
 
 
 async def test_caps_lowered_and_lifted_on_one_host(lab_agents: Lab, make_guest: Callable[..., Guest]) -> None:
@@ -195,6 +212,7 @@ async def test_caps_lowered_and_lifted_on_one_host(lab_agents: Lab, make_guest: 
         retune = Retuner(lab_agents, host, task["taskUuid"], sampler, cap=20)
         sampler.wait_until("the copy growing", lambda moved: moved > 24 * MiB, 120)
         (copy,) = sampler.streams()
-        await retune.lower_mirrors(4, "COPYING", [copy])
+        wrong = await retune.lower_mirrors(4, "COPYING", [copy], bursts=3)
+        assert not wrong, wrong
         assert_lifted_in_qemu(await retune.lift("COPYING"), stream=False)
         await _finish(lab_agents, host, task["taskUuid"], guest)
