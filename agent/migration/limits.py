@@ -249,8 +249,9 @@ class LiveLimits:
             what = "; ".join(f"{u.knob} to {_shown(u.value)}: {u.error}" for u in failed)
             raise LimitsNotApplied(
                 f"the new limits could not be applied to every stream of the migration: {what}",
-                details="QEMU keeps the values the task's details show under limits; the agent tries "
-                "again at its next step",
+                details="QEMU keeps the values the task's details show under limits; the move's steering "
+                "sets the disks' and the stream's speeds again at its next steps, a downtime only with "
+                "another PATCH",
                 field="bandwidth" if any(u.knob != "downtime" for u in failed) else "downTime",
             )
         return self.view()
