@@ -5,10 +5,11 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from . import agentctl, hostsetup, image, network
+from . import agentctl, blockdevs, ceph, hostsetup, image, network
 from .layout import (
     AGENT_BIN,
     BRIDGE,
@@ -77,12 +78,19 @@ def up(with_agents: bool = True, restart_agents: bool = False, insecure_lab: boo
                 INSECURE_FILE.unlink()
         hostsetup.ensure_ca()
         network.ensure_bridge()
-        new_mounts = _ensure_storage()
+        # Ceph comes up (on the bridge's address) while the hosts do: it waits on its own daemons.
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ceph") as pool:
+            ceph_up = pool.submit(ceph.ensure, state.ceph)
+            new_mounts = _ensure_storage()
+            for host in HOSTS:
+                _ensure_host(host, state.hosts[host.name], rebuild=new_mounts)
+                state.save()
+            for host in HOSTS:
+                hostsetup.wait_libvirtd(host, state.hosts[host.name])
+            ceph_up.result()
+        state.save()
         for host in HOSTS:
-            _ensure_host(host, state.hosts[host.name], rebuild=new_mounts)
-            state.save()
-        for host in HOSTS:
-            hostsetup.wait_libvirtd(host, state.hosts[host.name])
+            ceph.ensure_secret(host, state.ceph)
         image.ensure_image()  # build the guest kernel and initramfs now (cached): fail early, not mid-test
         _ensure_agents(state, with_agents, restart_agents)
         state.save()
@@ -101,6 +109,7 @@ def _ensure_storage() -> bool:
             if kind == "tmpfs" and not os.path.ismount(path):
                 run(["mount", "-t", "tmpfs", "-o", f"size={size_mib}m,mode=0755", f"ksa-lab-{name}", path])
                 made = True
+        blockdevs.ensure(host)
     return made
 
 
@@ -164,13 +173,18 @@ def _lab_netns_inodes(state: LabState | None) -> set[int]:
 
 def _holder_netns_inodes() -> set[int]:
     """Network namespaces of holders found by their command line, which names this lab's socket path:
-    after a crash that lost both the state file and the netns names, they still lead to the rest."""
+    after a crash that lost both the state file and the netns names, they still lead to the rest.
+    Never this command's own namespace (the root one), where Ceph's holder lives: `down` stops every
+    process of the namespaces found here."""
     inodes = set()
+    root = netns_inode(os.getpid())
     for entry in Path("/proc").iterdir():
         argv = pid_cmdline(int(entry.name)) if entry.name.isdigit() else []
         if "labkit.holder" in argv and any(a.startswith(f"{LAB_DIR}/") for a in argv):
+            if str(ceph.HOLDER_SOCKET) in argv:
+                continue
             inode = netns_inode(int(entry.name))
-            if inode is not None:
+            if inode is not None and inode != root:
                 inodes.add(inode)
     return inodes
 
@@ -211,8 +225,11 @@ def _stop_host_processes(host: HostSpec, hs: HostState) -> None:
 
 
 def _leftovers() -> bool:
-    return any(network.netns_exists(h.netns) or network.link_exists(h.veth) for h in HOSTS) or (
-        network.link_exists(BRIDGE) or bool(_lab_mounts()) or bool(_holder_netns_inodes())
+    return (
+        any(network.netns_exists(h.netns) or network.link_exists(h.veth) for h in HOSTS)
+        or (network.link_exists(BRIDGE) or bool(_lab_mounts()) or bool(_holder_netns_inodes()))
+        or any(ceph.lab_pids())
+        or bool(blockdevs.attached())
     )
 
 
@@ -228,6 +245,12 @@ def _down_unlocked() -> None:
     if pids:
         log(f"stopping {len(pids)} lab processes")
         _stop_pids(pids)
+    # After the hosts (their QEMUs are Ceph's clients), before the bridge it listens on.
+    ceph_pids = ceph.stop(state.ceph if state else None)
+    if ceph_pids:
+        log(f"stopped Ceph ({len(ceph_pids)} processes)")
+    pids += ceph_pids
+    blockdevs.remove_all()
     for host in HOSTS:
         network.remove_host_network(host)
     network.remove_bridge()
@@ -238,8 +261,12 @@ def _down_unlocked() -> None:
         raise LabError(f"could not unmount {_lab_mounts()}; not deleting {LAB_DIR}")
     shutil.rmtree(LAB_DIR, ignore_errors=True)
     left = [p for p in pids if pid_alive(p)]
-    if left or LAB_DIR.exists():
-        raise LabError(f"lab not fully down: processes {left}, {LAB_DIR} exists: {LAB_DIR.exists()}")
+    loops = blockdevs.attached()
+    if left or LAB_DIR.exists() or loops:
+        raise LabError(
+            f"lab not fully down: processes {left}, {LAB_DIR} exists: {LAB_DIR.exists()}, "
+            f"loop devices {loops}"
+        )
     log("lab is down")
 
 
@@ -285,6 +312,7 @@ def status() -> tuple[bool, dict[str, Any]]:
                     {"uuid": hs.storage[name], "path": str(host.storage_path(name)), "name": name}
                     for name, _, _ in STORAGE_ROOTS
                 ],
+                "blockRoot": str(host.block_root),
                 "agentConfig": str(host.agent_config),
                 "agentLog": str(host.agent_log),
                 "pids": {
@@ -309,4 +337,8 @@ def status() -> tuple[bool, dict[str, Any]]:
         "clientPki": str(OPERATOR_PKI) if secure else None,
         "hosts": hosts,
     }
+    ceph_status = ceph.status(state.ceph)
+    all_up &= all(ceph_status["health"].values())
+    doc["up"] = all_up
+    doc["ceph"] = ceph_status
     return all_up, doc

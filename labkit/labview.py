@@ -1,5 +1,5 @@
 """The lab as ``scripts/lab status --json`` describes it to its users (the lab tests, the benchmark): each
-host with its addresses, libvirt URI, agent URL and storage roots."""
+host with its addresses, libvirt URI, agent URL, storage roots and block devices, and the Ceph cluster."""
 
 from __future__ import annotations
 
@@ -29,6 +29,8 @@ class LabHost:
     migration_address: str
     storage: tuple[StorageRoot, ...]
     agent_config: Path
+    #: A directory of symlinks to the host's block devices (loop devices).
+    block_root: Path
 
     #: What a failed ``virsh`` raises (tests' subclass: AssertionError; the benchmark's: its own error), and
     #: how long a virsh command may take by default.
@@ -68,6 +70,47 @@ def hosts_from_status(doc: Mapping[str, Any], host_type: type[H]) -> tuple[H, ..
             migration_address=h["migrationAddress"],
             storage=tuple(StorageRoot(s["name"], s["uuid"], Path(s["path"])) for s in h["storage"]),
             agent_config=Path(h["agentConfig"]),
+            block_root=Path(h["blockRoot"]),
         )
         for h in doc["hosts"]
+    )
+
+
+@dataclass(frozen=True)
+class CephCluster:
+    """The lab's Ceph: where its monitor listens, the pool and cephx user the hosts use, the uuid of the
+    libvirt secret every host holds, and the admin's configuration (for ``rbd -c conf`` from the root
+    namespace)."""
+
+    monitors: tuple[str, ...]
+    pool: str
+    user: str
+    secret_uuid: str
+    conf: Path
+
+    @property
+    def monitor_host(self) -> str:
+        return self.monitors[0].rsplit(":", 1)[0]
+
+    @property
+    def monitor_port(self) -> int:
+        return int(self.monitors[0].rsplit(":", 1)[1])
+
+    def rbd_argv(self, *args: str) -> list[str]:
+        """The ``rbd`` command as the cluster's admin."""
+        return ["rbd", "-c", str(self.conf), *args]
+
+    def qemu_uri(self, image: str) -> str:
+        """``image`` (pool/name) as qemu-img and qemu-io name it, reached as the admin."""
+        return f"rbd:{image}:conf={self.conf}"
+
+
+def ceph_from_status(doc: Mapping[str, Any]) -> CephCluster:
+    c = doc["ceph"]
+    return CephCluster(
+        monitors=tuple(c["monitors"]),
+        pool=c["pool"],
+        user=c["user"],
+        secret_uuid=c["secretUuid"],
+        conf=Path(c["conf"]),
     )

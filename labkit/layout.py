@@ -63,6 +63,21 @@ def insecure() -> bool:
     return INSECURE_FILE.exists()
 
 
+#: The lab's one-node Ceph (cephx; one monitor, one BlueStore OSD on a large sparse file outside its data
+#: dir), in the root namespace on the bridge's address so that both hosts' namespaces reach it. ``ceph.py``.
+CEPH_DIR = LAB_DIR / "ceph"
+CEPH_ADDRESS = BRIDGE_ADDRESS
+CEPH_MON_PORTS = (3300, 6789)  # msgr2, msgr1 (libvirt's <host port=...> names the second)
+CEPH_POOL = "ksa"
+CEPH_USER = "ksalab"  # client.ksalab: `profile rbd` on CEPH_POOL; its key is the hosts' libvirt secret
+#: The OSD's file, sparse: large, because a full BlueStore OSD crashes and a mirror onto it hangs silently.
+CEPH_OSD_BYTES = 32 << 30
+
+#: Block storage: a directory per host of symlinks to loop devices (as an LVM volume group's /dev/VG holds
+#: symlinks to its logical volumes); each device is a sparse file. ``blockdevs.py``.
+BLOCK_DEVICES = 3
+BLOCK_DEVICE_MIB = 1088  # a 1 GiB guest disk as raw or qcow2 (qemu-img measure), with room to spare
+
 # name -> (kind, size in MiB): "dir" roots are plain directories, the small tmpfs is for out-of-space tests.
 STORAGE_ROOTS: tuple[tuple[str, str, int], ...] = (
     ("ps1", "dir", 0),
@@ -124,6 +139,16 @@ class HostSpec:
 
     def storage_path(self, root: str) -> Path:
         return self.dir / "storage" / root
+
+    @property
+    def block_root(self) -> Path:
+        """The directory of the host's block devices (symlinks to loop devices)."""
+        return self.dir / "storage" / "blk"
+
+    @property
+    def loop_dir(self) -> Path:
+        """The loop devices' backing files."""
+        return self.dir / "loop"
 
     def private_dir(self, system_path: str) -> Path:
         """Source of the bind mount for one of LIBVIRT_DIRS (the capability cache survives `down`)."""

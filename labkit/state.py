@@ -29,9 +29,22 @@ class HostState:
 
 
 @dataclass
+class CephState:
+    """The lab's Ceph cluster (labkit/ceph.py): made once per lab, daemons under a holder of their own."""
+
+    fsid: str = field(default_factory=lambda: str(uuid.uuid4()))
+    #: The libvirt secret with the client's key, the same uuid on every host (as a cloud defines it).
+    secret_uuid: str = field(default_factory=lambda: str(uuid.uuid4()))
+    holder_pid: int | None = None
+    mon_pid: int | None = None
+    osd_pid: int | None = None
+
+
+@dataclass
 class LabState:
     hosts: dict[str, HostState] = field(default_factory=dict)
     agents: bool = True  # false when the agent could not be started (not written yet, or LAB_NO_AGENT=1)
+    ceph: CephState = field(default_factory=CephState)
 
     @classmethod
     def fresh(cls) -> LabState:
@@ -53,7 +66,8 @@ class LabState:
         hosts = {name: HostState(**host) for name, host in data.get("hosts", {}).items()}
         if set(hosts) != {h.name for h in HOSTS}:
             return None
-        return cls(hosts=hosts, agents=bool(data.get("agents", True)))
+        ceph = CephState(**data["ceph"]) if isinstance(data.get("ceph"), dict) else CephState()
+        return cls(hosts=hosts, agents=bool(data.get("agents", True)), ceph=ceph)
 
     def save(self) -> None:
         write_file(STATE_FILE, json.dumps(asdict(self), indent=2) + "\n", 0o600)

@@ -19,7 +19,7 @@ from typing import Any
 from labkit import labview, memcheck
 from labkit.agents import trust_lab_ca
 from labkit.guestdir import console_path
-from labkit.labview import hosts_from_status
+from labkit.labview import CephCluster, ceph_from_status, hosts_from_status
 
 REPO = Path(__file__).resolve().parents[2]
 LAB_SCRIPT = REPO / "scripts" / "lab"
@@ -56,6 +56,10 @@ class Lab:
 
     def host(self, name: str) -> LabHost:
         return next(h for h in self.hosts if h.name == name)
+
+    @property
+    def ceph(self) -> CephCluster:
+        return ceph_from_status(self.raw)
 
     def other(self, name: str) -> LabHost:
         return next(h for h in self.hosts if h.name != name)
