@@ -5,12 +5,24 @@ A bad config stops the service at start with a message naming the key (``ConfigE
 
 from __future__ import annotations
 
+import re
 import tomllib
 import uuid
+from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, IPvAnyNetwork, ValidationError, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    IPvAnyNetwork,
+    Tag,
+    ValidationError,
+    field_validator,
+)
 
 
 class ConfigError(Exception):
@@ -21,21 +33,127 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class StorageRootConfig(_Strict):
+class StorageKind(StrEnum):
+    """What a primary storage is: a directory of image files, a Ceph RBD pool, or a directory of block
+    devices (one device per volume: loop devices, an LVM volume group's /dev/VG)."""
+
+    FILE = "file"
+    RBD = "rbd"
+    BLOCK = "block"
+
+
+#: Ceph names as the agent accepts them (pools, namespaces, cephx ids, images): no '/' or '@' (they
+#: separate pool, namespace, image and snapshot), no leading dot, no spaces.
+CEPH_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
+
+
+def ceph_name(value: str, what: str) -> str:
+    if not CEPH_NAME.fullmatch(value):
+        raise ValueError(f"{value!r} is not a {what} name (letters, digits, '_', '.', '-'; at most 128)")
+    return value
+
+
+class _Storage(_Strict):
     uuid: str
-    path: Path
 
     @field_validator("uuid")
     @classmethod
     def _uuid(cls, value: str) -> str:
         return _normalise_uuid(value)
 
-    @field_validator("path")
+
+def _absolute(value: Path) -> Path:
+    if not value.is_absolute():
+        raise ValueError("must be an absolute path")
+    return value
+
+
+AbsolutePath = Annotated[Path, AfterValidator(_absolute)]
+
+
+class FileStorageConfig(_Storage):
+    """A directory of image files (qcow2, raw): the kind when ``kind`` is left out."""
+
+    kind: Literal[StorageKind.FILE] = StorageKind.FILE
+    path: AbsolutePath
+
+
+class BlockStorageConfig(_Storage):
+    """A directory whose entries are block devices (or symlinks to them), one per volume."""
+
+    kind: Literal[StorageKind.BLOCK]
+    path: AbsolutePath
+
+
+class RbdStorageConfig(_Storage):
+    """A Ceph RBD pool (and namespace), reached through ``monitors`` as the cephx ``user`` whose key is the
+    value of the libvirt secret ``secret_uuid`` (usage type ceph) on every host that uses the pool."""
+
+    kind: Literal[StorageKind.RBD]
+    pool: str
+    namespace: str = ""
+    monitors: tuple[str, ...] = Field(min_length=1)
+    user: str
+    secret_uuid: str
+
+    @field_validator("pool")
     @classmethod
-    def _absolute(cls, value: Path) -> Path:
-        if not value.is_absolute():
-            raise ValueError("must be an absolute path")
+    def _pool(cls, value: str) -> str:
+        return ceph_name(value, "pool")
+
+    @field_validator("namespace")
+    @classmethod
+    def _namespace(cls, value: str) -> str:
+        return value and ceph_name(value, "namespace")
+
+    @field_validator("user")
+    @classmethod
+    def _user(cls, value: str) -> str:
+        if value.startswith("client."):
+            raise ValueError("the cephx id without 'client.' (libvirt's <auth username=...>)")
+        return ceph_name(value, "cephx user")
+
+    @field_validator("secret_uuid")
+    @classmethod
+    def _secret_uuid(cls, value: str) -> str:
+        return _normalise_uuid(value)
+
+    @field_validator("monitors")
+    @classmethod
+    def _monitors(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for monitor in value:
+            _monitor_address(monitor)
         return value
+
+    def monitor_hosts(self) -> list[tuple[str, int]]:
+        """(host, port) of each monitor, port 6789 (msgr1, what libvirt's <host> speaks) when not given."""
+        return [_monitor_address(m) for m in self.monitors]
+
+
+def _monitor_address(monitor: str) -> tuple[str, int]:
+    """``host``, ``host:port``, ``[v6]`` or ``[v6]:port``."""
+    match = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\](?::(\d+))?|([A-Za-z0-9.-]+)(?::(\d+))?", monitor)
+    if match is None:
+        raise ValueError(f"monitor {monitor!r} is not host, host:port or [ipv6]:port")
+    host = match.group(1) or match.group(3)
+    port = int(match.group(2) or match.group(4) or 6789)
+    if not 0 < port < 65536:
+        raise ValueError(f"monitor {monitor!r}: port out of range")
+    return host, port
+
+
+def _storage_kind(value: Any) -> str:
+    if isinstance(value, dict):
+        return str(value.get("kind", StorageKind.FILE))
+    return str(getattr(value, "kind", StorageKind.FILE))
+
+
+StorageConfig = Annotated[
+    Annotated[FileStorageConfig, Tag(StorageKind.FILE)]
+    | Annotated[RbdStorageConfig, Tag(StorageKind.RBD)]
+    | Annotated[BlockStorageConfig, Tag(StorageKind.BLOCK)],
+    Discriminator(_storage_kind),
+]
 
 
 class LimitsConfig(_Strict):
@@ -93,7 +211,7 @@ class AgentConfig(_Strict):
     #: qemu+tcp:// with insecure_transport).
     peer_libvirt_uri: str | None = None
     shutdown_grace_s: float = Field(default=10.0, gt=0)
-    storage: tuple[StorageRootConfig, ...] = ()
+    storage: tuple[StorageConfig, ...] = ()
     limits: LimitsConfig = LimitsConfig()
     report: ReportConfig = ReportConfig()
     zstack: ZStackConfig = ZStackConfig()
@@ -106,7 +224,7 @@ class AgentConfig(_Strict):
 
     @field_validator("storage")
     @classmethod
-    def _distinct(cls, roots: tuple[StorageRootConfig, ...]) -> tuple[StorageRootConfig, ...]:
+    def _distinct(cls, roots: tuple[StorageConfig, ...]) -> tuple[StorageConfig, ...]:
         seen: set[str] = set()
         for root in roots:
             if root.uuid in seen:
@@ -179,7 +297,8 @@ def parse_config(data: dict[str, Any], source: str = "<config>") -> AgentConfig:
         return AgentConfig.model_validate(data)
     except ValidationError as err:
         first = err.errors()[0]
-        key = ".".join(str(part) for part in first["loc"]) or "<root>"
+        # A storage entry's location carries its kind's tag (storage.1.rbd.pool): the kind is said already.
+        key = ".".join(str(part) for part in first["loc"] if part not in set(StorageKind)) or "<root>"
         raise ConfigError(f"{source}: {key}: {first['msg']}") from err
 
 

@@ -3,7 +3,8 @@
 AgentError                 root; carries a stable ``code``, a description, details and a cause
  +- InvalidRequest         bad input, names the offending ``field`` (HTTP 400)
  |   +- StorageNotFound     unknown storage uuid (400)
- |   +- PathOutsideRoot     a path that escapes its storage root (400)
+ |   +- PathOutsideRoot     a path that escapes its storage root, or an RBD image outside its pool (400)
+ |   +- StorageKindUnsupported  a storage of a kind this move cannot use yet (400)
  +- Unauthorized           missing or wrong token (401)
  +- Forbidden              a known caller whose role or identity may not do this (403)
  +- NotFound               unknown VM, task or incoming migration (404)
@@ -80,7 +81,15 @@ class Code(enum.StrEnum):
     NOT_FOUND = "AGENT.NOT_FOUND", "no such task or incoming migration"
     VM_NOT_FOUND = "AGENT.VM_NOT_FOUND", "no such VM on this host"
     STORAGE_NOT_FOUND = "AGENT.STORAGE_NOT_FOUND", "no storage root with that uuid in this agent's config"
-    PATH_OUTSIDE_ROOT = "AGENT.PATH_OUTSIDE_ROOT", "a path that escapes its storage root"
+    PATH_OUTSIDE_ROOT = (
+        "AGENT.PATH_OUTSIDE_ROOT",
+        "a path that escapes its storage root, a device not directly in its block directory, or an RBD "
+        "image outside its storage's pool and namespace",
+    )
+    STORAGE_KIND_UNSUPPORTED = (
+        "AGENT.STORAGE_KIND_UNSUPPORTED",
+        "a storage of a kind (rbd, block) that this move cannot use yet (docs/storage.md)",
+    )
 
     # The agent's own state
     CONFLICT = "AGENT.CONFLICT", "the VM already has a task, or the same taskUuid came with another body"
@@ -264,6 +273,9 @@ class StorageNotFound(InvalidRequest, code=Code.STORAGE_NOT_FOUND): ...
 
 
 class PathOutsideRoot(InvalidRequest, code=Code.PATH_OUTSIDE_ROOT): ...
+
+
+class StorageKindUnsupported(InvalidRequest, code=Code.STORAGE_KIND_UNSUPPORTED): ...
 
 
 class Unauthorized(AgentError, code=Code.UNAUTHORIZED, http_status=401): ...

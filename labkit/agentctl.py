@@ -16,8 +16,13 @@ from . import hostsetup
 from .layout import (
     AGENT_BIN,
     AGENT_PORT,
+    BLOCK_ROOT,
     BRIDGE_ADDRESS,
     CA_FILE,
+    CEPH_ADDRESS,
+    CEPH_MON_PORTS,
+    CEPH_POOL,
+    CEPH_USER,
     CLUSTER_TOKEN_FILE,
     PREFIX_LEN,
     STORAGE_ROOTS,
@@ -25,7 +30,7 @@ from .layout import (
     HostSpec,
     insecure,
 )
-from .state import HostState
+from .state import CephState, HostState
 from .sysutil import LabError, kill_pids, log, pid_cmdline, pid_matches, run, tail_file, wait_for, write_file
 
 AGENT_MARK = "kvm-storage-agent"
@@ -45,7 +50,7 @@ class AgentIncomplete(LabError):
     comes up without agents and says so, instead of failing, while colleagues are still writing `serve`."""
 
 
-def config_text(host: HostSpec, hs: HostState, *, twin_port: int | None = None) -> str:
+def config_text(host: HostSpec, hs: HostState, ceph: CephState, *, twin_port: int | None = None) -> str:
     """agent.toml in the shape agent/config.py reads (the management plane's token, and the cluster token the
     agents present to each other).
     ``twin_port``: a second, plain-text agent on that port (see ``start_twin``)."""
@@ -75,6 +80,11 @@ def config_text(host: HostSpec, hs: HostState, *, twin_port: int | None = None) 
         lines.append(f'log_level = "{level.upper()}"')
     for name, _, _ in STORAGE_ROOTS:
         lines += ["", "[[storage]]", f'uuid = "{hs.storage[name]}"', f'path = "{host.storage_path(name)}"']
+    lines += ["", "[[storage]]", f'uuid = "{hs.storage[BLOCK_ROOT]}"', 'kind = "block"']
+    lines += [f'path = "{host.block_root}"']
+    lines += ["", "[[storage]]", f'uuid = "{ceph.storage_uuid}"', 'kind = "rbd"', f'pool = "{CEPH_POOL}"']
+    lines += [f'monitors = ["{CEPH_ADDRESS}:{CEPH_MON_PORTS[1]}"]', f'user = "{CEPH_USER}"']
+    lines += [f'secret_uuid = "{ceph.secret_uuid}"']
     if twin_port:
         return "\n".join(lines) + "\n"
     # The ZStack dialect, for a management server played from the lab's network or inside a host.
@@ -83,13 +93,13 @@ def config_text(host: HostSpec, hs: HostState, *, twin_port: int | None = None) 
     return "\n".join(lines) + "\n"
 
 
-def start_twin(host: HostSpec, hs: HostState, port: int) -> tuple[int, str]:
+def start_twin(host: HostSpec, hs: HostState, ceph: CephState, port: int) -> tuple[int, str]:
     """A second agent on ``host`` with ``insecure_transport = true`` on ``port`` (its own state directory),
     next to the lab's: to compare plain migration streams with TLS on one lab (tests/lab/test_security.py,
     bench case 6). Returns (pid, its http URL); the caller stops it (``kill_pids``)."""
     config = host.dir / f"agent-{port}.toml"
     ensure_cluster_token()
-    write_file(config, config_text(host, hs, twin_port=port))
+    write_file(config, config_text(host, hs, ceph, twin_port=port))
     argv = [str(AGENT_BIN), "serve", "--config", str(config)]
     pid = hostsetup.spawn(host, argv, host.dir / f"agent-{port}.log", env={"PYTHONUNBUFFERED": "1"})
     url = f"http://{host.address}:{port}"
@@ -109,18 +119,18 @@ def start_twin(host: HostSpec, hs: HostState, port: int) -> tuple[int, str]:
     return pid, url
 
 
-def config_stale(host: HostSpec, hs: HostState) -> bool:
+def config_stale(host: HostSpec, hs: HostState, ceph: CephState) -> bool:
     """The running agent's config is not what the lab wants now (e.g. the lab switched to or from TLS)."""
     try:
-        return host.agent_config.read_text() != config_text(host, hs)
+        return host.agent_config.read_text() != config_text(host, hs, ceph)
     except OSError:
         return True
 
 
-def write_config(host: HostSpec, hs: HostState) -> bool:
+def write_config(host: HostSpec, hs: HostState, ceph: CephState) -> bool:
     host.agent_state_dir.mkdir(parents=True, exist_ok=True)
     ensure_cluster_token()
-    return write_file(host.agent_config, config_text(host, hs))
+    return write_file(host.agent_config, config_text(host, hs, ceph))
 
 
 def ensure_cluster_token() -> None:
@@ -171,9 +181,9 @@ def strays(host: HostSpec, hs: HostState) -> list[int]:
     return found
 
 
-def start(host: HostSpec, hs: HostState) -> None:
+def start(host: HostSpec, hs: HostState, ceph: CephState) -> None:
     """Start the agent under the host's holder (so in its namespaces) and wait for /v1/health."""
-    write_config(host, hs)
+    write_config(host, hs, ceph)
     if running(hs):
         return
     if extra := strays(host, hs):

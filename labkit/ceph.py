@@ -305,6 +305,7 @@ def status(cs: CephState) -> dict[str, Any]:
         "pool": CEPH_POOL,
         "user": CEPH_USER,
         "secretUuid": cs.secret_uuid,
+        "storageUuid": cs.storage_uuid,
         "conf": str(CONF),
         "adminKeyring": str(ADMIN_KEYRING),
         "pids": {"holder": cs.holder_pid, "mon": cs.mon_pid, "osd": cs.osd_pid},

@@ -64,7 +64,7 @@ def _cmd_agent(args: argparse.Namespace) -> int:
             elif args.action == "kill":
                 agentctl.stop(host, hs, hard=True)
             if args.action in ("start", "restart"):
-                agentctl.start(host, hs)
+                agentctl.start(host, hs, state.ceph)
                 state.agents = True
         finally:
             state.save()

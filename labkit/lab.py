@@ -12,6 +12,7 @@ from typing import Any
 from . import agentctl, blockdevs, ceph, hostsetup, image, network
 from .layout import (
     AGENT_BIN,
+    BLOCK_ROOT,
     BRIDGE,
     CA_FILE,
     CLUSTER_TOKEN_FILE,
@@ -131,7 +132,7 @@ def _ensure_agents(state: LabState, with_agents: bool, restart: bool) -> None:
         return
     for host in HOSTS:
         hs = state.hosts[host.name]
-        stale = agentctl.config_stale(host, hs)
+        stale = agentctl.config_stale(host, hs, state.ceph)
         if agentctl.running(hs) and (restart or stale or not agentctl.running_this_checkout(hs)):
             log(f"{host.name}: restarting the agent (from {AGENT_BIN}{', new config' if stale else ''})")
             agentctl.stop(host, hs)
@@ -145,7 +146,7 @@ def _ensure_agents(state: LabState, with_agents: bool, restart: bool) -> None:
         return
     try:
         for host in HOSTS:
-            agentctl.start(host, state.hosts[host.name])
+            agentctl.start(host, state.hosts[host.name], state.ceph)
     except agentctl.AgentIncomplete as err:
         log(f"WARNING: agents not started: {err}")
         for host in HOSTS:
@@ -309,8 +310,21 @@ def status() -> tuple[bool, dict[str, Any]]:
                 "agentUrl": host.agent_url,
                 "migrationAddress": host.address,
                 "storage": [
-                    {"uuid": hs.storage[name], "path": str(host.storage_path(name)), "name": name}
+                    {
+                        "uuid": hs.storage[name],
+                        "path": str(host.storage_path(name)),
+                        "name": name,
+                        "kind": "file",
+                    }
                     for name, _, _ in STORAGE_ROOTS
+                ]
+                + [
+                    {
+                        "uuid": hs.storage[BLOCK_ROOT],
+                        "path": str(host.block_root),
+                        "name": BLOCK_ROOT,
+                        "kind": "block",
+                    }
                 ],
                 "blockRoot": str(host.block_root),
                 "agentConfig": str(host.agent_config),

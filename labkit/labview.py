@@ -17,6 +17,7 @@ class StorageRoot:
     name: str
     uuid: str
     path: Path
+    kind: str = "file"  # or "block" (the Ceph pool is the lab's ``CephCluster``)
 
 
 @dataclass(frozen=True)
@@ -68,7 +69,10 @@ def hosts_from_status(doc: Mapping[str, Any], host_type: type[H]) -> tuple[H, ..
             libvirt_uri=h["libvirtUri"],
             agent_url=h["agentUrl"],
             migration_address=h["migrationAddress"],
-            storage=tuple(StorageRoot(s["name"], s["uuid"], Path(s["path"])) for s in h["storage"]),
+            storage=tuple(
+                StorageRoot(s["name"], s["uuid"], Path(s["path"]), s.get("kind", "file"))
+                for s in h["storage"]
+            ),
             agent_config=Path(h["agentConfig"]),
             block_root=Path(h["blockRoot"]),
         )
@@ -86,6 +90,8 @@ class CephCluster:
     pool: str
     user: str
     secret_uuid: str
+    #: The pool as the agents' primary storage of kind rbd: one uuid on both hosts.
+    storage_uuid: str
     conf: Path
 
     @property
@@ -112,5 +118,6 @@ def ceph_from_status(doc: Mapping[str, Any]) -> CephCluster:
         pool=c["pool"],
         user=c["user"],
         secret_uuid=c["secretUuid"],
+        storage_uuid=c["storageUuid"],
         conf=Path(c["conf"]),
     )

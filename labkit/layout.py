@@ -75,6 +75,7 @@ CEPH_OSD_BYTES = 32 << 30
 
 #: Block storage: a directory per host of symlinks to loop devices (as an LVM volume group's /dev/VG holds
 #: symlinks to its logical volumes); each device is a sparse file. ``blockdevs.py``.
+BLOCK_ROOT = "blk"  # its name among the host's storage roots (kind block in agent.toml)
 BLOCK_DEVICES = 3
 BLOCK_DEVICE_MIB = 1088  # a 1 GiB guest disk as raw or qcow2 (qemu-img measure), with room to spare
 
@@ -143,7 +144,7 @@ class HostSpec:
     @property
     def block_root(self) -> Path:
         """The directory of the host's block devices (symlinks to loop devices)."""
-        return self.dir / "storage" / "blk"
+        return self.storage_path(BLOCK_ROOT)
 
     @property
     def loop_dir(self) -> Path:

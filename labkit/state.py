@@ -13,14 +13,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
-from .layout import HOSTS, LOCK_FILE, STATE_FILE, STORAGE_ROOTS
+from .layout import BLOCK_ROOT, HOSTS, LOCK_FILE, STATE_FILE, STORAGE_ROOTS
 from .sysutil import write_file
 
 
 @dataclass
 class HostState:
     uuid: str
-    storage: dict[str, str]  # root name -> storage uuid
+    storage: dict[str, str]  # root name (STORAGE_ROOTS, BLOCK_ROOT) -> storage uuid
     netns_inode: int | None = None
     holder_pid: int | None = None
     virtlogd_pid: int | None = None
@@ -35,6 +35,8 @@ class CephState:
     fsid: str = field(default_factory=lambda: str(uuid.uuid4()))
     #: The libvirt secret with the client's key, the same uuid on every host (as a cloud defines it).
     secret_uuid: str = field(default_factory=lambda: str(uuid.uuid4()))
+    #: The pool as a primary storage: one uuid on both hosts (shared storage, as a cloud configures it).
+    storage_uuid: str = field(default_factory=lambda: str(uuid.uuid4()))
     holder_pid: int | None = None
     mon_pid: int | None = None
     osd_pid: int | None = None
@@ -51,7 +53,10 @@ class LabState:
         return cls(
             hosts={
                 host.name: HostState(
-                    uuid=str(uuid.uuid4()), storage={name: str(uuid.uuid4()) for name, _, _ in STORAGE_ROOTS}
+                    uuid=str(uuid.uuid4()),
+                    storage={
+                        name: str(uuid.uuid4()) for name in [*(r[0] for r in STORAGE_ROOTS), BLOCK_ROOT]
+                    },
                 )
                 for host in HOSTS
             }
@@ -64,6 +69,8 @@ class LabState:
         except (OSError, ValueError):
             return None
         hosts = {name: HostState(**host) for name, host in data.get("hosts", {}).items()}
+        for hs in hosts.values():  # a lab brought up before block storage existed
+            hs.storage.setdefault(BLOCK_ROOT, str(uuid.uuid4()))
         if set(hosts) != {h.name for h in HOSTS}:
             return None
         ceph = CephState(**data["ceph"]) if isinstance(data.get("ceph"), dict) else CephState()

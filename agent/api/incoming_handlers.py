@@ -6,13 +6,11 @@ prepared it, by the caller's name. The management plane never needs to call them
 
 from __future__ import annotations
 
-import asyncio
-
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 
 from agent.api.access import CALLER
-from agent.api.info_handlers import root_usage
+from agent.api.info_handlers import storage_entries
 from agent.api.keys import CONFIG, INCOMING, INVENTORY
 from agent.api.middleware import json_response
 from agent.api.validation import path_uuid, read_object, validate
@@ -33,10 +31,9 @@ def _service(request: web.Request) -> IncomingService:
 
 async def offer(request: web.Request) -> web.StreamResponse:
     """``GET /v1/incoming-migrations``: what a source needs to plan a move here: this host's uuid and its
-    storage roots (uuid, path, free and total bytes)."""
+    primary storages (uuid, kind, location, path, free and total bytes)."""
     config = request.app[CONFIG]
-    storage = await asyncio.gather(*(asyncio.to_thread(root_usage, root) for root in config.storage))
-    return json_response({"hostUuid": config.host_uuid, "storage": list(storage)})
+    return json_response({"hostUuid": config.host_uuid, "storage": await storage_entries(config)})
 
 
 async def prepare(request: web.Request) -> web.StreamResponse:

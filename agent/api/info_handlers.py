@@ -18,9 +18,12 @@ import agent
 from agent.api.keys import CONFIG, INVENTORY, MANAGER, METRICS, VmInventory
 from agent.api.middleware import json_response
 from agent.api.validation import path_uuid
-from agent.config import StorageRootConfig
+from agent.config import AgentConfig
 from agent.errors import Code, VirtError
 from agent.metrics import CONTENT_TYPE
+from agent.storage.blockdir import BlockDir, device_size
+from agent.storage.rbdpool import RbdPool
+from agent.storage.roots import Storage, StorageRoots
 
 
 async def health(request: web.Request) -> web.StreamResponse:
@@ -32,7 +35,7 @@ async def health(request: web.Request) -> web.StreamResponse:
 async def host(request: web.Request) -> web.StreamResponse:
     """``GET /v1/host``: cpu, memory and each storage root's free/total bytes."""
     config = request.app[CONFIG]
-    storage = await asyncio.gather(*(asyncio.to_thread(root_usage, root) for root in config.storage))
+    storage = await storage_entries(config)
     counts = request.app[MANAGER].count_by_state()
     body = {
         "hostUuid": config.host_uuid,
@@ -59,15 +62,46 @@ def _memory() -> dict[str, Any]:
     return {"totalBytes": int(mem.total), "availableBytes": int(mem.available), "percent": float(mem.percent)}
 
 
-def root_usage(root: StorageRootConfig) -> dict[str, Any]:
-    entry: dict[str, Any] = {"uuid": root.uuid, "path": str(root.path), "totalBytes": None, "freeBytes": None}
+async def storage_entries(config: AgentConfig) -> list[dict[str, Any]]:
+    """Every primary storage of the host, described (``GET /v1/host``, the incoming offer)."""
+    roots = StorageRoots.from_config(config).every()
+    return list(await asyncio.gather(*(asyncio.to_thread(storage_entry, root) for root in roots)))
+
+
+def storage_entry(root: Storage) -> dict[str, Any]:
+    """One primary storage: its kind and where it is (``location``; ``path`` for the kinds that have one),
+    and its size as far as this host can tell without asking anyone: a file root's filesystem, the sum of a
+    block directory's devices (which of them are free is the management plane's knowledge), nothing for an
+    RBD pool (the cluster's figures come from Ceph)."""
+    entry: dict[str, Any] = {
+        "uuid": root.uuid,
+        "kind": str(root.kind),
+        "location": root.location,
+        "path": None,
+        "totalBytes": None,
+        "freeBytes": None,
+    }
+    if isinstance(root, RbdPool):
+        entry |= {
+            "pool": root.pool,
+            "namespace": root.namespace,
+            "monitors": [f"{host}:{port}" for host, port in root.monitors],
+            "user": root.user,
+            "secretUuid": root.secret_uuid,
+        }
+        return entry
+    entry["path"] = str(root.path)
     try:
-        usage = shutil.disk_usage(root.path)
+        if isinstance(root, BlockDir):
+            devices = root.devices()
+            entry["devices"] = len(devices)
+            entry["totalBytes"] = sum(device_size(device) for device in devices)
+        else:
+            usage = shutil.disk_usage(root.path)
+            entry["totalBytes"] = usage.total
+            entry["freeBytes"] = usage.free
     except OSError as err:
         entry["error"] = f"{err.strerror or err}"
-    else:
-        entry["totalBytes"] = usage.total
-        entry["freeBytes"] = usage.free
     return entry
 
 

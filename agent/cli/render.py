@@ -210,13 +210,14 @@ def host_detail(out: Output, host: dict[str, Any]) -> None:
             out.line(f"{key:<10} {_fact(key, value)}")
     roots = _pick(host, "storage", "storageRoots")
     if isinstance(roots, list) and roots:
-        table = _table("STORAGE", "PATH", "FREE", "TOTAL")
+        table = _table("STORAGE", "KIND", "LOCATION", "FREE", "TOTAL")
         for root in roots:
             if isinstance(root, dict):
                 problem = f"  ({root['error']})" if root.get("error") else ""
                 table.add_row(
                     _text(root.get("uuid")),
-                    _text(root.get("path")) + problem,
+                    _text(root.get("kind") or "file"),
+                    _text(root.get("location") or root.get("path")) + problem,
                     human_bytes(number(_pick(root, "freeBytes", "free"))),
                     human_bytes(number(_pick(root, "totalBytes", "total"))),
                 )

@@ -28,6 +28,9 @@ class DiskXml:
     mirror: bool  # a block copy job is attached to this disk
     mirror_ready: bool
     alias: str | None = None  # libvirt's device alias (live XML), e.g. virtio-disk0
+    #: Where the volume is, by kind (agent/storage/locations.py): the file or device path, ``rbd:pool/image``
+    #: for an RBD network disk; None for other network disks and an empty drive.
+    location: str | None = None
 
 
 def _source_path(elem: ET.Element, disk_type: str) -> str | None:
@@ -39,6 +42,13 @@ def _source_path(elem: ET.Element, disk_type: str) -> str | None:
     if disk_type == "block":
         return src.get("dev")
     return None
+
+
+def _location(elem: ET.Element, disk_type: str) -> str | None:
+    src = elem.find("source")
+    if disk_type == "network" and src is not None and src.get("protocol") == "rbd" and src.get("name"):
+        return f"rbd:{src.get('name')}"
+    return _source_path(elem, disk_type)
 
 
 def _backing_chain(disk: ET.Element) -> tuple[tuple[str, str | None], ...]:
@@ -80,6 +90,7 @@ def parse_disks(xml: str) -> list[DiskXml]:
                 mirror=mirror is not None,
                 mirror_ready=mirror is not None and mirror.get("ready") == "yes",
                 alias=alias.get("name") if alias is not None else None,
+                location=_location(disk, disk_type),
             )
         )
     return disks

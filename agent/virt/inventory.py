@@ -26,6 +26,7 @@ async def describe_vm(host: VirtHost, vm_uuid: str) -> dict[str, Any]:
             "device": disk.device,
             "type": disk.type,
             "source": disk.source,
+            "location": disk.location,
             "format": disk.format,
             "serial": disk.serial,
             "readonly": disk.readonly,

@@ -91,6 +91,9 @@ async def block_copy_request(
 ) -> MigrationRequest:
     target = cmd.newVolume.installPath
     roots = StorageRoots.from_config(config)
+    owner = roots.owner_of_location(target)  # ZStack names an RBD target ceph://pool/image
+    if owner is not None:
+        roots.get(owner.uuid, field="newVolume.installPath")  # a kind not moved onto yet: refused
     real = confined_path(target, roots, "newVolume.installPath")
     root = roots.owner_of(real)
     assert root is not None  # confined_path found it
@@ -158,7 +161,8 @@ def _root_holding(paths: list[str], roots: list[dict[str, Any]]) -> str:
             (
                 str(root["uuid"])
                 for root in roots
-                if (base := os.path.normpath(str(root["path"])))
+                if root.get("path")  # an RBD pool has none (moves onto RBD: docs/storage.md)
+                and (base := os.path.normpath(str(root["path"])))
                 and norm != base
                 and os.path.commonpath([base, norm]) == base
             ),

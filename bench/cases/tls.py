@@ -66,7 +66,9 @@ async def run_case(ctx: Context) -> list[Row]:
     results: dict[str, list[dict[str, Any]]] = {s: [] for s in SUBJECTS}
     try:
         for host in ctx.lab.hosts:
-            pid, url = agentctl.start_twin(host_by_name(host.name), state.hosts[host.name], TWIN_PORT)
+            pid, url = agentctl.start_twin(
+                host_by_name(host.name), state.hosts[host.name], state.ceph, TWIN_PORT
+            )
             twins.append(pid)
             plain_hosts[host.name] = replace(host, agent_url=url)
         tls_hosts = {h.name: h for h in ctx.lab.hosts}

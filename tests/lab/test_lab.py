@@ -61,7 +61,7 @@ def test_storage_roots_have_uuids_and_the_small_one_is_small(lab: Lab) -> None:
 
 
 def test_agent_config_describes_the_host(lab: Lab) -> None:
-    from agent.config import load_config
+    from agent.config import RbdStorageConfig, load_config
 
     for host in lab.hosts:
         config = load_config(host.agent_config)
@@ -69,7 +69,14 @@ def test_agent_config_describes_the_host(lab: Lab) -> None:
         assert config.listen_address == host.address
         assert config.migration_address == host.address
         assert config.read_token() == lab.token
-        assert {(r.uuid, r.path) for r in config.storage} == {(r.uuid, r.path) for r in host.storage}
+        roots = {(r.uuid, str(r.kind), r.path) for r in config.storage if not isinstance(r, RbdStorageConfig)}
+        assert roots == {(r.uuid, r.kind, r.path) for r in host.storage}
+        (rbd,) = [r for r in config.storage if isinstance(r, RbdStorageConfig)]
+        ceph = lab.ceph
+        assert (rbd.uuid, rbd.pool, rbd.user, rbd.secret_uuid) == (
+            ceph.storage_uuid, ceph.pool, ceph.user, ceph.secret_uuid
+        )  # fmt: skip
+        assert rbd.monitors == ceph.monitors
 
 
 def test_link_down_cuts_a_host_off_and_up_restores_it(lab: Lab) -> None:

@@ -1,7 +1,8 @@
 """The lab's storage beyond files: its one-node cephx Ceph, reached from both hosts' QEMUs through each host's
 libvirt secret, and each host's block devices. A disk-less domain (SeaBIOS only: no guest kernel needed) on
 each host gets an RBD disk and a block disk; QEMU's own ``qemu-io`` (HMP) writes through them, and the bytes
-are read back from outside, with ``rbd export`` and from the loop device."""
+are read back from outside, with ``rbd export`` and from the loop device. The agents know both as primary
+storages of their kinds, and refuse moves onto them until those moves exist (docs/storage.md)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,11 @@ from pathlib import Path
 import pytest
 from labtools import Lab, LabHost
 
+from agent.client import ApiError
+from labkit.agents import agent_client
+from labkit.bodies import migration_body
 from labkit.labview import CephCluster
+from labkit.layout import BLOCK_DEVICE_MIB, BLOCK_DEVICES, BLOCK_ROOT
 
 pytestmark = pytest.mark.lab
 
@@ -94,3 +99,28 @@ def test_each_hosts_qemu_writes_through_rbd_with_the_secret_and_to_its_block_dev
         assert exported[index * MIB : (index + 1) * MIB] == bytes([rbd_pattern]) * MIB, host.name
         with device.open("rb") as handle:
             assert handle.read(MIB) == bytes([block_pattern]) * MIB, host.name
+
+
+async def test_the_agents_list_the_rbd_and_block_storages_and_refuse_moves_onto_them_for_now(
+    lab_agents: Lab,
+) -> None:
+    ceph = lab_agents.ceph
+    for host in lab_agents.hosts:
+        block = host.root(BLOCK_ROOT)
+        async with agent_client(lab_agents, host) as agent:
+            storages = {entry["uuid"]: entry for entry in (await agent.host())["storage"]}
+            assert storages[ceph.storage_uuid] | {"monitors": None} == {
+                "uuid": ceph.storage_uuid, "kind": "rbd", "location": f"rbd:{ceph.pool}", "path": None,
+                "totalBytes": None, "freeBytes": None, "pool": ceph.pool, "namespace": "",
+                "monitors": None, "user": ceph.user, "secretUuid": ceph.secret_uuid,
+            }  # fmt: skip
+            assert storages[ceph.storage_uuid]["monitors"] == list(ceph.monitors)
+            assert storages[block.uuid]["kind"] == "block" and storages[block.uuid]["path"] == str(block.path)
+            assert storages[block.uuid]["devices"] == BLOCK_DEVICES
+            assert storages[block.uuid]["totalBytes"] == BLOCK_DEVICES * BLOCK_DEVICE_MIB * MIB
+            for dst in (ceph.storage_uuid, block.uuid):
+                with pytest.raises(ApiError) as err:
+                    await agent.start_migration(str(uuid.uuid4()), migration_body(dst))
+                assert err.value.status == 400, err.value.error
+                assert err.value.error["code"] == "AGENT.STORAGE_KIND_UNSUPPORTED"
+                assert err.value.error["field"] == "primaryStorageMigrateVm.dstPrimaryStorageUuid"

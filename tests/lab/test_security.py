@@ -144,7 +144,9 @@ def insecure_agents(tls_lab: Lab) -> Iterator[dict[str, LabHost]]:
     hosts: dict[str, LabHost] = {}
     try:
         for host in tls_lab.hosts:
-            pid, url = agentctl.start_twin(host_by_name(host.name), state.hosts[host.name], INSECURE_PORT)
+            pid, url = agentctl.start_twin(
+                host_by_name(host.name), state.hosts[host.name], state.ceph, INSECURE_PORT
+            )
             pids.append(pid)
             hosts[host.name] = dataclasses.replace(host, agent_url=url)
         yield hosts

@@ -103,11 +103,13 @@ def test_modules_load_after_their_dependencies(tmp_path: Path) -> None:
 def test_lab_agent_config_is_accepted_by_the_agent() -> None:
     state = LabState.fresh()
     for host in HOSTS:
-        text = agentctl.config_text(host, state.hosts[host.name])
+        text = agentctl.config_text(host, state.hosts[host.name], state.ceph)
         config = parse_config(tomllib.loads(text), host.name)
         assert config.host_uuid == state.hosts[host.name].uuid
         assert config.listen_address == host.address
-        assert len(config.storage) == 3
+        kinds = [str(entry.kind) for entry in config.storage]
+        assert kinds == ["file", "file", "file", "block", "rbd"]
+        assert config.storage[-1].uuid == state.ceph.storage_uuid  # the shared pool: one uuid everywhere
 
 
 def test_lab_configs_are_tls_unless_the_lab_is_insecure(
@@ -119,7 +121,9 @@ def test_lab_configs_are_tls_unless_the_lab_is_insecure(
     monkeypatch.setattr(hostsetup, "allowed_dns", lambda: ("O=lab,CN=hostA", "O=lab,CN=operator"))
     state = LabState.fresh()
     host = HOSTS[0]
-    secure = parse_config(tomllib.loads(agentctl.config_text(host, state.hosts[host.name])), host.name)
+    secure = parse_config(
+        tomllib.loads(agentctl.config_text(host, state.hosts[host.name], state.ceph)), host.name
+    )
     assert not secure.insecure_transport and secure.peer_uri() == f"qemu+tls://{host.address}/system"
     assert (secure.tls_cert, secure.tls_ca) == (
         Path("/etc/pki/libvirt/servercert.pem"),
@@ -132,13 +136,15 @@ def test_lab_configs_are_tls_unless_the_lab_is_insecure(
     )
     assert 'tls_allowed_dn_list = ["O=lab,CN=hostA", "O=lab,CN=operator"]' in libvirtd
     assert "migrate_tls_x509_verify = 1" in hostsetup.qemu_conf(host)
-    twin_text = agentctl.config_text(host, state.hosts[host.name], twin_port=7071)
+    twin_text = agentctl.config_text(host, state.hosts[host.name], state.ceph, twin_port=7071)
     twin = parse_config(tomllib.loads(twin_text), host.name)
     assert twin.insecure_transport and twin.port == 7071 and twin.tls_cert is None
     assert twin.peer_uri() == f"qemu+tls://{host.address}/system" and twin.state_dir != secure.state_dir
 
     (tmp_path / "insecure").write_text("")
-    plain = parse_config(tomllib.loads(agentctl.config_text(host, state.hosts[host.name])), host.name)
+    plain = parse_config(
+        tomllib.loads(agentctl.config_text(host, state.hosts[host.name], state.ceph)), host.name
+    )
     assert plain.insecure_transport and plain.peer_uri() == f"qemu+tcp://{host.address}/system"
     assert host.agent_url.startswith("http://") and host.libvirt_uri == f"qemu+tcp://{host.address}/system"
     assert 'auth_tcp = "none"' in hostsetup.libvirtd_conf(host, state.hosts[host.name])

@@ -142,4 +142,6 @@ def test_unknown_target_is_refused(xml: str, extra: str) -> None:
 @given(path=PATHS, fmt=FORMATS)
 def test_block_copy_destination_reads_back(path: str, fmt: str) -> None:
     (disk,) = parse_disks(f"<domain><devices>{block_copy_dest_xml(path, fmt)}</devices></domain>")
-    assert disk == DiskXml("", "disk", "file", path, fmt, False, False, None, None, (), False, False)
+    assert disk == DiskXml(
+        "", "disk", "file", path, fmt, False, False, None, None, (), False, False, location=path
+    )

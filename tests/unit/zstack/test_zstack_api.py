@@ -657,7 +657,9 @@ async def test_only_allowed_networks_and_only_when_enabled(tmp_path: Path) -> No
 def test_the_lab_turns_the_dialect_on_for_its_networks() -> None:
     state = LabState.fresh()
     for host in HOSTS:
-        config = parse_config(tomllib.loads(agentctl.config_text(host, state.hosts[host.name])), host.name)
+        config = parse_config(
+            tomllib.loads(agentctl.config_text(host, state.hosts[host.name], state.ceph)), host.name
+        )
         assert config.zstack.enabled
         assert config.zstack.allowed_networks == (
             ipaddress.ip_network(f"{BRIDGE_ADDRESS}/24", strict=False),  # the lab instance's own subnet
