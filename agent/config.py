@@ -161,6 +161,9 @@ class LimitsConfig(_Strict):
     incoming_migrations: int = Field(default=2, ge=1, le=64)
     #: Layer exports (a qemu-storage-daemon and a port each) open at once for incoming migrations.
     incoming_exports: int = Field(default=2, ge=1, le=64)
+    #: MiB/s that every running move to another host together may put on the migration link, outgoing
+    #: (0: no host-wide budget; each task keeps its own cap). ``PATCH /v1/host/budget`` changes it live.
+    host_bandwidth: int = Field(default=0, ge=0, le=1_000_000)
     max_request_bytes: int = Field(default=1024 * 1024, ge=1024)
 
 

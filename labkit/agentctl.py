@@ -78,6 +78,9 @@ def config_text(host: HostSpec, hs: HostState, ceph: CephState, *, twin_port: in
         ]
     if level := os.environ.get("KSA_LAB_AGENT_LOG_LEVEL"):  # e.g. DEBUG, to see every steering step
         lines.append(f'log_level = "{level.upper()}"')
+    # Four moves into one host at once (tests/lab/test_host_budget.py): a destination refuses more than
+    # limits.incoming_migrations (429) and the source waits for a free one.
+    lines += ["", "[limits]", "incoming_migrations = 4"]
     for name, _, _ in STORAGE_ROOTS:
         lines += ["", "[[storage]]", f'uuid = "{hs.storage[name]}"', f'path = "{host.storage_path(name)}"']
     lines += ["", "[[storage]]", f'uuid = "{hs.storage[BLOCK_ROOT]}"', 'kind = "block"']

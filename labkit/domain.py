@@ -27,7 +27,7 @@ def domain_xml(
     name: str,
     uuid: str,
     memory_mib: int,
-    kernel: str,
+    kernel: str | None,
     initrd: str,
     cmdline: str,
     console: str,
@@ -35,7 +35,16 @@ def domain_xml(
 ) -> str:
     """A persistent TCG domain with direct kernel boot. TCG (type='qemu'): a Linux guest hangs under
     nested KVM on the lab machines (LAB-NOTES). The serial console appends to a file outside the per-host
-    mounts, so after a migration the destination's QEMU adds to what the source wrote."""
+    mounts, so after a migration the destination's QEMU adds to what the source wrote. ``kernel`` None: a
+    bare guest, no kernel at all (the firmware finds nothing to boot and waits; see ``GuestOptions.bare``)."""
+    direct_boot = (
+        f"""
+    <kernel>{escape(kernel)}</kernel>
+    <initrd>{escape(initrd)}</initrd>
+    <cmdline>{escape(cmdline)}</cmdline>"""
+        if kernel is not None
+        else ""
+    )
     disk_xml = []
     for index, disk in enumerate(disks):
         boot = "\n      <boot order='1'/>" if index == 0 else ""
@@ -58,10 +67,7 @@ def domain_xml(
   <memory unit='MiB'>{memory_mib}</memory>
   <vcpu>1</vcpu>
   <os>
-    <type arch='x86_64' machine='pc'>hvm</type>
-    <kernel>{escape(kernel)}</kernel>
-    <initrd>{escape(initrd)}</initrd>
-    <cmdline>{escape(cmdline)}</cmdline>
+    <type arch='x86_64' machine='pc'>hvm</type>{direct_boot}
   </os>
   <features><acpi/></features>
   <clock offset='utc'/>

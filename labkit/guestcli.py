@@ -32,6 +32,7 @@ def _create(args: argparse.Namespace) -> int:
         mem_check_mib_s=args.mem_check_mib_s,
         boot_timeout=args.boot_timeout,
         keep_on_failure=args.keep_on_failure,
+        bare=args.bare,
     )
     guest = guestcreate.create(opts)
     log(f"{guest.name}: {guest.uuid} on {guest.host}, disks {', '.join(d.dev for d in guest.disks)}")
@@ -114,6 +115,9 @@ def add_guest_commands(sub: Any) -> None:
         "--dirty-cpu-bound", action="store_true", help="dirty memory as fast as the guest's CPU allows"
     )
     p.add_argument("--working-set-mib", type=int, metavar="N", help="size of the dirtied buffer")
+    p.add_argument(
+        "--bare", action="store_true", help="no kernel: disks with filler only, next to no CPU (no records)"
+    )
     p.add_argument("--storage", default="ps1", help="storage root on that host (ps1, ps2, small)")
     p.add_argument("--disk-size-mib", type=int, default=1024, metavar="N")
     p.add_argument("--memory-mib", type=int, default=256, metavar="N")

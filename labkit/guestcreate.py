@@ -44,6 +44,10 @@ class GuestOptions:
     mem_check_mib_s: int = 2  # how fast the checker rewrites it
     boot_timeout: float = 180.0
     keep_on_failure: bool = False
+    #: No kernel: the firmware finds nothing to boot and idles, so the guest costs next to no CPU under TCG.
+    #: Its disks hold the filler only (no records, no memory checker): for moves whose bytes are what is
+    #: measured (tests/lab/test_host_budget.py), checked with qemu-img compare.
+    bare: bool = False
 
 
 def _check_options(opts: GuestOptions) -> None:
@@ -70,6 +74,8 @@ def _check_options(opts: GuestOptions) -> None:
         raise LabError("--working-set-mib must be 8 .. half of --memory-mib")
     if not 0 <= opts.mem_check_mib <= opts.memory_mib // 4 or opts.mem_check_mib_s < 1:
         raise LabError("--mem-check-mib must be 0 .. a quarter of --memory-mib, --mem-check-mib-s >= 1")
+    if opts.bare and (opts.snapshots or opts.dirty_mib_s or opts.dirty_cpu_bound or opts.disk_write_mib_s):
+        raise LabError("--bare: no kernel runs, so no snapshots taken while writing, no dirtying, no writer")
     if opts.memory_mib < 96:
         raise LabError("--memory-mib must be at least 96")
     if GuestRecord.dir_of(opts.name).exists() or domain.placements(opts.name):
@@ -149,7 +155,7 @@ def create(opts: GuestOptions) -> GuestRecord:
             name=guest.name,
             uuid=guest.uuid,
             memory_mib=opts.memory_mib,
-            kernel=str(img.kernel),
+            kernel=None if opts.bare else str(img.kernel),
             initrd=str(img.initrd),
             cmdline=cmdline,
             console=str(guest.console),
@@ -158,6 +164,8 @@ def create(opts: GuestOptions) -> GuestRecord:
         (guest.dir / "domain.xml").write_text(xml)
         virsh(host, "define", str(guest.dir / "domain.xml"))
         virsh(host, "start", guest.name)
+        if opts.bare:
+            return guest
         started = time.monotonic()
         _wait_acks(guest, {d: 1 for d in devs}, opts.boot_timeout)
         log(f"{guest.name}: writing on {len(devs)} disks {time.monotonic() - started:.1f} s after start")

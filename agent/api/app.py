@@ -40,6 +40,7 @@ from agent.api.wiring import LibvirtInventory, open_virt_host, production_engine
 from agent.config import AgentConfig
 from agent.metrics import AgentMetrics
 from agent.migration.engine import EngineFactory
+from agent.migration.factory import is_same_host
 from agent.migration.incoming import IncomingLimits, IncomingService
 from agent.report.outbox import OutboxDeliverer
 from agent.report.progress import ProgressReporter
@@ -47,6 +48,7 @@ from agent.storage.roots import StorageRoots
 from agent.tasks.holds import FILE_NAME as HOLDS_FILE
 from agent.tasks.holds import PhaseHolds
 from agent.tasks.hooks import ChangeKind, TaskChange, TaskListener, unavailable_engine_factory
+from agent.tasks.hostbudget import HostBudget
 from agent.tasks.journal import Journal
 from agent.tasks.manager import TaskManager
 from agent.tasks.task import Task
@@ -162,6 +164,10 @@ async def _tasks_ctx(app: web.Application) -> AsyncIterator[None]:
             factory,
             outgoing_limit=config.limits.outgoing_migrations,
             holds=PhaseHolds(config.state_dir / HOLDS_FILE),
+            host_budget=HostBudget(
+                config.limits.host_bandwidth * 1024 * 1024 or None,
+                crosses_link=lambda task: not is_same_host(task.request, config),
+            ),
         )
         manager.add_listener(metrics_listener(metrics))
         manager.add_listener(report_listener(progress, outbox))

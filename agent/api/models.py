@@ -128,6 +128,10 @@ class HostView(_Open):
     tasks: dict[str, int]
 
 
+class HostBudgetView(_Open):
+    outgoing: dict[str, Any]
+
+
 class VmList(_Open):
     vms: list[dict[str, Any]]
 

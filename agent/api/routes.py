@@ -16,12 +16,12 @@ from aiohttp.typedefs import Handler
 from pydantic import BaseModel
 
 import agent
-from agent.api import events, incoming_handlers, info_handlers, models, task_handlers
+from agent.api import budget_handlers, events, incoming_handlers, info_handlers, models, task_handlers
 from agent.api.access import Role
 from agent.api.keys import ROUTE_ROLES
 from agent.api.middleware import json_response
 from agent.migration.incoming import IncomingSpec
-from agent.migration.request import MigrationRequest, Tuning
+from agent.migration.request import HostBudgetChange, MigrationRequest, Tuning
 
 #: The errors of a path that names one VM, task or incoming migration: a malformed uuid, an unknown one.
 _NAMED = (400, 401, 404, 503)
@@ -82,6 +82,22 @@ _INFO = (
         info_handlers.host,
         "Host facts: cpu, memory, storage roots",
         answer=models.HostView,
+    ),
+    Route(
+        "GET",
+        "/v1/host/budget",
+        budget_handlers.get_budget,
+        "The host-wide budget: outgoing bandwidth, moves at once, each running task's share",
+        answer=models.HostBudgetView,
+    ),
+    Route(
+        "PATCH",
+        "/v1/host/budget",
+        budget_handlers.change_budget,
+        "Change the host-wide budget from now on (until the agent starts again)",
+        body=HostBudgetChange,
+        answer=models.HostBudgetView,
+        errors=(400, 401, 413, 503),
     ),
     Route(
         "GET",

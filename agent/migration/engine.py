@@ -82,6 +82,11 @@ class TaskContext(Protocol):
         """The task's whole budget in bytes/s (None: uncapped), current value."""
 
     @property
+    def host_share(self) -> int | None:
+        """The task's share of the host-wide budget in bytes/s (None: no host budget), current value; its
+        streams run at the smaller of this and ``bandwidth`` (``budget_of``)."""
+
+    @property
     def downtime_ms(self) -> int: ...
 
     @property
@@ -110,6 +115,13 @@ class TaskContext(Protocol):
 
     def attach_limits(self, limits: LiveLimits | None) -> None:
         """The running streams' ``LiveLimits`` (None: they ended); a PATCH goes through it."""
+
+
+def budget_of(ctx: TaskContext) -> int | None:
+    """What a task's streams start at: the smaller of its own bandwidth and its host share (None: neither);
+    once they run, their ``LiveLimits`` keep it (``LiveLimits.budget``)."""
+    given = [b for b in (ctx.bandwidth, ctx.host_share) if b]
+    return min(given) if given else None
 
 
 class Engine(Protocol):

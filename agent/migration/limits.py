@@ -201,7 +201,7 @@ class LiveLimits:
         self.streams = streams
         self.cap: int | None = ctx.bandwidth  # the task's own (request, then PATCH), bytes/s
         self.downtime_ms: int = ctx.downtime_ms
-        self.host_share: int | None = None  # the host-wide budget's share for this task (issue 24)
+        self.host_share: int | None = ctx.host_share  # the host-wide budget's share for this task (issue 24)
         self.generation = 0  # bumped by every retune (rule 4)
         self.effective = Effective()
         self.failed_changes = 0  # failed attempts

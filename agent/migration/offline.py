@@ -22,7 +22,7 @@ from typing import Any
 
 from agent.config import AgentConfig
 from agent.errors import AgentError, Code, MigrationFailed, PreflightFailed
-from agent.migration.engine import TaskContext
+from agent.migration.engine import TaskContext, budget_of
 from agent.migration.incoming import IncomingDisk, IncomingSpec
 from agent.migration.inventory import remote_inventory, volume_inventory
 from agent.migration.layers import send_layer_to_peer
@@ -67,7 +67,7 @@ class OfflineEngine:
 
     def _rate(self, ctx: TaskContext) -> int | None:
         """Bytes/s for the agent's own copies now (None: uncapped)."""
-        return self.limits.budget if self.limits is not None else ctx.bandwidth
+        return self.limits.budget if self.limits is not None else budget_of(ctx)
 
     async def _run(self, ctx: TaskContext) -> list[dict[str, Any]]:
         if ctx.resume_data:

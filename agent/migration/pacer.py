@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from agent.migration import hotdisk
-from agent.migration.engine import TaskContext
+from agent.migration.engine import TaskContext, budget_of
 from agent.migration.hotdisk import BudgetMeter, DiskWatch, Mode
 from agent.migration.limits import LiveLimits
 from agent.migration.pacing import (
@@ -186,7 +186,7 @@ class MirrorPacer:
     @property
     def budget(self) -> int | None:
         """Bytes/s for all the mirrors now (None: uncapped)."""
-        return self.limits.budget if self.limits is not None else self.ctx.bandwidth
+        return self.limits.budget if self.limits is not None else budget_of(self.ctx)
 
     @property
     def watches(self) -> dict[str, DiskWatch]:

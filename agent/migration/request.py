@@ -147,6 +147,20 @@ class MigrationRequest(_Wire):
         return bw * 1024 * 1024 if bw else None
 
 
+class HostBudgetChange(_Wire):
+    """``PATCH /v1/host/budget``: the host-wide limits from now on (until the agent starts again)."""
+
+    outgoing: int | None = Field(
+        default=None,
+        ge=0,
+        le=1_000_000,
+        description="MiB/s for every move to another host together; 0 = no host budget; null = unchanged",
+    )
+    outgoingMigrations: int | None = Field(
+        default=None, ge=1, le=64, description="moves that run at once; more wait QUEUED; null = unchanged"
+    )
+
+
 class Tuning(_Wire):
     """``PATCH /v1/tasks/{id}``: retune a running task."""
 

@@ -48,6 +48,13 @@ class Admission:
     def rank(self, *, priority: int, created_at: float, resumed: bool = False) -> Rank:
         return Rank(0 if resumed else 1, -priority, created_at, next(self._arrivals))
 
+    def set_limit(self, limit: int) -> None:
+        """A new number of slots: a raised limit admits the head of the queue at once; a lowered one lets
+        the running tasks finish and admits no one until fewer run."""
+        self.limit = limit
+        self._grant()
+        self._on_change()
+
     def must_wait(self) -> bool:
         """Whether a task asking now would have to queue."""
         return self.running >= self.limit or bool(self._waiting)

@@ -69,6 +69,10 @@ class RunContext:
         return mib * MIB if mib else None  # 0 would be "no cap" too: never a speed of 0
 
     @property
+    def host_share(self) -> int | None:
+        return self._task.host_share
+
+    @property
     def downtime_ms(self) -> int:
         return self._task.tuning.downtime_ms
 

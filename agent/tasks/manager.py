@@ -35,12 +35,13 @@ from agent.errors import (
 from agent.migration import runner
 from agent.migration.engine import EngineFactory
 from agent.migration.limits import pending_view
-from agent.migration.request import MigrationRequest, Tuning
+from agent.migration.request import HostBudgetChange, MigrationRequest, Tuning
 from agent.migration.states import TaskState
 from agent.tasks.admission import Admission, Rank
 from agent.tasks.context import RunContext
 from agent.tasks.holds import PhaseHolds
 from agent.tasks.hooks import ChangeKind, TaskChange, TaskListener
+from agent.tasks.hostbudget import HostBudget
 from agent.tasks.journal import Journal
 from agent.tasks.recorder import TaskRecorder, cancelled_error
 from agent.tasks.records import new_record, task_from_record
@@ -68,6 +69,7 @@ class TaskManager:
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
         holds: PhaseHolds | None = None,
+        host_budget: HostBudget | None = None,
     ) -> None:
         self._journal = journal
         self._holds = holds
@@ -79,6 +81,8 @@ class TaskManager:
         self._drivers: dict[str, asyncio.Task[None]] = {}
         self._engines: dict[str, asyncio.Task[runner.Verdict]] = {}
         self._admission = Admission(outgoing_limit, on_change=self._queue_changed)
+        #: The host-wide budget the running cross-host tasks share (none unless configured or PATCHed).
+        self.budget = host_budget or HostBudget(None, crosses_link=lambda task: False)
         self._queued: set[str] = set()  # tasks whose view shows a place in the queue
         # Incoming migrations are limited where they are prepared (agent.migration.incoming.service).
         self._submit_lock = asyncio.Lock()
@@ -145,11 +149,11 @@ class TaskManager:
         drivers = list(self._drivers.values())
         for driver in drivers:
             driver.cancel()
-        if not drivers:
-            return
-        _, pending = await asyncio.wait(drivers, timeout=grace_s)
-        for driver in pending:
-            log.warning("%s did not stop within %.1f s; leaving it", driver.get_name(), grace_s)
+        if drivers:
+            _, pending = await asyncio.wait(drivers, timeout=grace_s)
+            for driver in pending:
+                log.warning("%s did not stop within %.1f s; leaving it", driver.get_name(), grace_s)
+        await self.budget.close()
 
     # -- queries -------------------------------------------------------------------------------------------
 
@@ -277,6 +281,7 @@ class TaskManager:
                     field="taskUuid",
                 )
             await self.recorder.save_tuning(task, tuning.bandwidth, tuning.downTime)
+        self.budget.task_changed(task)  # its own cap bounds its host share
         limits = task.live_limits
         bandwidth = task.tuning.bandwidth_mib
         cap = bandwidth * MIB if bandwidth else None
@@ -313,8 +318,10 @@ class TaskManager:
             try:
                 if task.state.final or (task.cancel_requested and task.state.waiting):
                     return  # cancelled while queued: cancel() records CANCELLED, no engine is started
+                self.budget.join(task)  # its share is known before its engine starts
                 await self._execute(task, resume)
             finally:
+                self.budget.leave(task)
                 self._admission.leave()
         except asyncio.CancelledError:
             raise
@@ -345,6 +352,24 @@ class TaskManager:
             f"waiting for a slot: {self._admission.running} of {limit} outgoing migrations run on this host "
             "(limits.outgoing_migrations)"
         )
+
+    def change_host_budget(self, change: HostBudgetChange) -> dict[str, Any]:
+        """``PATCH /v1/host/budget``: a new outgoing budget and/or number of moves at once, from now on."""
+        if change.outgoing is not None:
+            self.budget.set_outgoing(change.outgoing * MIB or None)
+        if change.outgoingMigrations is not None:
+            log.info("host budget: %d outgoing migrations at once", change.outgoingMigrations)
+            self._admission.set_limit(change.outgoingMigrations)
+        return self.host_budget_view()
+
+    def host_budget_view(self) -> dict[str, Any]:
+        view = self.budget.view()
+        view["outgoing"].update(
+            migrations=self._admission.limit,
+            running=self._admission.running,
+            queued=self._admission.waiting(),
+        )
+        return view
 
     def _queue_changed(self) -> None:
         """Every waiting task's view shows its place in the queue, and why it waits."""

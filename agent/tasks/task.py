@@ -67,6 +67,8 @@ class Task:
     tuning_generation: int = 0
     #: The running migration's limits while its streams exist (``ctx.attach_limits``): a PATCH applies there.
     live_limits: LiveLimits | None = field(default=None, repr=False)
+    #: Its share of the host-wide budget while it runs (``HostBudget``), bytes/s; None: no host budget.
+    host_share: int | None = None
     lock: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
     _changed: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
     _retuned: asyncio.Event = field(default_factory=asyncio.Event, repr=False)

@@ -189,6 +189,7 @@ def create_guest(
     disk_write_dev: str = "vda",
     disk_write_seconds: int = 0,
     mem_check_mib: int | None = None,
+    bare: bool = False,
 ) -> Guest:
     proc = lab_cli(
         "guest", "create", name,
@@ -203,6 +204,7 @@ def create_guest(
         *(["--dirty-cpu-bound"] if dirty_cpu_bound else []),
         *(["--working-set-mib", str(working_set_mib)] if working_set_mib else []),
         *(["--mem-check-mib", str(mem_check_mib)] if mem_check_mib is not None else []),
+        *(["--bare"] if bare else []),
         *(["--disk-write-mib-s", str(disk_write_mib_s), "--disk-write-dev", disk_write_dev,
            "--disk-write-seconds", str(disk_write_seconds)] if disk_write_mib_s else []),
     )  # fmt: skip

@@ -20,7 +20,7 @@ from agent.migration.crosshost.params import (
     policy_of,
 )
 from agent.migration.crosshost.steering import Steering
-from agent.migration.engine import TaskContext
+from agent.migration.engine import TaskContext, budget_of
 from agent.migration.guestwrites import read_guest_writes
 from agent.migration.plan import MigrationPlan, allocation_index
 from agent.virt.domxml import parse_disks
@@ -93,13 +93,13 @@ class Migration:
         params = await migration_params(host, ctx, plan, prepared)
         policy = policy_of(ctx)
         reading = await read_guest_writes(
-            host, self.history, ctx.vm_uuid, [d.target for d in plan.disks], with_rate=bool(ctx.bandwidth)
+            host, self.history, ctx.vm_uuid, [d.target for d in plan.disks], with_rate=bool(budget_of(ctx))
         )
         if reading.waited_s:
             ctx.log.info(
                 "no guest write counters from before the request: measured them for %.1f s", reading.waited_s
             )
-        if ctx.bandwidth:
+        if budget_of(ctx):
             ctx.note("guestWrites", reading.figures())
         written, write_rates = reading.written, reading.rates()
         write_blocking = choose_write_blocking(ctx, plan, write_rates)

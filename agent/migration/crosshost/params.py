@@ -10,7 +10,7 @@ import libvirt
 
 from agent.config import AgentConfig
 from agent.migration import convergence, hotdisk
-from agent.migration.engine import TaskContext
+from agent.migration.engine import TaskContext, budget_of
 from agent.migration.plan import MigrationPlan
 from agent.migration.request import Strategy
 from agent.virt.domxml import rewrite_disk_sources
@@ -82,11 +82,12 @@ async def migration_params(
         libvirt.VIR_MIGRATE_PARAM_DEST_XML: rewrite_disk_sources(live, new_sources),
         libvirt.VIR_MIGRATE_PARAM_PERSIST_XML: rewrite_disk_sources(inactive, new_sources),
     }
-    if ctx.bandwidth:
+    budget = budget_of(ctx)  # the task's own cap or its share of the host's budget, the smaller
+    if budget:
         # libvirt starts every disk mirror at this speed on its own (LAB-NOTES): one share each keeps the
         # moment before the first steering tick within the budget. The memory stream gets the whole
         # budget when it starts (Steering.tick).
-        params[libvirt.VIR_MIGRATE_PARAM_BANDWIDTH] = first_mirror_speed(ctx.bandwidth, plan) // MiB
+        params[libvirt.VIR_MIGRATE_PARAM_BANDWIDTH] = first_mirror_speed(budget, plan) // MiB
     if ctx.request.primaryStorageMigrateVm.strategy in (Strategy.AUTO_CONVERGE, Strategy.AUTO):
         policy = policy_of(ctx)
         params[libvirt.VIR_MIGRATE_PARAM_AUTO_CONVERGE_INITIAL] = policy.throttle_initial_pct
@@ -98,9 +99,10 @@ def choose_write_blocking(ctx: TaskContext, plan: MigrationPlan, rates: Mapping[
     """``auto`` (and the other memory strategies) migrate in write-blocking mode when a disk is hot for its
     share; ``precopy`` never does. The mode applies to every disk of the migration: each guest write on any
     of them then waits for the destination (a network round trip) before it completes."""
-    if ctx.request.primaryStorageMigrateVm.strategy is Strategy.PRECOPY or not ctx.bandwidth:
+    budget = budget_of(ctx)
+    if ctx.request.primaryStorageMigrateVm.strategy is Strategy.PRECOPY or not budget:
         return False
-    share = first_mirror_speed(ctx.bandwidth, plan)
+    share = first_mirror_speed(budget, plan)
     hot = {t: r for t, r in rates.items() if hotdisk.start_write_blocking(r, share)}
     if hot:
         ctx.log.info(

@@ -10,7 +10,7 @@ from typing import Any
 
 from agent.errors import Code, PreflightFailed
 from agent.migration import snapshots
-from agent.migration.engine import TaskContext
+from agent.migration.engine import TaskContext, budget_of
 from agent.migration.incoming import IncomingDisk, IncomingSpec
 from agent.migration.layers import send_layer_to_peer
 from agent.migration.peer import DestinationAgent
@@ -83,7 +83,7 @@ async def send_layers(
                 index,
                 layer.src,
                 layer.format,
-                rate=lambda: ctx.bandwidth,
+                rate=lambda: budget_of(ctx),
                 on_progress=progress,
                 log=ctx.log,
             )

@@ -493,6 +493,36 @@ async def test_outgoing_limit_queues_over_http(aiohttp_client: Any, tmp_path: Pa
     await wait_state(client, second_view["taskUuid"], "SUCCEEDED")
 
 
+async def test_the_host_budget_is_shown_and_changed_live(aiohttp_client: Any, tmp_path: Path) -> None:
+    script = Script(gate=asyncio.Event())
+    client = await start(
+        aiohttp_client, tmp_path, script, limits={"outgoing_migrations": 1, "host_bandwidth": 40}
+    )
+    budget = await (await client.get("/v1/host/budget", headers=AUTH)).json()
+    assert budget["outgoing"]["bandwidth"] == 40 and budget["outgoing"]["migrations"] == 1
+    assert budget["outgoing"]["plannedBytesPerSecond"] < 40 * 1024 * 1024
+    first = await (await client.post(MIGRATE.format(VM_1), json=body(), headers=AUTH)).json()
+    second = await (await client.post(MIGRATE.format(VM_2), json=body(), headers=AUTH)).json()
+    await wait_state(client, second["taskUuid"], "QUEUED")
+    # One more move at once: the queued task starts without waiting for the first.
+    resp = await client.patch("/v1/host/budget", json={"outgoingMigrations": 2, "outgoing": 0}, headers=AUTH)
+    assert resp.status == 200
+    changed = await resp.json()
+    assert changed["outgoing"]["migrations"] == 2 and changed["outgoing"]["bandwidth"] is None
+    await wait_state(client, second["taskUuid"], "COPYING")
+    await assert_error(
+        await client.patch("/v1/host/budget", json={}, headers=AUTH), 400, "AGENT.INVALID_REQUEST"
+    )
+    await assert_error(
+        await client.patch("/v1/host/budget", json={"outgoing": -1}, headers=AUTH),
+        400,
+        "AGENT.INVALID_REQUEST",
+    )
+    script.gate.set()  # type: ignore[union-attr]
+    for task in (first, second):
+        await wait_state(client, task["taskUuid"], "SUCCEEDED")
+
+
 # -- host, vms, metrics, openapi --------------------------------------------------------------------------
 
 

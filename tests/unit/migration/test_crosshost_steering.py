@@ -48,6 +48,7 @@ class Ctx:
     def __init__(self, bandwidth: int | None) -> None:
         self.vm_uuid = VM
         self.bandwidth = bandwidth
+        self.host_share: int | None = None
         self.downtime_ms = 300
         self.deadline = None
         self.request = MigrationRequest.model_validate(

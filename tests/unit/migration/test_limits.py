@@ -29,6 +29,7 @@ class Ctx:
     def __init__(self, bandwidth: int | None = 2 * MiB, *, strategy: str = "auto", postcopy: bool = False):
         self.vm_uuid = "vm"
         self.bandwidth = bandwidth
+        self.host_share: int | None = None
         self.downtime_ms = 300
         self.deadline = None
         self.request = MigrationRequest.model_validate(

@@ -26,6 +26,7 @@ class Ctx:
 
     def __init__(self, bandwidth: int | None) -> None:
         self.bandwidth = bandwidth
+        self.host_share: int | None = None
         self.progressed: dict[str, tuple[int, int]] = {}
         self.notes: dict[str, Any] = {}
         self.log = logging.LoggerAdapter(logging.getLogger("test"), {})

@@ -91,6 +91,7 @@ class FakeContext:
     task_uuid: str = TASK
     vm_uuid: str = VM_1
     bandwidth: int | None = None
+    host_share: int | None = None
     downtime_ms: int = 300
     deadline: None = None
     cancel_requested: bool = False

@@ -62,6 +62,7 @@ class Ctx:
     def __init__(self, bandwidth: int | None = None, strategy: str = "auto") -> None:
         self.vm_uuid = VM
         self.bandwidth = bandwidth
+        self.host_share: int | None = None
         self.downtime_ms = 300
         self.request = MigrationRequest.model_validate(
             {"primaryStorageMigrateVm": {"dstPrimaryStorageUuid": STORAGE, "strategy": strategy}}
