@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from labtools import Guest, Lab, LabNotUp, create_guest, load_lab
+from labtools import SWITCHOVER_DEATH, Guest, Lab, LabNotUp, create_guest, load_lab
 
 from labkit.agents import agent_healthy
 
@@ -25,6 +25,27 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if "tests/lab/" in str(item.path) and item.get_closest_marker("lab") is None:
             item.add_marker(pytest.mark.lab)
+
+
+#: Every case run again because its guest died after a live switchover (``SWITCHOVER_DEATH``).
+_RERUNS: list[pytest.TestReport] = []
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.outcome == "rerun":  # pytest-rerunfailures, `--only-rerun` on SWITCHOVER_DEATH
+        _RERUNS.append(report)
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """Every re-run, with the guest kernel's report, closes the run's output: none is silent."""
+    if not _RERUNS:
+        return
+    terminalreporter.section(f"{len(_RERUNS)} re-run(s): {SWITCHOVER_DEATH}", sep="!", red=True)
+    for report in _RERUNS:
+        terminalreporter.write_line(f"RE-RUN {report.nodeid}")
+        text = str(report.longrepr)
+        start = text.find(SWITCHOVER_DEATH)
+        terminalreporter.write_line(text[start : start + 3000] if start >= 0 else text[-3000:])
 
 
 @pytest.fixture(scope="session")
