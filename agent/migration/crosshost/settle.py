@@ -93,6 +93,10 @@ async def _settle_steps(
         ) from failure
     await snapmeta.put_back_here(host, ctx, snapmeta.journalled(data))
     await abort_remote(ctx, peer)
+    # Looked at again after the clean-up: a QEMU that resumed the guest after a failed switchover can die
+    # a moment later (QEMU 7.2: "bdrv_co_write_req_prepare: Assertion ... BDRV_O_INACTIVE" when the link
+    # broke during the switchover, seen in the lab), and the verdict must say where the VM is now.
+    here = await _state_here(host, ctx, here)
     if here in (DomainState.SHUTOFF, DomainState.CRASHED) and not isinstance(failure, asyncio.CancelledError):
         raise MigrationFailed(
             f"VM {ctx.vm_uuid} was shut down during the migration (now {here})",
@@ -114,7 +118,7 @@ async def job_active(host: VirtHost, ctx: TaskContext) -> bool:
 
 async def locate(
     host: VirtHost, ctx: TaskContext, peer: DestinationAgent, prepared: Mapping[str, Any], *, wedged: bool
-) -> tuple[runner.Place, str | None]:
+) -> tuple[runner.Place, DomainState | None]:
     """Where the VM is once libvirt's job is over (the skeleton's rule, ``runner.place_of``), and its
     state on this host (None: libvirtd did not answer). Asked of the hypervisors first: this host's
     libvirtd and the destination's (the one the migration went to); the destination agent only when
@@ -164,6 +168,19 @@ async def _remote_state(
         return DomainState.UNDEFINED
     except AgentError:
         return None
+
+
+async def _state_here(host: VirtHost, ctx: TaskContext, before: DomainState | None) -> DomainState | None:
+    """The VM's state on this host now (``before`` when libvirtd does not answer)."""
+    try:
+        now = await host.domain_state(ctx.vm_uuid)
+    except NotFound:
+        return DomainState.UNDEFINED
+    except AgentError:
+        return before
+    if now != before:
+        ctx.log.warning("the VM's state here changed while the migration was settled: %s -> %s", before, now)
+    return now
 
 
 def _what(failure: BaseException) -> str:
