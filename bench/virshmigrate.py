@@ -28,6 +28,19 @@ def destination_xml(src: Host, name: str, new_paths: dict[str, str]) -> str:
     return ET.tostring(root, encoding="unicode")
 
 
+def create_targets(guest: BenchGuest, dst: Host) -> dict[str, str]:
+    """Empty qcow2 targets for every disk of ``guest`` in ``dst``'s ``ps1`` (libvirt needs the targets of
+    plain files to exist), each as large as its source; the guest owns them from here (``guest.files``)."""
+    sources = guest.sources()
+    new_paths = {
+        dev: str(dst.root("ps1").path / f"{guest.name}-{dev}-{uuid.uuid4().hex[:6]}.qcow2") for dev in sources
+    }
+    for dev, path in new_paths.items():
+        guest.files.add(path)
+        run(["qemu-img", "create", "-q", "-f", "qcow2", path, str(virtual_size(sources[dev]))])
+    return new_paths
+
+
 def virsh_migrate(
     lab: Lab,
     guest: BenchGuest,
@@ -40,13 +53,7 @@ def virsh_migrate(
     migration only (a watcher). Returns (started, seconds taken); a failed migration raises ``BenchError``
     once the guest was located again and its unused files dropped."""
     src, dst = guest.host, lab.other(guest.host)
-    sources = guest.sources()
-    new_paths = {
-        dev: str(dst.root("ps1").path / f"{guest.name}-{dev}-{uuid.uuid4().hex[:6]}.qcow2") for dev in sources
-    }
-    for dev, path in new_paths.items():  # libvirt needs the targets of plain files to exist
-        guest.files.add(path)
-        run(["qemu-img", "create", "-q", "-f", "qcow2", path, str(virtual_size(sources[dev]))])
+    new_paths = create_targets(guest, dst)
     with tempfile.NamedTemporaryFile("w", suffix=".xml", prefix="bench-") as xml:
         xml.write(destination_xml(src, guest.name, new_paths))
         xml.flush()

@@ -17,11 +17,10 @@ import subprocess
 import tempfile
 import threading
 import time
-import uuid
 
-from bench.labenv import BenchGuest, Host, Lab, run, virtual_size
+from bench.labenv import BenchGuest, Host, Lab
 from bench.safety.observe import Outcome, downtime_of
-from bench.virshmigrate import destination_xml
+from bench.virshmigrate import create_targets, destination_xml
 from labkit.virsh import virsh_argv
 
 BANDWIDTH_MIB_S = 16
@@ -93,13 +92,7 @@ class Steer(threading.Thread):
 
 def migrate(lab: Lab, guest: BenchGuest, cell: str, run_no: int) -> Outcome:
     src, dst = guest.host, lab.other(guest.host)
-    sources = guest.sources()
-    new_paths = {
-        dev: str(dst.root("ps1").path / f"{guest.name}-{dev}-{uuid.uuid4().hex[:6]}.qcow2") for dev in sources
-    }
-    for dev, path in new_paths.items():  # libvirt needs the targets of plain files to exist
-        guest.files.add(path)
-        run(["qemu-img", "create", "-q", "-f", "qcow2", path, str(virtual_size(sources[dev]))])
+    new_paths = create_targets(guest, dst)
     outcome = Outcome(cell, run_no, guest.name, src.name, dst.name, verdict="", detail="")
     with tempfile.NamedTemporaryFile("w", suffix=".xml", prefix="safety-") as xml:
         xml.write(destination_xml(src, guest.name, new_paths))
