@@ -114,6 +114,11 @@ class Code(enum.StrEnum):
     )
     NO_SPACE = "AGENT.NO_SPACE", "the destination storage has not enough free space; nothing was made"
     TARGET_EXISTS = "AGENT.TARGET_EXISTS", "a destination file exists already; nothing was made"
+    CEPH_ACCESS = (
+        "AGENT.CEPH_ACCESS",
+        "this host cannot reach the RBD pool: its libvirt secret is missing or not of usage ceph, or the "
+        "secret's key does not open the pool (the description says which); nothing was made",
+    )
     TARGET_MISMATCH = (
         "AGENT.TARGET_MISMATCH",
         "a pre-created target does not fit the volume (size, format, backing)",
