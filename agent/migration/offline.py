@@ -23,11 +23,11 @@ from typing import Any
 from agent.config import AgentConfig
 from agent.errors import AgentError, Code, MigrationFailed, PreflightFailed
 from agent.migration.engine import TaskContext, budget_of
-from agent.migration.incoming import IncomingDisk, IncomingSpec
 from agent.migration.inventory import remote_inventory, volume_inventory
-from agent.migration.layers import send_layer_to_peer
 from agent.migration.limits import AgentTransfer, LiveLimits
-from agent.migration.peer import DestinationAgent
+from agent.migration.peer.client import DestinationAgent
+from agent.migration.peer.layers import send_layer_to_peer
+from agent.migration.peer.wire import IncomingDisk, IncomingSpec
 from agent.migration.plan import (
     DiskPlan,
     LayerPlan,

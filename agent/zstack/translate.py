@@ -27,7 +27,7 @@ import aiohttp
 from agent.client import AgentClient, ClientError
 from agent.config import AgentConfig
 from agent.errors import Code, InvalidRequest, MigrationFailed, PreflightFailed, StorageError
-from agent.migration.peer import DestinationAgent
+from agent.migration.peer.client import DestinationAgent
 from agent.migration.request import MigrationRequest, Strategy, normalise_uuid
 from agent.security import client_context
 from agent.storage import qemuimg

@@ -126,7 +126,7 @@ async def run_case(ctx: Context) -> list[Row]:
     }
     note = (
         "the transfer service's own code (agent.transfer.send / export) run in the hosts' namespaces; "
-        "the agent-to-agent calls around it (agent/migration/layers.py: open, finish, digest check) are "
+        "the agent-to-agent calls around it (agent/migration/peer/layers.py: open, finish, digest check) are "
         "not in these figures; every copy checked with qemu-img compare"
     )
     rows = []

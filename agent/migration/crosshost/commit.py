@@ -11,7 +11,7 @@ from agent.errors import AgentError, Code, MigrationFailed, NotFound
 from agent.migration.crosshost.destination import COMMIT_RETRY_S, confirm, retrying
 from agent.migration.engine import TaskContext, announce
 from agent.migration.inventory import planned_inventory, remote_inventory
-from agent.migration.peer import DestinationAgent
+from agent.migration.peer.client import DestinationAgent
 from agent.migration.plan import MigrationPlan
 from agent.migration.states import TaskState
 from agent.virt.host import VirtHost

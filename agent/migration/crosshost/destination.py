@@ -10,7 +10,7 @@ from typing import TypeVar
 
 from agent.errors import AgentError, Code, MigrationFailed, NotFound
 from agent.migration.engine import TaskContext
-from agent.migration.peer import DestinationAgent
+from agent.migration.peer.client import DestinationAgent
 from agent.virt.host import UNREACHABLE
 
 T = TypeVar("T")

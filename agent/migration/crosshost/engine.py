@@ -38,7 +38,7 @@ from agent.migration.crosshost.resume import resume
 from agent.migration.crosshost.settle import settle
 from agent.migration.crosshost.steering import Steering
 from agent.migration.engine import Step, TaskContext, run_past_cancel
-from agent.migration.peer import DestinationAgent
+from agent.migration.peer.client import DestinationAgent
 from agent.migration.plan import MigrationPlan
 from agent.migration.states import TaskState
 from agent.storage.roots import StorageRoots

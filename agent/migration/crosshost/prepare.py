@@ -11,9 +11,9 @@ from typing import Any
 from agent.errors import Code, PreflightFailed
 from agent.migration import snapshots
 from agent.migration.engine import TaskContext, budget_of
-from agent.migration.incoming import IncomingDisk, IncomingSpec
-from agent.migration.layers import send_layer_to_peer
-from agent.migration.peer import DestinationAgent
+from agent.migration.peer.client import DestinationAgent
+from agent.migration.peer.layers import send_layer_to_peer
+from agent.migration.peer.wire import IncomingDisk, IncomingSpec
 from agent.migration.plan import MigrationPlan, RemoteRoot, inspect_chains, plan_migration
 from agent.virt.domxml import parse_disks
 from agent.virt.host import VirtHost

@@ -17,7 +17,7 @@ from agent.migration.crosshost.params import policy_of
 from agent.migration.crosshost.settle import job_active, settle
 from agent.migration.crosshost.steering import Steering
 from agent.migration.engine import Step, TaskContext
-from agent.migration.peer import DestinationAgent
+from agent.migration.peer.client import DestinationAgent
 from agent.migration.plan import MigrationPlan, allocation_index
 from agent.virt.domxml import parse_disks
 from agent.virt.host import VirtHost

@@ -17,7 +17,7 @@ from agent.migration.crosshost import snapmeta
 from agent.migration.crosshost.commit import LIBVIRT_OUTAGE_S, commit
 from agent.migration.crosshost.destination import abort_remote, retrying
 from agent.migration.engine import Step, TaskContext, run_past_cancel
-from agent.migration.peer import DestinationAgent
+from agent.migration.peer.client import DestinationAgent
 from agent.migration.plan import MigrationPlan
 from agent.virt.host import VirtHost
 from agent.virt.peer import describe, look_at_peer, planned_tops

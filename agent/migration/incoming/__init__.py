@@ -3,6 +3,6 @@ that prepares, commits or aborts (``service``), the domain a source may define (
 disk (``records``) and their settling at start (``reconcile``)."""
 
 from agent.migration.incoming.service import IncomingLimits, IncomingService
-from agent.migration.incoming.wire import IncomingDisk, IncomingLayer, IncomingSpec
+from agent.migration.peer.wire import IncomingDisk, IncomingLayer, IncomingSpec
 
 __all__ = ["IncomingDisk", "IncomingLayer", "IncomingLimits", "IncomingService", "IncomingSpec"]

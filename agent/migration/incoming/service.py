@@ -38,7 +38,7 @@ from agent.errors import Busy, Code, Conflict, InvalidRequest, MigrationFailed, 
 from agent.migration.incoming.domain import check_definition, domain_parts, domain_uuid
 from agent.migration.incoming.reconcile import RECONCILE_EVERY_S, RECONCILE_GIVE_UP_S, reconcile
 from agent.migration.incoming.records import IncomingRecords, remove_created
-from agent.migration.incoming.wire import IncomingDisk, IncomingSpec
+from agent.migration.peer.wire import IncomingDisk, IncomingSpec
 from agent.migration.request import normalise_uuid
 from agent.migration.targets import check_precreated_target
 from agent.storage import qemuimg

@@ -22,7 +22,7 @@ from agent.api.app import make_app
 from agent.client import AgentClient, AgentUnreachable, ApiError
 from agent.config import AgentConfig
 from agent.errors import InvalidRequest
-from agent.migration.peer import peer_client
+from agent.migration.peer.client import peer_client
 from agent.migration.request import MigrationRequest
 from agent.security import client_context, server_context
 

@@ -11,7 +11,7 @@ import pytest
 
 from agent.client import AgentClient, ApiError
 from agent.errors import Code, MigrationFailed, NotFound
-from agent.migration.peer import DestinationAgent
+from agent.migration.peer.client import DestinationAgent
 
 MIGRATION = "5a1d3c9e-0b7f-4e2a-9c61-2f8d4b7a0e13"
 AGENT = Path(__file__).resolve().parents[3] / "agent"
@@ -78,4 +78,4 @@ def test_no_other_module_writes_the_agent_to_agent_paths() -> None:
         for path in AGENT.rglob("*.py")
         if re.search(r"[\"']incoming-migrations[\"']", path.read_text())
     )
-    assert writers == ["migration/peer.py"]
+    assert writers == ["migration/peer/client.py"]

@@ -11,7 +11,7 @@ from aiohttp.test_utils import TestServer
 
 from agent.client import AgentClient
 from agent.errors import MigrationFailed
-from agent.migration.peer import peer_call_when_free
+from agent.migration.peer.client import peer_call_when_free
 
 
 def destination(answers: list[int]) -> tuple[web.Application, list[int]]:

@@ -12,7 +12,7 @@ import asyncio
 import logging
 from collections.abc import Callable
 
-from agent.migration.peer import DestinationAgent
+from agent.migration.peer.client import DestinationAgent
 from agent.transfer.endpoint import NbdEndpoint
 from agent.transfer.send import send_layer_to
 from agent.transfer.verify import layer_digest
