@@ -14,15 +14,16 @@ from agent.virt.domxml import DiskXml
 async def volume_inventory(
     disks: Sequence[DiskXml], plan: MigrationPlan, roots: StorageRoots
 ) -> list[dict[str, Any]]:
-    """Every file disk of the VM as it is now: moved ones at their new paths, the others where they stay."""
+    """Every file or block disk of the VM as it is now: moved ones at their new locations, the others where
+    they stay."""
     planned = {d.target: d for d in plan.disks}
     out: list[dict[str, Any]] = []
     for disk in disks:
-        if disk.device != "disk" or disk.type != "file" or not disk.source:
+        if disk.device != "disk" or disk.type not in ("file", "block") or not disk.source:
             continue
-        chain = await qemuimg.backing_chain(disk.source)
+        chain = await qemuimg.backing_chain(disk.source, disk.format)
         top = chain[0]
-        owner = roots.owner_of(top.path)
+        owner = roots.owner_of_location(top.path)
         moved = planned.get(disk.target)
         out.append(
             {
@@ -41,7 +42,9 @@ async def volume_inventory(
                         "format": layer.format,
                         "size": layer.virtual_size,
                         "actualSize": layer.actual_size,
-                        "primaryStorageUuid": (r.uuid if (r := roots.owner_of(layer.path)) else None),
+                        "primaryStorageUuid": (
+                            r.uuid if (r := roots.owner_of_location(layer.path)) else None
+                        ),
                     }
                     for layer in chain[1:]
                 ],

@@ -12,13 +12,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from agent.config import StorageKind
 from agent.errors import InvalidRequest, PreflightFailed
 from agent.migration.pacing import AllocationIndex
 from agent.migration.request import MigrationRequest
 from agent.storage import qemuimg
 from agent.storage.qemuimg import ImageInfo
 from agent.storage.roots import StorageRoot
-from agent.virt.domxml import DiskXml
+from agent.virt.domxml import DiskXml, RbdAccess, VolumeSource
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,18 @@ class DiskPlan:
     #: The caller created ``dst_top`` (``request.targetsPrecreated``): checked, never created or removed; when
     #: not flattening, its backing chain is the caller's and nothing is copied below the top.
     precreated: bool = False
+    #: The kinds of the volumes at ``src_top`` and ``dst_top``: their locations are file paths, device paths
+    #: (``block``) or ``rbd:pool/image`` (agent/storage/locations.py).
+    src_kind: StorageKind = StorageKind.FILE
+    dst_kind: StorageKind = StorageKind.FILE
+
+    def src_source(self, rbd: RbdAccess | None = None) -> VolumeSource:
+        """The source top as libvirt names it (``rbd``: how to reach its pool, for an RBD image)."""
+        return VolumeSource(self.src_kind, self.src_top, self.src_format, rbd)
+
+    def dst_source(self, rbd: RbdAccess | None = None) -> VolumeSource:
+        """The destination top as libvirt names it (``rbd``: how to reach its pool, for an RBD image)."""
+        return VolumeSource(self.dst_kind, self.dst_top, self.dst_format, rbd)
 
 
 @dataclass(frozen=True)
@@ -94,6 +107,9 @@ class MigrationPlan:
                     **d,
                     "lower_layers": tuple(LayerPlan(**lp) for lp in d["lower_layers"]),
                     "src_chain": tuple(d["src_chain"]),
+                    # Journals written before kinds existed name files only.
+                    "src_kind": StorageKind(d.get("src_kind", StorageKind.FILE)),
+                    "dst_kind": StorageKind(d.get("dst_kind", StorageKind.FILE)),
                 }
             )
             for d in data["disks"]
@@ -115,6 +131,8 @@ class MigrationPlan:
                     "role": d.role,
                     "from": d.src_top,
                     "to": d.dst_top,
+                    "fromKind": str(d.src_kind),
+                    "toKind": str(d.dst_kind),
                     "flatten": d.flatten,
                     "layers": len(d.src_chain),
                 }

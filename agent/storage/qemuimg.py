@@ -79,17 +79,20 @@ def _layer(entry: dict[str, Any]) -> ImageInfo:
     )
 
 
-async def backing_chain(path: str) -> list[ImageInfo]:
-    """The chain from ``path`` (first) down to its base (last)."""
-    out = await run(QEMU_IMG, "info", "-U", "--backing-chain", "--output=json", path, limit_s=60)
+async def backing_chain(path: str, fmt: str | None = None) -> list[ImageInfo]:
+    """The chain from ``path`` (first) down to its base (last). ``fmt``: the top's format, not probed (a raw
+    block device's first bytes are the guest's, and may look like any format)."""
+    given = ["-f", fmt] if fmt else []
+    out = await run(QEMU_IMG, "info", "-U", *given, "--backing-chain", "--output=json", path, limit_s=60)
     data = json.loads(out)
     if isinstance(data, dict):
         data = [data]
     return [_layer(entry) for entry in data]
 
 
-async def info(path: str) -> ImageInfo:
-    out = await run(QEMU_IMG, "info", "-U", "--output=json", path, limit_s=60)
+async def info(path: str, fmt: str | None = None) -> ImageInfo:
+    given = ["-f", fmt] if fmt else []
+    out = await run(QEMU_IMG, "info", "-U", *given, "--output=json", path, limit_s=60)
     return _layer(json.loads(out))
 
 

@@ -1,5 +1,7 @@
-"""Reading and rewriting libvirt domain XML: the disks, and the paths of the ones that move.
+"""Reading and rewriting libvirt domain XML: the disks, and where the ones that move go.
 
+A volume is named by kind and location (``VolumeSource``): a file (``<disk type='file'>``), a block device
+(``<disk type='block'>``) or an RBD image (``<disk type='network'>`` with its monitors and ``<auth>``).
 Pure functions over strings (ElementTree), so they are unit tested without libvirt.
 """
 
@@ -9,6 +11,8 @@ import xml.etree.ElementTree as ET
 from collections.abc import Mapping
 from dataclasses import dataclass
 from xml.sax.saxutils import quoteattr
+
+from agent.config import StorageKind
 
 
 @dataclass(frozen=True)
@@ -101,13 +105,84 @@ def domain_name(xml: str) -> str:
     return name or ""
 
 
-def block_copy_dest_xml(path: str, fmt: str) -> str:
-    """The ``<disk>`` document virDomainBlockCopy takes as its destination."""
-    return f"<disk type='file'><source file={quoteattr(path)}/><driver type={quoteattr(fmt)}/></disk>"
+@dataclass(frozen=True)
+class RbdAccess:
+    """How QEMU reaches an RBD pool: its monitors, and the cephx user whose key is the libvirt secret."""
+
+    monitors: tuple[tuple[str, int], ...]
+    user: str
+    secret_uuid: str
 
 
-def rewrite_disk_sources(xml: str, new_sources: Mapping[str, tuple[str, str]]) -> str:
-    """Point the named disks (target -> (path, format)) at new files; drop their stale ``<backingStore>``.
+@dataclass(frozen=True)
+class VolumeSource:
+    """Where a disk's volume is, as libvirt needs it: by kind and location (a file path, a device path, or
+    ``rbd:pool[/namespace]/image`` with ``rbd`` saying how to reach the pool), and the format on it."""
+
+    kind: StorageKind
+    location: str
+    format: str
+    rbd: RbdAccess | None = None
+
+    @classmethod
+    def file(cls, path: str, fmt: str) -> VolumeSource:
+        return cls(StorageKind.FILE, path, fmt)
+
+    @property
+    def disk_type(self) -> str:
+        """libvirt's ``<disk type=...>``."""
+        return {StorageKind.FILE: "file", StorageKind.BLOCK: "block", StorageKind.RBD: "network"}[self.kind]
+
+    def fill_source(self, src: ET.Element) -> None:
+        """Set ``<source>``'s attributes and children for this volume (``src`` is empty)."""
+        if self.kind is StorageKind.FILE:
+            src.set("file", self.location)
+        elif self.kind is StorageKind.BLOCK:
+            src.set("dev", self.location)
+        else:
+            if self.rbd is None:
+                raise ValueError(f"{self.location}: an RBD source needs its pool's monitors and secret")
+            src.set("protocol", "rbd")
+            src.set("name", self.location.removeprefix("rbd:"))
+            for host, port in self.rbd.monitors:
+                ET.SubElement(src, "host", {"name": host, "port": str(port)})
+
+    def fill_auth(self, disk: ET.Element) -> None:
+        """An RBD disk's ``<auth>`` naming the secret (libvirt 9 takes it under ``<disk>``); none for the
+        other kinds."""
+        for node in disk.findall("auth"):
+            disk.remove(node)
+        if self.kind is StorageKind.RBD and self.rbd is not None:
+            auth = ET.Element("auth", {"username": self.rbd.user})
+            ET.SubElement(auth, "secret", {"type": "ceph", "uuid": self.rbd.secret_uuid})
+            # libvirt's schema wants <auth> before <target>: put it right after <source>.
+            children = list(disk)
+            src = disk.find("source")
+            disk.insert(children.index(src) + 1 if src is not None else 0, auth)
+
+
+def _as_source(value: VolumeSource | tuple[str, str]) -> VolumeSource:
+    return value if isinstance(value, VolumeSource) else VolumeSource.file(*value)
+
+
+def block_copy_dest_xml(path: str | VolumeSource, fmt: str | None = None) -> str:
+    """The ``<disk>`` document virDomainBlockCopy takes as its destination: a file ``path`` of ``fmt``, or
+    any ``VolumeSource`` (a block device, an RBD image with its ``<auth>``)."""
+    if isinstance(path, str):
+        if fmt is None:
+            raise TypeError("a file destination needs its format")
+        return f"<disk type='file'><source file={quoteattr(path)}/><driver type={quoteattr(fmt)}/></disk>"
+    source = path
+    disk = ET.Element("disk", {"type": source.disk_type})
+    source.fill_source(ET.SubElement(disk, "source"))
+    source.fill_auth(disk)
+    ET.SubElement(disk, "driver", {"type": source.format})
+    return ET.tostring(disk, encoding="unicode")
+
+
+def rewrite_disk_sources(xml: str, new_sources: Mapping[str, VolumeSource | tuple[str, str]]) -> str:
+    """Point the named disks (target -> ``VolumeSource``, or (path, format) for a file) at new volumes;
+    drop their stale ``<backingStore>``; an RBD disk gets its ``<auth>``, other kinds lose theirs.
 
     Used for the persistent definition after a pivot (libvirt 9 updates only the live XML) and for the
     destination XML of a migration. libvirt probes the chain again from the image headers.
@@ -119,23 +194,20 @@ def rewrite_disk_sources(xml: str, new_sources: Mapping[str, tuple[str, str]]) -
         if target is None or target.get("dev") not in new_sources:
             continue
         dev = target.get("dev", "")
-        path, fmt = new_sources[dev]
-        if disk.get("type") != "file":
-            disk.set("type", "file")
+        source = _as_source(new_sources[dev])
+        disk.set("type", source.disk_type)
         src = disk.find("source")
         if src is None:
             src = ET.SubElement(disk, "source")
-        for attr in list(src.attrib):
-            if attr not in ("index",):
-                del src.attrib[attr]
-        src.attrib.pop("index", None)
-        src.set("file", path)
+        src.attrib.clear()
         for child in list(src):
             src.remove(child)
+        source.fill_source(src)
+        source.fill_auth(disk)
         driver = disk.find("driver")
         if driver is None:
             driver = ET.SubElement(disk, "driver", {"name": "qemu"})
-        driver.set("type", fmt)
+        driver.set("type", source.format)
         for node in disk.findall("backingStore"):
             disk.remove(node)
         for node in disk.findall("mirror"):

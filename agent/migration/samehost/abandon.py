@@ -4,11 +4,11 @@ VM never stopped using its source volumes."""
 from __future__ import annotations
 
 import asyncio
-import os
 
 from agent.errors import AgentError
 from agent.migration.engine import TaskContext
 from agent.migration.samehost.work import LIBVIRT_OUTAGE_S, Work
+from agent.migration.volumes import release_created
 from agent.storage.roots import StorageRoots
 from agent.virt.host import VirtHost
 
@@ -35,7 +35,7 @@ async def _abandon(host: VirtHost, roots: StorageRoots, ctx: TaskContext, work: 
                     await asyncio.sleep(0.1)
         except AgentError as err:
             ctx.log.error("could not abort the mirror of %s: %s", target, err.description)
-    remove_created(roots, ctx, work)
+    await remove_created(roots, ctx, work)
     ctx.log.info(
         "abandoned: mirrors aborted, %d destination files removed; VM %s stays on its source volumes",
         len(work.created),
@@ -43,14 +43,8 @@ async def _abandon(host: VirtHost, roots: StorageRoots, ctx: TaskContext, work: 
     )
 
 
-def remove_created(roots: StorageRoots, ctx: TaskContext, work: Work) -> None:
-    """Remove the files this task created (inside a storage root only), newest first."""
-    for path in reversed(work.created):
-        if not roots.owner_of(path):
-            continue
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
-        except OSError as err:
-            ctx.log.error("could not remove %s: %s", path, err.strerror)
+async def remove_created(roots: StorageRoots, ctx: TaskContext, work: Work) -> None:
+    """Undo the volumes this task created, newest first, each by its kind (``volumes.release_created``: a
+    file removed, a block device given back blank); a location outside every storage is not touched."""
+    for location in reversed(work.created):
+        await release_created(roots, location, ctx.log)

@@ -15,9 +15,10 @@ from agent.storage.roots import StorageRoots
 
 
 async def record_created(roots: StorageRoots, ctx: TaskContext, work: Work, path: str, step: Step) -> None:
-    """Journal a file before creating it, so a restart knows to remove it."""
-    if not roots.owner_of(path):
-        raise MigrationFailed(f"refusing to create {path}: not inside a storage root")
+    """Journal a volume (a file, a device, an image) before creating or writing it, so a restart knows to
+    undo it."""
+    if not roots.owner_of_location(path):
+        raise MigrationFailed(f"refusing to create {path}: not inside a storage of this host")
     work.created.append(path)
     await ctx.checkpoint(work.checkpoint_data(step))
 

@@ -31,7 +31,7 @@ async def start_mirror(host: VirtHost, ctx: TaskContext, mirror: Mirror, share: 
     await host.block_copy(
         ctx.vm_uuid,
         target,
-        block_copy_dest_xml(mirror.disk.dst_top, mirror.disk.dst_format),
+        block_copy_dest_xml(mirror.disk.dst_source()),
         bandwidth=share,
         flags=flags,
     )

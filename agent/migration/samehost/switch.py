@@ -104,7 +104,7 @@ async def switch(host: VirtHost, roots: StorageRoots, ctx: TaskContext, work: Wo
             + ". Nothing was removed. Move the VM's storage again to one storage (this task's destination "
             "is the shortest way) or copy the named disks back by hand",
         ) from failure
-    remove_created(roots, ctx, work)
+    await remove_created(roots, ctx, work)
     raise MigrationFailed(
         "a pivot failed; every disk runs from its source volume again",
         code=Code.PIVOT_FAILED,
@@ -165,7 +165,7 @@ async def _mirror_back(host: VirtHost, ctx: TaskContext, disk: DiskPlan, *, tick
     flags = libvirt.VIR_DOMAIN_BLOCK_COPY_REUSE_EXT | libvirt.VIR_DOMAIN_BLOCK_COPY_TRANSIENT_JOB
     if not disk.flatten:
         flags |= libvirt.VIR_DOMAIN_BLOCK_COPY_SHALLOW
-    dest = block_copy_dest_xml(disk.src_top, disk.src_format)
+    dest = block_copy_dest_xml(disk.src_source())
     await host.block_copy(ctx.vm_uuid, disk.target, dest, bandwidth=None, flags=flags)
     # Bounded: this runs past a cancel (run_past_cancel), so its own limits are the only ones. A mirror
     # that makes no progress, a cancel, or the task's deadline ends the wait; the disk then stays on the

@@ -19,30 +19,30 @@ from agent.virt.host import VirtHost
 
 
 async def verify(host: VirtHost, roots: StorageRoots, ctx: TaskContext, work: Work) -> list[dict[str, Any]]:
-    expected = {d.target: (d.dst_top, d.dst_format) for d in work.plan.disks}
+    expected = {d.target: d.dst_source() for d in work.plan.disks}
     live = parse_disks(await host.live_xml(ctx.vm_uuid))
     for disk in live:
-        if disk.target in expected and disk.source != expected[disk.target][0]:
+        if disk.target in expected and disk.location != expected[disk.target].location:
             raise MigrationFailed(
-                f"after the switch {disk.target} uses {disk.source}, not {expected[disk.target][0]}",
+                f"after the switch {disk.target} uses {disk.location}, not {expected[disk.target].location}",
                 code=Code.VERIFY_FAILED,
             )
     if await host.is_persistent(ctx.vm_uuid):
         inactive = await host.inactive_xml(ctx.vm_uuid)
         await host.define_xml(rewrite_disk_sources(inactive, expected))
         for disk in parse_disks(await host.inactive_xml(ctx.vm_uuid)):
-            if disk.target in expected and disk.source != expected[disk.target][0]:
+            if disk.target in expected and disk.location != expected[disk.target].location:
                 raise MigrationFailed(
-                    f"the persistent definition still points {disk.target} at {disk.source}",
+                    f"the persistent definition still points {disk.target} at {disk.location}",
                     code=Code.VERIFY_FAILED,
                 )
     for moved in work.plan.disks:
-        chain = await qemuimg.backing_chain(moved.dst_top)
+        chain = await qemuimg.backing_chain(moved.dst_top, moved.dst_format)
         want = 1 if moved.flatten else len(moved.src_chain)
         if moved.precreated:  # below a pre-created top the chain is the caller's
             want = 1 if moved.flatten else len(chain)
         owned = chain[:1] if moved.precreated else chain[:want]
-        if len(chain) != want or any(not roots.owner_of(layer.path) for layer in owned):
+        if len(chain) != want or any(not roots.owner_of_location(layer.path) for layer in owned):
             raise MigrationFailed(
                 f"the chain of {moved.target} at the destination is not as planned",
                 code=Code.VERIFY_FAILED,

@@ -23,6 +23,7 @@ from agent.migration.request import MigrationRequest
 from agent.migration.samehost import resume, steering, switch
 from agent.migration.samehost.mirrors import on_event
 from agent.migration.samehost.work import Mirror, Work
+from agent.storage.roots import StorageRoot, StorageRoots
 from agent.virt.host import UNREACHABLE, BlockJob, DomainEvent
 
 VM = "0f6b2c1e-8d7a-4c39-9a57-3e2d1c0b9a88"
@@ -272,12 +273,9 @@ async def test_a_failed_pivot_puts_the_pivoted_disks_back_on_their_sources(tmp_p
     host = FakeHost(work)
     host.fail_pivot = {"vdb"}
 
-    class Roots:
-        def owner_of(self, path: str) -> object:
-            return self
-
+    roots = StorageRoots([StorageRoot("storage-b", tmp_path)])
     with pytest.raises(MigrationFailed) as failed:
-        await switch.switch(host, Roots(), Ctx(), work, tick_s=0.01)  # type: ignore[arg-type]
+        await switch.switch(host, roots, Ctx(), work, tick_s=0.01)  # type: ignore[arg-type]
     assert failed.value.code == "AGENT.PIVOT_FAILED"
     assert host.calls == ["pivot vda", "pivot vdb", "abort vdb", "copy vda", "pivot vda"]
     assert host.sources == {t: m.disk.src_top for t, m in work.mirrors.items()}
