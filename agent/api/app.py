@@ -21,6 +21,7 @@ from agent.api.keys import (
     CONFIG,
     CONNECT_LIBVIRT,
     ENGINE_FACTORY,
+    EVACUATIONS,
     INCOMING,
     INVENTORY,
     JOURNAL,
@@ -38,6 +39,7 @@ from agent.api.middleware import error_middleware, guard_middleware
 from agent.api.routes import add_routes
 from agent.api.wiring import LibvirtInventory, open_virt_host, production_engine_factory
 from agent.config import AgentConfig
+from agent.evacuation import EvacuationService
 from agent.metrics import AgentMetrics
 from agent.migration.engine import EngineFactory
 from agent.migration.factory import is_same_host
@@ -173,11 +175,21 @@ async def _tasks_ctx(app: web.Application) -> AsyncIterator[None]:
         manager.add_listener(report_listener(progress, outbox))
         metrics.set_task_counts(lambda: {s.value: n for s, n in manager.count_by_state().items()})
         app[JOURNAL], app[MANAGER], app[OUTBOX], app[PROGRESS] = journal, manager, outbox, progress
+        inventory = app[INVENTORY]
+        evacuations = EvacuationService(
+            manager,
+            config.state_dir,
+            host_uuid=config.host_uuid,
+            list_vms=None if inventory is None else inventory.list_vms,
+        )
+        app[EVACUATIONS] = evacuations
         try:
             await manager.start()
+            await evacuations.start()
             outbox.start()
             yield
         finally:
+            await evacuations.stop()
             await manager.stop(config.shutdown_grace_s / 2)
             await progress.close()
             await outbox.stop()

@@ -13,6 +13,7 @@ import aiohttp
 from aiohttp import web
 
 from agent.config import AgentConfig
+from agent.evacuation import EvacuationService
 from agent.metrics import AgentMetrics
 from agent.migration.engine import EngineFactory
 from agent.migration.incoming import IncomingService
@@ -59,5 +60,7 @@ MANAGER = web.AppKey("manager", TaskManager)
 SESSION = web.AppKey("client_session", aiohttp.ClientSession)
 OUTBOX = web.AppKey("outbox", OutboxDeliverer)
 PROGRESS = web.AppKey("progress_reporter", ProgressReporter)
+#: Host evacuations (``agent.evacuation``): many VMs off this host as one operation.
+EVACUATIONS = web.AppKey("evacuations", EvacuationService)
 #: The destination side of cross-host migrations; None without libvirt.
 INCOMING: web.AppKey[IncomingService | None] = web.AppKey("incoming")

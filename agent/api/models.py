@@ -132,6 +132,43 @@ class HostBudgetView(_Open):
     outgoing: dict[str, Any]
 
 
+class EvacuationProgress(_Open):
+    vmsTotal: int
+    vmsDone: int = Field(description="VMs whose task ended (verdict true or false)")
+    vmsSucceeded: int
+    bytesDone: int
+    bytesTotal: int = Field(description="the tasks' own totals; a VM not started counts as their mean")
+    bytesPerSecond: float | None = Field(description="the running tasks together")
+    etaSeconds: float | None
+    percent: float
+
+
+class EvacuationVmView(_Open):
+    vmUuid: str
+    taskUuid: str | None = Field(description="its task (GET /v1/tasks/{taskUuid}) once handed over")
+    destination: dict[str, Any] | None = Field(description="{hostUuid, dstPrimaryStorageUuid} once chosen")
+    state: str = Field(examples=["WAITING", "COPYING", "SUCCEEDED"])
+    verdict: bool | None = Field(description="true: SUCCEEDED; false: FAILED or CANCELLED; null: not ended")
+    error: ErrorCode | None
+
+
+class EvacuationView(_Open):
+    """``POST /v1/host/evacuations`` and ``GET /v1/host/evacuations/{evacuationUuid}``."""
+
+    evacuationUuid: str
+    state: str = Field(examples=["RUNNING", "CANCELLING", "SUCCEEDED", "FAILED", "CANCELLED"])
+    progress: EvacuationProgress
+    vms: list[EvacuationVmView]
+    destinations: list[dict[str, Any]]
+    createdAt: str
+    finishedAt: str | None
+    request: dict[str, Any] = Field(description="the accepted request, without any token")
+
+
+class EvacuationList(_Open):
+    evacuations: list[EvacuationView]
+
+
 class VmList(_Open):
     vms: list[dict[str, Any]]
 

@@ -16,10 +16,19 @@ from aiohttp.typedefs import Handler
 from pydantic import BaseModel
 
 import agent
-from agent.api import budget_handlers, events, incoming_handlers, info_handlers, models, task_handlers
+from agent.api import (
+    budget_handlers,
+    evacuation_handlers,
+    events,
+    incoming_handlers,
+    info_handlers,
+    models,
+    task_handlers,
+)
 from agent.api.access import Role
 from agent.api.keys import ROUTE_ROLES
 from agent.api.middleware import json_response
+from agent.evacuation import EvacuationCancel, EvacuationRequest
 from agent.migration.incoming import IncomingSpec
 from agent.migration.request import HostBudgetChange, MigrationRequest, Tuning
 
@@ -162,6 +171,44 @@ _TASKS = (
         content_type="text/event-stream",
     ),
 )
+_EVACUATIONS = (
+    Route(
+        "POST",
+        "/v1/host/evacuations",
+        evacuation_handlers.start_evacuation,
+        "Move many VMs off this host as one operation (each VM a task of its own; same evacuationUuid "
+        "twice gives the same evacuation)",
+        body=EvacuationRequest,
+        answer=models.EvacuationView,
+        status=202,
+        errors=(400, 401, 404, 409, 413, 503),
+    ),
+    Route(
+        "GET",
+        "/v1/host/evacuations",
+        evacuation_handlers.list_evacuations,
+        "Evacuations of this agent",
+        answer=models.EvacuationList,
+    ),
+    Route(
+        "GET",
+        "/v1/host/evacuations/{evacuationUuid}",
+        evacuation_handlers.get_evacuation,
+        "One evacuation: its progress (VMs done, bytes, ETA) and each VM's task and verdict",
+        answer=models.EvacuationView,
+        errors=_NAMED,
+    ),
+    Route(
+        "POST",
+        "/v1/host/evacuations/{evacuationUuid}/cancel",
+        evacuation_handlers.cancel_evacuation,
+        "Cancel (idempotent): the VMs not started never start; the running ones finish, or roll back "
+        "with running: rollback",
+        body=EvacuationCancel,
+        answer=models.EvacuationView,
+        errors=(*_NAMED, 413),
+    ),
+)
 _INCOMING = (
     _from_peer(
         "GET",
@@ -234,7 +281,7 @@ _DOCUMENTS = (
     Route("GET", "/metrics", info_handlers.metrics, "Prometheus metrics", content_type="text/plain"),
 )
 #: The agent's routes, in the order the OpenAPI document lists them.
-ROUTES: tuple[Route, ...] = (*_INFO, *_TASKS, *_INCOMING, *_DOCUMENTS)
+ROUTES: tuple[Route, ...] = (*_INFO, *_TASKS, *_EVACUATIONS, *_INCOMING, *_DOCUMENTS)
 
 
 def add_routes(app: web.Application) -> None:

@@ -5,12 +5,13 @@ from __future__ import annotations
 import argparse
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from agent import __version__
 from agent.migration.request import Strategy, normalise_uuid
 from agent.migration.states import TaskState
 
-from . import commands, pki
+from . import commands, evacuate, pki
 
 
 def _uuid(value: str) -> str:
@@ -179,6 +180,8 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
             )
             cmd.add_argument("--downtime", metavar="MS", type=_positive_int)
 
+    _add_evacuation(sub, agent, follow)
+
     vms = sub.add_parser("vms", parents=[agent], help="list the host's VMs")
     vms.set_defaults(handler=commands.vms)
     vm = sub.add_parser("vm", parents=[agent], help="one VM's disks and backing chains")
@@ -189,3 +192,56 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     health = sub.add_parser("health", parents=[agent], help="is the agent up (no token needed)")
     health.set_defaults(handler=commands.health)
     return parser
+
+
+def _add_evacuation(sub: Any, agent: argparse.ArgumentParser, follow: argparse.ArgumentParser) -> None:
+    """``evacuate`` (many VMs off the agent's host as one operation) and ``evacuation show|watch|cancel``."""
+    cmd = sub.add_parser(
+        "evacuate",
+        parents=[agent, follow],
+        help="move many VMs off the agent's host as one operation (each VM a task of its own)",
+    )
+    cmd.set_defaults(handler=evacuate.evacuate)
+    which = cmd.add_mutually_exclusive_group()
+    which.add_argument("--vm", metavar="VM_UUID", type=_uuid, action="append", help="a VM to move (repeat)")
+    which.add_argument("--all", action="store_true", help="every VM running (or paused) on the host")
+    cmd.add_argument(
+        "--body",
+        metavar="FILE",
+        type=Path,
+        help="the whole request as JSON (several destinations, a destination per VM); options given too "
+        "override its migrateVm, priority, strategy",
+    )
+    dst = cmd.add_argument_group("the destination (one; several: --body)")
+    dst.add_argument("--dst-host-uuid", metavar="U", type=_uuid)
+    dst.add_argument("--dst-agent", metavar="URL", help="the destination agent's URL")
+    dst.add_argument("--dst-migration-address", metavar="ADDR", help="address QEMU migrates to")
+    dst.add_argument("--dst-token-file", metavar="F", type=Path, help="the destination agent's token")
+    dst.add_argument("--dst-storage", metavar="UUID", type=_uuid, help="the destination's storage root")
+    dst.add_argument(
+        "--dst-incoming",
+        metavar="N",
+        type=_positive_int,
+        help="moves into the destination at once (its limits.incoming_migrations; default 2)",
+    )
+    cmd.add_argument(
+        "--bandwidth", metavar="MIB_S", type=_bandwidth, help="each move's own cap (0: uncapped)"
+    )
+    cmd.add_argument("--downtime", metavar="MS", type=_positive_int, help="acceptable switchover pause")
+    cmd.add_argument("--priority", metavar="N", type=_positive_int, help="1-100 (default 10)")
+    cmd.add_argument("--strategy", choices=[s.value for s in Strategy])
+    cmd.add_argument("--with-data-volumes", action="store_true")
+    cmd.add_argument("--with-snapshots", action="store_true")
+    cmd.add_argument("--allow-postcopy", action="store_true")
+    cmd.add_argument("--evacuation-uuid", metavar="U", type=_uuid, help="idempotency")
+    cmd.add_argument(
+        "--wait", action="store_true", help="progress bars until the end; exit 0 when every VM moved"
+    )
+
+    one = sub.add_parser("evacuation", parents=[agent, follow], help="show, watch or cancel an evacuation")
+    one.set_defaults(handler=evacuate.evacuation)
+    one.add_argument("action", choices=["show", "watch", "cancel"])
+    one.add_argument("evacuation_uuid", metavar="EVACUATION", type=_uuid)
+    one.add_argument(
+        "--rollback", action="store_true", help="cancel: the running moves are cancelled too and roll back"
+    )

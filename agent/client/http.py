@@ -125,6 +125,29 @@ class AgentClient:
         """Idempotent; the VM keeps running from its source volumes."""
         return cast(TaskView, await self.request("POST", "v1", "tasks", task_uuid, "cancel"))
 
+    async def start_evacuation(self, body: Mapping[str, Any]) -> dict[str, Any]:
+        """``POST /v1/host/evacuations``: many VMs off this host as one operation."""
+        return cast(
+            dict[str, Any], await self.request("POST", "v1", "host", "evacuations", json_body=dict(body))
+        )
+
+    async def evacuation(self, evacuation_uuid: str) -> dict[str, Any]:
+        return cast(dict[str, Any], await self.request("GET", "v1", "host", "evacuations", evacuation_uuid))
+
+    async def evacuations(self) -> list[dict[str, Any]]:
+        return cast(
+            list[dict[str, Any]],
+            _unwrap_list(await self.request("GET", "v1", "host", "evacuations"), "evacuations"),
+        )
+
+    async def cancel_evacuation(self, evacuation_uuid: str, *, rollback: bool = False) -> dict[str, Any]:
+        """The VMs not started never start; the running ones finish, or roll back with ``rollback``."""
+        body = {"running": "rollback" if rollback else "finish"}
+        answer = await self.request(
+            "POST", "v1", "host", "evacuations", evacuation_uuid, "cancel", json_body=body
+        )
+        return cast(dict[str, Any], answer)
+
     async def events(
         self, task_uuid: str, *, read_timeout: float | None = None
     ) -> AsyncGenerator[ServerEvent, None]:

@@ -163,6 +163,10 @@ class TaskManager:
             raise NotFound(f"no task {task_uuid}", field="taskUuid")
         return task
 
+    def known(self, task_uuid: str) -> Task | None:
+        """A task in memory (None: unknown, or finished and pruned from memory)."""
+        return self._tasks.get(task_uuid)
+
     async def find(self, task_uuid: str) -> Task | None:
         """A task in memory, else from the journal (finished tasks pruned from memory)."""
         task = self._tasks.get(task_uuid)

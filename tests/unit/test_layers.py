@@ -35,6 +35,7 @@ RANK = {
     "migration": 2,
     "tasks": 3,
     "report": 4,
+    "evacuation": 4,
     "metrics": 4,
     "api": 5,
     "zstack": 6,
