@@ -20,6 +20,15 @@ Two budget rules, on purpose (``BudgetRule``):
   only waits. The migration has one copy mode for all disks; in write-blocking mode the guest's writes are
   charged first. A non-positional job's speed changes only when its share moved by ``SPEED_SLACK``: the
   shares drift with every progress report.
+
+The speeds follow a steady split (``MirrorPacer.speed_shares``) under ``BY_REMAINING``: the shares made when
+the budget or the set of mirrors still copying last changed, kept until one of them changes or a share moves
+by ``RESPLIT_FACTOR``. QEMU 7.2's mirror copies up to its 16 MiB buffer at once, then sleeps as long as its
+speed requires, and a raised speed wakes a sleeping job (``block_job_set_speed`` kicks its timer unless the
+speed went down), which copies its next buffer at once. A split re-made at every tick moved one mirror's
+share up each time the other one's burst took 16 MiB off its remaining bytes: the other mirror was woken,
+burst early, and the two together ran over the budget (lab, issue 27: 4.66 MiB/s under a 4 MiB/s cap). A
+lowered speed never wakes a job: it holds from the end of the sleep under way.
 """
 
 from __future__ import annotations
@@ -47,6 +56,10 @@ from agent.migration.pacing import (
 
 #: How often the per-disk figures and a rate sample go to the task's details.
 FIGURES_EVERY_S = 1.0
+#: A steady split is made again when a mirror's share moved by this factor (a hot disk's remaining bytes
+#: that grow, a write-blocking charge that changed): far above what one 16 MiB burst does to the shares of
+#: mirrors with more than 32 MiB left between them.
+RESPLIT_FACTOR = 2.0
 
 
 @dataclass
@@ -89,6 +102,9 @@ class JobFigures:
 class BudgetRule(Protocol):
     """How one budget is shared among the mirrors sampled this tick, and how far a speed may drift."""
 
+    #: Whether the speeds follow a steady split (``MirrorPacer.speed_shares``) rather than every tick's.
+    steady: bool
+
     def shares(
         self, budget: int | None, mirrors: Mapping[str, PacedMirror], sampled: Collection[str]
     ) -> dict[str, int | None]: ...
@@ -97,6 +113,8 @@ class BudgetRule(Protocol):
 
 
 class _EqualShares:
+    steady = False  # the shares move only when a mirror becomes READY or changes its copy mode
+
     def shares(
         self, budget: int | None, mirrors: Mapping[str, PacedMirror], sampled: Collection[str]
     ) -> dict[str, int | None]:
@@ -108,6 +126,8 @@ class _EqualShares:
 
 
 class _ByRemaining:
+    steady = True  # the remaining bytes move in 16 MiB steps, one mirror at a time
+
     def shares(
         self, budget: int | None, mirrors: Mapping[str, PacedMirror], sampled: Collection[str]
     ) -> dict[str, int | None]:
@@ -152,6 +172,21 @@ class _Interval:
         }
 
 
+def _near(kept: int | None, fresh: int | None) -> bool:
+    if kept is None or fresh is None:
+        return kept is fresh
+    return max(kept, fresh) <= RESPLIT_FACTOR * max(1, min(kept, fresh))
+
+
+@dataclass(frozen=True)
+class _Split:
+    """A steady split: the budget it was made under, the mirrors that were still copying, their shares."""
+
+    budget: int | None
+    copying: frozenset[str]
+    shares: Mapping[str, int | None]
+
+
 @dataclass
 class MirrorPacer:
     """The mirrors of one task under one budget (``ctx.bandwidth``, read every tick: it may be re-tuned).
@@ -172,6 +207,7 @@ class MirrorPacer:
     #: The latest samples of the jobs, for a retune between two ticks (``speeds``).
     last_samples: dict[str, MirrorSample] = field(default_factory=dict)
     _interval: _Interval = field(default_factory=_Interval)
+    _split: _Split | None = None
     _last_sample: float | None = None
     _figures_at: float = 0.0
 
@@ -237,13 +273,36 @@ class MirrorPacer:
         return samples
 
     def shares(self, sampled: Collection[str]) -> dict[str, int | None]:
+        """Each mirror's share of the budget now (what it is judged against, what the figures show)."""
         return self.rule.shares(self.budget, self.mirrors, sampled)
+
+    def speed_shares(self, sampled: Collection[str]) -> dict[str, int | None]:
+        """The shares the jobs' speeds follow now: the steady split under a rule that keeps one."""
+        return self._steady(self.budget, sampled)
+
+    def _steady(self, budget: int | None, sampled: Collection[str]) -> dict[str, int | None]:
+        fresh = self.rule.shares(budget, self.mirrors, sampled)
+        if not self.rule.steady:
+            return fresh
+        copying = frozenset(t for t in sampled if not self.mirrors[t].ready)
+        kept = self._split
+        if (
+            kept is not None
+            and kept.budget == budget
+            and kept.copying == copying
+            and kept.shares.keys() == fresh.keys()
+            and all(_near(kept.shares[t], share) for t, share in fresh.items())
+        ):
+            return dict(kept.shares)
+        self._split = _Split(budget, copying, dict(fresh))
+        return fresh
 
     def speeds(self, budget: int | None) -> dict[str, int]:
         """Every job's speed from now under ``budget`` (None: 0 each, no limit), from the latest samples,
-        whatever is in effect: what a retune sets at once (``LiveLimits.retune``)."""
+        whatever is in effect: what a retune sets at once (``LiveLimits.retune``); a new budget makes a new
+        steady split."""
         samples = self.last_samples
-        shares = self.rule.shares(budget, self.mirrors, samples)
+        shares = self._steady(budget, samples)
         horizon = self.clock.horizon_s
         return {t: job_speed(sample, shares.get(t), horizon) for t, sample in samples.items()}
 

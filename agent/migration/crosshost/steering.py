@@ -222,8 +222,9 @@ class Steering:
             await self._give_up(self._disk_verdict(losing[0], shares))
             return
         generation = self.limits.generation  # the budget the shares were made under
+        steady = pacer.speed_shares(samples)
         for target, sample in samples.items():
-            speed = pacer.next_speed(target, sample, shares.get(target))
+            speed = pacer.next_speed(target, sample, steady.get(target))
             pending = self.changing.get(target)
             if speed is not None and (pending is None or pending.done()):
                 self.changing[target] = asyncio.create_task(self._set_speed(target, speed, generation))

@@ -146,6 +146,65 @@ def test_by_remaining_charges_write_blocking_guest_writes_first() -> None:
     assert share is not None and 19 * MiB <= share <= 20 * MiB
 
 
+def _shallow(p: MirrorPacer, at: float, done: dict[str, int], ready: frozenset[str] = frozenset()) -> Any:
+    """One tick of shallow mirrors (cur and end in real bytes) with ``done`` of each moved."""
+    figures = {t: JobFigures(done[t], m.index.total, t in ready) for t, m in p.mirrors.items()}
+    return p.observe(at, figures, {})
+
+
+def test_by_remaining_speeds_follow_a_steady_split_that_one_burst_does_not_move() -> None:
+    """A 16 MiB burst of one mirror moves the shares by far more than SPEED_SLACK; the speeds keep the split
+    made under the budget, so the other mirror, asleep in QEMU, is not raised (which would wake it to burst
+    early: issue 27)."""
+    ctx = Ctx(4 * MiB)
+    mirrors = {"vda": mirror("vda", 20 * MiB), "vdb": mirror("vdb", 20 * MiB)}
+    p = pacer(ctx, mirrors, BY_REMAINING)
+    samples = _shallow(p, 1.0, {"vda": 0, "vdb": 0})
+    split = p.speed_shares(samples)
+    assert split["vda"] == split["vdb"] and sum(s or 0 for s in split.values()) <= 4 * MiB
+    for target, sample in samples.items():
+        mirrors[target].speed = p.next_speed(target, sample, split[target])
+    samples = _shallow(p, 9.0, {"vda": 16 * MiB, "vdb": 0})  # vda's burst
+    fresh = p.shares(samples)
+    assert fresh["vdb"] is not None and split["vdb"] is not None
+    assert fresh["vdb"] > (1 + SPEED_SLACK) * split["vdb"]  # a re-split would raise vdb
+    assert p.speed_shares(samples) == split
+    assert all(p.next_speed(t, s, split[t]) is None for t, s in samples.items())
+    # The speeds a retune sets under the same budget are the same split's too.
+    assert set(p.speeds(4 * MiB).values()) == set(split.values())
+
+
+def test_by_remaining_a_new_budget_a_ready_mirror_or_a_doubled_share_make_a_new_split() -> None:
+    ctx = Ctx(4 * MiB)
+    mirrors = {"vda": mirror("vda", 48 * MiB), "vdb": mirror("vdb", 48 * MiB)}
+    p = pacer(ctx, mirrors, BY_REMAINING)
+    samples = _shallow(p, 1.0, {"vda": 0, "vdb": 0})
+    first = p.speed_shares(samples)
+    lowered = p.speeds(2 * MiB)  # a retune: the split is made again under the new budget
+    assert sum(lowered.values()) <= 2 * MiB and lowered["vda"] < (first["vda"] or 0)
+    ctx.bandwidth = 2 * MiB
+    assert p.speed_shares(samples) == lowered
+    # vda READY: the mirror still copying takes the whole budget at once.
+    samples = _shallow(p, 2.0, {"vda": 48 * MiB, "vdb": 16 * MiB}, ready=frozenset({"vda"}))
+    assert p.speed_shares(samples)["vdb"] == 2 * MiB
+    # A share that doubled (vda's disk written again, its remaining bytes grown) is split again.
+    mirrors = {"vda": mirror("vda", 48 * MiB), "vdb": mirror("vdb", 48 * MiB)}
+    p = pacer(Ctx(4 * MiB), mirrors, BY_REMAINING)
+    kept = p.speed_shares(_shallow(p, 1.0, {"vda": 46 * MiB, "vdb": 0}))
+    samples = _shallow(p, 2.0, {"vda": 0, "vdb": 0})
+    assert p.speed_shares(samples) != kept and p.speed_shares(samples) == p.shares(samples)
+
+
+def test_equal_shares_keep_no_split_same_host() -> None:
+    ctx = Ctx(40 * MiB)
+    mirrors = {"vda": mirror("vda", 300 * MiB), "vdb": mirror("vdb", 100 * MiB)}
+    p = pacer(ctx, mirrors, EQUAL_SHARES)
+    samples = p.observe(1.0, {t: JobFigures(0, GiB, False) for t in mirrors}, {t: 0 for t in mirrors})
+    assert p.speed_shares(samples) == p.shares(samples)
+    ctx.bandwidth = 20 * MiB
+    assert p.speed_shares(samples) == {"vda": 10 * MiB, "vdb": 10 * MiB}
+
+
 def test_the_rules_keep_their_slack() -> None:
     index = AllocationIndex([(0, MiB)])
     full = MirrorSample(0, GiB, GiB, index, False)
