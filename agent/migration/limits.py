@@ -92,6 +92,7 @@ class Effective:
     downtime_ms: int | None = None
     has_transfer: bool = False  # the agent moves the files itself (a stopped VM)
     transfer: int | None = None  # the rate its limiter reads, bytes/s; None: no limit (with has_transfer)
+    transfer_pinned: str | None = None  # why the transfer runs at a rate a retune does not reach now
     read_at: float | None = None  # wall clock
 
     def merged(self, newer: Effective) -> Effective:
@@ -105,6 +106,7 @@ class Effective:
             downtime_ms=newer.downtime_ms if newer.downtime_ms is not None else self.downtime_ms,
             has_transfer=self.has_transfer or newer.has_transfer,
             transfer=newer.transfer if newer.has_transfer else self.transfer,
+            transfer_pinned=newer.transfer_pinned if newer.has_transfer else self.transfer_pinned,
             read_at=newer.read_at or self.read_at,
         )
 
@@ -116,6 +118,8 @@ class Effective:
             out["downtimeLimitMs"] = self.downtime_ms
         if self.has_transfer:
             out["agentTransferBytesPerSecond"] = self.transfer
+            if self.transfer_pinned is not None:
+                out["agentTransferPinned"] = self.transfer_pinned
         out["readAt"] = None if self.read_at is None else round(self.read_at, 3)
         return out
 
@@ -158,10 +162,19 @@ class Streams(Protocol):
 
 class AgentTransfer:
     """A stopped VM's files, which the agent moves itself (``Streams``): its rate limiter reads the budget
-    before every chunk (``LiveLimits.budget``), so there is no knob to set; the view shows what it reads."""
+    before every chunk (``LiveLimits.budget``), so there is no knob to set; the view shows what it reads.
+    A copy that took its rate once (``qemu-img convert -r`` flattening a chain) pins it while it runs
+    (``pin``): the view shows that rate and a retune that asks for another one is not applied (rule 5)."""
 
     def __init__(self) -> None:
         self.limits: LiveLimits | None = None
+        self.pinned: tuple[int | None, str] | None = None
+
+    def pin(self, rate: int | None, why: str) -> None:
+        self.pinned = (rate, why)
+
+    def unpin(self) -> None:
+        self.pinned = None
 
     def targets(self, budget: int | None, downtime_ms: int) -> Targets:
         return Targets()
@@ -176,6 +189,9 @@ class AgentTransfer:
         raise AgentError("a stopped VM's transfer has no downtime", code=Code.INTERNAL)
 
     async def read(self) -> Effective:
+        if self.pinned is not None:
+            rate, why = self.pinned
+            return Effective(has_transfer=True, transfer=rate, transfer_pinned=why, read_at=time.time())
         budget = self.limits.budget if self.limits is not None else None
         return Effective(has_transfer=True, transfer=budget, read_at=time.time())
 
@@ -245,6 +261,11 @@ class LiveLimits:
         )
         failed = await self.apply(self.streams.targets(budget, self.downtime_ms), self.generation)
         await self.refresh()
+        pinned = self.effective.transfer_pinned
+        if self.effective.has_transfer and pinned is not None and self.effective.transfer != budget:
+            failed.append(Unapplied("agent transfer", budget, pinned, time.time()))
+            self.unapplied = [*self.unapplied, failed[-1]][-KEEP_UNAPPLIED:]
+            self._note()
         if failed:
             what = "; ".join(f"{u.knob} to {_shown(u.value)}: {u.error}" for u in failed)
             raise LimitsNotApplied(

@@ -55,9 +55,10 @@ class OfflineEngine:
         self.config = config
         self.same_host = same_host
         self.limits: LiveLimits | None = None
+        self.transfer = AgentTransfer()
 
     async def run(self, ctx: TaskContext) -> list[dict[str, Any]]:
-        transfer = AgentTransfer()
+        self.transfer = transfer = AgentTransfer()
         self.limits = transfer.limits = LiveLimits(ctx, transfer)
         ctx.attach_limits(self.limits)  # a PATCH changes the rate the copies read for every chunk
         try:
@@ -115,7 +116,9 @@ class OfflineEngine:
             for layer in plan.layers:
                 await self._copy_file(ctx, data, layer)
             for disk in plan.disks:
-                if disk.flatten:
+                # One layer in the same format is flat already: copied as a file, whose limiter reads the
+                # budget for every chunk (a PATCH reaches it), where qemu-img convert takes its rate once.
+                if disk.flatten and not (len(disk.src_chain) == 1 and disk.src_format == disk.dst_format):
                     await self._flatten(ctx, data, disk)
                 else:
                     top = LayerPlan(
@@ -176,7 +179,15 @@ class OfflineEngine:
         if rate:
             # qemu-img's own rate limit, bytes/s: taken once, a retune does not reach a running convert.
             args += ["-r", str(rate)]
-        await qemuimg.run(*args, disk.src_top, disk.dst_top, limit_s=None)
+        self.transfer.pin(
+            rate or None,
+            f"qemu-img convert flattening {disk.target} keeps the rate it started with until it ends; "
+            "the copies after it read the new one",
+        )
+        try:
+            await qemuimg.run(*args, disk.src_top, disk.dst_top, limit_s=None)
+        finally:
+            self.transfer.unpin()
         if not await qemuimg.compare(disk.src_top, disk.dst_top):
             raise MigrationFailed(
                 f"the flattened copy of {disk.target} differs from its source", code=Code.VERIFY_FAILED

@@ -290,3 +290,61 @@ async def test_a_retune_reaches_the_rate_the_copies_read_and_the_view_says_so(tm
     await s.engine.run(ctx)
     assert seen and all(rate == (5 * 1024 * 1024, 5 * 1024 * 1024) for rate in seen)
     assert ctx.limits is None  # detached once the copies ended
+
+
+async def test_one_layer_without_snapshots_is_copied_as_a_file_that_a_retune_reaches(tmp_path: Path) -> None:
+    """A disk of one layer is flat already: copied as a file (its limiter reads the budget for every chunk),
+    not through qemu-img convert, whose rate a retune cannot reach (issue 27)."""
+    s = setup(tmp_path)
+    single = s.src_root / "single.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", str(single), "16M")
+    qemu_io_write(single, 0x43, 3)
+    s.host.xml = domain_xml(single)
+    ctx = FakeContext(request(withSnapshots=False))
+    seen: list[Any] = []
+    real = s.engine._copy_file
+
+    async def copy_file(c: Any, data: dict[str, Any], layer: Any) -> None:
+        view = await ctx.limits.retune(cap=3 * 1024 * 1024)
+        seen.append((layer.src, s.engine._rate(ctx), view["effective"]["agentTransferBytesPerSecond"]))
+        await real(c, data, layer)
+
+    s.engine._copy_file = copy_file  # type: ignore[method-assign]
+    await s.engine.run(ctx)
+    assert seen == [(str(single), 3 * 1024 * 1024, 3 * 1024 * 1024)]
+    assert same_data(str(single), str(s.dst_root / "single.qcow2"))
+    assert len(chain_of(str(s.dst_root / "single.qcow2"))) == 1
+
+
+async def test_a_retune_during_a_flattening_convert_is_not_pretended(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """qemu-img convert takes its rate once: while it flattens a chain the view shows that rate and why, and
+    a retune asking for another one answers LimitsNotApplied (rule 5); later copies read the new one."""
+    from agent.errors import LimitsNotApplied
+    from agent.migration import offline
+
+    s = setup(tmp_path)
+    ctx = FakeContext(request(withSnapshots=False), bandwidth=8 * 1024 * 1024)
+    outcome: list[Any] = []
+    real = offline.qemuimg.run
+
+    async def run(*args: Any, **kwargs: Any) -> Any:
+        if args[:2] == ("qemu-img", "convert"):
+            try:
+                await ctx.limits.retune(cap=2 * 1024 * 1024)
+            except LimitsNotApplied as err:
+                outcome.append(err.description)
+            outcome.append(ctx.limits.view())
+        return await real(*args, **kwargs)
+
+    monkeypatch.setattr(offline.qemuimg, "run", run)
+    await s.engine.run(ctx)
+    message, view = outcome
+    assert "agent transfer" in message and "keeps the rate it started with" in message
+    assert view["effective"]["agentTransferBytesPerSecond"] == 8 * 1024 * 1024
+    assert "qemu-img convert flattening vda" in view["effective"]["agentTransferPinned"]
+    assert (
+        view["unapplied"][-1]["knob"] == "agent transfer" and view["budgetBytesPerSecond"] == 2 * 1024 * 1024
+    )
+    assert s.engine.transfer.pinned is None  # unpinned once the convert ended
