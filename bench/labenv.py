@@ -229,6 +229,7 @@ class BenchGuest:
     uuid: str
     host: Host
     files: set[str] = field(default_factory=set)
+    keep: bool = False  # left running with its files when the case ends (evidence of harm, looked at live)
 
     def sources(self) -> dict[str, str]:
         found = disk_sources(self.host, self.name)
@@ -341,7 +342,8 @@ def bench_guest(
     fill_mib: int = 4,
     memory_mib: int = 256,
 ) -> Iterator[BenchGuest]:
-    """A writing lab guest (`scripts/lab guest create`), destroyed (with every file) when the case ends."""
+    """A writing lab guest (`scripts/lab guest create`), destroyed (with every file) when the case ends,
+    unless the case set ``keep`` (a harmed guest kept as evidence)."""
     name = guest_name(case)
     args = [
         "guest", "create", name,
@@ -377,7 +379,10 @@ def bench_guest(
         if guest is not None:
             with contextlib.suppress(BenchError, ET.ParseError):
                 guest.sources()
-        _destroy(name)
-        for path in sorted(guest.files) if guest else []:  # copies made under other names
-            if Path(path).resolve().is_relative_to(LAB_DIR) and os.path.isfile(path):
-                os.unlink(path)
+        if guest is not None and guest.keep:
+            log.warning("guest %s kept as evidence: remove it with scripts/lab guest destroy %s", name, name)
+        else:
+            _destroy(name)
+            for path in sorted(guest.files) if guest else []:  # copies made under other names
+                if Path(path).resolve().is_relative_to(LAB_DIR) and os.path.isfile(path):
+                    os.unlink(path)

@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import shutil
 import subprocess
 import sys
@@ -19,7 +20,8 @@ from pathlib import Path
 
 from bench.labenv import BenchGuest, Host, Lab, bench_guest, ensure_lab, wait_healthy
 from bench.safety import agentcell, report, virshcell
-from bench.safety.observe import Outcome, look_after
+from bench.safety.diagnose import diagnose
+from bench.safety.observe import Outcome, look_after, running_on
 from labkit import memcheck
 from labkit.guestdir import console_path
 from labkit.layout import host_by_name
@@ -48,6 +50,13 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--runs", type=int, default=30, help="migrations per cell (default 30)")
     p.add_argument("--out", type=Path, default=Path("safety-out"), help="results directory (appended to)")
     p.add_argument("--cells", default=",".join(CELLS), help=f"comma-separated, of: {', '.join(CELLS)}")
+    p.add_argument(
+        "--after-harm",
+        choices=("stop", "continue"),
+        default="stop",
+        help="a harmed run stops its cell (default), or the cell goes on with a new guest (harm counted)",
+    )
+    p.add_argument("--look", metavar="GUEST", help="only look at a guest (kept or any), as for a harmed run")
     args = p.parse_args(argv)
     args.cells = [c for c in args.cells.split(",") if c]
     unknown = set(args.cells) - set(CELLS)
@@ -70,23 +79,13 @@ async def one_run(lab: Lab, guest: BenchGuest, cell: str, run_no: int) -> Outcom
 
 
 def keep_evidence(lab: Lab, out: Path, outcome: Outcome) -> Path:
-    """The guest's console, QEMU's logs on both hosts, and, where it runs, libvirt's state and the vCPU's
-    registers twice 20 s apart (a hung guest shows the same instruction pointer); the console 20 s later
-    (a slow guest goes on writing)."""
+    """The guest looked at live (bench/safety/diagnose.py: registers, interrupt controllers and the UART
+    twice, the disk writers' records against their acks, where the console goes, an NMI and what follows),
+    then its console, QEMU's logs on both hosts and the run's calls. The guest itself is kept running."""
     where = out / "evidence" / f"{outcome.cell}-{outcome.run}-{outcome.guest}"
     where.mkdir(parents=True, exist_ok=True)
-    notes = []
-    for attempt in (1, 2):
-        for name in outcome.runs_on:
-            host = lab.host(name)
-            notes.append(f"== {name}, look {attempt}: domstate --reason")
-            notes.append(host.virsh("domstate", "--reason", outcome.guest, check=False))
-            for hmp in ("info status", "info registers", "info cpus"):
-                notes.append(f"== {name}, look {attempt}: {hmp}")
-                notes.append(host.virsh("qemu-monitor-command", outcome.guest, "--hmp", hmp, check=False))
-        if attempt == 1:
-            time.sleep(20)
-    (where / "looks.txt").write_text("\n".join(notes) + "\n")
+    shutil.copy2(console_path(outcome.guest), where / "console-at-harm.log")
+    (where / "diagnosis.txt").write_text(diagnose(lab, outcome))
     shutil.copy2(console_path(outcome.guest), where / "console.log")
     for host in lab.hosts:
         qemu_log = host_by_name(host.name).private_dir("/var/log/libvirt") / "qemu" / f"{outcome.guest}.log"
@@ -96,40 +95,49 @@ def keep_evidence(lab: Lab, out: Path, outcome: Outcome) -> Path:
     return where
 
 
-async def run_cell(lab: Lab, out: Path, cell: str, runs: int) -> None:
+async def run_cell(lab: Lab, out: Path, cell: str, runs: int, after_harm: str = "stop") -> None:
+    """``runs`` more runs of the cell. A harmed run keeps its guest (running, for a look) and its evidence;
+    then the cell stops (``after_harm`` "stop") or goes on with a new guest to its count ("continue": every
+    run counts, the harmed ones too)."""
     rows = [r for r in report.load(out) if r["cell"] == cell]
-    if stopped := [r for r in rows if r["harmed"] or not r["verdictTrue"]]:
+    if after_harm == "stop" and (stopped := [r for r in rows if r["harmed"] or not r["verdictTrue"]]):
         log.error(
             "%s stopped at run %d (harm kept in %s/evidence): not run again", cell, stopped[0]["run"], out
         )
         return
     done = len(rows)
-    with bench_guest(
-        lab, f"safety-{cell}", memory_mib=128, dirty_mib_s=8, disk_size_mib=256, fill_mib=16
-    ) as guest:
-        for run_no in range(done + 1, done + runs + 1):
-            wait_healthy()
-            commit = agent_commit(guest.host)
-            outcome = await one_run(lab, guest, cell, run_no)
-            row = {**outcome.as_json(), "agentCommit": commit}
-            with (out / "runs.jsonl").open("a") as sink:
-                sink.write(json.dumps(row) + "\n")
-            report.write(out)
-            log.info(
-                "%s run %d: %s -> %s %s (%s), runs on %s, stale %d, deaths %d, checker ok after %s, %.0f s",
-                cell, run_no, outcome.src, outcome.dst, outcome.verdict, outcome.detail[:120],
-                outcome.runs_on, outcome.stale_pages, len(outcome.death_lines), outcome.checker_ok_after,
-                outcome.seconds,
-            )  # fmt: skip
-            if outcome.harmed or not outcome.verdict_true:
-                where = keep_evidence(lab, out, outcome)
-                log.error(
-                    "%s run %d HARMED THE GUEST or lied about it: evidence in %s; cell stopped",
-                    cell,
-                    run_no,
-                    where,
-                )
-                return
+    last = done + runs
+    while done < last:
+        with bench_guest(
+            lab, f"safety-{cell}", memory_mib=128, dirty_mib_s=8, disk_size_mib=256, fill_mib=16
+        ) as guest:
+            while done < last:
+                done += 1
+                wait_healthy()
+                commit = agent_commit(guest.host)
+                load = os.getloadavg()
+                outcome = await one_run(lab, guest, cell, done)
+                row = {**outcome.as_json(), "agentCommit": commit, "loadavg": [round(v, 2) for v in load]}
+                with (out / "runs.jsonl").open("a") as sink:
+                    sink.write(json.dumps(row) + "\n")
+                report.write(out)
+                log.info(
+                    "%s run %d: %s -> %s %s (%s), runs on %s, stale %d, deaths %d, checker ok after %s, "
+                    "%.0f s, load %.1f",
+                    cell, done, outcome.src, outcome.dst, outcome.verdict, outcome.detail[:120],
+                    outcome.runs_on, outcome.stale_pages, len(outcome.death_lines), outcome.checker_ok_after,
+                    outcome.seconds, load[0],
+                )  # fmt: skip
+                if outcome.harmed or not outcome.verdict_true:
+                    guest.keep = True
+                    where = await asyncio.to_thread(keep_evidence, lab, out, outcome)
+                    log.error(
+                        "%s run %d HARMED THE GUEST or lied about it: evidence in %s; guest %s kept",
+                        cell, done, where, guest.name,
+                    )  # fmt: skip
+                    if after_harm == "stop":
+                        return
+                    break  # a new guest for the rest
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -137,9 +145,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parse(sys.argv[1:] if argv is None else argv)
     args.out.mkdir(parents=True, exist_ok=True)
     lab = ensure_lab()
+    if args.look:
+        seen = Outcome("look", 0, args.look, "", "", verdict="", detail="")
+        seen.runs_on = running_on(lab, args.look, within_s=5)
+        print(diagnose(lab, seen))
+        return 0
     started = time.monotonic()
     for cell in args.cells:
-        asyncio.run(run_cell(lab, args.out, cell, args.runs))
+        asyncio.run(run_cell(lab, args.out, cell, args.runs, args.after_harm))
     print(report.write(args.out))
     log.info("done in %.0f s; rows in %s", time.monotonic() - started, args.out / "runs.jsonl")
     return 0
