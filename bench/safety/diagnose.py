@@ -84,12 +84,42 @@ def console_route(host: Host, name: str) -> list[str]:
         if target.startswith(("pipe:", "/dev/pts", "/dev/ptmx")) or "console" in target or target == console:
             flags = (Path(f"/proc/{pid}/fdinfo/{fd.name}").read_text().split("\n")[1:2] or [""])[0]
             notes.append(f"QEMU fd {fd.name} -> {target} ({flags.strip()})")
+    notes.extend(console_files(name))
     try:
         st = os.stat(console)
         age = time.time() - st.st_mtime
         notes.append(f"console file {console}: {st.st_size} bytes, modified {age:.1f} s ago")
     except OSError as err:
         notes.append(f"console file {console}: {err}")
+    return notes
+
+
+def console_files(name: str) -> list[str]:
+    """The console and any piece rotated off it (virtlogd renames console.log to console.log.0 at its
+    max_size), with inodes, and which processes hold which of them open (QEMU, each host's virtlogd)."""
+    notes = []
+    base = console_path(name)
+    for path in sorted(base.parent.glob(base.name + "*")):
+        st = path.stat()
+        age = time.time() - st.st_mtime
+        notes.append(f"{path.name}: {st.st_size} bytes, inode {st.st_ino}, modified {age:.1f} s ago")
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            comm = (entry / "comm").read_text().strip()
+            fds = list((entry / "fd").iterdir())
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                target = os.readlink(fd)
+                if str(base.parent) in target:
+                    notes.append(
+                        f"pid {entry.name} ({comm}) fd {fd.name} -> {target} (inode {fd.stat().st_ino})"
+                    )
+            except OSError:
+                continue
     return notes
 
 

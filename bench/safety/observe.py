@@ -10,7 +10,7 @@ from typing import Any
 
 from bench.labenv import Host, Lab
 from labkit import memcheck
-from labkit.guestdir import read_acks
+from labkit.guestdir import console_path, read_acks
 
 #: What a guest kernel that died prints on its console (as the lab tests look for it).
 PANIC_SIGNS = ("Kernel panic", "BUG: kernel", "Oops:", "kernel tried to execute")
@@ -39,6 +39,7 @@ class Outcome:
     downtime_ms: float | None = None
     seconds: float = 0.0
     calls: list[tuple[float, str]] = field(default_factory=list)  # (s since the start, what was called)
+    console_pieces: list[str] = field(default_factory=list)  # console.log.N rotated off (virtlogd max_size)
 
     @property
     def verdict_true(self) -> bool:
@@ -86,6 +87,8 @@ def look_after(lab: Lab, outcome: Outcome, mark: int) -> None:
             outcome.writes_after = True
             break
         time.sleep(0.5)
+    base = console_path(outcome.guest)
+    outcome.console_pieces = sorted(p.name for p in base.parent.glob(base.name + ".*"))
     text = memcheck.console_text(outcome.guest)[mark:]
     problems = [m.group(0).strip() for m in memcheck.PROBLEM.finditer(text)]
     outcome.stale_lines = [p for p in problems if not p.startswith("KSA-MEM FAILED")][:20]
