@@ -72,17 +72,37 @@ def console_path(name: str) -> Path:
     return GuestRecord.dir_of(name) / "console.log"
 
 
-def read_acks(name: str) -> dict[str, DiskAcks]:
+def rolled_over(name: str) -> list[Path]:
+    """Pieces rolled off the guest's console (console.log.N): virtlogd does that at its max_size when it
+    writes the console (libvirt's stdio_handler "logd"); the lab sets "file" so that nothing does."""
+    base = console_path(name)
+    return sorted(base.parent.glob(base.name + ".*"))
+
+
+def read_console(name: str) -> str:
+    """The guest's whole serial console. A console that was rolled over is refused: what the guest printed
+    after that is in another file, and reading one piece would make a running guest look silent."""
+    path = console_path(name)
     try:
-        text = console_path(name).read_text(errors="replace")
+        text = path.read_text(errors="replace")
     except FileNotFoundError as err:
-        raise LabError(f"guest {name!r} has no console log ({console_path(name)})") from err
-    return parse_acks(text.splitlines())
+        raise LabError(f"guest {name!r} has no console log ({path})") from err
+    if pieces := rolled_over(name):
+        raise LabError(
+            f"guest {name!r}: its console was rolled over ({', '.join(p.name for p in pieces)} beside "
+            f'{path.name}): it cannot be read whole. The lab\'s qemu.conf must say stdio_handler = "file" '
+            "(virtlogd rolls a console over at 2 MiB): run scripts/lab up"
+        )
+    return text
+
+
+def read_acks(name: str) -> dict[str, DiskAcks]:
+    return parse_acks(read_console(name).splitlines())
 
 
 def acks_summary(name: str) -> dict[str, Any]:
     acks = read_acks(name)
-    text = console_path(name).read_text(errors="replace")
+    text = read_console(name)
     return {
         "name": name,
         "total": sum(a.count for a in acks.values()),

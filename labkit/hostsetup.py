@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -132,7 +133,14 @@ def qemu_conf(host: HostSpec) -> str:
         else 'default_tls_x509_cert_dir = "/etc/pki/qemu"\ndefault_tls_x509_verify = 1\n'
         "migrate_tls_x509_verify = 1\n"
     )
+    # stdio_handler "file": QEMU appends to the guest's console file itself (libvirt opens it, O_APPEND). With
+    # libvirt's default "logd" each host's virtlogd writes it and rolls it over at 2 MiB (console.log ->
+    # console.log.0), counting from the size it found: the first time a guest's console passed 2 MiB, its
+    # output went on in another file and the guest looked silent after a switchover (issue 21,
+    # bench/safety/rotation.py). KSA_LAB_STDIO_HANDLER=logd brings that back, for that experiment only.
+    stdio = os.environ.get("KSA_LAB_STDIO_HANDLER", "file")
     return f"""# written by scripts/lab for {host.name}
+stdio_handler = "{stdio}"
 user = "root"
 group = "root"
 dynamic_ownership = 0

@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass, field
 
 from . import domain
-from .guestdir import GuestRecord, console_path
+from .guestdir import GuestRecord, read_console
 from .sysutil import LabError
 
 #: A whole `ok` line (kernel output can cut into a console line: only whole lines count as proof).
@@ -53,10 +53,7 @@ def enabled(name: str) -> bool:
 
 
 def console_text(name: str) -> str:
-    try:
-        return console_path(name).read_text(errors="replace")
-    except FileNotFoundError as err:
-        raise LabError(f"guest {name!r} has no console log ({console_path(name)})") from err
+    return read_console(name)
 
 
 def read(name: str, text: str, since: int = 0) -> MemReport:

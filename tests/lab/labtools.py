@@ -18,7 +18,7 @@ from typing import Any
 
 from labkit import labview, memcheck
 from labkit.agents import trust_lab_ca
-from labkit.guestdir import console_path
+from labkit.guestdir import console_path, read_console
 from labkit.labview import CephCluster, ceph_from_status, hosts_from_status
 
 REPO = Path(__file__).resolve().parents[2]
@@ -180,10 +180,9 @@ class Guest:
 
     def console(self) -> str:
         """The guest's serial console so far (the lab keeps it with the guest's record)."""
-        try:
-            return console_path(self.name).read_text(errors="replace")
-        except FileNotFoundError:
+        if not console_path(self.name).exists():
             return ""
+        return read_console(self.name)  # refuses a rolled-over console (labkit/guestdir.py)
 
 
 def create_guest(

@@ -194,6 +194,41 @@ def test_verify_follows_the_guest_to_the_other_host(lab: Lab, make_guest: Callab
     assert result.records >= sum(after.values())
 
 
+def test_the_console_stays_whole_across_a_migration_past_2_mib(
+    lab: Lab, make_guest: Callable[..., Guest]
+) -> None:
+    """A long-lived guest's console passes 2 MiB. With libvirt's default stdio_handler ("logd") the
+    destination's virtlogd rolled it over at its first write after the switchover (console.log.0 and a new
+    console.log), and the guest looked silent to everything that reads console.log after a mark (issue 21:
+    bench/safety/rotation.py). The lab lets QEMU write the file itself: the guest's lines go on in it."""
+    guest = make_guest(disk_size_mib=256)
+    guest.wait_for_acks(more=5)
+    console = GUESTS_DIR / guest.name / "console.log"
+    with console.open("a") as out:  # lines no reader parses, to 2 MiB + 8 KiB
+        out.write(
+            ("ksa-pad " + "." * 55 + "\n") * ((2 * 1024 * 1024 + 8192 - console.stat().st_size) // 64 + 1)
+        )
+    src, dst = lab.host("hostA"), lab.host("hostB")
+    xml = ET.fromstring(src.virsh("dumpxml", "--migratable", guest.name))
+    for disk in xml.findall("./devices/disk"):
+        source = disk.find("source")
+        assert source is not None
+        target = dst.root("ps2").path / Path(source.get("file", "")).name
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(target), "256M"], check=True)
+        source.set("file", str(target))
+    dest_xml = TMP_DIR / f"{guest.name}.xml"
+    dest_xml.write_text(ET.tostring(xml, encoding="unicode"))
+    src.virsh(
+        "migrate", "--live", "--p2p", "--copy-storage-all", "--persistent", "--undefinesource",
+        "--xml", str(dest_xml), guest.name, dst.libvirt_uri,
+    )  # fmt: skip
+    dest_xml.unlink()
+    assert guest.where() == {"hostB": "running"}
+    guest.wait_for_acks(more=10)  # reads console.log whole; refuses one that was rolled over
+    assert not list(console.parent.glob("console.log.*")), "the console was rolled over"
+    assert console.stat().st_size > 2 * 1024 * 1024
+
+
 def test_guest_dirties_memory_at_the_requested_rate(lab: Lab, make_guest: Callable[..., Guest]) -> None:
     guest = make_guest(dirty_mib_s=8)
     guest.wait_for_acks(more=5)
