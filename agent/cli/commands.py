@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
@@ -56,23 +55,17 @@ async def follow(client: AgentClient, task_uuid: str, args: argparse.Namespace, 
     """The progress view until the task ends, then the summary; the exit code says how it ended."""
     view = make_progress_view(out)
     final: TaskView | None = None
-    interrupted = False
     snapshots = follow_task(
         client, task_uuid, poll_interval=args.poll_interval, use_events=not args.no_events
     )
-    try:
-        async with contextlib.aclosing(snapshots):
-            async for final in snapshots:
-                view.update(final)
-    except asyncio.CancelledError:
-        interrupted = True
-        raise
-    finally:
-        view.close()
-        if interrupted:
-            out.error(
-                f"stopped watching; task {task_uuid} goes on (stop it: kvm-storage-agent cancel {task_uuid})"
-            )
+    stop_it = f"stop it: kvm-storage-agent cancel {task_uuid}"
+    with out.watching(f"stopped watching; task {task_uuid} goes on ({stop_it})"):
+        try:
+            async with contextlib.aclosing(snapshots):
+                async for final in snapshots:
+                    view.update(final)
+        finally:
+            view.close()
     if final is None:  # follow_task always yields at least once; keeps the type checker honest
         raise BadResponse(local_error("CLIENT.BAD_RESPONSE", f"no state for task {task_uuid}"))
     if out.json_mode:

@@ -130,24 +130,17 @@ async def follow(client: AgentClient, uuid: str, args: argparse.Namespace, out: 
     """Poll the evacuation until it ends; the bars (or lines) meanwhile, then the summary."""
     view = make_view(out)
     final: dict[str, Any] = {}
-    interrupted = False
-    try:
-        while True:
-            final = await client.evacuation(uuid)
-            view.update(final)
-            if final.get("state") in FINAL:
-                break
-            await asyncio.sleep(args.poll_interval)
-    except asyncio.CancelledError:
-        interrupted = True
-        raise
-    finally:
-        view.close()
-        if interrupted:
-            out.error(
-                f"stopped watching; evacuation {uuid} goes on "
-                f"(stop it: kvm-storage-agent evacuation cancel {uuid})"
-            )
+    stop_it = f"stop it: kvm-storage-agent evacuation cancel {uuid}"
+    with out.watching(f"stopped watching; evacuation {uuid} goes on ({stop_it})"):
+        try:
+            while True:
+                final = await client.evacuation(uuid)
+                view.update(final)
+                if final.get("state") in FINAL:
+                    break
+                await asyncio.sleep(args.poll_interval)
+        finally:
+            view.close()
     if out.json_mode:
         out.json(final)
     else:

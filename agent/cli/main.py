@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
+import signal
 import ssl
 import sys
 from collections.abc import Sequence
@@ -34,7 +36,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ClientError as err:
         _report(out, err)
         return exit_for_error(err)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, asyncio.CancelledError):  # Ctrl-C (``_bound_interrupts``)
         return Exit.INTERRUPTED
 
 
@@ -59,10 +61,44 @@ def serve(config: Path) -> int:
     return Exit.OK
 
 
+#: How long a command has, after Ctrl-C, to wind down through its cancel before the CLI exits anyway.
+INTERRUPT_GRACE_S = 3.0
+
+
 async def _run(args: argparse.Namespace, out: Output) -> int:
+    _bound_interrupts(out)
     async with _client(args) as client:
         code: int = await args.handler(client, args, out)
         return code
+
+
+def _bound_interrupts(out: Output) -> None:
+    """Ctrl-C cancels the command, as ``asyncio.run`` would; if it has not ended ``INTERRUPT_GRACE_S`` later
+    (a cancel that some await never passed on: a watcher once stayed for minutes on an idle event stream),
+    or at a second Ctrl-C, the CLI says what goes on without it and exits 130 at once. A watch must never
+    outlive the operator's Ctrl-C; nothing is left half-done by leaving (no command writes after it)."""
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    if task is None:
+        return
+    pressed = 0
+
+    def leave() -> None:
+        out.interrupted()
+        os._exit(Exit.INTERRUPTED)
+
+    def on_sigint() -> None:
+        nonlocal pressed
+        pressed += 1
+        if pressed > 1 or task.done():
+            leave()
+            return
+        task.cancel()
+        loop.call_later(INTERRUPT_GRACE_S, leave)
+
+    # Not in the main thread (an embedding caller): asyncio's own handling stays.
+    with contextlib.suppress(RuntimeError, ValueError):
+        loop.add_signal_handler(signal.SIGINT, on_sigint)
 
 
 def _client(args: argparse.Namespace) -> AgentClient:

@@ -5,8 +5,11 @@ With ``--json`` stdout carries JSON only; everything for people (progress, hints
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import math
+from collections.abc import Iterator
 from typing import Any, TextIO
 
 from rich.console import Console, RenderableType
@@ -25,6 +28,8 @@ class Output:
         if not self.console.is_terminal:
             self.console = Console(file=stdout, highlight=False, soft_wrap=True, width=_PIPE_WIDTH)
         self.errors = Console(file=stderr, highlight=False, soft_wrap=True)
+        #: What Ctrl-C leaves behind, said once if the command is interrupted (``watching``).
+        self._on_interrupt: str | None = None
 
     @property
     def interactive(self) -> bool:
@@ -45,6 +50,28 @@ class Output:
     def error(self, text: str) -> None:
         """A message for people on stderr, prefixed with the program's name."""
         self.errors.print(f"kvm-storage-agent: {text}", markup=False)
+
+    @contextlib.contextmanager
+    def watching(self, on_interrupt: str) -> Iterator[None]:
+        """While the body runs, a Ctrl-C (its ``CancelledError``, or ``interrupted`` from the CLI's
+        deadline) says ``on_interrupt`` on stderr, once."""
+        self._on_interrupt = on_interrupt
+        try:
+            yield
+        except asyncio.CancelledError:
+            self.interrupted()
+            raise
+        finally:
+            self._on_interrupt = None
+
+    def interrupted(self) -> None:
+        """Say what the interrupted command leaves going on (if it said), once; flush both streams."""
+        if self._on_interrupt is not None:
+            self.error(self._on_interrupt)
+            self._on_interrupt = None
+        for stream in (self.stdout, self.errors.file):
+            with contextlib.suppress(OSError, ValueError):
+                stream.flush()
 
     def note(self, text: str) -> None:
         """A follow-up line on stderr (details, causes, hints)."""

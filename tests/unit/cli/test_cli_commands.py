@@ -6,6 +6,7 @@ import json
 import signal
 import subprocess
 import sys
+import time
 import types
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -313,17 +314,61 @@ def test_ctrl_c_while_watching_leaves_the_task_running(url: str, fake: FakeAgent
     fake.events_idle = True
     fake.tasks[TASK].snapshots = fake.tasks[TASK].snapshots[1:2]  # stays COPYING
     env = {"KSA_AGENT_URL": url, "KSA_TOKEN_FILE": str(token_file), "PATH": "/usr/bin:/bin"}
-    with subprocess.Popen(
-        [sys.executable, "-m", "agent", "watch", TASK],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO,
-    ) as watcher:  # fmt: skip
-        assert watcher.stdout is not None
-        assert "COPYING" in watcher.stdout.readline()  # watching now
-        watcher.send_signal(signal.SIGINT)
-        _, err = watcher.communicate(timeout=20)
+    watcher = _interrupted([sys.executable, "-m", "agent", "watch", TASK], env, ready="COPYING")
     assert watcher.returncode == 130
-    assert f"task {TASK} goes on" in err
+    assert f"task {TASK} goes on" in watcher.stderr
     assert fake.calls("POST") == []  # no cancel sent
+
+
+#: A command that never passes its cancel on: the CLI leaves anyway, INTERRUPT_GRACE_S after the Ctrl-C.
+_DEAF = """
+import asyncio, sys
+from agent.cli.main import _bound_interrupts
+from agent.cli.output import Output
+
+async def deaf(out):
+    _bound_interrupts(out)
+    with out.watching("stopped watching; the deaf task goes on"):
+        print("ready", flush=True)
+        while True:
+            try:
+                await asyncio.sleep(60)
+            except asyncio.CancelledError:
+                pass
+
+asyncio.run(deaf(Output(sys.stdout, sys.stderr)))
+"""
+
+
+def test_ctrl_c_leaves_even_when_the_command_swallows_its_cancel() -> None:
+    started = time.monotonic()
+    deaf = _interrupted([sys.executable, "-c", _DEAF], {"PATH": "/usr/bin:/bin"}, ready="ready")
+    assert deaf.returncode == 130, deaf.stderr
+    assert "the deaf task goes on" in deaf.stderr
+    assert time.monotonic() - started < 20
+
+
+def _interrupted(argv: list[str], env: dict[str, str], *, ready: str) -> subprocess.CompletedProcess[str]:
+    """Run ``argv``, Ctrl-C it once it printed ``ready``; a process that does not end fails the test
+    (killed, with what it printed), it never hangs the suite."""
+    with subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO
+    ) as proc:  # fmt: skip
+        assert proc.stdout is not None
+        try:
+            ready_by = time.monotonic() + 30
+            while ready not in proc.stdout.readline():
+                assert time.monotonic() < ready_by and proc.poll() is None, f"never printed {ready!r}"
+            proc.send_signal(signal.SIGINT)
+            out, err = proc.communicate(timeout=20)
+        except (AssertionError, subprocess.TimeoutExpired) as failure:
+            proc.kill()
+            out, err = proc.communicate()
+            raise AssertionError(f"{failure}; stdout: {out!r}; stderr: {err!r}") from failure
+        finally:
+            if proc.poll() is None:  # e.g. the suite's own timeout struck while reading
+                proc.kill()
+    return subprocess.CompletedProcess(argv, proc.returncode, out, err)
 
 
 def test_serve_without_the_server_module_says_so(
