@@ -7,10 +7,10 @@ import json
 import os
 import sys
 
-from . import agentctl, lab, network
+from . import agentctl, hostsetup, lab, network
 from .layout import HOSTS, host_by_name
 from .state import LabState, lab_lock
-from .sysutil import LabError, log
+from .sysutil import LabError, kill_pids, log
 
 
 def _cmd_up(args: argparse.Namespace) -> int:
@@ -71,6 +71,24 @@ def _cmd_agent(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_libvirtd(args: argparse.Namespace) -> int:
+    """Restart one host's libvirtd and nothing else (its guests' QEMU, its agent, the other host and Ceph
+    stay as they are): the fault tests' libvirtd restart. Unlike ``up`` it never rebuilds a host."""
+    lab.require_root()
+    host = host_by_name(args.host)
+    with lab_lock():
+        state = _loaded_state()
+        hs = state.hosts[host.name]
+        try:
+            kill_pids([hs.libvirtd_pid or 0], grace=30)  # SIGTERM: QEMU goes on without it
+            hostsetup.ensure_daemons(host, hs, restart_libvirtd=False)
+            hostsetup.wait_libvirtd(host, hs)
+        finally:
+            state.save()
+    log(f"{host.name}: libvirtd restarted (pid {hs.libvirtd_pid})")
+    return 0
+
+
 def _cmd_link(args: argparse.Namespace) -> int:
     lab.require_root()
     host = host_by_name(args.host)
@@ -103,6 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", choices=("start", "stop", "kill", "restart"))
     p.add_argument("host", choices=hosts)
     p.set_defaults(func=_cmd_agent)
+    p = sub.add_parser("libvirtd", help="restart a host's libvirtd (only it: guests and agent stay)")
+    p.add_argument("action", choices=("restart",))
+    p.add_argument("host", choices=hosts)
+    p.set_defaults(func=_cmd_libvirtd)
     p = sub.add_parser("link", help="cut or restore a host's network link")
     p.add_argument("state", choices=("down", "up"))
     p.add_argument("host", choices=hosts)
