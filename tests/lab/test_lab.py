@@ -254,3 +254,28 @@ def test_agent_kill_and_start(lab_agents: Lab) -> None:
     lab_agents.agent("start", "hostB")
     status = json.loads(lab_cli("status", "--json").stdout)
     assert next(h for h in status["hosts"] if h["name"] == "hostB")["health"]["agent"]
+
+
+def test_libvirtd_restart_restarts_only_libvirtd(lab_agents: Lab, make_guest: Callable[..., Guest]) -> None:
+    """The fault tests' libvirtd restart (`scripts/lab libvirtd restart`): the host's libvirtd gets a new
+    pid; its guest's QEMU, its agent and the other host's daemons stay the same processes; the guest writes
+    on."""
+    guest = make_guest(host="hostB")
+
+    def pids() -> dict[str, dict[str, int]]:
+        status = json.loads(lab_cli("status", "--json").stdout)
+        return {h["name"]: h["pids"] for h in status["hosts"]}
+
+    def qemu_pid() -> int:
+        found = subprocess.run(["pgrep", "-f", f"guest={guest.name},"], capture_output=True, text=True)
+        return int(found.stdout.split()[0])
+
+    before, qemu = pids(), qemu_pid()
+    lab_cli("libvirtd", "restart", "hostB")
+    after = pids()
+    assert after["hostB"]["libvirtd"] != before["hostB"]["libvirtd"]
+    assert after["hostB"]["agent"] == before["hostB"]["agent"]
+    assert after["hostA"] == before["hostA"]
+    assert qemu_pid() == qemu
+    assert lab_agents.host("hostB").virsh("domstate", guest.name).strip() == "running"
+    guest.wait_for_acks(more=5)
