@@ -205,10 +205,24 @@ def start(host: HostSpec, hs: HostState, ceph: CephState) -> None:
         except LabError as err:
             # Seen under the fault matrix: a fresh agent SIGKILLed within a second of its start, by a
             # sender not found yet (the holder's log names the signal, but it may not have written it yet
-            # when this looks). Once more, whatever the reason, saying so: a broken agent fails twice.
+            # when this looks). And seen in guest-safety's kill series (2026-12-06): the agent judged gone
+            # went on serving, and the second start exited at once on its state-directory lock, leaving
+            # the state naming the dead one. So: an agent that serves this host's config and answers is
+            # kept; else once more, saying so: a broken agent fails twice.
+            if (serving := _serving(host, hs)) is not None:
+                log(f"WARNING: {str(err).splitlines()[0]}; but pid {serving} serves {host.name}: keeping it")
+                hs.agent_pid = serving
+                write_file(host.agent_pid_file, f"{serving}\n")
+                return
             if attempt == 2:
                 raise
             log(f"WARNING: {str(err).splitlines()[0]}; starting it once more")
+
+
+def _serving(host: HostSpec, hs: HostState) -> int | None:
+    """The one live agent process of this host's config, if the host's agent URL answers (else None)."""
+    alive = [p for p in {hs.agent_pid or 0, *strays(host, hs)} if pid_matches(p, AGENT_MARK)]
+    return alive[0] if len(alive) == 1 and healthy(host) else None
 
 
 def wait_healthy(host: HostSpec, hs: HostState) -> None:
