@@ -80,7 +80,8 @@ def _cmd_libvirtd(args: argparse.Namespace) -> int:
         state = _loaded_state()
         hs = state.hosts[host.name]
         try:
-            kill_pids([hs.libvirtd_pid or 0], grace=30)  # SIGTERM: QEMU goes on without it
+            if hs.libvirtd_pid is not None and hostsetup.libvirtd_ok(hs):  # its own, not a reused pid
+                kill_pids([hs.libvirtd_pid], grace=30)  # SIGTERM: QEMU goes on without it
             hostsetup.ensure_daemons(host, hs, restart_libvirtd=False)
             hostsetup.wait_libvirtd(host, hs)
         finally:

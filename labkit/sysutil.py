@@ -117,6 +117,8 @@ def kill_pids(pids: Sequence[int], *, grace: float = 5.0, sig: int = signal.SIGT
 
 
 def _signal(pid: int, sig: int) -> None:
+    if pid <= 0:  # 0 or -N would signal a whole process group (the caller's own, for 0)
+        return
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, sig)
 
