@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
+from collections.abc import Iterator
 
 from . import agentctl, hostsetup, lab, network
-from .layout import HOSTS, host_by_name
-from .state import LabState, lab_lock
+from .layout import HOSTS, HostSpec, host_by_name
+from .state import HostState, LabState, lab_lock
 from .sysutil import LabError, kill_pids, log
 
 
@@ -52,40 +54,39 @@ def _loaded_state() -> LabState:
     return state
 
 
-def _cmd_agent(args: argparse.Namespace) -> int:
+@contextlib.contextmanager
+def _one_host(name: str) -> Iterator[tuple[HostSpec, LabState, HostState]]:
+    """The lab state of host ``name`` under the lab lock, saved afterwards whatever happened."""
     lab.require_root()
-    host = host_by_name(args.host)
+    host = host_by_name(name)
     with lab_lock():
         state = _loaded_state()
-        hs = state.hosts[host.name]
         try:
-            if args.action in ("stop", "restart"):
-                agentctl.stop(host, hs)
-            elif args.action == "kill":
-                agentctl.stop(host, hs, hard=True)
-            if args.action in ("start", "restart"):
-                agentctl.start(host, hs, state.ceph)
-                state.agents = True
+            yield host, state, state.hosts[host.name]
         finally:
             state.save()
+
+
+def _cmd_agent(args: argparse.Namespace) -> int:
+    with _one_host(args.host) as (host, state, hs):
+        if args.action in ("stop", "restart"):
+            agentctl.stop(host, hs)
+        elif args.action == "kill":
+            agentctl.stop(host, hs, hard=True)
+        if args.action in ("start", "restart"):
+            agentctl.start(host, hs, state.ceph)
+            state.agents = True
     return 0
 
 
 def _cmd_libvirtd(args: argparse.Namespace) -> int:
     """Restart one host's libvirtd and nothing else (its guests' QEMU, its agent, the other host and Ceph
     stay as they are): the fault tests' libvirtd restart. Unlike ``up`` it never rebuilds a host."""
-    lab.require_root()
-    host = host_by_name(args.host)
-    with lab_lock():
-        state = _loaded_state()
-        hs = state.hosts[host.name]
-        try:
-            if hs.libvirtd_pid is not None and hostsetup.libvirtd_ok(hs):  # its own, not a reused pid
-                kill_pids([hs.libvirtd_pid], grace=30)  # SIGTERM: QEMU goes on without it
-            hostsetup.ensure_daemons(host, hs, restart_libvirtd=False)
-            hostsetup.wait_libvirtd(host, hs)
-        finally:
-            state.save()
+    with _one_host(args.host) as (host, _, hs):
+        if hs.libvirtd_pid is not None and hostsetup.libvirtd_ok(hs):  # its own, not a reused pid
+            kill_pids([hs.libvirtd_pid], grace=30)  # SIGTERM: QEMU goes on without it
+        hostsetup.ensure_daemons(host, hs, restart_libvirtd=False)
+        hostsetup.wait_libvirtd(host, hs)
     log(f"{host.name}: libvirtd restarted (pid {hs.libvirtd_pid})")
     return 0
 
