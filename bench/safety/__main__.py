@@ -129,11 +129,13 @@ async def run_cell(lab: Lab, out: Path, cell: str, runs: int, after_harm: str = 
                     outcome.seconds, load[0],
                 )  # fmt: skip
                 if outcome.harmed or not outcome.verdict_true:
-                    guest.keep = True
+                    # Looked at live first (keep_evidence); a series that goes on does not leave the harmed
+                    # guest running: one stray TCG guest takes a core and loads every run after it.
+                    guest.keep = after_harm == "stop"
                     where = await asyncio.to_thread(keep_evidence, lab, out, outcome)
                     log.error(
-                        "%s run %d HARMED THE GUEST or lied about it: evidence in %s; guest %s kept",
-                        cell, done, where, guest.name,
+                        "%s run %d HARMED THE GUEST or lied about it: evidence in %s; guest %s %s",
+                        cell, done, where, guest.name, "kept" if guest.keep else "destroyed",
                     )  # fmt: skip
                     if after_harm == "stop":
                         return
