@@ -8,7 +8,7 @@ from agent.config import AgentConfig
 from agent.errors import InvalidRequest
 from agent.migration.crosshost import CrossHostEngine
 from agent.migration.engine import Engine, EngineFactory, TaskContext
-from agent.migration.offline import OfflineEngine
+from agent.migration.offline import offline_engine
 from agent.migration.request import MigrationRequest
 from agent.migration.samehost import SameHostEngine
 from agent.storage.roots import StorageRoots
@@ -61,6 +61,6 @@ def make_engine_factory(
             if same_host
             else CrossHostEngine(host, roots, config, wedged=wedged, history=history)
         )
-        return ByVmState(live, OfflineEngine(host, roots, config, same_host=same_host), host)
+        return ByVmState(live, offline_engine(host, roots, config, same_host=same_host), host)
 
     return factory

@@ -14,7 +14,7 @@ from typing import Any
 
 from agent.config import StorageKind
 from agent.errors import InvalidRequest, PreflightFailed
-from agent.migration.pacing import AllocationIndex
+from agent.migration.mirrors.speeds import AllocationIndex
 from agent.migration.request import MigrationRequest
 from agent.storage import qemuimg
 from agent.storage.qemuimg import ImageInfo

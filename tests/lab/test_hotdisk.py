@@ -18,7 +18,7 @@ import pytest
 from agentapi import Run, disk_sources, migrate, qemu_img_chain
 from labtools import Guest, Lab, LabHost
 
-from agent.migration.hotdisk import BUFFER_SLACK
+from agent.migration.mirrors.hotdisk import BUFFER_SLACK
 from labkit.bodies import migration_body, to_host_body
 from labkit.mgmtplane import CallbackRecorder
 

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-# tests/unit mirrors agent/ (tests/unit/migration/test_pacing.py tests agent/migration/pacing.py); the helpers
-# every folder shares (service_fakes, fake_agent_api, cli_helpers) live here and are imported by name.
+# tests/unit mirrors agent/ (tests/unit/migration/test_mirror_speeds.py tests agent/migration/mirrors/
+# speeds.py); the helpers every folder shares (service_fakes, fake_agent_api, cli_helpers) live here and
+# are imported by name.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 

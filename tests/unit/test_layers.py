@@ -69,8 +69,59 @@ def upward_imports(root: Path) -> list[str]:
     return found
 
 
+#: agent/migration's engines: each moves storage its own way and none builds on another's insides; what
+#: they share lives beside them (convergence, mirrors, peer, and migration's own modules).
+ENGINES = ("samehost", "crosshost", "incoming", "offline")
+
+
+def engine_crossings(root: Path) -> list[str]:
+    """Every import from one engine package of agent/migration into another."""
+    found = []
+    for engine in ENGINES:
+        for path in sorted((root / "migration" / engine).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text(), str(path))):
+                if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                    names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+                elif isinstance(node, ast.Import):
+                    names = [alias.name for alias in node.names]
+                else:
+                    continue
+                for name in names:
+                    parts = name.split(".")
+                    if parts[:2] == ["agent", "migration"] and len(parts) > 2:
+                        other = parts[2]
+                        if other in ENGINES and other != engine:
+                            found.append(f"{path}:{node.lineno}: {engine} imports {name}")
+    return sorted(set(found))
+
+
 def test_imports_point_one_way() -> None:
     assert upward_imports(AGENT) == []
+
+
+def test_engines_do_not_import_each_other() -> None:
+    assert engine_crossings(AGENT) == []
+
+
+def test_the_engine_rule_sees_a_crossing(tmp_path: Path) -> None:
+    """Not vacuous: both spellings of a crossing are found, an import of a shared package is not."""
+    for engine in ("offline", "crosshost", "samehost"):
+        (tmp_path / "migration" / engine).mkdir(parents=True)
+    (tmp_path / "migration" / "offline" / "bad.py").write_text(
+        "from agent.migration.crosshost.prepare import send_layers\n"
+    )
+    (tmp_path / "migration" / "samehost" / "bad.py").write_text(
+        "def f():\n    from agent.migration import crosshost\n    return crosshost\n"
+    )
+    (tmp_path / "migration" / "crosshost" / "fine.py").write_text(
+        "from agent.migration import convergence\nfrom agent.migration.mirrors import hotdisk\n"
+    )
+    offline, samehost = tmp_path / "migration" / "offline", tmp_path / "migration" / "samehost"
+    assert engine_crossings(tmp_path) == [
+        f"{offline / 'bad.py'}:1: offline imports agent.migration.crosshost.prepare",
+        f"{offline / 'bad.py'}:1: offline imports agent.migration.crosshost.prepare.send_layers",
+        f"{samehost / 'bad.py'}:2: samehost imports agent.migration.crosshost",
+    ]
 
 
 def test_the_rule_sees_an_upward_import(tmp_path: Path) -> None:

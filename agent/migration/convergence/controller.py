@@ -28,7 +28,7 @@ from agent.migration.convergence.passes import Estimate, PassWindow
 from agent.migration.convergence.policy import ConvergencePolicy
 from agent.migration.convergence.report import summarise
 from agent.migration.convergence.samples import MigrationSample, mib
-from agent.migration.pacing import UNLIMITED_SPEED
+from agent.migration.mirrors.speeds import UNLIMITED_SPEED
 from agent.migration.request import Strategy
 
 #: The disk mirrors count as caught up for a switch to post-copy when this little is left: a guest that

@@ -21,7 +21,7 @@ from agent.migration.crosshost.params import (
 )
 from agent.migration.crosshost.steering import Steering
 from agent.migration.engine import TaskContext, budget_of
-from agent.migration.guestwrites import read_guest_writes
+from agent.migration.mirrors.guestwrites import read_guest_writes
 from agent.migration.plan import MigrationPlan, allocation_index
 from agent.virt.domxml import parse_disks
 from agent.virt.host import DomainEvent, VirtHost

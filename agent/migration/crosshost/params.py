@@ -9,8 +9,9 @@ from typing import Any
 import libvirt
 
 from agent.config import AgentConfig
-from agent.migration import convergence, hotdisk
+from agent.migration import convergence
 from agent.migration.engine import TaskContext, budget_of
+from agent.migration.mirrors import hotdisk
 from agent.migration.plan import MigrationPlan
 from agent.migration.request import Strategy
 from agent.virt.domxml import rewrite_disk_sources

@@ -12,7 +12,7 @@ from agent.errors import Code, PreflightFailed
 from agent.migration import snapshots
 from agent.migration.engine import TaskContext, budget_of
 from agent.migration.peer.client import DestinationAgent
-from agent.migration.peer.layers import send_layer_to_peer
+from agent.migration.peer.layers import LayerToSend, send_layers_to_peer
 from agent.migration.peer.wire import IncomingDisk, IncomingSpec
 from agent.migration.plan import MigrationPlan, RemoteRoot, inspect_chains, plan_migration
 from agent.virt.domxml import parse_disks
@@ -66,26 +66,21 @@ async def send_layers(
         return
 
     done: dict[str, str] = data.setdefault("layersDone", {})  # destination path -> source path
+    dst_path: dict[tuple[str, int], str] = {}
+    todo: list[LayerToSend] = []
     for disk in plan.disks:
         paths = next(d for d in prepared["disks"] if d["target"] == disk.target)["layers"]
-        for index, (layer, dst_path) in enumerate(zip(disk.lower_layers, paths, strict=True)):
-            if dst_path in done:  # sent before a restart, or a base shared with another disk
+        for index, (layer, path) in enumerate(zip(disk.lower_layers, paths, strict=True)):
+            if path in done or path in dst_path.values():  # sent before a restart, or a shared base
                 continue
+            dst_path[disk.target, index] = path
             item = f"layer:{os.path.basename(layer.src)}"
+            todo.append(LayerToSend(disk.target, index, layer.src, layer.format, item))
 
-            def progress(done_bytes: int, total: int, item: str = item) -> None:
-                ctx.progress(item, done_bytes, total)
+    async def sent(layer: LayerToSend) -> None:
+        done[dst_path[layer.target, layer.index]] = layer.src
+        await ctx.checkpoint(data)
 
-            await send_layer_to_peer(
-                peer,
-                ctx.task_uuid,
-                disk.target,
-                index,
-                layer.src,
-                layer.format,
-                rate=lambda: budget_of(ctx),
-                on_progress=progress,
-                log=ctx.log,
-            )
-            done[dst_path] = layer.src
-            await ctx.checkpoint(data)
+    await send_layers_to_peer(
+        peer, ctx.task_uuid, todo, rate=lambda: budget_of(ctx), progress=ctx.progress, log=ctx.log, sent=sent
+    )

@@ -13,11 +13,12 @@ from typing import Any
 import libvirt
 
 from agent.errors import AgentError, Code, MigrationFailed
-from agent.migration import convergence, hotdisk
+from agent.migration import convergence
 from agent.migration.crosshost.streams import MigrationStreams, job_device, stream_target
 from agent.migration.engine import TaskContext
 from agent.migration.limits import LiveLimits, Targets
-from agent.migration.pacer import (
+from agent.migration.mirrors import hotdisk
+from agent.migration.mirrors.pacer import (
     BY_REMAINING,
     FIGURES_EVERY_S,
     JobFigures,
@@ -25,7 +26,7 @@ from agent.migration.pacer import (
     PacedMirror,
     judge_budget,
 )
-from agent.migration.pacing import UNLIMITED_SPEED, AllocationIndex, SteeringClock
+from agent.migration.mirrors.speeds import UNLIMITED_SPEED, AllocationIndex, SteeringClock
 from agent.migration.plan import MigrationPlan
 from agent.migration.request import Strategy
 from agent.migration.states import TaskState

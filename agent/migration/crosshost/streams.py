@@ -15,7 +15,7 @@ from typing import Any
 from agent.migration import convergence
 from agent.migration.engine import TaskContext
 from agent.migration.limits import KEEP, UNCAPPED_MIB, Effective, Targets, stream_speed
-from agent.migration.pacer import MirrorPacer
+from agent.migration.mirrors.pacer import MirrorPacer
 from agent.virt.host import VirtHost
 
 MiB = 1024 * 1024

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
 
 from agent.migration.peer.client import DestinationAgent
 from agent.transfer.endpoint import NbdEndpoint
@@ -51,3 +52,46 @@ async def send_layer_to_peer(
         result.bytes_total,
         result.seconds,
     )
+
+
+@dataclass(frozen=True)
+class LayerToSend:
+    """One file of a disk's chain on the destination: ``index`` 0 is the base; ``item`` names its progress."""
+
+    target: str
+    index: int
+    src: str
+    fmt: str
+    item: str
+
+
+async def send_layers_to_peer(
+    peer: DestinationAgent,
+    migration_id: str,
+    layers: Iterable[LayerToSend],
+    *,
+    rate: Callable[[], int | None],
+    progress: Callable[[str, int, int], None],
+    log: logging.LoggerAdapter[logging.Logger],
+    sent: Callable[[LayerToSend], Awaitable[None]] | None = None,
+) -> None:
+    """Send ``layers`` in order, each verified on the destination before the next; ``sent`` is awaited after
+    each (a resumable caller journals it there)."""
+    for layer in layers:
+
+        def on_progress(done: int, total: int, item: str = layer.item) -> None:
+            progress(item, done, total)
+
+        await send_layer_to_peer(
+            peer,
+            migration_id,
+            layer.target,
+            layer.index,
+            layer.src,
+            layer.fmt,
+            rate=rate,
+            on_progress=on_progress,
+            log=log,
+        )
+        if sent is not None:
+            await sent(layer)

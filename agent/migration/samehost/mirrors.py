@@ -10,9 +10,9 @@ import os
 import libvirt
 
 from agent.errors import Code, MigrationFailed
-from agent.migration import hotdisk
 from agent.migration.engine import Step, TaskContext
-from agent.migration.hotdisk import Mode
+from agent.migration.mirrors import hotdisk
+from agent.migration.mirrors.hotdisk import Mode
 from agent.migration.samehost.work import Mirror, Work
 from agent.storage import qemuimg
 from agent.virt.domxml import block_copy_dest_xml

@@ -9,8 +9,8 @@ from typing import Any
 
 from agent.errors import Code, MigrationFailed, NotFound, StorageError
 from agent.migration.engine import Step, TaskContext, announce, run_past_cancel
-from agent.migration.hotdisk import Mode
-from agent.migration.pacing import AllocationIndex
+from agent.migration.mirrors.hotdisk import Mode
+from agent.migration.mirrors.speeds import AllocationIndex
 from agent.migration.plan import DiskPlan, MigrationPlan, allocation_index
 from agent.migration.samehost.abandon import abandon
 from agent.migration.samehost.steering import pace, raise_if_stopped

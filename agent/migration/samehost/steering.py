@@ -9,13 +9,13 @@ import asyncio
 import time
 
 from agent.errors import AgentError, Code, MigrationFailed, NotFound, VirtError
-from agent.migration import hotdisk
 from agent.migration.engine import Step, TaskContext
-from agent.migration.guestwrites import read_guest_writes
-from agent.migration.hotdisk import DiskWatch, Mode
 from agent.migration.limits import Effective, LiveLimits, Targets
-from agent.migration.pacer import EQUAL_SHARES, JobFigures, MirrorPacer, judge_budget
-from agent.migration.pacing import SteeringClock
+from agent.migration.mirrors import hotdisk
+from agent.migration.mirrors.guestwrites import read_guest_writes
+from agent.migration.mirrors.hotdisk import DiskWatch, Mode
+from agent.migration.mirrors.pacer import EQUAL_SHARES, JobFigures, MirrorPacer, judge_budget
+from agent.migration.mirrors.speeds import SteeringClock
 from agent.migration.plan import allocation_index
 from agent.migration.request import Strategy
 from agent.migration.samehost.mirrors import on_event, restart_write_blocking, start_mirror

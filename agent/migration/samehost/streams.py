@@ -9,7 +9,7 @@ import time
 from agent.errors import AgentError, Code
 from agent.migration.engine import TaskContext
 from agent.migration.limits import Effective, Targets
-from agent.migration.pacer import MirrorPacer
+from agent.migration.mirrors.pacer import MirrorPacer
 from agent.migration.samehost.work import Work
 from agent.virt.host import VirtHost
 

@@ -7,9 +7,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from agent.migration.engine import Step, TaskContext
-from agent.migration.hotdisk import BudgetMeter, DiskWatch, Mode
-from agent.migration.pacer import PacedMirror
-from agent.migration.pacing import AllocationIndex
+from agent.migration.mirrors.hotdisk import BudgetMeter, DiskWatch, Mode
+from agent.migration.mirrors.pacer import PacedMirror
+from agent.migration.mirrors.speeds import AllocationIndex
 from agent.migration.plan import DiskPlan, MigrationPlan
 
 #: How long a copy waits for a restarting libvirtd (QEMU keeps mirroring meanwhile; libvirt 9.0 takes the

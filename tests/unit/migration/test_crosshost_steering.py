@@ -14,7 +14,7 @@ import pytest
 from agent.errors import MigrationFailed, VirtError
 from agent.migration import convergence
 from agent.migration.crosshost.steering import Steering
-from agent.migration.pacing import AllocationIndex
+from agent.migration.mirrors.speeds import AllocationIndex
 from agent.migration.plan import DiskPlan, MigrationPlan
 from agent.migration.request import MigrationRequest
 

@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from agent.migration import guestwrites
-from agent.migration.guestwrites import MEASURE_WRITES_S, read_guest_writes
+from agent.migration.mirrors import guestwrites
+from agent.migration.mirrors.guestwrites import MEASURE_WRITES_S, read_guest_writes
 from agent.virt.writes import WriteHistory
 
 VM = "vm-1"

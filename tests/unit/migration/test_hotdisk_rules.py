@@ -1,9 +1,10 @@
-"""Hot-disk judgement and budget split (agent.migration.hotdisk) and the charge past a mirror's first pass."""
+"""Hot-disk judgement and budget split (agent.migration.mirrors.hotdisk) and the charge past a mirror's first
+pass."""
 
 from __future__ import annotations
 
 from agent.errors import ConvergenceFailed
-from agent.migration.hotdisk import (
+from agent.migration.mirrors.hotdisk import (
     JUDGE_AFTER_S,
     MIN_BACKGROUND,
     BudgetMeter,
@@ -16,7 +17,7 @@ from agent.migration.hotdisk import (
     over_budget_note,
     start_write_blocking,
 )
-from agent.migration.pacing import AllocationIndex, MirrorSample, job_speed
+from agent.migration.mirrors.speeds import AllocationIndex, MirrorSample, job_speed
 
 MiB = 1024 * 1024
 

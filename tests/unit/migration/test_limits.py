@@ -14,10 +14,10 @@ from service_fakes import FakeStreams
 from agent.errors import LimitsNotApplied
 from agent.migration import convergence
 from agent.migration.crosshost.streams import MigrationStreams
-from agent.migration.hotdisk import BudgetMeter, DiskWatch
 from agent.migration.limits import KEEP, UNCAPPED_MIB, Effective, LiveLimits, Targets
-from agent.migration.pacer import BY_REMAINING, EQUAL_SHARES, MirrorPacer, PacedMirror
-from agent.migration.pacing import AllocationIndex, MirrorSample, SteeringClock
+from agent.migration.mirrors.hotdisk import BudgetMeter, DiskWatch
+from agent.migration.mirrors.pacer import BY_REMAINING, EQUAL_SHARES, MirrorPacer, PacedMirror
+from agent.migration.mirrors.speeds import AllocationIndex, MirrorSample, SteeringClock
 from agent.migration.request import MigrationRequest
 
 MiB = 1024 * 1024

@@ -1,13 +1,13 @@
-"""The shared mirror pacer (agent.migration.pacer): real bytes from job figures, the two budget rules, the
-speeds worth setting, the budget meter and the figures in the task's details."""
+"""The shared mirror pacer (agent.migration.mirrors.pacer): real bytes from job figures, the two budget rules,
+the speeds worth setting, the budget meter and the figures in the task's details."""
 
 from __future__ import annotations
 
 import logging
 from typing import Any
 
-from agent.migration.hotdisk import BudgetMeter, DiskWatch, Mode
-from agent.migration.pacer import (
+from agent.migration.mirrors.hotdisk import BudgetMeter, DiskWatch, Mode
+from agent.migration.mirrors.pacer import (
     BY_REMAINING,
     EQUAL_SHARES,
     JobFigures,
@@ -15,7 +15,13 @@ from agent.migration.pacer import (
     PacedMirror,
     judge_budget,
 )
-from agent.migration.pacing import POSITIONAL_SLACK, SPEED_SLACK, AllocationIndex, MirrorSample, SteeringClock
+from agent.migration.mirrors.speeds import (
+    POSITIONAL_SLACK,
+    SPEED_SLACK,
+    AllocationIndex,
+    MirrorSample,
+    SteeringClock,
+)
 
 MiB = 1024 * 1024
 GiB = 1024 * MiB

@@ -18,7 +18,7 @@ import pytest
 from service_fakes import STORAGE_B, VM_1, make_config
 
 from agent.errors import MigrationFailed, PreflightFailed
-from agent.migration.offline import OfflineEngine
+from agent.migration.offline import LocalOfflineEngine
 from agent.migration.request import MigrationRequest
 from agent.migration.states import TaskState as S
 from agent.storage.roots import StorageRoots
@@ -129,7 +129,7 @@ class Setup:
     base: Path
     top: Path
     roots: StorageRoots
-    engine: OfflineEngine
+    engine: LocalOfflineEngine
     host: FakeHost
 
 
@@ -144,7 +144,7 @@ def setup(tmp_path: Path, *, state: str = "shutoff", refuse_define: bool = False
     qemu_io_write(top, 0x42, 2)
     roots = StorageRoots.from_config(config)
     host = FakeHost(domain_xml(top), state, refuse_define=refuse_define)
-    engine = OfflineEngine(cast(VirtHost, host), roots, config, same_host=True)
+    engine = LocalOfflineEngine(cast(VirtHost, host), roots, config)
     return Setup(src_root, dst_root, base, top, roots, engine, host)
 
 
@@ -322,7 +322,7 @@ async def test_a_retune_during_a_flattening_convert_is_not_pretended(
     """qemu-img convert takes its rate once: while it flattens a chain the view shows that rate and why, and
     a retune asking for another one answers LimitsNotApplied (rule 5); later copies read the new one."""
     from agent.errors import LimitsNotApplied
-    from agent.migration import offline
+    from agent.migration.offline import local as offline
 
     s = setup(tmp_path)
     ctx = FakeContext(request(withSnapshots=False), bandwidth=8 * 1024 * 1024)

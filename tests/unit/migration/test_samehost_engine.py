@@ -14,10 +14,10 @@ import libvirt
 import pytest
 
 from agent.errors import ConvergenceFailed, MigrationFailed, VirtError
-from agent.migration import hotdisk
 from agent.migration.engine import Deadline, Step
-from agent.migration.hotdisk import DiskWatch, Mode
-from agent.migration.pacing import AllocationIndex
+from agent.migration.mirrors import hotdisk
+from agent.migration.mirrors.hotdisk import DiskWatch, Mode
+from agent.migration.mirrors.speeds import AllocationIndex
 from agent.migration.plan import DiskPlan, MigrationPlan
 from agent.migration.request import MigrationRequest
 from agent.migration.samehost import resume, steering, switch

@@ -12,7 +12,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from agent.migration.hotdisk import WINDOW_S
+from agent.migration.mirrors.hotdisk import WINDOW_S
 from agent.virt.host import VirtHost
 from agent.virt.writes import WriteHistory, WriteSample
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agent.migration.pacing import (
+from agent.migration.mirrors.speeds import (
     HORIZON_TICKS,
     UNLIMITED_SPEED,
     AllocationIndex,

@@ -1,7 +1,7 @@
 """The mirror pacer: one tick of pacing for every disk mirror of a task, in both live engines.
 
 Each tick the engine reads its mirror jobs (same host: libvirt's block jobs; across hosts: the migration's
-NBD mirrors through QMP) and hands the figures here. The pacer turns them into real bytes (``pacing``):
+NBD mirrors through QMP) and hands the figures here. The pacer turns them into real bytes (``speeds``):
 progress, the task's budget meter, each disk's watch (``hotdisk``); splits the budget into shares by the
 engine's rule; names the mirrors that cannot converge at their share; and plans each job's next speed. The
 engine decides what a losing mirror means and sets the speeds its own way.
@@ -14,7 +14,7 @@ Two budget rules, on purpose (``BudgetRule``):
   in write-blocking mode alone), and a speed change is a direct libvirt call answered within the tick, so
   the equal shares are simply re-split as mirrors become READY.
 - ``BY_REMAINING`` (across hosts): shares in proportion to the real bytes each mirror has left
-  (``pacing.split_by_remaining``), so that all finish together and the budget stays in use to the end
+  (``speeds.split_by_remaining``), so that all finish together and the budget stays in use to the end
   without another change: each change travels through libvirt's QMP passthrough, which a busy libvirtd
   answers late, and libvirt starts the memory phase only when every mirror is READY, so a mirror done early
   only waits. The migration has one copy mode for all disks; in write-blocking mode the guest's writes are
@@ -38,11 +38,11 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from agent.migration import hotdisk
 from agent.migration.engine import TaskContext, budget_of
-from agent.migration.hotdisk import BudgetMeter, DiskWatch, Mode
 from agent.migration.limits import LiveLimits
-from agent.migration.pacing import (
+from agent.migration.mirrors import hotdisk
+from agent.migration.mirrors.hotdisk import BudgetMeter, DiskWatch, Mode
+from agent.migration.mirrors.speeds import (
     POSITIONAL_SLACK,
     SPEED_SLACK,
     AllocationIndex,

@@ -1,0 +1,121 @@
+"""A shut-off VM's storage to another root on this host.
+
+Each layer is copied as a sparse file (rate-limited) and pointed at its new backing file, or the chain is
+flattened with ``qemu-img convert``; every copy is checked with ``qemu-img compare``; then the domain's
+definition is rewritten to the new paths. Until then a failure or cancel removes every file the task
+created; the source images are never touched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from typing import Any
+
+from agent.errors import Code, MigrationFailed, PreflightFailed
+from agent.migration.engine import TaskContext
+from agent.migration.inventory import volume_inventory
+from agent.migration.offline.base import OfflineEngine
+from agent.migration.plan import DiskPlan, LayerPlan, MigrationPlan
+from agent.migration.states import TaskState
+from agent.storage import qemuimg
+from agent.storage.filecopy import copy_sparse_async
+from agent.storage.roots import StorageRoot
+from agent.storage.space import check_free_space
+from agent.virt.domxml import parse_disks, rewrite_disk_sources
+
+
+class LocalOfflineEngine(OfflineEngine):
+    def _root(self, dst_uuid: str) -> StorageRoot:
+        return self.roots.get(dst_uuid)
+
+    async def _move(self, ctx: TaskContext, plan: MigrationPlan) -> list[dict[str, Any]]:
+        targets = [layer.dst for layer in plan.layers] + [d.dst_top for d in plan.disks]
+        for path in targets:
+            if os.path.lexists(path):
+                raise PreflightFailed(
+                    f"target {path} already exists",
+                    code=Code.TARGET_EXISTS,
+                    field="volumes",
+                    details="remove it or choose another destination",
+                )
+        root = self.roots.get(plan.dst_storage_uuid)
+        await check_free_space(root, plan.bytes_total, field="primaryStorageMigrateVm.dstPrimaryStorageUuid")
+        created: list[str] = []
+        data: dict[str, Any] = {"engine": "offline", "created": created}
+        try:
+            await ctx.enter(TaskState.COPYING)
+            for layer in plan.layers:
+                await self._copy_file(ctx, data, layer)
+            for disk in plan.disks:
+                # One layer in the same format is flat already: copied as a file, whose limiter reads the
+                # budget for every chunk (a PATCH reaches it), where qemu-img convert takes its rate once.
+                if disk.flatten and not (len(disk.src_chain) == 1 and disk.src_format == disk.dst_format):
+                    await self._flatten(ctx, data, disk)
+                else:
+                    top = LayerPlan(
+                        disk.src_top,
+                        disk.dst_top,
+                        disk.dst_format,
+                        disk.virtual_size,
+                        disk.estimated_bytes,
+                        disk.dst_backing,
+                        disk.dst_backing_format,
+                    )
+                    await self._copy_file(ctx, data, top)
+            await ctx.enter(TaskState.SWITCHING)
+            new = {d.target: (d.dst_top, d.dst_format) for d in plan.disks}
+            await self.host.define_xml(rewrite_disk_sources(await self.host.inactive_xml(ctx.vm_uuid), new))
+        except BaseException:
+            if not ctx.detaching:
+                await asyncio.shield(self._remove(created))
+            raise
+        await ctx.enter(TaskState.VERIFYING)
+        defined = parse_disks(await self.host.inactive_xml(ctx.vm_uuid))
+        for now in defined:
+            if now.target in new and now.source != new[now.target][0]:
+                raise MigrationFailed(
+                    f"the definition still points {now.target} at {now.source}", code=Code.VERIFY_FAILED
+                )
+        return await volume_inventory(defined, plan, self.roots)
+
+    async def _copy_file(self, ctx: TaskContext, data: dict[str, Any], layer: LayerPlan) -> None:
+        await self._record(ctx, data, layer.dst)
+        item, done = f"layer:{os.path.basename(layer.dst)}", 0
+
+        def on_bytes(n: int) -> None:
+            nonlocal done
+            done += n
+            ctx.progress(item, done, max(layer.actual_size, done))
+
+        await copy_sparse_async(layer.src, layer.dst, rate=lambda: self._rate(ctx), on_bytes=on_bytes)
+        if layer.backing_dst is not None:
+            await qemuimg.rebase_unsafe(layer.dst, layer.backing_dst, layer.backing_format or "qcow2")
+        if not await qemuimg.compare(layer.src, layer.dst):
+            raise MigrationFailed(
+                f"the copy of {layer.src} at {layer.dst} differs from its source", code=Code.VERIFY_FAILED
+            )
+        ctx.progress(item, done, done)
+
+    async def _flatten(self, ctx: TaskContext, data: dict[str, Any], disk: DiskPlan) -> None:
+        await self._record(ctx, data, disk.dst_top)
+        ctx.progress(f"disk:{disk.target}", 0, disk.estimated_bytes)
+        args = ["qemu-img", "convert", "-U", "-O", disk.dst_format]
+        rate = self._rate(ctx)
+        if rate:
+            # qemu-img's own rate limit, bytes/s: taken once, a retune does not reach a running convert.
+            args += ["-r", str(rate)]
+        self.transfer.pin(
+            rate or None,
+            f"qemu-img convert flattening {disk.target} keeps the rate it started with until it ends; "
+            "the copies after it read the new one",
+        )
+        try:
+            await qemuimg.run(*args, disk.src_top, disk.dst_top, limit_s=None)
+        finally:
+            self.transfer.unpin()
+        if not await qemuimg.compare(disk.src_top, disk.dst_top):
+            raise MigrationFailed(
+                f"the flattened copy of {disk.target} differs from its source", code=Code.VERIFY_FAILED
+            )
+        ctx.progress(f"disk:{disk.target}", disk.estimated_bytes, disk.estimated_bytes)
