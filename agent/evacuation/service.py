@@ -44,6 +44,7 @@ from agent.migration.states import TaskState
 from agent.tasks.hooks import ChangeKind, TaskChange
 from agent.tasks.manager import TaskManager
 from agent.tasks.task import Task, iso_time
+from agent.virt.states import DomainState
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +52,8 @@ log = logging.getLogger(__name__)
 TICK_S = 1.0
 #: A VM not handed to the task manager yet.
 WAITING = "WAITING"
-#: Domain states that count as running for ``vms: "all"`` (``agent.virt.states.DomainState`` values).
-LIVE_STATES = frozenset({"running", "paused"})
+#: Domain states that count as running for ``vms: "all"``.
+LIVE_STATES = frozenset({DomainState.RUNNING, DomainState.PAUSED})
 RUNNING, CANCELLING = "RUNNING", "CANCELLING"
 SUCCEEDED, FAILED, CANCELLED = "SUCCEEDED", "FAILED", "CANCELLED"
 FINAL = frozenset({SUCCEEDED, FAILED, CANCELLED})
@@ -316,7 +317,8 @@ class EvacuationService:
         if request.vms is None:  # "all"
             if here is None:
                 raise InvalidRequest('"all" needs libvirt, which this agent is not connected to', field="vms")
-            vms = [EvacuationVm(vmUuid=u) for u, d in here.items() if d.get("state") in LIVE_STATES]
+            live = [u for u, d in here.items() if DomainState.of(d.get("state")) in LIVE_STATES]
+            vms = [EvacuationVm(vmUuid=u) for u in live]
             if not vms:
                 raise InvalidRequest("no VM runs on this host", field="vms")
             fields = [f"vms[{u}]" for u in range(len(vms))]

@@ -34,6 +34,9 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
+#: How often a live engine reads its jobs and steers them (progress, pacing, convergence).
+TICK_S = 0.25
+
 
 @dataclass(frozen=True)
 class Deadline:

@@ -49,8 +49,8 @@ from typing import Any, Protocol
 
 from agent.errors import AgentError, Code, LimitsNotApplied
 from agent.migration.engine import TaskContext
+from agent.units import MiB
 
-MiB = 1024 * 1024
 #: libvirt's largest migration speed (QEMU_DOMAIN_MIG_BANDWIDTH_MAX, MiB/s) and its default: no limit.
 UNCAPPED_MIB = (2**63 - 1) // MiB
 #: A read-back ``max-bandwidth`` at least this large is no limit (libvirt's largest, in bytes/s).

@@ -17,11 +17,11 @@ from agent.migration.request import MigrationRequest
 from agent.migration.states import TaskState
 from agent.tasks.holds import PhaseHolds
 from agent.tasks.task import Task
+from agent.units import MiB
 
 if TYPE_CHECKING:
     from agent.tasks.recorder import TaskRecorder
 
-MIB = 1024 * 1024
 
 _engine_log = logging.getLogger("agent.migration")
 
@@ -66,7 +66,7 @@ class RunContext:
     @property
     def bandwidth(self) -> int | None:
         mib = self._task.tuning.bandwidth_mib
-        return mib * MIB if mib else None  # 0 would be "no cap" too: never a speed of 0
+        return mib * MiB if mib else None  # 0 would be "no cap" too: never a speed of 0
 
     @property
     def host_share(self) -> int | None:

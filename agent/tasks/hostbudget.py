@@ -29,10 +29,10 @@ from typing import Any
 from agent.errors import AgentError
 from agent.tasks.shares import Claim, split
 from agent.tasks.task import Task
+from agent.units import MiB
 
 log = logging.getLogger(__name__)
 
-MiB = 1024 * 1024
 #: QEMU 7.2's mirror buffer: what one job can put on the wire at once (seen as 16 MiB steps of the counters).
 MIRROR_BUFFER = 16 * MiB
 #: The window the budget is held over.

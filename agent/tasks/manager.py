@@ -46,10 +46,10 @@ from agent.tasks.journal import Journal
 from agent.tasks.recorder import TaskRecorder, cancelled_error
 from agent.tasks.records import new_record, task_from_record
 from agent.tasks.task import Task
+from agent.units import MiB
 
 log = logging.getLogger(__name__)
 
-MIB = 1024 * 1024
 #: How long a PATCH waits for QEMU to take the new limits before it answers 503.
 RETUNE_APPLY_S = 10.0
 #: States in which the streams a retune governs have ended (the switch is under way).
@@ -288,7 +288,7 @@ class TaskManager:
         self.budget.task_changed(task)  # its own cap bounds its host share
         limits = task.live_limits
         bandwidth = task.tuning.bandwidth_mib
-        cap = bandwidth * MIB if bandwidth else None
+        cap = bandwidth * MiB if bandwidth else None
         if limits is None:
             self.recorder.note(task, "limits", pending_view(cap, task.tuning.downtime_ms))
         else:
@@ -360,7 +360,7 @@ class TaskManager:
     def change_host_budget(self, change: HostBudgetChange) -> dict[str, Any]:
         """``PATCH /v1/host/budget``: a new outgoing budget and/or number of moves at once, from now on."""
         if change.outgoing is not None:
-            self.budget.set_outgoing(change.outgoing * MIB or None)
+            self.budget.set_outgoing(change.outgoing * MiB or None)
         if change.outgoingMigrations is not None:
             log.info("host budget: %d outgoing migrations at once", change.outgoingMigrations)
             self._admission.set_limit(change.outgoingMigrations)

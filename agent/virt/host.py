@@ -32,6 +32,11 @@ log = logging.getLogger(__name__)
 #: waiting out, since QEMU and its block jobs keep running without it.
 UNREACHABLE = Code.LIBVIRT_UNREACHABLE
 
+#: How long a move waits for this host's libvirtd to come back (a restart takes a few seconds; QEMU keeps
+#: its block jobs and migration meanwhile, and libvirt 9.0 takes them back when it reconnects). Past this
+#: the move ends as its engine says.
+LIBVIRT_OUTAGE_S = 120.0
+
 T = TypeVar("T")
 
 _DOMAIN_STATES = {
@@ -177,7 +182,7 @@ class VirtHost:
         except libvirt.libvirtError as err:
             raise VirtError(f"libvirt: {err.get_error_message()}", code=_code_for(err)) from err
 
-    async def wait_reachable(self, within_s: float, *, every_s: float = 1.0) -> bool:
+    async def wait_reachable(self, within_s: float = LIBVIRT_OUTAGE_S, *, every_s: float = 1.0) -> bool:
         """Wait up to ``within_s`` for libvirtd to answer again (a restart takes a few seconds); events are
         registered again on the new connection. True once it answers."""
         loop = asyncio.get_running_loop()
@@ -311,6 +316,17 @@ class VirtHost:
     async def abort_block_job(self, vm_uuid: str, disk: str, *, pivot: bool = False) -> None:
         flags = libvirt.VIR_DOMAIN_BLOCK_JOB_ABORT_PIVOT if pivot else 0
         await self.call_domain(vm_uuid, lambda dom: dom.blockJobAbort(disk, flags))
+
+    async def abort_block_job_and_wait(self, vm_uuid: str, disk: str, *, within_s: float = 10.0) -> bool:
+        """Abort the disk's block job without pivot and wait until QEMU has ended it (the abort completes
+        asynchronously). True once no job is left on the disk, False if one still runs after ``within_s``."""
+        await self.abort_block_job(vm_uuid, disk)
+        deadline = asyncio.get_running_loop().time() + within_s
+        while await self.block_job(vm_uuid, disk) is not None:
+            if asyncio.get_running_loop().time() >= deadline:
+                return False
+            await asyncio.sleep(0.1)
+        return True
 
     # -- live migration ---------------------------------------------------------------------------------
 

@@ -1,6 +1,6 @@
 """The import rule: agent/'s layers import one way only (docs/architecture.md).
 
-    base (errors, config, security, pki, systemd)
+    base (errors, config, security, pki, systemd, units)
       <- virt, storage, transfer, client
       <- migration <- tasks <- report, metrics <- api <- zstack, cli
 
@@ -28,6 +28,7 @@ RANK = {
     "security": 0,
     "pki": 0,
     "systemd": 0,
+    "units": 0,
     "virt": 1,
     "storage": 1,
     "transfer": 1,

@@ -43,7 +43,7 @@ from agent.migration.convergence.controller import (
 )
 from agent.migration.convergence.policy import MAX_THROTTLE_PCT, ConvergencePolicy
 from agent.migration.convergence.report import summarise
-from agent.migration.convergence.samples import DEFAULT_PAGE_SIZE, MiB, MigrationSample
+from agent.migration.convergence.samples import DEFAULT_PAGE_SIZE, MigrationSample
 
 __all__ = [
     "DEFAULT_PAGE_SIZE",
@@ -57,7 +57,6 @@ __all__ = [
     "ConvergencePolicy",
     "ConvergenceVerdict",
     "Figures",
-    "MiB",
     "MigrationSample",
     "Note",
     "PauseGuest",

@@ -6,8 +6,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from agent.units import MiB
+
 DEFAULT_PAGE_SIZE = 4096
-MiB = 1024 * 1024
 
 
 def _num(stats: Mapping[str, Any], key: str, default: int = 0) -> int:

@@ -18,9 +18,6 @@ from agent.virt.host import VirtHost
 from agent.virt.peer import PeerDomain, look_at_peer, planned_tops
 from agent.virt.states import DomainState
 
-#: How long to wait for this host's libvirtd to come back (restart) before deciding where the VM runs.
-LIBVIRT_OUTAGE_S = 120.0
-
 
 async def commit(
     host: VirtHost,
@@ -45,7 +42,7 @@ async def commit(
             )
     await announce(ctx, TaskState.VERIFYING)
     tops = planned_tops(prepared)
-    await host.wait_reachable(LIBVIRT_OUTAGE_S)
+    await host.wait_reachable()
     try:
         still_here = await host.domain_state(ctx.vm_uuid)
     except NotFound:

@@ -37,15 +37,13 @@ from agent.migration.crosshost.prepare import incoming_spec, plan_live_move, sen
 from agent.migration.crosshost.resume import resume
 from agent.migration.crosshost.settle import settle
 from agent.migration.crosshost.steering import Steering
-from agent.migration.engine import Step, TaskContext, run_past_cancel
+from agent.migration.engine import TICK_S, Step, TaskContext, run_past_cancel
 from agent.migration.peer.client import DestinationAgent
 from agent.migration.plan import MigrationPlan
 from agent.migration.states import TaskState
 from agent.storage.roots import StorageRoots
 from agent.virt.host import VirtHost
 from agent.virt.writes import WriteHistory
-
-TICK_S = 0.25
 
 
 class CrossHostEngine:

@@ -14,10 +14,9 @@ from agent.migration.engine import TaskContext, budget_of
 from agent.migration.mirrors import hotdisk
 from agent.migration.plan import MigrationPlan
 from agent.migration.request import Strategy
+from agent.units import MiB
 from agent.virt.domxml import rewrite_disk_sources
 from agent.virt.host import VirtHost
-
-MiB = 1024 * 1024
 
 
 def policy_of(ctx: TaskContext) -> convergence.ConvergencePolicy:

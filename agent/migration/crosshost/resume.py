@@ -11,7 +11,6 @@ from typing import Any
 
 from agent.errors import AgentError, Code, MigrationFailed
 from agent.migration import convergence
-from agent.migration.crosshost.commit import LIBVIRT_OUTAGE_S
 from agent.migration.crosshost.destination import abort_remote
 from agent.migration.crosshost.params import policy_of
 from agent.migration.crosshost.settle import job_active, settle
@@ -54,7 +53,7 @@ async def resume(
 
     if step in (Step.MIGRATING, Step.COMMITTING):
         try:
-            await host.wait_reachable(LIBVIRT_OUTAGE_S)
+            await host.wait_reachable()
             if ctx.cancel_requested:
                 await _abort_job_if_active(host, ctx)
             verdict = await _watch_running(host, ctx, plan, tick_s=tick_s, on_steering=on_steering)

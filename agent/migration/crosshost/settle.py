@@ -1,5 +1,5 @@
 """When libvirt's migration job ended without a clean success (an error, an abort, the deadline, a cancel,
-a restart): where the VM runs decides the task (the skeleton's rule, ``runner.place_of``), asked of the
+a restart): where the VM runs decides the task (the skeleton's rule, ``placement.place_of``), asked of the
 hypervisors first and of the destination agent only when its libvirtd is silent."""
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ from typing import Any
 import libvirt
 
 from agent.errors import AgentError, Code, MigrationFailed, NotFound
-from agent.migration import runner
+from agent.migration import placement
 from agent.migration.crosshost import snapmeta
-from agent.migration.crosshost.commit import LIBVIRT_OUTAGE_S, commit
+from agent.migration.crosshost.commit import commit
 from agent.migration.crosshost.destination import abort_remote, retrying
 from agent.migration.engine import Step, TaskContext, run_past_cancel
 from agent.migration.peer.client import DestinationAgent
@@ -61,8 +61,8 @@ async def _settle_steps(
     wedged: bool,
 ) -> list[dict[str, Any]]:
     where, here = await locate(host, ctx, peer, data["prepared"], wedged=wedged)
-    settlement = runner.settle(where)
-    if settlement is runner.Settlement.COMMIT:
+    settlement = placement.settle(where)
+    if settlement is placement.Settlement.COMMIT:
         if isinstance(failure, asyncio.CancelledError) and ctx.cancel_requested:
             ctx.log.warning("the cancel came after the switchover; the VM runs on the destination")
             ctx.note("cancelTooLate", "the cancel arrived after the switchover; the move completed")
@@ -79,7 +79,7 @@ async def _settle_steps(
         await ctx.checkpoint(data)
         await snapmeta.carry_to_destination(ctx, plan, data["prepared"], snapmeta.journalled(data))
         return await commit(host, ctx, peer, plan, data["prepared"], None)
-    if settlement is runner.Settlement.KEEP_ALL:
+    if settlement is placement.Settlement.KEEP_ALL:
         raise MigrationFailed(
             f"cannot tell where VM {ctx.vm_uuid} runs after the migration ended ({_what(failure)})",
             code=Code.VM_LOCATION_UNKNOWN,
@@ -118,8 +118,8 @@ async def job_active(host: VirtHost, ctx: TaskContext) -> bool:
 
 async def locate(
     host: VirtHost, ctx: TaskContext, peer: DestinationAgent, prepared: Mapping[str, Any], *, wedged: bool
-) -> tuple[runner.Place, DomainState | None]:
-    """Where the VM is once libvirt's job is over (the skeleton's rule, ``runner.place_of``), and its
+) -> tuple[placement.Place, DomainState | None]:
+    """Where the VM is once libvirt's job is over (the skeleton's rule, ``placement.place_of``), and its
     state on this host (None: libvirtd did not answer). Asked of the hypervisors first: this host's
     libvirtd and the destination's (the one the migration went to); the destination agent only when
     that libvirtd is silent.
@@ -130,7 +130,7 @@ async def locate(
     cancelled, the VM resumed on this host), so wait for the job to be gone before looking.
     """
     local: DomainState | None = None
-    if await host.wait_reachable(LIBVIRT_OUTAGE_S):
+    if await host.wait_reachable():
         deadline = time.monotonic() + (0 if wedged else 60)
         while time.monotonic() < deadline:
             if not await job_active(host, ctx):
@@ -144,7 +144,7 @@ async def locate(
             local = None
     remote = await _remote_state(ctx, peer, prepared)
     ctx.log.info("the migration job is over: the VM is %s here, %s on the destination", local, remote)
-    return runner.place_of(local, remote), local
+    return placement.place_of(local, remote), local
 
 
 async def _remote_state(

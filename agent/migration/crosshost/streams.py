@@ -16,9 +16,8 @@ from agent.migration import convergence
 from agent.migration.engine import TaskContext
 from agent.migration.limits import KEEP, UNCAPPED_MIB, Effective, Targets, stream_speed
 from agent.migration.mirrors.pacer import MirrorPacer
+from agent.units import MiB
 from agent.virt.host import VirtHost
-
-MiB = 1024 * 1024
 
 
 def job_device(job_devices: Mapping[str, Mapping[str, Any]], alias: str) -> Mapping[str, Any] | None:

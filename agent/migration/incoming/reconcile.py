@@ -8,7 +8,7 @@ import asyncio
 import logging
 
 from agent.errors import AgentError, NotFound
-from agent.migration.incoming.records import IncomingRecords, remove_created
+from agent.migration.incoming.records import IncomingRecords, IncomingState, remove_created
 from agent.storage.roots import StorageRoots
 from agent.virt.domxml import parse_disks
 from agent.virt.host import VirtHost
@@ -88,7 +88,7 @@ async def _reconcile_one(
         xml = await (host.live_xml if state == DomainState.RUNNING else host.inactive_xml)(vm_uuid)
         live = {d.target: d.source for d in parse_disks(xml)}
         if all(live.get(t) == top for t, top in tops.items()):
-            records.settle(record, "committed")
+            records.settle(record, IncomingState.COMMITTED)
             log.info(
                 "incoming migration %s committed at start: VM %s is %s here from its new volumes",
                 migration_id,

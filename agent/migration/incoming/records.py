@@ -6,6 +6,7 @@ the newest ``SETTLED_KEPT`` notes are kept."""
 
 from __future__ import annotations
 
+import enum
 import json
 import os
 from pathlib import Path
@@ -14,6 +15,18 @@ from typing import Any
 from agent.errors import Code, Forbidden, NotFound
 from agent.migration.request import normalise_uuid
 from agent.storage.roots import StorageRoots
+
+
+class IncomingState(enum.StrEnum):
+    """Where an incoming migration stands on the destination (its record's ``state``, and the word its
+    answers carry)."""
+
+    PREPARING = "preparing"  # targets being made; a restart here removes them
+    PREPARED = "prepared"  # every target made; layers may arrive, the source may migrate into them
+    COMMITTED = "committed"  # the VM runs here from the targets: they are its own now (settled)
+    DEFINED = "defined"  # a shut-off VM's definition moved here with its files (settled)
+    ABORTED = "aborted"  # what it made was removed (no record left)
+
 
 #: Settled notes kept (the newest); a source asks about its migration within minutes of settling it.
 SETTLED_KEPT = 256
@@ -54,11 +67,11 @@ class IncomingRecords:
     def forget(self, migration_id: str) -> None:
         self.path(migration_id).unlink(missing_ok=True)
 
-    def settle(self, record: dict[str, Any], state: str) -> None:
+    def settle(self, record: dict[str, Any], state: IncomingState) -> None:
         """Forget the record, keeping a note of its VM and peer (the newest ``SETTLED_KEPT`` notes)."""
         settled = self.dir / "settled"
         settled.mkdir(parents=True, exist_ok=True, mode=0o700)
-        note = {"migrationId": record["migrationId"], "vmUuid": record["vmUuid"], "state": state}
+        note = {"migrationId": record["migrationId"], "vmUuid": record["vmUuid"], "state": str(state)}
         if "peer" in record:
             note["peer"] = record["peer"]
         path = settled / f"{normalise_uuid(record['migrationId'])}.json"

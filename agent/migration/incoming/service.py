@@ -37,7 +37,7 @@ from typing import Any
 from agent.errors import Busy, Code, Conflict, InvalidRequest, MigrationFailed, NotFound, PreflightFailed
 from agent.migration.incoming.domain import check_definition, domain_parts, domain_uuid
 from agent.migration.incoming.reconcile import RECONCILE_EVERY_S, RECONCILE_GIVE_UP_S, reconcile
-from agent.migration.incoming.records import IncomingRecords, remove_created
+from agent.migration.incoming.records import IncomingRecords, IncomingState, remove_created
 from agent.migration.peer.wire import IncomingDisk, IncomingSpec
 from agent.migration.request import normalise_uuid
 from agent.migration.targets import check_precreated_target
@@ -122,7 +122,7 @@ class IncomingService:
                 "layout": layout,
                 "created": [],
                 "reserved": {"storage": root.uuid, "bytes": needed},
-                "state": "preparing",
+                "state": IncomingState.PREPARING,
             }
             self.records.save(record)
             try:
@@ -131,7 +131,7 @@ class IncomingService:
             except BaseException:
                 remove_created(record, self.roots)
                 raise
-            record["state"] = "prepared"
+            record["state"] = IncomingState.PREPARED
             self.records.save(record)
             log.info(
                 "incoming migration %s for VM %s prepared in storage %s for %s",
@@ -372,9 +372,9 @@ class IncomingService:
                         code=Code.VERIFY_FAILED,
                     )
             persistent = await self.host.is_persistent(record["vmUuid"])
-            self.records.settle(record, "committed")
+            self.records.settle(record, IncomingState.COMMITTED)
             log.info("incoming migration %s committed: VM %s runs here", migration_id, record["vmUuid"])
-            return {"migrationId": migration_id, "state": "committed", "persistent": persistent}
+            return {"migrationId": migration_id, "state": IncomingState.COMMITTED, "persistent": persistent}
 
     async def define(self, migration_id: str, peer: str, xml: str) -> dict[str, Any]:
         """Offline move: define the VM here from the transferred images, then forget the record. Only the
@@ -399,9 +399,9 @@ class IncomingService:
                     "not every image has arrived and been verified", details=", ".join(missing) or None
                 )
             await self.host.define_xml(xml)
-            self.records.settle(record, "defined")
+            self.records.settle(record, IncomingState.DEFINED)
             log.info("incoming migration %s: VM %s defined here", migration_id, record["vmUuid"])
-            return {"migrationId": migration_id, "state": "defined"}
+            return {"migrationId": migration_id, "state": IncomingState.DEFINED}
 
     async def abort(self, migration_id: str, peer: str) -> dict[str, Any]:
         """Remove what the migration created; unknown ids are fine (idempotent)."""
@@ -409,7 +409,7 @@ class IncomingService:
             try:
                 record = self.records.load_owned(migration_id, peer)
             except NotFound:
-                return {"migrationId": migration_id, "state": "aborted", "removed": []}
+                return {"migrationId": migration_id, "state": IncomingState.ABORTED, "removed": []}
             if self.host is not None and await self._vm_runs_here(record["vmUuid"]):
                 raise Conflict(
                     f"VM {record['vmUuid']} already runs on this host; refusing to remove its files",
@@ -420,7 +420,7 @@ class IncomingService:
             removed = remove_created(record, self.roots)
             self.records.forget(migration_id)
             log.info("incoming migration %s aborted; removed %d files", migration_id, len(removed))
-            return {"migrationId": migration_id, "state": "aborted", "removed": removed}
+            return {"migrationId": migration_id, "state": IncomingState.ABORTED, "removed": removed}
 
     async def reconcile(
         self, *, every_s: float = RECONCILE_EVERY_S, give_up_s: float = RECONCILE_GIVE_UP_S

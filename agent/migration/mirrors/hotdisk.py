@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from agent.errors import ConvergenceFailed
+from agent.units import MiB
 
-MiB = 1024 * 1024
 #: Rates and trends are read over this window of samples.
 WINDOW_S = 4.0
 #: A background mirror whose remaining bytes reached no new low for this long, with the guest writing at

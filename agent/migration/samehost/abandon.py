@@ -7,7 +7,7 @@ import asyncio
 
 from agent.errors import AgentError
 from agent.migration.engine import TaskContext
-from agent.migration.samehost.work import LIBVIRT_OUTAGE_S, Work
+from agent.migration.samehost.work import Work
 from agent.migration.volumes import release_created
 from agent.storage.roots import StorageRoots
 from agent.virt.host import VirtHost
@@ -19,7 +19,7 @@ async def abandon(host: VirtHost, roots: StorageRoots, ctx: TaskContext, work: W
 
 
 async def _abandon(host: VirtHost, roots: StorageRoots, ctx: TaskContext, work: Work) -> None:
-    if work.mirrors and not await host.wait_reachable(LIBVIRT_OUTAGE_S):
+    if work.mirrors and not await host.wait_reachable():
         # A mirror may still be writing into the destination files: removing them would leave a block
         # job on a deleted file that the next attempt trips over. Keep them and say so.
         ctx.log.error("libvirtd unreachable: mirrors not aborted, destination files kept")
@@ -28,11 +28,7 @@ async def _abandon(host: VirtHost, roots: StorageRoots, ctx: TaskContext, work: 
     for target in work.mirrors:
         try:
             if await host.block_job(ctx.vm_uuid, target) is not None:
-                await host.abort_block_job(ctx.vm_uuid, target)
-                for _ in range(100):  # the abort completes asynchronously in QEMU
-                    if await host.block_job(ctx.vm_uuid, target) is None:
-                        break
-                    await asyncio.sleep(0.1)
+                await host.abort_block_job_and_wait(ctx.vm_uuid, target)
         except AgentError as err:
             ctx.log.error("could not abort the mirror of %s: %s", target, err.description)
     await remove_created(roots, ctx, work)

@@ -23,7 +23,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from agent.migration.engine import Step, TaskContext
+from agent.migration.engine import TICK_S, Step, TaskContext
 from agent.migration.samehost.abandon import abandon
 from agent.migration.samehost.copy import copy_layers, create_tops
 from agent.migration.samehost.prepare import check_precreated, plan_move, preflight
@@ -35,8 +35,6 @@ from agent.migration.states import TaskState
 from agent.storage.roots import StorageRoots
 from agent.virt.host import VirtHost
 from agent.virt.writes import WriteHistory
-
-TICK_S = 0.25
 
 
 class SameHostEngine:

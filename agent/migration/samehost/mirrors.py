@@ -4,7 +4,6 @@ and followed through libvirt's block-job events."""
 
 from __future__ import annotations
 
-import asyncio
 import os
 
 import libvirt
@@ -51,12 +50,7 @@ async def restart_write_blocking(host: VirtHost, ctx: TaskContext, work: Work, m
     abort it without pivot, start the destination top over, mirror again."""
     target = mirror.disk.target
     mirror.ends_to_ignore += 1
-    await host.abort_block_job(ctx.vm_uuid, target)
-    for _ in range(100):  # the abort completes asynchronously in QEMU
-        if await host.block_job(ctx.vm_uuid, target) is None:
-            break
-        await asyncio.sleep(0.1)
-    else:
+    if not await host.abort_block_job_and_wait(ctx.vm_uuid, target):
         raise MigrationFailed(f"the background mirror of {target} did not end after its abort")
     if not mirror.disk.precreated:
         os.unlink(mirror.disk.dst_top)

@@ -16,7 +16,7 @@ from agent.migration.samehost.abandon import abandon
 from agent.migration.samehost.steering import pace, raise_if_stopped
 from agent.migration.samehost.switch import finish
 from agent.migration.samehost.verify import verify
-from agent.migration.samehost.work import LIBVIRT_OUTAGE_S, Mirror, Work
+from agent.migration.samehost.work import Mirror, Work
 from agent.migration.states import TaskState
 from agent.storage.roots import StorageRoots
 from agent.virt.domxml import parse_disks
@@ -78,7 +78,7 @@ async def resume(
 async def _pick_up_mirrors(host: VirtHost, ctx: TaskContext, work: Work, *, tick_s: float) -> bool:
     """Pace the mirrors a previous life started until all are READY; False when one is gone (or the
     user cancelled while the agent was down): then the caller abandons."""
-    await host.wait_reachable(LIBVIRT_OUTAGE_S)
+    await host.wait_reachable()
     await raise_if_stopped(host, ctx, None)
     jobs = [await host.block_job(ctx.vm_uuid, d.target) for d in work.plan.disks]
     for disk in work.plan.disks:
@@ -108,7 +108,7 @@ async def _pick_up_mirrors(host: VirtHost, ctx: TaskContext, work: Work, *, tick
 async def _resume_switch(
     host: VirtHost, roots: StorageRoots, ctx: TaskContext, work: Work
 ) -> list[dict[str, Any]]:
-    await host.wait_reachable(LIBVIRT_OUTAGE_S)
+    await host.wait_reachable()
     await _refuse_if_stopped_after_switch(host, ctx, work)
     live = {d.target: d for d in parse_disks(await host.live_xml(ctx.vm_uuid))}
     on_dst = [d for d in work.plan.disks if live.get(d.target) and live[d.target].source == d.dst_top]

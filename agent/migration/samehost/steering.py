@@ -20,9 +20,9 @@ from agent.migration.plan import allocation_index
 from agent.migration.request import Strategy
 from agent.migration.samehost.mirrors import on_event, restart_write_blocking, start_mirror
 from agent.migration.samehost.streams import BlockJobStreams
-from agent.migration.samehost.work import LIBVIRT_OUTAGE_S, Mirror, Work
+from agent.migration.samehost.work import Mirror, Work
 from agent.virt.domxml import parse_disks
-from agent.virt.host import UNREACHABLE, DomainEvent, VirtHost
+from agent.virt.host import LIBVIRT_OUTAGE_S, UNREACHABLE, DomainEvent, VirtHost
 from agent.virt.states import DomainState
 from agent.virt.writes import WriteHistory
 
@@ -115,7 +115,7 @@ async def _pace(
                 await raise_if_stopped(host, ctx, err)
                 raise
             ctx.log.warning("libvirtd unreachable (%s); waiting for it, the mirrors run on", err.description)
-            if not await host.wait_reachable(LIBVIRT_OUTAGE_S):
+            if not await host.wait_reachable():
                 raise MigrationFailed(
                     f"libvirtd did not come back within {LIBVIRT_OUTAGE_S:.0f} s",
                     code=UNREACHABLE,

@@ -18,11 +18,11 @@ from agent.migration.engine import Step, TaskContext, announce, run_past_cancel
 from agent.migration.plan import DiskPlan
 from agent.migration.samehost.abandon import abandon, remove_created
 from agent.migration.samehost.verify import carry_snapshots, verify
-from agent.migration.samehost.work import LIBVIRT_OUTAGE_S, Work
+from agent.migration.samehost.work import Work
 from agent.migration.states import TaskState
 from agent.storage.roots import StorageRoots
 from agent.virt.domxml import block_copy_dest_xml, parse_disks
-from agent.virt.host import UNREACHABLE, VirtHost
+from agent.virt.host import LIBVIRT_OUTAGE_S, UNREACHABLE, VirtHost
 
 
 async def finish(

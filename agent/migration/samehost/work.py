@@ -12,10 +12,6 @@ from agent.migration.mirrors.pacer import PacedMirror
 from agent.migration.mirrors.speeds import AllocationIndex
 from agent.migration.plan import DiskPlan, MigrationPlan
 
-#: How long a copy waits for a restarting libvirtd (QEMU keeps mirroring meanwhile; libvirt 9.0 takes the
-#: block jobs back when it reconnects to QEMU). Past this the task fails and cleans up.
-LIBVIRT_OUTAGE_S = 120.0
-
 
 @dataclass(kw_only=True)
 class Mirror(PacedMirror):

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from agent.errors import MigrationFailed
-from agent.migration import runner
+from agent.migration import placement
 from agent.migration.crosshost import settle
 from agent.virt.states import DomainState
 
@@ -37,8 +37,8 @@ def crashing(monkeypatch: pytest.MonkeyPatch) -> tuple[Host, list[str]]:
         calls.append("destination cleaned")
         host.state = DomainState.CRASHED  # QEMU died a moment after the failed switchover
 
-    async def locate(*args: Any, **kw: Any) -> tuple[runner.Place, DomainState]:
-        return runner.place_of(DomainState.RUNNING, DomainState.UNDEFINED), DomainState.RUNNING
+    async def locate(*args: Any, **kw: Any) -> tuple[placement.Place, DomainState]:
+        return placement.place_of(DomainState.RUNNING, DomainState.UNDEFINED), DomainState.RUNNING
 
     host = Host(DomainState.RUNNING)
     monkeypatch.setattr(settle.snapmeta, "put_back_here", put_back_here)
@@ -66,8 +66,8 @@ async def test_a_vm_still_running_here_gets_the_failure(monkeypatch: pytest.Monk
     async def nothing(*args: Any) -> None:
         return None
 
-    async def locate(*args: Any, **kw: Any) -> tuple[runner.Place, DomainState]:
-        return runner.place_of(DomainState.RUNNING, DomainState.UNDEFINED), DomainState.RUNNING
+    async def locate(*args: Any, **kw: Any) -> tuple[placement.Place, DomainState]:
+        return placement.place_of(DomainState.RUNNING, DomainState.UNDEFINED), DomainState.RUNNING
 
     monkeypatch.setattr(settle.snapmeta, "put_back_here", nothing)
     monkeypatch.setattr(settle, "abort_remote", nothing)

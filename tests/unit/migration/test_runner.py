@@ -14,8 +14,8 @@ import pytest
 from agent.errors import AgentError, MigrationFailed
 from agent.migration import runner
 from agent.migration.engine import Deadline
+from agent.migration.placement import Place, Settlement, place_of, settle
 from agent.migration.request import MigrationRequest
-from agent.migration.runner import Place, Settlement, place_of, settle
 from agent.migration.states import TaskState
 
 

@@ -139,7 +139,12 @@ class FakeHost:
     async def domain_state(self, vm_uuid: str) -> str:
         return self.state
 
-    async def wait_reachable(self, within_s: float) -> bool:
+    async def wait_reachable(self, within_s: float = 120.0) -> bool:
+        return True
+
+    async def abort_block_job_and_wait(self, vm_uuid: str, target: str) -> bool:
+        await self.abort_block_job(vm_uuid, target)
+        self.gone.add(target)
         return True
 
     async def abort_block_job(self, vm_uuid: str, target: str, *, pivot: bool = False) -> None:

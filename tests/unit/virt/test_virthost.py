@@ -219,6 +219,26 @@ async def test_abort_pivots_only_when_asked(host: VirtHost, dom: FakeDomain) -> 
     ]
 
 
+async def test_abort_and_wait_waits_for_qemu_to_end_the_job(host: VirtHost, dom: FakeDomain) -> None:
+    """The abort completes in QEMU after the call returns: the wait ends when no job is left, and says so;
+    a job that outlives the wait is reported, not taken for gone."""
+    dom.job_info = {"type": 2, "cur": 1, "end": 2}
+    reads = 0
+    real_info = dom.blockJobInfo
+
+    def ends_on_the_third_read(disk: str, flags: int) -> dict[str, int]:
+        nonlocal reads
+        reads += 1
+        return real_info(disk, flags) if reads < 3 else {}
+
+    dom.blockJobInfo = ends_on_the_third_read  # type: ignore[method-assign]
+    assert await host.abort_block_job_and_wait(VM, "vda") is True
+    assert reads == 3 and dom.calls[0] == ("blockJobAbort", ("vda", 0))
+
+    dom.blockJobInfo = real_info  # type: ignore[method-assign]
+    assert await host.abort_block_job_and_wait(VM, "vdb", within_s=0.3) is False
+
+
 async def test_migration_tuning_units_and_floors(host: VirtHost, dom: FakeDomain) -> None:
     await host.set_migration_speed(VM, 0)  # libvirt reads 0 as "unlimited": the floor is 1 MiB/s
     await host.set_migration_speed(VM, 40)
