@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from agent.migration.peer.wire import Prepared
 from agent.migration.plan import MigrationPlan
 from agent.storage import qemuimg
 from agent.storage.roots import StorageRoots
@@ -89,21 +90,20 @@ def remote_inventory(vm: Mapping[str, Any], plan: MigrationPlan) -> list[dict[st
     return out
 
 
-def planned_inventory(plan: MigrationPlan, prepared: Mapping[str, Any]) -> list[dict[str, Any]]:
+def planned_inventory(plan: MigrationPlan, prepared: Prepared) -> list[dict[str, Any]]:
     """The seed-shaped inventory of the moved volumes from the plan and the prepared paths, for when the
     destination agent cannot describe the VM (sizes as planned; ``actualSize`` unknown)."""
-    paths = {str(d["target"]): d for d in prepared["disks"]}
     out = []
     for disk in plan.disks:
-        placed = paths[disk.target]
-        below = list(reversed(placed.get("layers") or []))  # prepared lists them base first
+        placed = prepared.disk(disk.target)
+        below = list(reversed(placed.layers))  # prepared lists them base first
         out.append(
             {
                 "uuid": disk.volume_uuid,
                 "deviceName": disk.target,
                 "type": disk.role,
                 "moved": True,
-                "installPath": placed["top"],
+                "installPath": placed.top,
                 "primaryStorageUuid": plan.dst_storage_uuid,
                 "format": disk.dst_format,
                 "size": disk.virtual_size,

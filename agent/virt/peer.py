@@ -15,7 +15,6 @@ import contextlib
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
 
 import libvirt
 
@@ -103,8 +102,3 @@ async def look_at_peer(uri: str, vm_uuid: str, *, timeout_s: float = LOOK_TIMEOU
 def describe(view: PeerDomain | None) -> str:
     """One word or two for logs and error details."""
     return "silent" if view is None else view.state
-
-
-def planned_tops(prepared: Any) -> dict[str, str]:
-    """target -> destination top, from the destination agent's answer to ``prepare``."""
-    return {str(d["target"]): str(d["top"]) for d in prepared["disks"]}

@@ -12,10 +12,11 @@ from agent.migration.crosshost.destination import COMMIT_RETRY_S, confirm, retry
 from agent.migration.engine import TaskContext, announce
 from agent.migration.inventory import planned_inventory, remote_inventory
 from agent.migration.peer.client import DestinationAgent
+from agent.migration.peer.wire import Prepared
 from agent.migration.plan import MigrationPlan
 from agent.migration.states import TaskState
 from agent.virt.host import VirtHost
-from agent.virt.peer import PeerDomain, look_at_peer, planned_tops
+from agent.virt.peer import PeerDomain, look_at_peer
 from agent.virt.states import DomainState
 
 
@@ -24,7 +25,7 @@ async def commit(
     ctx: TaskContext,
     peer: DestinationAgent,
     plan: MigrationPlan,
-    prepared: Mapping[str, Any],
+    prepared: Prepared,
     stats: Mapping[str, Any] | None,
 ) -> list[dict[str, Any]]:
     """The VM switched over: verify it runs on the destination from the planned tops, asking the
@@ -41,7 +42,7 @@ async def commit(
                 f"measured downtime {int(downtime)} ms exceeded the requested {ctx.downtime_ms} ms",
             )
     await announce(ctx, TaskState.VERIFYING)
-    tops = planned_tops(prepared)
+    tops = prepared.tops()
     await host.wait_reachable()
     try:
         still_here = await host.domain_state(ctx.vm_uuid)
@@ -51,7 +52,7 @@ async def commit(
         raise MigrationFailed(
             f"VM {ctx.vm_uuid} still runs on this host after the migration", code=Code.VERIFY_FAILED
         )
-    view = await look_at_peer(prepared["libvirtUri"], ctx.vm_uuid)
+    view = await look_at_peer(prepared.libvirtUri, ctx.vm_uuid)
     if view is not None and not view.runs_from(tops):
         raise _not_as_planned(ctx, view, tops)
     confirmed = await confirm(ctx, peer)

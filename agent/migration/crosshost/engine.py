@@ -121,8 +121,8 @@ class CrossHostEngine:
             data: dict[str, Any] = {"engine": "cross-host", "step": Step.PREPARING, "plan": plan.to_dict()}
             await ctx.checkpoint(data)
             try:
-                prepared = await peer.prepare(incoming_spec(ctx, plan).model_dump())
-                data.update(step=Step.PREPARED, prepared=prepared)
+                prepared = await peer.prepare(incoming_spec(ctx, plan))
+                data.update(step=Step.PREPARED, prepared=prepared.model_dump())
                 await ctx.checkpoint(data)
                 await ctx.enter(TaskState.COPYING)
                 await send_layers(ctx, peer, plan, prepared, data)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 from agent.config import AgentConfig
@@ -19,11 +19,11 @@ from agent.migration.crosshost.params import (
     migration_params,
     policy_of,
 )
-from agent.migration.crosshost.steering import Steering
+from agent.migration.crosshost.steering import Steering, disk_aliases
 from agent.migration.engine import TaskContext, budget_of
 from agent.migration.mirrors.guestwrites import read_guest_writes
+from agent.migration.peer.wire import Prepared
 from agent.migration.plan import MigrationPlan, allocation_index
-from agent.virt.domxml import parse_disks
 from agent.virt.host import DomainEvent, VirtHost
 from agent.virt.writes import WriteHistory
 
@@ -67,7 +67,7 @@ class Migration:
     async def run(
         self,
         plan: MigrationPlan,
-        prepared: Mapping[str, Any],
+        prepared: Prepared,
         snapshot_data: list[dict[str, Any]] | None = None,
     ) -> dict[str, Any]:
         """Run the libvirt migration and steer it; returns the completed job's statistics.
@@ -88,7 +88,7 @@ class Migration:
         await snapmeta.carry_to_destination(ctx, plan, prepared, metas)
         return stats
 
-    async def _migrate_vm(self, plan: MigrationPlan, prepared: Mapping[str, Any]) -> dict[str, Any]:
+    async def _migrate_vm(self, plan: MigrationPlan, prepared: Prepared) -> dict[str, Any]:
         ctx, host = self.ctx, self.host
         params = await migration_params(host, ctx, plan, prepared)
         policy = policy_of(ctx)
@@ -112,17 +112,16 @@ class Migration:
             ctx.progress(f"disk:{disk.target}", 0, indexes[disk.target].total)
         ctx.progress("memory", 0, await host.memory_bytes(ctx.vm_uuid))
         await host.ensure_connected()
-        aliases = {d.target: d.alias for d in parse_disks(await host.live_xml(ctx.vm_uuid)) if d.alias}
+        aliases = await disk_aliases(host, ctx.vm_uuid)
         events = host.subscribe(ctx.vm_uuid)
         ctx.log.info(
             "migrating VM to %s (%s), disks %s",
-            prepared["libvirtUri"],
-            prepared["migrationUri"],
+            prepared.libvirtUri,
+            prepared.migrationUri,
             ", ".join(d.target for d in plan.disks),
         )
-        migration = asyncio.ensure_future(host.migrate(ctx.vm_uuid, prepared["libvirtUri"], params, flags))
-        steer = Steering(host, ctx, plan, indexes, controller, tick_s=self.tick_s)
-        steer.aliases = aliases
+        migration = asyncio.ensure_future(host.migrate(ctx.vm_uuid, prepared.libvirtUri, params, flags))
+        steer = Steering(host, ctx, plan, indexes, controller, aliases=aliases, tick_s=self.tick_s)
         steer.watch_disks(written, write_rates, write_blocking)
         self.on_steering(steer)
         try:

@@ -12,6 +12,7 @@ from agent.config import AgentConfig
 from agent.migration import convergence
 from agent.migration.engine import TaskContext, budget_of
 from agent.migration.mirrors import hotdisk
+from agent.migration.peer.wire import Prepared
 from agent.migration.plan import MigrationPlan
 from agent.migration.request import Strategy
 from agent.units import MiB
@@ -66,18 +67,15 @@ def migration_flags(
 
 
 async def migration_params(
-    host: VirtHost, ctx: TaskContext, plan: MigrationPlan, prepared: Mapping[str, Any]
+    host: VirtHost, ctx: TaskContext, plan: MigrationPlan, prepared: Prepared
 ) -> dict[str, Any]:
-    new_sources = {
-        d["target"]: (d["top"], next(p.dst_format for p in plan.disks if p.target == d["target"]))
-        for d in prepared["disks"]
-    }
+    new_sources = {d.target: (prepared.disk(d.target).top, d.dst_format) for d in plan.disks}
     live = await host.call_domain(
         ctx.vm_uuid, lambda dom: str(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_MIGRATABLE))
     )
     inactive = await host.inactive_xml(ctx.vm_uuid)
     params: dict[str, Any] = {
-        libvirt.VIR_MIGRATE_PARAM_URI: prepared["migrationUri"],
+        libvirt.VIR_MIGRATE_PARAM_URI: prepared.migrationUri,
         libvirt.VIR_MIGRATE_PARAM_MIGRATE_DISKS: [d.target for d in plan.disks],
         libvirt.VIR_MIGRATE_PARAM_DEST_XML: rewrite_disk_sources(live, new_sources),
         libvirt.VIR_MIGRATE_PARAM_PERSIST_XML: rewrite_disk_sources(inactive, new_sources),

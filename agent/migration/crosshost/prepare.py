@@ -4,7 +4,6 @@ fill the destination's lower layers over the transfer service."""
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +12,7 @@ from agent.migration import snapshots
 from agent.migration.engine import TaskContext, budget_of
 from agent.migration.peer.client import DestinationAgent
 from agent.migration.peer.layers import LayerToSend, send_layers_to_peer
-from agent.migration.peer.wire import IncomingDisk, IncomingSpec
+from agent.migration.peer.wire import IncomingDisk, IncomingSpec, Prepared
 from agent.migration.plan import MigrationPlan, RemoteRoot, inspect_chains, plan_migration
 from agent.virt.domxml import parse_disks
 from agent.virt.host import VirtHost
@@ -58,7 +57,7 @@ async def send_layers(
     ctx: TaskContext,
     peer: DestinationAgent,
     plan: MigrationPlan,
-    prepared: Mapping[str, Any],
+    prepared: Prepared,
     data: dict[str, Any],
 ) -> None:
     """Fill the destination's lower layers, base first, each verified before the next (resumable)."""
@@ -69,7 +68,7 @@ async def send_layers(
     dst_path: dict[tuple[str, int], str] = {}
     todo: list[LayerToSend] = []
     for disk in plan.disks:
-        paths = next(d for d in prepared["disks"] if d["target"] == disk.target)["layers"]
+        paths = prepared.disk(disk.target).layers
         for index, (layer, path) in enumerate(zip(disk.lower_layers, paths, strict=True)):
             if path in done or path in dst_path.values():  # sent before a restart, or a shared base
                 continue

@@ -14,11 +14,10 @@ from agent.migration import convergence
 from agent.migration.crosshost.destination import abort_remote
 from agent.migration.crosshost.params import policy_of
 from agent.migration.crosshost.settle import job_active, settle
-from agent.migration.crosshost.steering import Steering
+from agent.migration.crosshost.steering import Steering, disk_aliases
 from agent.migration.engine import Step, TaskContext
 from agent.migration.peer.client import DestinationAgent
 from agent.migration.plan import MigrationPlan, allocation_index
-from agent.virt.domxml import parse_disks
 from agent.virt.host import VirtHost
 
 
@@ -107,18 +106,20 @@ async def _watch_running(
     """Keep steering a migration this agent did not start in this life (it survived a restart) until
     libvirt ends it; returns the reason if the steering had to abort it."""
     policy = policy_of(ctx)
+    aliases: dict[str, str] = {}
+    with contextlib.suppress(AgentError):  # without them the mirrors are named by target (drive-vda)
+        aliases = await disk_aliases(host, ctx.vm_uuid)
     steer = Steering(
         host,
         ctx,
         plan,
         {d.target: await allocation_index(d) for d in plan.disks},
         convergence.ConvergenceController(policy),
+        aliases=aliases,
         tick_s=tick_s,
     )
     on_steering(steer)
     await _take_over(host, ctx, steer)
-    with contextlib.suppress(AgentError):
-        steer.aliases = {d.target: d.alias for d in parse_disks(await host.live_xml(ctx.vm_uuid)) if d.alias}
     try:
         while await job_active(host, ctx):
             try:

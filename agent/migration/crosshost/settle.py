@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Mapping
 from typing import Any
 
 import libvirt
@@ -18,9 +17,10 @@ from agent.migration.crosshost.commit import commit
 from agent.migration.crosshost.destination import abort_remote, retrying
 from agent.migration.engine import Step, TaskContext, run_past_cancel
 from agent.migration.peer.client import DestinationAgent
+from agent.migration.peer.wire import Prepared
 from agent.migration.plan import MigrationPlan
 from agent.virt.host import VirtHost
-from agent.virt.peer import describe, look_at_peer, planned_tops
+from agent.virt.peer import describe, look_at_peer
 from agent.virt.states import DomainState
 
 #: How long to keep asking the destination libvirtd where the VM is before asking its agent instead.
@@ -60,7 +60,8 @@ async def _settle_steps(
     *,
     wedged: bool,
 ) -> list[dict[str, Any]]:
-    where, here = await locate(host, ctx, peer, data["prepared"], wedged=wedged)
+    prepared = Prepared.model_validate(data["prepared"])
+    where, here = await locate(host, ctx, peer, prepared, wedged=wedged)
     settlement = placement.settle(where)
     if settlement is placement.Settlement.COMMIT:
         if isinstance(failure, asyncio.CancelledError) and ctx.cancel_requested:
@@ -77,8 +78,8 @@ async def _settle_steps(
             ctx.log.warning("%s, but the VM runs on the destination; committing", _what(failure))
         data["step"] = Step.COMMITTING
         await ctx.checkpoint(data)
-        await snapmeta.carry_to_destination(ctx, plan, data["prepared"], snapmeta.journalled(data))
-        return await commit(host, ctx, peer, plan, data["prepared"], None)
+        await snapmeta.carry_to_destination(ctx, plan, prepared, snapmeta.journalled(data))
+        return await commit(host, ctx, peer, plan, prepared, None)
     if settlement is placement.Settlement.KEEP_ALL:
         raise MigrationFailed(
             f"cannot tell where VM {ctx.vm_uuid} runs after the migration ended ({_what(failure)})",
@@ -88,7 +89,7 @@ async def _settle_steps(
                 "nothing was removed on either host: check both before retrying. Source volumes: "
                 + ", ".join(f"{d.target}={d.src_top}" for d in plan.disks)
                 + "; destination volumes: "
-                + ", ".join(f"{t}={p}" for t, p in planned_tops(data["prepared"]).items())
+                + ", ".join(f"{t}={p}" for t, p in prepared.tops().items())
             ),
         ) from failure
     await snapmeta.put_back_here(host, ctx, snapmeta.journalled(data))
@@ -117,7 +118,7 @@ async def job_active(host: VirtHost, ctx: TaskContext) -> bool:
 
 
 async def locate(
-    host: VirtHost, ctx: TaskContext, peer: DestinationAgent, prepared: Mapping[str, Any], *, wedged: bool
+    host: VirtHost, ctx: TaskContext, peer: DestinationAgent, prepared: Prepared, *, wedged: bool
 ) -> tuple[placement.Place, DomainState | None]:
     """Where the VM is once libvirt's job is over (the skeleton's rule, ``placement.place_of``), and its
     state on this host (None: libvirtd did not answer). Asked of the hypervisors first: this host's
@@ -147,14 +148,12 @@ async def locate(
     return placement.place_of(local, remote), local
 
 
-async def _remote_state(
-    ctx: TaskContext, peer: DestinationAgent, prepared: Mapping[str, Any]
-) -> DomainState | None:
+async def _remote_state(ctx: TaskContext, peer: DestinationAgent, prepared: Prepared) -> DomainState | None:
     """The VM's state on the destination: its libvirtd's word (waited for while it restarts), else its
     agent's; None when neither answers."""
     # A libvirtd that is merely restarting answers again within seconds.
     deadline = time.monotonic() + PEER_LIBVIRT_WAIT_S
-    while (view := await look_at_peer(prepared["libvirtUri"], ctx.vm_uuid)) is None:
+    while (view := await look_at_peer(prepared.libvirtUri, ctx.vm_uuid)) is None:
         if time.monotonic() > deadline:
             break
         await asyncio.sleep(2)

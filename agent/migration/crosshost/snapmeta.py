@@ -14,6 +14,7 @@ from typing import Any
 from agent.errors import AgentError
 from agent.migration import snapshots
 from agent.migration.engine import TaskContext
+from agent.migration.peer.wire import Prepared
 from agent.migration.plan import MigrationPlan
 from agent.virt.host import VirtHost
 
@@ -35,7 +36,7 @@ async def put_back_here(host: VirtHost, ctx: TaskContext, metas: Sequence[snapsh
 async def carry_to_destination(
     ctx: TaskContext,
     plan: MigrationPlan,
-    prepared: Mapping[str, Any],
+    prepared: Prepared,
     metas: Sequence[snapshots.SnapshotMeta],
 ) -> None:
     """The VM runs on the destination: redefine its snapshots there, rewritten to the new paths. A failure is
@@ -44,7 +45,7 @@ async def carry_to_destination(
         return
     moved: dict[str, str] = {}
     for disk in plan.disks:
-        top = next(t["top"] for t in prepared["disks"] if t["target"] == disk.target)
+        top = prepared.disk(disk.target).top
         moved[disk.src_top] = top
         for layer in disk.src_chain[1:]:  # lower layers keep their file names next to the top
             moved[layer] = os.path.join(os.path.dirname(top), os.path.basename(layer))
@@ -52,7 +53,7 @@ async def carry_to_destination(
         snapshots.SnapshotMeta(m.name, snapshots.rewrite_snapshot(m.xml, moved), m.current) for m in metas
     ]
     try:
-        remote = await VirtHost.open(prepared["libvirtUri"])
+        remote = await VirtHost.open(prepared.libvirtUri)
         try:
             await remote.call_domain(ctx.vm_uuid, lambda dom: snapshots.redefine_snapshots(dom, rewritten))
         finally:

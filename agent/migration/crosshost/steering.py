@@ -30,6 +30,7 @@ from agent.migration.mirrors.speeds import UNLIMITED_SPEED, AllocationIndex, Ste
 from agent.migration.plan import MigrationPlan
 from agent.migration.request import Strategy
 from agent.migration.states import TaskState
+from agent.virt.domxml import parse_disks
 from agent.virt.host import VirtHost
 
 #: A migration whose byte counters do not move for this long is stuck (a cut link does not end it in
@@ -38,6 +39,11 @@ STALL_S = 30.0
 #: Assumed time for a disk speed change to land until one has been timed (see ``SteeringClock``): a call
 #: takes milliseconds, but the first samples of a migration can come late on a busy host.
 FIRST_CHANGE_S = 0.5
+
+
+async def disk_aliases(host: VirtHost, vm_uuid: str) -> dict[str, str]:
+    """target -> libvirt's alias of each disk of the running domain (its mirror job's name in QEMU)."""
+    return {d.target: d.alias for d in parse_disks(await host.live_xml(vm_uuid)) if d.alias}
 
 
 class Steering:
@@ -51,8 +57,10 @@ class Steering:
         indexes: Mapping[str, AllocationIndex],
         controller: convergence.ConvergenceController,
         *,
+        aliases: Mapping[str, str],
         tick_s: float,
     ) -> None:
+        """``aliases``: target -> libvirt's alias of each disk, naming its mirror job (``disk_aliases``)."""
         self.host = host
         self.ctx = ctx
         self.plan = plan
@@ -76,10 +84,16 @@ class Steering:
         self.last_counter = -1
         self.last_moved_at = time.monotonic()
         self.streams = MigrationStreams(
-            host, ctx, self.pacer, controller, {}, last_reading=lambda: self.last_reading, on_note=self._note
+            host,
+            ctx,
+            self.pacer,
+            controller,
+            dict(aliases),
+            last_reading=lambda: self.last_reading,
+            on_note=self._note,
         )
         self.limits = LiveLimits(ctx, self.streams)
-        self.pacer.limits = self.limits
+        self.pacer.limits = self.limits  # the pacer paces within them; they set speeds through the streams
         # Made and attached with no await between: a PATCH journalled meanwhile is either read by the limits
         # (ctx.bandwidth) or applied through them.
         ctx.attach_limits(self.limits)
@@ -89,10 +103,6 @@ class Steering:
     def aliases(self) -> dict[str, str]:
         """target -> libvirt's alias of the disk, which names its mirror job."""
         return dict(self.streams.aliases)
-
-    @aliases.setter
-    def aliases(self, aliases: Mapping[str, str]) -> None:
-        self.streams.aliases = dict(aliases)
 
     def watch_disks(
         self, written: Mapping[str, int], rates: Mapping[str, float], write_blocking: bool

@@ -43,7 +43,7 @@ class PeerOfflineEngine(OfflineEngine):
         async with DestinationAgent.of(ctx.request, self.config) as peer:
             await ctx.checkpoint(data)
             try:
-                prepared = await peer.prepare(spec.model_dump())
+                prepared = await peer.prepare(spec)
                 await ctx.enter(TaskState.COPYING)
                 for disk in plan.disks:
                     await send_layers_to_peer(
@@ -56,10 +56,7 @@ class PeerOfflineEngine(OfflineEngine):
                     )
                 await self._remove(temporary)
                 await ctx.enter(TaskState.SWITCHING)
-                new = {
-                    d["target"]: (d["top"], next(p.dst_format for p in plan.disks if p.target == d["target"]))
-                    for d in prepared["disks"]
-                }
+                new = {d.target: (prepared.disk(d.target).top, d.dst_format) for d in plan.disks}
                 xml = rewrite_disk_sources(await self.host.inactive_xml(ctx.vm_uuid), new)
                 await peer.define(ctx.task_uuid, xml)
             except BaseException:

@@ -8,9 +8,12 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+from pydantic import ValidationError
+
 from agent.client import AgentClient, ApiError, ClientError
 from agent.config import AgentConfig
 from agent.errors import Code, InvalidRequest, MigrationFailed, NotFound
+from agent.migration.peer.wire import IncomingSpec, Prepared
 from agent.migration.request import MigrationRequest
 from agent.security import client_context
 
@@ -64,10 +67,17 @@ class DestinationAgent:
         raises the client's own ``ClientError``: its caller (the ZStack dialect) words that failure itself."""
         return await self.client.request("GET", "v1", "incoming-migrations")
 
-    async def prepare(self, spec: Mapping[str, Any]) -> Any:
-        """Create the incoming migration's files and record; the answer names them (``disks``,
-        ``libvirtUri``)."""
-        return await self._call("POST", (), dict(spec), when_free=True)
+    async def prepare(self, spec: IncomingSpec) -> Prepared:
+        """Create the incoming migration's files and record; the answer names them."""
+        answer = await self._call("POST", (), spec.model_dump(), when_free=True)
+        try:
+            return Prepared.model_validate(answer)
+        except ValidationError as err:
+            raise MigrationFailed(
+                "the destination agent's answer to prepare is not understood",
+                code=Code.PEER_ERROR,
+                details=str(err).splitlines()[0],
+            ) from err
 
     async def open_layer(self, migration_id: str, ref: Mapping[str, Any]) -> Any:
         """Export one prepared layer over NBD for writing; the answer holds its ``endpoint`` and ``path``."""

@@ -132,3 +132,33 @@ class IncomingSpec(_Wire):
             disks=list(disks),
             domain=domain,
         )
+
+
+class _Answer(BaseModel):
+    """An answer of the destination agent: what this side reads of it is typed; what a newer destination
+    adds is ignored."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+
+class PreparedDisk(_Answer):
+    target: str
+    top: str = Field(description="the destination top the migration fills (or the last layer sent)")
+    layers: tuple[str, ...] = Field(default=(), description="the lower layers' paths there, base first")
+
+
+class Prepared(_Answer):
+    """The destination's answer to ``prepare``: where each disk goes there and how to reach its libvirt.
+    Journalled as its JSON (``model_dump``) and read back with ``model_validate`` on a resume."""
+
+    migrationId: str
+    disks: tuple[PreparedDisk, ...]
+    libvirtUri: str = Field(description="the destination libvirtd, as the source's libvirtd reaches it")
+    migrationUri: str = Field(description="where QEMU's migration stream goes (tcp://address)")
+
+    def disk(self, target: str) -> PreparedDisk:
+        return next(d for d in self.disks if d.target == target)
+
+    def tops(self) -> dict[str, str]:
+        """target -> destination top."""
+        return {d.target: d.top for d in self.disks}

@@ -14,6 +14,12 @@ from agent.migration.crosshost import settle
 from agent.virt.states import DomainState
 
 VM = "0f6b2c1e-8d7a-4c39-9a57-3e2d1c0b9a88"
+PREPARED = {
+    "migrationId": "11111111-2222-4333-8444-555555555599",
+    "libvirtUri": "qemu+tls://hostB/system",
+    "migrationUri": "tcp://hostB",
+    "disks": [{"target": "vda", "top": "/dst/vm/top.qcow2"}],
+}
 
 
 class Host:
@@ -56,7 +62,7 @@ async def test_a_vm_that_died_after_the_failed_switchover_is_not_reported_runnin
     ctx = SimpleNamespace(vm_uuid=VM, log=logging.getLogger("test"))
     failure = MigrationFailed("the link broke during the switchover")
     with pytest.raises(MigrationFailed) as failed:
-        await settle._settle_steps(host, ctx, None, None, {"prepared": {}}, failure, wedged=False)  # type: ignore[arg-type]
+        await settle._settle_steps(host, ctx, None, None, {"prepared": PREPARED}, failure, wedged=False)  # type: ignore[arg-type]
     assert failed.value.code == "AGENT.VM_STOPPED"
     assert "crashed" in failed.value.description
     assert calls == ["put back", "destination cleaned"]
@@ -76,6 +82,6 @@ async def test_a_vm_still_running_here_gets_the_failure(monkeypatch: pytest.Monk
     failure = MigrationFailed("the link broke")
     with pytest.raises(MigrationFailed) as failed:
         await settle._settle_steps(
-            Host(DomainState.RUNNING), ctx, None, None, {"prepared": {}}, failure, wedged=False
+            Host(DomainState.RUNNING), ctx, None, None, {"prepared": PREPARED}, failure, wedged=False
         )  # type: ignore[arg-type]
     assert failed.value is failure

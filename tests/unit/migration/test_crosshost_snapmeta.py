@@ -14,6 +14,7 @@ import pytest
 from agent.errors import VirtError
 from agent.migration import snapshots
 from agent.migration.crosshost import snapmeta
+from agent.migration.peer.wire import Prepared
 from agent.migration.plan import DiskPlan, MigrationPlan
 
 VM = "0f6b2c1e-8d7a-4c39-9a57-3e2d1c0b9a88"
@@ -86,7 +87,14 @@ METAS = [
         "s1", SNAP_XML.format(name="s1", top="/src/top.qcow2", base="/src/base.qcow2"), True
     )
 ]
-PREPARED = {"libvirtUri": "qemu+tls://hostB/system", "disks": [{"target": "vda", "top": "/dst/vm/top.qcow2"}]}
+PREPARED = Prepared.model_validate(
+    {
+        "migrationId": "11111111-2222-4333-8444-555555555599",
+        "libvirtUri": "qemu+tls://hostB/system",
+        "migrationUri": "tcp://hostB",
+        "disks": [{"target": "vda", "top": "/dst/vm/top.qcow2"}],
+    }
+)
 
 
 def test_the_journal_gives_the_metadata_back() -> None:

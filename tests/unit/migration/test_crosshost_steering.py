@@ -102,8 +102,15 @@ def steering(host: FakeHost, ctx: Ctx) -> Steering:
     plan = MigrationPlan(VM, STORAGE, (disk("vda"), disk("vdb")), ())
     indexes = {"vda": AllocationIndex([(0, 300 * MiB)]), "vdb": AllocationIndex([(0, 100 * MiB)])}
     policy = convergence.ConvergencePolicy.from_request(ctx.request, time_left_s=None)
-    steer = Steering(host, ctx, plan, indexes, convergence.ConvergenceController(policy), tick_s=0.01)  # type: ignore[arg-type]
-    steer.aliases = {"vda": "virtio-disk0", "vdb": "virtio-disk1"}
+    steer = Steering(
+        host,  # type: ignore[arg-type]
+        ctx,  # type: ignore[arg-type]
+        plan,
+        indexes,
+        convergence.ConvergenceController(policy),
+        aliases={"vda": "virtio-disk0", "vdb": "virtio-disk1"},
+        tick_s=0.01,
+    )
     steer.watch_disks({"vda": 0, "vdb": 0}, {}, write_blocking=False)
     return steer
 

@@ -12,8 +12,25 @@ import pytest
 from agent.client import AgentClient, ApiError
 from agent.errors import Code, MigrationFailed, NotFound
 from agent.migration.peer.client import DestinationAgent
+from agent.migration.peer.wire import IncomingDisk, IncomingSpec
 
 MIGRATION = "5a1d3c9e-0b7f-4e2a-9c61-2f8d4b7a0e13"
+SPEC = IncomingSpec(
+    migrationId=MIGRATION,
+    vmUuid="5a1d3c9e-0b7f-4e2a-9c61-2f8d4b7a0e14",
+    dstPrimaryStorageUuid="b" * 32,
+    disks=[
+        IncomingDisk(
+            target="vda",
+            volumeUuid="v1",
+            top="top.qcow2",
+            format="qcow2",
+            virtualSize=1 << 20,
+            estimatedBytes=0,
+            flatten=False,
+        )
+    ],
+)
 AGENT = Path(__file__).resolve().parents[3] / "agent"
 
 
@@ -26,7 +43,18 @@ class RecordingClient:
         self.calls.append((method, "/" + "/".join(segments), json_body))
         if self.error is not None:
             raise self.error
+        if method == "POST" and segments == ("v1", "incoming-migrations"):
+            return self.prepared
         return {"ok": True}
+
+    prepared: Any = {
+        "migrationId": "x",
+        "state": "prepared",
+        "disks": [{"target": "vda", "top": "/dst/top.qcow2", "layers": ["/dst/base.qcow2"]}],
+        "libvirtUri": "qemu+tls://hostB/system",
+        "migrationUri": "tcp://10.0.0.2",
+        "fromANewerAgent": 1,
+    }
 
 
 def _agent(client: RecordingClient) -> DestinationAgent:
@@ -38,7 +66,7 @@ async def test_every_call_goes_to_its_path() -> None:
     agent = _agent(client)
     ref = {"target": "vda", "index": 0}
     await agent.offer()
-    await agent.prepare({"migrationId": MIGRATION})
+    prepared = await agent.prepare(SPEC)
     await agent.open_layer(MIGRATION, ref)
     await agent.finish_layer(MIGRATION, ref, {"sha256": "ab"})
     await agent.define(MIGRATION, "<domain/>")
@@ -48,7 +76,7 @@ async def test_every_call_goes_to_its_path() -> None:
     base = "/v1/incoming-migrations"
     assert client.calls == [
         ("GET", base, None),
-        ("POST", base, {"migrationId": MIGRATION}),
+        ("POST", base, SPEC.model_dump()),
         ("POST", f"{base}/{MIGRATION}/layers", ref),
         ("POST", f"{base}/{MIGRATION}/layers/finish", {**ref, "digest": {"sha256": "ab"}}),
         ("POST", f"{base}/{MIGRATION}/define", {"xml": "<domain/>"}),
@@ -56,12 +84,22 @@ async def test_every_call_goes_to_its_path() -> None:
         ("DELETE", f"{base}/{MIGRATION}", None),
         ("GET", f"{base}/{MIGRATION}/vm", None),
     ]
+    assert prepared.tops() == {"vda": "/dst/top.qcow2"}
+    assert prepared.disk("vda").layers == ("/dst/base.qcow2",)
+
+
+async def test_an_answer_to_prepare_that_is_not_understood_fails_the_move() -> None:
+    client = RecordingClient()
+    client.prepared = {"migrationId": "x", "disks": "not a list"}
+    with pytest.raises(MigrationFailed) as caught:
+        await _agent(client).prepare(SPEC)
+    assert caught.value.code is Code.PEER_ERROR
 
 
 async def test_a_refusal_carries_the_destinations_code() -> None:
     refused = ApiError({"code": "AGENT.TARGET_EXISTS", "description": "exists", "field": "volumes[0]"}, 409)
     with pytest.raises(MigrationFailed) as caught:
-        await _agent(RecordingClient(refused)).prepare({})
+        await _agent(RecordingClient(refused)).prepare(SPEC)
     assert caught.value.code is Code.TARGET_EXISTS
     assert caught.value.field == "volumes[0]"
     unknown = ApiError({"code": "AGENT.FROM_A_NEWER_AGENT", "description": "?"}, 500)
