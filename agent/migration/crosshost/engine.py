@@ -37,9 +37,9 @@ from agent.migration.crosshost.prepare import incoming_spec, plan_live_move, sen
 from agent.migration.crosshost.resume import resume
 from agent.migration.crosshost.settle import settle
 from agent.migration.crosshost.steering import Steering
+from agent.migration.crosshost.work import CrossHostWork
 from agent.migration.engine import TICK_S, Step, TaskContext, run_past_cancel
 from agent.migration.peer.client import DestinationAgent
-from agent.migration.plan import MigrationPlan
 from agent.migration.states import TaskState
 from agent.storage.roots import StorageRoots
 from agent.virt.host import VirtHost
@@ -118,50 +118,40 @@ class CrossHostEngine:
             for disk in plan.disks:
                 ctx.progress(f"disk:{disk.target}", 0, disk.estimated_bytes)
             ctx.progress("memory", 0, await self.host.memory_bytes(ctx.vm_uuid))
-            data: dict[str, Any] = {"engine": "cross-host", "step": Step.PREPARING, "plan": plan.to_dict()}
-            await ctx.checkpoint(data)
+            work = CrossHostWork(plan=plan)
+            await work.checkpoint(ctx)
             try:
-                prepared = await peer.prepare(incoming_spec(ctx, plan))
-                data.update(step=Step.PREPARED, prepared=prepared.model_dump())
-                await ctx.checkpoint(data)
+                work.prepared = await peer.prepare(incoming_spec(ctx, plan))
+                await work.checkpoint(ctx, Step.PREPARED)
                 await ctx.enter(TaskState.COPYING)
-                await send_layers(ctx, peer, plan, prepared, data)
+                await send_layers(ctx, peer, work)
                 # libvirt's snapshot metadata travels beside the migration (journalled first): see Migration.
-                data["snapshots"] = [
-                    m.to_dict() for m in await self.host.call_domain(ctx.vm_uuid, snapshots.read_snapshots)
-                ]
-                data["step"] = Step.MIGRATING
-                await ctx.checkpoint(data)
-                stats = await self._migration(ctx).run(plan, prepared, data["snapshots"])
+                work.snapshots = await self.host.call_domain(ctx.vm_uuid, snapshots.read_snapshots)
+                await work.checkpoint(ctx, Step.MIGRATING)
+                stats = await self._migration(ctx).run(work)
             except AgentError as err:
                 # An error reported once the migration ran (a lost connection at the very end, libvirtd
                 # restarting under it) must not be taken for a rollback: where the VM runs decides.
-                if data["step"] != Step.MIGRATING:
+                if work.step != Step.MIGRATING:
                     await abort_remote(ctx, peer)
                     raise
-                return await self._settle(ctx, peer, plan, data, err)
+                return await self._settle(ctx, peer, work, err)
             except asyncio.CancelledError as err:
                 if ctx.detaching:  # a stopping agent leaves the p2p migration to libvirt
                     raise
-                if data["step"] != Step.MIGRATING:
+                if work.step != Step.MIGRATING:
                     await abort_remote(ctx, peer)
                     raise
                 # The job was aborted (``Migration``'s cancel) unless it had already switched over.
-                return await self._settle(ctx, peer, plan, data, err)
+                return await self._settle(ctx, peer, work, err)
             except BaseException:
                 if not ctx.detaching:
                     await abort_remote(ctx, peer)
                 raise
-            data["step"] = Step.COMMITTING
-            await ctx.checkpoint(data)
-            return await run_past_cancel(ctx, commit(self.host, ctx, peer, plan, prepared, stats))
+            await work.checkpoint(ctx, Step.COMMITTING)
+            return await run_past_cancel(ctx, commit(self.host, ctx, peer, plan, work.destination, stats))
 
     async def _settle(
-        self,
-        ctx: TaskContext,
-        peer: DestinationAgent,
-        plan: MigrationPlan,
-        data: dict[str, Any],
-        failure: BaseException,
+        self, ctx: TaskContext, peer: DestinationAgent, work: CrossHostWork, failure: BaseException
     ) -> list[dict[str, Any]]:
-        return await settle(self.host, ctx, peer, plan, data, failure, wedged=ctx.vm_uuid in self.wedged)
+        return await settle(self.host, ctx, peer, work, failure, wedged=ctx.vm_uuid in self.wedged)

@@ -20,6 +20,7 @@ from agent.migration.crosshost.params import (
     policy_of,
 )
 from agent.migration.crosshost.steering import Steering, disk_aliases
+from agent.migration.crosshost.work import CrossHostWork
 from agent.migration.engine import TaskContext, budget_of
 from agent.migration.mirrors.guestwrites import read_guest_writes
 from agent.migration.peer.wire import Prepared
@@ -64,19 +65,13 @@ class Migration:
         self.on_steering = on_steering
         self.history = history  # the guests' write counters from before the request
 
-    async def run(
-        self,
-        plan: MigrationPlan,
-        prepared: Prepared,
-        snapshot_data: list[dict[str, Any]] | None = None,
-    ) -> dict[str, Any]:
+    async def run(self, work: CrossHostWork) -> dict[str, Any]:
         """Run the libvirt migration and steer it; returns the completed job's statistics.
 
         libvirt 9.0 refuses to migrate a domain with snapshot metadata: the metadata (already journalled)
         is taken off the source first, redefined on the destination with the new paths afterwards, and put
         back on the source when the migration fails."""
-        ctx = self.ctx
-        metas = [snapshots.SnapshotMeta.from_dict(d) for d in snapshot_data or []]
+        ctx, plan, prepared, metas = self.ctx, work.plan, work.destination, work.snapshots
         if not metas:
             return await self._migrate_vm(plan, prepared)
         await self.host.call_domain(ctx.vm_uuid, lambda dom: snapshots.drop_snapshot_metadata(dom, metas))

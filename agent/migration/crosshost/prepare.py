@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
 
 from agent.errors import Code, PreflightFailed
 from agent.migration import snapshots
+from agent.migration.crosshost.work import CrossHostWork
 from agent.migration.engine import TaskContext, budget_of
 from agent.migration.peer.client import DestinationAgent
 from agent.migration.peer.layers import LayerToSend, send_layers_to_peer
-from agent.migration.peer.wire import IncomingDisk, IncomingSpec, Prepared
+from agent.migration.peer.wire import IncomingDisk, IncomingSpec
 from agent.migration.plan import MigrationPlan, RemoteRoot, inspect_chains, plan_migration
 from agent.virt.domxml import parse_disks
 from agent.virt.host import VirtHost
@@ -53,22 +53,17 @@ def incoming_spec(ctx: TaskContext, plan: MigrationPlan) -> IncomingSpec:
     return IncomingSpec.of(ctx.task_uuid, plan, (IncomingDisk.live(d) for d in plan.disks))
 
 
-async def send_layers(
-    ctx: TaskContext,
-    peer: DestinationAgent,
-    plan: MigrationPlan,
-    prepared: Prepared,
-    data: dict[str, Any],
-) -> None:
-    """Fill the destination's lower layers, base first, each verified before the next (resumable)."""
-    if not plan.layers:
+async def send_layers(ctx: TaskContext, peer: DestinationAgent, work: CrossHostWork) -> None:
+    """Fill the destination's lower layers, base first, each verified before the next (journalled in
+    ``work.layers_done``)."""
+    if not work.plan.layers:
         return
 
-    done: dict[str, str] = data.setdefault("layersDone", {})  # destination path -> source path
+    done = work.layers_done
     dst_path: dict[tuple[str, int], str] = {}
     todo: list[LayerToSend] = []
-    for disk in plan.disks:
-        paths = prepared.disk(disk.target).layers
+    for disk in work.plan.disks:
+        paths = work.destination.disk(disk.target).layers
         for index, (layer, path) in enumerate(zip(disk.lower_layers, paths, strict=True)):
             if path in done or path in dst_path.values():  # sent before a restart, or a shared base
                 continue
@@ -78,7 +73,7 @@ async def send_layers(
 
     async def sent(layer: LayerToSend) -> None:
         done[dst_path[layer.target, layer.index]] = layer.src
-        await ctx.checkpoint(data)
+        await work.checkpoint(ctx)
 
     await send_layers_to_peer(
         peer, ctx.task_uuid, todo, rate=lambda: budget_of(ctx), progress=ctx.progress, log=ctx.log, sent=sent

@@ -15,6 +15,7 @@ from agent.migration.crosshost.destination import abort_remote
 from agent.migration.crosshost.params import policy_of
 from agent.migration.crosshost.settle import job_active, settle
 from agent.migration.crosshost.steering import Steering, disk_aliases
+from agent.migration.crosshost.work import CrossHostWork
 from agent.migration.engine import Step, TaskContext
 from agent.migration.peer.client import DestinationAgent
 from agent.migration.plan import MigrationPlan, allocation_index
@@ -36,9 +37,8 @@ async def resume(
     (``settle``): commit and succeed, or clean the destination and fail. Earlier steps (preparing, sending
     lower layers): the destination is cleaned up and the task fails (``AGENT.INTERRUPTED``; the management
     plane sends the request again)."""
-    plan = MigrationPlan.from_dict(data["plan"])
-    step = data.get("step")
-    work = dict(data)
+    work = CrossHostWork.from_checkpoint(data)
+    plan, step = work.plan, work.step
     ctx.log.info("resuming cross-host migration at step %s", step)
     interrupted = MigrationFailed(
         f"the agent restarted during step {step!r}; the destination was cleaned up and the VM stays on "
@@ -48,7 +48,7 @@ async def resume(
     )
 
     async def settled(failure: BaseException) -> list[dict[str, Any]]:
-        return await settle(host, ctx, peer, plan, work, failure, wedged=ctx.vm_uuid in wedged)
+        return await settle(host, ctx, peer, work, failure, wedged=ctx.vm_uuid in wedged)
 
     if step in (Step.MIGRATING, Step.COMMITTING):
         try:

@@ -15,10 +15,10 @@ from agent.migration import placement
 from agent.migration.crosshost import snapmeta
 from agent.migration.crosshost.commit import commit
 from agent.migration.crosshost.destination import abort_remote, retrying
+from agent.migration.crosshost.work import CrossHostWork
 from agent.migration.engine import Step, TaskContext, run_past_cancel
 from agent.migration.peer.client import DestinationAgent
 from agent.migration.peer.wire import Prepared
-from agent.migration.plan import MigrationPlan
 from agent.virt.host import VirtHost
 from agent.virt.peer import describe, look_at_peer
 from agent.virt.states import DomainState
@@ -31,8 +31,7 @@ async def settle(
     host: VirtHost,
     ctx: TaskContext,
     peer: DestinationAgent,
-    plan: MigrationPlan,
-    data: dict[str, Any],
+    work: CrossHostWork,
     failure: BaseException,
     *,
     wedged: bool,
@@ -47,20 +46,19 @@ async def settle(
             task.uncancel()  # the cancel is answered below (CANCELLED after cleanup, or the truth)
     # Deciding and cleaning up must not be cut short by a (further) cancel: it would leave the
     # destination's files behind or a moved VM reported as cancelled.
-    return await run_past_cancel(ctx, _settle_steps(host, ctx, peer, plan, data, failure, wedged=wedged))
+    return await run_past_cancel(ctx, _settle_steps(host, ctx, peer, work, failure, wedged=wedged))
 
 
 async def _settle_steps(
     host: VirtHost,
     ctx: TaskContext,
     peer: DestinationAgent,
-    plan: MigrationPlan,
-    data: dict[str, Any],
+    work: CrossHostWork,
     failure: BaseException,
     *,
     wedged: bool,
 ) -> list[dict[str, Any]]:
-    prepared = Prepared.model_validate(data["prepared"])
+    plan, prepared = work.plan, work.destination
     where, here = await locate(host, ctx, peer, prepared, wedged=wedged)
     settlement = placement.settle(where)
     if settlement is placement.Settlement.COMMIT:
@@ -76,9 +74,8 @@ async def _settle_steps(
             )
         else:
             ctx.log.warning("%s, but the VM runs on the destination; committing", _what(failure))
-        data["step"] = Step.COMMITTING
-        await ctx.checkpoint(data)
-        await snapmeta.carry_to_destination(ctx, plan, prepared, snapmeta.journalled(data))
+        await work.checkpoint(ctx, Step.COMMITTING)
+        await snapmeta.carry_to_destination(ctx, plan, prepared, work.snapshots)
         return await commit(host, ctx, peer, plan, prepared, None)
     if settlement is placement.Settlement.KEEP_ALL:
         raise MigrationFailed(
@@ -92,7 +89,7 @@ async def _settle_steps(
                 + ", ".join(f"{t}={p}" for t, p in prepared.tops().items())
             ),
         ) from failure
-    await snapmeta.put_back_here(host, ctx, snapmeta.journalled(data))
+    await snapmeta.put_back_here(host, ctx, work.snapshots)
     await abort_remote(ctx, peer)
     # Looked at again after the clean-up: a QEMU that resumed the guest after a failed switchover can die
     # a moment later (QEMU 7.2: "bdrv_co_write_req_prepare: Assertion ... BDRV_O_INACTIVE" when the link

@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 from agent.errors import AgentError
 from agent.migration import snapshots
@@ -17,11 +16,6 @@ from agent.migration.engine import TaskContext
 from agent.migration.peer.wire import Prepared
 from agent.migration.plan import MigrationPlan
 from agent.virt.host import VirtHost
-
-
-def journalled(data: Mapping[str, Any]) -> list[snapshots.SnapshotMeta]:
-    """The snapshot metadata the task journalled before the migration (parents first)."""
-    return [snapshots.SnapshotMeta.from_dict(d) for d in data.get("snapshots") or []]
 
 
 async def put_back_here(host: VirtHost, ctx: TaskContext, metas: Sequence[snapshots.SnapshotMeta]) -> None:

@@ -11,6 +11,10 @@ import pytest
 from agent.errors import MigrationFailed
 from agent.migration import placement
 from agent.migration.crosshost import settle
+from agent.migration.crosshost.work import CrossHostWork
+from agent.migration.engine import Step
+from agent.migration.peer.wire import Prepared
+from agent.migration.plan import MigrationPlan
 from agent.virt.states import DomainState
 
 VM = "0f6b2c1e-8d7a-4c39-9a57-3e2d1c0b9a88"
@@ -20,6 +24,12 @@ PREPARED = {
     "migrationUri": "tcp://hostB",
     "disks": [{"target": "vda", "top": "/dst/vm/top.qcow2"}],
 }
+
+
+def work() -> CrossHostWork:
+    """A move journalled at MIGRATING (no disks: the steps that use them are replaced here)."""
+    plan = MigrationPlan(VM, "b" * 32, (), ())
+    return CrossHostWork(plan=plan, step=Step.MIGRATING, prepared=Prepared.model_validate(PREPARED))
 
 
 class Host:
@@ -62,7 +72,7 @@ async def test_a_vm_that_died_after_the_failed_switchover_is_not_reported_runnin
     ctx = SimpleNamespace(vm_uuid=VM, log=logging.getLogger("test"))
     failure = MigrationFailed("the link broke during the switchover")
     with pytest.raises(MigrationFailed) as failed:
-        await settle._settle_steps(host, ctx, None, None, {"prepared": PREPARED}, failure, wedged=False)  # type: ignore[arg-type]
+        await settle._settle_steps(host, ctx, None, work(), failure, wedged=False)  # type: ignore[arg-type]
     assert failed.value.code == "AGENT.VM_STOPPED"
     assert "crashed" in failed.value.description
     assert calls == ["put back", "destination cleaned"]
@@ -82,6 +92,11 @@ async def test_a_vm_still_running_here_gets_the_failure(monkeypatch: pytest.Monk
     failure = MigrationFailed("the link broke")
     with pytest.raises(MigrationFailed) as failed:
         await settle._settle_steps(
-            Host(DomainState.RUNNING), ctx, None, None, {"prepared": PREPARED}, failure, wedged=False
-        )  # type: ignore[arg-type]
+            Host(DomainState.RUNNING),  # type: ignore[arg-type]
+            ctx,  # type: ignore[arg-type]
+            None,
+            work(),
+            failure,
+            wedged=False,
+        )
     assert failed.value is failure

@@ -3,6 +3,7 @@ the VM runs, from the journal, so an agent restart or a settled failure never lo
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -14,6 +15,8 @@ import pytest
 from agent.errors import VirtError
 from agent.migration import snapshots
 from agent.migration.crosshost import snapmeta
+from agent.migration.crosshost.work import CrossHostWork
+from agent.migration.engine import Step
 from agent.migration.peer.wire import Prepared
 from agent.migration.plan import DiskPlan, MigrationPlan
 
@@ -97,10 +100,23 @@ PREPARED = Prepared.model_validate(
 )
 
 
-def test_the_journal_gives_the_metadata_back() -> None:
-    data = {"snapshots": [m.to_dict() for m in METAS]}
-    assert snapmeta.journalled(data) == METAS
-    assert snapmeta.journalled({}) == []
+def test_the_journal_gives_the_work_back() -> None:
+    """A cross-host move's checkpoint is JSON that gives back its plan, step, the destination's answer, the
+    snapshot metadata (parents first) and the layers sent; an older checkpoint without them reads empty."""
+    work = CrossHostWork(
+        plan=plan(),
+        step=Step.MIGRATING,
+        prepared=PREPARED,
+        snapshots=list(METAS),
+        layers_done={"/d/b": "/s/b"},
+    )
+    data = json.loads(json.dumps(work.checkpoint_data()))
+    assert data["engine"] == "cross-host" and data["step"] == "migrating"
+    assert CrossHostWork.from_checkpoint(data) == work
+    first = CrossHostWork.from_checkpoint({"step": "preparing", "plan": plan().to_dict()})
+    assert (first.step, first.prepared, first.snapshots, first.layers_done) == (Step.PREPARING, None, [], {})
+    with pytest.raises(RuntimeError, match="nothing prepared yet"):
+        _ = first.destination
 
 
 async def test_put_back_here_redefines_each_snapshot_current_kept() -> None:
