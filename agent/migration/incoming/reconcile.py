@@ -75,8 +75,8 @@ async def _reconcile_one(
         record = records.load(migration_id)
     except NotFound:
         return True
-    vm_uuid = record["vmUuid"]
-    tops = {d["target"]: d["top"] for d in record["layout"]["disks"]}
+    vm_uuid = record.vmUuid
+    tops = record.layout.tops()
     try:
         state = await host.domain_state(vm_uuid)
     except NotFound:

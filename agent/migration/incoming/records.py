@@ -10,9 +10,11 @@ import enum
 import json
 import os
 from pathlib import Path
-from typing import Any
+
+from pydantic import BaseModel, ConfigDict
 
 from agent.errors import Code, Forbidden, NotFound
+from agent.migration.peer.wire import IncomingSpec, PreparedDisk
 from agent.migration.request import normalise_uuid
 from agent.storage.roots import StorageRoots
 
@@ -26,6 +28,46 @@ class IncomingState(enum.StrEnum):
     COMMITTED = "committed"  # the VM runs here from the targets: they are its own now (settled)
     DEFINED = "defined"  # a shut-off VM's definition moved here with its files (settled)
     ABORTED = "aborted"  # what it made was removed (no record left)
+
+
+class _Record(BaseModel):
+    # A record of a newer agent may carry more: what this one does not know it leaves alone.
+    model_config = ConfigDict(extra="ignore")
+
+
+class Layout(_Record):
+    """Every disk's paths on this host, confined in the storage root: top and lower layers (base first)."""
+
+    disks: list[PreparedDisk]
+
+    def tops(self) -> dict[str, str]:
+        return {d.target: d.top for d in self.disks}
+
+
+class Reservation(_Record):
+    """The space a prepared migration holds in one storage until it settles."""
+
+    storage: str
+    bytes: int
+
+
+class IncomingRecord(_Record):
+    """One incoming migration, as journalled (the JSON keys are the file format: never rename one)."""
+
+    migrationId: str
+    vmUuid: str
+    #: Who prepared it: only that peer may act on it (a record of an older agent names none).
+    peer: str | None = None
+    #: The spec as the source sent it, without the domain (which is kept as ``domainParts``).
+    spec: IncomingSpec
+    domainParts: dict[str, str] | None = None
+    layout: Layout
+    #: Files this migration created, in order: removed newest first when it does not settle here.
+    created: list[str] = []
+    reserved: Reservation | None = None
+    state: IncomingState = IncomingState.PREPARING
+    #: Lower layers transferred and verified.
+    layersDone: list[str] = []
 
 
 #: Settled notes kept (the newest); a source asks about its migration within minutes of settling it.
@@ -44,41 +86,41 @@ class IncomingRecords:
     def exists(self, migration_id: str) -> bool:
         return self.path(migration_id).exists()
 
-    def load(self, migration_id: str) -> dict[str, Any]:
+    def load(self, migration_id: str) -> IncomingRecord:
         try:
-            data: dict[str, Any] = json.loads(self.path(migration_id).read_text())
-            return data
+            text = self.path(migration_id).read_text()
         except FileNotFoundError:
             raise NotFound(f"no incoming migration {migration_id} on this host") from None
+        return IncomingRecord.model_validate_json(text)
 
-    def save(self, record: dict[str, Any]) -> None:
+    def save(self, record: IncomingRecord) -> None:
         self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        path = self.path(record["migrationId"])
+        path = self.path(record.migrationId)
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(record))
+        tmp.write_text(record.model_dump_json(exclude_none=True))
         os.replace(tmp, path)
 
-    def load_owned(self, migration_id: str, peer: str) -> dict[str, Any]:
+    def load_owned(self, migration_id: str, peer: str) -> IncomingRecord:
         """The record, if ``peer`` prepared it (403 otherwise; a record of an older agent names none)."""
         record = self.load(migration_id)
-        check_owner(record, peer)
+        check_owner(record.migrationId, record.peer, peer)
         return record
 
     def forget(self, migration_id: str) -> None:
         self.path(migration_id).unlink(missing_ok=True)
 
-    def settle(self, record: dict[str, Any], state: IncomingState) -> None:
+    def settle(self, record: IncomingRecord, state: IncomingState) -> None:
         """Forget the record, keeping a note of its VM and peer (the newest ``SETTLED_KEPT`` notes)."""
         settled = self.dir / "settled"
         settled.mkdir(parents=True, exist_ok=True, mode=0o700)
-        note = {"migrationId": record["migrationId"], "vmUuid": record["vmUuid"], "state": str(state)}
-        if "peer" in record:
-            note["peer"] = record["peer"]
-        path = settled / f"{normalise_uuid(record['migrationId'])}.json"
+        note = {"migrationId": record.migrationId, "vmUuid": record.vmUuid, "state": str(state)}
+        if record.peer is not None:
+            note["peer"] = record.peer
+        path = settled / f"{normalise_uuid(record.migrationId)}.json"
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(note))
         os.replace(tmp, path)
-        self.forget(record["migrationId"])
+        self.forget(record.migrationId)
         notes = sorted(settled.glob("*.json"), key=lambda p: p.stat().st_mtime)
         for old in notes[:-SETTLED_KEPT]:
             old.unlink(missing_ok=True)
@@ -89,13 +131,13 @@ class IncomingRecords:
             record = self.load(migration_id)
         except NotFound:
             try:
-                record = json.loads(
-                    (self.dir / "settled" / f"{normalise_uuid(migration_id)}.json").read_text()
-                )
+                note = json.loads((self.dir / "settled" / f"{normalise_uuid(migration_id)}.json").read_text())
             except FileNotFoundError:
                 raise NotFound(f"no incoming migration {migration_id} on this host") from None
-        check_owner(record, peer)
-        return str(record["vmUuid"])
+            check_owner(migration_id, note.get("peer"), peer)
+            return str(note["vmUuid"])
+        check_owner(record.migrationId, record.peer, peer)
+        return record.vmUuid
 
     def list_ids(self) -> list[str]:
         if not self.dir.exists():
@@ -103,20 +145,20 @@ class IncomingRecords:
         return [p.stem for p in self.dir.glob("*.json")]
 
 
-def check_owner(record: dict[str, Any], peer: str) -> None:
-    owner = record.get("peer")
+def check_owner(migration_id: str, owner: str | None, peer: str) -> None:
+    """Only the peer that prepared a migration may act on it (``owner`` None: an older agent's record)."""
     if owner is not None and owner != peer:
         raise Forbidden(
-            f"incoming migration {record['migrationId']} was prepared by another peer",
+            f"incoming migration {migration_id} was prepared by another peer",
             code=Code.NOT_YOUR_MIGRATION,
             details=f"the caller is {peer}",
         )
 
 
-def remove_created(record: dict[str, Any], roots: StorageRoots) -> list[str]:
+def remove_created(record: IncomingRecord, roots: StorageRoots) -> list[str]:
     """Remove the files the record says the migration created (inside a storage root only), newest first."""
     removed = []
-    for path in reversed(record["created"]):
+    for path in reversed(record.created):
         if roots.owner_of(path) is None:
             continue
         try:

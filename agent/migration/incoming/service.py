@@ -37,8 +37,15 @@ from typing import Any
 from agent.errors import Busy, Code, Conflict, InvalidRequest, MigrationFailed, NotFound, PreflightFailed
 from agent.migration.incoming.domain import check_definition, domain_parts, domain_uuid
 from agent.migration.incoming.reconcile import RECONCILE_EVERY_S, RECONCILE_GIVE_UP_S, reconcile
-from agent.migration.incoming.records import IncomingRecords, IncomingState, remove_created
-from agent.migration.peer.wire import IncomingDisk, IncomingSpec
+from agent.migration.incoming.records import (
+    IncomingRecord,
+    IncomingRecords,
+    IncomingState,
+    Layout,
+    Reservation,
+    remove_created,
+)
+from agent.migration.peer.wire import IncomingDisk, IncomingLayer, IncomingSpec, PreparedDisk
 from agent.migration.request import normalise_uuid
 from agent.migration.targets import check_precreated_target
 from agent.storage import qemuimg
@@ -96,10 +103,10 @@ class IncomingService:
         """Create the destination images for ``peer``; answers with their paths and where to migrate to."""
         async with self._lock:
             parts = None if spec.domain is None else self._declared(spec)
-            wire = spec.model_dump(exclude={"domain"})
+            wire = spec.model_copy(update={"domain": None})
             if self.records.exists(spec.migrationId):
                 existing = self.records.load_owned(spec.migrationId, peer)
-                if existing["spec"] != wire or existing.get("domainParts") != parts:
+                if existing.spec != wire or existing.domainParts != parts:
                     raise Conflict(f"incoming migration {spec.migrationId} exists with another spec")
                 return self._answer(existing)
             open_ids = self.records.list_ids()
@@ -113,25 +120,23 @@ class IncomingService:
             root = self.roots.get(spec.dstPrimaryStorageUuid, field="dstPrimaryStorageUuid")
             layout = self._layout(spec, root)
             needed = await self._preflight(spec, root, layout)
-            record: dict[str, Any] = {
-                "migrationId": spec.migrationId,
-                "vmUuid": spec.vmUuid,
-                "peer": peer,
-                "spec": wire,
-                "domainParts": parts,
-                "layout": layout,
-                "created": [],
-                "reserved": {"storage": root.uuid, "bytes": needed},
-                "state": IncomingState.PREPARING,
-            }
+            record = IncomingRecord(
+                migrationId=spec.migrationId,
+                vmUuid=spec.vmUuid,
+                peer=peer,
+                spec=wire,
+                domainParts=parts,
+                layout=layout,
+                reserved=Reservation(storage=root.uuid, bytes=needed),
+            )
             self.records.save(record)
             try:
-                for disk, paths in zip(spec.disks, layout["disks"], strict=True):
+                for disk, paths in zip(spec.disks, layout.disks, strict=True):
                     await self._create_disk(record, disk, paths)
             except BaseException:
                 remove_created(record, self.roots)
                 raise
-            record["state"] = IncomingState.PREPARED
+            record.state = IncomingState.PREPARED
             self.records.save(record)
             log.info(
                 "incoming migration %s for VM %s prepared in storage %s for %s",
@@ -155,11 +160,11 @@ class IncomingService:
             )
         return domain_parts(spec.domain)
 
-    def _layout(self, spec: IncomingSpec, root: StorageRoot) -> dict[str, Any]:
+    def _layout(self, spec: IncomingSpec, root: StorageRoot) -> Layout:
         """Every disk's top and lower layers, confined in ``root``. A pre-created disk carries no layers
         (a real source plans lower layers only for targets it makes); no path is written twice; a layer is
         never a top (but an offline move's last layer is its own disk's top: it travels like the others)."""
-        disks: list[dict[str, Any]] = []
+        disks: list[PreparedDisk] = []
         for i, disk in enumerate(spec.disks):
             if disk.precreated and disk.layers:
                 raise InvalidRequest(
@@ -176,45 +181,45 @@ class IncomingService:
                 )
                 for j, layer in enumerate(disk.layers)
             ]
-            disks.append({"target": disk.target, "top": top, "layers": layers})
-        tops = {d["top"] for d in disks}
+            disks.append(PreparedDisk(target=disk.target, top=top, layers=tuple(layers)))
+        tops = {d.top for d in disks}
         seen: set[str] = set()
         for i, (disk, paths) in enumerate(zip(spec.disks, disks, strict=True)):
-            own_top = [paths["top"]] if disk.offline and paths["layers"][-1:] == [paths["top"]] else []
-            for j, path in enumerate(paths["layers"]):
-                if path in tops and not (own_top and j == len(paths["layers"]) - 1):
+            own_top = [paths.top] if disk.offline and paths.layers[-1:] == (paths.top,) else []
+            for j, path in enumerate(paths.layers):
+                if path in tops and not (own_top and j == len(paths.layers) - 1):
                     raise InvalidRequest(
                         f"layer {path} would overwrite a disk's top", field=f"disks[{i}].layers[{j}].name"
                     )
-            for written in [paths["top"], *(p for p in paths["layers"] if p not in own_top)]:
+            for written in [paths.top, *(p for p in paths.layers if p not in own_top)]:
                 if written in seen:
                     raise PreflightFailed(f"two images would be written to {written}", field=f"disks[{i}]")
                 seen.add(written)
-        return {"disks": disks}
+        return Layout(disks=disks)
 
     def _reserved(self, storage_uuid: str) -> int:
         """Bytes the open migrations of this host reserved in ``storage_uuid``."""
         total = 0
         for migration_id in self.records.list_ids():
-            with contextlib.suppress(NotFound, KeyError, TypeError, ValueError):
-                reserved = self.records.load(migration_id).get("reserved") or {}
-                if reserved.get("storage") == storage_uuid:
-                    total += int(reserved.get("bytes", 0))
+            with contextlib.suppress(NotFound, ValueError):  # gone meanwhile, or unreadable
+                reserved = self.records.load(migration_id).reserved
+                if reserved is not None and reserved.storage == storage_uuid:
+                    total += reserved.bytes
         return total
 
-    async def _preflight(self, spec: IncomingSpec, root: StorageRoot, layout: dict[str, Any]) -> int:
+    async def _preflight(self, spec: IncomingSpec, root: StorageRoot, layout: Layout) -> int:
         """Check the targets and the space; returns the bytes the migration reserves."""
         needed = 0
-        for i, (disk, paths) in enumerate(zip(spec.disks, layout["disks"], strict=True)):
+        for i, (disk, paths) in enumerate(zip(spec.disks, layout.disks, strict=True)):
             if disk.precreated:
                 await check_precreated_target(
-                    paths["top"],
+                    paths.top,
                     fmt=disk.format,
                     virtual_size=disk.virtualSize,
                     flatten=disk.flatten,
                     field=f"disks[{i}].top",
                 )
-            for path in [*([] if disk.precreated else [paths["top"]]), *paths["layers"]]:
+            for path in [*([] if disk.precreated else [paths.top]), *paths.layers]:
                 if os.path.lexists(path):
                     raise PreflightFailed(
                         f"target {path} already exists on this host",
@@ -232,16 +237,16 @@ class IncomingService:
         )
         return needed
 
-    async def _create_disk(self, record: dict[str, Any], disk: IncomingDisk, paths: dict[str, Any]) -> None:
+    async def _create_disk(self, record: IncomingRecord, disk: IncomingDisk, paths: PreparedDisk) -> None:
         """Create the top now; lower layers are created by their transfer (``open_layer``), base first."""
         if disk.precreated or disk.offline:
             return
-        below = paths["layers"][-1] if paths["layers"] else None
+        below = paths.layers[-1] if paths.layers else None
         below_fmt = disk.layers[-1].format if disk.layers else None
-        record["created"].append(paths["top"])
+        record.created.append(paths.top)
         self.records.save(record)
         await qemuimg.create(
-            paths["top"],
+            paths.top,
             disk.format,
             disk.virtualSize,
             backing=None if disk.flatten else below,
@@ -258,7 +263,7 @@ class IncomingService:
             key = (normalise_uuid(migration_id), path)
             if key in self._layers:
                 return {"path": path, "endpoint": self._layers[key].endpoint.to_dict()}
-            if path in record.get("layersDone", []):
+            if path in record.layersDone:
                 raise Conflict(f"layer {path} was already transferred and verified")
             if len(self._layers) >= self.limits.exports:
                 raise Busy(
@@ -267,7 +272,7 @@ class IncomingService:
                     retry_after_s=RETRY_AFTER_S,
                     details="limits.incoming_exports in agent.toml",
                 )
-            if path in record["created"]:
+            if path in record.created:
                 if os.path.lexists(path):  # our partial copy from before a restart: start it over
                     os.unlink(path)
             elif os.path.lexists(path):  # never this migration's: someone else's file
@@ -277,16 +282,16 @@ class IncomingService:
                     field="index",
                 )
             else:
-                record["created"].append(path)
+                record.created.append(path)
                 self.records.save(record)
             layer = await LayerExport.prepare(
                 path,
-                spec["format"],
-                spec["virtualSize"],
+                spec.format,
+                spec.virtualSize,
                 listen_host=self.migration_address,
                 backing=backing,
                 backing_format=backing_fmt,
-                cluster_size=spec.get("clusterSize"),
+                cluster_size=spec.clusterSize,
             )
             self._layers[key] = layer
             log.info(
@@ -304,14 +309,14 @@ class IncomingService:
             path, spec, backing, backing_fmt = self._layer(record, target, index)
             layer = self._layers.pop((normalise_uuid(migration_id), path), None)
             if layer is None:
-                if path in record.get("layersDone", []):
+                if path in record.layersDone:
                     return {"path": path, "verified": True}
                 raise NotFound(f"layer {path} is not being transferred", field="index")
             await layer.finish()
             try:
                 await verify_layer(
                     path,
-                    spec["format"],
+                    spec.format,
                     LayerDigest.from_dict(digest),
                     backing=backing,
                     backing_format=backing_fmt,
@@ -320,31 +325,30 @@ class IncomingService:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(path)
                 raise
-            record.setdefault("layersDone", []).append(path)
+            record.layersDone.append(path)
             self.records.save(record)
             log.info("incoming migration %s: layer %s verified", migration_id, path)
             return {"path": path, "verified": True}
 
     def _layer(
-        self, record: dict[str, Any], target: str, index: int
-    ) -> tuple[str, dict[str, Any], str | None, str | None]:
+        self, record: IncomingRecord, target: str, index: int
+    ) -> tuple[str, IncomingLayer, str | None, str | None]:
         """(path, spec, backing path, backing format) of lower layer ``index`` (base = 0) of ``target``."""
-        for disk, spec in zip(record["layout"]["disks"], record["spec"]["disks"], strict=True):
-            if disk["target"] != target:
+        for disk, spec in zip(record.layout.disks, record.spec.disks, strict=True):
+            if disk.target != target:
                 continue
-            if not 0 <= index < len(disk["layers"]):
+            if not 0 <= index < len(disk.layers):
                 raise NotFound(f"disk {target} has no layer {index}", field="index")
-            backing = disk["layers"][index - 1] if index > 0 else None
-            backing_fmt = spec["layers"][index - 1]["format"] if index > 0 else None
-            layer_spec: dict[str, Any] = spec["layers"][index]
-            return disk["layers"][index], layer_spec, backing, backing_fmt
-        raise NotFound(f"incoming migration {record['migrationId']} has no disk {target}", field="target")
+            backing = disk.layers[index - 1] if index > 0 else None
+            backing_fmt = spec.layers[index - 1].format if index > 0 else None
+            return disk.layers[index], spec.layers[index], backing, backing_fmt
+        raise NotFound(f"incoming migration {record.migrationId} has no disk {target}", field="target")
 
-    def _answer(self, record: dict[str, Any]) -> dict[str, Any]:
+    def _answer(self, record: IncomingRecord) -> dict[str, Any]:
         return {
-            "migrationId": record["migrationId"],
-            "state": record["state"],
-            "disks": record["layout"]["disks"],
+            "migrationId": record.migrationId,
+            "state": record.state,
+            "disks": [d.model_dump(mode="json") for d in record.layout.disks],
             "libvirtUri": self.peer_libvirt_uri,
             "migrationUri": f"tcp://{self.migration_address}",
             "migrationAddress": self.migration_address,
@@ -363,17 +367,17 @@ class IncomingService:
             record = self.records.load_owned(migration_id, peer)
             if self.host is None:
                 raise MigrationFailed("no libvirt connection on the destination agent")
-            live = {d.target: d for d in parse_disks(await self.host.live_xml(record["vmUuid"]))}
-            for disk in record["layout"]["disks"]:
-                got = live.get(disk["target"])
-                if got is None or got.source != disk["top"]:
+            live = {d.target: d for d in parse_disks(await self.host.live_xml(record.vmUuid))}
+            for disk in record.layout.disks:
+                got = live.get(disk.target)
+                if got is None or got.source != disk.top:
                     raise MigrationFailed(
-                        f"VM {record['vmUuid']} does not use {disk['top']} for {disk['target']} here",
+                        f"VM {record.vmUuid} does not use {disk.top} for {disk.target} here",
                         code=Code.VERIFY_FAILED,
                     )
-            persistent = await self.host.is_persistent(record["vmUuid"])
+            persistent = await self.host.is_persistent(record.vmUuid)
             self.records.settle(record, IncomingState.COMMITTED)
-            log.info("incoming migration %s committed: VM %s runs here", migration_id, record["vmUuid"])
+            log.info("incoming migration %s committed: VM %s runs here", migration_id, record.vmUuid)
             return {"migrationId": migration_id, "state": IncomingState.COMMITTED, "persistent": persistent}
 
     async def define(self, migration_id: str, peer: str, xml: str) -> dict[str, Any]:
@@ -381,9 +385,9 @@ class IncomingService:
         domain declared at prepare, on this migration's images (``domain.check_definition``)."""
         async with self._lock:
             record = self.records.load_owned(migration_id, peer)
-            wanted = {d["target"]: d["top"] for d in record["layout"]["disks"]}
+            wanted = record.layout.tops()
             check_definition(
-                xml, declared=record.get("domainParts"), vm_uuid=record["vmUuid"], tops=set(wanted.values())
+                xml, declared=record.domainParts, vm_uuid=record.vmUuid, tops=set(wanted.values())
             )
             if self.host is None:
                 raise MigrationFailed("no libvirt connection on the destination agent")
@@ -393,14 +397,14 @@ class IncomingService:
                     raise InvalidRequest(
                         f"the definition points {target} at {given.get(target)}, not {top}", field="xml"
                     )
-            missing = [p for p in record["created"] if not os.path.exists(p)]
-            if missing or len(record.get("layersDone", [])) < len(record["created"]):
+            missing = [p for p in record.created if not os.path.exists(p)]
+            if missing or len(record.layersDone) < len(record.created):
                 raise Conflict(
                     "not every image has arrived and been verified", details=", ".join(missing) or None
                 )
             await self.host.define_xml(xml)
             self.records.settle(record, IncomingState.DEFINED)
-            log.info("incoming migration %s: VM %s defined here", migration_id, record["vmUuid"])
+            log.info("incoming migration %s: VM %s defined here", migration_id, record.vmUuid)
             return {"migrationId": migration_id, "state": IncomingState.DEFINED}
 
     async def abort(self, migration_id: str, peer: str) -> dict[str, Any]:
@@ -410,9 +414,9 @@ class IncomingService:
                 record = self.records.load_owned(migration_id, peer)
             except NotFound:
                 return {"migrationId": migration_id, "state": IncomingState.ABORTED, "removed": []}
-            if self.host is not None and await self._vm_runs_here(record["vmUuid"]):
+            if self.host is not None and await self._vm_runs_here(record.vmUuid):
                 raise Conflict(
-                    f"VM {record['vmUuid']} already runs on this host; refusing to remove its files",
+                    f"VM {record.vmUuid} already runs on this host; refusing to remove its files",
                     details="the migration finished; commit it instead",
                 )
             for key in [k for k in self._layers if k[0] == normalise_uuid(migration_id)]:
