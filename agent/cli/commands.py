@@ -36,14 +36,8 @@ async def migrate(client: AgentClient, args: argparse.Namespace, out: Output) ->
     task_uuid = answer.get("taskUuid") if isinstance(answer, dict) else None
     if not task_uuid:
         raise BadResponse(local_error("CLIENT.BAD_RESPONSE", "the agent accepted but named no taskUuid"))
-    if not args.wait:
-        if out.json_mode:
-            out.json(answer)
-        else:
-            out.line(task_uuid)
+    if not out.accepted(answer, task_uuid, wait=args.wait, heading=f"task {task_uuid}"):
         return Exit.OK
-    if not out.json_mode:
-        out.line(f"task {task_uuid}")
     return await follow(client, task_uuid, args, out)
 
 

@@ -18,8 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 from pydantic import ValidationError
-from rich.progress import BarColumn, Progress, TaskID, TextColumn
-from rich.table import Column
+from rich.progress import TaskID
 
 from agent.client import AgentClient, BadResponse
 from agent.client.errors import local_error
@@ -28,6 +27,7 @@ from agent.evacuation import EvacuationRequest
 
 from .exits import Exit, UsageError
 from .output import Output, human_bytes, human_duration, human_rate, number
+from .progress import rich_bars
 
 FINAL = frozenset({"SUCCEEDED", "FAILED", "CANCELLED"})
 
@@ -97,14 +97,9 @@ async def evacuate(client: AgentClient, args: argparse.Namespace, out: Output) -
         raise BadResponse(
             local_error("CLIENT.BAD_RESPONSE", "the agent accepted but named no evacuationUuid")
         )
-    if not args.wait:
-        if out.json_mode:
-            out.json(answer)
-        else:
-            out.line(uuid)
+    heading = f"evacuation {uuid}: {len(answer.get('vms') or [])} VMs"
+    if not out.accepted(answer, uuid, wait=args.wait, heading=heading):
         return Exit.OK
-    if not out.json_mode:
-        out.line(f"evacuation {uuid}: {len(answer.get('vms') or [])} VMs")
     return await follow(client, uuid, args, out)
 
 
@@ -218,16 +213,7 @@ class BarsView:
     """On a terminal: one bar for the whole evacuation, one per VM; percentages never go back."""
 
     def __init__(self, out: Output) -> None:
-        self._progress = Progress(
-            TextColumn("{task.fields[label]}", markup=False, table_column=Column(width=30, no_wrap=True)),
-            BarColumn(bar_width=None),
-            TextColumn("{task.percentage:>5.1f}%"),
-            TextColumn("{task.fields[amount]}", markup=False),
-            TextColumn("{task.fields[rate]}", markup=False),
-            TextColumn("ETA {task.fields[eta]}", markup=False),
-            console=out.console,
-            refresh_per_second=4,
-        )
+        self._progress = rich_bars(out, label_width=30)
         self._bars: dict[str, TaskID] = {}
         self._percent: dict[str, float] = {}
         self._started = False

@@ -44,6 +44,19 @@ class Output:
         """A plain line for people; never markup, since uuids, paths and server text may hold brackets."""
         self.console.print(text, markup=False)
 
+    def accepted(self, answer: Any, uuid: str, *, wait: bool, heading: str) -> bool:
+        """What a command that started something says: without ``wait`` the answer (JSON) or its uuid, and
+        False (done); with it, ``heading`` (not in JSON mode) and True (the caller follows it)."""
+        if not wait:
+            if self.json_mode:
+                self.json(answer)
+            else:
+                self.line(uuid)
+            return False
+        if not self.json_mode:
+            self.line(heading)
+        return True
+
     def show(self, renderable: RenderableType) -> None:
         self.console.print(renderable)
 

@@ -118,22 +118,29 @@ class LineProgressView:
         pass
 
 
+def rich_bars(out: Output, label_width: int) -> Progress:
+    """The bars every live view draws: label (a fixed width keeps a bar from jumping sideways when its
+    label changes), bar, percent, amount, rate, ETA."""
+    return Progress(
+        TextColumn(
+            "{task.fields[label]}", markup=False, table_column=Column(width=label_width, no_wrap=True)
+        ),
+        BarColumn(bar_width=None),
+        TextColumn("{task.percentage:>5.1f}%"),
+        TextColumn("{task.fields[amount]}", markup=False),
+        TextColumn("{task.fields[rate]}", markup=False),
+        TextColumn("ETA {task.fields[eta]}", markup=False),
+        console=out.console,
+        refresh_per_second=4,
+    )
+
+
 class RichProgressView:
     """On a terminal: a bar redrawn in place; it stays on screen when done, above the summary."""
 
     def __init__(self, out: Output) -> None:
         self._clamp = ProgressClamp()
-        self._progress = Progress(
-            # A fixed width keeps the bar from jumping sideways when the state or phase changes.
-            TextColumn("{task.fields[label]}", markup=False, table_column=Column(width=24, no_wrap=True)),
-            BarColumn(bar_width=None),
-            TextColumn("{task.percentage:>5.1f}%"),
-            TextColumn("{task.fields[amount]}", markup=False),
-            TextColumn("{task.fields[rate]}", markup=False),
-            TextColumn("ETA {task.fields[eta]}", markup=False),
-            console=out.console,
-            refresh_per_second=4,
-        )
+        self._progress = rich_bars(out, label_width=24)
         self._task: TaskID | None = None
 
     def update(self, task: TaskView) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
 
 from agent.errors import AgentError, Code, MigrationFailed, NotFound, VirtError
 from agent.migration.engine import Step, TaskContext
@@ -91,24 +92,20 @@ async def pace(
     limits = LiveLimits(ctx, streams)
     ctx.attach_limits(limits)  # no await since the limits read ctx.bandwidth: no PATCH falls between
     try:
-        await _pace(host, ctx, work, events, limits, streams, tick_s=tick_s)
+        await _through_outages(
+            host, ctx, lambda: _pace_until_ready(host, ctx, work, events, limits, streams, tick_s=tick_s)
+        )
     finally:
         ctx.attach_limits(None)
 
 
-async def _pace(
-    host: VirtHost,
-    ctx: TaskContext,
-    work: Work,
-    events: asyncio.Queue[DomainEvent],
-    limits: LiveLimits,
-    streams: BlockJobStreams,
-    *,
-    tick_s: float,
+async def _through_outages(
+    host: VirtHost, ctx: TaskContext, pace_until_ready: Callable[[], Awaitable[None]]
 ) -> None:
+    """Pace until every mirror is READY, taking the pacing up again after a libvirtd restart."""
     while True:
         try:
-            await _pace_until_ready(host, ctx, work, events, limits, streams, tick_s=tick_s)
+            await pace_until_ready()
             return
         except VirtError as err:
             if err.code != UNREACHABLE:
