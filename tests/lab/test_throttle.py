@@ -18,11 +18,16 @@ from collections.abc import Callable
 import pytest
 from agentapi import disk_sources, migrate
 from labtools import Guest, Lab, dirty_speed_mib_s
-from test_crosshost import PRECOPY_TIMEOUT_S, assert_stayed_on_source, files_under
+from test_crosshost import assert_stayed_on_source, files_under
 
 from labkit.bodies import to_host_body
 
 pytestmark = pytest.mark.lab
+
+#: The one `precopy` case that must run to its timeout: it proves both that pre-copy cannot finish the guest
+#: `auto` finishes here (15-27 s) and that a timed-out move rolls back (until 2026-12-07 test_crosshost.py
+#: proved the same ending again on another guest, 55 s more per run).
+PRECOPY_TIMEOUT_S = 40
 
 DOWNTIME_MS = 300
 #: The guest dirties this many times faster than the link carries (the original lab run: 50-65 MiB/s of
