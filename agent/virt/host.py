@@ -74,6 +74,34 @@ class BlockJob:
     bandwidth: int  # bytes/s, 0 = unlimited
 
 
+@dataclass(frozen=True)
+class MigrateParams:
+    """What ``migrateToURI3`` is told besides its flags, typed until the call (``to_libvirt``)."""
+
+    migration_uri: str  # where QEMU's stream goes (tcp://address on the destination)
+    disks: tuple[str, ...]  # targets whose storage moves with the migration
+    dest_xml: str  # the running domain as the destination starts it (new disk sources)
+    persist_xml: str  # the persistent definition the destination keeps
+    bandwidth_mib: int | None = None  # MiB/s at the start, per stream (None: libvirt's own)
+    auto_converge_initial: int | None = None  # percent
+    auto_converge_increment: int | None = None  # percent
+
+    def to_libvirt(self) -> dict[str, Any]:
+        params: dict[str, Any] = {
+            libvirt.VIR_MIGRATE_PARAM_URI: self.migration_uri,
+            libvirt.VIR_MIGRATE_PARAM_MIGRATE_DISKS: list(self.disks),
+            libvirt.VIR_MIGRATE_PARAM_DEST_XML: self.dest_xml,
+            libvirt.VIR_MIGRATE_PARAM_PERSIST_XML: self.persist_xml,
+        }
+        if self.bandwidth_mib is not None:
+            params[libvirt.VIR_MIGRATE_PARAM_BANDWIDTH] = self.bandwidth_mib
+        if self.auto_converge_initial is not None:
+            params[libvirt.VIR_MIGRATE_PARAM_AUTO_CONVERGE_INITIAL] = self.auto_converge_initial
+        if self.auto_converge_increment is not None:
+            params[libvirt.VIR_MIGRATE_PARAM_AUTO_CONVERGE_INCREMENT] = self.auto_converge_increment
+        return params
+
+
 def _domain_state(dom: Any) -> DomainState:
     state, _reason = dom.state()
     return _DOMAIN_STATES.get(state, DomainState.UNKNOWN)
@@ -330,7 +358,7 @@ class VirtHost:
 
     # -- live migration ---------------------------------------------------------------------------------
 
-    async def migrate(self, vm_uuid: str, dest_uri: str, params: dict[str, Any], flags: int) -> None:
+    async def migrate(self, vm_uuid: str, dest_uri: str, params: MigrateParams, flags: int) -> None:
         """virDomainMigrateToURI3, peer-to-peer: the source libvirtd drives it, not this connection.
 
         It blocks for the whole migration, so it runs on its own thread, not in the shared pool.
@@ -352,7 +380,7 @@ class VirtHost:
                 with contextlib.suppress(libvirt.libvirtError):
                     conn.setKeepAlive(5, 3)
                 dom = conn.lookupByUUIDString(vm_uuid)
-                dom.migrateToURI3(dest_uri, params, flags)
+                dom.migrateToURI3(dest_uri, params.to_libvirt(), flags)
             except libvirt.libvirtError as err:
                 raise VirtError(f"libvirt: {err.get_error_message()}", code=_code_for(err)) from err
             finally:

@@ -4,7 +4,6 @@ convergence policy, and whether the guest's writes call for write-blocking mirro
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
 
 import libvirt
 
@@ -17,7 +16,7 @@ from agent.migration.plan import MigrationPlan
 from agent.migration.request import Strategy
 from agent.units import MiB
 from agent.virt.domxml import rewrite_disk_sources
-from agent.virt.host import VirtHost
+from agent.virt.host import MigrateParams, VirtHost
 
 
 def policy_of(ctx: TaskContext) -> convergence.ConvergencePolicy:
@@ -68,29 +67,27 @@ def migration_flags(
 
 async def migration_params(
     host: VirtHost, ctx: TaskContext, plan: MigrationPlan, prepared: Prepared
-) -> dict[str, Any]:
+) -> MigrateParams:
     new_sources = {d.target: (prepared.disk(d.target).top, d.dst_format) for d in plan.disks}
     live = await host.call_domain(
         ctx.vm_uuid, lambda dom: str(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_MIGRATABLE))
     )
     inactive = await host.inactive_xml(ctx.vm_uuid)
-    params: dict[str, Any] = {
-        libvirt.VIR_MIGRATE_PARAM_URI: prepared.migrationUri,
-        libvirt.VIR_MIGRATE_PARAM_MIGRATE_DISKS: [d.target for d in plan.disks],
-        libvirt.VIR_MIGRATE_PARAM_DEST_XML: rewrite_disk_sources(live, new_sources),
-        libvirt.VIR_MIGRATE_PARAM_PERSIST_XML: rewrite_disk_sources(inactive, new_sources),
-    }
     budget = budget_of(ctx)  # the task's own cap or its share of the host's budget, the smaller
-    if budget:
+    throttled = ctx.request.primaryStorageMigrateVm.strategy in (Strategy.AUTO_CONVERGE, Strategy.AUTO)
+    policy = policy_of(ctx) if throttled else None
+    return MigrateParams(
+        migration_uri=prepared.migrationUri,
+        disks=tuple(d.target for d in plan.disks),
+        dest_xml=rewrite_disk_sources(live, new_sources),
+        persist_xml=rewrite_disk_sources(inactive, new_sources),
         # libvirt starts every disk mirror at this speed on its own (LAB-NOTES): one share each keeps the
         # moment before the first steering tick within the budget. The memory stream gets the whole
         # budget when it starts (Steering.tick).
-        params[libvirt.VIR_MIGRATE_PARAM_BANDWIDTH] = first_mirror_speed(budget, plan) // MiB
-    if ctx.request.primaryStorageMigrateVm.strategy in (Strategy.AUTO_CONVERGE, Strategy.AUTO):
-        policy = policy_of(ctx)
-        params[libvirt.VIR_MIGRATE_PARAM_AUTO_CONVERGE_INITIAL] = policy.throttle_initial_pct
-        params[libvirt.VIR_MIGRATE_PARAM_AUTO_CONVERGE_INCREMENT] = policy.throttle_increment_pct
-    return params
+        bandwidth_mib=first_mirror_speed(budget, plan) // MiB if budget else None,
+        auto_converge_initial=None if policy is None else policy.throttle_initial_pct,
+        auto_converge_increment=None if policy is None else policy.throttle_increment_pct,
+    )
 
 
 def choose_write_blocking(ctx: TaskContext, plan: MigrationPlan, rates: Mapping[str, float]) -> bool:

@@ -13,7 +13,7 @@ import pytest
 
 from agent.errors import NotFound, VirtError
 from agent.virt import host as host_module
-from agent.virt.host import UNREACHABLE, BlockJob, DomainEvent, VirtHost
+from agent.virt.host import UNREACHABLE, BlockJob, DomainEvent, MigrateParams, VirtHost
 
 VM = "11111111-2222-4333-8444-555555555501"
 OTHER_VM = "11111111-2222-4333-8444-555555555502"
@@ -390,10 +390,17 @@ async def test_migrate_runs_on_a_connection_of_its_own_and_closes_it(
     own_dom = FakeDomain()
     own = FakeConnection(own_dom)
     monkeypatch.setattr(libvirt, "open", lambda uri: own)
-    params = {libvirt.VIR_MIGRATE_PARAM_BANDWIDTH: 20}
+    params = MigrateParams("tcp://10.0.0.2", ("vda",), "<domain/>", "<domain/>", bandwidth_mib=20)
     flags = libvirt.VIR_MIGRATE_LIVE | libvirt.VIR_MIGRATE_PEER2PEER
     await host.migrate(VM, "qemu+tls://hostB/system", params, flags)
-    assert own_dom.calls == [("migrateToURI3", ("qemu+tls://hostB/system", params, flags))]
+    wire = {
+        libvirt.VIR_MIGRATE_PARAM_URI: "tcp://10.0.0.2",
+        libvirt.VIR_MIGRATE_PARAM_MIGRATE_DISKS: ["vda"],
+        libvirt.VIR_MIGRATE_PARAM_DEST_XML: "<domain/>",
+        libvirt.VIR_MIGRATE_PARAM_PERSIST_XML: "<domain/>",
+        libvirt.VIR_MIGRATE_PARAM_BANDWIDTH: 20,
+    }
+    assert own_dom.calls == [("migrateToURI3", ("qemu+tls://hostB/system", wire, flags))]
     assert own.keepalive == (5, 3) and own.closed
     assert not conn.closed, "the shared connection is not the migration's"
 
