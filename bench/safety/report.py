@@ -29,19 +29,22 @@ def load(out: Path) -> list[dict[str, Any]]:
 
 def table(rows: list[dict[str, Any]]) -> str:
     lines = [
-        "| cell | runs | moved | verdict = where the VM runs | stale-page runs | deaths"
-        " | checker/writes stopped | downtime ms (median, max) |",
-        "|---|---|---|---|---|---|---|---|",
+        "| cell | runs | moved | verdict = where the VM runs | harmed runs | stale-page runs | deaths"
+        " | checker/writes stopped | downtime ms (median, max) | load (1 min, low-high) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for cell in [c for c in LABELS if any(r["cell"] == c for r in rows)]:
         mine = [r for r in rows if r["cell"] == cell]
         downtimes = [r["downtime_ms"] for r in mine if r["downtime_ms"] is not None]
         shown = f"{statistics.median(downtimes):.0f}, {max(downtimes):.0f}" if downtimes else "-"
+        loads = [r["loadavg"][0] for r in mine if r.get("loadavg")]
+        load = f"{min(loads):.1f}-{max(loads):.1f}" if loads else "-"
+        harmed = sum(bool(r["harmed"]) for r in mine)
         lines.append(
             f"| {LABELS[cell]} | {len(mine)} | {sum(r['verdict'] == 'moved' for r in mine)}"
-            f" | {sum(r['verdictTrue'] for r in mine)} of {len(mine)}"
+            f" | {sum(r['verdictTrue'] for r in mine)} of {len(mine)} | {harmed}"
             f" | {sum(r['stale_pages'] > 0 for r in mine)} | {sum(bool(r['death_lines']) for r in mine)}"
-            f" | {sum(not (r['checker_ok_after'] and r['writes_after']) for r in mine)} | {shown} |"
+            f" | {sum(not (r['checker_ok_after'] and r['writes_after']) for r in mine)} | {shown} | {load} |"
         )
     return "\n".join(lines) + "\n"
 

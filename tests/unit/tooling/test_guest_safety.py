@@ -36,10 +36,11 @@ def test_table_counts_per_cell() -> None:
         outcome(run=2, death_lines=["Oops: 0010"], checker_ok_after=False, downtime_ms=200.0).as_json(),
         outcome(cell="fixed50", verdict="stayed", runs_on=["hostA"], downtime_ms=None).as_json(),
     ]
+    rows[0]["loadavg"], rows[1]["loadavg"] = [0.5, 0.4, 0.3], [2.25, 1.0, 1.0]
     text = report.table(rows)
-    assert "| virsh, fixed 50 ms (b) | 1 | 0 | 1 of 1 | 0 | 0 | 0 | - |" in text
+    assert "| virsh, fixed 50 ms (b) | 1 | 0 | 1 of 1 | 0 | 0 | 0 | 0 | - | - |" in text
     assert (
-        "| agent, auto, source agent SIGKILLed in CONVERGING | 2 | 2 | 2 of 2 | 0 | 1 | 1 | 160, 200 |"
-        in text
+        "| agent, auto, source agent SIGKILLed in CONVERGING | 2 | 2 | 2 of 2 | 1 | 0 | 1 | 1 | 160, 200"
+        " | 0.5-2.2 |" in text
     )
     assert text.index("fixed 50") < text.index("SIGKILLed")
