@@ -41,9 +41,11 @@ class CrossHostWork:
     @classmethod
     def from_checkpoint(cls, data: Mapping[str, Any]) -> CrossHostWork:
         prepared = data.get("prepared")
+        step = str(data.get("step"))
         return cls(
             plan=MigrationPlan.from_dict(data["plan"]),
-            step=Step(data.get("step", Step.PREPARING)),
+            # A step this agent does not know (a newer one journalled it) resumes as the earliest: cleaned up.
+            step=Step(step) if step in Step.__members__.values() else Step.PREPARING,
             prepared=None if prepared is None else Prepared.model_validate(prepared),
             snapshots=[SnapshotMeta.from_dict(d) for d in data.get("snapshots") or []],
             layers_done=dict(data.get("layersDone") or {}),

@@ -117,6 +117,8 @@ def test_the_journal_gives_the_work_back() -> None:
     assert (first.step, first.prepared, first.snapshots, first.layers_done) == (Step.PREPARING, None, [], {})
     with pytest.raises(RuntimeError, match="nothing prepared yet"):
         _ = first.destination
+    newer = CrossHostWork.from_checkpoint({"step": "a-step-of-a-newer-agent", "plan": plan().to_dict()})
+    assert newer.step is Step.PREPARING
 
 
 async def test_put_back_here_redefines_each_snapshot_current_kept() -> None:
