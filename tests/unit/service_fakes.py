@@ -18,6 +18,7 @@ from agent.config import AgentConfig, parse_config
 from agent.errors import AgentError, NotFound, VirtError
 from agent.migration.engine import Engine, TaskContext
 from agent.migration.limits import Effective, LiveLimits, Targets
+from agent.migration.peer.wire import IncomingDisk, IncomingSpec
 from agent.migration.request import MigrationRequest
 from agent.migration.states import TaskState
 
@@ -264,3 +265,23 @@ async def eventually(
             if result:
                 return
             await asyncio.sleep(every)
+
+
+def one_disk_spec(migration_id: str, vm_uuid: str, **disk: Any) -> IncomingSpec:
+    """An incoming migration's spec with one flat 1 MiB qcow2 disk, vda (``disk`` overrides its fields)."""
+    fields: dict[str, Any] = {
+        "target": "vda",
+        "volumeUuid": "v1",
+        "top": "top.qcow2",
+        "format": "qcow2",
+        "virtualSize": 1 << 20,
+        "estimatedBytes": 0,
+        "flatten": False,
+        **disk,
+    }
+    return IncomingSpec(
+        migrationId=migration_id,
+        vmUuid=vm_uuid,
+        dstPrimaryStorageUuid="b" * 32,
+        disks=[IncomingDisk(**fields)],
+    )

@@ -12,6 +12,7 @@ reads every import statement of every module with ``ast``, the late ones inside 
 from __future__ import annotations
 
 import ast
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -45,6 +46,18 @@ RANK = {
 }
 
 
+def imports(path: Path, *, with_names: bool = False) -> Iterator[tuple[int, str]]:
+    """(line, dotted name) of every absolute import of the module, the late ones inside functions included;
+    ``with_names``: ``from a.b import c`` gives ``a.b.c`` as well (``c`` may be a module)."""
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            yield node.lineno, node.module
+            if with_names:
+                yield from ((node.lineno, f"{node.module}.{alias.name}") for alias in node.names)
+        elif isinstance(node, ast.Import):
+            yield from ((node.lineno, alias.name) for alias in node.names)
+
+
 def upward_imports(root: Path) -> list[str]:
     """Every ``import agent.X`` / ``from agent.X import`` that points from a lower layer to a higher one."""
     found = []
@@ -53,20 +66,12 @@ def upward_imports(root: Path) -> list[str]:
         if layer not in RANK:
             found.append(f"{path}: {layer} is in no layer (add it to RANK and docs/architecture.md)")
             continue
-        for node in ast.walk(ast.parse(path.read_text(), str(path))):
-            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-                names = [node.module]
-            elif isinstance(node, ast.Import):
-                names = [alias.name for alias in node.names]
-            else:
+        for line, name in imports(path):
+            parts = name.split(".")
+            if parts[0] != "agent" or len(parts) < 2 or parts[1] == layer:
                 continue
-            for name in names:
-                parts = name.split(".")
-                if parts[0] != "agent" or len(parts) < 2 or parts[1] == layer:
-                    continue
-                target = parts[1]
-                if RANK.get(target, 99) > RANK[layer]:
-                    found.append(f"{path}:{node.lineno}: {layer} imports {name}")
+            if RANK.get(parts[1], 99) > RANK[layer]:
+                found.append(f"{path}:{line}: {layer} imports {name}")
     return found
 
 
@@ -80,19 +85,11 @@ def engine_crossings(root: Path) -> list[str]:
     found = []
     for engine in ENGINES:
         for path in sorted((root / "migration" / engine).rglob("*.py")):
-            for node in ast.walk(ast.parse(path.read_text(), str(path))):
-                if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-                    names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
-                elif isinstance(node, ast.Import):
-                    names = [alias.name for alias in node.names]
-                else:
-                    continue
-                for name in names:
-                    parts = name.split(".")
-                    if parts[:2] == ["agent", "migration"] and len(parts) > 2:
-                        other = parts[2]
-                        if other in ENGINES and other != engine:
-                            found.append(f"{path}:{node.lineno}: {engine} imports {name}")
+            for line, name in imports(path, with_names=True):
+                parts = name.split(".")
+                crossing = parts[:2] == ["agent", "migration"] and len(parts) > 2 and parts[2] in ENGINES
+                if crossing and parts[2] != engine:
+                    found.append(f"{path}:{line}: {engine} imports {name}")
     return sorted(set(found))
 
 

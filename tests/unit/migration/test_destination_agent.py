@@ -8,29 +8,14 @@ from pathlib import Path
 from typing import Any, cast
 
 import pytest
+from service_fakes import one_disk_spec
 
 from agent.client import AgentClient, ApiError
 from agent.errors import Code, MigrationFailed, NotFound
 from agent.migration.peer.client import DestinationAgent
-from agent.migration.peer.wire import IncomingDisk, IncomingSpec
 
 MIGRATION = "5a1d3c9e-0b7f-4e2a-9c61-2f8d4b7a0e13"
-SPEC = IncomingSpec(
-    migrationId=MIGRATION,
-    vmUuid="5a1d3c9e-0b7f-4e2a-9c61-2f8d4b7a0e14",
-    dstPrimaryStorageUuid="b" * 32,
-    disks=[
-        IncomingDisk(
-            target="vda",
-            volumeUuid="v1",
-            top="top.qcow2",
-            format="qcow2",
-            virtualSize=1 << 20,
-            estimatedBytes=0,
-            flatten=False,
-        )
-    ],
-)
+SPEC = one_disk_spec(MIGRATION, "5a1d3c9e-0b7f-4e2a-9c61-2f8d4b7a0e14")
 AGENT = Path(__file__).resolve().parents[3] / "agent"
 
 

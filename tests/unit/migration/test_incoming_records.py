@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
+from service_fakes import one_disk_spec
 
 from agent.errors import Forbidden
 from agent.migration.incoming.records import (
@@ -17,23 +18,10 @@ from agent.migration.incoming.records import (
     Layout,
     Reservation,
 )
-from agent.migration.peer.wire import IncomingDisk, IncomingSpec, PreparedDisk
+from agent.migration.peer.wire import PreparedDisk
 
 MIGRATION = "5a1d3c9e-0b7f-4e2a-9c61-2f8d4b7a0e13"
 VM = "5a1d3c9e-0b7f-4e2a-9c61-2f8d4b7a0e14"
-
-
-def spec() -> IncomingSpec:
-    disk = IncomingDisk(
-        target="vda",
-        volumeUuid="v1",
-        top="top.qcow2",
-        format="qcow2",
-        virtualSize=1 << 20,
-        estimatedBytes=0,
-        flatten=False,
-    )
-    return IncomingSpec(migrationId=MIGRATION, vmUuid=VM, dstPrimaryStorageUuid="b" * 32, disks=[disk])
 
 
 def record() -> IncomingRecord:
@@ -41,7 +29,7 @@ def record() -> IncomingRecord:
         migrationId=MIGRATION,
         vmUuid=VM,
         peer="hostA",
-        spec=spec(),
+        spec=one_disk_spec(MIGRATION, VM),
         layout=Layout(disks=[PreparedDisk(target="vda", top="/ps/top.qcow2", layers=("/ps/base.qcow2",))]),
         reserved=Reservation(storage="b" * 32, bytes=4096),
     )
