@@ -13,6 +13,7 @@ from collections.abc import Iterable
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from agent.errors import Code, MigrationFailed
 from agent.migration.plan import DiskPlan, LayerPlan, MigrationPlan
 from agent.migration.request import normalise_uuid
 
@@ -157,7 +158,15 @@ class Prepared(_Answer):
     migrationUri: str = Field(description="where QEMU's migration stream goes (tcp://address)")
 
     def disk(self, target: str) -> PreparedDisk:
-        return next(d for d in self.disks if d.target == target)
+        """The destination's paths for ``target``; an answer without them cannot be migrated into."""
+        for disk in self.disks:
+            if disk.target == target:
+                return disk
+        raise MigrationFailed(
+            f"the destination agent's answer to prepare names no disk {target}",
+            code=Code.PEER_ERROR,
+            details=f"it named {', '.join(d.target for d in self.disks) or 'none'}",
+        )
 
     def tops(self) -> dict[str, str]:
         """target -> destination top."""

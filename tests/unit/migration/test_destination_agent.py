@@ -79,6 +79,11 @@ async def test_an_answer_to_prepare_that_is_not_understood_fails_the_move() -> N
     with pytest.raises(MigrationFailed) as caught:
         await _agent(client).prepare(SPEC)
     assert caught.value.code is Code.PEER_ERROR
+    client.prepared = {**RecordingClient.prepared, "disks": []}  # a disk of the spec left out
+    prepared = await _agent(client).prepare(SPEC)
+    with pytest.raises(MigrationFailed) as caught:
+        prepared.disk("vda")
+    assert caught.value.code is Code.PEER_ERROR and "names no disk vda" in caught.value.description
 
 
 async def test_a_refusal_carries_the_destinations_code() -> None:
