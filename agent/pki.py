@@ -26,6 +26,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -42,17 +43,15 @@ class PkiError(Exception):
     """A PKI directory is missing, incomplete, or would be overwritten; the message names the path."""
 
 
-@dataclass(frozen=True)
-class CaFiles:
-    dir: Path
+class CaFiles(NamedTuple):
+    """The cluster CA's certificate and key in a PKI directory (``CaFiles.of(directory)``)."""
 
-    @property
-    def cert(self) -> Path:
-        return self.dir / "ca" / "cacert.pem"
+    cert: Path
+    key: Path
 
-    @property
-    def key(self) -> Path:
-        return self.dir / "ca" / "cakey.pem"
+    @classmethod
+    def of(cls, directory: Path) -> CaFiles:
+        return cls(directory / "ca" / "cacert.pem", directory / "ca" / "cakey.pem")
 
 
 @dataclass(frozen=True)
@@ -126,7 +125,7 @@ def _write(path: Path, data: bytes, mode: int) -> None:
 
 def init_ca(directory: Path, cluster: str = DEFAULT_CLUSTER, days: int = CA_DAYS) -> CaFiles:
     """Make the cluster CA in ``directory``; refuses to replace one (every host's trust hangs on it)."""
-    files = CaFiles(directory)
+    files = CaFiles.of(directory)
     if files.cert.exists() or files.key.exists():
         raise PkiError(f"{files.cert.parent} already holds a CA; not replacing it")
     key = _new_key()
@@ -189,7 +188,7 @@ def _certificate(
 
 
 def load_ca(directory: Path) -> tuple[x509.Certificate, rsa.RSAPrivateKey]:
-    files = CaFiles(directory)
+    files = CaFiles.of(directory)
     try:
         cert = x509.load_pem_x509_certificate(files.cert.read_bytes())
         key = serialization.load_pem_private_key(files.key.read_bytes(), password=None)

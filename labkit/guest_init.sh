@@ -10,7 +10,7 @@
 # Optionally a loop dirties memory (ksa.dirty MiB/s over a ksa.ws MiB tmpfs working set), and one rewrites
 # the last ksa.hotmib MiB of disk ksa.hotdev at ksa.hot MiB/s (1 MiB O_DIRECT writes spread over each second,
 # never touching records or filler), printing "KSA-HOT <dev> <MiB written> <uptime>" every 5 s; for
-# ksa.hotsecs seconds if set (then "KSA-HOTSTOP <dev> <MiB written>").
+# ksa.hotsecs seconds if set, and at least once over the whole region (then "KSA-HOTSTOP <dev> <MiB written>").
 # The memory checker (/bin/ksa-memcheck, labkit/memcheck.c) verifies and rewrites ksa.memmib MiB of pages
 # at ksa.memrate MiB/s and prints "KSA-MEM ok <pages checked>" every 2 s, or "KSA-MEM STALE|BAD ..." on an
 # inconsistent page (ksa.memmib=0: no checker).
@@ -121,7 +121,8 @@ hotwriter() {   # hotwriter DEV MIB_PER_S REGION_MIB SECONDS (0: forever)
     centis; t0=$CS; last=$CS; first=$CS
     while :; do
         centis
-        if [ "$secs" -gt 0 ] && [ $((CS - first)) -ge $((secs * 100)) ]; then
+        # A guest slower than asked (a loaded machine) still leaves the whole region written before it stops.
+        if [ "$secs" -gt 0 ] && [ $((CS - first)) -ge $((secs * 100)) ] && [ $n -ge "$region" ]; then
             say "KSA-HOTSTOP $dev $n"
             return
         fi

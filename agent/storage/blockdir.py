@@ -18,11 +18,24 @@ import fcntl
 import os
 import stat
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from agent.config import BlockStorageConfig, StorageKind
 from agent.errors import PathOutsideRoot
+
+
+def confined(
+    directory: Path, location: str | Path, contains: Callable[[Path], bool], refusal: PathOutsideRoot
+) -> Path:
+    """``location`` (a relative one taken in ``directory``), or ``refusal`` raised unless ``contains`` it."""
+    candidate = Path(location)
+    if not candidate.is_absolute():
+        candidate = directory / candidate
+    if not contains(candidate):
+        raise refusal
+    return candidate
 
 
 @dataclass(frozen=True)
@@ -50,15 +63,16 @@ class BlockDir:
     def confine(self, location: str | Path, field: str) -> Path:
         """The device's path in the directory (a bare name is taken in the directory); refused outside it or
         when it names something that is not a block device."""
-        candidate = Path(location)
-        if not candidate.is_absolute():
-            candidate = self.path / candidate
-        if not self.contains(candidate):
-            raise PathOutsideRoot(
+        candidate = confined(
+            self.path,
+            location,
+            self.contains,
+            PathOutsideRoot(
                 f"{location} is not a device of storage {self.uuid} ({self.path})",
                 field=field,
                 details="a block volume is an entry directly in its storage's directory",
-            )
+            ),
+        )
         if not is_block_device(candidate):
             raise PathOutsideRoot(
                 f"{location} is not a block device",

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from agent.config import AgentConfig, BlockStorageConfig, FileStorageConfig, RbdStorageConfig, StorageKind
 from agent.errors import PathOutsideRoot, StorageKindUnsupported, StorageNotFound
-from agent.storage.blockdir import BlockDir
+from agent.storage.blockdir import BlockDir, confined
 from agent.storage.rbdpool import RbdPool
 
 
@@ -47,16 +47,12 @@ class StorageRoot:
 
     def confine(self, path: str | Path, field: str) -> Path:
         """Resolve ``path`` (relative paths are taken relative to the root) and refuse it outside the root."""
-        candidate = Path(path)
-        if not candidate.is_absolute():
-            candidate = self.path / candidate
-        if not self.contains(candidate):
-            raise PathOutsideRoot(
-                f"{path} is not inside storage {self.uuid} ({self.path})",
-                field=field,
-                details="destination paths must resolve, symlinks followed, inside the destination storage",
-            )
-        return Path(os.path.realpath(candidate))
+        refusal = PathOutsideRoot(
+            f"{path} is not inside storage {self.uuid} ({self.path})",
+            field=field,
+            details="destination paths must resolve, symlinks followed, inside the destination storage",
+        )
+        return Path(os.path.realpath(confined(self.path, path, self.contains, refusal)))
 
 
 #: A primary storage of any kind.

@@ -252,8 +252,12 @@ class TaskManager:
                 return task
             engine = self._engines.get(task.uuid)
             if engine is None and task.state.waiting:
-                await self.recorder.finish_locked(
-                    task, TaskState.CANCELLED, "cancelled before start", error=cancelled_error()
+                await self.recorder.finish(
+                    task,
+                    TaskState.CANCELLED,
+                    "cancelled before start",
+                    error=cancelled_error(),
+                    lock_held=True,
                 )
                 task.apply_queue(None)  # its driver leaves the queue as it ends
                 driver = self._drivers.get(task.uuid)

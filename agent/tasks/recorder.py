@@ -9,6 +9,7 @@ the engines (through ``RunContext``) both change tasks only through it. Callers 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -176,78 +177,70 @@ class TaskRecorder:
         *,
         error: AgentError | None = None,
         inventory: dict[str, Any] | None = None,
+        lock_held: bool = False,
     ) -> None:
-        async with task.lock:
-            await self.finish_locked(task, state, detail, error=error, inventory=inventory)
+        """Record the task's final state and queue its callback; ``lock_held``: the caller holds ``task.lock``
+        already (a cancel that ends a task still waiting for its slot)."""
+        async with contextlib.nullcontext() if lock_held else task.lock:
+            if task.state.final:
+                return
+            if not can_transition(task.state, state):
+                log.error(
+                    "task=%s vm=%s: %s -> %s is not allowed; recording FAILED",
+                    task.uuid,
+                    task.vm_uuid,
+                    task.state,
+                    state,
+                )
+                error = InvalidTransition(f"engine ended in {state} from {task.state}")
+                state, inventory = TaskState.FAILED, None
+            change = StateChange(state, self._clock(), detail)
+            view = final_view(task, change, error, inventory)
+            callback = None
+            if task.request.callbackUrl:
+                callback = (task.request.callbackUrl, json.dumps(callback_body(task, view)))
 
-    async def finish_locked(
-        self,
-        task: Task,
-        state: TaskState,
-        detail: str | None,
-        *,
-        error: AgentError | None = None,
-        inventory: dict[str, Any] | None = None,
-    ) -> None:
-        if task.state.final:
-            return
-        if not can_transition(task.state, state):
-            log.error(
-                "task=%s vm=%s: %s -> %s is not allowed; recording FAILED",
-                task.uuid,
-                task.vm_uuid,
-                task.state,
-                state,
-            )
-            error = InvalidTransition(f"engine ended in {state} from {task.state}")
-            state, inventory = TaskState.FAILED, None
-        change = StateChange(state, self._clock(), detail)
-        view = final_view(task, change, error, inventory)
-        callback = None
-        if task.request.callbackUrl:
-            callback = (task.request.callbackUrl, json.dumps(callback_body(task, view)))
+            def apply() -> None:
+                task.error = view["error"]
+                task.inventory = inventory
+                if state is TaskState.SUCCEEDED:
+                    task.tracker.mark_complete()
+                task.apply_state(change)
 
-        def apply() -> None:
-            task.error = view["error"]
-            task.inventory = inventory
+            progress = progress_json(task)
             if state is TaskState.SUCCEEDED:
-                task.tracker.mark_complete()
-            task.apply_state(change)
-
-        progress = progress_json(task)
-        if state is TaskState.SUCCEEDED:
-            progress["percent"] = 100.0
-        try:
-            await self.commit(
-                self.journal.finish_task(
-                    task.uuid, state, detail, change.at, result=view, progress=progress, callback=callback
-                ),
-                apply,
-            )
-        except AgentError:
-            # The result could not be made durable: still show the truth, and say loudly what is lost.
-            log.exception(
-                "task=%s vm=%s: could not journal the final state %s; the callback is lost",
-                task.uuid,
-                task.vm_uuid,
-                state,
-            )
-            apply()
-        elapsed = change.at - (task.started_at or task.created_at)
-        if error is None:
-            log.info("task=%s vm=%s: %s after %.1f s", task.uuid, task.vm_uuid, state, elapsed)
-        else:
-            log.warning(
-                "task=%s vm=%s: %s after %.1f s: %s: %s",
-                task.uuid,
-                task.vm_uuid,
-                state,
-                elapsed,
-                error.code,
-                error.description,
-            )
-        self.notify(task, TaskChange(ChangeKind.STATE))
-        self.notify(task, TaskChange(ChangeKind.FINISHED))
+                progress["percent"] = 100.0
+            try:
+                await self.commit(
+                    self.journal.finish_task(
+                        task.uuid, state, detail, change.at, result=view, progress=progress, callback=callback
+                    ),
+                    apply,
+                )
+            except AgentError:
+                # The result could not be made durable: still show the truth, and say loudly what is lost.
+                log.exception(
+                    "task=%s vm=%s: could not journal the final state %s; the callback is lost",
+                    task.uuid,
+                    task.vm_uuid,
+                    state,
+                )
+                apply()
+            elapsed = change.at - (task.started_at or task.created_at)
+            if error is None:
+                log.info("task=%s vm=%s: %s after %.1f s", task.uuid, task.vm_uuid, state, elapsed)
+            else:
+                log.warning(
+                    "task=%s vm=%s: %s after %.1f s: %s: %s",
+                    task.uuid,
+                    task.vm_uuid,
+                    state,
+                    elapsed,
+                    error.code,
+                    error.description,
+                )
+            self.notify(task, TaskChange(ChangeKind.STATE))
+            self.notify(task, TaskChange(ChangeKind.FINISHED))
 
     def notify(self, task: Task, change: TaskChange) -> None:
         for listener in self._listeners:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import statistics
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -109,9 +110,12 @@ class Sampler:
 
     def _run(self) -> None:
         while not self._stop.is_set():
+            asked = time.monotonic()
             moved = self.read()
             if moved is not None:
-                self.samples.append((time.monotonic(), moved))
+                # A reading is timed at the middle of the calls that took it: a `virsh` call over TLS lasts
+                # 0.05-0.3 s on a loaded machine, and timing it at its end put that jitter into every rate.
+                self.samples.append(((asked + time.monotonic()) / 2, moved))
             self._stop.wait(self.every)
 
     def _series(self, stream: str | None) -> list[tuple[float, int]]:
@@ -130,11 +134,12 @@ class Sampler:
         return sum(speeds) / len(speeds) if speeds else None
 
     def rate(self, start: float, end: float, stream: str | None = None) -> float:
-        """Bytes/s between the first and the last sample in [start, end]."""
+        """Bytes/s over [start, end]: the least-squares slope of every sample in it, not the first and the
+        last alone (whose times carry the jitter of the calls that read them)."""
         window = [s for s in self._series(stream) if start <= s[0] <= end]
-        assert len(window) >= 2, f"fewer than two samples in [{start:.2f}, {end:.2f}]: {self.samples[-3:]}"
-        (t0, b0), (t1, b1) = window[0], window[-1]
-        return (b1 - b0) / (t1 - t0)
+        assert len(window) >= 3, f"fewer than three samples in [{start:.2f}, {end:.2f}]: {self.samples[-3:]}"
+        times, moved = zip(*window, strict=True)
+        return statistics.linear_regression(times, moved).slope
 
     def rate_until_done(self, start: float, end: float) -> float:
         """Bytes/s (all streams) from the last sample at or before ``start`` until the transfer stopped (the

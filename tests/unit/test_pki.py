@@ -27,7 +27,7 @@ def ca_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_init_makes_a_ca_and_refuses_to_replace_it(ca_dir: Path) -> None:
-    files = pki.CaFiles(ca_dir)
+    files = pki.CaFiles.of(ca_dir)
     ca = _cert(files.cert)
     assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
     assert ca.extensions.get_extension_for_class(x509.KeyUsage).value.key_cert_sign
@@ -48,7 +48,7 @@ def test_host_files_in_the_layouts_libvirt_and_qemu_read(ca_dir: Path, tmp_path:
     assert (root / "qemu" / "server-cert.pem").read_bytes() == (
         root / "libvirt" / "clientcert.pem"
     ).read_bytes()
-    assert (root / "qemu" / "ca-cert.pem").read_bytes() == pki.CaFiles(ca_dir).cert.read_bytes()
+    assert (root / "qemu" / "ca-cert.pem").read_bytes() == pki.CaFiles.of(ca_dir).cert.read_bytes()
     cert = _cert(host.cert)
     san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert san.get_values_for_type(x509.DNSName) == ["hostA", "hostA.example"]
