@@ -46,12 +46,13 @@ class PkiError(Exception):
 class CaFiles(NamedTuple):
     """The cluster CA's certificate and key in a PKI directory (``CaFiles.of(directory)``)."""
 
+    dir: Path
     cert: Path
     key: Path
 
     @classmethod
     def of(cls, directory: Path) -> CaFiles:
-        return cls(directory / "ca" / "cacert.pem", directory / "ca" / "cakey.pem")
+        return cls(directory, directory / "ca" / "cacert.pem", directory / "ca" / "cakey.pem")
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,10 @@ class TaskState(enum.StrEnum):
     def active(self) -> bool:
         return not self.final
 
+    def reached(self, state: TaskState) -> bool:
+        """Whether a task in this state has already come as far as ``state`` on the forward path."""
+        return self in _FORWARD and state in _FORWARD and _FORWARD.index(self) >= _FORWARD.index(state)
+
     @property
     def waiting(self) -> bool:
         """Not started yet: accepted, or queued for a slot."""

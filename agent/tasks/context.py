@@ -95,6 +95,12 @@ class RunContext:
         return self._task.cancel_requested
 
     async def enter(self, state: TaskState, detail: str | None = None) -> None:
+        if self.resumed and self._task.state.reached(state):
+            # A resumed engine runs again the step it was in when the agent stopped, and that step may
+            # enter a state the task reached before (a commit interrupted in VERIFYING announces SWITCHING
+            # first): the task stays where it is. Going back would fail a move that succeeded.
+            self.log.info("%s: already %s before the restart; staying there", state, self._task.state)
+            return
         await self._recorder.enter_state(self._task, state, detail)
         if hold := self._holds.seconds(state):
             self.log.warning(

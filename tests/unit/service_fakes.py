@@ -90,6 +90,8 @@ class Script:
     wait_tuning: bool = False
     streams: Any = None  # a ``limits.Streams``: the engine attaches its ``LiveLimits`` while COPYING
     switch_gate: asyncio.Event | None = None  # when set: the engine waits for it while SWITCHING
+    verify_gate: asyncio.Event | None = None  # when set: the engine waits for it while VERIFYING
+    resume_at_switch: bool = False  # a resumed run walks SWITCHING -> VERIFYING again (as a commit does)
     started: asyncio.Event = field(default_factory=asyncio.Event)
     cancelled: list[bool] = field(default_factory=list)  # ctx.detaching at each CancelledError
     tuned: list[tuple[int | None, int]] = field(default_factory=list)
@@ -158,6 +160,10 @@ class FakeEngine:
                 await ctx.enter(TaskState.PREPARING)
                 await ctx.checkpoint({"step": "prepared"})
                 await ctx.enter(TaskState.COPYING, "copying disks")
+            elif script.resume_at_switch:
+                await ctx.enter(TaskState.SWITCHING)
+                await ctx.enter(TaskState.VERIFYING)
+                return [{"uuid": "vol-root", "installPath": "/new/root.qcow2", "format": "qcow2", "size": 1}]
             if script.streams is not None:
                 ctx.attach_limits(LiveLimits(ctx, script.streams))
             total = script.item_bytes
@@ -181,6 +187,8 @@ class FakeEngine:
                 await script.switch_gate.wait()
             ctx.note("downtimeMs", 42)
             await ctx.enter(TaskState.VERIFYING)
+            if script.verify_gate is not None:
+                await script.verify_gate.wait()
         except asyncio.CancelledError:
             script.cancelled.append(bool(getattr(ctx, "detaching", False)))
             raise
@@ -192,12 +200,13 @@ class FakeFactory:
 
     def __init__(self, script: Script | None = None) -> None:
         self.script = script or Script()
+        self.engine: type[FakeEngine] = FakeEngine
 
     def __call__(self, request: MigrationRequest, vm_uuid: str, resume: bool) -> Engine:
         self.script.calls.append((vm_uuid, resume))
         if self.script.factory_error is not None:
             raise self.script.factory_error
-        return FakeEngine(self.script)
+        return self.engine(self.script)
 
 
 class FakeInventory:

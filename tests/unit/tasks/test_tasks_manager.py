@@ -9,7 +9,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from service_fakes import STORAGE_A, VM_1, VM_2, VM_3, VM_4, VM_5, FakeFactory, Script, eventually
+from service_fakes import (
+    STORAGE_A,
+    VM_1,
+    VM_2,
+    VM_3,
+    VM_4,
+    VM_5,
+    FakeEngine,
+    FakeFactory,
+    Script,
+    eventually,
+)
 
 from agent.errors import Conflict, MigrationFailed, NotFound, ServiceStopping
 from agent.migration.request import MigrationRequest, Tuning
@@ -340,6 +351,50 @@ async def test_stop_detaches_and_a_new_manager_resumes_from_the_journal(tmp_path
         assert script2.resume_data_seen == [{"step": "prepared"}, {"step": "prepared"}]
     finally:
         await h2.stop()
+
+
+async def test_a_resumed_engine_that_walks_its_last_states_again_does_not_fail_the_task(
+    tmp_path: Path,
+) -> None:
+    """Seen in the lab: the agent stopped while the cross-host commit was VERIFYING; the resumed commit
+    announced SWITCHING again, the recorder refused to go back, and a move whose VM ran on the destination
+    ended FAILED (AGENT.INVALID_TRANSITION)."""
+    script = Script(verify_gate=asyncio.Event())
+    h = Harness(tmp_path, script)
+    manager = await h.start()
+    task, _ = await manager.submit(VM_1, request(tid(1)))
+    await eventually(lambda: task.state is S.VERIFYING)
+    await h.stop()
+
+    h2 = Harness(tmp_path, Script(resume_at_switch=True))
+    try:
+        manager2 = await h2.start()
+        resumed = await finished(manager2.get(task.uuid))
+        assert resumed.state is S.SUCCEEDED, resumed.error
+        assert resumed.state_sequence == HAPPY
+    finally:
+        await h2.stop()
+
+
+async def test_a_fresh_engine_still_cannot_go_back(harness: Harness) -> None:
+    """Outside a resume, an engine that enters an earlier state is a bug, and the task says so."""
+    harness.factory.script.resume_at_switch = True
+    manager = await harness.start()
+    task, _ = await manager.submit(VM_1, request(tid(1)))
+    await finished(task)
+    assert task.state is S.SUCCEEDED  # a fresh run does not take the resume path: the happy walk
+
+    class Backwards(FakeEngine):
+        async def run(self, ctx: Any) -> list[dict[str, Any]]:
+            await ctx.enter(S.COPYING)
+            await ctx.enter(S.PREPARING)
+            return []
+
+    harness.factory.engine = Backwards
+    task2, _ = await manager.submit(VM_2, request(tid(2)))
+    await finished(task2)
+    assert task2.state is S.FAILED and task2.error is not None
+    assert task2.error["code"] == "AGENT.INVALID_TRANSITION", task2.error
 
 
 async def test_restart_keeps_finished_tasks_for_views_and_idempotency(tmp_path: Path) -> None:
