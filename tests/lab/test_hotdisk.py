@@ -28,8 +28,11 @@ HOT_MIB_S = 20  # asked of the guest; what it really writes sets the cap (2.5 x 
 #: The quiet guest writes its region for this long first, and at least once over it (a guest slower than
 #: asked still ends with all of it written, as the hot one has), then only its records.
 QUIET_WRITE_S = 10
-#: Quiet guests too overshoot a few hundred ms under TCG on a busy machine (394 ms with 300 set, measured)
-DOWNTIME_MS = 1000
+#: Quiet guests too overshoot a few hundred ms under TCG on a busy machine (394 ms with 300 set, measured).
+#: And the hot guest's memory stream gets what its write-blocked disk leaves of the cap: 4.0 MiB/s in a clean
+#: run of 2026-12-07, where the guest still re-dirtied 5.7 MiB a pass at 90 % throttle (its memory checker,
+#: its writer's buffers): `auto` rightly gave up on 1000 ms (1422 needed). The case is about the disk.
+DOWNTIME_MS = 2000
 
 
 @pytest.fixture
