@@ -3,7 +3,8 @@
 - `lab` (session): the Lab from `scripts/lab status --json`; FAILS the test (never skips) if it is not up.
 - `lab_agents` (session): the same, and both agents answer GET /v1/health.
 - `make_guest` (function): factory `make_guest(host="hostA", data_volumes=0, snapshots=0, dirty_mib_s=0,
-  storage="ps1", disk_size_mib=1024, memory_mib=256)` -> Guest; every guest it made is destroyed at teardown.
+  storage="ps1", disk_size_mib=1024, memory_mib=256)` -> Guest; every guest it made is destroyed at teardown,
+  a failed case's guests after their console and record were copied to /var/tmp/ksa-failed-guests.
 Guest has acks(), total_acks(), wait_for_acks(more, timeout), verify() -> VerifyResult, where(), destroy().
 """
 
@@ -15,7 +16,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from labtools import SWITCHOVER_DEATH, Guest, Lab, LabNotUp, create_guest, load_lab
+from labtools import SWITCHOVER_DEATH, Guest, Lab, LabNotUp, create_guest, keep_evidence, load_lab
 
 from labkit.agents import agent_healthy
 
@@ -48,6 +49,18 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
         terminalreporter.write_line(text[start : start + 3000] if start >= 0 else text[-3000:])
 
 
+#: Whether the case itself failed (its call phase), for the fixtures' teardown.
+CALL_FAILED = pytest.StashKey[bool]()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    report = yield
+    if report.when == "call":
+        item.stash[CALL_FAILED] = report.failed
+    return report
+
+
 @pytest.fixture(scope="session")
 def lab() -> Lab:
     try:
@@ -77,5 +90,8 @@ def make_guest(lab: Lab, request: pytest.FixtureRequest) -> Iterator[Callable[..
         return guest
 
     yield make
+    failed = request.node.stash.get(CALL_FAILED, False)
     for guest in made:
+        if failed and (kept := keep_evidence(guest, request.node.nodeid)) is not None:
+            print(f"{guest.name}: its console and record are kept in {kept}")
         guest.destroy()

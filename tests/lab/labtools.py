@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -16,7 +17,7 @@ from typing import Any
 
 from labkit import labview, memcheck
 from labkit.agents import trust_lab_ca
-from labkit.guestdir import console_path, read_console
+from labkit.guestdir import GuestRecord, console_path, read_console
 from labkit.labview import CephCluster, ceph_from_status, hosts_from_status
 
 REPO = Path(__file__).resolve().parents[2]
@@ -181,6 +182,35 @@ class Guest:
         if not console_path(self.name).exists():
             return ""
         return read_console(self.name)  # refuses a rolled-over console (labkit/guestdir.py)
+
+
+#: Where a failed case's guests leave their console and record: outside the lab, whose `down` removes
+#: everything it made, so that a guest harmed in CI can still be read afterwards (docs/lab.md).
+KEPT_DIR = Path("/var/tmp/ksa-failed-guests")
+KEEP_AT_MOST = 16 << 20  # bytes of one file; a console or a record is far smaller
+
+
+def keep_evidence(guest: Guest, case: str) -> Path | None:
+    """Copy the guest's own directory (console, record, domain XML) to ``KEPT_DIR`` with where libvirt has it
+    now; returns the copy, or None when there was nothing to copy. Never raises: the case failed already."""
+    source = GuestRecord.dir_of(guest.name)
+    if not source.is_dir():
+        return None
+    target = KEPT_DIR / f"{time.strftime('%Y%m%dT%H%M%S')}-{guest.name}"
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+        for path in source.iterdir():
+            if path.is_file() and path.stat().st_size <= KEEP_AT_MOST:
+                shutil.copy2(path, target / path.name)
+        try:
+            where: object = guest.where()
+        except (AssertionError, ValueError, subprocess.SubprocessError, OSError) as err:
+            where = f"unknown: {err}"
+        (target / "case.json").write_text(json.dumps({"case": case, "where": where}, indent=2) + "\n")
+    except OSError as err:
+        print(f"{guest.name}: could not keep its console and record in {target}: {err}")
+        return None
+    return target
 
 
 def create_guest(
