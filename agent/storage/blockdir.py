@@ -18,24 +18,12 @@ import fcntl
 import os
 import stat
 import struct
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from agent.config import BlockStorageConfig, StorageKind
 from agent.errors import PathOutsideRoot
-
-
-def confined(
-    directory: Path, location: str | Path, contains: Callable[[Path], bool], refusal: PathOutsideRoot
-) -> Path:
-    """``location`` (a relative one taken in ``directory``), or ``refusal`` raised unless ``contains`` it."""
-    candidate = Path(location)
-    if not candidate.is_absolute():
-        candidate = directory / candidate
-    if not contains(candidate):
-        raise refusal
-    return candidate
+from agent.storage.confine import confined
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,8 @@ from pathlib import Path
 
 from agent.config import AgentConfig, BlockStorageConfig, FileStorageConfig, RbdStorageConfig, StorageKind
 from agent.errors import PathOutsideRoot, StorageKindUnsupported, StorageNotFound
-from agent.storage.blockdir import BlockDir, confined
+from agent.storage.blockdir import BlockDir
+from agent.storage.confine import confined
 from agent.storage.rbdpool import RbdPool
 
 
