@@ -187,7 +187,9 @@ async def test_caps_lowered_and_lifted_across_hosts(
     a, b = lab_agents.host("hostA"), lab_agents.host("hostB")
     guest = make_guest(data_volumes=1, memory_mib=128, fill_mib=96, dirty_mib_s=8, working_set_mib=32)
     guest.wait_for_acks(10)
-    body = to_host_body(b, withDataVolumes=True, bandwidth=20, downTime=50, strategy="precopy")
+    # 300 ms, not 50: a switchover at 50 ms harms TCG guests on QEMU 7.2 whoever asks it (4 of 8 plain virsh
+    # moves, docs/reliability.md); capped at 4 or 2 MiB/s the 32 MiB working set still cannot fit in 300 ms.
+    body = to_host_body(b, withDataVolumes=True, bandwidth=20, downTime=300, strategy="precopy")
     task = await start(lab_agents, a, guest.uuid, body)
     with Sampler(qemu_moved(a, guest.name)) as sampler:
         retune = Retuner(lab_agents, a, task["taskUuid"], sampler, cap=20)

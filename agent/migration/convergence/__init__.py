@@ -18,7 +18,8 @@ mirrors come first), 1 during the first full pass, n during the n-th pass. ``mem
 sync (the pages dirtied during the pass before) and falls as pages are sent, so the highest value seen in a
 pass is what the guest re-dirtied while the previous pass ran: its working set at that rate.
 
-Modules, in the order a sample travels: ``samples`` (the reading), ``policy`` (what the request allows),
+Modules, in the order a sample travels: ``samples`` (the reading), ``policy`` (what the request allows;
+``floor``: the least downtime ``auto`` starts at where QEMU harms guests switched over at less),
 ``actions`` (the answers and the verdict), ``passes`` (per-pass peaks, rates, the estimate), ``auto`` (the
 ``auto`` strategy's judgement), ``controller`` (state, retunes, the way out), ``report`` (the summary).
 """

@@ -96,8 +96,13 @@ class ConvergenceController:
         self._state = ControllerState.PRECOPY
         self._started_at = now
         if p.strategy is Strategy.AUTO:
-            initial = min(p.max_downtime_ms, p.initial_downtime_ms)
+            initial = min(p.max_downtime_ms, max(p.initial_downtime_ms, p.switchover_floor_ms))
             how = f"raised step by step up to {p.max_downtime_ms} ms as the passes show what is needed"
+            if p.initial_downtime_ms < p.switchover_floor_ms <= p.max_downtime_ms:
+                how += (
+                    f"; not under {p.switchover_floor_ms} ms on this QEMU under TCG, which harmed guests"
+                    " switched over at 50 ms (docs/reliability.md)"
+                )
         else:
             initial = p.max_downtime_ms
             how = "set once"
@@ -106,6 +111,11 @@ class ConvergenceController:
             extra = "; post-copy allowed if pre-copy stalls"
         if p.allow_pause:
             extra += "; pausing the guest allowed as a last resort (it counts as downtime)"
+        if initial < p.switchover_floor_ms:
+            extra += (
+                f"; WARNING: under the {p.switchover_floor_ms} ms this QEMU needs under TCG, where"
+                " switchovers at 50 ms harmed guests (docs/reliability.md): a larger downTime is safer"
+            )
         out: list[Action] = [
             SetDowntime(initial),
             Note(

@@ -20,6 +20,9 @@ class ConvergencePolicy:
     bandwidth: int | None = None  # bytes/s, None = uncapped
     timeout_s: float | None = None
     initial_downtime_ms: int = 50  # auto starts here and raises only as far as the passes show is needed
+    #: ``auto`` never starts under this (``convergence.floor``: QEMU builds that harm TCG guests switched
+    #: over at less); 0: no floor. The request's ``downTime`` still bounds it.
+    switchover_floor_ms: int = 0
     downtime_margin: float = 1.25  # allowed downtime = predicted x margin
     downtime_granularity_ms: int = 10
     window: int = 3  # passes over which the working set is taken (median of the per-pass peaks)
@@ -69,7 +72,12 @@ class ConvergencePolicy:
 
     @classmethod
     def from_request(
-        cls, request: MigrationRequest, *, time_left_s: float | None, allow_pause: bool = False
+        cls,
+        request: MigrationRequest,
+        *,
+        time_left_s: float | None,
+        allow_pause: bool = False,
+        switchover_floor_ms: int = 0,
     ) -> ConvergencePolicy:
         """``time_left_s``: the seconds left until the task's deadline (``TaskContext.deadline``) when the
         controller starts; the skeleton enforces it, the controller only plans with it."""
@@ -80,6 +88,7 @@ class ConvergencePolicy:
             allow_pause=allow_pause,
             bandwidth=request.bandwidth_bytes,
             timeout_s=time_left_s,
+            switchover_floor_ms=switchover_floor_ms,
         )
 
     @property

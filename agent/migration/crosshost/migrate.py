@@ -86,7 +86,7 @@ class Migration:
     async def _migrate_vm(self, plan: MigrationPlan, prepared: Prepared) -> dict[str, Any]:
         ctx, host = self.ctx, self.host
         params = await migration_params(host, ctx, plan, prepared)
-        policy = policy_of(ctx)
+        policy = await policy_of(host, ctx)
         reading = await read_guest_writes(
             host, self.history, ctx.vm_uuid, [d.target for d in plan.disks], with_rate=bool(budget_of(ctx))
         )

@@ -3,12 +3,15 @@ convergence policy, and whether the guest's writes call for write-blocking mirro
 
 from __future__ import annotations
 
+import xml.etree.ElementTree as ET
 from collections.abc import Mapping
+from typing import Any
 
 import libvirt
 
 from agent.config import AgentConfig
 from agent.migration import convergence
+from agent.migration.convergence import floor
 from agent.migration.engine import TaskContext, budget_of
 from agent.migration.mirrors import hotdisk
 from agent.migration.peer.wire import Prepared
@@ -19,12 +22,22 @@ from agent.virt.domxml import rewrite_disk_sources
 from agent.virt.host import MigrateParams, VirtHost
 
 
-def policy_of(ctx: TaskContext) -> convergence.ConvergencePolicy:
-    """The convergence policy of the request; it plans with the time left until the task's deadline."""
+async def policy_of(host: VirtHost, ctx: TaskContext) -> convergence.ConvergencePolicy:
+    """The convergence policy of the request; it plans with the time left until the task's deadline, and
+    with the floor this host's QEMU needs under the domain's accelerator (``convergence.floor``)."""
     deadline = ctx.deadline
+    qemu = (await host.versions())["qemu"]
+    domain_type = await host.call_domain(ctx.vm_uuid, domain_type_of)
     return convergence.ConvergencePolicy.from_request(
-        ctx.request, time_left_s=None if deadline is None else deadline.remaining()
+        ctx.request,
+        time_left_s=None if deadline is None else deadline.remaining(),
+        switchover_floor_ms=floor.switchover_floor_ms(qemu, domain_type),
     )
+
+
+def domain_type_of(dom: Any) -> str | None:
+    """libvirt's domain type (``kvm``; ``qemu``: TCG, QEMU's own CPU emulation)."""
+    return ET.fromstring(dom.XMLDesc(0)).get("type")
 
 
 def first_mirror_speed(bandwidth: int, plan: MigrationPlan) -> int:
@@ -75,7 +88,7 @@ async def migration_params(
     inactive = await host.inactive_xml(ctx.vm_uuid)
     budget = budget_of(ctx)  # the task's own cap or its share of the host's budget, the smaller
     throttled = ctx.request.primaryStorageMigrateVm.strategy in (Strategy.AUTO_CONVERGE, Strategy.AUTO)
-    policy = policy_of(ctx) if throttled else None
+    policy = await policy_of(host, ctx) if throttled else None
     return MigrateParams(
         migration_uri=prepared.migrationUri,
         disks=tuple(d.target for d in plan.disks),
