@@ -18,6 +18,7 @@ from agent.migration.crosshost.params import (
     migration_flags,
     migration_params,
     policy_of,
+    switchover_floor,
 )
 from agent.migration.crosshost.steering import Steering, disk_aliases
 from agent.migration.crosshost.work import CrossHostWork
@@ -86,7 +87,7 @@ class Migration:
     async def _migrate_vm(self, plan: MigrationPlan, prepared: Prepared) -> dict[str, Any]:
         ctx, host = self.ctx, self.host
         params = await migration_params(host, ctx, plan, prepared)
-        policy = await policy_of(host, ctx)
+        policy = policy_of(ctx, switchover_floor_ms=await switchover_floor(host, ctx.vm_uuid))
         reading = await read_guest_writes(
             host, self.history, ctx.vm_uuid, [d.target for d in plan.disks], with_rate=bool(budget_of(ctx))
         )

@@ -22,17 +22,24 @@ from agent.virt.domxml import rewrite_disk_sources
 from agent.virt.host import MigrateParams, VirtHost
 
 
-async def policy_of(host: VirtHost, ctx: TaskContext) -> convergence.ConvergencePolicy:
-    """The convergence policy of the request; it plans with the time left until the task's deadline, and
-    with the floor this host's QEMU needs under the domain's accelerator (``convergence.floor``)."""
+def policy_of(ctx: TaskContext, *, switchover_floor_ms: int = 0) -> convergence.ConvergencePolicy:
+    """The convergence policy of the request; it plans with the time left until the task's deadline.
+    Pure: a resumed engine builds it for a migration whose domain may be gone from this host already (the
+    floor only matters to a controller that starts, and ``_migrate_vm`` passes it)."""
     deadline = ctx.deadline
-    qemu = (await host.versions())["qemu"]
-    domain_type = await host.call_domain(ctx.vm_uuid, domain_type_of)
     return convergence.ConvergencePolicy.from_request(
         ctx.request,
         time_left_s=None if deadline is None else deadline.remaining(),
-        switchover_floor_ms=floor.switchover_floor_ms(qemu, domain_type),
+        switchover_floor_ms=switchover_floor_ms,
     )
+
+
+async def switchover_floor(host: VirtHost, vm_uuid: str) -> int:
+    """The least downtime a switchover of this domain must be allowed on this host's QEMU under the domain's
+    accelerator (``convergence.floor``); asks libvirt, so only for a migration about to start."""
+    qemu = (await host.versions())["qemu"]
+    domain_type = await host.call_domain(vm_uuid, domain_type_of)
+    return floor.switchover_floor_ms(qemu, domain_type)
 
 
 def domain_type_of(dom: Any) -> str | None:
@@ -88,7 +95,7 @@ async def migration_params(
     inactive = await host.inactive_xml(ctx.vm_uuid)
     budget = budget_of(ctx)  # the task's own cap or its share of the host's budget, the smaller
     throttled = ctx.request.primaryStorageMigrateVm.strategy in (Strategy.AUTO_CONVERGE, Strategy.AUTO)
-    policy = await policy_of(host, ctx) if throttled else None
+    policy = policy_of(ctx) if throttled else None
     return MigrateParams(
         migration_uri=prepared.migrationUri,
         disks=tuple(d.target for d in plan.disks),

@@ -105,7 +105,7 @@ async def _watch_running(
 ) -> AgentError | None:
     """Keep steering a migration this agent did not start in this life (it survived a restart) until
     libvirt ends it; returns the reason if the steering had to abort it."""
-    policy = await policy_of(host, ctx)
+    policy = policy_of(ctx)
     aliases: dict[str, str] = {}
     with contextlib.suppress(AgentError):  # without them the mirrors are named by target (drive-vda)
         aliases = await disk_aliases(host, ctx.vm_uuid)
