@@ -5,6 +5,8 @@
 - `make_guest` (function): factory `make_guest(host="hostA", data_volumes=0, snapshots=0, dirty_mib_s=0,
   storage="ps1", disk_size_mib=1024, memory_mib=256)` -> Guest; every guest it made is destroyed at teardown,
   a failed case's guests after their console and record were copied to /var/tmp/ksa-failed-guests.
+- `host_budget` (function): `await host_budget(outgoing=..., outgoingMigrations=...)` PATCHes hostA's host
+  budget; the lab's own (no budget, 2 moves at once) is put back afterwards.
 Guest has acks(), total_acks(), wait_for_acks(more, timeout), verify() -> VerifyResult, where(), destroy().
 """
 
@@ -13,13 +15,13 @@ from __future__ import annotations
 import os
 import re
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import pytest
 from labtools import SWITCHOVER_DEATH, Guest, Lab, LabNotUp, create_guest, keep_evidence, load_lab
 
-from labkit.agents import agent_healthy
+from labkit.agents import agent_client, agent_healthy
 
 #: The harm series (test_switchover_series.py) is run by hand, with its mode named; never by a plain run.
 collect_ignore = [] if os.environ.get("KSA_SERIES_MODE") else ["test_switchover_series.py"]
@@ -99,3 +101,16 @@ def make_guest(lab: Lab, request: pytest.FixtureRequest) -> Iterator[Callable[..
         if failed and (kept := keep_evidence(guest, request.node.nodeid)) is not None:
             print(f"{guest.name}: its console and record are kept in {kept}")
         guest.destroy()
+
+
+@pytest.fixture
+async def host_budget(lab_agents: Lab) -> AsyncIterator[Callable[..., Any]]:
+    """PATCH hostA's budget; the lab's own (no budget, 2 moves at once) is put back afterwards."""
+    host = lab_agents.host("hostA")
+
+    async def patch(**body: int) -> dict[str, Any]:
+        async with agent_client(lab_agents, host) as agent:
+            return dict(await agent.request("PATCH", "v1", "host", "budget", json_body=body))
+
+    yield patch
+    await patch(outgoing=0, outgoingMigrations=2)

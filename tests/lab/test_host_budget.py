@@ -9,86 +9,24 @@ bare (no kernel, next to no CPU under TCG): what moves is their disks' data and 
 from __future__ import annotations
 
 import asyncio
-import json
 import statistics
-import subprocess
-import threading
 import time
-from collections.abc import AsyncIterator, Callable
-from typing import Any, Self
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 from agentapi import Run, disk_sources, follow, images_identical, start
-from labtools import Guest, Lab, LabHost
+from labtools import Guest, Lab
 
 from labkit.agents import agent_client
 from labkit.bodies import to_host_body
-from labkit.layout import host_by_name
+from labkit.linkcount import LinkCounter
 
 pytestmark = pytest.mark.lab
 MiB = 1024 * 1024
 BUDGET_MIB = 64
 DATA_MIB = 192  # per guest: four take about 15 s at the budget
 PRIORITIES = (10, 10, 20, 40)
-WINDOW_S = 5.0
-
-
-class LinkCounter:
-    """Samples the bytes a lab host sent on its wire (its namespace's ``eth0``), every ``every_s``."""
-
-    def __init__(self, host: LabHost, every_s: float = 0.25) -> None:
-        self.netns = host_by_name(host.name).netns
-        self.every_s = every_s
-        self.samples: list[tuple[float, int]] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-
-    def sent(self) -> int:
-        out = subprocess.run(
-            ["ip", "-n", self.netns, "-s", "-j", "link", "show", "dev", "eth0"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout
-        return int(json.loads(out)[0]["stats64"]["tx"]["bytes"])
-
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            self.samples.append((time.monotonic(), self.sent()))
-            self._stop.wait(self.every_s)
-
-    def __enter__(self) -> Self:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(10)
-
-    def windows(self, since: float, until: float) -> list[tuple[float, float]]:
-        """(end of the window, bytes/s) of every ``WINDOW_S`` window from ``since + WINDOW_S`` (past the
-        first) to ``until``."""
-        inside = [(t, b) for t, b in self.samples if since <= t <= until]
-        out = []
-        for t1, b1 in inside:
-            earlier = [(t, b) for t, b in inside if t <= t1 - WINDOW_S]
-            if earlier and t1 - since >= 2 * WINDOW_S - self.every_s:
-                t0, b0 = earlier[-1]
-                out.append((t1 - since, (b1 - b0) / (t1 - t0)))
-        return out
-
-
-@pytest.fixture
-async def host_budget(lab_agents: Lab) -> AsyncIterator[Callable[..., Any]]:
-    """PATCH hostA's budget; the lab's own (no budget, 2 moves at once) is put back afterwards."""
-    host = lab_agents.host("hostA")
-
-    async def patch(**body: int) -> dict[str, Any]:
-        async with agent_client(lab_agents, host) as agent:
-            return dict(await agent.request("PATCH", "v1", "host", "budget", json_body=body))
-
-    yield patch
-    await patch(outgoing=0, outgoingMigrations=2)
 
 
 async def test_four_moves_at_once_hold_the_hosts_outgoing_budget(
