@@ -171,12 +171,13 @@ class Sampler:
             last_step = t
         return out
 
-    def burst_rate(self, stream: str, after: float) -> tuple[float, float, float]:
+    def burst_rate(self, stream: str, after: float, *, skip: int = 0) -> tuple[float, float, float]:
         """(when the first burst after ``after`` began, the rate from its end to the end of the last burst
         seen, over the time between their beginnings): the rate a bursting mirror holds; the first burst
-        after a change is not counted (QEMU charges it against the sleep that follows)."""
-        steps = self.bursts(stream, after)
-        assert len(steps) >= 2, f"{stream}: fewer than two bursts after {after:.2f}: {steps}"
+        after a change is not counted (QEMU charges it against the sleep that follows). ``skip``: bursts
+        after ``after`` left out before the first."""
+        steps = self.bursts(stream, after)[skip:]
+        assert len(steps) >= 2, f"{stream}: under two bursts after {after:.2f} (skipping {skip}): {steps}"
         (t0, b0), (t1, b1) = steps[0], steps[-1]
         return t0, t1, (b1 - b0) / (t1 - t0)
 

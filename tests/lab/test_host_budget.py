@@ -22,7 +22,7 @@ from labkit.agents import agent_client
 from labkit.bodies import to_host_body
 from labkit.linkcount import LinkCounter
 
-pytestmark = pytest.mark.lab
+pytestmark = [pytest.mark.lab, pytest.mark.rates]
 MiB = 1024 * 1024
 BUDGET_MIB = 64
 DATA_MIB = 192  # per guest: four take about 15 s at the budget

@@ -27,7 +27,7 @@ from moverates import MiB, Sampler, files_allocated, qemu_moved
 from labkit.agents import agent_client
 from labkit.bodies import migration_body, to_host_body
 
-pytestmark = pytest.mark.lab
+pytestmark = [pytest.mark.lab, pytest.mark.rates]
 
 #: The window over which the memory stream's capped rate is measured, from the PATCH.
 SETTLE_S, WINDOW_END_S = 1.0, 3.0
@@ -51,55 +51,65 @@ class Retuner:
     def __init__(self, lab: Lab, host: LabHost, task_uuid: str, sampler: Sampler, cap: int | None) -> None:
         self.lab, self.host, self.task_uuid, self.sampler = lab, host, task_uuid, sampler
         self.cap = cap
+        self.patched_at = 0.0
 
     async def patch(self, mib: int, phase: str) -> tuple[float, dict[str, Any]]:
-        at = time.monotonic()
+        at = self.patched_at = time.monotonic()
         async with agent_client(self.lab, self.host) as agent:
             view = dict(await agent.patch_task(self.task_uuid, bandwidth=mib))
         assert view["state"] == phase, f"PATCH {mib} landed in {view['state']}, not {phase}"
         return at, view
 
-    async def lower_stream(
-        self, mib: int, phase: str, stream: str | None = None, *, judged: bool = True
-    ) -> dict[str, Any]:
-        """A cap of ``mib`` MiB/s on a smooth stream: its rate over the window within 10 % of it (``judged``
-        False: only measured and printed, a gap docs/performance.md names)."""
+    async def lower_stream(self, mib: int, phase: str, stream: str | None = None) -> dict[str, Any]:
+        """A cap of ``mib`` MiB/s on a smooth stream: its rate over the window within 10 % of it."""
         at, view = await self.patch(mib, phase)
         await asyncio.sleep(max(0.0, at + WINDOW_END_S - time.monotonic()))
         before = self.sampler.rate(at - 1.5, at, stream)
         rate = self.sampler.rate(at + SETTLE_S, at + WINDOW_END_S, stream)
         line = self._say(phase, mib, before, rate)
-        assert not judged or 0.9 * mib * MiB <= rate <= 1.1 * mib * MiB, line
+        assert 0.9 * mib * MiB <= rate <= 1.1 * mib * MiB, line
         self.cap = mib
         return view
 
     async def lower_mirrors(
-        self, mib: int, phase: str, mirrors: list[str], bursts: int = 4, *, judged: bool = True
+        self,
+        mib: int,
+        phase: str,
+        mirrors: list[str],
+        bursts: int = 4,
+        *,
+        by: Sampler | None = None,
+        judged: bool = True,
     ) -> list[str]:
-        """A cap of ``mib`` MiB/s on bursting mirrors: the first burst of each within 3 s; from it each
-        mirror's burst-to-burst rate within 10 % of the speed QEMU reports for it (where read) and the sum of
-        those rates within 10 % of the cap (``judged`` False: the rates only measured and printed, a gap
-        docs/performance.md names). Returns what did not hold (the caller asserts it at the end, so one
+        """A cap of ``mib`` MiB/s on bursting mirrors, read by ``by`` (default: the Retuner's sampler), in
+        which ``mirrors`` are streams: the first burst of each within 3 s; from it each mirror's
+        burst-to-burst rate within 10 % of the speed QEMU reports for it (where read) and the sum of those
+        rates within 10 % of the cap (``judged`` False: the rates only measured and printed, a gap
+        docs/performance.md names). From no cap, the first step seen is the uncapped copy's last data and
+        the rate counts from the next. Returns what did not hold (the caller asserts it at the end, so one
         move measures every step)."""
+        sampler = by or self.sampler
+        skip = 1 if self.cap is None else 0
         at, _view = await self.patch(mib, phase)
         per_disk = 16 * MiB / (mib * MiB / len(mirrors))  # seconds between two bursts of one mirror
         await asyncio.to_thread(
-            self.sampler.wait_for_bursts, mirrors, at, bursts, 3 + (bursts - 0.5) * per_disk
+            sampler.wait_for_bursts, mirrors, at, bursts + skip, 3 + (bursts + skip - 0.5) * per_disk
         )
-        before = self.sampler.rate(at - 3, at)
-        measured = [self.sampler.burst_rate(m, at) for m in mirrors]
+        before = sampler.rate(at - 3, at)
+        measured = [sampler.burst_rate(m, at, skip=skip) for m in mirrors]
         total = sum(rate for _t0, _t1, rate in measured)
         line = self._say(phase, mib, before, total)
         wrong: list[str] = []
         for mirror, (t0, t1, rate) in zip(mirrors, measured, strict=True):
-            speed = self.sampler.mean_speed(mirror, t0, t1)
+            first = sampler.bursts(mirror, at)[0][0]
+            speed = sampler.mean_speed(mirror, t0, t1)
             shown = "not read" if speed is None else f"{speed / MiB:.2f} MiB/s"
             print(
-                f"  {mirror}: first burst {t0 - at:.2f} s after the PATCH, {rate / MiB:.2f} MiB/s over "
+                f"  {mirror}: first burst {first - at:.2f} s after the PATCH, {rate / MiB:.2f} MiB/s over "
                 f"{t1 - t0:.1f} s, QEMU's speed {shown}"
             )
-            if t0 - at > 3.0:
-                wrong.append(f"{mirror}: first burst {t0 - at:.2f} s after the PATCH")
+            if first - at > 3.0:
+                wrong.append(f"{mirror}: first burst {first - at:.2f} s after the PATCH")
             if judged and speed is not None and not 0.9 * speed <= rate <= 1.1 * speed:
                 wrong.append(f"{mirror}: {rate / MiB:.2f} MiB/s against its speed {speed / MiB:.2f}")
         if judged and not 0.9 * mib * MiB <= total <= 1.1 * mib * MiB:
@@ -187,18 +197,32 @@ async def test_caps_lowered_and_lifted_across_hosts(
     a, b = lab_agents.host("hostA"), lab_agents.host("hostB")
     guest = make_guest(data_volumes=1, memory_mib=128, fill_mib=96, dirty_mib_s=8, working_set_mib=32)
     guest.wait_for_acks(10)
+    landing = b.root("ps1").path
+    before = os.listdir(landing)
     # 300 ms, not 50: a switchover at 50 ms harms TCG guests on QEMU 7.2 whoever asks it (4 of 8 plain virsh
     # moves, docs/reliability.md); capped at 4 or 2 MiB/s the 32 MiB working set still cannot fit in 300 ms.
     body = to_host_body(b, withDataVolumes=True, bandwidth=20, downTime=300, strategy="precopy")
     task = await start(lab_agents, a, guest.uuid, body)
-    with Sampler(qemu_moved(a, guest.name)) as sampler:
+    with (
+        Sampler(qemu_moved(a, guest.name)) as sampler,
+        Sampler(files_allocated(landing, before), every=0.05) as landed,
+    ):
         retune = Retuner(lab_agents, a, task["taskUuid"], sampler, cap=20)
         sampler.wait_until("the disk mirrors moving", lambda moved: moved > 8 * MiB, 120)
         mirrors = sorted(sampler.streams() - {"ram"})
         assert len(mirrors) == 2, mirrors
-        # Measured, not judged: 3.93, 4.66 and (2026-12-07, two labs side by side) 4.87 MiB/s, one mirror at
-        # 2.87 against the 2.15 QEMU reported for it (docs/performance.md, a gap of issue 27).
+        # Measured, not judged: neither reading outside the agent is the bytes QEMU charges. A job's offset
+        # also walks its disk's holes, crossed without charge (by offsets: 3.93, 4.66, 4.87, 4.74 MiB/s, one
+        # mirror at 2.74-2.87 against the 2.00-2.15 QEMU reported for it); the destination files' growth
+        # leaves out what the target did not allocate (3.38 in one run). docs/performance.md.
         wrong = await retune.lower_mirrors(4, "COPYING", mirrors, judged=False)
+        files = sorted(landed.streams())
+        landed_rates = [landed.burst_rate(f, retune.patched_at)[2] for f in files]
+        print(
+            f"  the destination files grew {sum(landed_rates) / MiB:.2f} MiB/s burst to burst ("
+            + ", ".join(f"{r / MiB:.2f}" for r in landed_rates)
+            + ")"
+        )
         await retune.patch(20, "COPYING")
         await _wait_state(lab_agents, a, task["taskUuid"], "CONVERGING")
         retune.cap = 20

@@ -178,6 +178,7 @@ async def test_unknown_storage_uuid_is_a_400_naming_the_field(
     assert err.value.error["field"] == "primaryStorageMigrateVm.dstPrimaryStorageUuid"
 
 
+@pytest.mark.rates
 async def test_bandwidth_is_one_budget_for_real_bytes(
     lab_agents: Lab, make_guest: Callable[..., Guest]
 ) -> None:
