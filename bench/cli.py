@@ -1,4 +1,4 @@
-"""`scripts/bench [--quick] [--out DIR] [--cases 1,2,3,4,5,6,7]`: run the cases on the lab, print the table,
+"""`scripts/bench [--quick] [--out DIR] [--cases 1,2,3,4,5,6,7,9]`: run the cases on the lab, print the table,
 write table.md, results.json and migration-progress.png into DIR."""
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ CASES: dict[str, tuple[str, str]] = {
     "5": ("bench.cases.overhead", "agent CPU and API latency"),
     "6": ("bench.cases.tls", "live migration with TLS vs insecure_transport, and vs virsh migrate [--tls]"),
     "7": ("bench.cases.hotdisk", "hot disk at 2.5 x its cap vs virsh blockcopy/migrate [synchronous writes]"),
+    "9": ("bench.cases.evacuation", "host evacuation of 4 VMs under one budget vs virsh migrate --bandwidth"),
 }
 PLOT_FILE = "migration-progress.png"
 
@@ -120,6 +121,12 @@ def write_outputs(
         except Exception as err:
             log.error("plot failed: %s\n%s", err, traceback.format_exc())
             failures.append(f"plot: {err}")
+    for name, draw in ctx.figures.items():
+        try:
+            draw(out / name)
+        except Exception as err:
+            log.error("figure %s failed: %s\n%s", name, err, traceback.format_exc())
+            failures.append(f"figure {name}: {err}")
     (out / "table.md").write_text(header + table)
     doc = {
         **info,

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from bench.labenv import Lab
@@ -101,3 +103,4 @@ class Context:
     raw: dict[str, Any] = field(default_factory=dict)  # per case, for the JSON file
     cpu: list[CpuUse] = field(default_factory=list)
     plot_runs: dict[str, Any] = field(default_factory=dict)  # live-migration series for the plot
+    figures: dict[str, Callable[[Path], None]] = field(default_factory=dict)  # file name -> draw it there

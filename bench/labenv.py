@@ -341,6 +341,7 @@ def bench_guest(
     disk_size_mib: int = 1024,
     fill_mib: int = 4,
     memory_mib: int = 256,
+    disk_write_mib_s: int = 0,
 ) -> Iterator[BenchGuest]:
     """A writing lab guest (`scripts/lab guest create`), destroyed (with every file) when the case ends,
     unless the case set ``keep`` (a harmed guest kept as evidence)."""
@@ -353,6 +354,7 @@ def bench_guest(
         "--disk-size-mib", str(disk_size_mib),
         "--fill-mib", str(fill_mib),
         "--memory-mib", str(memory_mib),
+        "--disk-write-mib-s", str(disk_write_mib_s),
     ]  # fmt: skip
     log.info("creating guest %s (%s)", name, " ".join(args[3:]))
     started = time.monotonic()

@@ -87,3 +87,11 @@ def active_span(samples: Sequence[tuple[float, float]]) -> list[tuple[float, flo
     end = next(i for i, (_t, v) in enumerate(samples) if v == last_value)
     start = max(start, 0)
     return list(samples[start : end + 1]) if end > start else []
+
+
+def jain(shares: Sequence[float]) -> float | None:
+    """Jain's fairness index of ``shares``: 1.0 when all are equal, 1/n when one takes everything; None
+    when there is nothing to share."""
+    if not shares or not any(shares):
+        return None
+    return sum(shares) ** 2 / (len(shares) * sum(s * s for s in shares))

@@ -1,8 +1,8 @@
 """Shared test setup: make `labkit` (the lab's code, at the repository root, not installed) importable, and
 give each pytest-xdist worker its own lab.
 
-`./scripts/test` runs the lab tests on two labs side by side (``KSA_TEST_LAB_INSTANCES="0 1"``, `-n 2`;
-``KSA_TEST_LABS=1`` for one; docs/lab.md): worker gwN drives
+`KSA_TEST_LABS=2 ./scripts/test` runs the lab tests on two labs side by side
+(``KSA_TEST_LAB_INSTANCES="0 1"``, `-n 2`; one lab is the default, docs/lab.md says why): worker gwN drives
 the Nth instance (labkit/layout.py: its own directory, bridge, subnet and namespaces), so that no two cases
 ever share hosts, agents or a bridge's counters. Set here, before anything imports labkit, whose layout
 reads ``KSA_LAB_INSTANCE`` once.

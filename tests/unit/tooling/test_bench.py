@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from bench.stats import Summary, active_span, max_window_rate, mean_rate, paired_ratios, percentile
+from bench.stats import Summary, active_span, jain, max_window_rate, mean_rate, paired_ratios, percentile
 from bench.table import Row, Target, fmt, render_markdown, verdicts
 
 
@@ -110,3 +110,10 @@ def test_row_json_carries_figures_and_verdict() -> None:
     assert doc["median"] == 1.0 and doc["min"] == 0.95 and doc["n"] == 3
     assert doc["met"] is True and doc["target"] == "value 0.9-1.10"
     assert doc["ratios"] == [] and doc["ratioMedian"] is None
+
+
+def test_jain_index_is_one_for_equal_shares_and_one_over_n_for_a_hog() -> None:
+    assert jain([10.0, 10.0, 10.0, 10.0]) == pytest.approx(1.0)
+    assert jain([40.0, 0.0, 0.0, 0.0]) == pytest.approx(0.25)
+    assert jain([20.0, 10.0]) == pytest.approx(0.9)
+    assert jain([]) is None and jain([0.0, 0.0]) is None
