@@ -31,21 +31,23 @@ pytestmark = [pytest.mark.lab, pytest.mark.rates]
 
 #: The window over which the memory stream's capped rate is measured, from the PATCH.
 SETTLE_S, WINDOW_END_S = 1.0, 3.0
-#: The cross-host guest's disks: records in the first half, then the filler (labkit/guestcreate.py).
+#: The cross-host guest's disks: records in the first half, then the filler, every byte data
+#: (labkit/guestcreate.py). A mirror's progress counts what it copies of the allocated parts in disk order
+#: (the holes are skipped): the records first (17 MiB in one run), then the filler.
 DISK_MIB, FILL_MIB = 1024, 192
-FILLER_FROM = DISK_MIB // 2 * MiB
-#: What a mirror must have left of its filler when the step starts: its first burst and four to measure.
-FILLER_LEFT = 96 * MiB
+#: The step starts once every mirror's progress is in its filler, with enough of it ahead for the first
+#: burst and four to measure (16 MiB each).
+IN_FILLER_FROM, IN_FILLER_UNTIL = 48 * MiB, 120 * MiB
 
 
 def inside_the_filler(sampler: Sampler, mirrors: list[str], timeout: float = 120) -> None:
-    """Wait until every mirror's progress is past the start of its filler, with ``FILLER_LEFT`` still ahead
-    (a mirror that ran too far fails the premise, not the agent)."""
+    """Wait until every mirror's progress is inside its filler (a mirror that ran too far into it fails
+    the premise, not the agent)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         moved = sampler.samples[-1][1] if sampler.samples else {}
-        if all(moved.get(m, 0) >= FILLER_FROM + 4 * MiB for m in mirrors):
-            ahead = {m: moved[m] for m in mirrors if moved[m] > FILLER_FROM + FILL_MIB * MiB - FILLER_LEFT}
+        if all(moved.get(m, 0) >= IN_FILLER_FROM for m in mirrors):
+            ahead = {m: moved[m] for m in mirrors if moved[m] > IN_FILLER_UNTIL}
             assert not ahead, f"premise: mirrors too far into their filler to measure: {ahead}"
             return
         time.sleep(0.05)
@@ -237,9 +239,9 @@ async def test_caps_lowered_and_lifted_across_hosts(
         sampler.wait_until("the disk mirrors moving", lambda moved: moved > 8 * MiB, 120)
         mirrors = sorted(sampler.streams() - {"ram"})
         assert len(mirrors) == 2, mirrors
-        # The mirrors' step is judged inside the filler, where every byte is data: a job's progress also
-        # counts the holes of the records' half of each disk, which QEMU crosses without charge (read across
-        # them, one mirror's rate was 2.74-2.87 MiB/s against the 2.00-2.15 QEMU reported for it).
+        # The mirrors' step is judged inside the filler, where every byte is data: read across the records'
+        # part, which holds zeroes QEMU copies without charge, one mirror's progress ran at 2.74-2.87 MiB/s
+        # against the 2.00-2.15 QEMU reported for it.
         await asyncio.to_thread(inside_the_filler, sampler, mirrors)
         wrong = await retune.lower_mirrors(4, "COPYING", mirrors)
         files = sorted(landed.streams())
