@@ -30,6 +30,12 @@ log = logging.getLogger("guest-safety")
 CELLS = (*virshcell.CELLS, *agentcell.CELLS)
 
 
+#: The cells whose guest also writes its root disk (asked 20 MiB/s, as test_hotdisk's hot guest) beside a
+#: data volume; every cell's guest has 128 MiB and dirties 8 MiB/s.
+HOT_CELLS = ("auto-hotdisk", "sync-writes")
+HOT_WRITE_MIB_S = 20
+
+
 def agent_commit(host: Host) -> str:
     """The commit of the checkout whose .venv the host's agent runs from (scripts/lab runs it from the
     checkout that started it), for every row."""
@@ -108,8 +114,16 @@ async def run_cell(lab: Lab, out: Path, cell: str, runs: int, after_harm: str = 
     done = len(rows)
     last = done + runs
     while done < last:
+        hot = cell in HOT_CELLS
         with bench_guest(
-            lab, f"safety-{cell}", memory_mib=128, dirty_mib_s=8, disk_size_mib=256, fill_mib=16
+            lab,
+            f"safety-{cell}",
+            memory_mib=128,
+            dirty_mib_s=8,
+            disk_size_mib=256,
+            fill_mib=16,
+            data_volumes=1 if hot else 0,
+            disk_write_mib_s=HOT_WRITE_MIB_S if hot else 0,
         ) as guest:
             while done < last:
                 done += 1

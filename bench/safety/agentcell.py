@@ -3,7 +3,10 @@ auto-converge or auto, and ``auto-kill``: `auto` with the source agent SIGKILLed
 once the task is in CONVERGING and started again 2 s later; the restarted agent resumes the task.
 ``auto-second``: `auto` with a second agent started on the source's state directory (the serving agent's
 own command line, in the host's namespaces) once the task is in CONVERGING: what a lab kill that missed the
-serving agent did before 9a66a5d (the state-directory lock); since then the second agent exits at once."""
+serving agent did before 9a66a5d (the state-directory lock); since then the second agent exits at once.
+``auto-hotdisk``: `auto` with the cell's hot-disk guest (``HOT_CELLS``: a data volume, writing its root disk
+fast enough for the disks' share of the cap): the move of the broken page of 2026-12-07, in write-blocking
+mode."""
 
 from __future__ import annotations
 
@@ -23,7 +26,7 @@ from labkit.layout import host_by_name
 
 BANDWIDTH_MIB_S = 16
 DOWNTIME_MS = 500
-CELLS = ("precopy", "auto-converge", "auto", "auto-kill", "auto-second")
+CELLS = ("precopy", "auto-converge", "auto", "auto-kill", "auto-second", "auto-hotdisk")
 FINAL = ("SUCCEEDED", "FAILED", "CANCELLED")
 KILL_AFTER_S = 1.0  # into CONVERGING: the controller has set its downtime and steers
 RESTART_AFTER_S = 2.0
@@ -31,7 +34,7 @@ RESTART_AFTER_S = 2.0
 
 async def migrate(lab: Lab, guest: BenchGuest, cell: str, run_no: int) -> Outcome:
     src, dst = guest.host, lab.other(guest.host)
-    strategy = "auto" if cell in ("auto-kill", "auto-second") else cell
+    strategy = "auto" if cell in ("auto-kill", "auto-second", "auto-hotdisk") else cell
     body = to_host_body(dst, strategy=strategy, bandwidth=BANDWIDTH_MIB_S, downTime=DOWNTIME_MS, timeout=300)
     outcome = Outcome(cell, run_no, guest.name, src.name, dst.name, verdict="", detail="")
     started = time.monotonic()

@@ -6,7 +6,10 @@ agent's throttle steps and bandwidth), with the agent's calls replayed by hand f
 - ``drop``: that schedule, back to 50 ms at iteration 5 (what a restarted agent did before d058810), raised
   again from iteration 7;
 - ``speeds``: the schedule plus `block-job-set-speed` on every block job of the migration (QMP through
-  `virsh qemu-monitor-command`) every second, alternating 4 and 16 MiB/s, as the agent's disk steering does.
+  `virsh qemu-monitor-command`) every second, alternating 4 and 16 MiB/s, as the agent's disk steering does;
+- ``sync-writes``: `auto`'s schedule since the floor (300 ms, then 500) with
+  `--copy-storage-synchronous-writes` (the disks mirrored in write-blocking mode), on the hot-disk guest
+  (``HOT_CELLS``): the control of the agent's ``auto-hotdisk``.
 """
 
 from __future__ import annotations
@@ -24,11 +27,13 @@ from bench.virshmigrate import create_targets, destination_xml
 from labkit.virsh import virsh_argv
 
 BANDWIDTH_MIB_S = 16
-CELLS = ("fixed300", "fixed50", "schedule", "drop", "speeds")
+CELLS = ("fixed300", "fixed50", "schedule", "drop", "speeds", "sync-writes")
 _ITERATION = re.compile(r"Iteration:\s+(\d+)")
 #: iteration -> downtime (ms) set when the migration reaches it
 SCHEDULE = {1: 50, 3: 100, 4: 200, 5: 300, 6: 500}
 DROP = {1: 50, 3: 100, 4: 200, 5: 50, 7: 200, 8: 500}
+#: `auto`'s schedule since the switchover floor (300 ms on QEMU 7.2 under TCG), up to the cells' 500 ms
+FLOORED = {1: 300, 4: 500}
 
 
 class Steer(threading.Thread):
@@ -52,7 +57,9 @@ class Steer(threading.Thread):
         return int(found.group(1)) if found else 1
 
     def run(self) -> None:
-        plan = {"fixed300": {1: 300}, "fixed50": {1: 50}, "drop": DROP}.get(self.cell, SCHEDULE)
+        plan = {"fixed300": {1: 300}, "fixed50": {1: 50}, "drop": DROP, "sync-writes": FLOORED}.get(
+            self.cell, SCHEDULE
+        )
         done: set[int] = set()
         fast = False
         seen_job = False
@@ -106,6 +113,8 @@ def migrate(lab: Lab, guest: BenchGuest, cell: str, run_no: int) -> Outcome:
             "--auto-converge",
         ]
         argv += ["--auto-converge-initial", "30", "--auto-converge-increment", "20", "--tls"]
+        if cell == "sync-writes":
+            argv += ["--copy-storage-synchronous-writes"]
         argv += ["--bandwidth", str(BANDWIDTH_MIB_S), "--persistent", "--undefinesource", "--abort-on-error"]
         argv += [
             "--xml",
