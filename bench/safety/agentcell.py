@@ -35,7 +35,14 @@ RESTART_AFTER_S = 2.0
 async def migrate(lab: Lab, guest: BenchGuest, cell: str, run_no: int) -> Outcome:
     src, dst = guest.host, lab.other(guest.host)
     strategy = "auto" if cell in ("auto-kill", "auto-second", "auto-hotdisk") else cell
-    body = to_host_body(dst, strategy=strategy, bandwidth=BANDWIDTH_MIB_S, downTime=DOWNTIME_MS, timeout=300)
+    body = to_host_body(
+        dst,
+        strategy=strategy,
+        bandwidth=BANDWIDTH_MIB_S,
+        downTime=DOWNTIME_MS,
+        timeout=300,
+        withDataVolumes=cell == "auto-hotdisk",  # its guest has one: a move across hosts takes every disk
+    )
     outcome = Outcome(cell, run_no, guest.name, src.name, dst.name, verdict="", detail="")
     started = time.monotonic()
 

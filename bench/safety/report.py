@@ -17,6 +17,9 @@ LABELS = {
     "auto-converge": "agent, auto-converge",
     "auto": "agent, auto",
     "auto-kill": "agent, auto, source agent SIGKILLed in CONVERGING",
+    "auto-second": "agent, auto, a second agent on the source's state directory",
+    "sync-writes": "virsh, hot disk, --copy-storage-synchronous-writes, 300 ms then 500",
+    "auto-hotdisk": "agent, auto, hot disk (write-blocking mode)",
 }
 
 
