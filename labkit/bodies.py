@@ -41,11 +41,20 @@ def migration_body(dst_storage: str, **extra: Any) -> dict[str, Any]:
     return body
 
 
+def dst_host(dst: DestinationHost) -> dict[str, Any]:
+    """The request's ``dstHost``: how the source reaches another lab host's agent and migration address."""
+    return {"uuid": dst.uuid, "agentUrl": dst.agent_url, "migrationAddress": dst.migration_address}
+
+
 def to_host_body(dst: DestinationHost, storage: str = "ps1", **extra: Any) -> dict[str, Any]:
     """A move to another lab host, into its storage root ``storage``."""
-    return migration_body(
-        dst.root(storage).uuid,
-        dstHostUuid=dst.uuid,
-        dstHost={"uuid": dst.uuid, "agentUrl": dst.agent_url, "migrationAddress": dst.migration_address},
-        **extra,
-    )
+    return migration_body(dst.root(storage).uuid, dstHostUuid=dst.uuid, dstHost=dst_host(dst), **extra)
+
+
+def evacuation_destination(dst: DestinationHost, incoming: int, storage: str = "ps1") -> dict[str, Any]:
+    """One of an evacuation's ``destinations``: another lab host's root ``storage``, ``incoming`` at once."""
+    return {
+        "dstHost": dst_host(dst),
+        "dstPrimaryStorageUuid": dst.root(storage).uuid,
+        "incomingMigrations": incoming,
+    }

@@ -28,6 +28,7 @@ from bench.stats import jain
 from bench.table import Row, Target
 from bench.virshmigrate import virsh_migrate
 from labkit.agents import agent_client
+from labkit.bodies import evacuation_destination
 from labkit.linkcount import WINDOW_S, LinkCounter
 
 log = logging.getLogger(__name__)
@@ -59,17 +60,7 @@ def _worst_window(link: LinkCounter, began: float, ended: float) -> float | None
 async def _agent(ctx: Context, guests: list[BenchGuest], src: Host, dst: Host) -> dict[str, Any]:
     body = {
         "vms": [g.uuid for g in guests],
-        "destinations": [
-            {
-                "dstHost": {
-                    "uuid": dst.uuid,
-                    "agentUrl": dst.agent_url,
-                    "migrationAddress": dst.migration_address,
-                },
-                "dstPrimaryStorageUuid": dst.root("ps1").uuid,
-                "incomingMigrations": len(guests),
-            }
-        ],
+        "destinations": [evacuation_destination(dst, len(guests))],
         "migrateVm": {"downTime": 300},
     }
     rates: list[tuple[float, dict[str, float]]] = []

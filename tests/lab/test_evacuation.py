@@ -20,6 +20,7 @@ from agentapi import disk_sources, images_identical
 from labtools import Guest, Lab, LabHost
 
 from labkit.agents import agent_client
+from labkit.bodies import evacuation_destination
 from labkit.linkcount import LinkCounter
 
 pytestmark = pytest.mark.lab
@@ -46,17 +47,7 @@ async def test_evacuation_moves_every_vm_within_the_destinations_limit(
     await host_budget(outgoing=BUDGET_MIB, outgoingMigrations=VMS)
     body = {
         "vms": [g.uuid for g in guests],
-        "destinations": [
-            {
-                "dstHost": {
-                    "uuid": dst.uuid,
-                    "agentUrl": dst.agent_url,
-                    "migrationAddress": dst.migration_address,
-                },
-                "dstPrimaryStorageUuid": dst.root("ps1").uuid,
-                "incomingMigrations": INCOMING,
-            }
-        ],
+        "destinations": [evacuation_destination(dst, INCOMING)],
         "migrateVm": {"downTime": 1000},
     }
     views: list[dict[str, Any]] = []
