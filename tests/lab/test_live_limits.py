@@ -100,15 +100,17 @@ class Retuner:
         bursts: int = 4,
         *,
         by: Sampler | None = None,
-        judged: bool = True,
+        landed: Sampler | None = None,
     ) -> list[str]:
         """A cap of ``mib`` MiB/s on bursting mirrors, read by ``by`` (default: the Retuner's sampler), in
         which ``mirrors`` are streams: the first burst of each within 3 s; from it each mirror's
         burst-to-burst rate within 10 % of the speed QEMU reports for it (where read) and the sum of those
-        rates within 10 % of the cap (``judged`` False: the rates only measured and printed, a gap
-        docs/performance.md names). From no cap, the first step seen is the uncapped copy's last data and
-        the rate counts from the next. Returns what did not hold (the caller asserts it at the end, so one
-        move measures every step)."""
+        rates within 10 % of the cap. From no cap, the first step seen is the uncapped copy's last data and
+        the rate counts from the next. ``landed``: a second measure from outside (the destination files'
+        growth): the cap must hold by both, and be reached by at least one (each under-reads on its own in
+        some runs: QEMU's progress read 1.50 MiB/s for a mirror whose file grew at its 2.00 on 2026-12-07,
+        and the files' growth misses what the target leaves unallocated). Returns what did not hold (the
+        caller asserts it at the end, so one move measures every step)."""
         sampler = by or self.sampler
         skip = 1 if self.cap is None else 0
         at, _view = await self.patch(mib, phase)
@@ -120,7 +122,8 @@ class Retuner:
         measured = [sampler.burst_rate(m, at, skip=skip) for m in mirrors]
         total = sum(rate for _t0, _t1, rate in measured)
         line = self._say(phase, mib, before, total)
-        wrong: list[str] = []
+        over: list[str] = []  # the cap not held: wrong by any measure
+        under: list[str] = []  # the cap not reached by QEMU's progress
         for mirror, (t0, t1, rate) in zip(mirrors, measured, strict=True):
             first = sampler.bursts(mirror, at)[0][0]
             speed = sampler.mean_speed(mirror, t0, t1)
@@ -130,13 +133,35 @@ class Retuner:
                 f"{t1 - t0:.1f} s, QEMU's speed {shown}"
             )
             if first - at > 3.0:
-                wrong.append(f"{mirror}: first burst {first - at:.2f} s after the PATCH")
-            if judged and speed is not None and not 0.9 * speed <= rate <= 1.1 * speed:
-                wrong.append(f"{mirror}: {rate / MiB:.2f} MiB/s against its speed {speed / MiB:.2f}")
-        if judged and not 0.9 * mib * MiB <= total <= 1.1 * mib * MiB:
-            wrong.append(line)
+                over.append(f"{mirror}: first burst {first - at:.2f} s after the PATCH")
+            if speed is not None and rate > 1.1 * speed:
+                over.append(f"{mirror}: {rate / MiB:.2f} MiB/s over its speed {speed / MiB:.2f}")
+            if speed is not None and rate < 0.9 * speed:
+                under.append(f"{mirror}: {rate / MiB:.2f} MiB/s under its speed {speed / MiB:.2f}")
+        if total > 1.1 * mib * MiB:
+            over.append(line)
+        if total < 0.9 * mib * MiB:
+            under.append(line)
+        if landed is not None:
+            files = sorted(landed.streams())
+            await asyncio.to_thread(
+                landed.wait_for_bursts, files, at, bursts + skip, 3 + (bursts + skip - 0.5) * per_disk
+            )
+            grew = [landed.burst_rate(f, at, skip=skip)[2] for f in files]
+            grown = sum(grew)
+            print(
+                f"  the destination files grew {grown / MiB:.2f} MiB/s burst to burst ("
+                + ", ".join(f"{r / MiB:.2f}" for r in grew)
+                + ")"
+            )
+            if grown > 1.1 * mib * MiB:
+                over.append(
+                    f"{phase}: the destination files grew {grown / MiB:.2f} MiB/s under a cap of {mib}"
+                )
+            elif grown >= 0.9 * mib * MiB:
+                under = []  # reached, by the files' growth
         self.cap = mib
-        return wrong
+        return over + under
 
     async def lift(self, phase: str) -> dict[str, Any]:
         """PATCH bandwidth 0: at least 5 x the old cap from the PATCH until the transfer stopped."""
@@ -243,14 +268,7 @@ async def test_caps_lowered_and_lifted_across_hosts(
         # part, which holds zeroes QEMU copies without charge, one mirror's progress ran at 2.74-2.87 MiB/s
         # against the 2.00-2.15 QEMU reported for it.
         await asyncio.to_thread(inside_the_filler, sampler, mirrors)
-        wrong = await retune.lower_mirrors(4, "COPYING", mirrors)
-        files = sorted(landed.streams())
-        landed_rates = [landed.burst_rate(f, retune.patched_at)[2] for f in files]
-        print(
-            f"  the destination files grew {sum(landed_rates) / MiB:.2f} MiB/s burst to burst ("
-            + ", ".join(f"{r / MiB:.2f}" for r in landed_rates)
-            + ")"
-        )
+        wrong = await retune.lower_mirrors(4, "COPYING", mirrors, landed=landed)
         await retune.patch(20, "COPYING")
         await _wait_state(lab_agents, a, task["taskUuid"], "CONVERGING")
         retune.cap = 20
