@@ -90,6 +90,42 @@ def ceph(*args: str, input: str | None = None, timeout: float = 60) -> str:
     return run(argv, input=input, timeout=timeout + 10).stdout
 
 
+def rbd(*args: str, timeout: float = 120) -> str:
+    """The ``rbd`` command as the cluster's admin, from the root namespace (the monitor is on the bridge)."""
+    return run(["rbd", "-c", str(CONF), *args], timeout=timeout).stdout
+
+
+# --- images in the pool (what tests of moves onto RBD check from outside) -----------------------------------
+
+
+def _spec(image: str) -> str:
+    """``pool/image`` of an image of ``CEPH_POOL``, given by its name in the pool ([namespace/]name)."""
+    return f"{CEPH_POOL}/{image}"
+
+
+def qemu_uri(image: str, *, pool: str = CEPH_POOL) -> str:
+    """The image as ``qemu-img`` and ``qemu-io`` name it, read from the root namespace as the admin:
+    ``rbd:pool/image:id=admin:conf=CONF:keyring=ADMIN_KEYRING`` (no ':' in the lab's paths to escape)."""
+    return f"rbd:{pool}/{image}:id=admin:conf={CONF}:keyring={ADMIN_KEYRING}"
+
+
+def rbd_images() -> list[str]:
+    """The names of the images in the pool (its default namespace), sorted."""
+    return sorted(json.loads(rbd("ls", "--format", "json", CEPH_POOL) or "[]"))
+
+
+def rbd_used_bytes(image: str) -> int:
+    """Bytes the image really uses (``rbd du``'s ``used_size``): counted in whole RADOS objects, 4 MiB by
+    default, so a few bytes written make one object's worth; 0 for an image never written."""
+    doc = json.loads(rbd("du", "--format", "json", _spec(image)))
+    return sum(int(entry["used_size"]) for entry in doc.get("images", []) if "snapshot" not in entry)
+
+
+def rbd_remove(image: str) -> None:
+    """Remove the image from the pool; LabError if it is missing or still open (a watcher: QEMU)."""
+    rbd("rm", "--no-progress", _spec(image))
+
+
 # --- processes ---------------------------------------------------------------------------------------------
 
 

@@ -6,6 +6,7 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from xml.sax.saxutils import escape, quoteattr
 
+from . import ceph
 from .layout import HOSTS, HostSpec
 from .sysutil import LabError
 from .virsh import virsh, virsh_run
@@ -90,33 +91,73 @@ def domain_xml(
 
 @dataclass(frozen=True)
 class DiskInXml:
-    """A disk as libvirt currently describes it: the active image and the layers below it, top first."""
+    """A disk as libvirt currently describes it: the active image and the layers below it, top first.
+
+    ``kind`` is where the active image lives: ``file`` (``<disk type='file'>``, ``path`` is the file),
+    ``block`` (``<disk type='block'>``, ``path`` is ``<source dev=...>`` as the XML names it) or ``rbd``
+    (``<disk type='network'>`` with ``<source protocol='rbd' name='pool/image'>``: ``pool`` and ``image``,
+    the name in the pool with its namespace if any; ``path`` is what ``qemu-img`` reads from the root
+    namespace as the lab's Ceph admin, ``ceph.qemu_uri``). So ``qemu-img ... -f fmt path`` reads any of them.
+    """
 
     dev: str
     path: str
     fmt: str
-    chain: tuple[str, ...]  # top first, as far as the XML lists it (<backingStore>)
+    #: Top first, as far as the XML lists it (``<backingStore>``): files and devices by path, RBD images as
+    #: ``rbd:pool/image``.
+    chain: tuple[str, ...]
+    kind: str = "file"
+    pool: str = ""
+    image: str = ""
+
+    @property
+    def location(self) -> str:
+        """Where the volume is, as the agent writes it: the file or device path, or ``rbd:pool/image``."""
+        return f"rbd:{self.pool}/{self.image}" if self.kind == "rbd" else self.path
+
+
+def _source_of(element: ET.Element) -> tuple[str, str, str] | None:
+    """(kind, name, pool) of a ``<disk>`` or ``<backingStore>``: name is the file or device path, or for RBD
+    the image's name in its pool; None for what the lab does not read (other network protocols, an empty
+    drive, a volume of a libvirt pool)."""
+    source = element.find("source")
+    if source is None:
+        return None
+    disk_type = element.get("type") or "file"
+    if disk_type == "file" and source.get("file"):
+        return "file", source.get("file", ""), ""
+    if disk_type == "block" and source.get("dev"):
+        return "block", source.get("dev", ""), ""
+    if disk_type == "network" and source.get("protocol") == "rbd":
+        pool, _, image = (source.get("name") or "").partition("/")
+        if pool and image:
+            return "rbd", image, pool
+    return None
 
 
 def disks_in_xml(xml: str) -> list[DiskInXml]:
     disks = []
     for disk in ET.fromstring(xml).findall("./devices/disk[@device='disk']"):
         target = disk.find("target")
-        source = disk.find("source")
-        if target is None or source is None or source.get("file") is None:
+        top = _source_of(disk)
+        if target is None or top is None:
             continue
+        kind, name, pool = top
         driver = disk.find("driver")
-        chain = [source.get("file", "")]
+        chain = [name if kind != "rbd" else f"rbd:{pool}/{name}"]
         store = disk.find("backingStore")
-        while store is not None and store.find("source") is not None:
-            chain.append(store.find("source").get("file", ""))  # type: ignore[union-attr]
+        while store is not None and (layer := _source_of(store)) is not None:
+            chain.append(layer[1] if layer[0] != "rbd" else f"rbd:{layer[2]}/{layer[1]}")
             store = store.find("backingStore")
         disks.append(
             DiskInXml(
                 dev=target.get("dev", ""),
-                path=chain[0],
+                path=ceph.qemu_uri(name, pool=pool) if kind == "rbd" else name,
                 fmt=(driver.get("type") if driver is not None else None) or "qcow2",
                 chain=tuple(p for p in chain if p),
+                kind=kind,
+                pool=pool,
+                image=name if kind == "rbd" else "",
             )
         )
     return disks

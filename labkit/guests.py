@@ -63,11 +63,7 @@ def verify(name: str, *, suspend: bool = True) -> VerifyReport:
                     )
                     continue
                 raw = Path(tmp) / f"{dev}.raw"
-                # -U: QEMU holds the image; it is paused and flushed, so the read is consistent.
-                run(
-                    ["qemu-img", "convert", "-U", "-f", disks[dev].fmt, "-O", "raw", disks[dev].path, raw],
-                    timeout=600,
-                )
+                read_raw(disks[dev], raw)
                 fills = next((d.fills for d in guest.disks if d.dev == dev), []) if guest else []
                 with raw.open("rb") as handle:
                     results.append(verify_disk(dev, disk_acks, _reader(handle.fileno()), fills))
@@ -76,6 +72,14 @@ def verify(name: str, *, suspend: bool = True) -> VerifyReport:
         if paused_here:
             virsh(placement.host, "resume", name)
     return VerifyReport(placement.host.name, sum(r.records for r in results), results)
+
+
+def read_raw(disk: domain.DiskInXml, out: Path) -> None:
+    """The disk's current image (its whole backing chain) as a raw file ``out``, read from the root
+    namespace: a file, a block device (by its path), or an RBD image as the lab's Ceph admin reads it
+    (``disk.path`` is then ``ceph.qemu_uri``). -U: QEMU holds the image; a caller that wants a consistent read
+    pauses the guest first (QEMU drains and flushes on pause)."""
+    run(["qemu-img", "convert", "-U", "-f", disk.fmt, "-O", "raw", disk.path, out], timeout=600)
 
 
 def _reader(fd: int) -> Callable[[int, int], bytes]:
@@ -107,6 +111,9 @@ def destroy(name: str, *, quiet: bool = False) -> None:
             xml = virsh(place.host, "dumpxml", *flag, name, check=False)
             if xml.strip():
                 for disk in domain.disks_in_xml(xml):
+                    if disk.kind == "rbd":  # no file of its own (the image stays in the pool)
+                        files.update(p for p in disk.chain if p.startswith("/"))
+                        continue
                     files.update(_chain_files(disk.path) if Path(disk.path).exists() else disk.chain)
         if place.active:
             virsh(place.host, "destroy", name, check=False)
@@ -119,7 +126,7 @@ def destroy(name: str, *, quiet: bool = False) -> None:
             for root, _, _ in STORAGE_ROOTS:
                 files.update(str(host.storage_path(root) / n) for n in names)
     for path in files:
-        if Path(path).resolve().is_relative_to(LAB_DIR) and Path(path).is_file():
+        if Path(path).is_absolute() and Path(path).resolve().is_relative_to(LAB_DIR) and Path(path).is_file():
             Path(path).unlink()
     shutil.rmtree(GuestRecord.dir_of(name), ignore_errors=True)
     if not quiet:

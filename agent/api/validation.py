@@ -133,7 +133,9 @@ async def check_destination(request: MigrationRequest, config: AgentConfig) -> N
                 "a move to another host needs the destination's agentUrl", field="dstHost.agentUrl"
             )
         return
-    root = StorageRoots.from_config(config).get(
+    # Any kind: a running VM's disks move onto files, an RBD pool or block devices (a stopped VM's onto
+    # files only, which its engine says).
+    root = StorageRoots.from_config(config).storage(
         request.primaryStorageMigrateVm.dstPrimaryStorageUuid, STORAGE_FIELD
     )
     for index, volume in enumerate(request.volumes):

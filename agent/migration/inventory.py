@@ -15,12 +15,33 @@ from agent.virt.domxml import DiskXml
 async def volume_inventory(
     disks: Sequence[DiskXml], plan: MigrationPlan, roots: StorageRoots
 ) -> list[dict[str, Any]]:
-    """Every file or block disk of the VM as it is now: moved ones at their new locations, the others where
-    they stay."""
+    """Every file, block or RBD disk of the VM as it is now: moved ones at their new locations, the others
+    where they stay. An RBD image is named ``rbd:pool/image``; its sizes are Ceph's (the agent has no key
+    to read them with): the planned virtual size of a moved one, no actual size."""
     planned = {d.target: d for d in plan.disks}
     out: list[dict[str, Any]] = []
     for disk in disks:
-        if disk.device != "disk" or disk.type not in ("file", "block") or not disk.source:
+        if disk.device != "disk" or not disk.location:
+            continue
+        if disk.type == "network" and disk.location.startswith("rbd:"):
+            moved = planned.get(disk.target)
+            owner = roots.owner_of_location(disk.location)
+            out.append(
+                {
+                    "uuid": moved.volume_uuid if moved else (disk.serial or disk.target),
+                    "deviceName": disk.target,
+                    "type": moved.role if moved else "Data",
+                    "moved": moved is not None,
+                    "installPath": disk.location,
+                    "primaryStorageUuid": owner.uuid if owner else None,
+                    "format": disk.format,
+                    "size": moved.virtual_size if moved else None,
+                    "actualSize": None,
+                    "backingChain": [],
+                }
+            )
+            continue
+        if disk.type not in ("file", "block") or not disk.source:
             continue
         chain = await qemuimg.backing_chain(disk.source, disk.format)
         top = chain[0]

@@ -6,6 +6,7 @@ libvirt; ``inspect_chains`` gathers the chains with qemu-img.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -13,13 +14,18 @@ from pathlib import Path
 from typing import Any
 
 from agent.config import StorageKind
-from agent.errors import InvalidRequest, PreflightFailed
+from agent.errors import Code, InvalidRequest, PreflightFailed
 from agent.migration.mirrors.speeds import AllocationIndex
 from agent.migration.request import MigrationRequest
 from agent.storage import qemuimg
+from agent.storage.blockdir import BlockDir
 from agent.storage.qemuimg import ImageInfo
-from agent.storage.roots import StorageRoot
+from agent.storage.rbdpool import RbdPool
+from agent.storage.roots import Storage, StorageRoot
 from agent.virt.domxml import DiskXml, RbdAccess, VolumeSource
+
+#: A free block device of a block storage: (its path, its size in bytes).
+FreeDevice = tuple[str, int]
 
 
 @dataclass(frozen=True)
@@ -62,11 +68,18 @@ class DiskPlan:
 
     def src_source(self, rbd: RbdAccess | None = None) -> VolumeSource:
         """The source top as libvirt names it (``rbd``: how to reach its pool, for an RBD image)."""
-        return VolumeSource(self.src_kind, self.src_top, self.src_format, rbd)
+        size = self._slice(self.src_kind, self.src_format)
+        return VolumeSource(self.src_kind, self.src_top, self.src_format, rbd, size)
 
     def dst_source(self, rbd: RbdAccess | None = None) -> VolumeSource:
         """The destination top as libvirt names it (``rbd``: how to reach its pool, for an RBD image)."""
-        return VolumeSource(self.dst_kind, self.dst_top, self.dst_format, rbd)
+        size = self._slice(self.dst_kind, self.dst_format)
+        return VolumeSource(self.dst_kind, self.dst_top, self.dst_format, rbd, size)
+
+    def _slice(self, kind: StorageKind, fmt: str) -> int | None:
+        """A raw volume on a block device is the disk's size from the device's start (the device may be
+        larger)."""
+        return self.virtual_size if kind is StorageKind.BLOCK and fmt == "raw" else None
 
 
 @dataclass(frozen=True)
@@ -83,6 +96,20 @@ class MigrationPlan:
     disks: tuple[DiskPlan, ...]
     skipped: tuple[SkippedDisk, ...]
     layers: tuple[LayerPlan, ...] = field(default=())  # unique lower layers across disks, copy order
+    #: How QEMU reaches the destination pool, when it is an RBD storage.
+    dst_rbd: RbdAccess | None = None
+    #: What the plan decided that the request did not say (a chain flattened onto a kind that holds one
+    #: layer), for the task's details.
+    notes: tuple[str, ...] = ()
+
+    def dst_source(self, disk: DiskPlan) -> VolumeSource:
+        """Where ``disk`` goes, as libvirt names it (an RBD image with its pool's access)."""
+        return disk.dst_source(self.dst_rbd)
+
+    @property
+    def dst_kind(self) -> StorageKind:
+        """The destination storage's kind (every disk of a plan goes to one storage)."""
+        return self.disks[0].dst_kind if self.disks else StorageKind.FILE
 
     @property
     def bytes_total(self) -> int:
@@ -114,12 +141,19 @@ class MigrationPlan:
             )
             for d in data["disks"]
         )
+        rbd = data.get("dst_rbd")
         return cls(
             vm_uuid=data["vm_uuid"],
             dst_storage_uuid=data["dst_storage_uuid"],
             disks=disks,
             skipped=tuple(SkippedDisk(**s) for s in data["skipped"]),
             layers=tuple(LayerPlan(**lp) for lp in data["layers"]),
+            dst_rbd=(
+                RbdAccess(tuple((h, int(p)) for h, p in rbd["monitors"]), rbd["user"], rbd["secret_uuid"])
+                if rbd
+                else None
+            ),
+            notes=tuple(data.get("notes", ())),
         )
 
     def summary(self) -> dict[str, Any]:
@@ -140,6 +174,7 @@ class MigrationPlan:
             ],
             "skipped": [{"target": s.target, "source": s.source, "reason": s.reason} for s in self.skipped],
             "bytesTotal": self.bytes_total,
+            **({"notes": list(self.notes)} if self.notes else {}),
         }
 
 
@@ -167,11 +202,13 @@ def volume_uuid(disk: DiskXml, request: MigrationRequest) -> str:
     return Path(disk.source or disk.target).name.split(".")[0]
 
 
-def _skip_reason(disk: DiskXml, is_root: bool, with_data: bool) -> str | None:
+def _skip_reason(disk: DiskXml, is_root: bool, with_data: bool, kinds: tuple[str, ...]) -> str | None:
     if disk.device != "disk":
         return f"{disk.device} devices stay where they are"
-    if disk.type != "file" or disk.source is None:
-        return f"{disk.type} disks are not file images on this host"
+    if disk.type not in kinds or disk.source is None:
+        return f"{disk.type} disks are not " + (
+            "file images or block devices on this host" if "block" in kinds else "file images on this host"
+        )
     if disk.readonly:
         return "read-only disks stay where they are"
     if disk.shareable:
@@ -195,7 +232,8 @@ def _listed(disk: DiskXml, request: MigrationRequest) -> int | None:
     return None
 
 
-def _dst_top_for(disk: DiskXml, index: int, request: MigrationRequest, root: StorageRoot) -> str:
+def _asked_dst(disk: DiskXml, request: MigrationRequest) -> tuple[str, str] | None:
+    """The request's ``dstInstallPath`` for this disk and its field, if it names one."""
     for i, mapping in enumerate(request.volumes):
         if not mapping.dstInstallPath:
             continue
@@ -206,9 +244,48 @@ def _dst_top_for(disk: DiskXml, index: int, request: MigrationRequest, root: Sto
         )
         matches_uuid = mapping.uuid and mapping.uuid in (disk.serial,)
         if matches_path or matches_uuid:
-            return str(root.confine(mapping.dstInstallPath, f"volumes[{i}].dstInstallPath"))
-    assert disk.source is not None
-    return str(root.confine(Path(disk.source).name, f"volumes[{index}]"))
+            return mapping.dstInstallPath, f"volumes[{i}].dstInstallPath"
+    return None
+
+
+def _dst_top_for(
+    disk: DiskXml,
+    index: int,
+    request: MigrationRequest,
+    dst: Storage,
+    *,
+    volume: str,
+    size: int,
+    free: list[FreeDevice],
+) -> str:
+    """Where the disk's top goes in ``dst``: the request's ``dstInstallPath``, else the source file's name
+    (a file storage), the volume's uuid (an RBD pool), or the smallest free device of at least ``size``
+    bytes (a block storage; taken out of ``free``)."""
+    asked = _asked_dst(disk, request)
+    if asked is not None:
+        path, field_name = asked
+        if isinstance(dst, BlockDir):
+            free[:] = [f for f in free if f[0] != path]
+        return str(dst.confine(path, field_name))
+    field_name = f"volumes[{index}]"
+    if isinstance(dst, StorageRoot):
+        assert disk.source is not None
+        return str(dst.confine(Path(disk.source).name, field_name))
+    if isinstance(dst, RbdPool):
+        return str(dst.confine(volume, field_name))
+    fitting = sorted((f for f in free if f[1] >= size), key=lambda f: (f[1], f[0]))
+    if not fitting:
+        raise PreflightFailed(
+            f"no free block device of at least {size} bytes for disk {disk.target} in storage {dst.uuid} "
+            f"({dst.path})",
+            code=Code.NO_SPACE,
+            field="primaryStorageMigrateVm.dstPrimaryStorageUuid",
+            details="a free device is blank (its first MiB zeros), used by no domain and held by no one; "
+            f"free now: {', '.join(f'{p} ({n} bytes)' for p, n in free) or 'none'}",
+        )
+    chosen = fitting[0]
+    free.remove(chosen)
+    return chosen[0]
 
 
 def plan_migration(
@@ -216,16 +293,35 @@ def plan_migration(
     disks: Sequence[DiskXml],
     chains: Mapping[str, Sequence[ImageInfo]],
     request: MigrationRequest,
-    dst_root: StorageRoot,
+    dst_root: Storage,
+    *,
+    dst_rbd: RbdAccess | None = None,
+    free_devices: Sequence[FreeDevice] = (),
+    block_sources: bool = False,
 ) -> MigrationPlan:
     """Decide the moves. ``chains`` maps a disk target to its chain (top first) from qemu-img.
 
     With ``request.targetsPrecreated`` exactly the disks listed in ``volumes`` move (the root too only when
     listed), each onto its ``dstInstallPath``, and no lower layer is planned: the caller's target either is
     flat (filled completely) or already has its backing chain.
+
+    Onto an RBD pool or a block storage each disk becomes one raw volume (``dst_rbd``: how QEMU reaches the
+    pool; ``free_devices``: the block storage's devices a disk may take): a chain is flattened into it, and
+    the plan says so when ``withSnapshots`` asked to keep it. ``block_sources``: a disk on a block device
+    moves too (a same-host live move; other moves take files only).
     """
     psm = request.primaryStorageMigrateVm
     precreated = request.targetsPrecreated
+    dst_kind = dst_root.kind
+    one_layer = dst_kind is not StorageKind.FILE
+    if one_layer and precreated:
+        raise InvalidRequest(
+            f"targetsPrecreated onto {dst_kind} storage is not done: the agent creates or picks the target",
+            field="targetsPrecreated",
+        )
+    free = list(free_devices)
+    notes: list[str] = []
+    kinds = ("file", "block") if block_sources else ("file",)
     root = root_disk(disks)
     if root is None:
         raise InvalidRequest(f"VM {vm_uuid} has no disk to move", field="vmUuid")
@@ -236,7 +332,7 @@ def plan_migration(
     for index, disk in enumerate(disks):
         is_root = disk is root
         entry = _listed(disk, request) if precreated else None
-        reason = _skip_reason(disk, is_root, psm.withDataVolumes or precreated)
+        reason = _skip_reason(disk, is_root, psm.withDataVolumes or precreated, kinds)
         if precreated and entry is None and reason is None:
             reason = "not listed in volumes (only disks with a pre-created target move)"
         if reason is not None:
@@ -260,8 +356,14 @@ def plan_migration(
             )
         chain = list(chains[disk.target])
         top = chain[0]
-        dst_top = _dst_top_for(disk, index, request, dst_root)
-        flatten = not psm.withSnapshots or len(chain) == 1
+        uuid = volume_uuid(disk, request)
+        dst_top = _dst_top_for(disk, index, request, dst_root, volume=uuid, size=top.virtual_size, free=free)
+        flatten = not psm.withSnapshots or len(chain) == 1 or one_layer
+        if one_layer and psm.withSnapshots and len(chain) > 1:
+            notes.append(
+                f"{disk.target}: its {len(chain)} layers are flattened into one raw {dst_kind} volume "
+                f"(keeping them as {dst_kind} snapshots is not done yet)"
+            )
         lower: list[LayerPlan] = []
         dst_backing = dst_backing_fmt = None
         if not flatten and not precreated:
@@ -290,12 +392,12 @@ def plan_migration(
         planned.append(
             DiskPlan(
                 target=disk.target,
-                volume_uuid=volume_uuid(disk, request),
+                volume_uuid=uuid,
                 role="Root" if is_root else "Data",
                 src_top=top.path,
                 src_format=top.format,
                 dst_top=dst_top,
-                dst_format="qcow2" if (not flatten or top.format == "qcow2") else top.format,
+                dst_format=_dst_format(top.format, flatten=flatten, one_layer=one_layer),
                 virtual_size=top.virtual_size,
                 flatten=flatten,
                 lower_layers=tuple(lower),
@@ -304,6 +406,8 @@ def plan_migration(
                 src_chain=tuple(layer.path for layer in chain),
                 estimated_bytes=estimated,
                 precreated=precreated,
+                src_kind=StorageKind.BLOCK if disk.type == "block" else StorageKind.FILE,
+                dst_kind=dst_kind,
             )
         )
     if precreated:
@@ -316,7 +420,22 @@ def plan_migration(
         if not planned:
             raise InvalidRequest("no disk listed in volumes: nothing to move", field="volumes")
     _check_distinct_targets(planned, layers)
-    return MigrationPlan(vm_uuid, dst_root.uuid, tuple(planned), tuple(skipped), tuple(layers.values()))
+    return MigrationPlan(
+        vm_uuid,
+        dst_root.uuid,
+        tuple(planned),
+        tuple(skipped),
+        tuple(layers.values()),
+        dst_rbd=dst_rbd if dst_kind is StorageKind.RBD else None,
+        notes=tuple(notes),
+    )
+
+
+def _dst_format(src_format: str, *, flatten: bool, one_layer: bool) -> str:
+    """Raw onto a kind that holds one raw volume (RBD, block); else qcow2, unless a flat raw stays raw."""
+    if one_layer:
+        return "raw"
+    return "qcow2" if (not flatten or src_format == "qcow2") else src_format
 
 
 def _check_distinct_targets(disks: Sequence[DiskPlan], layers: Mapping[str, LayerPlan]) -> None:
@@ -338,17 +457,23 @@ def _check_distinct_targets(disks: Sequence[DiskPlan], layers: Mapping[str, Laye
 
 
 async def inspect_chains(disks: Sequence[DiskXml]) -> dict[str, list[ImageInfo]]:
-    """qemu-img's view of every file disk's chain, keyed by target."""
+    """qemu-img's view of every file or block disk's chain, keyed by target (a device's format as libvirt
+    has it, never probed from the guest's bytes)."""
     chains: dict[str, list[ImageInfo]] = {}
     for disk in disks:
         if disk.device == "disk" and disk.type == "file" and disk.source:
             chains[disk.target] = await qemuimg.backing_chain(disk.source)
+        elif disk.device == "disk" and disk.type == "block" and disk.source:
+            chain = await qemuimg.backing_chain(disk.source, disk.format or "raw")
+            if disk.slice_size is not None:  # the guest sees the slice, not the whole device
+                chain[0] = dataclasses.replace(chain[0], virtual_size=disk.slice_size)
+            chains[disk.target] = chain
     return chains
 
 
 async def allocation_index(disk: DiskPlan) -> AllocationIndex:
     """Where the bytes a mirror of ``disk`` moves are: data in any layer when flattening, else in the top."""
-    extents = await qemuimg.allocation_map(disk.src_top)
+    extents = await qemuimg.allocation_map(disk.src_top, disk.src_format)
     return AllocationIndex((e.start, e.length) for e in extents if e.data and (disk.flatten or e.depth == 0))
 
 

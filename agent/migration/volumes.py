@@ -11,15 +11,20 @@ from __future__ import annotations
 import asyncio
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from agent.config import StorageKind
-from agent.errors import InvalidRequest
-from agent.storage import blockdir
+from agent.errors import AgentError, Code, InvalidRequest, MigrationFailed, PreflightFailed
+from agent.storage import blockdir, qemuimg, rbdimages
 from agent.storage.blockdir import BlockDir
 from agent.storage.locations import parse_rbd
 from agent.storage.rbdpool import RbdPool
 from agent.storage.roots import Storage, StorageRoot, StorageRoots
 from agent.virt.domxml import DiskXml, RbdAccess, VolumeSource
+from agent.virt.host import VirtHost
+
+if TYPE_CHECKING:
+    from agent.migration.plan import DiskPlan
 
 
 def kind_of_disk(disk: DiskXml) -> StorageKind | None:
@@ -33,6 +38,26 @@ def kind_of_disk(disk: DiskXml) -> StorageKind | None:
     if disk.type == "network" and disk.location.startswith("rbd:"):
         return StorageKind.RBD
     return None
+
+
+#: Block devices a same-host task of this agent has chosen, from its planning until it ends: a blank device
+#: looks free to every planner until a mirror writes it, so two tasks planning at once could take one device.
+#: A device being mirrored into is also in its domain's live XML (``VirtHost.used_locations``), which is
+#: what covers a task resumed after a restart.
+CLAIMED_DEVICES: set[str] = set()
+
+
+def claim_devices(devices: list[str]) -> None:
+    """Claim every device of a plan, or none: a device another task of this agent holds is refused."""
+    held = [d for d in devices if d in CLAIMED_DEVICES]
+    if held:
+        raise PreflightFailed(
+            f"block device {held[0]} is being taken by another move on this host",
+            code=Code.TARGET_EXISTS,
+            field="volumes",
+            details="wait for that move to end, or choose another device",
+        )
+    CLAIMED_DEVICES.update(devices)
 
 
 def rbd_access(pool: RbdPool) -> RbdAccess:
@@ -50,8 +75,37 @@ def volume_source(storage: Storage | None, kind: StorageKind, location: str, fmt
     return VolumeSource(kind, location, fmt)
 
 
+async def create_top(host: VirtHost, dst: Storage, disk: DiskPlan) -> None:
+    """Make the destination top a mirror writes into (journalled by the caller first): a qcow2 or raw file
+    over its planned backing; a new thin RBD image of the disk's size; nothing on a block device (picked
+    or checked blank and large enough in PREPARING: the mirror writes it raw)."""
+    if disk.dst_kind is StorageKind.FILE:
+        await qemuimg.create(
+            disk.dst_top,
+            disk.dst_format,
+            disk.virtual_size,
+            backing=disk.dst_backing,
+            backing_format=disk.dst_backing_format,
+        )
+    elif disk.dst_kind is StorageKind.RBD:
+        if not isinstance(dst, RbdPool) or not dst.contains(disk.dst_top):
+            raise MigrationFailed(f"refusing to create {disk.dst_top}: not an image of storage {dst.uuid}")
+        await rbdimages.create_image(host, dst, parse_rbd(disk.dst_top, "volumes"), disk.virtual_size)
+
+
+async def start_over(host: VirtHost, dst: Storage, disk: DiskPlan) -> None:
+    """An aborted mirror's target made new for the next mirror (a file or an image made again; a block
+    device is rewritten whole by the next full mirror)."""
+    if disk.dst_kind is StorageKind.FILE:
+        Path(disk.dst_top).unlink()
+    elif disk.dst_kind is StorageKind.RBD:
+        assert isinstance(dst, RbdPool)
+        await rbdimages.remove_image(host, dst, parse_rbd(disk.dst_top, "volumes"))
+    await create_top(host, dst, disk)
+
+
 async def release_created(
-    roots: StorageRoots, location: str, log: logging.LoggerAdapter[logging.Logger]
+    host: VirtHost, roots: StorageRoots, location: str, log: logging.LoggerAdapter[logging.Logger]
 ) -> None:
     """Undo the creation of one volume a task journalled: by the kind of the storage that holds it."""
     storage = roots.owner_of_location(location)
@@ -64,8 +118,9 @@ async def release_created(
         elif isinstance(storage, BlockDir):
             await asyncio.to_thread(blockdir.release, Path(location))
             log.info("block device %s given back blank", location)
-        else:
-            # RBD images a task creates are removed by the RBD moves (issue 25), which do not exist yet.
-            log.error("not releasing %s: removing %s volumes is not done yet", location, storage.kind)
+        elif await rbdimages.remove_image(host, storage, parse_rbd(location, "location")):
+            log.info("RBD image %s removed", location)
     except OSError as err:
         log.error("could not release %s: %s", location, err.strerror or err)
+    except AgentError as err:
+        log.error("could not release %s: %s", location, err.description)

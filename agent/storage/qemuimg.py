@@ -141,9 +141,11 @@ async def compare(a: str, b: str) -> bool:
     raise StorageError(f"qemu-img compare {a} {b} failed", details=err.decode(errors="replace").strip())
 
 
-async def allocation_map(path: str) -> list[Extent]:
-    """Where data is, for the whole chain (``depth`` says which layer holds it: 0 = ``path`` itself)."""
-    out = await run(QEMU_IMG, "map", "-U", "--output=json", path, limit_s=120)
+async def allocation_map(path: str, fmt: str | None = None) -> list[Extent]:
+    """Where data is, for the whole chain (``depth`` says which layer holds it: 0 = ``path`` itself).
+    ``fmt``: the top's format, not probed (see ``backing_chain``)."""
+    given = ["-f", fmt] if fmt else []
+    out = await run(QEMU_IMG, "map", "-U", *given, "--output=json", path, limit_s=120)
     return [
         Extent(
             int(e["start"]),

@@ -35,6 +35,9 @@ class DiskXml:
     #: Where the volume is, by kind (agent/storage/locations.py): the file or device path, ``rbd:pool/image``
     #: for an RBD network disk; None for other network disks and an empty drive.
     location: str | None = None
+    #: The bytes of the source the guest sees (``<slices><slice type='storage' size=...>``): a raw volume
+    #: on a larger block device; None when the guest sees the whole source.
+    slice_size: int | None = None
 
 
 def _source_path(elem: ET.Element, disk_type: str) -> str | None:
@@ -53,6 +56,12 @@ def _location(elem: ET.Element, disk_type: str) -> str | None:
     if disk_type == "network" and src is not None and src.get("protocol") == "rbd" and src.get("name"):
         return f"rbd:{src.get('name')}"
     return _source_path(elem, disk_type)
+
+
+def _slice_size(elem: ET.Element) -> int | None:
+    node = elem.find("source/slices/slice[@type='storage']")
+    size = node.get("size") if node is not None else None
+    return int(size) if size else None
 
 
 def _backing_chain(disk: ET.Element) -> tuple[tuple[str, str | None], ...]:
@@ -95,9 +104,21 @@ def parse_disks(xml: str) -> list[DiskXml]:
                 mirror_ready=mirror is not None and mirror.get("ready") == "yes",
                 alias=alias.get("name") if alias is not None else None,
                 location=_location(disk, disk_type),
+                slice_size=_slice_size(disk),
             )
         )
     return disks
+
+
+def mirror_targets(xml: str) -> list[str]:
+    """Where the domain's running block copies write (``<mirror>``'s source: a file, a device, an RBD image
+    as ``rbd:pool/image``)."""
+    found = []
+    for mirror in ET.fromstring(xml).findall("./devices/disk/mirror"):
+        location = _location(mirror, mirror.get("type", "file"))
+        if location:
+            found.append(location)
+    return found
 
 
 def domain_name(xml: str) -> str:
@@ -123,6 +144,9 @@ class VolumeSource:
     location: str
     format: str
     rbd: RbdAccess | None = None
+    #: A raw volume on a block device larger than the disk: the bytes from the device's start the guest
+    #: sees (libvirt's storage slice; QEMU's mirror wants a target of the source's size).
+    size: int | None = None
 
     @classmethod
     def file(cls, path: str, fmt: str) -> VolumeSource:
@@ -139,6 +163,9 @@ class VolumeSource:
             src.set("file", self.location)
         elif self.kind is StorageKind.BLOCK:
             src.set("dev", self.location)
+            if self.size is not None:
+                slices = ET.SubElement(src, "slices")
+                ET.SubElement(slices, "slice", {"type": "storage", "offset": "0", "size": str(self.size)})
         else:
             if self.rbd is None:
                 raise ValueError(f"{self.location}: an RBD source needs its pool's monitors and secret")

@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 import libvirt
 
 from agent.errors import Code, NotFound, VirtError
+from agent.virt.domxml import mirror_targets, parse_disks
 from agent.virt.events import ensure_event_loop
 from agent.virt.states import DomainState
 
@@ -264,6 +265,26 @@ class VirtHost:
             return out
 
         return await self.call(_list)
+
+    async def used_locations(self) -> set[str]:
+        """Where every disk of every domain of this host is (active and defined XML): file and device
+        paths, ``rbd:pool/image`` locations."""
+
+        def _used(conn: Any) -> set[str]:
+            found: set[str] = set()
+            for dom in conn.listAllDomains(0):
+                flags = [0, libvirt.VIR_DOMAIN_XML_INACTIVE] if dom.isActive() else [0]
+                for flag in flags:
+                    try:
+                        xml = dom.XMLDesc(flag)
+                    except libvirt.libvirtError:
+                        continue  # gone meanwhile
+                    for disk in parse_disks(xml):
+                        found.update(p for p in (disk.location, *(b for b, _f in disk.backing)) if p)
+                    found.update(mirror_targets(xml))  # a block copy's destination, while it runs
+            return found
+
+        return await self.call(_used)
 
     async def domain_state(self, vm_uuid: str) -> DomainState:
         return await self.call_domain(vm_uuid, _domain_state)

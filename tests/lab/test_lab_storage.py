@@ -2,7 +2,7 @@
 libvirt secret, and each host's block devices. A disk-less domain (SeaBIOS only: no guest kernel needed) on
 each host gets an RBD disk and a block disk; QEMU's own ``qemu-io`` (HMP) writes through them, and the bytes
 are read back from outside, with ``rbd export`` and from the loop device. The agents know both as primary
-storages of their kinds, and refuse moves onto them until those moves exist (docs/storage.md)."""
+storages of their kinds (the moves onto them: test_kinds_samehost.py)."""
 
 from __future__ import annotations
 
@@ -15,9 +15,8 @@ from pathlib import Path
 import pytest
 from labtools import Lab, LabHost
 
-from agent.client import ApiError
+from agent.storage import blockdir
 from labkit.agents import agent_client
-from labkit.bodies import migration_body
 from labkit.labview import CephCluster
 from labkit.layout import BLOCK_DEVICE_MIB, BLOCK_DEVICES, BLOCK_ROOT
 
@@ -98,12 +97,12 @@ def test_each_hosts_qemu_writes_through_rbd_with_the_secret_and_to_its_block_dev
         exported = _run(ceph.rbd_argv("export", "--no-progress", rbd_image, "-"))
         assert exported[index * MIB : (index + 1) * MIB] == bytes([rbd_pattern]) * MIB, host.name
         with device.open("rb") as handle:
-            assert handle.read(MIB) == bytes([block_pattern]) * MIB, host.name
+            written = handle.read(MIB)
+        blockdir.release(device)  # blank again: the agent takes only blank devices
+        assert written == bytes([block_pattern]) * MIB, host.name
 
 
-async def test_the_agents_list_the_rbd_and_block_storages_and_refuse_moves_onto_them_for_now(
-    lab_agents: Lab,
-) -> None:
+async def test_the_agents_list_the_rbd_and_block_storages(lab_agents: Lab) -> None:
     ceph = lab_agents.ceph
     for host in lab_agents.hosts:
         block = host.root(BLOCK_ROOT)
@@ -118,9 +117,3 @@ async def test_the_agents_list_the_rbd_and_block_storages_and_refuse_moves_onto_
             assert storages[block.uuid]["kind"] == "block" and storages[block.uuid]["path"] == str(block.path)
             assert storages[block.uuid]["devices"] == BLOCK_DEVICES
             assert storages[block.uuid]["totalBytes"] == BLOCK_DEVICES * BLOCK_DEVICE_MIB * MIB
-            for dst in (ceph.storage_uuid, block.uuid):
-                with pytest.raises(ApiError) as err:
-                    await agent.start_migration(str(uuid.uuid4()), migration_body(dst))
-                assert err.value.status == 400, err.value.error
-                assert err.value.error["code"] == "AGENT.STORAGE_KIND_UNSUPPORTED"
-                assert err.value.error["field"] == "primaryStorageMigrateVm.dstPrimaryStorageUuid"

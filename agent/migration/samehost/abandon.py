@@ -31,7 +31,7 @@ async def _abandon(host: VirtHost, roots: StorageRoots, ctx: TaskContext, work: 
                 await host.abort_block_job_and_wait(ctx.vm_uuid, target)
         except AgentError as err:
             ctx.log.error("could not abort the mirror of %s: %s", target, err.description)
-    await remove_created(roots, ctx, work)
+    await remove_created(host, roots, ctx, work)
     ctx.log.info(
         "abandoned: mirrors aborted, %d destination files removed; VM %s stays on its source volumes",
         len(work.created),
@@ -39,8 +39,8 @@ async def _abandon(host: VirtHost, roots: StorageRoots, ctx: TaskContext, work: 
     )
 
 
-async def remove_created(roots: StorageRoots, ctx: TaskContext, work: Work) -> None:
+async def remove_created(host: VirtHost, roots: StorageRoots, ctx: TaskContext, work: Work) -> None:
     """Undo the volumes this task created, newest first, each by its kind (``volumes.release_created``: a
     file removed, a block device given back blank); a location outside every storage is not touched."""
     for location in reversed(work.created):
-        await release_created(roots, location, ctx.log)
+        await release_created(host, roots, location, ctx.log)

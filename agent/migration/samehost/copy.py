@@ -9,9 +9,11 @@ import os
 from agent.errors import Code, MigrationFailed
 from agent.migration.engine import Step, TaskContext
 from agent.migration.samehost.work import Work
+from agent.migration.volumes import create_top
 from agent.storage import qemuimg
 from agent.storage.filecopy import copy_sparse_async
 from agent.storage.roots import StorageRoots
+from agent.virt.host import VirtHost
 
 
 async def record_created(roots: StorageRoots, ctx: TaskContext, work: Work, path: str, step: Step) -> None:
@@ -50,15 +52,10 @@ async def copy_layers(roots: StorageRoots, ctx: TaskContext, work: Work) -> None
         ctx.log.info("layer %s copied to %s (%d bytes) and verified", layer.src, layer.dst, done)
 
 
-async def create_tops(roots: StorageRoots, ctx: TaskContext, work: Work) -> None:
+async def create_tops(host: VirtHost, roots: StorageRoots, ctx: TaskContext, work: Work) -> None:
+    """Every destination top, journalled first (a block device too: a failed move gives it back blank)."""
     for disk in work.plan.disks:
         if disk.precreated:
             continue  # the caller's file: checked in PREPARING, never created nor removed here
         await record_created(roots, ctx, work, disk.dst_top, Step.CREATING_TOPS)
-        await qemuimg.create(
-            disk.dst_top,
-            disk.dst_format,
-            disk.virtual_size,
-            backing=disk.dst_backing,
-            backing_format=disk.dst_backing_format,
-        )
+        await create_top(host, work.dst, disk)

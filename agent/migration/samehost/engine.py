@@ -23,7 +23,9 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from agent.config import StorageKind
 from agent.migration.engine import TICK_S, Step, TaskContext
+from agent.migration.plan import MigrationPlan
 from agent.migration.samehost.abandon import abandon
 from agent.migration.samehost.copy import copy_layers, create_tops
 from agent.migration.samehost.prepare import check_precreated, plan_move, preflight
@@ -32,6 +34,7 @@ from agent.migration.samehost.steering import mirror_until_ready
 from agent.migration.samehost.switch import finish
 from agent.migration.samehost.work import Work
 from agent.migration.states import TaskState
+from agent.migration.volumes import CLAIMED_DEVICES
 from agent.storage.roots import StorageRoots
 from agent.virt.host import VirtHost
 from agent.virt.writes import WriteHistory
@@ -58,8 +61,16 @@ class SameHostEngine:
         if ctx.resume_data:
             return await resume(host, roots, ctx, ctx.resume_data, tick_s=self.tick_s)
         await ctx.enter(TaskState.PREPARING)
-        plan = await check_precreated(await plan_move(host, roots, ctx))
-        work = Work(plan)
+        plan = await plan_move(host, roots, ctx)
+        try:
+            return await self._move(ctx, await check_precreated(plan))
+        finally:
+            if plan.dst_kind is StorageKind.BLOCK:
+                CLAIMED_DEVICES.difference_update(d.dst_top for d in plan.disks)
+
+    async def _move(self, ctx: TaskContext, plan: MigrationPlan) -> list[dict[str, Any]]:
+        host, roots = self.host, self.roots
+        work = Work(plan, roots.storage(plan.dst_storage_uuid))
         work.reused = await preflight(host, roots, ctx, plan)
         ctx.note("plan", plan.summary())
         # Every item's size up front, so the one percent never races ahead while later items are unknown.
@@ -71,7 +82,7 @@ class SameHostEngine:
         try:
             await ctx.enter(TaskState.COPYING)
             await copy_layers(roots, ctx, work)
-            await create_tops(roots, ctx, work)
+            await create_tops(host, roots, ctx, work)
             await mirror_until_ready(host, ctx, work, tick_s=self.tick_s, history=self.history)
         except BaseException:
             # A cancel, or the task's deadline (the runner cancels the engine when it passes).

@@ -4,8 +4,6 @@ and followed through libvirt's block-job events."""
 
 from __future__ import annotations
 
-import os
-
 import libvirt
 
 from agent.errors import Code, MigrationFailed
@@ -13,12 +11,14 @@ from agent.migration.engine import Step, TaskContext
 from agent.migration.mirrors import hotdisk
 from agent.migration.mirrors.hotdisk import Mode
 from agent.migration.samehost.work import Mirror, Work
-from agent.storage import qemuimg
+from agent.migration.volumes import start_over
 from agent.virt.domxml import block_copy_dest_xml
 from agent.virt.host import DomainEvent, VirtHost
 
 
-async def start_mirror(host: VirtHost, ctx: TaskContext, mirror: Mirror, share: int | None) -> None:
+async def start_mirror(
+    host: VirtHost, ctx: TaskContext, work: Work, mirror: Mirror, share: int | None
+) -> None:
     """Start the block copy of one disk at ``share`` bytes/s (None: no limit), in the mirror's mode."""
     flags = libvirt.VIR_DOMAIN_BLOCK_COPY_REUSE_EXT | libvirt.VIR_DOMAIN_BLOCK_COPY_TRANSIENT_JOB
     if not mirror.disk.flatten:
@@ -30,7 +30,7 @@ async def start_mirror(host: VirtHost, ctx: TaskContext, mirror: Mirror, share: 
     await host.block_copy(
         ctx.vm_uuid,
         target,
-        block_copy_dest_xml(mirror.disk.dst_source()),
+        block_copy_dest_xml(work.dst_source(mirror.disk)),
         bandwidth=share,
         flags=flags,
     )
@@ -53,19 +53,12 @@ async def restart_write_blocking(host: VirtHost, ctx: TaskContext, work: Work, m
     if not await host.abort_block_job_and_wait(ctx.vm_uuid, target):
         raise MigrationFailed(f"the background mirror of {target} did not end after its abort")
     if not mirror.disk.precreated:
-        os.unlink(mirror.disk.dst_top)
-        await qemuimg.create(
-            mirror.disk.dst_top,
-            mirror.disk.dst_format,
-            mirror.disk.virtual_size,
-            backing=mirror.disk.dst_backing,
-            backing_format=mirror.disk.dst_backing_format,
-        )
+        await start_over(host, work.dst, mirror.disk)
     assert mirror.watch is not None
     mirror.watch.restart(Mode.WRITE_BLOCKING)
     await ctx.checkpoint(work.checkpoint_data(Step.MIRRORING))
     shares = hotdisk.disk_shares(ctx.bandwidth, work.watches, work.ready)
-    await start_mirror(host, ctx, mirror, shares[target])
+    await start_mirror(host, ctx, work, mirror, shares[target])
 
 
 def on_event(work: Work, event: DomainEvent) -> None:

@@ -3,16 +3,29 @@ refuse before anything is written (VM running, no block job, space, targets abse
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import os
+from pathlib import Path
 
 from agent.errors import Code, PreflightFailed, StorageError
 from agent.migration import snapshots
 from agent.migration.engine import TaskContext
-from agent.migration.plan import LayerPlan, MigrationPlan, inspect_chains, plan_migration
+from agent.migration.plan import (
+    DiskPlan,
+    FreeDevice,
+    LayerPlan,
+    MigrationPlan,
+    inspect_chains,
+    plan_migration,
+)
 from agent.migration.targets import check_precreated_target, check_same_content_below
-from agent.storage import qemuimg
-from agent.storage.roots import StorageRoots
+from agent.migration.volumes import CLAIMED_DEVICES, claim_devices, rbd_access
+from agent.storage import blockdir, qemuimg, rbdimages
+from agent.storage.blockdir import BlockDir
+from agent.storage.locations import parse_rbd
+from agent.storage.rbdpool import RbdPool
+from agent.storage.roots import StorageRoot, StorageRoots
 from agent.storage.space import check_free_space
 from agent.virt.domxml import parse_disks
 from agent.virt.host import VirtHost
@@ -28,10 +41,40 @@ async def plan_move(host: VirtHost, roots: StorageRoots, ctx: TaskContext) -> Mi
         )
     disks = parse_disks(await host.live_xml(ctx.vm_uuid))
     chains = await inspect_chains(disks)
-    dst_root = roots.get(ctx.request.primaryStorageMigrateVm.dstPrimaryStorageUuid)
-    plan = plan_migration(ctx.vm_uuid, disks, chains, ctx.request, dst_root)
+    dst = roots.storage(ctx.request.primaryStorageMigrateVm.dstPrimaryStorageUuid)
+    rbd = free = None
+    if isinstance(dst, RbdPool):
+        await rbdimages.check_access(host, dst)  # the secret is here and its key opens the pool
+        rbd = rbd_access(dst)
+    elif isinstance(dst, BlockDir):
+        # No await from here to the claim: a device another task claimed meanwhile is not offered.
+        free = [f for f in await free_devices(host, dst) if f[0] not in CLAIMED_DEVICES]
+    plan = plan_migration(
+        ctx.vm_uuid, disks, chains, ctx.request, dst, dst_rbd=rbd, free_devices=free or (), block_sources=True
+    )
     snapshots.refuse_internal({d.target: chains[d.target] for d in plan.disks})
+    if isinstance(dst, BlockDir):
+        claim_devices([d.dst_top for d in plan.disks])  # released when the task ends (SameHostEngine)
     return plan
+
+
+async def free_devices(host: VirtHost, storage: BlockDir) -> list[FreeDevice]:
+    """The storage's devices a disk may take: blank, held by no one, and named by no domain of this host
+    (active or defined, by path or by where the path leads)."""
+    used = await host.used_locations()
+    used |= {os.path.realpath(p) for p in used if p.startswith("/")}
+
+    def _free() -> list[FreeDevice]:
+        out = []
+        for device in storage.devices():
+            if str(device) in used or os.path.realpath(device) in used:
+                continue
+            if blockdir.in_use_elsewhere(device) or not blockdir.is_blank(device):
+                continue
+            out.append((str(device), blockdir.device_size(device)))
+        return out
+
+    return await asyncio.to_thread(_free)
 
 
 async def check_precreated(plan: MigrationPlan) -> MigrationPlan:
@@ -57,6 +100,7 @@ async def check_precreated(plan: MigrationPlan) -> MigrationPlan:
 
 async def preflight(host: VirtHost, roots: StorageRoots, ctx: TaskContext, plan: MigrationPlan) -> list[str]:
     """Refuse before writing anything; returns the lower layers already present and identical."""
+    dst = roots.storage(plan.dst_storage_uuid)
     for disk in plan.disks:
         if await host.block_job(ctx.vm_uuid, disk.target) is not None:
             raise PreflightFailed(
@@ -64,7 +108,17 @@ async def preflight(host: VirtHost, roots: StorageRoots, ctx: TaskContext, plan:
                 field="vmUuid",
                 details="wait for it to finish or abort it first",
             )
-        if not disk.precreated and os.path.lexists(disk.dst_top):
+        if isinstance(dst, BlockDir):
+            await _check_device(host, dst, disk)
+        elif isinstance(dst, RbdPool):
+            if await rbdimages.image_exists(host, dst, parse_rbd(disk.dst_top, "volumes")):
+                raise PreflightFailed(
+                    f"target {disk.dst_top} already exists",
+                    field="volumes",
+                    code=Code.TARGET_EXISTS,
+                    details="remove the image or choose another dstInstallPath",
+                )
+        elif not disk.precreated and os.path.lexists(disk.dst_top):
             raise PreflightFailed(
                 f"target {disk.dst_top} already exists",
                 field="volumes",
@@ -86,9 +140,43 @@ async def preflight(host: VirtHost, roots: StorageRoots, ctx: TaskContext, plan:
             )
     needed = sum(layer.actual_size for layer in plan.layers if layer.dst not in reused)
     needed += sum(d.estimated_bytes for d in plan.disks)
-    root = roots.get(plan.dst_storage_uuid)
-    await check_free_space(root, needed, field="primaryStorageMigrateVm.dstPrimaryStorageUuid")
+    if isinstance(dst, StorageRoot):
+        await check_free_space(dst, needed, field="primaryStorageMigrateVm.dstPrimaryStorageUuid")
+    elif isinstance(dst, RbdPool):
+        room = await rbdimages.check_access(host, dst)
+        if room.known and room.available < needed:
+            raise PreflightFailed(
+                f"pool {dst.pool} has {room.available} bytes available, the move needs {needed}",
+                code=Code.NO_SPACE,
+                field="primaryStorageMigrateVm.dstPrimaryStorageUuid",
+            )
+        if not room.known:
+            ctx.log.info("pool %s reports no sizes: its room was not checked", dst.pool)
     return reused
+
+
+async def _check_device(host: VirtHost, storage: BlockDir, disk: DiskPlan) -> None:
+    """A device asked for (or picked) is free now: blank, large enough for the disk, and used by no one."""
+    device = Path(disk.dst_top)
+    used = await host.used_locations()
+    size = await asyncio.to_thread(blockdir.device_size, device)
+    problem: tuple[str, Code] | None = None
+    if disk.dst_top in used or os.path.realpath(device) in {os.path.realpath(p) for p in used}:
+        problem = "a domain of this host uses it", Code.TARGET_EXISTS
+    elif size < disk.virtual_size:
+        problem = f"it holds {size} bytes, the disk needs {disk.virtual_size}", Code.NO_SPACE
+    elif await asyncio.to_thread(blockdir.in_use_elsewhere, device):
+        problem = "the kernel says someone holds it (mounted, a device-mapper table)", Code.TARGET_EXISTS
+    elif not await asyncio.to_thread(blockdir.is_blank, device):
+        problem = "it is not blank (its first MiB holds a label, a filesystem, an image)", Code.TARGET_EXISTS
+    if problem is not None:
+        raise PreflightFailed(
+            f"block device {disk.dst_top} cannot take disk {disk.target} of {disk.virtual_size} bytes: "
+            + problem[0],
+            code=problem[1],
+            field="volumes",
+            details=f"choose another device of storage {storage.uuid} ({storage.path})",
+        )
 
 
 async def _identical_layer(layer: LayerPlan) -> bool:

@@ -41,8 +41,10 @@ async def resume(
     - anything else, or a mirror gone, or a cancel journalled before the restart: fails cleanly, i.e.
       mirrors aborted without pivot, every file the journal names removed, the VM on its sources.
     """
+    plan = MigrationPlan.from_dict(data["plan"])
     work = Work(
-        MigrationPlan.from_dict(data["plan"]),
+        plan,
+        roots.storage(plan.dst_storage_uuid),
         created=list(data.get("created", [])),
         reused=list(data.get("reused", [])),
     )
@@ -111,7 +113,7 @@ async def _resume_switch(
     await host.wait_reachable()
     await _refuse_if_stopped_after_switch(host, ctx, work)
     live = {d.target: d for d in parse_disks(await host.live_xml(ctx.vm_uuid))}
-    on_dst = [d for d in work.plan.disks if live.get(d.target) and live[d.target].source == d.dst_top]
+    on_dst = [d for d in work.plan.disks if live.get(d.target) and live[d.target].location == d.dst_top]
     if not on_dst:
         raise _NothingSwitched
     for disk in work.plan.disks:

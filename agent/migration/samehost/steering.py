@@ -55,7 +55,7 @@ async def mirror_until_ready(
         await ctx.checkpoint(work.checkpoint_data(Step.MIRRORING))
         work.meter.start(time.monotonic())
         for target, mirror in work.mirrors.items():
-            await start_mirror(host, ctx, mirror, shares[target])
+            await start_mirror(host, ctx, work, mirror, shares[target])
         await pace(host, ctx, work, events, tick_s=tick_s)
         judge_budget(ctx, work.meter, work.watches)
     finally:

@@ -104,7 +104,7 @@ async def switch(host: VirtHost, roots: StorageRoots, ctx: TaskContext, work: Wo
             + ". Nothing was removed. Move the VM's storage again to one storage (this task's destination "
             "is the shortest way) or copy the named disks back by hand",
         ) from failure
-    await remove_created(roots, ctx, work)
+    await remove_created(host, roots, ctx, work)
     raise MigrationFailed(
         "a pivot failed; every disk runs from its source volume again",
         code=Code.PIVOT_FAILED,
@@ -116,7 +116,7 @@ async def pivot(host: VirtHost, ctx: TaskContext, disk: DiskPlan) -> None:
     """Pivot one disk; taken again after a libvirtd outage, it first looks whether the pivot happened
     before the outage cut the call (no job left, the live source already the destination top)."""
     if await host.block_job(ctx.vm_uuid, disk.target) is None:
-        live = {d.target: d.source for d in parse_disks(await host.live_xml(ctx.vm_uuid))}
+        live = {d.target: d.location for d in parse_disks(await host.live_xml(ctx.vm_uuid))}
         if live.get(disk.target) == str(disk.dst_top):
             return
     await host.abort_block_job(ctx.vm_uuid, disk.target, pivot=True)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from agent.config import StorageKind
 from agent.errors import AgentError, Code, MigrationFailed
 from agent.migration import snapshots
 from agent.migration.engine import TaskContext
@@ -19,7 +20,7 @@ from agent.virt.host import VirtHost
 
 
 async def verify(host: VirtHost, roots: StorageRoots, ctx: TaskContext, work: Work) -> list[dict[str, Any]]:
-    expected = {d.target: d.dst_source() for d in work.plan.disks}
+    expected = {d.target: work.dst_source(d) for d in work.plan.disks}
     live = parse_disks(await host.live_xml(ctx.vm_uuid))
     for disk in live:
         if disk.target in expected and disk.location != expected[disk.target].location:
@@ -37,6 +38,11 @@ async def verify(host: VirtHost, roots: StorageRoots, ctx: TaskContext, work: Wo
                     code=Code.VERIFY_FAILED,
                 )
     for moved in work.plan.disks:
+        total = work.mirrors[moved.target].total
+        if moved.dst_kind is not StorageKind.FILE:
+            # One raw volume (a device, an image): no chain to read; libvirt's XML above is the check.
+            ctx.progress(f"disk:{moved.target}", total, total)
+            continue
         chain = await qemuimg.backing_chain(moved.dst_top, moved.dst_format)
         want = 1 if moved.flatten else len(moved.src_chain)
         if moved.precreated:  # below a pre-created top the chain is the caller's
@@ -48,7 +54,6 @@ async def verify(host: VirtHost, roots: StorageRoots, ctx: TaskContext, work: Wo
                 code=Code.VERIFY_FAILED,
                 details=" <- ".join(layer.path for layer in chain),
             )
-        total = work.mirrors[moved.target].total
         ctx.progress(f"disk:{moved.target}", total, total)
     return await volume_inventory(live, work.plan, roots)
 

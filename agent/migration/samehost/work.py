@@ -11,6 +11,8 @@ from agent.migration.mirrors.hotdisk import BudgetMeter, DiskWatch, Mode
 from agent.migration.mirrors.pacer import PacedMirror
 from agent.migration.mirrors.speeds import AllocationIndex
 from agent.migration.plan import DiskPlan, MigrationPlan
+from agent.storage.roots import Storage
+from agent.virt.domxml import VolumeSource
 
 
 @dataclass(kw_only=True)
@@ -33,6 +35,8 @@ class Work:
     """What this task has done so far: files it created and mirrors it started (for cleanup)."""
 
     plan: MigrationPlan
+    #: The destination storage (from the configuration, by ``plan.dst_storage_uuid``).
+    dst: Storage
     created: list[str] = field(default_factory=list)
     reused: list[str] = field(default_factory=list)
     mirrors: dict[str, Mirror] = field(default_factory=dict)
@@ -50,6 +54,10 @@ class Work:
             "mirroring": sorted(self.mirrors),
             "writeBlocking": sorted(t for t, m in self.mirrors.items() if m.mode is Mode.WRITE_BLOCKING),
         }
+
+    def dst_source(self, disk: DiskPlan) -> VolumeSource:
+        """Where ``disk`` goes, as libvirt names it."""
+        return self.plan.dst_source(disk)
 
     @property
     def watches(self) -> dict[str, DiskWatch]:

@@ -53,7 +53,7 @@ def disk(target: str, tmp_path: Path) -> DiskPlan:
 
 def work_of(tmp_path: Path, *targets: str, data: int = 100 * MiB) -> Work:
     disks = tuple(disk(t, tmp_path) for t in targets)
-    work = Work(MigrationPlan(VM, "storage-b", disks, ()))
+    work = Work(MigrationPlan(VM, "storage-b", disks, ()), StorageRoot("storage-b", tmp_path))
     for d in disks:
         work.mirrors[d.target] = Mirror.of(d, AllocationIndex([(0, data)]))
     return work
@@ -348,7 +348,8 @@ async def test_a_restart_during_the_switch_with_the_vm_shut_down_changes_nothing
     ctx = Ctx()
     data = work.checkpoint_data(Step.SWITCHING)
     with pytest.raises(MigrationFailed) as failed:
-        await resume.resume(host, None, ctx, data, tick_s=0.01)  # type: ignore[arg-type]
+        roots = StorageRoots([StorageRoot("storage-b", tmp_path)])
+        await resume.resume(host, roots, ctx, data, tick_s=0.01)  # type: ignore[arg-type]
     assert failed.value.code == "AGENT.VM_STOPPED"
     assert host.calls == []
 

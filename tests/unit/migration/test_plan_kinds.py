@@ -1,0 +1,161 @@
+"""Planning a live move onto an RBD pool or a block storage: one raw volume per disk, a chain flattened
+into it (and said so), a device picked smallest-first, confinement, the journal's round trip."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from test_plan import DST, GiB, chain3, disk, layer, request
+
+from agent.config import StorageKind
+from agent.errors import Code, InvalidRequest, PathOutsideRoot, PreflightFailed
+from agent.migration.plan import MigrationPlan, plan_migration
+from agent.migration.request import MigrationRequest
+from agent.storage.blockdir import BlockDir
+from agent.storage.rbdpool import RbdPool
+from agent.virt.domxml import RbdAccess, block_copy_dest_xml
+
+ACCESS = RbdAccess((("10.0.0.1", 6789),), "ksalab", "0f0e0d0c-0b0a-4908-8706-050403020100")
+
+
+@pytest.fixture
+def pool() -> RbdPool:
+    return RbdPool(DST, "ksa", "", ACCESS.monitors, ACCESS.user, ACCESS.secret_uuid)
+
+
+def test_onto_rbd_each_disk_is_a_raw_image_named_by_its_volume(pool: RbdPool) -> None:
+    disks = [disk("vda", "/src/a.qcow2", serial="vol-a"), disk("vdb", "/src/b.qcow2", serial="vol-b")]
+    chains = {"vda": [layer("/src/a.qcow2")], "vdb": [layer("/src/b.qcow2")]}
+    plan = plan_migration("vm", disks, chains, request(withDataVolumes=True), pool, dst_rbd=ACCESS)
+    assert [(d.dst_top, d.dst_kind, d.dst_format, d.flatten) for d in plan.disks] == [
+        ("rbd:ksa/vol-a", StorageKind.RBD, "raw", True),
+        ("rbd:ksa/vol-b", StorageKind.RBD, "raw", True),
+    ]
+    xml = block_copy_dest_xml(plan.dst_source(plan.disks[0]))
+    assert 'protocol="rbd" name="ksa/vol-a"' in xml and ACCESS.secret_uuid in xml and 'type="raw"' in xml
+    assert MigrationPlan.from_dict(plan.to_dict()) == plan  # the journal keeps the pool's access
+
+
+def test_onto_rbd_a_chain_is_flattened_and_the_plan_says_so(pool: RbdPool) -> None:
+    plan = plan_migration(
+        "vm", [disk("vda", "/src/top.qcow2")], {"vda": chain3("/src")}, request(withSnapshots=True), pool
+    )
+    (vda,) = plan.disks
+    assert vda.flatten and vda.lower_layers == () and plan.layers == ()
+    assert vda.estimated_bytes == 150
+    assert "flattened" in plan.summary()["notes"][0] and "vda" in plan.summary()["notes"][0]
+
+
+def test_an_rbd_target_must_be_in_the_destination_pool(pool: RbdPool) -> None:
+    chains = {"vda": [layer("/src/a.qcow2")]}
+    for asked, ok in (("rbd:ksa/mine", True), ("mine", True), ("rbd:other/mine", False), ("a/../b", False)):
+        req = MigrationRequest.model_validate(
+            {
+                "primaryStorageMigrateVm": {"dstPrimaryStorageUuid": DST},
+                "volumes": [{"installPath": "/src/a.qcow2", "dstInstallPath": asked}],
+            }
+        )
+        if ok:
+            plan = plan_migration("vm", [disk("vda", "/src/a.qcow2")], chains, req, pool)
+            assert plan.disks[0].dst_top == "rbd:ksa/mine"
+        else:
+            with pytest.raises((PathOutsideRoot, InvalidRequest)) as err:
+                plan_migration("vm", [disk("vda", "/src/a.qcow2")], chains, req, pool)
+            assert err.value.field == "volumes[0].dstInstallPath"
+
+
+def test_onto_block_the_smallest_free_device_that_fits(tmp_path: Path) -> None:
+    storage = BlockDir(DST, tmp_path)
+    free = [(f"{tmp_path}/big", 4 * GiB), (f"{tmp_path}/small", GiB // 2), (f"{tmp_path}/fit", GiB)]
+    disks = [disk("vda", "/src/a.qcow2"), disk("vdb", "/src/b.qcow2")]
+    chains = {"vda": [layer("/src/a.qcow2")], "vdb": [layer("/src/b.qcow2")]}
+    plan = plan_migration("vm", disks, chains, request(withDataVolumes=True), storage, free_devices=free)
+    assert [(d.dst_top, d.dst_format, d.dst_kind) for d in plan.disks] == [
+        (f"{tmp_path}/fit", "raw", StorageKind.BLOCK),
+        (f"{tmp_path}/big", "raw", StorageKind.BLOCK),
+    ]
+    assert plan.dst_rbd is None
+
+
+def test_onto_block_no_device_large_enough_is_refused_naming_the_disk_and_size(tmp_path: Path) -> None:
+    storage = BlockDir(DST, tmp_path)
+    with pytest.raises(PreflightFailed) as err:
+        plan_migration(
+            "vm",
+            [disk("vda", "/src/a.qcow2")],
+            {"vda": [layer("/src/a.qcow2")]},
+            request(),
+            storage,
+            free_devices=[(f"{tmp_path}/small", GiB // 2)],
+        )
+    assert err.value.code == Code.NO_SPACE
+    assert "vda" in err.value.description and str(GiB) in err.value.description
+
+
+def test_precreated_targets_onto_another_kind_are_refused(pool: RbdPool) -> None:
+    req = MigrationRequest.model_validate(
+        {
+            "primaryStorageMigrateVm": {"dstPrimaryStorageUuid": DST},
+            "targetsPrecreated": True,
+            "volumes": [{"installPath": "/src/a.qcow2", "dstInstallPath": "rbd:ksa/x"}],
+        }
+    )
+    with pytest.raises(InvalidRequest) as err:
+        plan_migration("vm", [disk("vda", "/src/a.qcow2")], {"vda": [layer("/src/a.qcow2")]}, req, pool)
+    assert err.value.field == "targetsPrecreated"
+
+
+def test_a_raw_volume_on_a_larger_device_is_sliced_to_the_disk(tmp_path: Path) -> None:
+    """QEMU's mirror wants a target of the source's size: libvirt's storage slice gives it, and the
+    persistent definition keeps it (the guest sees the same disk after a restart)."""
+    from agent.virt.domxml import parse_disks, rewrite_disk_sources
+
+    storage = BlockDir(DST, tmp_path)
+    plan = plan_migration(
+        "vm",
+        [disk("vda", "/src/a.qcow2")],
+        {"vda": [layer("/src/a.qcow2")]},
+        request(),
+        storage,
+        free_devices=[(f"{tmp_path}/d0", 2 * GiB)],
+    )
+    source = plan.dst_source(plan.disks[0])
+    assert f'<slice type="storage" offset="0" size="{GiB}"' in block_copy_dest_xml(source)
+    domain = (
+        "<domain><devices><disk type='file' device='disk'><driver name='qemu' type='qcow2'/>"
+        "<source file='/src/a.qcow2'/><target dev='vda'/></disk></devices></domain>"
+    )
+    (moved,) = parse_disks(rewrite_disk_sources(domain, {"vda": source}))
+    assert (moved.type, moved.source, moved.format, moved.slice_size) == (
+        "block",
+        f"{tmp_path}/d0",
+        "raw",
+        GiB,
+    )
+
+
+def test_a_device_claimed_by_one_move_is_refused_to_another() -> None:
+    from agent.migration.volumes import CLAIMED_DEVICES, claim_devices
+
+    claim_devices(["/blk/d0", "/blk/d1"])
+    try:
+        with pytest.raises(PreflightFailed) as err:
+            claim_devices(["/blk/d2", "/blk/d1"])
+        assert err.value.code == Code.TARGET_EXISTS and "/blk/d1" in err.value.description
+        assert "/blk/d2" not in CLAIMED_DEVICES  # all or nothing
+    finally:
+        CLAIMED_DEVICES.difference_update({"/blk/d0", "/blk/d1"})
+
+
+def test_a_running_block_copys_destination_counts_as_used() -> None:
+    from agent.virt.domxml import mirror_targets
+
+    xml = (
+        "<domain><devices><disk type='file' device='disk'><source file='/a.qcow2'/><target dev='vda'/>"
+        "<mirror type='block' job='copy'><source dev='/blk/d0'/><format type='raw'/></mirror></disk>"
+        "<disk type='file' device='disk'><source file='/b.qcow2'/><target dev='vdb'/>"
+        "<mirror type='network' job='copy'><source protocol='rbd' name='ksa/img'/></mirror></disk>"
+        "</devices></domain>"
+    )
+    assert mirror_targets(xml) == ["/blk/d0", "rbd:ksa/img"]
