@@ -8,6 +8,7 @@ from typing import Any
 from agent.migration.peer.wire import Prepared
 from agent.migration.plan import MigrationPlan
 from agent.storage import qemuimg
+from agent.storage.qemuimg import ImageInfo
 from agent.storage.roots import StorageRoots
 from agent.virt.domxml import DiskXml
 
@@ -23,56 +24,42 @@ async def volume_inventory(
     for disk in disks:
         if disk.device != "disk" or not disk.location:
             continue
-        if disk.type == "network" and disk.location.startswith("rbd:"):
-            moved = planned.get(disk.target)
-            owner = roots.owner_of_location(disk.location)
-            out.append(
-                {
-                    "uuid": moved.volume_uuid if moved else (disk.serial or disk.target),
-                    "deviceName": disk.target,
-                    "type": moved.role if moved else "Data",
-                    "moved": moved is not None,
-                    "installPath": disk.location,
-                    "primaryStorageUuid": owner.uuid if owner else None,
-                    "format": disk.format,
-                    "size": moved.virtual_size if moved else None,
-                    "actualSize": None,
-                    "backingChain": [],
-                }
-            )
-            continue
-        if disk.type not in ("file", "block") or not disk.source:
-            continue
-        chain = await qemuimg.backing_chain(disk.source, disk.format)
-        top = chain[0]
-        owner = roots.owner_of_location(top.path)
         moved = planned.get(disk.target)
+        if disk.type == "network" and disk.location.startswith("rbd:"):
+            size = moved.virtual_size if moved else None
+            top: dict[str, Any] = {"installPath": disk.location, "format": disk.format, "size": size}
+            top["actualSize"] = None
+            below: list[dict[str, Any]] = []
+        elif disk.type in ("file", "block") and disk.source:
+            chain = await qemuimg.backing_chain(disk.source, disk.format)
+            top = _layer(chain[0], roots) | {"size": disk.slice_size or chain[0].virtual_size}
+            below = [_layer(layer, roots) for layer in chain[1:]]
+        else:
+            continue
+        owner = roots.owner_of_location(top["installPath"])
         out.append(
             {
                 "uuid": moved.volume_uuid if moved else (disk.serial or disk.target),
                 "deviceName": disk.target,
                 "type": moved.role if moved else "Data",
                 "moved": moved is not None,
-                "installPath": top.path,
+                **top,
                 "primaryStorageUuid": owner.uuid if owner else None,
-                "format": top.format,
-                "size": top.virtual_size,
-                "actualSize": top.actual_size,
-                "backingChain": [
-                    {
-                        "installPath": layer.path,
-                        "format": layer.format,
-                        "size": layer.virtual_size,
-                        "actualSize": layer.actual_size,
-                        "primaryStorageUuid": (
-                            r.uuid if (r := roots.owner_of_location(layer.path)) else None
-                        ),
-                    }
-                    for layer in chain[1:]
-                ],
+                "backingChain": below,
             }
         )
     return out
+
+
+def _layer(layer: ImageInfo, roots: StorageRoots) -> dict[str, Any]:
+    owner = roots.owner_of_location(layer.path)
+    return {
+        "installPath": layer.path,
+        "format": layer.format,
+        "size": layer.virtual_size,
+        "actualSize": layer.actual_size,
+        "primaryStorageUuid": owner.uuid if owner else None,
+    }
 
 
 def remote_inventory(vm: Mapping[str, Any], plan: MigrationPlan) -> list[dict[str, Any]]:

@@ -202,6 +202,10 @@ def volume_uuid(disk: DiskXml, request: MigrationRequest) -> str:
     return Path(disk.source or disk.target).name.split(".")[0]
 
 
+#: Why a data volume stays where it is.
+DATA_VOLUME_LEFT = "data volume, and withDataVolumes is false"
+
+
 def _skip_reason(disk: DiskXml, is_root: bool, with_data: bool, kinds: tuple[str, ...]) -> str | None:
     if disk.device != "disk":
         return f"{disk.device} devices stay where they are"
@@ -214,7 +218,7 @@ def _skip_reason(disk: DiskXml, is_root: bool, with_data: bool, kinds: tuple[str
     if disk.shareable:
         return "shareable disks are used by other VMs too"
     if not is_root and not with_data:
-        return "data volume, and withDataVolumes is false"
+        return DATA_VOLUME_LEFT
     return None
 
 

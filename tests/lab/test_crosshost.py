@@ -309,3 +309,22 @@ def _qsd_processes() -> list[str]:
         for p in psutil.process_iter(["name", "cmdline"])
         if p.info["name"] == "qemu-storage-daemon" and netns(f"/proc/{p.pid}/ns/net") in ours
     ]
+
+
+async def test_a_local_data_volume_left_behind_is_refused_before_the_destination_is_prepared(
+    lab_agents: Lab, make_guest: Callable[..., Guest]
+) -> None:
+    """Without withDataVolumes, a data volume on this host's local storage cannot stay: refused in
+    PREPARING naming it and the field, not left to libvirt ("Migration without shared storage is unsafe")."""
+    src, dst = lab_agents.host("hostA"), lab_agents.host("hostB")
+    guest = make_guest(bare=True, data_volumes=1)
+    before, dst_files = disk_sources(src, guest.name), files_under(dst)
+    run = await migrate(lab_agents, src, guest.uuid, to_host_body(dst))
+    assert run.state == "FAILED", run.task
+    error = run.task["error"]
+    assert error["code"] == "AGENT.PREFLIGHT_FAILED", error
+    assert error["field"] == "primaryStorageMigrateVm.withDataVolumes", error
+    assert "vdb" in error["description"], error
+    assert_stayed_on_source(guest, src, dst, before, dst_files)
+    dst_log = host_by_name(dst.name).agent_log.read_text(errors="replace")
+    assert run.task["taskUuid"] not in dst_log, "the destination agent was asked to prepare"

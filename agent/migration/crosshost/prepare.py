@@ -13,7 +13,8 @@ from agent.migration.engine import TaskContext, budget_of
 from agent.migration.peer.client import DestinationAgent
 from agent.migration.peer.layers import LayerToSend, send_layers_to_peer
 from agent.migration.peer.wire import IncomingDisk, IncomingSpec
-from agent.migration.plan import MigrationPlan, RemoteRoot, inspect_chains, plan_migration
+from agent.migration.plan import DATA_VOLUME_LEFT, MigrationPlan, RemoteRoot, inspect_chains, plan_migration
+from agent.storage import sharedfs
 from agent.virt.domxml import parse_disks
 from agent.virt.host import VirtHost
 from agent.virt.states import DomainState
@@ -35,6 +36,7 @@ async def plan_live_move(host: VirtHost, ctx: TaskContext) -> MigrationPlan:
     dst_uuid = ctx.request.primaryStorageMigrateVm.dstPrimaryStorageUuid
     plan = plan_migration(ctx.vm_uuid, disks, chains, ctx.request, RemoteRoot(dst_uuid, Path("/")))
     snapshots.refuse_internal({d.target: chains[d.target] for d in plan.disks})
+    refuse_local_disks_left(plan)
     metas = await host.call_domain(ctx.vm_uuid, snapshots.read_snapshots)
     if metas and any(d.flatten and len(d.src_chain) > 1 for d in plan.disks):
         raise PreflightFailed(
@@ -46,6 +48,20 @@ async def plan_live_move(host: VirtHost, ctx: TaskContext) -> MigrationPlan:
             details="move it with withSnapshots: true, or delete the snapshots first",
         )
     return plan
+
+
+def refuse_local_disks_left(plan: MigrationPlan, mounts: str | None = None) -> None:
+    """A data volume left on this host's local storage would be out of the VM's reach on the other host:
+    refused now, naming it (libvirt would refuse it later, "Migration without shared storage is unsafe",
+    after the destination was prepared). One on a filesystem other hosts mount too may stay."""
+    for left in plan.skipped:
+        if left.reason == DATA_VOLUME_LEFT and left.source and not sharedfs.is_shared(left.source, mounts):
+            raise PreflightFailed(
+                f"data volume {left.target} ({left.source}) would stay on this host's local storage, out of "
+                "the VM's reach on the destination host",
+                field="primaryStorageMigrateVm.withDataVolumes",
+                details="move it too (withDataVolumes: true), or detach it before moving the VM",
+            )
 
 
 def incoming_spec(ctx: TaskContext, plan: MigrationPlan) -> IncomingSpec:

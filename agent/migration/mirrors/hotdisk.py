@@ -33,9 +33,11 @@ LOSING_WRITE_SHARE = 0.8
 #: ``auto`` starts a disk's mirror in write-blocking mode when the guest writes it at this fraction of the
 #: disk's share or more: a background copy would spend most of its share on rewrites, or never finish.
 WRITE_BLOCKING_AT = 0.5
-#: In write-blocking mode the background copy gets what the guest's writes leave of the disk's share, but at
-#: least this fraction of it, so the move still ends: the guest's writes alone may then take the task over
-#: its cap, and the result says so (``OVER_BUDGET``).
+#: In write-blocking mode the background copy gets what the guest's writes leave of the budget while that is
+#: at least this fraction of it (the budget holds). Below, the guest's writes take the task over its cap
+#: whatever the copy does, and every second of the move adds to the excess: the background copy then takes
+#: the whole budget, the shortest time over it (libvirt's write-blocking mode does the same), and the result
+#: says so (``OVER_BUDGET``). A READY write-blocking mirror keeps this fraction of an equal share.
 MIN_BACKGROUND = 0.25
 #: A task whose real bytes crossed at more than this times its cap says so in its result.
 OVER_BUDGET = 1.10
@@ -140,6 +142,13 @@ def cannot_converge(watch: DiskWatch, share: int | None, now: float) -> bool:
     )
 
 
+def background_budget(budget: int, charged: float) -> int:
+    """What ``budget`` leaves the background copies once the guest's ``charged`` writes are counted: the
+    rest while it is at least ``MIN_BACKGROUND`` of the budget, else the whole budget (see there)."""
+    left = budget - charged
+    return int(left) if left >= MIN_BACKGROUND * budget else budget
+
+
 def disk_shares(
     budget: int | None, watches: Mapping[str, DiskWatch], ready: set[str]
 ) -> dict[str, int | None]:
@@ -147,7 +156,7 @@ def disk_shares(
 
     The guest's own writes are charged first: a write-blocking disk's writes cross at the guest's pace, and
     a READY background mirror must copy what the guest writes to stay in step. What is left is split equally
-    among the mirrors still copying, each at least ``MIN_BACKGROUND`` of an equal share."""
+    among the mirrors still copying (``background_budget``: all of it once the guest alone goes over)."""
     if not watches:
         return {}
     if budget is None:
@@ -155,7 +164,7 @@ def disk_shares(
     moving = [t for t in watches if t not in ready] or list(watches)
     charged = sum(w.write_bps for t, w in watches.items() if w.mode is Mode.WRITE_BLOCKING or t in ready)
     equal = budget / len(moving)
-    each = max((budget - charged) / len(moving), MIN_BACKGROUND * equal)
+    each = background_budget(budget, charged) / len(moving)
     shares: dict[str, int | None] = {}
     for target, watch in watches.items():
         if target in moving:

@@ -136,7 +136,7 @@ class _ByRemaining:
         ]
         if budget is not None and blocking:
             charged = sum(w.write_bps for w in blocking)
-            budget = int(max(budget - charged, hotdisk.MIN_BACKGROUND * budget))
+            budget = hotdisk.background_budget(budget, charged)
         left = {t: mirrors[t].total - mirrors[t].done for t in sampled if not mirrors[t].ready}
         return split_by_remaining(budget, left or {t: 0 for t in sampled})
 

@@ -42,7 +42,12 @@ async def test_unfinished_tasks_are_visible_and_resumed(tmp_path: Path) -> None:
     client = await start(tmp_path, FakeFactory(script))
     task = await (await client.post(MIGRATE.format(VM_1), json=body(), headers=AUTH)).json()
     await eventually(lambda: script.started.is_set())
-    await asyncio.sleep(0.1)
+
+    async def copying() -> bool:  # the fake engine's step journalled (a fixed sleep lost it under load)
+        view = await (await client.get(f"/v1/tasks/{task['taskUuid']}", headers=AUTH)).json()
+        return bool(view["state"] == "COPYING" and view["progress"]["percent"] > 0)
+
+    await eventually(copying)
     await client.close()
     assert script.cancelled == [True]
 

@@ -11,6 +11,7 @@ from agent.migration.mirrors.hotdisk import (
     DiskWatch,
     Mode,
     Trend,
+    background_budget,
     cannot_converge,
     disk_shares,
     disk_verdict,
@@ -60,10 +61,17 @@ def test_guest_writes_are_charged_before_the_background_copy() -> None:
     hot = _watch(6, [100, 90, 80, 70, 60], mode=Mode.WRITE_BLOCKING)
     shares = disk_shares(20 * MiB, {"vda": hot, "vdb": quiet}, set())
     assert shares == {"vda": 7 * MiB, "vdb": 7 * MiB}
-    # A guest writing past the whole budget: the background keeps its floor and the task goes over.
+    # A guest leaving the copies less than MIN_BACKGROUND of the budget takes the task over its cap anyway:
+    # the copies then share the whole budget, the shortest time over it.
     hotter = _watch(50, [100, 90, 80, 70, 60], mode=Mode.WRITE_BLOCKING)
-    floor = int(MIN_BACKGROUND * 10 * MiB)
-    assert disk_shares(20 * MiB, {"vda": hotter, "vdb": quiet}, set()) == {"vda": floor, "vdb": floor}
+    assert disk_shares(20 * MiB, {"vda": hotter, "vdb": quiet}, set()) == {"vda": 10 * MiB, "vdb": 10 * MiB}
+    edge = _watch(15, [100, 90, 80, 70, 60], mode=Mode.WRITE_BLOCKING)  # leaves exactly the fraction
+    assert int(MIN_BACKGROUND * 20 * MiB) == 5 * MiB
+    assert disk_shares(20 * MiB, {"vda": edge, "vdb": quiet}, set()) == {
+        "vda": 5 * MiB // 2,
+        "vdb": 5 * MiB // 2,
+    }
+    assert background_budget(20 * MiB, 15.5 * MiB) == 20 * MiB
     # A READY background mirror keeps up with its guest's writes; the rest goes to the one still copying.
     ready = _watch(4, [0, 0, 0, 0, 0])
     shares = disk_shares(20 * MiB, {"vda": ready, "vdb": quiet}, {"vda"})
