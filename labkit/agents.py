@@ -8,10 +8,10 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-import urllib.request
 from typing import Any, Protocol
 
 from agent.client import AgentClient, AgentUnreachable
+from labkit.agentctl import health_status
 
 
 class AgentHost(Protocol):
@@ -39,13 +39,9 @@ def agent_client(lab: HasToken, host: AgentHost) -> AgentClient:
 
 
 def agent_healthy(url: str) -> bool:
-    """``GET /v1/health`` answers 2xx within 3 s (no proxy: the lab's addresses are local)."""
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    try:
-        with opener.open(f"{url}/v1/health", timeout=3) as response:
-            return bool(200 <= response.status < 300)
-    except OSError:
-        return False
+    """``GET /v1/health`` answers 2xx within 3 s (``agentctl.health_status``: no proxy, sockets closed)."""
+    status = health_status(url, timeout=3)
+    return status is not None and 200 <= status < 300
 
 
 async def task_view(

@@ -117,6 +117,9 @@ async def migrate_captured(
     return seen
 
 
+# Alone on its lab (`rates`): its capture must see every frame, and beside a second lab's guests on two
+# cores it dropped some ("nothing proven", 2026-12-07).
+@pytest.mark.rates
 async def test_migration_streams_are_encrypted_and_plain_only_with_the_insecure_switch(
     tls_lab: Lab,
     make_guest: Callable[..., Guest],
