@@ -44,8 +44,7 @@ async def plan_move(host: VirtHost, roots: StorageRoots, ctx: TaskContext) -> Mi
     dst = roots.storage(ctx.request.primaryStorageMigrateVm.dstPrimaryStorageUuid)
     rbd = free = None
     if isinstance(dst, RbdPool):
-        await rbdimages.check_access(host, dst)  # the secret is here and its key opens the pool
-        rbd = rbd_access(dst)
+        rbd = rbd_access(dst)  # the secret and the pool are checked in ``preflight``
     elif isinstance(dst, BlockDir):
         # No await from here to the claim: a device another task claimed meanwhile is not offered.
         free = [f for f in await free_devices(host, dst) if f[0] not in CLAIMED_DEVICES]
@@ -61,8 +60,7 @@ async def plan_move(host: VirtHost, roots: StorageRoots, ctx: TaskContext) -> Mi
 async def free_devices(host: VirtHost, storage: BlockDir) -> list[FreeDevice]:
     """The storage's devices a disk may take: blank, held by no one, and named by no domain of this host
     (active or defined, by path or by where the path leads)."""
-    used = await host.used_locations()
-    used |= {os.path.realpath(p) for p in used if p.startswith("/")}
+    used = await _used_here(host)
 
     def _free() -> list[FreeDevice]:
         out = []
@@ -101,6 +99,7 @@ async def check_precreated(plan: MigrationPlan) -> MigrationPlan:
 async def preflight(host: VirtHost, roots: StorageRoots, ctx: TaskContext, plan: MigrationPlan) -> list[str]:
     """Refuse before writing anything; returns the lower layers already present and identical."""
     dst = roots.storage(plan.dst_storage_uuid)
+    used = await _used_here(host) if isinstance(dst, BlockDir) else set()
     for disk in plan.disks:
         if await host.block_job(ctx.vm_uuid, disk.target) is not None:
             raise PreflightFailed(
@@ -109,7 +108,7 @@ async def preflight(host: VirtHost, roots: StorageRoots, ctx: TaskContext, plan:
                 details="wait for it to finish or abort it first",
             )
         if isinstance(dst, BlockDir):
-            await _check_device(host, dst, disk)
+            await _check_device(dst, disk, used)
         elif isinstance(dst, RbdPool):
             if await rbdimages.image_exists(host, dst, parse_rbd(disk.dst_top, "volumes")):
                 raise PreflightFailed(
@@ -155,13 +154,19 @@ async def preflight(host: VirtHost, roots: StorageRoots, ctx: TaskContext, plan:
     return reused
 
 
-async def _check_device(host: VirtHost, storage: BlockDir, disk: DiskPlan) -> None:
-    """A device asked for (or picked) is free now: blank, large enough for the disk, and used by no one."""
-    device = Path(disk.dst_top)
+async def _used_here(host: VirtHost) -> set[str]:
+    """Every location a domain of this host names, and where each path leads."""
     used = await host.used_locations()
+    return used | {os.path.realpath(p) for p in used if p.startswith("/")}
+
+
+async def _check_device(storage: BlockDir, disk: DiskPlan, used: set[str]) -> None:
+    """A device asked for (or picked) is free now: blank, large enough for the disk, and named by none of
+    the ``used`` locations."""
+    device = Path(disk.dst_top)
     size = await asyncio.to_thread(blockdir.device_size, device)
     problem: tuple[str, Code] | None = None
-    if disk.dst_top in used or os.path.realpath(device) in {os.path.realpath(p) for p in used}:
+    if disk.dst_top in used or os.path.realpath(device) in used:
         problem = "a domain of this host uses it", Code.TARGET_EXISTS
     elif size < disk.virtual_size:
         problem = f"it holds {size} bytes, the disk needs {disk.virtual_size}", Code.NO_SPACE
