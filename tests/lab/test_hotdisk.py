@@ -244,12 +244,19 @@ async def test_crosshost_auto_migrates_a_hot_disk_in_write_blocking_mode(
     # asked, about 4.4 on a loaded machine). Over the cap by more than 10 % or not, the result says which.
     callback = await recorder.final(hot_run.task["taskUuid"], within=30)
     assert callback["success"] is True
-    if details["budget"]["realBytesPerSecond"] > 1.1 * cap * MiB:
+    # The rule (README, "overBudget"): over when the real bytes beat 1.1 x the cap, one buffer per mirror
+    # aside. The buffers matter on a short copy (CI 2026-12-07: 1.1 x crossed by their share alone, no note).
+    real = details["budget"]
+    seconds = real["realBytes"] / max(real["realBytesPerSecond"], 1)
+    aside = hotdisk.BUFFER_SLACK * 2 / seconds
+    if real["realBytesPerSecond"] > hotdisk.OVER_BUDGET * cap * MiB + aside:
         over = details["overBudget"]
         assert over["writeBlocking"] == ["vda", "vdb"] and over["guestWriteBytesPerSecond"]["vda"] > 0
         assert callback["overBudget"] == over
-    else:
+    elif real["realBytesPerSecond"] <= hotdisk.OVER_BUDGET * cap * MiB:
         assert "overBudget" not in details and "overBudget" not in callback
+    else:
+        assert callback.get("overBudget") == details.get("overBudget")
 
     for guest in (hot, quiet):
         guest.wait_for_acks(10)
