@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,7 +19,8 @@ from agent.migration.mirrors.speeds import AllocationIndex
 from agent.migration.request import MigrationRequest
 from agent.storage import qemuimg
 from agent.storage.blockdir import BlockDir
-from agent.storage.qemuimg import ImageInfo
+from agent.storage.locations import is_rbd, parse_rbd
+from agent.storage.qemuimg import Extent, ImageInfo
 from agent.storage.rbdpool import RbdPool
 from agent.storage.roots import Storage, StorageRoot
 from agent.virt.domxml import DiskXml, RbdAccess, VolumeSource
@@ -65,6 +66,17 @@ class DiskPlan:
     #: (``block``) or ``rbd:pool/image`` (agent/storage/locations.py).
     src_kind: StorageKind = StorageKind.FILE
     dst_kind: StorageKind = StorageKind.FILE
+
+    @property
+    def shallow(self) -> bool:
+        """Whether a shallow mirror (QEMU ``sync: top``) copies all this disk needs: the top onto a prepared
+        chain, or a disk without a backing file onto a fresh file or RBD image, which reads as zeros where
+        the source has nothing. A full copy makes QEMU 7.2 zero the whole target first, which leaves a qcow2
+        file zero clusters everywhere (each one "allocated" to the next move's mirror, LAB-NOTES); only a
+        flattened chain, a pre-created target or a block device (old bytes past its first MiB) needs it."""
+        if not self.flatten:
+            return True
+        return len(self.src_chain) == 1 and not self.precreated and self.dst_kind is not StorageKind.BLOCK
 
     def src_source(self, rbd: RbdAccess | None = None) -> VolumeSource:
         """The source top as libvirt names it (``rbd``: how to reach its pool, for an RBD image)."""
@@ -121,7 +133,7 @@ class MigrationPlan:
         a prepared chain, or the data of a disk without a backing file onto a fresh image. Only flattening a
         real chain, or a pre-created image that may hold old data, needs a full copy, which QEMU charges
         for the whole virtual size when the target is an NBD export (holes included; LAB-NOTES)."""
-        return all(not d.flatten or (len(d.src_chain) == 1 and not d.precreated) for d in self.disks)
+        return all(d.shallow for d in self.disks)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -202,16 +214,29 @@ def volume_uuid(disk: DiskXml, request: MigrationRequest) -> str:
     return Path(disk.source or disk.target).name.split(".")[0]
 
 
+#: The kinds of volume a same-host live move takes a disk from.
+KINDS = (StorageKind.FILE, StorageKind.BLOCK, StorageKind.RBD)
+
+
+def _source_kind(disk: DiskXml) -> StorageKind | None:
+    """The kind of volume ``disk`` reads (None: an empty drive, or a network disk other than RBD)."""
+    if disk.type == "network":
+        return StorageKind.RBD if disk.location and is_rbd(disk.location) else None
+    if disk.source is None:
+        return None
+    return {"file": StorageKind.FILE, "block": StorageKind.BLOCK}.get(disk.type)
+
+
 #: Why a data volume stays where it is.
 DATA_VOLUME_LEFT = "data volume, and withDataVolumes is false"
 
 
-def _skip_reason(disk: DiskXml, is_root: bool, with_data: bool, kinds: tuple[str, ...]) -> str | None:
+def _skip_reason(disk: DiskXml, is_root: bool, with_data: bool, any_kind: bool) -> str | None:
     if disk.device != "disk":
         return f"{disk.device} devices stay where they are"
-    if disk.type not in kinds or disk.source is None:
+    if _source_kind(disk) not in (KINDS if any_kind else (StorageKind.FILE,)):
         return f"{disk.type} disks are not " + (
-            "file images or block devices on this host" if "block" in kinds else "file images on this host"
+            "file images, block devices or RBD images" if any_kind else "file images on this host"
         )
     if disk.readonly:
         return "read-only disks stay where they are"
@@ -222,14 +247,23 @@ def _skip_reason(disk: DiskXml, is_root: bool, with_data: bool, kinds: tuple[str
     return None
 
 
+def _names(install_path: str, disk: DiskXml) -> bool:
+    """Whether the caller's ``installPath`` is ``disk``'s volume: the same file or device (symlinks
+    resolved), or the same RBD image (``rbd:`` or ZStack's ``ceph://``)."""
+    if disk.type == "network":
+        if disk.location is None or not is_rbd(install_path):
+            return False
+        try:
+            return parse_rbd(install_path, "installPath") == parse_rbd(disk.location, "source")
+        except InvalidRequest:
+            return False
+    return disk.source is not None and os.path.realpath(install_path) == os.path.realpath(disk.source)
+
+
 def _listed(disk: DiskXml, request: MigrationRequest) -> int | None:
     """Index of the ``volumes`` entry naming this disk (by install path, or uuid = serial), else None."""
     for i, mapping in enumerate(request.volumes):
-        if (
-            mapping.installPath
-            and disk.source
-            and os.path.realpath(mapping.installPath) == os.path.realpath(disk.source)
-        ):
+        if mapping.installPath and _names(mapping.installPath, disk):
             return i
         if mapping.uuid and disk.serial and mapping.uuid == disk.serial:
             return i
@@ -241,11 +275,7 @@ def _asked_dst(disk: DiskXml, request: MigrationRequest) -> tuple[str, str] | No
     for i, mapping in enumerate(request.volumes):
         if not mapping.dstInstallPath:
             continue
-        matches_path = (
-            mapping.installPath
-            and disk.source
-            and (os.path.realpath(mapping.installPath) == os.path.realpath(disk.source))
-        )
+        matches_path = mapping.installPath and _names(mapping.installPath, disk)
         matches_uuid = mapping.uuid and mapping.uuid in (disk.serial,)
         if matches_path or matches_uuid:
             return mapping.dstInstallPath, f"volumes[{i}].dstInstallPath"
@@ -273,8 +303,9 @@ def _dst_top_for(
         return str(dst.confine(path, field_name))
     field_name = f"volumes[{index}]"
     if isinstance(dst, StorageRoot):
-        assert disk.source is not None
-        return str(dst.confine(Path(disk.source).name, field_name))
+        named = disk.source or disk.location  # an RBD image's file takes the image's name
+        assert named is not None
+        return str(dst.confine(Path(named).name, field_name))
     if isinstance(dst, RbdPool):
         return str(dst.confine(volume, field_name))
     fitting = sorted((f for f in free if f[1] >= size), key=lambda f: (f[1], f[0]))
@@ -301,7 +332,7 @@ def plan_migration(
     *,
     dst_rbd: RbdAccess | None = None,
     free_devices: Sequence[FreeDevice] = (),
-    block_sources: bool = False,
+    any_kind: bool = False,
 ) -> MigrationPlan:
     """Decide the moves. ``chains`` maps a disk target to its chain (top first) from qemu-img.
 
@@ -311,8 +342,8 @@ def plan_migration(
 
     Onto an RBD pool or a block storage each disk becomes one raw volume (``dst_rbd``: how QEMU reaches the
     pool; ``free_devices``: the block storage's devices a disk may take): a chain is flattened into it, and
-    the plan says so when ``withSnapshots`` asked to keep it. ``block_sources``: a disk on a block device
-    moves too (a same-host live move; other moves take files only).
+    the plan says so when ``withSnapshots`` asked to keep it. ``any_kind``: a disk on a block device or an
+    RBD image moves too (a same-host live move; other moves take files only).
     """
     psm = request.primaryStorageMigrateVm
     precreated = request.targetsPrecreated
@@ -325,7 +356,6 @@ def plan_migration(
         )
     free = list(free_devices)
     notes: list[str] = []
-    kinds = ("file", "block") if block_sources else ("file",)
     root = root_disk(disks)
     if root is None:
         raise InvalidRequest(f"VM {vm_uuid} has no disk to move", field="vmUuid")
@@ -336,7 +366,7 @@ def plan_migration(
     for index, disk in enumerate(disks):
         is_root = disk is root
         entry = _listed(disk, request) if precreated else None
-        reason = _skip_reason(disk, is_root, psm.withDataVolumes or precreated, kinds)
+        reason = _skip_reason(disk, is_root, psm.withDataVolumes or precreated, any_kind)
         if precreated and entry is None and reason is None:
             reason = "not listed in volumes (only disks with a pre-created target move)"
         if reason is not None:
@@ -410,7 +440,7 @@ def plan_migration(
                 src_chain=tuple(layer.path for layer in chain),
                 estimated_bytes=estimated,
                 precreated=precreated,
-                src_kind=StorageKind.BLOCK if disk.type == "block" else StorageKind.FILE,
+                src_kind=_source_kind(disk) or StorageKind.FILE,
                 dst_kind=dst_kind,
             )
         )
@@ -460,11 +490,26 @@ def _check_distinct_targets(disks: Sequence[DiskPlan], layers: Mapping[str, Laye
             )
 
 
-async def inspect_chains(disks: Sequence[DiskXml]) -> dict[str, list[ImageInfo]]:
+async def inspect_chains(
+    disks: Sequence[DiskXml], rbd_sizes: Mapping[str, int] | None = None
+) -> dict[str, list[ImageInfo]]:
     """qemu-img's view of every file or block disk's chain, keyed by target (a device's format as libvirt
-    has it, never probed from the guest's bytes)."""
+    has it, never probed from the guest's bytes). An RBD image is one raw layer of the size its QEMU gives
+    (``rbd_sizes``, by target: the agent holds no Ceph key to ask the image itself); its actual size is
+    not known before its allocation is mapped (``allocation_index``), so the whole size stands for it."""
     chains: dict[str, list[ImageInfo]] = {}
     for disk in disks:
+        if (
+            disk.device == "disk"
+            and _source_kind(disk) is StorageKind.RBD
+            and disk.target in (rbd_sizes or {})
+        ):
+            size = (rbd_sizes or {})[disk.target]
+            assert disk.location is not None
+            chains[disk.target] = [
+                ImageInfo(disk.location, disk.format or "raw", size, size, None, None, None)
+            ]
+            continue
         if disk.device == "disk" and disk.type == "file" and disk.source:
             chains[disk.target] = await qemuimg.backing_chain(disk.source)
         elif disk.device == "disk" and disk.type == "block" and disk.source:
@@ -475,9 +520,18 @@ async def inspect_chains(disks: Sequence[DiskXml]) -> dict[str, list[ImageInfo]]
     return chains
 
 
-async def allocation_index(disk: DiskPlan) -> AllocationIndex:
-    """Where the bytes a mirror of ``disk`` moves are: data in any layer when flattening, else in the top."""
-    extents = await qemuimg.allocation_map(disk.src_top, disk.src_format)
+async def allocation_index(
+    disk: DiskPlan, live: Callable[[], Awaitable[list[Extent]]] | None = None
+) -> AllocationIndex:
+    """Where the bytes a mirror of ``disk`` moves are: data in any layer when flattening, else in the top.
+    ``live``: how to map the source through the QEMU that has it open (an RBD image, see
+    ``agent.virt.livemap``)."""
+    if disk.src_kind is StorageKind.RBD:
+        if live is None:
+            raise PreflightFailed(f"{disk.src_top}: an RBD image is mapped only through its running QEMU")
+        extents = await live()
+    else:
+        extents = await qemuimg.allocation_map(disk.src_top, disk.src_format)
     return AllocationIndex((e.start, e.length) for e in extents if e.data and (disk.flatten or e.depth == 0))
 
 

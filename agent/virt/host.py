@@ -335,6 +335,10 @@ class VirtHost:
             params[libvirt.VIR_DOMAIN_BLOCK_COPY_BANDWIDTH] = int(bandwidth)
         await self.call_domain(vm_uuid, lambda dom: dom.blockCopy(disk, dest_xml, params, flags))
 
+    async def block_capacity(self, vm_uuid: str, disk: str) -> int:
+        """The bytes the guest sees of ``disk`` (libvirt's block info; for a network disk, QEMU's)."""
+        return int(await self.call_domain(vm_uuid, lambda dom: dom.blockInfo(disk)[0]))
+
     async def block_writes(self, vm_uuid: str, disks: Sequence[str]) -> dict[str, int]:
         """Bytes the guest wrote to each disk since the VM started (virDomainBlockStats ``wr_bytes``)."""
         return await self.call_domain(vm_uuid, lambda dom: {d: int(dom.blockStats(d)[3]) for d in disks})

@@ -29,6 +29,8 @@ RBD_OBJECT = 4 * MiB
 #: MiB) in every move measured, whatever the disk's data (docs/storage.md: not explained yet), and one for
 #: the guest's records written between the switch and the pool's reading.
 EXTRA_OBJECTS = 4
+#: The cap of the move back from RBD (MiB/s), and QEMU's mirror buffer: what a mirror may have in flight.
+CAP_MIB, BUFFER = 50, 16 * MiB
 
 
 @pytest.fixture
@@ -133,6 +135,30 @@ async def test_a_running_guest_moves_onto_rbd_thin_with_its_chain_flattened(
             assert 0.95 * data <= used <= 1.05 * data + EXTRA_OBJECTS * RBD_OBJECT, (target, used, data)
     finally:
         host.virsh("resume", guest.name)
+    guest.wait_for_acks(10)
+    result = guest.verify()
+    assert result.ok and result.disks == 2, result.output
+
+    # And back from RBD to files, capped: the images' data is mapped through the guest's own QEMU (the agent
+    # holds no Ceph key), so the budget is charged for the data, not for the 1 GiB each image spans.
+    files = host.root("ps2")
+    images = {t: ceph.rbd_used_bytes(p.split("/", 1)[1]) for t, p in live.items()}
+    body = migration_body(files.uuid, withDataVolumes=True, bandwidth=CAP_MIB)
+    back = await migrate(lab_agents, host, guest.uuid, body)
+    assert back.state == "SUCCEEDED", back.task.get("error")
+    live, defined = disk_sources(host, guest.name), disk_sources(host, guest.name, inactive=True)
+    assert live == defined and all(Path(p).parent == files.path for p in live.values()), (live, defined)
+    plan = back.task["details"]["plan"]
+    assert all(d["fromKind"] == "rbd" and d["toKind"] == "file" for d in plan["disks"]), plan
+    budget = back.task["details"]["budget"]
+    moved = sum(images.values())
+    print(f"RBD -> files: {budget['realBytes'] / MiB:.0f} MiB charged, the images use {moved / MiB:.0f} MiB")
+    assert budget["realBytes"] <= 1.1 * moved + 2 * BUFFER, budget
+    assert "overBudget" not in back.task["details"], back.task["details"]["overBudget"]
+    for target, path in live.items():
+        allocated = Path(path).stat().st_blocks * 512
+        print(f"{target}: {allocated / MiB:.0f} MiB in {path}, the image used {images[target] / MiB:.0f}")
+        assert allocated <= images[target] + BUFFER, (target, allocated, images[target])
     guest.wait_for_acks(10)
     result = guest.verify()
     assert result.ok and result.disks == 2, result.output

@@ -1,7 +1,9 @@
 """Live limits (issue 27): a PATCH of a running move's bandwidth takes effect in QEMU, lifting a cap or
 lowering one, in the disk phase (COPYING) and the memory phase (CONVERGING), on one host and across hosts,
 measured from outside the agent (the source QEMU's own counters, the destination files' growth); the move
-then ends SUCCEEDED with every acknowledged write. Each move takes several PATCHes to stay cheap.
+then ends SUCCEEDED with every acknowledged write. Each move takes several PATCHes to stay cheap. The steps:
+across hosts 20 -> 4 -> 20 in COPYING, 20 -> 4 -> 2 -> uncapped in CONVERGING, 2 -> uncapped 0.3 s into
+COPYING; on one host 20 -> 4 -> uncapped and uncapped -> 2 -> uncapped in COPYING.
 
 How a rate is judged:
 - the memory stream (QEMU paces it in 100 ms slices): over [PATCH + 1 s, PATCH + 3 s], within 10 % of the cap;
@@ -293,6 +295,29 @@ async def test_caps_lowered_and_lifted_on_one_host(lab_agents: Lab, make_guest: 
         sampler.wait_until("the copy growing", lambda moved: moved > 24 * MiB, 120)
         (copy,) = sampler.streams()
         wrong = await retune.lower_mirrors(4, "COPYING", [copy], bursts=3)
+        assert not wrong, wrong
+        assert_lifted_in_qemu(await retune.lift("COPYING"), stream=False)
+        await _finish(lab_agents, host, task["taskUuid"], guest)
+
+
+async def test_a_cap_put_on_an_uncapped_copy_holds(lab_agents: Lab, make_guest: Callable[..., Guest]) -> None:
+    """One uncapped move of one disk with 1 GiB of data, capped at 2 MiB/s in COPYING (0 -> 2): from the
+    first burst after the uncapped copy's last data the destination file grows at the new cap; then lifted."""
+    host = lab_agents.host("hostA")
+    dst = host.root("ps2")
+    fill = 1024
+    guest = make_guest(disk_size_mib=2 * fill, fill_mib=fill)
+    guest.wait_for_acks(10)
+    before = os.listdir(dst.path)
+    task = await start(lab_agents, host, guest.uuid, migration_body(dst.uuid))
+    with Sampler(files_allocated(dst.path, before), every=0.05) as sampler:
+        retune = Retuner(lab_agents, host, task["taskUuid"], sampler, cap=None)
+        sampler.wait_until("the copy growing", lambda moved: moved > 1 * MiB, 120)
+        (copy,) = sampler.streams()
+        wrong = await retune.lower_mirrors(2, "COPYING", [copy], bursts=2)
+        moved = sampler.samples[-1][1][copy]
+        print(f"  {moved / MiB:.0f} MiB on the destination when the cap was measured")
+        assert moved < (fill - 64) * MiB, "premise: the uncapped copy ran through the filler before the cap"
         assert not wrong, wrong
         assert_lifted_in_qemu(await retune.lift("COPYING"), stream=False)
         await _finish(lab_agents, host, task["taskUuid"], guest)

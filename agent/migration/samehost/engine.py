@@ -6,8 +6,9 @@ happens):
    space, targets absent or identical shared layers).
 2. COPYING (``copy``, ``mirrors``, ``steering``): lower layers copied as files (sparse, rate-limited,
    outside the guest's I/O path) and pointed at their new backing files; destination tops created; one
-   mirror per disk (shallow onto the pre-created chain, or a full copy = flatten), all in parallel, paced
-   by the shared mirror pacer from the allocation maps so the task's one budget is charged for real bytes.
+   mirror per disk (shallow unless a chain is flattened or the target may hold old bytes), all in
+   parallel, paced by the shared mirror pacer from the allocation maps so the task's one budget is charged
+   for real bytes.
 3. SWITCHING (``switch``): when every mirror is READY (event, confirmed by ``<mirror ready='yes'>``), pivot
    them all. If one pivot fails, the disks already pivoted are mirrored back onto their source files, so the
    VM runs from one consistent set: all source or all destination.

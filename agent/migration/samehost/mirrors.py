@@ -1,6 +1,6 @@
-"""The block copies themselves: one mirror per disk, started with ``VirtHost.block_copy`` (shallow onto the
-pre-created chain, or a full copy = flatten), restarted in write-blocking mode when it loses to the guest,
-and followed through libvirt's block-job events."""
+"""The block copies themselves: one mirror per disk, started with ``VirtHost.block_copy`` (shallow unless a
+chain is flattened or the target may hold old bytes: ``DiskPlan.shallow``), restarted in write-blocking
+mode when it loses to the guest, and followed through libvirt's block-job events."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ async def start_mirror(
 ) -> None:
     """Start the block copy of one disk at ``share`` bytes/s (None: no limit), in the mirror's mode."""
     flags = libvirt.VIR_DOMAIN_BLOCK_COPY_REUSE_EXT | libvirt.VIR_DOMAIN_BLOCK_COPY_TRANSIENT_JOB
-    if not mirror.disk.flatten:
+    if mirror.disk.shallow:
         flags |= libvirt.VIR_DOMAIN_BLOCK_COPY_SHALLOW
     if mirror.mode is Mode.WRITE_BLOCKING:
         flags |= libvirt.VIR_DOMAIN_BLOCK_COPY_SYNCHRONOUS_WRITES
@@ -40,7 +40,7 @@ async def start_mirror(
         target,
         mirror.disk.src_top,
         mirror.disk.dst_top,
-        " (flatten)" if mirror.disk.flatten else " (shallow)",
+        " (shallow)" if mirror.disk.shallow else " (full)",
         mirror.mode.value,
     )
 

@@ -8,6 +8,7 @@ import dataclasses
 import os
 from pathlib import Path
 
+from agent.config import StorageKind
 from agent.errors import Code, PreflightFailed, StorageError
 from agent.migration import snapshots
 from agent.migration.engine import TaskContext
@@ -23,7 +24,7 @@ from agent.migration.targets import check_precreated_target, check_same_content_
 from agent.migration.volumes import CLAIMED_DEVICES, claim_devices, rbd_access
 from agent.storage import blockdir, qemuimg, rbdimages
 from agent.storage.blockdir import BlockDir
-from agent.storage.locations import parse_rbd
+from agent.storage.locations import is_rbd, parse_rbd
 from agent.storage.rbdpool import RbdPool
 from agent.storage.roots import StorageRoot, StorageRoots
 from agent.storage.space import check_free_space
@@ -40,7 +41,12 @@ async def plan_move(host: VirtHost, roots: StorageRoots, ctx: TaskContext) -> Mi
             field="vmUuid",
         )
     disks = parse_disks(await host.live_xml(ctx.vm_uuid))
-    chains = await inspect_chains(disks)
+    rbd_sizes = {
+        d.target: await host.block_capacity(ctx.vm_uuid, d.target)
+        for d in disks
+        if d.device == "disk" and d.type == "network" and d.location and is_rbd(d.location)
+    }
+    chains = await inspect_chains(disks, rbd_sizes)
     dst = roots.storage(ctx.request.primaryStorageMigrateVm.dstPrimaryStorageUuid)
     rbd = free = None
     if isinstance(dst, RbdPool):
@@ -49,7 +55,7 @@ async def plan_move(host: VirtHost, roots: StorageRoots, ctx: TaskContext) -> Mi
         # No await from here to the claim: a device another task claimed meanwhile is not offered.
         free = [f for f in await free_devices(host, dst) if f[0] not in CLAIMED_DEVICES]
     plan = plan_migration(
-        ctx.vm_uuid, disks, chains, ctx.request, dst, dst_rbd=rbd, free_devices=free or (), block_sources=True
+        ctx.vm_uuid, disks, chains, ctx.request, dst, dst_rbd=rbd, free_devices=free or (), any_kind=True
     )
     snapshots.refuse_internal({d.target: chains[d.target] for d in plan.disks})
     if isinstance(dst, BlockDir):
@@ -101,6 +107,16 @@ async def preflight(host: VirtHost, roots: StorageRoots, ctx: TaskContext, plan:
     dst = roots.storage(plan.dst_storage_uuid)
     used = await _used_here(host) if isinstance(dst, BlockDir) else set()
     for disk in plan.disks:
+        if disk.src_kind is StorageKind.RBD and not isinstance(
+            roots.owner_of_location(disk.src_top), RbdPool
+        ):
+            raise PreflightFailed(
+                f"disk {disk.target} is on {disk.src_top}, in no RBD storage of this host",
+                field="vmUuid",
+                code=Code.STORAGE_KIND_UNSUPPORTED,
+                details="the agent moves an RBD image only from a pool in its configuration ([[storage]] "
+                "kind = 'rbd'): a copy back on failure needs that pool's monitors, user and secret",
+            )
         if await host.block_job(ctx.vm_uuid, disk.target) is not None:
             raise PreflightFailed(
                 f"disk {disk.target} of VM {ctx.vm_uuid} already has a block job",

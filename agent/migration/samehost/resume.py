@@ -7,13 +7,13 @@ import contextlib
 import time
 from typing import Any
 
-from agent.errors import Code, MigrationFailed, NotFound, StorageError
+from agent.errors import Code, MigrationFailed, NotFound, PreflightFailed, StorageError
 from agent.migration.engine import Step, TaskContext, announce, run_past_cancel
 from agent.migration.mirrors.hotdisk import Mode
 from agent.migration.mirrors.speeds import AllocationIndex
 from agent.migration.plan import DiskPlan, MigrationPlan, allocation_index
 from agent.migration.samehost.abandon import abandon
-from agent.migration.samehost.steering import pace, raise_if_stopped
+from agent.migration.samehost.steering import pace, raise_if_stopped, source_index
 from agent.migration.samehost.switch import finish
 from agent.migration.samehost.verify import verify
 from agent.migration.samehost.work import Mirror, Work
@@ -91,7 +91,7 @@ async def _pick_up_mirrors(host: VirtHost, ctx: TaskContext, work: Work, *, tick
     written = await host.block_writes(ctx.vm_uuid, [d.target for d in work.plan.disks])
     for disk in work.plan.disks:
         mirror = work.mirrors[disk.target]
-        mirror.index = await allocation_index(disk)
+        mirror.index = await source_index(host, ctx, disk)
         if disk.target in blocking and mirror.watch is not None:
             mirror.watch.mode = Mode.WRITE_BLOCKING
         # The guest's writes before the restart are unknown: the background part is estimated from here,
@@ -148,7 +148,8 @@ async def _refuse_if_stopped_after_switch(host: VirtHost, ctx: TaskContext, work
 
 
 async def _allocation_or_empty(disk: DiskPlan) -> AllocationIndex:
+    """For the progress of a switch resumed: an RBD source is not mapped (its mirror is gone)."""
     try:
         return await allocation_index(disk)
-    except StorageError:
+    except (StorageError, PreflightFailed):
         return AllocationIndex([])

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import time
 from collections.abc import Awaitable, Callable
@@ -13,6 +14,7 @@ from typing import Any
 
 import libvirt
 
+from agent.config import StorageKind
 from agent.errors import AgentError, Code, MigrationFailed, VirtError
 from agent.migration.engine import Step, TaskContext, announce, run_past_cancel
 from agent.migration.plan import DiskPlan
@@ -20,6 +22,7 @@ from agent.migration.samehost.abandon import abandon, remove_created
 from agent.migration.samehost.verify import carry_snapshots, verify
 from agent.migration.samehost.work import Work
 from agent.migration.states import TaskState
+from agent.migration.volumes import volume_source
 from agent.storage.roots import StorageRoots
 from agent.virt.domxml import block_copy_dest_xml, parse_disks
 from agent.virt.host import LIBVIRT_OUTAGE_S, UNREACHABLE, VirtHost
@@ -88,7 +91,7 @@ async def switch(host: VirtHost, roots: StorageRoots, ctx: TaskContext, work: Wo
     for target in pivoted:
         disk = work.mirrors[target].disk
         try:
-            await _mirror_back(host, ctx, disk, tick_s=tick_s)
+            await _mirror_back(host, roots, ctx, disk, tick_s=tick_s)
         except MigrationFailed as err:
             ctx.log.error("rolling %s back failed: %s", target, err.description)
             stuck[target] = f"{target} runs from {disk.dst_top} ({err.description})"
@@ -160,12 +163,17 @@ def _stop_rollback_wait(ctx: TaskContext, still_s: float) -> str | None:
     return None
 
 
-async def _mirror_back(host: VirtHost, ctx: TaskContext, disk: DiskPlan, *, tick_s: float) -> None:
-    """Copy a pivoted disk back onto its (intact) source top and pivot to it."""
+async def _mirror_back(
+    host: VirtHost, roots: StorageRoots, ctx: TaskContext, disk: DiskPlan, *, tick_s: float
+) -> None:
+    """Copy a pivoted disk back onto its (intact) source top and pivot to it (an RBD image through the
+    access of the storage that holds it)."""
     flags = libvirt.VIR_DOMAIN_BLOCK_COPY_REUSE_EXT | libvirt.VIR_DOMAIN_BLOCK_COPY_TRANSIENT_JOB
     if not disk.flatten:
         flags |= libvirt.VIR_DOMAIN_BLOCK_COPY_SHALLOW
-    dest = block_copy_dest_xml(disk.src_source())
+    held = roots.owner_of_location(disk.src_top) if disk.src_kind is StorageKind.RBD else None
+    source = volume_source(held, disk.src_kind, disk.src_top, disk.src_format)
+    dest = block_copy_dest_xml(dataclasses.replace(source, size=disk.src_source().size))
     await host.block_copy(ctx.vm_uuid, disk.target, dest, bandwidth=None, flags=flags)
     # Bounded: this runs past a cancel (run_past_cancel), so its own limits are the only ones. A mirror
     # that makes no progress, a cancel, or the task's deadline ends the wait; the disk then stays on the

@@ -10,12 +10,15 @@ from test_plan import DST, GiB, chain3, disk, layer, request
 
 from agent.config import StorageKind
 from agent.errors import Code, InvalidRequest, PathOutsideRoot, PreflightFailed
-from agent.migration.plan import MigrationPlan, plan_migration
+from agent.migration.plan import MigrationPlan, allocation_index, inspect_chains, plan_migration
 from agent.migration.request import MigrationRequest
 from agent.storage.blockdir import BlockDir
+from agent.storage.qemuimg import Extent, ImageInfo
 from agent.storage.rbdpool import RbdPool
-from agent.virt.domxml import RbdAccess, block_copy_dest_xml
+from agent.storage.roots import StorageRoot
+from agent.virt.domxml import DiskXml, RbdAccess, block_copy_dest_xml
 
+MiB = 1 << 20
 ACCESS = RbdAccess((("10.0.0.1", 6789),), "ksalab", "0f0e0d0c-0b0a-4908-8706-050403020100")
 
 
@@ -159,3 +162,68 @@ def test_a_running_block_copys_destination_counts_as_used() -> None:
         "</devices></domain>"
     )
     assert mirror_targets(xml) == ["/blk/d0", "rbd:ksa/img"]
+
+
+def _rbd_disk(target: str, image: str, **kw: object) -> DiskXml:
+    return disk(target, None, type="network", format="raw", location=f"rbd:{image}", **kw)
+
+
+async def test_from_rbd_an_image_moves_to_a_file_of_its_name_only_on_a_live_move(tmp_path: Path) -> None:
+    root = StorageRoot(DST, tmp_path)
+    disks = [_rbd_disk("vda", "ksa/vol-a", serial="vol-a"), disk("vdb", "/src/b.qcow2", serial="vol-b")]
+    chains = await inspect_chains(disks[:1], {"vda": GiB})
+    assert chains["vda"][0].path == "rbd:ksa/vol-a" and chains["vda"][0].virtual_size == GiB
+    chains["vdb"] = [layer("/src/b.qcow2")]
+    plan = plan_migration("vm", disks, chains, request(withDataVolumes=True), root, any_kind=True)
+    vda = plan.disks[0]
+    assert (vda.src_kind, vda.src_top, vda.dst_top, vda.dst_format, vda.flatten) == (
+        StorageKind.RBD,
+        "rbd:ksa/vol-a",
+        f"{tmp_path}/vol-a",
+        "raw",
+        True,
+    )
+    assert vda.src_source(ACCESS).disk_type == "network"
+    assert MigrationPlan.from_dict(plan.to_dict()) == plan
+    # Elsewhere (across hosts, a stopped VM) the root on RBD is refused, naming the VM.
+    with pytest.raises(PreflightFailed) as err:
+        plan_migration("vm", disks, chains, request(withDataVolumes=True), root)
+    assert err.value.field == "vmUuid" and "network disks are not file images" in err.value.description
+
+
+async def test_an_rbd_image_without_a_live_qemu_is_not_mapped(tmp_path: Path) -> None:
+    root = StorageRoot(DST, tmp_path)
+    plan = plan_migration(
+        "vm",
+        [_rbd_disk("vda", "ksa/a")],
+        {"vda": [ImageInfo("rbd:ksa/a", "raw", GiB, GiB, None, None, None)]},
+        request(),
+        root,
+        any_kind=True,
+    )
+    with pytest.raises(PreflightFailed):
+        await allocation_index(plan.disks[0])
+    mapped = await allocation_index(plan.disks[0], live=_extents)
+    assert (mapped.total, mapped.end) == (3 * MiB, 9 * MiB)
+
+
+async def _extents() -> list[Extent]:
+    return [
+        Extent(0, MiB, True, False, 0),
+        Extent(MiB, 7 * MiB, False, True, 0),
+        Extent(7 * MiB, 2 * MiB, True, False, 0),
+    ]
+
+
+def test_a_caller_names_an_rbd_source_by_rbd_or_ceph_location(tmp_path: Path) -> None:
+    root = StorageRoot(DST, tmp_path)
+    chains = {"vda": [ImageInfo("rbd:ksa/a", "raw", GiB, GiB, None, None, None)]}
+    for named in ("rbd:ksa/a", "ceph://ksa/a"):
+        req = MigrationRequest.model_validate(
+            {
+                "primaryStorageMigrateVm": {"dstPrimaryStorageUuid": DST},
+                "volumes": [{"installPath": named, "dstInstallPath": "moved.raw"}],
+            }
+        )
+        plan = plan_migration("vm", [_rbd_disk("vda", "ksa/a")], chains, req, root, any_kind=True)
+        assert plan.disks[0].dst_top == f"{tmp_path}/moved.raw"
