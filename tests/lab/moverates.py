@@ -35,6 +35,12 @@ def _qmp(host: LabHost, vm: str, command: str) -> object:
         return None
 
 
+def qemu_jobs(host: LabHost, vm: str) -> list[dict[str, int]]:
+    """The block jobs of ``vm`` as its QEMU reports them (``query-block-jobs``); empty once it is gone."""
+    jobs = _qmp(host, vm, "query-block-jobs")
+    return [dict(j) for j in jobs] if isinstance(jobs, list) else []
+
+
 def qemu_moved(host: LabHost, vm: str) -> Callable[[], dict[str, int] | None]:
     """Bytes the source QEMU has sent so far, per stream: ``ram`` and each mirror job (by its device), or
     None once it is gone."""
