@@ -71,8 +71,8 @@ class DiskPlan:
     def shallow(self) -> bool:
         """Whether a shallow mirror (QEMU ``sync: top``) copies all this disk needs: the top onto a prepared
         chain, or a disk without a backing file onto a fresh file or RBD image, which reads as zeros where
-        the source has nothing. A full copy makes QEMU 7.2 zero the whole target first, which leaves a qcow2
-        file zero clusters everywhere (each one "allocated" to the next move's mirror, LAB-NOTES); only a
+        the source has nothing. A full copy walks the whole disk, and a qcow2 target it wrote carried zero
+        clusters that the next move's mirror counted as data (docs/performance.md, case 2); only a
         flattened chain, a pre-created target or a block device (old bytes past its first MiB) needs it."""
         if not self.flatten:
             return True

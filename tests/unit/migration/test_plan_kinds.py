@@ -227,3 +227,28 @@ def test_a_caller_names_an_rbd_source_by_rbd_or_ceph_location(tmp_path: Path) ->
         )
         plan = plan_migration("vm", [_rbd_disk("vda", "ksa/a")], chains, req, root, any_kind=True)
         assert plan.disks[0].dst_top == f"{tmp_path}/moved.raw"
+
+
+def test_a_mirror_is_shallow_unless_it_flattens_or_its_target_may_hold_old_bytes(tmp_path: Path) -> None:
+    """A full copy makes QEMU 7.2 zero the whole target first (zero clusters everywhere in a qcow2 file);
+    it is kept for a flattened chain, a pre-created target and a block device."""
+    one = {"vda": [layer("/src/a.qcow2")]}
+    files = StorageRoot(DST, tmp_path)
+    assert plan_migration("vm", [disk("vda", "/src/a.qcow2")], one, request(), files).disks[0].shallow
+    kept = plan_migration(
+        "vm", [disk("vda", "/src/top.qcow2")], {"vda": chain3("/src")}, request(withSnapshots=True), files
+    )
+    assert kept.disks[0].shallow and not kept.disks[0].flatten
+    flat = plan_migration("vm", [disk("vda", "/src/top.qcow2")], {"vda": chain3("/src")}, request(), files)
+    assert flat.disks[0].flatten and not flat.disks[0].shallow
+    pool = RbdPool(DST, "ksa", "", ACCESS.monitors, ACCESS.user, ACCESS.secret_uuid)
+    assert (
+        plan_migration("vm", [disk("vda", "/src/a.qcow2")], one, request(), pool, dst_rbd=ACCESS)
+        .disks[0]
+        .shallow
+    )
+    devices = BlockDir(DST, tmp_path)
+    onto = plan_migration(
+        "vm", [disk("vda", "/src/a.qcow2")], one, request(), devices, free_devices=[(f"{tmp_path}/d", GiB)]
+    )
+    assert not onto.disks[0].shallow
