@@ -77,13 +77,14 @@ def max_window_rate(samples: Sequence[tuple[float, float]], window_s: float) -> 
     return best
 
 
-def active_span(samples: Sequence[tuple[float, float]]) -> list[tuple[float, float]]:
-    """The samples from the last one before the counter first moves to the first one at its final value:
-    the stretch in which the counter is actually advancing (leading and trailing flat parts removed)."""
+def active_span(samples: Sequence[tuple[float, float]], floor: float = 0.0) -> list[tuple[float, float]]:
+    """The samples from the last one before the counter first moves (by more than ``floor``: a file's
+    metadata is not its data) to the first one at its final value: the stretch in which the counter is
+    actually advancing (leading and trailing flat parts removed)."""
     if len(samples) < 2:
         return list(samples)
     first_value, last_value = samples[0][1], samples[-1][1]
-    start = next((i for i, (_t, v) in enumerate(samples) if v != first_value), len(samples)) - 1
+    start = next((i for i, (_t, v) in enumerate(samples) if abs(v - first_value) > floor), len(samples)) - 1
     end = next(i for i, (_t, v) in enumerate(samples) if v == last_value)
     start = max(start, 0)
     return list(samples[start : end + 1]) if end > start else []

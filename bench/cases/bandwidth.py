@@ -125,8 +125,12 @@ def _agent_figures(
 ) -> dict[str, float]:
     copying = [(t, v) for t, v in result.samples if v["state"] == "COPYING"]
     series = [(t - result.started, _disk_bytes(v)) for t, v in copying]
-    # The rate is read at the destination (what arrived), not from the agent's own progress.
-    rate = mean_rate(active_span(arrived)) or 0.0
+    # The rate is read at the destination (what arrived), not from the agent's own progress, over the
+    # stretch in which data arrived (a file's first MiB of metadata does not start it). Where the phase's
+    # time went besides: before the first data, and after the last.
+    span = active_span(arrived, floor=MiB)
+    rate = mean_rate(span) or 0.0
+    began = result.state_times().get("COPYING")
     peak = max_window_rate(arrived, 5.0)
     disk_phase = result.phase("COPYING", phase_end) or float("nan")
     moves = sum(1 for (_, a), (_, b) in itertools.pairwise(series) if b != a)
@@ -137,6 +141,8 @@ def _agent_figures(
         "arrived": arrived[-1][1] - arrived[0][1] if arrived else float("nan"),
         "time_over_ideal": disk_phase / (allocated / cap),
         "disk_phase_s": disk_phase,
+        "first_data_s": span[0][0] - began if span and began is not None else float("nan"),
+        "data_s": span[-1][0] - span[0][0] if span else float("nan"),
         "total_s": result.elapsed or float("nan"),
         "allocated": allocated,
         "samples": len(series),
@@ -255,6 +261,10 @@ def _virsh_migrate(ctx: Context, guest: BenchGuest, cap_mib: int) -> dict[str, f
     }
 
 
+def _seconds(values: list[float]) -> str:
+    return ", ".join(f"{v:.1f}" for v in values)
+
+
 async def run_case(ctx: Context) -> list[Row]:
     s = ctx.settings
     cap = s.cap_mib_s
@@ -318,6 +328,8 @@ async def run_case(ctx: Context) -> list[Row]:
         rows.append(
             Row("2", title, name, f"{phase} time / (allocated / cap)", "x", col(name, "time_over_ideal"),
                 target=time_target if is_agent else None,
-                note=f"{mib}; total {', '.join(f'{t:.1f}' for t in col(name, 'total_s'))} s")
+                note=f"{mib}; total {_seconds(col(name, 'total_s'))} s"
+                + (f"; first data {_seconds(col(name, 'first_data_s'))} s into the phase, data arriving for "
+                   f"{_seconds(col(name, 'data_s'))} s" if is_agent else ""))
         )  # fmt: skip
     return rows

@@ -117,3 +117,10 @@ def test_jain_index_is_one_for_equal_shares_and_one_over_n_for_a_hog() -> None:
     assert jain([40.0, 0.0, 0.0, 0.0]) == pytest.approx(0.25)
     assert jain([20.0, 10.0]) == pytest.approx(0.9)
     assert jain([]) is None and jain([0.0, 0.0]) is None
+
+
+def test_active_span_starts_past_a_floor() -> None:
+    """A file's metadata written before its data does not start the span."""
+    samples = [(0.0, 0.0), (1.0, 0.2), (2.0, 0.2), (3.0, 5.0), (4.0, 10.0), (5.0, 10.0)]
+    assert active_span(samples) == [(0.0, 0.0), (1.0, 0.2), (2.0, 0.2), (3.0, 5.0), (4.0, 10.0)]
+    assert active_span(samples, floor=1.0) == [(2.0, 0.2), (3.0, 5.0), (4.0, 10.0)]
