@@ -22,6 +22,7 @@ from .layout import (
     CEPH_ADDRESS,
     CEPH_MON_PORTS,
     CEPH_POOL,
+    CEPH_POOL2,
     CEPH_USER,
     CLUSTER_TOKEN_FILE,
     PREFIX_LEN,
@@ -100,6 +101,9 @@ def config_text(host: HostSpec, hs: HostState, ceph: CephState, *, twin_port: in
     lines += ["", "[[storage]]", f'uuid = "{hs.storage[BLOCK_ROOT]}"', 'kind = "block"']
     lines += [f'path = "{host.block_root}"']
     lines += ["", "[[storage]]", f'uuid = "{ceph.storage_uuid}"', 'kind = "rbd"', f'pool = "{CEPH_POOL}"']
+    lines += [f'monitors = ["{CEPH_ADDRESS}:{CEPH_MON_PORTS[1]}"]', f'user = "{CEPH_USER}"']
+    lines += [f'secret_uuid = "{ceph.secret_uuid}"']
+    lines += ["", "[[storage]]", f'uuid = "{ceph.storage2_uuid}"', 'kind = "rbd"', f'pool = "{CEPH_POOL2}"']
     lines += [f'monitors = ["{CEPH_ADDRESS}:{CEPH_MON_PORTS[1]}"]', f'user = "{CEPH_USER}"']
     lines += [f'secret_uuid = "{ceph.secret_uuid}"']
     if twin_port:

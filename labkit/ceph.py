@@ -6,7 +6,8 @@ them, PID 1 here does not) and are stopped by pid. Everything lives under ``CEPH
 keyrings, the monitor's store, the OSD's data dir and, outside that dir, its sparse block file (BlueStore's
 ``block`` symlink in the data dir would point at itself otherwise). No ``admin_socket`` is set: daemons
 keep Ceph's per-name default, and clients (QEMU, ``rbd``) open none, so concurrent clients do not collide.
-The pool ``CEPH_POOL`` holds one replica; ``client.CEPH_USER`` may use it (`profile rbd`) and nothing else;
+The pools ``CEPH_POOL`` and ``CEPH_POOL2`` hold one replica each; ``client.CEPH_USER`` may use them
+(`profile rbd`) and nothing else;
 its key is the value of one libvirt secret (usage ``ceph``) defined on every host under the same uuid.
 """
 
@@ -29,6 +30,7 @@ from .layout import (
     CEPH_MON_PORTS,
     CEPH_OSD_BYTES,
     CEPH_POOL,
+    CEPH_POOL2,
     CEPH_USER,
     REPO_ROOT,
     HostSpec,
@@ -98,9 +100,9 @@ def rbd(*args: str, timeout: float = 120) -> str:
 # --- images in the pool (what tests of moves onto RBD check from outside) -----------------------------------
 
 
-def _spec(image: str) -> str:
-    """``pool/image`` of an image of ``CEPH_POOL``, given by its name in the pool ([namespace/]name)."""
-    return f"{CEPH_POOL}/{image}"
+def _spec(image: str, pool: str = CEPH_POOL) -> str:
+    """``pool/image`` of an image of ``pool``, given by its name in the pool ([namespace/]name)."""
+    return f"{pool}/{image}"
 
 
 def qemu_uri(image: str, *, pool: str = CEPH_POOL) -> str:
@@ -109,21 +111,21 @@ def qemu_uri(image: str, *, pool: str = CEPH_POOL) -> str:
     return f"rbd:{pool}/{image}:id=admin:conf={CONF}:keyring={ADMIN_KEYRING}"
 
 
-def rbd_images() -> list[str]:
+def rbd_images(pool: str = CEPH_POOL) -> list[str]:
     """The names of the images in the pool (its default namespace), sorted."""
-    return sorted(json.loads(rbd("ls", "--format", "json", CEPH_POOL) or "[]"))
+    return sorted(json.loads(rbd("ls", "--format", "json", pool) or "[]"))
 
 
-def rbd_used_bytes(image: str) -> int:
+def rbd_used_bytes(image: str, pool: str = CEPH_POOL) -> int:
     """Bytes the image really uses (``rbd du``'s ``used_size``): counted in whole RADOS objects, 4 MiB by
     default, so a few bytes written make one object's worth; 0 for an image never written."""
-    doc = json.loads(rbd("du", "--format", "json", _spec(image)))
+    doc = json.loads(rbd("du", "--format", "json", _spec(image, pool)))
     return sum(int(entry["used_size"]) for entry in doc.get("images", []) if "snapshot" not in entry)
 
 
-def rbd_remove(image: str) -> None:
+def rbd_remove(image: str, pool: str = CEPH_POOL) -> None:
     """Remove the image from the pool; LabError if it is missing or still open (a watcher: QEMU)."""
-    rbd("rm", "--no-progress", _spec(image))
+    rbd("rm", "--no-progress", _spec(image, pool))
 
 
 # --- processes ---------------------------------------------------------------------------------------------
@@ -259,9 +261,10 @@ def _bootstrap(cs: CephState) -> None:
     run(["ceph-osd", "-c", str(CONF), "-i", "0", "--mkfs", "--osd-uuid", osd_uuid], timeout=180)
     cs.osd_pid = _spawn("ceph-osd", "0")
 
-    ceph("osd", "pool", "create", CEPH_POOL, "8", "8")
-    ceph("osd", "pool", "application", "enable", CEPH_POOL, "rbd")
-    caps = ["mon", "profile rbd", "osd", f"profile rbd pool={CEPH_POOL}"]
+    for pool in (CEPH_POOL, CEPH_POOL2):
+        ceph("osd", "pool", "create", pool, "8", "8")
+        ceph("osd", "pool", "application", "enable", pool, "rbd")
+    caps = ["mon", "profile rbd", "osd", f"profile rbd pool={CEPH_POOL}, profile rbd pool={CEPH_POOL2}"]
     key = ceph("auth", "get-or-create-key", f"client.{CEPH_USER}", *caps).strip()
     write_file(CLIENT_KEY, key + "\n", 0o600)
     BOOTSTRAPPED.touch()
@@ -279,7 +282,8 @@ def _wait_ready(cs: CephState) -> None:
         return int(stat.get("num_up_osds", 0)) == 1
 
     wait_for("the Ceph OSD to be up", osd_up, timeout=120, interval=0.5)
-    run(["rbd", "-c", str(CONF), "ls", CEPH_POOL], timeout=120)
+    for pool in (CEPH_POOL, CEPH_POOL2):
+        run(["rbd", "-c", str(CONF), "ls", pool], timeout=120)
 
 
 def ensure(cs: CephState) -> None:
@@ -339,6 +343,8 @@ def status(cs: CephState) -> dict[str, Any]:
     return {
         "monitors": [f"{CEPH_ADDRESS}:{CEPH_MON_PORTS[1]}"],
         "pool": CEPH_POOL,
+        "pool2": CEPH_POOL2,
+        "storage2Uuid": cs.storage2_uuid,
         "user": CEPH_USER,
         "secretUuid": cs.secret_uuid,
         "storageUuid": cs.storage_uuid,

@@ -93,6 +93,9 @@ class CephCluster:
     #: The pool as the agents' primary storage of kind rbd: one uuid on both hosts.
     storage_uuid: str
     conf: Path
+    #: The second pool of the same cluster and its storage uuid (pool -> pool moves).
+    pool2: str = ""
+    storage2_uuid: str = ""
 
     @property
     def monitor_host(self) -> str:
@@ -120,4 +123,6 @@ def ceph_from_status(doc: Mapping[str, Any]) -> CephCluster:
         secret_uuid=c["secretUuid"],
         storage_uuid=c["storageUuid"],
         conf=Path(c["conf"]),
+        pool2=c.get("pool2", ""),
+        storage2_uuid=c.get("storage2Uuid", ""),
     )

@@ -69,6 +69,7 @@ CEPH_DIR = LAB_DIR / "ceph"
 CEPH_ADDRESS = BRIDGE_ADDRESS
 CEPH_MON_PORTS = (3300, 6789)  # msgr2, msgr1 (libvirt's <host port=...> names the second)
 CEPH_POOL = "ksa"
+CEPH_POOL2 = "ksa2"  # a second pool of the same cluster, the agents' second rbd storage (pool -> pool moves)
 CEPH_USER = "ksalab"  # client.ksalab: `profile rbd` on CEPH_POOL; its key is the hosts' libvirt secret
 #: The OSD's file, sparse: large, because a full BlueStore OSD crashes and a mirror onto it hangs silently.
 CEPH_OSD_BYTES = 32 << 30

@@ -11,7 +11,8 @@ import json
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
 
 from .layout import BLOCK_ROOT, HOSTS, LOCK_FILE, STATE_FILE, STORAGE_ROOTS
 from .sysutil import write_file
@@ -37,6 +38,8 @@ class CephState:
     secret_uuid: str = field(default_factory=lambda: str(uuid.uuid4()))
     #: The pool as a primary storage: one uuid on both hosts (shared storage, as a cloud configures it).
     storage_uuid: str = field(default_factory=lambda: str(uuid.uuid4()))
+    #: The second pool (``CEPH_POOL2``) as a primary storage.
+    storage2_uuid: str = field(default_factory=lambda: str(uuid.uuid4()))
     holder_pid: int | None = None
     mon_pid: int | None = None
     osd_pid: int | None = None
@@ -68,16 +71,28 @@ class LabState:
             data = json.loads(STATE_FILE.read_text())
         except (OSError, ValueError):
             return None
-        hosts = {name: HostState(**host) for name, host in data.get("hosts", {}).items()}
+        # A state another checkout wrote may name fields this one does not know (or lack some): `lab down`
+        # from either must still find every pid to stop.
+        hosts = {name: HostState(**_known(HostState, host)) for name, host in data.get("hosts", {}).items()}
         for hs in hosts.values():  # a lab brought up before block storage existed
             hs.storage.setdefault(BLOCK_ROOT, str(uuid.uuid4()))
         if set(hosts) != {h.name for h in HOSTS}:
             return None
-        ceph = CephState(**data["ceph"]) if isinstance(data.get("ceph"), dict) else CephState()
+        ceph = (
+            CephState(**_known(CephState, data["ceph"]))
+            if isinstance(data.get("ceph"), dict)
+            else CephState()
+        )
         return cls(hosts=hosts, agents=bool(data.get("agents", True)), ceph=ceph)
 
     def save(self) -> None:
         write_file(STATE_FILE, json.dumps(asdict(self), indent=2) + "\n", 0o600)
+
+
+def _known(kind: type, data: dict[str, Any]) -> dict[str, Any]:
+    """The entries of ``data`` that are fields of dataclass ``kind``."""
+    names = {f.name for f in fields(kind)}
+    return {k: v for k, v in data.items() if k in names}
 
 
 @contextmanager

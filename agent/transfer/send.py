@@ -56,6 +56,11 @@ class TransferFailed(StorageError):
     code = Code.TRANSFER_FAILED
 
 
+class TransferInterrupted(TransferFailed):
+    """The destination's export could not be reached, or the copy into it broke off: a link that comes
+    back lets the same layer be sent again (the export stays open; the destination verifies the result)."""
+
+
 @dataclass(frozen=True)
 class SendResult:
     bytes_total: int  # what the layer allocates (data and explicit zeroes) = the job's total
@@ -201,7 +206,7 @@ async def _connect_target(
     try:
         await daemon.execute("blockdev-add", node)
     except DaemonCommandFailed as err:
-        raise TransferFailed(
+        raise TransferInterrupted(
             f"cannot open the destination export for layer {src_path} at {host}:{port}",
             details=err.qmp_desc,
         ) from err
@@ -239,7 +244,7 @@ async def _drive(
                 await daemon.execute("block-job-cancel", {"device": JOB})
             elif kind == "BLOCK_JOB_COMPLETED":
                 if "error" in data:
-                    raise TransferFailed(f"copying layer {src_path} failed: {data['error']}")
+                    raise TransferInterrupted(f"copying layer {src_path} failed: {data['error']}")
                 total = int(data.get("len", total))
                 if on_progress is not None:
                     on_progress(total, total)

@@ -1,5 +1,6 @@
 """Live moves on one host between kinds of storage (issue 25): a running guest's qcow2 files onto the host's
-block devices and back to files, and onto the lab's Ceph pool, checked from outside the agent: libvirt's
+block devices and back to files, and onto the lab's Ceph pool, on to its second pool and back to files,
+checked from outside the agent: libvirt's
 live and persistent XML name the new volumes, every acknowledged guest write is read back from the device or
 the RBD image (`guest verify`), the RBD image is as thin as the source's data, and what a move took (a
 device, an image) is given back when the test ends."""
@@ -49,8 +50,9 @@ def taken_images(lab: Lab) -> Iterator[list[str]]:
     taken: list[str] = []
     yield taken
     for image in taken:
-        if image.split("/", 1)[1] in ceph.rbd_images():
-            ceph.rbd_remove(image.split("/", 1)[1])
+        pool, name = image.split("/", 1)
+        if name in ceph.rbd_images(pool):
+            ceph.rbd_remove(name, pool)
 
 
 def _objects_with_data(path: str) -> int:
@@ -139,10 +141,26 @@ async def test_a_running_guest_moves_onto_rbd_thin_with_its_chain_flattened(
     result = guest.verify()
     assert result.ok and result.disks == 2, result.output
 
-    # And back from RBD to files, capped: the images' data is mapped through the guest's own QEMU (the agent
-    # holds no Ceph key), so the budget is charged for the data, not for the 1 GiB each image spans.
-    files = host.root("ps2")
+    # On to the cluster's second pool, then back to files, capped: the images' data is mapped through the
+    # guest's own QEMU (the agent holds no Ceph key), so the budget is charged for the data, not for the
+    # 1 GiB each image spans.
     images = {t: ceph.rbd_used_bytes(p.split("/", 1)[1]) for t, p in live.items()}
+    body = migration_body(pool.storage2_uuid, withDataVolumes=True, bandwidth=CAP_MIB)
+    across = await migrate(lab_agents, host, guest.uuid, body)
+    assert across.state == "SUCCEEDED", across.task.get("error")
+    first, live = live, disk_sources(host, guest.name)
+    assert live == disk_sources(host, guest.name, inactive=True), live
+    assert all(p.startswith(f"{pool.pool2}/") for p in live.values()), live
+    taken_images.extend(live.values())
+    plan = across.task["details"]["plan"]
+    assert all(d["fromKind"] == d["toKind"] == "rbd" for d in plan["disks"]), plan
+    assert "overBudget" not in across.task["details"], across.task["details"]["overBudget"]
+    for target, image in live.items():
+        used = ceph.rbd_used_bytes(image.split("/", 1)[1], pool.pool2)
+        print(f"{target}: {first[target]} used {images[target] / MiB:.0f} MiB, {image} {used / MiB:.0f} MiB")
+        assert used <= images[target] + RBD_OBJECT, (target, used, images[target])
+    images = {t: ceph.rbd_used_bytes(p.split("/", 1)[1], pool.pool2) for t, p in live.items()}
+    files = host.root("ps2")
     body = migration_body(files.uuid, withDataVolumes=True, bandwidth=CAP_MIB)
     back = await migrate(lab_agents, host, guest.uuid, body)
     assert back.state == "SUCCEEDED", back.task.get("error")

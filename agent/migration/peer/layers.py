@@ -10,13 +10,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 
 from agent.migration.peer.client import DestinationAgent
 from agent.transfer.endpoint import NbdEndpoint
-from agent.transfer.send import send_layer_to
+from agent.transfer.send import TransferInterrupted, send_layer_to
 from agent.transfer.verify import layer_digest
+
+#: How long a layer is sent again while the destination's export cannot be reached (a link down for this
+#: long fails the task; the fault matrix cuts it for 20 s), and the pause between two tries.
+LINK_OUTAGE_S, AGAIN_S = 60.0, 2.0
 
 
 async def send_layer_to_peer(
@@ -38,7 +43,25 @@ async def send_layer_to_peer(
     # The digest of the source layer is read while the copy runs: both only read the read-only layer.
     digest = asyncio.ensure_future(layer_digest(src, fmt, force_share=True))
     try:
-        result = await send_layer_to(src, fmt, endpoint, rate=rate, on_progress=on_progress, force_share=True)
+        broke_at: float | None = None
+        while True:
+            try:
+                result = await send_layer_to(
+                    src, fmt, endpoint, rate=rate, on_progress=on_progress, force_share=True
+                )
+                break
+            except TransferInterrupted as err:
+                broke_at = broke_at or time.monotonic()
+                if time.monotonic() - broke_at > LINK_OUTAGE_S:
+                    raise
+                log.warning(
+                    "layer %s: %s (%s); sending it again in %.0f s",
+                    src,
+                    err.description,
+                    err.details,
+                    AGAIN_S,
+                )
+                await asyncio.sleep(AGAIN_S)
         source_digest = await digest
     except BaseException:
         digest.cancel()

@@ -112,7 +112,7 @@ def test_lab_agent_config_is_accepted_by_the_agent() -> None:
         assert config.host_uuid == state.hosts[host.name].uuid
         assert config.listen_address == host.address
         kinds = [str(entry.kind) for entry in config.storage]
-        assert kinds == ["file", "file", "file", "block", "rbd"]
+        assert kinds == ["file", "file", "file", "block", "rbd", "rbd"]
         assert config.storage[-1].uuid == state.ceph.storage_uuid  # the shared pool: one uuid everywhere
 
 
