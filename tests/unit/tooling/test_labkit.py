@@ -113,7 +113,8 @@ def test_lab_agent_config_is_accepted_by_the_agent() -> None:
         assert config.listen_address == host.address
         kinds = [str(entry.kind) for entry in config.storage]
         assert kinds == ["file", "file", "file", "block", "rbd", "rbd"]
-        assert config.storage[-1].uuid == state.ceph.storage_uuid  # the shared pool: one uuid everywhere
+        # The shared pools: one uuid each, everywhere.
+        assert [e.uuid for e in config.storage[-2:]] == [state.ceph.storage_uuid, state.ceph.storage2_uuid]
 
 
 def test_lab_configs_are_tls_unless_the_lab_is_insecure(
