@@ -71,12 +71,13 @@ def test_agent_config_describes_the_host(lab: Lab) -> None:
         assert config.read_token() == lab.token
         roots = {(r.uuid, str(r.kind), r.path) for r in config.storage if not isinstance(r, RbdStorageConfig)}
         assert roots == {(r.uuid, r.kind, r.path) for r in host.storage}
-        (rbd,) = [r for r in config.storage if isinstance(r, RbdStorageConfig)]
+        pools = [r for r in config.storage if isinstance(r, RbdStorageConfig)]
         ceph = lab.ceph
-        assert (rbd.uuid, rbd.pool, rbd.user, rbd.secret_uuid) == (
-            ceph.storage_uuid, ceph.pool, ceph.user, ceph.secret_uuid
-        )  # fmt: skip
-        assert rbd.monitors == ceph.monitors
+        assert [(rbd.uuid, rbd.pool, rbd.user, rbd.secret_uuid) for rbd in pools] == [
+            (ceph.storage_uuid, ceph.pool, ceph.user, ceph.secret_uuid),
+            (ceph.storage2_uuid, ceph.pool2, ceph.user, ceph.secret_uuid),
+        ]  # both pools of the one cluster, one secret
+        assert all(rbd.monitors == ceph.monitors for rbd in pools)
 
 
 def test_link_down_cuts_a_host_off_and_up_restores_it(lab: Lab) -> None:
