@@ -197,3 +197,36 @@ async def test_a_move_to_another_host_onto_rbd_or_block_is_refused_before_anythi
         assert error["code"] == "AGENT.STORAGE_KIND_UNSUPPORTED", error
         assert guest.where() == {"hostA": "running"}
     assert ceph.rbd_images() == images
+
+
+async def test_a_stopped_guest_moves_onto_block_devices_and_boots_from_them(
+    lab_agents: Lab, taken_devices: list[Path], make_guest: Callable[..., Guest]
+) -> None:
+    """A shut-off VM's chains written raw onto free devices (flattened, said so), compared, the definition
+    pointing at the devices; onto RBD it is refused with nothing made (no QEMU runs to write the image)."""
+    host = lab_agents.host("hostA")
+    blk = host.root(BLOCK_ROOT)
+    guest = make_guest(data_volumes=1, snapshots=1, fill_mib=32)
+    guest.wait_for_acks(10)
+    host.virsh("destroy", guest.name)  # pulled plug: acknowledged writes were fsync'd
+    images = ceph.rbd_images()
+    refused = await migrate(lab_agents, host, guest.uuid, migration_body(lab_agents.ceph.storage_uuid))
+    assert refused.state == "FAILED" and refused.task["error"]["code"] == "AGENT.STORAGE_KIND_UNSUPPORTED"
+    assert ceph.rbd_images() == images
+
+    body = migration_body(blk.uuid, withDataVolumes=True, withSnapshots=True)
+    run = await migrate(lab_agents, host, guest.uuid, body)
+    assert run.state == "SUCCEEDED", run.task.get("error")
+    assert run.task["details"]["engine"] == "offline"
+    defined = disk_sources(host, guest.name, inactive=True)
+    devices = [Path(p) for p in defined.values()]
+    taken_devices.extend(devices)
+    assert set(defined) == {"vda", "vdb"} and all(d.parent == blk.path for d in devices), defined
+    xml = host.virsh("dumpxml", "--inactive", guest.name)
+    assert xml.count("<disk type='block'") == 2 and xml.count("<slice type='storage'") == 2, xml
+    plan = run.task["details"]["plan"]
+    assert all(d["toKind"] == "block" and d["flatten"] for d in plan["disks"]), plan
+    host.virsh("start", guest.name)
+    guest.wait_for_acks(10)
+    result = guest.verify()
+    assert result.ok and result.disks == 2, result.output

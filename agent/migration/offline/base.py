@@ -4,21 +4,27 @@ every file a task creates (journalled, so a restart removes them), and the resum
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from pathlib import Path
 from typing import Any
 
 from agent.config import AgentConfig
 from agent.errors import AgentError, Code, MigrationFailed, PreflightFailed
+from agent.migration.devices import free_devices
 from agent.migration.engine import TaskContext, budget_of
 from agent.migration.limits import AgentTransfer, LiveLimits
 from agent.migration.peer.client import DestinationAgent
 from agent.migration.plan import MigrationPlan, RemoteRoot, inspect_chains, plan_migration
 from agent.migration.states import TaskState
+from agent.migration.volumes import CLAIMED_DEVICES, claim_devices, release_created
+from agent.storage.blockdir import BlockDir
 from agent.storage.roots import StorageRoot, StorageRoots
 from agent.virt.domxml import parse_disks
 from agent.virt.host import VirtHost
 from agent.virt.states import DomainState
+
+log = logging.LoggerAdapter(logging.getLogger(__name__), {})
 
 
 class OfflineEngine:
@@ -37,10 +43,12 @@ class OfflineEngine:
         self.transfer = transfer = AgentTransfer()
         self.limits = transfer.limits = LiveLimits(ctx, transfer)
         ctx.attach_limits(self.limits)  # a PATCH changes the rate the copies read for every chunk
+        self.claimed: list[str] = []
         try:
             return await self._run(ctx)
         finally:
             ctx.attach_limits(None)
+            CLAIMED_DEVICES.difference_update(self.claimed)
 
     def _rate(self, ctx: TaskContext) -> int | None:
         """Bytes/s for the agent's own copies now (None: uncapped)."""
@@ -64,26 +72,37 @@ class OfflineEngine:
         disks = parse_disks(await self.host.inactive_xml(ctx.vm_uuid))
         chains = await inspect_chains(disks)
         dst_uuid = ctx.request.primaryStorageMigrateVm.dstPrimaryStorageUuid
-        plan = plan_migration(ctx.vm_uuid, disks, chains, ctx.request, self._root(dst_uuid))
+        dst = self._root(dst_uuid)
+        free = None
+        if isinstance(dst, BlockDir):
+            # No await from here to the claim: a device another task claimed meanwhile is not offered.
+            free = [f for f in await free_devices(self.host, dst) if f[0] not in CLAIMED_DEVICES]
+        plan = plan_migration(ctx.vm_uuid, disks, chains, ctx.request, dst, free_devices=free or ())
+        if isinstance(dst, BlockDir):
+            claim_devices([d.dst_top for d in plan.disks])
+            self.claimed = [d.dst_top for d in plan.disks]
         ctx.note("plan", plan.summary())
         return await self._move(ctx, plan)
 
-    def _root(self, dst_uuid: str) -> StorageRoot:
+    def _root(self, dst_uuid: str) -> StorageRoot | BlockDir:
         raise NotImplementedError
 
     async def _move(self, ctx: TaskContext, plan: MigrationPlan) -> list[dict[str, Any]]:
         raise NotImplementedError
 
     async def _record(self, ctx: TaskContext, data: dict[str, Any], path: str) -> None:
-        """Journal ``path`` before the first byte goes into it: a restart removes it (``_resume_cleanup``)."""
-        if not self.roots.owner_of(path):
-            raise MigrationFailed(f"refusing to create {path}: not inside a storage root")
+        """Journal ``path`` before the first byte goes into it: a restart removes it (``_resume_cleanup``),
+        or gives a block device back blank."""
+        if not self.roots.owner_of_location(path):
+            raise MigrationFailed(f"refusing to write {path}: not inside a storage of this host")
         data["created"].append(path)
         await ctx.checkpoint(data)
 
     async def _remove(self, paths: list[str]) -> None:
         for path in reversed(paths):
-            if self.roots.owner_of(path):
+            if isinstance(self.roots.owner_of_location(path), BlockDir):
+                await release_created(self.host, self.roots, path, log)
+            elif self.roots.owner_of(path):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(path)
 

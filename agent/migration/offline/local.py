@@ -9,16 +9,20 @@ created; the source images are never touched.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 from typing import Any
 
+from agent.config import StorageKind
 from agent.errors import Code, MigrationFailed, PreflightFailed
+from agent.migration.devices import check_device, used_here
 from agent.migration.engine import TaskContext
 from agent.migration.inventory import volume_inventory
 from agent.migration.offline.base import OfflineEngine
 from agent.migration.plan import DiskPlan, LayerPlan, MigrationPlan
 from agent.migration.states import TaskState
 from agent.storage import qemuimg
+from agent.storage.blockdir import BlockDir
 from agent.storage.filecopy import copy_sparse_async
 from agent.storage.roots import StorageRoot
 from agent.storage.space import check_free_space
@@ -26,10 +30,17 @@ from agent.virt.domxml import parse_disks, rewrite_disk_sources
 
 
 class LocalOfflineEngine(OfflineEngine):
-    def _root(self, dst_uuid: str) -> StorageRoot:
-        return self.roots.get(dst_uuid)
+    def _root(self, dst_uuid: str) -> StorageRoot | BlockDir:
+        storage = self.roots.storage(dst_uuid)
+        if isinstance(storage, BlockDir):
+            return storage
+        return self.roots.get(
+            dst_uuid
+        )  # an RBD pool is refused: no QEMU runs to write it, the agent has no key
 
     async def _move(self, ctx: TaskContext, plan: MigrationPlan) -> list[dict[str, Any]]:
+        if plan.dst_kind is StorageKind.BLOCK:
+            return await self._onto_devices(ctx, plan)
         targets = [layer.dst for layer in plan.layers] + [d.dst_top for d in plan.disks]
         for path in targets:
             if os.path.lexists(path):
@@ -79,6 +90,47 @@ class LocalOfflineEngine(OfflineEngine):
                 )
         return await volume_inventory(defined, plan, self.roots)
 
+    async def _onto_devices(self, ctx: TaskContext, plan: MigrationPlan) -> list[dict[str, Any]]:
+        """Each disk's chain written raw onto its device (``qemu-img convert -n``: the holes as zeros, since
+        a device's bytes past its first MiB may be old), compared over the disk's size, then the definition
+        points at the devices (a storage slice where a device is larger than the disk)."""
+        storage = self.roots.storage(plan.dst_storage_uuid)
+        assert isinstance(storage, BlockDir)
+        used = await used_here(self.host)
+        for disk in plan.disks:
+            await check_device(storage, disk, used)
+        created: list[str] = []
+        data: dict[str, Any] = {"engine": "offline", "created": created}
+        new = {d.target: plan.dst_source(d) for d in plan.disks}
+        try:
+            await ctx.enter(TaskState.COPYING)
+            for disk in plan.disks:
+                await self._record(ctx, data, disk.dst_top)
+                await self._convert(ctx, disk, ["-n", "-O", "raw"], disk.dst_top)
+                device = {
+                    "driver": "raw",
+                    "size": disk.virtual_size,
+                    "file": {"driver": "host_device", "filename": disk.dst_top},
+                }
+                if not await qemuimg.compare(disk.src_top, "json:" + json.dumps(device)):
+                    raise MigrationFailed(
+                        f"{disk.target} on {disk.dst_top} differs from its source", code=Code.VERIFY_FAILED
+                    )
+            await ctx.enter(TaskState.SWITCHING)
+            await self.host.define_xml(rewrite_disk_sources(await self.host.inactive_xml(ctx.vm_uuid), new))
+        except BaseException:
+            if not ctx.detaching:
+                await asyncio.shield(self._remove(created))
+            raise
+        await ctx.enter(TaskState.VERIFYING)
+        defined = parse_disks(await self.host.inactive_xml(ctx.vm_uuid))
+        for now in defined:
+            if now.target in new and now.location != new[now.target].location:
+                raise MigrationFailed(
+                    f"the definition still points {now.target} at {now.location}", code=Code.VERIFY_FAILED
+                )
+        return await volume_inventory(defined, plan, self.roots)
+
     async def _copy_file(self, ctx: TaskContext, data: dict[str, Any], layer: LayerPlan) -> None:
         await self._record(ctx, data, layer.dst)
         item, done = f"layer:{os.path.basename(layer.dst)}", 0
@@ -99,8 +151,16 @@ class LocalOfflineEngine(OfflineEngine):
 
     async def _flatten(self, ctx: TaskContext, data: dict[str, Any], disk: DiskPlan) -> None:
         await self._record(ctx, data, disk.dst_top)
+        await self._convert(ctx, disk, ["-O", disk.dst_format], disk.dst_top)
+        if not await qemuimg.compare(disk.src_top, disk.dst_top):
+            raise MigrationFailed(
+                f"the flattened copy of {disk.target} differs from its source", code=Code.VERIFY_FAILED
+            )
+
+    async def _convert(self, ctx: TaskContext, disk: DiskPlan, options: list[str], dst: str) -> None:
+        """``qemu-img convert`` of the disk's chain into ``dst``, at the task's rate when it starts."""
         ctx.progress(f"disk:{disk.target}", 0, disk.estimated_bytes)
-        args = ["qemu-img", "convert", "-U", "-O", disk.dst_format]
+        args = ["qemu-img", "convert", "-U", *options]
         rate = self._rate(ctx)
         if rate:
             # qemu-img's own rate limit, bytes/s: taken once, a retune does not reach a running convert.
@@ -111,11 +171,7 @@ class LocalOfflineEngine(OfflineEngine):
             "the copies after it read the new one",
         )
         try:
-            await qemuimg.run(*args, disk.src_top, disk.dst_top, limit_s=None)
+            await qemuimg.run(*args, disk.src_top, dst, limit_s=None)
         finally:
             self.transfer.unpin()
-        if not await qemuimg.compare(disk.src_top, disk.dst_top):
-            raise MigrationFailed(
-                f"the flattened copy of {disk.target} differs from its source", code=Code.VERIFY_FAILED
-            )
         ctx.progress(f"disk:{disk.target}", disk.estimated_bytes, disk.estimated_bytes)

@@ -3,18 +3,15 @@ refuse before anything is written (VM running, no block job, space, targets abse
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import os
-from pathlib import Path
 
 from agent.config import StorageKind
 from agent.errors import Code, PreflightFailed, StorageError
 from agent.migration import snapshots
+from agent.migration.devices import check_device, free_devices, used_here
 from agent.migration.engine import TaskContext
 from agent.migration.plan import (
-    DiskPlan,
-    FreeDevice,
     LayerPlan,
     MigrationPlan,
     inspect_chains,
@@ -22,7 +19,7 @@ from agent.migration.plan import (
 )
 from agent.migration.targets import check_precreated_target, check_same_content_below
 from agent.migration.volumes import CLAIMED_DEVICES, claim_devices, rbd_access
-from agent.storage import blockdir, qemuimg, rbdimages
+from agent.storage import qemuimg, rbdimages
 from agent.storage.blockdir import BlockDir
 from agent.storage.locations import is_rbd, parse_rbd
 from agent.storage.rbdpool import RbdPool
@@ -63,24 +60,6 @@ async def plan_move(host: VirtHost, roots: StorageRoots, ctx: TaskContext) -> Mi
     return plan
 
 
-async def free_devices(host: VirtHost, storage: BlockDir) -> list[FreeDevice]:
-    """The storage's devices a disk may take: blank, held by no one, and named by no domain of this host
-    (active or defined, by path or by where the path leads)."""
-    used = await _used_here(host)
-
-    def _free() -> list[FreeDevice]:
-        out = []
-        for device in storage.devices():
-            if str(device) in used or os.path.realpath(device) in used:
-                continue
-            if blockdir.in_use_elsewhere(device) or not blockdir.is_blank(device):
-                continue
-            out.append((str(device), blockdir.device_size(device)))
-        return out
-
-    return await asyncio.to_thread(_free)
-
-
 async def check_precreated(plan: MigrationPlan) -> MigrationPlan:
     """Check the targets the caller made (``agent.migration.targets``); their backing joins the plan."""
     disks = []
@@ -105,7 +84,7 @@ async def check_precreated(plan: MigrationPlan) -> MigrationPlan:
 async def preflight(host: VirtHost, roots: StorageRoots, ctx: TaskContext, plan: MigrationPlan) -> list[str]:
     """Refuse before writing anything; returns the lower layers already present and identical."""
     dst = roots.storage(plan.dst_storage_uuid)
-    used = await _used_here(host) if isinstance(dst, BlockDir) else set()
+    used = await used_here(host) if isinstance(dst, BlockDir) else set()
     for disk in plan.disks:
         if disk.src_kind is StorageKind.RBD and not isinstance(
             roots.owner_of_location(disk.src_top), RbdPool
@@ -124,7 +103,7 @@ async def preflight(host: VirtHost, roots: StorageRoots, ctx: TaskContext, plan:
                 details="wait for it to finish or abort it first",
             )
         if isinstance(dst, BlockDir):
-            await _check_device(dst, disk, used)
+            await check_device(dst, disk, used)
         elif isinstance(dst, RbdPool):
             if await rbdimages.image_exists(host, dst, parse_rbd(disk.dst_top, "volumes")):
                 raise PreflightFailed(
@@ -168,36 +147,6 @@ async def preflight(host: VirtHost, roots: StorageRoots, ctx: TaskContext, plan:
         if not room.known:
             ctx.log.info("pool %s reports no sizes: its room was not checked", dst.pool)
     return reused
-
-
-async def _used_here(host: VirtHost) -> set[str]:
-    """Every location a domain of this host names, and where each path leads."""
-    used = await host.used_locations()
-    return used | {os.path.realpath(p) for p in used if p.startswith("/")}
-
-
-async def _check_device(storage: BlockDir, disk: DiskPlan, used: set[str]) -> None:
-    """A device asked for (or picked) is free now: blank, large enough for the disk, and named by none of
-    the ``used`` locations."""
-    device = Path(disk.dst_top)
-    size = await asyncio.to_thread(blockdir.device_size, device)
-    problem: tuple[str, Code] | None = None
-    if disk.dst_top in used or os.path.realpath(device) in used:
-        problem = "a domain of this host uses it", Code.TARGET_EXISTS
-    elif size < disk.virtual_size:
-        problem = f"it holds {size} bytes, the disk needs {disk.virtual_size}", Code.NO_SPACE
-    elif await asyncio.to_thread(blockdir.in_use_elsewhere, device):
-        problem = "the kernel says someone holds it (mounted, a device-mapper table)", Code.TARGET_EXISTS
-    elif not await asyncio.to_thread(blockdir.is_blank, device):
-        problem = "it is not blank (its first MiB holds a label, a filesystem, an image)", Code.TARGET_EXISTS
-    if problem is not None:
-        raise PreflightFailed(
-            f"block device {disk.dst_top} cannot take disk {disk.target} of {disk.virtual_size} bytes: "
-            + problem[0],
-            code=problem[1],
-            field="volumes",
-            details=f"choose another device of storage {storage.uuid} ({storage.path})",
-        )
 
 
 async def _identical_layer(layer: LayerPlan) -> bool:

@@ -267,7 +267,7 @@ async def test_the_engine_only_creates_files_inside_a_storage_root(tmp_path: Pat
     ctx = FakeContext(request())
     data: dict[str, Any] = {"created": []}
 
-    with pytest.raises(MigrationFailed, match="not inside a storage root"):
+    with pytest.raises(MigrationFailed, match="not inside a storage of this host"):
         await s.engine._record(ctx, data, str(tmp_path / "elsewhere.qcow2"))
 
     assert data["created"] == [] and ctx.checkpoints == []
