@@ -1,9 +1,9 @@
-"""A shut-off VM's storage to another root on this host.
+"""A shut-off VM's storage to another root on this host: a directory of files, or block devices.
 
 Each layer is copied as a sparse file (rate-limited) and pointed at its new backing file, or the chain is
-flattened with ``qemu-img convert``; every copy is checked with ``qemu-img compare``; then the domain's
-definition is rewritten to the new paths. Until then a failure or cancel removes every file the task
-created; the source images are never touched.
+flattened with ``qemu-img convert`` (onto a device: raw, holes written as zeros); every copy is checked with
+``qemu-img compare``; then the domain's definition is rewritten to the new volumes. Until then a failure or
+cancel removes every file the task created (a device is given back blank); the sources are never touched.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from agent.config import StorageKind
@@ -34,13 +35,17 @@ class LocalOfflineEngine(OfflineEngine):
         storage = self.roots.storage(dst_uuid)
         if isinstance(storage, BlockDir):
             return storage
-        return self.roots.get(
-            dst_uuid
-        )  # an RBD pool is refused: no QEMU runs to write it, the agent has no key
+        # An RBD pool is refused: no QEMU runs to write the image, and the agent holds no Ceph key.
+        return self.roots.get(dst_uuid)
 
     async def _move(self, ctx: TaskContext, plan: MigrationPlan) -> list[dict[str, Any]]:
         if plan.dst_kind is StorageKind.BLOCK:
-            return await self._onto_devices(ctx, plan)
+            storage = self.roots.storage(plan.dst_storage_uuid)
+            assert isinstance(storage, BlockDir)
+            used = await used_here(self.host)
+            for disk in plan.disks:
+                await check_device(storage, disk, used)
+            return await self._write_and_define(ctx, plan, self._onto_devices)
         targets = [layer.dst for layer in plan.layers] + [d.dst_top for d in plan.disks]
         for path in targets:
             if os.path.lexists(path):
@@ -52,70 +57,22 @@ class LocalOfflineEngine(OfflineEngine):
                 )
         root = self.roots.get(plan.dst_storage_uuid)
         await check_free_space(root, plan.bytes_total, field="primaryStorageMigrateVm.dstPrimaryStorageUuid")
-        created: list[str] = []
-        data: dict[str, Any] = {"engine": "offline", "created": created}
-        try:
-            await ctx.enter(TaskState.COPYING)
-            for layer in plan.layers:
-                await self._copy_file(ctx, data, layer)
-            for disk in plan.disks:
-                # One layer in the same format is flat already: copied as a file, whose limiter reads the
-                # budget for every chunk (a PATCH reaches it), where qemu-img convert takes its rate once.
-                if disk.flatten and not (len(disk.src_chain) == 1 and disk.src_format == disk.dst_format):
-                    await self._flatten(ctx, data, disk)
-                else:
-                    top = LayerPlan(
-                        disk.src_top,
-                        disk.dst_top,
-                        disk.dst_format,
-                        disk.virtual_size,
-                        disk.estimated_bytes,
-                        disk.dst_backing,
-                        disk.dst_backing_format,
-                    )
-                    await self._copy_file(ctx, data, top)
-            await ctx.enter(TaskState.SWITCHING)
-            new = {d.target: (d.dst_top, d.dst_format) for d in plan.disks}
-            await self.host.define_xml(rewrite_disk_sources(await self.host.inactive_xml(ctx.vm_uuid), new))
-        except BaseException:
-            if not ctx.detaching:
-                await asyncio.shield(self._remove(created))
-            raise
-        await ctx.enter(TaskState.VERIFYING)
-        defined = parse_disks(await self.host.inactive_xml(ctx.vm_uuid))
-        for now in defined:
-            if now.target in new and now.source != new[now.target][0]:
-                raise MigrationFailed(
-                    f"the definition still points {now.target} at {now.source}", code=Code.VERIFY_FAILED
-                )
-        return await volume_inventory(defined, plan, self.roots)
+        return await self._write_and_define(ctx, plan, self._onto_files)
 
-    async def _onto_devices(self, ctx: TaskContext, plan: MigrationPlan) -> list[dict[str, Any]]:
-        """Each disk's chain written raw onto its device (``qemu-img convert -n``: the holes as zeros, since
-        a device's bytes past its first MiB may be old), compared over the disk's size, then the definition
-        points at the devices (a storage slice where a device is larger than the disk)."""
-        storage = self.roots.storage(plan.dst_storage_uuid)
-        assert isinstance(storage, BlockDir)
-        used = await used_here(self.host)
-        for disk in plan.disks:
-            await check_device(storage, disk, used)
+    async def _write_and_define(
+        self,
+        ctx: TaskContext,
+        plan: MigrationPlan,
+        write: Callable[[TaskContext, dict[str, Any], MigrationPlan], Awaitable[None]],
+    ) -> list[dict[str, Any]]:
+        """COPYING (``write``), then the definition rewritten to the new volumes and read back. Until the
+        definition is written a failure or cancel removes (or gives back blank) everything the task made."""
         created: list[str] = []
         data: dict[str, Any] = {"engine": "offline", "created": created}
         new = {d.target: plan.dst_source(d) for d in plan.disks}
         try:
             await ctx.enter(TaskState.COPYING)
-            for disk in plan.disks:
-                await self._record(ctx, data, disk.dst_top)
-                await self._convert(ctx, disk, ["-n", "-O", "raw"], disk.dst_top)
-                device = {
-                    "driver": "raw",
-                    "size": disk.virtual_size,
-                    "file": {"driver": "host_device", "filename": disk.dst_top},
-                }
-                if not await qemuimg.compare(disk.src_top, "json:" + json.dumps(device)):
-                    raise MigrationFailed(
-                        f"{disk.target} on {disk.dst_top} differs from its source", code=Code.VERIFY_FAILED
-                    )
+            await write(ctx, data, plan)
             await ctx.enter(TaskState.SWITCHING)
             await self.host.define_xml(rewrite_disk_sources(await self.host.inactive_xml(ctx.vm_uuid), new))
         except BaseException:
@@ -130,6 +87,43 @@ class LocalOfflineEngine(OfflineEngine):
                     f"the definition still points {now.target} at {now.location}", code=Code.VERIFY_FAILED
                 )
         return await volume_inventory(defined, plan, self.roots)
+
+    async def _onto_files(self, ctx: TaskContext, data: dict[str, Any], plan: MigrationPlan) -> None:
+        for layer in plan.layers:
+            await self._copy_file(ctx, data, layer)
+        for disk in plan.disks:
+            # One layer in the same format is flat already: copied as a file, whose limiter reads the
+            # budget for every chunk (a PATCH reaches it), where qemu-img convert takes its rate once.
+            if disk.flatten and not (len(disk.src_chain) == 1 and disk.src_format == disk.dst_format):
+                await self._flatten(ctx, data, disk)
+            else:
+                top = LayerPlan(
+                    disk.src_top,
+                    disk.dst_top,
+                    disk.dst_format,
+                    disk.virtual_size,
+                    disk.estimated_bytes,
+                    disk.dst_backing,
+                    disk.dst_backing_format,
+                )
+                await self._copy_file(ctx, data, top)
+
+    async def _onto_devices(self, ctx: TaskContext, data: dict[str, Any], plan: MigrationPlan) -> None:
+        """Each disk's chain written raw onto its device (``qemu-img convert -n``: the holes as zeros, since
+        a device's bytes past its first MiB may be old) and compared over the disk's size; the definition
+        then points at the devices (a storage slice where a device is larger than the disk)."""
+        for disk in plan.disks:
+            await self._record(ctx, data, disk.dst_top)
+            await self._convert(ctx, disk, ["-n", "-O", "raw"], disk.dst_top)
+            device = {
+                "driver": "raw",
+                "size": disk.virtual_size,
+                "file": {"driver": "host_device", "filename": disk.dst_top},
+            }
+            if not await qemuimg.compare(disk.src_top, "json:" + json.dumps(device)):
+                raise MigrationFailed(
+                    f"{disk.target} on {disk.dst_top} differs from its source", code=Code.VERIFY_FAILED
+                )
 
     async def _copy_file(self, ctx: TaskContext, data: dict[str, Any], layer: LayerPlan) -> None:
         await self._record(ctx, data, layer.dst)
