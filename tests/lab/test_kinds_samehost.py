@@ -171,6 +171,7 @@ async def test_a_running_guest_moves_onto_rbd_thin_with_its_chain_flattened(
     budget = back.task["details"]["budget"]
     moved = sum(images.values())
     print(f"RBD -> files: {budget['realBytes'] / MiB:.0f} MiB charged, the images use {moved / MiB:.0f} MiB")
+    print(f"  budget {budget}, copy rates {back.task['details'].get('copyRates')}")
     assert budget["realBytes"] <= 1.1 * moved + 2 * BUFFER, budget
     assert "overBudget" not in back.task["details"], back.task["details"]["overBudget"]
     for target, path in live.items():
