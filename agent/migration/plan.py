@@ -7,14 +7,15 @@ libvirt; ``inspect_chains`` gathers the chains with qemu-img.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from agent.config import StorageKind
-from agent.errors import Code, InvalidRequest, PreflightFailed
+from agent.errors import Code, InvalidRequest, PreflightFailed, StorageKindUnsupported
 from agent.migration.mirrors.speeds import AllocationIndex
 from agent.migration.request import MigrationRequest
 from agent.storage import qemuimg
@@ -77,6 +78,21 @@ class DiskPlan:
         if not self.flatten:
             return True
         return len(self.src_chain) == 1 and not self.precreated and self.dst_kind is not StorageKind.BLOCK
+
+    @property
+    def src_image(self) -> str:
+        """The source top as qemu-img opens it: a file by its path; a block device through its format,
+        never probed from the guest's bytes, a raw one cut to the disk's size (the guest sees a slice of a
+        larger device; read whole it would give an image of the device's size)."""
+        if self.src_kind is not StorageKind.BLOCK:
+            return self.src_top
+        spec: dict[str, Any] = {
+            "driver": self.src_format,
+            "file": {"driver": "host_device", "filename": self.src_top},
+        }
+        if self.src_format == "raw":
+            spec["size"] = self.virtual_size
+        return "json:" + json.dumps(spec)
 
     def src_source(self, rbd: RbdAccess | None = None) -> VolumeSource:
         """The source top as libvirt names it (``rbd``: how to reach its pool, for an RBD image)."""
@@ -216,6 +232,10 @@ def volume_uuid(disk: DiskXml, request: MigrationRequest) -> str:
 
 #: The kinds of volume a same-host live move takes a disk from.
 KINDS = (StorageKind.FILE, StorageKind.BLOCK, StorageKind.RBD)
+#: A stopped VM's, on one host: the agent reads files and devices itself, and holds no Ceph key.
+OFFLINE_KINDS = (StorageKind.FILE, StorageKind.BLOCK)
+#: Across hosts: files only, so far.
+FILES_ONLY = (StorageKind.FILE,)
 
 
 def _source_kind(disk: DiskXml) -> StorageKind | None:
@@ -231,12 +251,21 @@ def _source_kind(disk: DiskXml) -> StorageKind | None:
 DATA_VOLUME_LEFT = "data volume, and withDataVolumes is false"
 
 
-def _skip_reason(disk: DiskXml, is_root: bool, with_data: bool, any_kind: bool) -> str | None:
+_KIND_NAMES = {
+    StorageKind.FILE: "file images",
+    StorageKind.BLOCK: "block devices",
+    StorageKind.RBD: "RBD images",
+}
+
+
+def _skip_reason(disk: DiskXml, is_root: bool, with_data: bool, kinds: Collection[StorageKind]) -> str | None:
     if disk.device != "disk":
         return f"{disk.device} devices stay where they are"
-    if _source_kind(disk) not in (KINDS if any_kind else (StorageKind.FILE,)):
-        return f"{disk.type} disks are not " + (
-            "file images, block devices or RBD images" if any_kind else "file images on this host"
+    if _source_kind(disk) not in kinds:
+        return (
+            f"{disk.type} disks are not "
+            + ", ".join(_KIND_NAMES[k] for k in kinds)
+            + " (what this move reads)"
         )
     if disk.readonly:
         return "read-only disks stay where they are"
@@ -292,9 +321,9 @@ def _dst_top_for(
     size: int,
     free: list[FreeDevice],
 ) -> str:
-    """Where the disk's top goes in ``dst``: the request's ``dstInstallPath``, else the source file's name
-    (a file storage), the volume's uuid (an RBD pool), or the smallest free device of at least ``size``
-    bytes (a block storage; taken out of ``free``)."""
+    """Where the disk's top goes in ``dst``: the request's ``dstInstallPath``, else the source file's or
+    image's name (a file storage; a device's volume uuid), the volume's uuid (an RBD pool), or the smallest
+    free device of at least ``size`` bytes (a block storage; taken out of ``free``)."""
     asked = _asked_dst(disk, request)
     if asked is not None:
         path, field_name = asked
@@ -303,7 +332,9 @@ def _dst_top_for(
         return str(dst.confine(path, field_name))
     field_name = f"volumes[{index}]"
     if isinstance(dst, StorageRoot):
-        named = disk.source or disk.location  # an RBD image's file takes the image's name
+        # An RBD image's file takes the image's name; a device's, the volume's uuid (a device's name is
+        # the storage's, not the volume's).
+        named = volume if disk.type == "block" else disk.source or disk.location
         assert named is not None
         return str(dst.confine(Path(named).name, field_name))
     if isinstance(dst, RbdPool):
@@ -332,7 +363,7 @@ def plan_migration(
     *,
     dst_rbd: RbdAccess | None = None,
     free_devices: Sequence[FreeDevice] = (),
-    any_kind: bool = False,
+    kinds: Collection[StorageKind] = FILES_ONLY,
 ) -> MigrationPlan:
     """Decide the moves. ``chains`` maps a disk target to its chain (top first) from qemu-img.
 
@@ -342,8 +373,9 @@ def plan_migration(
 
     Onto an RBD pool or a block storage each disk becomes one raw volume (``dst_rbd``: how QEMU reaches the
     pool; ``free_devices``: the block storage's devices a disk may take): a chain is flattened into it, and
-    the plan says so when ``withSnapshots`` asked to keep it. ``any_kind``: a disk on a block device or an
-    RBD image moves too (a same-host live move; other moves take files only).
+    the plan says so when ``withSnapshots`` asked to keep it. ``kinds``: the kinds of source volume the
+    move reads (``KINDS`` for a same-host live move, ``OFFLINE_KINDS`` for a stopped VM on one host); a root
+    disk of another kind is refused (``AGENT.STORAGE_KIND_UNSUPPORTED``), a data volume stays.
     """
     psm = request.primaryStorageMigrateVm
     precreated = request.targetsPrecreated
@@ -366,12 +398,19 @@ def plan_migration(
     for index, disk in enumerate(disks):
         is_root = disk is root
         entry = _listed(disk, request) if precreated else None
-        reason = _skip_reason(disk, is_root, psm.withDataVolumes or precreated, any_kind)
+        reason = _skip_reason(disk, is_root, psm.withDataVolumes or precreated, kinds)
         if precreated and entry is None and reason is None:
             reason = "not listed in volumes (only disks with a pre-created target move)"
         if reason is not None:
             if entry is not None:
                 raise PreflightFailed(f"disk {disk.target} cannot move: {reason}", field=f"volumes[{entry}]")
+            if is_root and not precreated and disk.device == "disk" and _source_kind(disk) not in kinds:
+                named = disk.location or disk.source or disk.type
+                raise StorageKindUnsupported(
+                    f"the root disk {disk.target} ({named}) cannot move: {reason}",
+                    field="vmUuid",
+                    details="docs/storage.md says which moves read which kinds",
+                )
             if is_root and not precreated:
                 raise PreflightFailed(f"the root disk {disk.target} cannot move: {reason}", field="vmUuid")
             skipped.append(SkippedDisk(disk.target, disk.source, reason))

@@ -79,7 +79,13 @@ async def live_allocation(host: VirtHost, vm_uuid: str, target: str) -> list[Ext
             await _qmp(host, vm_uuid, "getfd", {"fdname": tag}, fd=listener.fileno())
         finally:
             listener.close()  # QEMU holds its own copy
-        await _qmp(host, vm_uuid, "nbd-server-start", {"addr": {"type": "fd", "data": {"str": tag}}})
+        try:
+            await _qmp(host, vm_uuid, "nbd-server-start", {"addr": {"type": "fd", "data": {"str": tag}}})
+        except AgentError:
+            # The server takes the socket over when it starts; refused, QEMU still holds it by its name.
+            with contextlib.suppress(AgentError):
+                await _qmp(host, vm_uuid, "closefd", {"fdname": tag})
+            raise
         try:
             await _qmp(
                 host,

@@ -11,6 +11,7 @@ import json
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from agentapi import disk_sources, migrate
@@ -32,6 +33,8 @@ RBD_OBJECT = 4 * MiB
 EXTRA_OBJECTS = 4
 #: The cap of the move back from RBD (MiB/s), and QEMU's mirror buffer: what a mirror may have in flight.
 CAP_MIB, BUFFER = 50, 16 * MiB
+#: The lab guest's disks (the block storage's devices are larger: 1088 MiB).
+GUEST_DISK = 1024 * MiB
 
 
 @pytest.fixture
@@ -67,6 +70,13 @@ def _objects_with_data(path: str) -> int:
             end = extent["start"] + extent["length"] - 1
             objects.update(range(extent["start"] // RBD_OBJECT, end // RBD_OBJECT + 1))
     return len(objects) * RBD_OBJECT
+
+
+def _image_info(path: str) -> dict[str, Any]:
+    out = subprocess.run(
+        ["qemu-img", "info", "-U", "--output=json", path], capture_output=True, text=True, check=True
+    ).stdout
+    return dict(json.loads(out))
 
 
 async def test_a_running_guest_moves_onto_block_devices_and_back(
@@ -227,6 +237,28 @@ async def test_a_stopped_guest_moves_onto_block_devices_and_boots_from_them(
     assert xml.count("<disk type='block'") == 2 and xml.count("<slice type='storage'") == 2, xml
     plan = run.task["details"]["plan"]
     assert all(d["toKind"] == "block" and d["flatten"] for d in plan["disks"]), plan
+    host.virsh("start", guest.name)
+    guest.wait_for_acks(10)
+    result = guest.verify()
+    assert result.ok and result.disks == 2, result.output
+
+    # Off the devices again, stopped: each read through its slice (the guest's size, not the device's),
+    # its zeros left out of the file.
+    host.virsh("destroy", guest.name)
+    files = host.root("ps1")
+    back = await migrate(lab_agents, host, guest.uuid, migration_body(files.uuid, withDataVolumes=True))
+    assert back.state == "SUCCEEDED", back.task.get("error")
+    assert back.task["details"]["engine"] == "offline"
+    assert all(
+        d["fromKind"] == "block" and d["toKind"] == "file" for d in back.task["details"]["plan"]["disks"]
+    )
+    moved = disk_sources(host, guest.name, inactive=True)
+    for target, path in moved.items():
+        assert Path(path).parent == files.path and Path(path).is_file(), moved
+        info = _image_info(path)
+        used = info["actual-size"]
+        print(f"{target}: {path}, {info['virtual-size'] / MiB:.0f} MiB, {used / MiB:.0f} MiB used")
+        assert info["virtual-size"] == GUEST_DISK and info["actual-size"] < GUEST_DISK / 4, info
     host.virsh("start", guest.name)
     guest.wait_for_acks(10)
     result = guest.verify()

@@ -9,13 +9,13 @@ import os
 from pathlib import Path
 from typing import Any
 
-from agent.config import AgentConfig
+from agent.config import AgentConfig, StorageKind
 from agent.errors import AgentError, Code, MigrationFailed, PreflightFailed
 from agent.migration.devices import free_devices
 from agent.migration.engine import TaskContext, budget_of
 from agent.migration.limits import AgentTransfer, LiveLimits
 from agent.migration.peer.client import DestinationAgent
-from agent.migration.plan import MigrationPlan, RemoteRoot, inspect_chains, plan_migration
+from agent.migration.plan import FILES_ONLY, MigrationPlan, RemoteRoot, inspect_chains, plan_migration
 from agent.migration.states import TaskState
 from agent.migration.volumes import CLAIMED_DEVICES, claim_devices, release_created
 from agent.storage.blockdir import BlockDir
@@ -31,6 +31,8 @@ class OfflineEngine:
     """The shut-off VM's move; ``LocalOfflineEngine`` and ``PeerOfflineEngine`` say where to."""
 
     name = "offline"
+    #: The kinds of source volume the engine reads.
+    kinds: tuple[StorageKind, ...] = FILES_ONLY
 
     def __init__(self, host: VirtHost, roots: StorageRoots, config: AgentConfig) -> None:
         self.host = host
@@ -77,7 +79,9 @@ class OfflineEngine:
         if isinstance(dst, BlockDir):
             # No await from here to the claim: a device another task claimed meanwhile is not offered.
             free = [f for f in await free_devices(self.host, dst) if f[0] not in CLAIMED_DEVICES]
-        plan = plan_migration(ctx.vm_uuid, disks, chains, ctx.request, dst, free_devices=free or ())
+        plan = plan_migration(
+            ctx.vm_uuid, disks, chains, ctx.request, dst, free_devices=free or (), kinds=self.kinds
+        )
         if isinstance(dst, BlockDir):
             claim_devices([d.dst_top for d in plan.disks])
             self.claimed = [d.dst_top for d in plan.disks]

@@ -20,7 +20,7 @@ from agent.migration.devices import check_device, used_here
 from agent.migration.engine import TaskContext
 from agent.migration.inventory import volume_inventory
 from agent.migration.offline.base import OfflineEngine
-from agent.migration.plan import DiskPlan, LayerPlan, MigrationPlan
+from agent.migration.plan import OFFLINE_KINDS, DiskPlan, LayerPlan, MigrationPlan
 from agent.migration.states import TaskState
 from agent.storage import qemuimg
 from agent.storage.blockdir import BlockDir
@@ -31,6 +31,8 @@ from agent.virt.domxml import parse_disks, rewrite_disk_sources
 
 
 class LocalOfflineEngine(OfflineEngine):
+    kinds = OFFLINE_KINDS
+
     def _root(self, dst_uuid: str) -> StorageRoot | BlockDir:
         storage = self.roots.storage(dst_uuid)
         if isinstance(storage, BlockDir):
@@ -93,8 +95,10 @@ class LocalOfflineEngine(OfflineEngine):
             await self._copy_file(ctx, data, layer)
         for disk in plan.disks:
             # One layer in the same format is flat already: copied as a file, whose limiter reads the
-            # budget for every chunk (a PATCH reaches it), where qemu-img convert takes its rate once.
-            if disk.flatten and not (len(disk.src_chain) == 1 and disk.src_format == disk.dst_format):
+            # budget for every chunk (a PATCH reaches it), where qemu-img convert takes its rate once. A
+            # device is read through its format and slice, and its zeros left out of the file.
+            one_flat_file = len(disk.src_chain) == 1 and disk.src_format == disk.dst_format
+            if disk.src_kind is StorageKind.BLOCK or (disk.flatten and not one_flat_file):
                 await self._flatten(ctx, data, disk)
             else:
                 top = LayerPlan(
@@ -120,7 +124,7 @@ class LocalOfflineEngine(OfflineEngine):
                 "size": disk.virtual_size,
                 "file": {"driver": "host_device", "filename": disk.dst_top},
             }
-            if not await qemuimg.compare(disk.src_top, "json:" + json.dumps(device)):
+            if not await qemuimg.compare(disk.src_image, "json:" + json.dumps(device)):
                 raise MigrationFailed(
                     f"{disk.target} on {disk.dst_top} differs from its source", code=Code.VERIFY_FAILED
                 )
@@ -146,7 +150,7 @@ class LocalOfflineEngine(OfflineEngine):
     async def _flatten(self, ctx: TaskContext, data: dict[str, Any], disk: DiskPlan) -> None:
         await self._record(ctx, data, disk.dst_top)
         await self._convert(ctx, disk, ["-O", disk.dst_format], disk.dst_top)
-        if not await qemuimg.compare(disk.src_top, disk.dst_top):
+        if not await qemuimg.compare(disk.src_image, disk.dst_top):
             raise MigrationFailed(
                 f"the flattened copy of {disk.target} differs from its source", code=Code.VERIFY_FAILED
             )
@@ -165,7 +169,7 @@ class LocalOfflineEngine(OfflineEngine):
             "the copies after it read the new one",
         )
         try:
-            await qemuimg.run(*args, disk.src_top, dst, limit_s=None)
+            await qemuimg.run(*args, disk.src_image, dst, limit_s=None)
         finally:
             self.transfer.unpin()
         ctx.progress(f"disk:{disk.target}", disk.estimated_bytes, disk.estimated_bytes)

@@ -12,6 +12,7 @@ from agent.migration import snapshots
 from agent.migration.devices import check_device, free_devices, used_here
 from agent.migration.engine import TaskContext
 from agent.migration.plan import (
+    KINDS,
     LayerPlan,
     MigrationPlan,
     inspect_chains,
@@ -52,7 +53,7 @@ async def plan_move(host: VirtHost, roots: StorageRoots, ctx: TaskContext) -> Mi
         # No await from here to the claim: a device another task claimed meanwhile is not offered.
         free = [f for f in await free_devices(host, dst) if f[0] not in CLAIMED_DEVICES]
     plan = plan_migration(
-        ctx.vm_uuid, disks, chains, ctx.request, dst, dst_rbd=rbd, free_devices=free or (), any_kind=True
+        ctx.vm_uuid, disks, chains, ctx.request, dst, dst_rbd=rbd, free_devices=free or (), kinds=KINDS
     )
     snapshots.refuse_internal({d.target: chains[d.target] for d in plan.disks})
     if isinstance(dst, BlockDir):

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.errors import InvalidRequest, PathOutsideRoot, PreflightFailed
+from agent.errors import InvalidRequest, PathOutsideRoot, StorageKindUnsupported
 from agent.migration.plan import MigrationPlan, plan_migration, volume_uuid
 from agent.migration.request import MigrationRequest
 from agent.storage.qemuimg import ImageInfo
@@ -158,7 +158,7 @@ def test_explicit_destination_confined(root: StorageRoot, tmp_path: Path) -> Non
 
 
 def test_root_disk_that_cannot_move_is_refused(root: StorageRoot) -> None:
-    with pytest.raises(PreflightFailed):
+    with pytest.raises(StorageKindUnsupported):
         plan_migration("vm", [disk("vda", None, type="network")], {}, request(), root)
     with pytest.raises(InvalidRequest):
         plan_migration("vm", [], {}, request(), root)

@@ -3,14 +3,23 @@ into it (and said so), a device picked smallest-first, confinement, the journal'
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 from test_plan import DST, GiB, chain3, disk, layer, request
 
 from agent.config import StorageKind
-from agent.errors import Code, InvalidRequest, PathOutsideRoot, PreflightFailed
-from agent.migration.plan import MigrationPlan, allocation_index, inspect_chains, plan_migration
+from agent.errors import Code, InvalidRequest, PathOutsideRoot, PreflightFailed, StorageKindUnsupported
+from agent.migration.plan import (
+    FILES_ONLY,
+    KINDS,
+    OFFLINE_KINDS,
+    MigrationPlan,
+    allocation_index,
+    inspect_chains,
+    plan_migration,
+)
 from agent.migration.request import MigrationRequest
 from agent.storage.blockdir import BlockDir
 from agent.storage.qemuimg import Extent, ImageInfo
@@ -174,7 +183,7 @@ async def test_from_rbd_an_image_moves_to_a_file_of_its_name_only_on_a_live_move
     chains = await inspect_chains(disks[:1], {"vda": GiB})
     assert chains["vda"][0].path == "rbd:ksa/vol-a" and chains["vda"][0].virtual_size == GiB
     chains["vdb"] = [layer("/src/b.qcow2")]
-    plan = plan_migration("vm", disks, chains, request(withDataVolumes=True), root, any_kind=True)
+    plan = plan_migration("vm", disks, chains, request(withDataVolumes=True), root, kinds=KINDS)
     vda = plan.disks[0]
     assert (vda.src_kind, vda.src_top, vda.dst_top, vda.dst_format, vda.flatten) == (
         StorageKind.RBD,
@@ -185,10 +194,16 @@ async def test_from_rbd_an_image_moves_to_a_file_of_its_name_only_on_a_live_move
     )
     assert vda.src_source(ACCESS).disk_type == "network"
     assert MigrationPlan.from_dict(plan.to_dict()) == plan
-    # Elsewhere (across hosts, a stopped VM) the root on RBD is refused, naming the VM.
-    with pytest.raises(PreflightFailed) as err:
-        plan_migration("vm", disks, chains, request(withDataVolumes=True), root)
-    assert err.value.field == "vmUuid" and "network disks are not file images" in err.value.description
+    # Elsewhere (across hosts, a stopped VM) the root on RBD is refused, naming the disk and its image.
+    for kinds in (FILES_ONLY, OFFLINE_KINDS):
+        with pytest.raises(StorageKindUnsupported) as err:
+            plan_migration("vm", disks, chains, request(withDataVolumes=True), root, kinds=kinds)
+        assert err.value.field == "vmUuid" and "vda (rbd:ksa/vol-a)" in err.value.description, err.value
+    # A data volume on RBD stays where it is when the move does not read RBD.
+    disks.reverse()
+    chains["vdb"] = [layer("/src/b.qcow2")]
+    plan = plan_migration("vm", disks, chains, request(withDataVolumes=True), root, kinds=OFFLINE_KINDS)
+    assert [d.target for d in plan.disks] == ["vdb"] and [s.target for s in plan.skipped] == ["vda"], plan
 
 
 async def test_an_rbd_image_without_a_live_qemu_is_not_mapped(tmp_path: Path) -> None:
@@ -199,7 +214,7 @@ async def test_an_rbd_image_without_a_live_qemu_is_not_mapped(tmp_path: Path) ->
         {"vda": [ImageInfo("rbd:ksa/a", "raw", GiB, GiB, None, None, None)]},
         request(),
         root,
-        any_kind=True,
+        kinds=KINDS,
     )
     with pytest.raises(PreflightFailed):
         await allocation_index(plan.disks[0])
@@ -225,7 +240,7 @@ def test_a_caller_names_an_rbd_source_by_rbd_or_ceph_location(tmp_path: Path) ->
                 "volumes": [{"installPath": named, "dstInstallPath": "moved.raw"}],
             }
         )
-        plan = plan_migration("vm", [_rbd_disk("vda", "ksa/a")], chains, req, root, any_kind=True)
+        plan = plan_migration("vm", [_rbd_disk("vda", "ksa/a")], chains, req, root, kinds=KINDS)
         assert plan.disks[0].dst_top == f"{tmp_path}/moved.raw"
 
 
@@ -252,3 +267,22 @@ def test_a_mirror_is_shallow_unless_it_flattens_or_its_target_may_hold_old_bytes
         "vm", [disk("vda", "/src/a.qcow2")], one, request(), devices, free_devices=[(f"{tmp_path}/d", GiB)]
     )
     assert not onto.disks[0].shallow
+
+
+def test_a_stopped_vms_device_is_read_through_its_slice_into_a_file_named_by_its_volume(
+    tmp_path: Path,
+) -> None:
+    """Off a block device onto files (a stopped VM on one host): qemu-img reads the device through its
+    format, cut to the disk's size (not probed, not the whole device), into a file named by the volume's
+    uuid; across hosts (files only) the root on a device is refused, naming it."""
+    root = StorageRoot(DST, tmp_path)
+    dev = disk("vda", "/blk/d0", type="block", format="raw", serial="vol-a", slice_size=GiB)
+    chains = {"vda": [ImageInfo("/blk/d0", "raw", GiB, GiB, None, None, None)]}
+    plan = plan_migration("vm", [dev], chains, request(), root, kinds=OFFLINE_KINDS)
+    (vda,) = plan.disks
+    assert (vda.src_kind, vda.dst_top, vda.dst_format) == (StorageKind.BLOCK, f"{tmp_path}/vol-a", "raw")
+    spec = json.loads(vda.src_image.removeprefix("json:"))
+    assert spec == {"driver": "raw", "size": GiB, "file": {"driver": "host_device", "filename": "/blk/d0"}}
+    with pytest.raises(StorageKindUnsupported) as err:
+        plan_migration("vm", [dev], chains, request(), root)
+    assert "vda (/blk/d0)" in err.value.description
