@@ -33,6 +33,10 @@ CASES: dict[str, tuple[str, str]] = {
     "5": ("bench.cases.overhead", "agent CPU and API latency"),
     "6": ("bench.cases.tls", "live migration with TLS vs insecure_transport, and vs virsh migrate [--tls]"),
     "7": ("bench.cases.hotdisk", "hot disk at 2.5 x its cap vs virsh blockcopy/migrate [synchronous writes]"),
+    "8": (
+        "bench.cases.rbd",
+        "onto Ceph RBD and pool to pool vs virsh blockcopy --reuse-external, qemu-img convert",
+    ),
     "9": ("bench.cases.evacuation", "host evacuation of 4 VMs under one budget vs virsh migrate --bandwidth"),
 }
 PLOT_FILE = "migration-progress.png"

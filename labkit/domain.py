@@ -18,9 +18,21 @@ METADATA_NS = "urn:kvm-storage-agent:lab"
 @dataclass(frozen=True)
 class DiskDef:
     dev: str
-    path: str
+    path: str  # a file, or for an RBD image ``pool/image``
     serial: str
     fmt: str = "qcow2"
+    #: An RBD image: the monitor (host, port), the cephx user and the libvirt secret's uuid.
+    rbd: tuple[str, int, str, str] | None = None
+
+    def source_xml(self) -> str:
+        if self.rbd is None:
+            return f"<source file={quoteattr(self.path)}/>"
+        host, port, user, secret = self.rbd
+        return (
+            f"<source protocol='rbd' name={quoteattr(self.path)}>"
+            f"<host name={quoteattr(host)} port='{port}'/></source>\n"
+            f"      <auth username={quoteattr(user)}><secret type='ceph' uuid={quoteattr(secret)}/></auth>"
+        )
 
 
 def domain_xml(
@@ -50,9 +62,9 @@ def domain_xml(
     for index, disk in enumerate(disks):
         boot = "\n      <boot order='1'/>" if index == 0 else ""
         disk_xml.append(
-            f"""    <disk type='file' device='disk'>
+            f"""    <disk type={quoteattr("file" if disk.rbd is None else "network")} device='disk'>
       <driver name='qemu' type={quoteattr(disk.fmt)}/>
-      <source file={quoteattr(disk.path)}/>
+      {disk.source_xml()}
       <target dev={quoteattr(disk.dev)} bus='virtio'/>
       <serial>{escape(disk.serial)}</serial>{boot}
     </disk>"""

@@ -118,7 +118,11 @@ def add_guest_commands(sub: Any) -> None:
     p.add_argument(
         "--bare", action="store_true", help="no kernel: disks with filler only, next to no CPU (no records)"
     )
-    p.add_argument("--storage", default="ps1", help="storage root on that host (ps1, ps2, small)")
+    p.add_argument(
+        "--storage",
+        default="ps1",
+        help="storage on that host: ps1, ps2, small, or rbd (raw images in the lab pool)",
+    )
     p.add_argument("--disk-size-mib", type=int, default=1024, metavar="N")
     p.add_argument("--memory-mib", type=int, default=256, metavar="N")
     p.add_argument("--fill-mib", type=int, default=4, metavar="N", help="filler data per layer and disk")

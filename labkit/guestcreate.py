@@ -10,12 +10,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import domain, image
+from . import ceph, domain, image
 from .domain import DiskDef
 from .guestdir import GuestDisk, GuestRecord, read_acks
 from .guests import destroy
-from .layout import STORAGE_ROOTS, host_by_name
+from .layout import CEPH_ADDRESS, CEPH_MON_PORTS, CEPH_POOL, CEPH_USER, STORAGE_ROOTS, host_by_name
 from .records import FillExtent
+from .state import LabState
 from .sysutil import LabError, log, run, wait_for
 from .virsh import virsh
 
@@ -50,13 +51,18 @@ class GuestOptions:
     bare: bool = False
 
 
+#: ``--storage rbd``: the guest's disks are raw images in the lab's Ceph pool (named by their volume uuids).
+RBD_STORAGE = "rbd"
+
+
 def _check_options(opts: GuestOptions) -> None:
     if not NAME_RE.match(opts.name):
         raise LabError(f"bad guest name {opts.name!r}: letters, digits, _ . - (max 63)")
-    if opts.storage not in {name for name, _, _ in STORAGE_ROOTS}:
-        raise LabError(
-            f"no storage root {opts.storage!r} (known: {', '.join(n for n, _, _ in STORAGE_ROOTS)})"
-        )
+    known = [name for name, _, _ in STORAGE_ROOTS] + [RBD_STORAGE]
+    if opts.storage not in known:
+        raise LabError(f"no storage {opts.storage!r} (known: {', '.join(known)})")
+    if opts.storage == RBD_STORAGE and opts.snapshots:
+        raise LabError("--storage rbd: one raw image per disk, no --snapshots (a qcow2 chain needs files)")
     if not 0 <= opts.data_volumes <= 20 or not 0 <= opts.snapshots <= 20 or opts.dirty_mib_s < 0:
         raise LabError("--data-volumes and --snapshots must be 0..20, --dirty-mib-s >= 0")
     if opts.disk_size_mib // 2 < max(4, (opts.snapshots + 1) * opts.fill_mib):
@@ -92,6 +98,16 @@ def _qemu_img_create(path: Path, size_mib: int, fill: FillExtent) -> None:
     run(["qemu-io", "-f", "qcow2", "-c", command, path])
 
 
+def _make_rbd_image(disk: GuestDisk, opts: GuestOptions, name: str) -> None:
+    """The disk as one raw image in the lab's pool, filled as a base layer is, written as the admin."""
+    fill = FillExtent(layer=0, offset=opts.disk_size_mib * MIB // 2, length=opts.fill_mib * MIB, pattern=0x41)
+    uri = ceph.qemu_uri(name)
+    disk.layers.append(f"rbd:{CEPH_POOL}/{name}")  # before it exists: a failed creation removes it
+    run(["qemu-img", "create", "-q", "-f", "raw", uri, f"{opts.disk_size_mib}M"])
+    run(["qemu-io", "-f", "raw", "-c", f"write -P 0x{fill.pattern:02x} {fill.offset} {fill.length}", uri])
+    disk.fills.append(fill)
+
+
 def _make_layer(disk: GuestDisk, opts: GuestOptions, layer: int, path: Path, backing: Path | None) -> None:
     """One layer with its own filler; an overlay is filled before it gets its backing file, so that the
     filler write never opens (or needs) the layer below, which QEMU may be using."""
@@ -112,8 +128,12 @@ def _make_layer(disk: GuestDisk, opts: GuestOptions, layer: int, path: Path, bac
 def create(opts: GuestOptions) -> GuestRecord:
     _check_options(opts)
     host = host_by_name(opts.host)
+    on_rbd = opts.storage == RBD_STORAGE
     root = host.storage_path(opts.storage)
-    if not root.is_dir():
+    lab = LabState.load()
+    if on_rbd and lab is None:
+        raise LabError("no lab state: is the lab up? (scripts/lab up)")
+    if not on_rbd and not root.is_dir():
         raise LabError(f"{root} does not exist: is the lab up? (scripts/lab up)")
     img = image.ensure_image()
     devs = _devs(opts)
@@ -139,7 +159,11 @@ def create(opts: GuestOptions) -> GuestRecord:
     guest.save()
     try:
         for disk in guest.disks:
-            _make_layer(disk, opts, 0, root / f"{plan[disk.dev][0]}.qcow2", None)
+            if on_rbd:
+                _make_rbd_image(disk, opts, plan[disk.dev][0])
+                guest.save()
+            else:
+                _make_layer(disk, opts, 0, root / f"{plan[disk.dev][0]}.qcow2", None)
         guest.save()
         ws = opts.working_set_mib or max(8, min(48, opts.memory_mib // 4))
         dirty = "max" if opts.dirty_cpu_bound else str(opts.dirty_mib_s)
@@ -159,7 +183,7 @@ def create(opts: GuestOptions) -> GuestRecord:
             initrd=str(img.initrd),
             cmdline=cmdline,
             console=str(guest.console),
-            disks=[DiskDef(d.dev, d.layers[0], uuid.UUID(d.volume_uuid).hex) for d in guest.disks],
+            disks=[_disk_def(d, lab) for d in guest.disks],
         )
         (guest.dir / "domain.xml").write_text(xml)
         virsh(host, "define", str(guest.dir / "domain.xml"))
@@ -177,6 +201,15 @@ def create(opts: GuestOptions) -> GuestRecord:
         if not opts.keep_on_failure:
             destroy(guest.name, quiet=True)
         raise
+
+
+def _disk_def(disk: GuestDisk, lab: LabState | None) -> DiskDef:
+    serial = uuid.UUID(disk.volume_uuid).hex
+    if not disk.layers[0].startswith("rbd:"):
+        return DiskDef(disk.dev, disk.layers[0], serial)
+    assert lab is not None
+    access = (CEPH_ADDRESS, CEPH_MON_PORTS[1], CEPH_USER, lab.ceph.secret_uuid)
+    return DiskDef(disk.dev, disk.layers[0].removeprefix("rbd:"), serial, fmt="raw", rbd=access)
 
 
 def _take_snapshot(

@@ -13,12 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import domain
+from . import ceph, domain
 from .domain import Placement
 from .guestdir import GuestRecord, acks_summary, read_acks
 from .layout import GUESTS_DIR, HOSTS, LAB_DIR, STORAGE_ROOTS, TMP_DIR
 from .records import DiskResult, verify_disk
-from .sysutil import log, run
+from .sysutil import LabError, log, run
 from .virsh import virsh
 
 # --- verify -----------------------------------------------------------------------------------------------
@@ -102,6 +102,18 @@ def _chain_files(top: str) -> list[str]:
     return [entry["filename"] for entry in (info if isinstance(info, list) else [info])]
 
 
+def _remove_rbd_images(name: str, images: list[str]) -> None:
+    """The RBD images the guest was created on (``guest create --storage rbd``), once no domain has them
+    open; an image a move made is the test's to remove."""
+    for image in images:
+        pool, image_name = image.removeprefix("rbd:").split("/", 1)
+        try:
+            if image_name in ceph.rbd_images(pool):
+                ceph.rbd_remove(image_name, pool)
+        except LabError as err:
+            log(f"{name}: RBD image {pool}/{image_name} not removed: {err}")
+
+
 def destroy(name: str, *, quiet: bool = False) -> None:
     """Stop and undefine the domain on every lab host, and delete its image files and its guest dir.
     Only files under the lab directory are ever deleted."""
@@ -120,7 +132,8 @@ def destroy(name: str, *, quiet: bool = False) -> None:
         virsh(place.host, "undefine", name, "--snapshots-metadata", check=False)
     guest = GuestRecord.load(name)
     if guest is not None:
-        names = {Path(p).name for d in guest.disks for p in d.layers}
+        _remove_rbd_images(name, [p for d in guest.disks for p in d.layers if p.startswith("rbd:")])
+        names = {Path(p).name for d in guest.disks for p in d.layers if not p.startswith("rbd:")}
         files.update(p for d in guest.disks for p in d.layers)
         for host in HOSTS:  # copies the agent made elsewhere keep the names
             for root, _, _ in STORAGE_ROOTS:

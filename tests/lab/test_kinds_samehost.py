@@ -8,6 +8,7 @@ device, an image) is given back when the test ends."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -151,12 +152,24 @@ async def test_a_running_guest_moves_onto_rbd_thin_with_its_chain_flattened(
     result = guest.verify()
     assert result.ok and result.disks == 2, result.output
 
-    # On to the cluster's second pool, then back to files, capped: the images' data is mapped through the
-    # guest's own QEMU (the agent holds no Ceph key), so the budget is charged for the data, not for the
-    # 1 GiB each image spans.
+    # On to the cluster's second pool, then back to files: the images' data is mapped through the guest's
+    # own QEMU (the agent holds no Ceph key), so the budget is charged for the data, not for the 1 GiB each
+    # image spans. The same moves capped, and judged by their rate, are a `rates` case (below).
+    images = await _pool_to_pool_then_files(lab_agents, guest, taken_images, cap=None)
+    print(f"the images used {sum(images.values()) / MiB:.0f} MiB in the second pool")
+
+
+async def _pool_to_pool_then_files(
+    lab: Lab, guest: Guest, taken_images: list[str], cap: int | None
+) -> dict[str, int]:
+    """The guest's RBD disks (first pool) onto the second pool, then onto files, at ``cap`` MiB/s: each image
+    uses no more than its source did, each move is charged its data (one mirror buffer per disk aside), the
+    files hold the images' data, every acknowledged record is read back. Returns the second pool's use."""
+    host, pool = lab.host("hostA"), lab.ceph
+    live = disk_sources(host, guest.name)
     images = {t: ceph.rbd_used_bytes(p.split("/", 1)[1]) for t, p in live.items()}
-    body = migration_body(pool.storage2_uuid, withDataVolumes=True, bandwidth=CAP_MIB)
-    across = await migrate(lab_agents, host, guest.uuid, body)
+    body = migration_body(pool.storage2_uuid, withDataVolumes=True, bandwidth=cap)
+    across = await migrate(lab, host, guest.uuid, body)
     assert across.state == "SUCCEEDED", across.task.get("error")
     first, live = live, disk_sources(host, guest.name)
     assert live == disk_sources(host, guest.name, inactive=True), live
@@ -164,30 +177,117 @@ async def test_a_running_guest_moves_onto_rbd_thin_with_its_chain_flattened(
     taken_images.extend(live.values())
     plan = across.task["details"]["plan"]
     assert all(d["fromKind"] == d["toKind"] == "rbd" for d in plan["disks"]), plan
-    assert "overBudget" not in across.task["details"], across.task["details"]["overBudget"]
+    _charged("pool -> pool", across.task, images)
     for target, image in live.items():
         used = ceph.rbd_used_bytes(image.split("/", 1)[1], pool.pool2)
         print(f"{target}: {first[target]} used {images[target] / MiB:.0f} MiB, {image} {used / MiB:.0f} MiB")
         assert used <= images[target] + RBD_OBJECT, (target, used, images[target])
     images = {t: ceph.rbd_used_bytes(p.split("/", 1)[1], pool.pool2) for t, p in live.items()}
     files = host.root("ps2")
-    body = migration_body(files.uuid, withDataVolumes=True, bandwidth=CAP_MIB)
-    back = await migrate(lab_agents, host, guest.uuid, body)
+    back = await migrate(
+        lab, host, guest.uuid, migration_body(files.uuid, withDataVolumes=True, bandwidth=cap)
+    )
     assert back.state == "SUCCEEDED", back.task.get("error")
     live, defined = disk_sources(host, guest.name), disk_sources(host, guest.name, inactive=True)
     assert live == defined and all(Path(p).parent == files.path for p in live.values()), (live, defined)
     plan = back.task["details"]["plan"]
     assert all(d["fromKind"] == "rbd" and d["toKind"] == "file" for d in plan["disks"]), plan
-    budget = back.task["details"]["budget"]
-    moved = sum(images.values())
-    print(f"RBD -> files: {budget['realBytes'] / MiB:.0f} MiB charged, the images use {moved / MiB:.0f} MiB")
-    print(f"  budget {budget}, copy rates {back.task['details'].get('copyRates')}")
-    assert budget["realBytes"] <= 1.1 * moved + 2 * BUFFER, budget
-    assert "overBudget" not in back.task["details"], back.task["details"]["overBudget"]
+    _charged("RBD -> files", back.task, images)
     for target, path in live.items():
         allocated = Path(path).stat().st_blocks * 512
         print(f"{target}: {allocated / MiB:.0f} MiB in {path}, the image used {images[target] / MiB:.0f}")
         assert allocated <= images[target] + BUFFER, (target, allocated, images[target])
+    guest.wait_for_acks(10)
+    result = guest.verify()
+    assert result.ok and result.disks == 2, result.output
+    return images
+
+
+def _charged(step: str, task: dict[str, Any], images: dict[str, int]) -> None:
+    """The move was charged the images' data (plus a buffer per mirror), and, capped, held its cap."""
+    budget = task["details"]["budget"]
+    moved = sum(images.values())
+    print(f"{step}: {budget['realBytes'] / MiB:.0f} MiB charged, the images use {moved / MiB:.0f} MiB")
+    print(f"  budget {budget}, copy rates {task['details'].get('copyRates')}")
+    assert budget["realBytes"] <= 1.1 * moved + len(images) * BUFFER, budget
+    assert "overBudget" not in task["details"], task["details"]["overBudget"]
+
+
+@pytest.mark.rates
+async def test_a_guest_born_on_rbd_moves_pool_to_pool_and_onto_files_within_its_cap(
+    lab_agents: Lab, taken_images: list[str], make_guest: Callable[..., Guest]
+) -> None:
+    """A guest created on the pool, with a data volume: onto the second pool, then onto files, each move
+    capped at CAP_MIB: charged for the images' data and within the cap (a rate judged: run alone)."""
+    guest = make_guest(storage="rbd", data_volumes=1, fill_mib=32)
+    guest.wait_for_acks(10)
+    await _pool_to_pool_then_files(lab_agents, guest, taken_images, cap=CAP_MIB)
+
+
+async def test_a_running_guest_moves_from_rbd_onto_block_devices(
+    lab_agents: Lab,
+    taken_devices: list[Path],
+    taken_images: list[str],
+    make_guest: Callable[..., Guest],
+) -> None:
+    """Files -> RBD -> block devices, live: the images' data mapped through the guest's QEMU, each written
+    onto a free device with a slice of the disk's size; every acknowledged record read back from the
+    devices."""
+    host = lab_agents.host("hostA")
+    blk = host.root(BLOCK_ROOT)
+    guest = make_guest(data_volumes=1, fill_mib=32)
+    guest.wait_for_acks(10)
+    body = migration_body(lab_agents.ceph.storage_uuid, withDataVolumes=True)
+    onto = await migrate(lab_agents, host, guest.uuid, body)
+    assert onto.state == "SUCCEEDED", onto.task.get("error")
+    images = disk_sources(host, guest.name)
+    taken_images.extend(images.values())
+
+    run = await migrate(lab_agents, host, guest.uuid, migration_body(blk.uuid, withDataVolumes=True))
+    assert run.state == "SUCCEEDED", run.task.get("error")
+    live, defined = disk_sources(host, guest.name), disk_sources(host, guest.name, inactive=True)
+    assert set(live) == {"vda", "vdb"} and live == defined, (live, defined)
+    taken_devices.extend(Path(p) for p in live.values())
+    assert all(Path(p).parent == blk.path and Path(p).resolve().is_block_device() for p in live.values())
+    kinds = {d["target"]: (d["fromKind"], d["toKind"]) for d in run.task["details"]["plan"]["disks"]}
+    assert kinds == {"vda": ("rbd", "block"), "vdb": ("rbd", "block")}, kinds
+    xml = host.virsh("dumpxml", guest.name)
+    assert xml.count("<disk type='block'") == 2 and xml.count("<slice type='storage'") == 2, xml
+    guest.wait_for_acks(10)
+    result = guest.verify()
+    assert result.ok and result.disks == 2, result.output
+
+
+async def test_a_guest_born_on_rbd_moves_live_onto_files_and_stopped_is_refused(
+    lab_agents: Lab, make_guest: Callable[..., Guest]
+) -> None:
+    """A guest created on the pool (`guest create --storage rbd`): shut off, its move is refused naming
+    the image (no QEMU runs to read it, the agent holds no Ceph key), nothing made; running, it moves onto
+    files, every acknowledged record read back from them."""
+    host = lab_agents.host("hostA")
+    pool, files = lab_agents.ceph, host.root("ps1")
+    guest = make_guest(storage="rbd", data_volumes=1, fill_mib=32)
+    guest.wait_for_acks(10)
+    born = disk_sources(host, guest.name)
+    assert set(born) == {"vda", "vdb"} and all(p.startswith(f"{pool.pool}/") for p in born.values()), born
+
+    host.virsh("destroy", guest.name)
+    before = os.listdir(files.path)
+    refused = await migrate(lab_agents, host, guest.uuid, migration_body(files.uuid, withDataVolumes=True))
+    assert refused.state == "FAILED", refused.task
+    error = refused.task["error"]
+    assert (
+        error["code"] == "AGENT.STORAGE_KIND_UNSUPPORTED" and f"rbd:{born['vda']}" in error["description"]
+    ), error
+    assert os.listdir(files.path) == before
+
+    host.virsh("start", guest.name)
+    guest.wait_for_acks(10)
+    run = await migrate(lab_agents, host, guest.uuid, migration_body(files.uuid, withDataVolumes=True))
+    assert run.state == "SUCCEEDED", run.task.get("error")
+    live = disk_sources(host, guest.name)
+    assert live == disk_sources(host, guest.name, inactive=True), live
+    assert all(Path(p).parent == files.path and Path(p).is_file() for p in live.values()), live
     guest.wait_for_acks(10)
     result = guest.verify()
     assert result.ok and result.disks == 2, result.output

@@ -107,12 +107,9 @@ def real_bytes_done(sample: MirrorSample) -> tuple[int, int]:
 
 
 #: Plan each speed for this many ticks ahead. The job is re-steered every tick, so it only ever covers the
-#: first part of the planned stretch: before a large hole it closes in on the data geometrically (a quarter
-#: of the way each tick) instead of racing into it at hole speed when the next tick comes late (up to three
-#: ticks late). Two ticks (half of the way) were too few on a busy host: in CI (two labs on two cores) an
-#: agent tick late by a few tenths of a second let both mirrors of an RBD image (a hole of 430 MiB, then
-#: 64 MiB of data) run through all their data at hole speed, 2.1 x the cap over the move.
-HORIZON_TICKS = 4.0
+#: first part of the planned stretch: before a large hole it closes in on the data geometrically (half of the
+#: way each tick) instead of racing into it at hole speed when the next tick comes late (up to twice late).
+HORIZON_TICKS = 2.0
 
 
 def job_speed(sample: MirrorSample, share: int | None, horizon_s: float) -> int:
