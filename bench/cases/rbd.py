@@ -48,14 +48,16 @@ def _objects_with_data(path: str) -> int:
 
 
 def _image(source: str) -> tuple[str, str]:
-    """(pool, name) of an RBD disk source as the lab lists it (``pool/name``)."""
-    pool, name = source.split("/", 1)
+    """(pool, name) of an RBD disk source as the lab lists it (``pool/name``, or the image as the admin
+    reads it: ``rbd:pool/name:id=admin:...``)."""
+    spec = source.removeprefix("rbd:").split(":", 1)[0]
+    pool, name = spec.split("/", 1)
     return pool, name
 
 
 def _drop_images(guest: BenchGuest, made: set[str]) -> None:
     """Remove the images in ``made`` the guest no longer uses."""
-    in_use = set(guest.sources().values())
+    in_use = {"/".join(_image(p)) for p in guest.sources().values() if not p.startswith("/")}
     for spec in sorted(made - in_use):
         pool, name = _image(spec)
         if name in ceph.rbd_images(pool):
@@ -93,7 +95,7 @@ def _virsh_onto(guest: BenchGuest, doc: dict[str, Any], pool: str, made: set[str
         "--transient-job",
     )
     took = time.monotonic() - started
-    if guest.sources()["vda"] != f"{pool}/{name}":
+    if _image(guest.sources()["vda"]) != (pool, name):
         raise RuntimeError(f"virsh blockcopy did not pivot {guest.name} onto {pool}/{name}")
     return took
 
@@ -152,11 +154,11 @@ async def run_case(ctx: Context) -> list[Row]:
                 data.append(objects)
                 # The agent: file -> pool 1 -> pool 2.
                 took, _ = await _agent(ctx, guest, doc["storageUuid"])
-                made.add(guest.sources()["vda"])
+                made.add("/".join(_image(guest.sources()["vda"])))
                 times[AGENT]["file->rbd"].append(took)
                 used[AGENT]["file->rbd"].append(_used(guest.sources()["vda"]) / objects)
                 took, _ = await _agent(ctx, guest, doc["storage2Uuid"])
-                made.add(guest.sources()["vda"])
+                made.add("/".join(_image(guest.sources()["vda"])))
                 times[AGENT]["rbd->rbd"].append(took)
                 used[AGENT]["rbd->rbd"].append(_used(guest.sources()["vda"]) / objects)
                 await _back_to_a_file(ctx, guest, made)
@@ -179,7 +181,7 @@ async def run_case(ctx: Context) -> list[Row]:
                 _drop_images(guest, made)
                 # The agent capped: the image's used bytes over its COPYING phase, against the cap.
                 took, copying = await _agent(ctx, guest, doc["storageUuid"], cap=CAP_MIB)
-                made.add(guest.sources()["vda"])
+                made.add("/".join(_image(guest.sources()["vda"])))
                 capped.append(_used(guest.sources()["vda"]) / copying / (CAP_MIB * MiB))
                 capped_time.append(took)
                 await _back_to_a_file(ctx, guest, made)
@@ -189,11 +191,7 @@ async def run_case(ctx: Context) -> list[Row]:
                     {m: {k: v[-1] for k, v in t.items()} for m, t in times.items()},
                 )
         finally:
-            guest.sources()
-            for spec in sorted(made):
-                pool, name = _image(spec)
-                if name in ceph.rbd_images(pool) and spec not in guest.sources().values():
-                    ceph.rbd_remove(name, pool)
+            _drop_images(guest, made)
     ctx.raw["8"] = {"times": times, "usedOverData": used, "cappedRateOverCap": capped, "dataBytes": data}
     note = f"the source's data fills {statistics.median(data) / MiB:.0f} MiB of 4 MiB objects"
     rows: list[Row] = []
