@@ -381,9 +381,9 @@ def plan_migration(
     precreated = request.targetsPrecreated
     dst_kind = dst_root.kind
     one_layer = dst_kind is not StorageKind.FILE
-    if one_layer and precreated:
+    if dst_kind is StorageKind.BLOCK and precreated:
         raise InvalidRequest(
-            f"targetsPrecreated onto {dst_kind} storage is not done: the agent creates or picks the target",
+            "targetsPrecreated onto block storage is not done: the agent picks and claims the device",
             field="targetsPrecreated",
         )
     free = list(free_devices)

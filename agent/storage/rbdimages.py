@@ -184,6 +184,21 @@ async def image_exists(host: VirtHost, storage: RbdPool, image: RbdImage) -> boo
     return await host.call(_exists)
 
 
+async def image_size(host: VirtHost, storage: RbdPool, image: RbdImage) -> int | None:
+    """The image's size in bytes (libvirt's capacity of the volume), None when it is not there."""
+    _refuse_namespace(storage)
+
+    def _size(conn: Any) -> int | None:
+        with _lock(pool_name(storage)):
+            pool, _room = _access(conn, storage)
+            if image.name not in pool.listVolumes():
+                return None
+            _type, capacity, _allocation = pool.storageVolLookupByName(image.name).info()
+            return int(capacity)
+
+    return await host.call(_size)
+
+
 async def remove_image(host: VirtHost, storage: RbdPool, image: RbdImage) -> bool:
     """Remove the image and its snapshots; False when it was not there."""
     _refuse_namespace(storage)

@@ -31,6 +31,7 @@ from agent.migration.peer.client import DestinationAgent
 from agent.migration.request import MigrationRequest, Strategy, normalise_uuid
 from agent.security import client_context
 from agent.storage import qemuimg
+from agent.storage.rbdpool import RbdPool
 from agent.storage.roots import StorageRoots
 from agent.zstack.wire import BlockLiveMigrationCmd, MigrateVmCmd
 
@@ -92,6 +93,9 @@ async def block_copy_request(
     target = cmd.newVolume.installPath
     roots = StorageRoots.from_config(config)
     owner = roots.owner_of_location(target)  # ZStack names an RBD target ceph://pool/image
+    if isinstance(owner, RbdPool):
+        # ZStack made the image (of the disk's size): mirrored into whole, the chain flattened into it.
+        return _request(cmd, task_uuid, remaining, owner.uuid, with_snapshots=False)
     if owner is not None:
         roots.get(owner.uuid, field="newVolume.installPath")  # a kind not moved onto yet: refused
     real = confined_path(target, roots, "newVolume.installPath")
@@ -106,12 +110,18 @@ async def block_copy_request(
             field="newVolume.installPath",
             details=err.details,
         ) from err
+    return _request(cmd, task_uuid, remaining, root.uuid, with_snapshots=info.backing is not None)
+
+
+def _request(
+    cmd: BlockLiveMigrationCmd, task_uuid: str, remaining: float | None, storage: str, *, with_snapshots: bool
+) -> MigrationRequest:
     return MigrationRequest.model_validate(
         {
             "primaryStorageMigrateVm": {
-                "dstPrimaryStorageUuid": root.uuid,
+                "dstPrimaryStorageUuid": storage,
                 "withDataVolumes": True,
-                "withSnapshots": info.backing is not None,
+                "withSnapshots": with_snapshots,
             },
             "migrateVm": {"bandwidth": _bandwidth(cmd.bandwidth)},
             "taskUuid": task_uuid,
@@ -120,7 +130,7 @@ async def block_copy_request(
                 {
                     "uuid": cmd.newVolume.volumeUuid,
                     "installPath": cmd.oldVolumePath,
-                    "dstInstallPath": target,
+                    "dstInstallPath": cmd.newVolume.installPath,
                 }
             ],
             "targetsPrecreated": True,

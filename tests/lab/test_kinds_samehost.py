@@ -15,15 +15,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from agentapi import disk_sources, migrate
+from agentapi import disk_sources, migrate, start
+from faultkit import assert_no_loss, finish, kill_agent, lab_restored, start_agent, wait_for_progress
 from labtools import Guest, Lab
 
 from agent.storage import blockdir
 from labkit import ceph
 from labkit.bodies import dst_host, migration_body
-from labkit.layout import BLOCK_ROOT
+from labkit.layout import BLOCK_ROOT, host_by_name
+from labkit.state import LabState
 
 pytestmark = pytest.mark.lab
+__all__ = ["lab_restored"]  # the fixture, imported so that a case can ask for it
 
 MiB = 1 << 20
 #: RBD stores an image in objects of this size: a thin image uses whole objects where data was written.
@@ -291,6 +294,58 @@ async def test_a_guest_born_on_rbd_moves_live_onto_files_and_stopped_is_refused(
     guest.wait_for_acks(10)
     result = guest.verify()
     assert result.ok and result.disks == 2, result.output
+
+
+async def test_a_host_without_the_ceph_secret_is_refused_naming_it(
+    lab_agents: Lab, make_guest: Callable[..., Guest]
+) -> None:
+    """hostA's libvirt loses the pool's secret: a move onto the pool is refused in PREPARING naming the
+    secret, nothing made in the pool, the guest running on its files; the secret is put back after."""
+    host, pool = lab_agents.host("hostA"), lab_agents.ceph
+    guest = make_guest(bare=True)
+    before, images = disk_sources(host, guest.name), ceph.rbd_images()
+    host.virsh("secret-undefine", pool.secret_uuid)
+    try:
+        run = await migrate(lab_agents, host, guest.uuid, migration_body(pool.storage_uuid))
+        assert run.state == "FAILED", run.task
+        error = run.task["error"]
+        assert error["code"] == "AGENT.CEPH_ACCESS" and pool.secret_uuid in error["description"], error
+    finally:
+        lab_state = LabState.load()
+        assert lab_state is not None
+        ceph.ensure_secret(host_by_name("hostA"), lab_state.ceph)
+    assert guest.where() == {"hostA": "running"} and disk_sources(host, guest.name) == before
+    assert ceph.rbd_images() == images
+
+
+async def test_the_agent_killed_mid_copy_onto_rbd_settles_the_truth(
+    lab_restored: Lab, taken_images: list[str], make_guest: Callable[..., Guest]
+) -> None:
+    """The agent is killed while its mirrors copy onto the pool (8 MiB/s, 64 MiB of data per disk) and
+    started again: the journal names the images it made, the restarted agent takes the task up, and the
+    verdict is where the guest runs: SUCCEEDED on the images, or FAILED on its files with the images gone."""
+    lab = lab_restored
+    host, pool = lab.host("hostA"), lab.ceph
+    guest = make_guest(data_volumes=1, fill_mib=64)
+    guest.wait_for_acks(10)
+    before, images = disk_sources(host, guest.name), set(ceph.rbd_images())
+    body = migration_body(pool.storage_uuid, withDataVolumes=True, bandwidth=8)
+    task = await start(lab, host, guest.uuid, body)
+    await wait_for_progress(lab, host, task["taskUuid"], 20)
+    made = set(ceph.rbd_images()) - images
+    taken_images.extend(f"{pool.pool}/{name}" for name in made)
+    assert len(made) == 2, made
+    kill_agent(lab, host)
+    start_agent(lab, host)
+    run = await finish(lab, host, task["taskUuid"])
+    live, defined = disk_sources(host, guest.name), disk_sources(host, guest.name, inactive=True)
+    assert live == defined and guest.where() == {"hostA": "running"}, (live, defined)
+    print(f"after the kill: {run.state} {run.task.get('error')}; disks {live}")
+    if run.state == "SUCCEEDED":
+        assert {p.split("/", 1)[1] for p in live.values()} == made, (live, made)
+    else:
+        assert live == before and set(ceph.rbd_images()) == images, (live, ceph.rbd_images())
+    assert_no_loss(guest)
 
 
 async def test_a_move_to_another_host_onto_rbd_or_block_is_refused_before_anything_is_copied(

@@ -20,6 +20,7 @@ from agentapi import disk_sources, qemu_img_chain
 from labtools import Guest, Lab, LabHost
 
 from agent.client import ApiError
+from labkit import ceph
 from labkit.agents import agent_client
 from labkit.mgmtplane import Call, ManagementPlane
 from labkit.waits import wait_until
@@ -27,6 +28,7 @@ from labkit.waits import wait_until
 pytestmark = pytest.mark.lab
 
 ZS_HOST = {"hostA": "a0c0b6f1d2e34f5a8b9c0d1e2f3a4b01", "hostB": "a0c0b6f1d2e34f5a8b9c0d1e2f3a4b02"}
+MiB = 1 << 20
 CANCELLED = "AGENT.CANCELLED: the migration was cancelled on request; the VM keeps its source volumes"
 
 
@@ -193,6 +195,60 @@ async def wait_copying(lab: Lab, host: LabHost, task_uuid: str) -> None:
 
 
 # -- tests ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def made_images(lab: Lab) -> Iterator[list[str]]:
+    """RBD images (pool/name) a test made or moved a guest onto: removed at teardown, after its guests
+    (asked for before ``make_guest``)."""
+    made: list[str] = []
+    yield made
+    for image in made:
+        pool, name = image.split("/", 1)
+        if name in ceph.rbd_images(pool):
+            ceph.rbd_remove(name, pool)
+
+
+async def test_block_live_migration_onto_a_precreated_rbd_image(
+    lab_agents: Lab,
+    made_images: list[str],
+    make_guest: Callable[..., Guest],
+    mn: ManagementServer,
+    http: aiohttp.ClientSession,
+) -> None:
+    """ZStack's local -> Ceph move of one volume: it makes the image (`rbd create`, the disk's size), then
+    sends `/vm/blklivemigration` with `ceph://pool/image`. An image of another size is refused before
+    anything moves; one of the disk's size takes the disk, thin, every acknowledged record read back."""
+    host, pool = lab_agents.host("hostA"), lab_agents.ceph
+    guest = make_guest(data_volumes=1, fill_mib=32)
+    guest.wait_for_acks(10)
+    await connect(http, host, mn)
+    before = disk_sources(host, guest.name)
+    size = virtual_size(before["vdb"])
+
+    small = f"zs-{uuid.uuid4().hex[:12]}"
+    ceph.rbd("create", "--size", f"{size // 2 // MiB}M", f"{pool.pool}/{small}")
+    made_images.append(f"{pool.pool}/{small}")
+    body = blk_body(guest.uuid, before["vdb"], f"ceph://{pool.pool}/{small}", "api-r0")
+    refused = (await mn.answer(await send(http, host, "/vm/blklivemigration", body, mn))).body
+    assert refused["success"] is False and refused["error"].startswith("AGENT.TARGET_MISMATCH: "), refused
+    assert disk_sources(host, guest.name) == before
+
+    image = f"zs-{uuid.uuid4().hex[:12]}"
+    ceph.rbd("create", "--size", f"{size // MiB}M", f"{pool.pool}/{image}")
+    made_images.append(f"{pool.pool}/{image}")
+    body = blk_body(guest.uuid, before["vdb"], f"ceph://{pool.pool}/{image}", "api-r1")
+    answer = (await mn.answer(await send(http, host, "/vm/blklivemigration", body, mn))).body
+    assert answer == {"success": True, "error": None}, answer
+    after = disk_sources(host, guest.name)
+    assert after == {**before, "vdb": f"{pool.pool}/{image}"}, after
+    assert disk_sources(host, guest.name, inactive=True) == after
+    used = ceph.rbd_used_bytes(image)
+    print(f"vdb on {pool.pool}/{image}: {used / MiB:.0f} MiB used of {size / MiB:.0f}")
+    assert used <= size // 4, "thin: the holes were not written"
+    guest.wait_for_acks(10)
+    result = guest.verify()
+    assert result.ok and result.disks == 2, result.output
 
 
 async def test_block_live_migration_moves_exactly_that_disk(

@@ -64,7 +64,7 @@ class SameHostEngine:
         await ctx.enter(TaskState.PREPARING)
         plan = await plan_move(host, roots, ctx)
         try:
-            return await self._move(ctx, await check_precreated(plan))
+            return await self._move(ctx, await check_precreated(host, self.roots, plan))
         finally:
             if plan.dst_kind is StorageKind.BLOCK:
                 CLAIMED_DEVICES.difference_update(d.dst_top for d in plan.disks)

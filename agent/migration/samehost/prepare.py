@@ -61,11 +61,15 @@ async def plan_move(host: VirtHost, roots: StorageRoots, ctx: TaskContext) -> Mi
     return plan
 
 
-async def check_precreated(plan: MigrationPlan) -> MigrationPlan:
-    """Check the targets the caller made (``agent.migration.targets``); their backing joins the plan."""
+async def check_precreated(host: VirtHost, roots: StorageRoots, plan: MigrationPlan) -> MigrationPlan:
+    """Check the targets the caller made (``agent.migration.targets``); their backing joins the plan. An
+    RBD image made by the caller (ZStack makes it before `/vm/blklivemigration`) must exist and be of the
+    disk's size: QEMU's mirror refuses a target of another size, and no slice is put on an image."""
     disks = []
     for disk in plan.disks:
-        if disk.precreated:
+        if disk.precreated and disk.dst_kind is StorageKind.RBD:
+            await _check_precreated_image(host, roots, disk.dst_top, disk.virtual_size)
+        elif disk.precreated:
             chain = await check_precreated_target(
                 disk.dst_top,
                 fmt=disk.dst_format,
@@ -80,6 +84,26 @@ async def check_precreated(plan: MigrationPlan) -> MigrationPlan:
                 )
         disks.append(disk)
     return dataclasses.replace(plan, disks=tuple(disks))
+
+
+async def _check_precreated_image(host: VirtHost, roots: StorageRoots, location: str, size: int) -> None:
+    storage = roots.owner_of_location(location)
+    assert isinstance(storage, RbdPool)  # the plan confined it there
+    found = await rbdimages.image_size(host, storage, parse_rbd(location, "volumes"))
+    if found is None:
+        raise PreflightFailed(
+            f"the pre-created target {location} does not exist",
+            code=Code.TARGET_MISMATCH,
+            field="volumes",
+            details="create the image first, or send the request without targetsPrecreated",
+        )
+    if found != size:
+        raise PreflightFailed(
+            f"the pre-created target {location} is {found} bytes, the disk {size}",
+            code=Code.TARGET_MISMATCH,
+            field="volumes",
+            details="an RBD target must be of the disk's size (rbd resize it, or let the agent create it)",
+        )
 
 
 async def preflight(host: VirtHost, roots: StorageRoots, ctx: TaskContext, plan: MigrationPlan) -> list[str]:
@@ -106,6 +130,8 @@ async def preflight(host: VirtHost, roots: StorageRoots, ctx: TaskContext, plan:
         if isinstance(dst, BlockDir):
             await check_device(dst, disk, used)
         elif isinstance(dst, RbdPool):
+            if disk.precreated:
+                continue  # the caller's image, checked in ``check_precreated``
             if await rbdimages.image_exists(host, dst, parse_rbd(disk.dst_top, "volumes")):
                 raise PreflightFailed(
                     f"target {disk.dst_top} already exists",

@@ -105,16 +105,25 @@ def test_onto_block_no_device_large_enough_is_refused_naming_the_disk_and_size(t
     assert "vda" in err.value.description and str(GiB) in err.value.description
 
 
-def test_precreated_targets_onto_another_kind_are_refused(pool: RbdPool) -> None:
+def test_a_precreated_rbd_image_is_the_target_and_a_device_is_refused(pool: RbdPool, tmp_path: Path) -> None:
+    """ZStack makes the image first (ceph://pool/image): it is the target, whole, the chain flattened into
+    it, never created nor removed by the agent. A device is the agent's to pick: refused."""
     req = MigrationRequest.model_validate(
         {
-            "primaryStorageMigrateVm": {"dstPrimaryStorageUuid": DST},
+            "primaryStorageMigrateVm": {"dstPrimaryStorageUuid": DST, "withSnapshots": True},
             "targetsPrecreated": True,
-            "volumes": [{"installPath": "/src/a.qcow2", "dstInstallPath": "rbd:ksa/x"}],
+            "volumes": [{"installPath": "/src/a.qcow2", "dstInstallPath": "ceph://ksa/x"}],
         }
     )
+    chains = {"vda": chain3("/src/a.qcow2")}
+    plan = plan_migration("vm", [disk("vda", "/src/a.qcow2")], chains, req, pool)
+    (vda,) = plan.disks
+    assert (vda.dst_top, vda.dst_kind, vda.dst_format) == ("rbd:ksa/x", StorageKind.RBD, "raw")
+    assert vda.precreated and vda.flatten and not vda.shallow and not plan.layers
     with pytest.raises(InvalidRequest) as err:
-        plan_migration("vm", [disk("vda", "/src/a.qcow2")], {"vda": [layer("/src/a.qcow2")]}, req, pool)
+        plan_migration(
+            "vm", [disk("vda", "/src/a.qcow2")], chains, req, BlockDir(DST, tmp_path), free_devices=[]
+        )
     assert err.value.field == "targetsPrecreated"
 
 

@@ -185,3 +185,35 @@ def test_the_domain_xml_names_each_disk_by_kind_and_location() -> None:
         "vdc": ("network", None, "rbd:ksa/t1/img"),
         "vdd": ("network", None, None),
     }
+
+
+async def test_zstack_names_a_precreated_rbd_image_and_the_move_keeps_it() -> None:
+    """ZStack makes the RBD image, then sends /vm/blklivemigration with newVolume ceph://pool/image: one
+    pre-created target in that rbd storage, the chain flattened into it; a block device is still refused."""
+    from agent.errors import StorageKindUnsupported
+    from agent.zstack.translate import block_copy_request
+    from agent.zstack.wire import BlockLiveMigrationCmd
+
+    config = parse_config(_config(_rbd(), {"uuid": BLOCK_UUID, "kind": "block", "path": "/dev/ksa-vg"}))
+    cmd = BlockLiveMigrationCmd.model_validate(
+        {
+            "vmUuid": "9a8b7c6d-5e4f-4a3b-8c2d-1e0f9a8b7c6d",
+            "oldVolumePath": "/var/lib/ksa/ps1/vol.qcow2",
+            "newVolume": {"installPath": "ceph://ksa/vol-1", "volumeUuid": "vol-1"},
+            "bandwidth": 8,
+        }
+    )
+    request = await block_copy_request(cmd, "0f1e2d3c-4b5a-4978-8695-a4b3c2d1e0f9", config, None)
+    psm = request.primaryStorageMigrateVm
+    assert (psm.dstPrimaryStorageUuid, psm.withSnapshots, request.targetsPrecreated) == (
+        RBD_UUID,
+        False,
+        True,
+    )
+    (volume,) = request.volumes
+    assert (volume.installPath, volume.dstInstallPath) == ("/var/lib/ksa/ps1/vol.qcow2", "ceph://ksa/vol-1")
+    device = cmd.model_copy(
+        update={"newVolume": cmd.newVolume.model_copy(update={"installPath": "/dev/ksa-vg/x"})}
+    )
+    with pytest.raises(StorageKindUnsupported):
+        await block_copy_request(device, "1f1e2d3c-4b5a-4978-8695-a4b3c2d1e0f9", config, None)
