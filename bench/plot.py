@@ -58,3 +58,33 @@ def plot_migration(data: dict[str, Any], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def plot_rbd(
+    times: dict[str, dict[str, list[float]]], used: dict[str, dict[str, list[float]]], path: Path
+) -> None:
+    """Case 8: per step (file -> RBD, pool -> pool), each method's time and the RBD bytes it left over the
+    source's data objects (median of the repetitions; the bars' ticks are every repetition)."""
+    methods = list(times)
+    steps = list(next(iter(times.values())))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    width = 0.8 / len(methods)
+    for ax, (series, title) in zip(
+        axes, ((times, "time (s)"), (used, "RBD used / source's data objects")), strict=True
+    ):
+        for i, method in enumerate(methods):
+            xs = [s + (i - (len(methods) - 1) / 2) * width for s in range(len(steps))]
+            values = [series[method][step] for step in steps]
+            heights = [sorted(v)[len(v) // 2] if v else 0.0 for v in values]
+            ax.bar(xs, heights, width, label=method)
+            for x, v in zip(xs, values, strict=True):
+                ax.plot([x] * len(v), v, "k_", markersize=10)
+        ax.set_xticks(range(len(steps)), steps)
+        ax.set_title(title)
+        ax.grid(axis="y", alpha=0.3)
+    axes[1].axhline(1.05, color="tab:red", linestyle=":", label="target: 1.05")
+    axes[0].legend(fontsize=7, loc="upper left")
+    axes[1].legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -23,6 +23,7 @@ from typing import Any
 from bench.agentrun import require_clean, run_task
 from bench.context import Context
 from bench.labenv import BenchGuest, MiB, _status, bench_guest, run
+from bench.plot import plot_rbd
 from bench.table import Row, Target
 from labkit import ceph
 from labkit.bodies import migration_body
@@ -34,6 +35,7 @@ VIRSH = "virsh blockcopy --reuse-external --wait --pivot"
 QEMU_IMG = "qemu-img convert"
 DISK_MIB, FILL_MIB, CAP_MIB = 2048, 512, 50
 RBD_OBJECT = 4 * MiB
+PLOT_FILE = "rbd.png"
 
 
 def _objects_with_data(path: str) -> int:
@@ -63,6 +65,13 @@ def _drop_images(guest: BenchGuest, made: set[str]) -> None:
         if name in ceph.rbd_images(pool):
             ceph.rbd_remove(name, pool)
         made.discard(spec)
+
+
+def _remove_left(made: set[str]) -> None:
+    for spec in sorted(made):
+        pool, name = _image(spec)
+        if name in ceph.rbd_images(pool):
+            ceph.rbd_remove(name, pool)
 
 
 def _dest_xml(doc: dict[str, Any], pool: str, name: str) -> str:
@@ -114,6 +123,7 @@ async def _agent(
     """One move by the agent: (request to final callback, COPYING phase) in seconds."""
     body = migration_body(storage, bandwidth=cap) if cap else migration_body(storage)
     result = await run_task(ctx.lab, guest.host, guest.uuid, body, receiver=ctx.receiver, poll_s=0.5)
+    guest.drop_unused_files()  # the source file the agent leaves: the next move back takes its name
     require_clean(result, "the agent's move")
     assert result.elapsed is not None
     copying = result.phase("COPYING", ("SWITCHING",))
@@ -146,53 +156,57 @@ async def run_case(ctx: Context) -> list[Row]:
     capped_time: list[float] = []
     data: list[int] = []
     made: set[str] = set()
-    with bench_guest(ctx.lab, "rbd", disk_size_mib=DISK_MIB, fill_mib=FILL_MIB) as guest:
-        try:
-            for rep in range(reps):
-                src = guest.sources()["vda"]
-                objects = _objects_with_data(src)
-                data.append(objects)
-                # The agent: file -> pool 1 -> pool 2.
-                took, _ = await _agent(ctx, guest, doc["storageUuid"])
-                made.add("/".join(_image(guest.sources()["vda"])))
-                times[AGENT]["file->rbd"].append(took)
-                used[AGENT]["file->rbd"].append(_used(guest.sources()["vda"]) / objects)
-                took, _ = await _agent(ctx, guest, doc["storage2Uuid"])
-                made.add("/".join(_image(guest.sources()["vda"])))
-                times[AGENT]["rbd->rbd"].append(took)
-                used[AGENT]["rbd->rbd"].append(_used(guest.sources()["vda"]) / objects)
-                await _back_to_a_file(ctx, guest, made)
-                # ZStack's way: virsh blockcopy onto images made first.
-                times[VIRSH]["file->rbd"].append(_virsh_onto(guest, doc, pool1, made))
-                used[VIRSH]["file->rbd"].append(_used(guest.sources()["vda"]) / objects)
+    try:
+        with bench_guest(ctx.lab, "rbd", disk_size_mib=DISK_MIB, fill_mib=FILL_MIB) as guest:
+            try:
+                for rep in range(reps):
+                    src = guest.sources()["vda"]
+                    objects = _objects_with_data(src)
+                    data.append(objects)
+                    # The agent: file -> pool 1 -> pool 2.
+                    took, _ = await _agent(ctx, guest, doc["storageUuid"])
+                    made.add("/".join(_image(guest.sources()["vda"])))
+                    times[AGENT]["file->rbd"].append(took)
+                    used[AGENT]["file->rbd"].append(_used(guest.sources()["vda"]) / objects)
+                    took, _ = await _agent(ctx, guest, doc["storage2Uuid"])
+                    made.add("/".join(_image(guest.sources()["vda"])))
+                    times[AGENT]["rbd->rbd"].append(took)
+                    used[AGENT]["rbd->rbd"].append(_used(guest.sources()["vda"]) / objects)
+                    await _back_to_a_file(ctx, guest, made)
+                    # ZStack's way: virsh blockcopy onto images made first.
+                    times[VIRSH]["file->rbd"].append(_virsh_onto(guest, doc, pool1, made))
+                    used[VIRSH]["file->rbd"].append(_used(guest.sources()["vda"]) / objects)
+                    _drop_images(guest, made)
+                    guest.drop_unused_files()
+                    times[VIRSH]["rbd->rbd"].append(_virsh_onto(guest, doc, pool2, made))
+                    used[VIRSH]["rbd->rbd"].append(_used(guest.sources()["vda"]) / objects)
+                    await _back_to_a_file(ctx, guest, made)
+                    # qemu-img convert of the same data, the guest untouched.
+                    src = guest.sources()["vda"]
+                    took, first = _convert(src, pool1, made)
+                    times[QEMU_IMG]["file->rbd"].append(took)
+                    used[QEMU_IMG]["file->rbd"].append(ceph.rbd_used_bytes(first, pool1) / objects)
+                    took, second = _convert(ceph.qemu_uri(first, pool=pool1), pool2, made)
+                    times[QEMU_IMG]["rbd->rbd"].append(took)
+                    used[QEMU_IMG]["rbd->rbd"].append(ceph.rbd_used_bytes(second, pool2) / objects)
+                    _drop_images(guest, made)
+                    # The agent capped: the image's used bytes over its COPYING phase, against the cap.
+                    took, copying = await _agent(ctx, guest, doc["storageUuid"], cap=CAP_MIB)
+                    made.add("/".join(_image(guest.sources()["vda"])))
+                    capped.append(_used(guest.sources()["vda"]) / copying / (CAP_MIB * MiB))
+                    capped_time.append(took)
+                    await _back_to_a_file(ctx, guest, made)
+                    log.info(
+                        "case 8 rep %d: %s",
+                        rep + 1,
+                        {m: {k: v[-1] for k, v in t.items()} for m, t in times.items()},
+                    )
+            finally:
                 _drop_images(guest, made)
-                guest.drop_unused_files()
-                times[VIRSH]["rbd->rbd"].append(_virsh_onto(guest, doc, pool2, made))
-                used[VIRSH]["rbd->rbd"].append(_used(guest.sources()["vda"]) / objects)
-                await _back_to_a_file(ctx, guest, made)
-                # qemu-img convert of the same data, the guest untouched.
-                src = guest.sources()["vda"]
-                took, first = _convert(src, pool1, made)
-                times[QEMU_IMG]["file->rbd"].append(took)
-                used[QEMU_IMG]["file->rbd"].append(ceph.rbd_used_bytes(first, pool1) / objects)
-                took, second = _convert(ceph.qemu_uri(first, pool=pool1), pool2, made)
-                times[QEMU_IMG]["rbd->rbd"].append(took)
-                used[QEMU_IMG]["rbd->rbd"].append(ceph.rbd_used_bytes(second, pool2) / objects)
-                _drop_images(guest, made)
-                # The agent capped: the image's used bytes over its COPYING phase, against the cap.
-                took, copying = await _agent(ctx, guest, doc["storageUuid"], cap=CAP_MIB)
-                made.add("/".join(_image(guest.sources()["vda"])))
-                capped.append(_used(guest.sources()["vda"]) / copying / (CAP_MIB * MiB))
-                capped_time.append(took)
-                await _back_to_a_file(ctx, guest, made)
-                log.info(
-                    "case 8 rep %d: %s",
-                    rep + 1,
-                    {m: {k: v[-1] for k, v in t.items()} for m, t in times.items()},
-                )
-        finally:
-            _drop_images(guest, made)
+    finally:
+        _remove_left(made)  # an image the guest was on when it was destroyed
     ctx.raw["8"] = {"times": times, "usedOverData": used, "cappedRateOverCap": capped, "dataBytes": data}
+    ctx.figures[PLOT_FILE] = lambda path: plot_rbd(times, used, path)
     note = f"the source's data fills {statistics.median(data) / MiB:.0f} MiB of 4 MiB objects"
     rows: list[Row] = []
     for step in ("file->rbd", "rbd->rbd"):
