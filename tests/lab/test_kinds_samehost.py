@@ -7,8 +7,10 @@ device, an image) is given back when the test ends."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+import signal
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -17,7 +19,7 @@ from typing import Any
 import pytest
 from agentapi import disk_sources, migrate, start
 from faultkit import assert_no_loss, finish, kill_agent, lab_restored, start_agent, wait_for_progress
-from labtools import Guest, Lab
+from labtools import Guest, Lab, lab_cli, lab_status
 
 from agent.storage import blockdir
 from labkit import ceph
@@ -341,6 +343,43 @@ async def test_the_agent_killed_mid_copy_onto_rbd_settles_the_truth(
     live, defined = disk_sources(host, guest.name), disk_sources(host, guest.name, inactive=True)
     assert live == defined and guest.where() == {"hostA": "running"}, (live, defined)
     print(f"after the kill: {run.state} {run.task.get('error')}; disks {live}")
+    if run.state == "SUCCEEDED":
+        assert {p.split("/", 1)[1] for p in live.values()} == made, (live, made)
+    else:
+        assert live == before and set(ceph.rbd_images()) == images, (live, ceph.rbd_images())
+    assert_no_loss(guest)
+
+
+async def test_ceph_killed_under_a_copy_onto_rbd_and_back_settles_the_truth(
+    lab_restored: Lab, taken_images: list[str], make_guest: Callable[..., Guest]
+) -> None:
+    """The cluster's only OSD is killed (SIGKILL) while the mirrors copy onto the pool (8 MiB/s) and
+    started again 5 s later (`scripts/lab up`): the copy waits for it and the verdict is where the guest
+    runs (SUCCEEDED on the images, or FAILED on its files with the images gone); no acknowledged write lost,
+    the guest writing throughout (its files are local)."""
+    lab = lab_restored
+    host, pool = lab.host("hostA"), lab.ceph
+    guest = make_guest(data_volumes=1, fill_mib=64)
+    guest.wait_for_acks(10)
+    before, images = disk_sources(host, guest.name), set(ceph.rbd_images())
+    body = migration_body(pool.storage_uuid, withDataVolumes=True, bandwidth=8)
+    task = await start(lab, host, guest.uuid, body)
+    await wait_for_progress(lab, host, task["taskUuid"], 20)
+    made = set(ceph.rbd_images()) - images
+    taken_images.extend(f"{pool.pool}/{name}" for name in made)
+    osd = int(lab_status()["ceph"]["pids"]["osd"])
+    os.kill(osd, signal.SIGKILL)
+    try:
+        await asyncio.sleep(5)
+    finally:
+        await asyncio.to_thread(lab_cli, "up")  # the OSD started again on its store
+    again = int(lab_status()["ceph"]["pids"]["osd"])
+    assert again != osd, "premise: the OSD was killed and started again"
+    print(f"OSD {osd} killed, {again} started")
+    run = await finish(lab, host, task["taskUuid"])
+    live, defined = disk_sources(host, guest.name), disk_sources(host, guest.name, inactive=True)
+    assert live == defined and guest.where() == {"hostA": "running"}, (live, defined)
+    print(f"after the OSD's restart: {run.state} {run.task.get('error')}; disks {live}")
     if run.state == "SUCCEEDED":
         assert {p.split("/", 1)[1] for p in live.values()} == made, (live, made)
     else:
