@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 from labtools import SWITCHOVER_DEATH, Guest, Lab, LabNotUp, create_guest, keep_evidence, load_lab
 
+from labkit import ceph
 from labkit.agents import agent_client, agent_healthy
 
 #: The harm series (test_switchover_series.py) is run by hand, with its mode named; never by a plain run.
@@ -101,6 +102,18 @@ def make_guest(lab: Lab, request: pytest.FixtureRequest) -> Iterator[Callable[..
         if failed and (kept := keep_evidence(guest, request.node.nodeid)) is not None:
             print(f"{guest.name}: its console and record are kept in {kept}")
         guest.destroy()
+
+
+@pytest.fixture
+def taken_images(lab: Lab) -> Iterator[list[str]]:
+    """RBD images (pool/name) a test made or moved a guest onto: removed at teardown, after the test's
+    guests (ask for it before ``make_guest``)."""
+    taken: list[str] = []
+    yield taken
+    for image in taken:
+        pool, name = image.split("/", 1)
+        if name in ceph.rbd_images(pool):
+            ceph.rbd_remove(name, pool)
 
 
 @pytest.fixture

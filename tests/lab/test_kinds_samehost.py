@@ -12,7 +12,7 @@ import json
 import os
 import signal
 import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -51,17 +51,6 @@ def taken_devices(lab: Lab) -> Iterator[list[Path]]:
     yield taken
     for device in taken:
         blockdir.release(device)
-
-
-@pytest.fixture
-def taken_images(lab: Lab) -> Iterator[list[str]]:
-    """RBD images (pool/name) a test's moves made: removed at teardown, after the test's guests."""
-    taken: list[str] = []
-    yield taken
-    for image in taken:
-        pool, name = image.split("/", 1)
-        if name in ceph.rbd_images(pool):
-            ceph.rbd_remove(name, pool)
 
 
 def _objects_with_data(path: str) -> int:
@@ -320,13 +309,15 @@ async def test_a_host_without_the_ceph_secret_is_refused_naming_it(
     assert ceph.rbd_images() == images
 
 
-async def test_the_agent_killed_mid_copy_onto_rbd_settles_the_truth(
-    lab_restored: Lab, taken_images: list[str], make_guest: Callable[..., Guest]
+async def _strike_a_copy_onto_rbd(
+    lab: Lab,
+    taken_images: list[str],
+    make_guest: Callable[..., Guest],
+    strike: Callable[[], Awaitable[str]],
 ) -> None:
-    """The agent is killed while its mirrors copy onto the pool (8 MiB/s, 64 MiB of data per disk) and
-    started again: the journal names the images it made, the restarted agent takes the task up, and the
-    verdict is where the guest runs: SUCCEEDED on the images, or FAILED on its files with the images gone."""
-    lab = lab_restored
+    """A writing guest's two disks copied onto the pool at 8 MiB/s (64 MiB of data each); at 20 % the
+    ``strike`` (it says what it did); then the verdict is where the guest runs: SUCCEEDED on the images
+    the move made, or FAILED on its files with those images gone; no acknowledged write lost."""
     host, pool = lab.host("hostA"), lab.ceph
     guest = make_guest(data_volumes=1, fill_mib=64)
     guest.wait_for_acks(10)
@@ -337,12 +328,11 @@ async def test_the_agent_killed_mid_copy_onto_rbd_settles_the_truth(
     made = set(ceph.rbd_images()) - images
     taken_images.extend(f"{pool.pool}/{name}" for name in made)
     assert len(made) == 2, made
-    kill_agent(lab, host)
-    start_agent(lab, host)
+    what = await strike()
     run = await finish(lab, host, task["taskUuid"])
     live, defined = disk_sources(host, guest.name), disk_sources(host, guest.name, inactive=True)
     assert live == defined and guest.where() == {"hostA": "running"}, (live, defined)
-    print(f"after the kill: {run.state} {run.task.get('error')}; disks {live}")
+    print(f"{what}: {run.state} {run.task.get('error')}; disks {live}")
     if run.state == "SUCCEEDED":
         assert {p.split("/", 1)[1] for p in live.values()} == made, (live, made)
     else:
@@ -350,41 +340,40 @@ async def test_the_agent_killed_mid_copy_onto_rbd_settles_the_truth(
     assert_no_loss(guest)
 
 
-async def test_ceph_killed_under_a_copy_onto_rbd_and_back_settles_the_truth(
+async def test_the_agent_killed_mid_copy_onto_rbd_settles_the_truth(
     lab_restored: Lab, taken_images: list[str], make_guest: Callable[..., Guest]
 ) -> None:
-    """The cluster's only OSD is killed (SIGKILL) while the mirrors copy onto the pool (8 MiB/s) and
-    started again 5 s later (`scripts/lab up`): the copy waits for it and the verdict is where the guest
-    runs (SUCCEEDED on the images, or FAILED on its files with the images gone); no acknowledged write lost,
-    the guest writing throughout (its files are local)."""
-    lab = lab_restored
-    host, pool = lab.host("hostA"), lab.ceph
-    guest = make_guest(data_volumes=1, fill_mib=64)
-    guest.wait_for_acks(10)
-    before, images = disk_sources(host, guest.name), set(ceph.rbd_images())
-    body = migration_body(pool.storage_uuid, withDataVolumes=True, bandwidth=8)
-    task = await start(lab, host, guest.uuid, body)
-    await wait_for_progress(lab, host, task["taskUuid"], 20)
-    made = set(ceph.rbd_images()) - images
-    taken_images.extend(f"{pool.pool}/{name}" for name in made)
-    osd = int(lab_status()["ceph"]["pids"]["osd"])
-    os.kill(osd, signal.SIGKILL)
-    try:
-        await asyncio.sleep(5)
-    finally:
-        await asyncio.to_thread(lab_cli, "up")  # the OSD started again on its store
-    again = int(lab_status()["ceph"]["pids"]["osd"])
-    assert again != osd, "premise: the OSD was killed and started again"
-    print(f"OSD {osd} killed, {again} started")
-    run = await finish(lab, host, task["taskUuid"])
-    live, defined = disk_sources(host, guest.name), disk_sources(host, guest.name, inactive=True)
-    assert live == defined and guest.where() == {"hostA": "running"}, (live, defined)
-    print(f"after the OSD's restart: {run.state} {run.task.get('error')}; disks {live}")
-    if run.state == "SUCCEEDED":
-        assert {p.split("/", 1)[1] for p in live.values()} == made, (live, made)
-    else:
-        assert live == before and set(ceph.rbd_images()) == images, (live, ceph.rbd_images())
-    assert_no_loss(guest)
+    """The agent is killed (SIGKILL) while its mirrors copy onto the pool and started again: the journal
+    names the images it made, the restarted agent takes the task up, the verdict is the truth."""
+    host = lab_restored.host("hostA")
+
+    async def kill() -> str:
+        kill_agent(lab_restored, host)
+        start_agent(lab_restored, host)
+        return "the agent killed and started again"
+
+    await _strike_a_copy_onto_rbd(lab_restored, taken_images, make_guest, kill)
+
+
+async def test_ceph_killed_under_a_copy_onto_rbd_settles_the_truth(
+    lab_restored: Lab, taken_images: list[str], make_guest: Callable[..., Guest]
+) -> None:
+    """The cluster's only OSD is killed (SIGKILL) under the copy and started again 5 s later (`scripts/lab
+    up`): the copy waits for it, the verdict is the truth, the guest writes throughout (its files are
+    local)."""
+
+    async def kill() -> str:
+        osd = int(lab_status()["ceph"]["pids"]["osd"])
+        os.kill(osd, signal.SIGKILL)
+        try:
+            await asyncio.sleep(5)
+        finally:
+            await asyncio.to_thread(lab_cli, "up")  # the OSD started again on its store
+        again = int(lab_status()["ceph"]["pids"]["osd"])
+        assert again != osd, "premise: the OSD was killed and started again"
+        return f"OSD {osd} killed, {again} started"
+
+    await _strike_a_copy_onto_rbd(lab_restored, taken_images, make_guest, kill)
 
 
 async def test_a_move_to_another_host_onto_rbd_or_block_is_refused_before_anything_is_copied(

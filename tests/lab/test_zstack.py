@@ -197,21 +197,9 @@ async def wait_copying(lab: Lab, host: LabHost, task_uuid: str) -> None:
 # -- tests ----------------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def made_images(lab: Lab) -> Iterator[list[str]]:
-    """RBD images (pool/name) a test made or moved a guest onto: removed at teardown, after its guests
-    (asked for before ``make_guest``)."""
-    made: list[str] = []
-    yield made
-    for image in made:
-        pool, name = image.split("/", 1)
-        if name in ceph.rbd_images(pool):
-            ceph.rbd_remove(name, pool)
-
-
 async def test_block_live_migration_onto_a_precreated_rbd_image(
     lab_agents: Lab,
-    made_images: list[str],
+    taken_images: list[str],
     make_guest: Callable[..., Guest],
     mn: ManagementServer,
     http: aiohttp.ClientSession,
@@ -228,7 +216,7 @@ async def test_block_live_migration_onto_a_precreated_rbd_image(
 
     small = f"zs-{uuid.uuid4().hex[:12]}"
     ceph.rbd("create", "--size", f"{size // 2 // MiB}M", f"{pool.pool}/{small}")
-    made_images.append(f"{pool.pool}/{small}")
+    taken_images.append(f"{pool.pool}/{small}")
     body = blk_body(guest.uuid, before["vdb"], f"ceph://{pool.pool}/{small}", "api-r0")
     refused = (await mn.answer(await send(http, host, "/vm/blklivemigration", body, mn))).body
     assert refused["success"] is False and refused["error"].startswith("AGENT.TARGET_MISMATCH: "), refused
@@ -236,7 +224,7 @@ async def test_block_live_migration_onto_a_precreated_rbd_image(
 
     image = f"zs-{uuid.uuid4().hex[:12]}"
     ceph.rbd("create", "--size", f"{size // MiB}M", f"{pool.pool}/{image}")
-    made_images.append(f"{pool.pool}/{image}")
+    taken_images.append(f"{pool.pool}/{image}")
     body = blk_body(guest.uuid, before["vdb"], f"ceph://{pool.pool}/{image}", "api-r1")
     answer = (await mn.answer(await send(http, host, "/vm/blklivemigration", body, mn))).body
     assert answer == {"success": True, "error": None}, answer
