@@ -7,10 +7,8 @@ device, an image) is given back when the test ends."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
-import signal
 import subprocess
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
@@ -19,7 +17,7 @@ from typing import Any
 import pytest
 from agentapi import disk_sources, migrate, start
 from faultkit import assert_no_loss, finish, kill_agent, lab_restored, start_agent, wait_for_progress
-from labtools import Guest, Lab, lab_cli, lab_status
+from labtools import Guest, Lab
 
 from agent.storage import blockdir
 from labkit import ceph
@@ -351,27 +349,6 @@ async def test_the_agent_killed_mid_copy_onto_rbd_settles_the_truth(
         kill_agent(lab_restored, host)
         start_agent(lab_restored, host)
         return "the agent killed and started again"
-
-    await _strike_a_copy_onto_rbd(lab_restored, taken_images, make_guest, kill)
-
-
-async def test_ceph_killed_under_a_copy_onto_rbd_settles_the_truth(
-    lab_restored: Lab, taken_images: list[str], make_guest: Callable[..., Guest]
-) -> None:
-    """The cluster's only OSD is killed (SIGKILL) under the copy and started again 5 s later (`scripts/lab
-    up`): the copy waits for it, the verdict is the truth, the guest writes throughout (its files are
-    local)."""
-
-    async def kill() -> str:
-        osd = int(lab_status()["ceph"]["pids"]["osd"])
-        os.kill(osd, signal.SIGKILL)
-        try:
-            await asyncio.sleep(5)
-        finally:
-            await asyncio.to_thread(lab_cli, "up")  # the OSD started again on its store
-        again = int(lab_status()["ceph"]["pids"]["osd"])
-        assert again != osd, "premise: the OSD was killed and started again"
-        return f"OSD {osd} killed, {again} started"
 
     await _strike_a_copy_onto_rbd(lab_restored, taken_images, make_guest, kill)
 
