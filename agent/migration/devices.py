@@ -41,22 +41,29 @@ async def used_here(host: VirtHost) -> set[str]:
 async def check_device(storage: BlockDir, disk: DiskPlan, used: set[str]) -> None:
     """A device asked for (or picked) is free now: blank, large enough for the disk, and named by none of
     the ``used`` locations."""
-    device = Path(disk.dst_top)
-    size = await asyncio.to_thread(blockdir.device_size, device)
+    await check_device_takes(storage, disk.dst_top, disk.target, disk.virtual_size, used, field="volumes")
+
+
+async def check_device_takes(
+    storage: BlockDir, location: str, target: str, size: int, used: set[str], *, field: str
+) -> None:
+    """Device ``location`` can take disk ``target`` of ``size`` bytes: blank, large enough, held by no one
+    and named by none of the ``used`` locations (``AGENT.TARGET_EXISTS`` or ``AGENT.NO_SPACE`` otherwise)."""
+    device = Path(location)
+    held = await asyncio.to_thread(blockdir.device_size, device)
     problem: tuple[str, Code] | None = None
-    if disk.dst_top in used or os.path.realpath(device) in used:
+    if location in used or os.path.realpath(device) in used:
         problem = "a domain of this host uses it", Code.TARGET_EXISTS
-    elif size < disk.virtual_size:
-        problem = f"it holds {size} bytes, the disk needs {disk.virtual_size}", Code.NO_SPACE
+    elif held < size:
+        problem = f"it holds {held} bytes, the disk needs {size}", Code.NO_SPACE
     elif await asyncio.to_thread(blockdir.in_use_elsewhere, device):
         problem = "the kernel says someone holds it (mounted, a device-mapper table)", Code.TARGET_EXISTS
     elif not await asyncio.to_thread(blockdir.is_blank, device):
         problem = "it is not blank (its first MiB holds a label, a filesystem, an image)", Code.TARGET_EXISTS
     if problem is not None:
         raise PreflightFailed(
-            f"block device {disk.dst_top} cannot take disk {disk.target} of {disk.virtual_size} bytes: "
-            + problem[0],
+            f"block device {location} cannot take disk {target} of {size} bytes: " + problem[0],
             code=problem[1],
-            field="volumes",
+            field=field,
             details=f"choose another device of storage {storage.uuid} ({storage.path})",
         )

@@ -234,7 +234,7 @@ def volume_uuid(disk: DiskXml, request: MigrationRequest) -> str:
 KINDS = (StorageKind.FILE, StorageKind.BLOCK, StorageKind.RBD)
 #: A stopped VM's, on one host: the agent reads files and devices itself, and holds no Ceph key.
 OFFLINE_KINDS = (StorageKind.FILE, StorageKind.BLOCK)
-#: Across hosts: files only, so far.
+#: Files only (a stopped VM across hosts).
 FILES_ONLY = (StorageKind.FILE,)
 
 
@@ -315,7 +315,7 @@ def _dst_top_for(
     disk: DiskXml,
     index: int,
     request: MigrationRequest,
-    dst: Storage,
+    dst: Storage | RemoteVolumes,
     *,
     volume: str,
     size: int,
@@ -330,6 +330,8 @@ def _dst_top_for(
         if isinstance(dst, BlockDir):
             free[:] = [f for f in free if f[0] != path]
         return str(dst.confine(path, field_name))
+    if isinstance(dst, RemoteVolumes):
+        return volume
     field_name = f"volumes[{index}]"
     if isinstance(dst, StorageRoot):
         # An RBD image's file takes the image's name; a device's, the volume's uuid (a device's name is
@@ -359,7 +361,7 @@ def plan_migration(
     disks: Sequence[DiskXml],
     chains: Mapping[str, Sequence[ImageInfo]],
     request: MigrationRequest,
-    dst_root: Storage,
+    dst_root: Storage | RemoteVolumes,
     *,
     dst_rbd: RbdAccess | None = None,
     free_devices: Sequence[FreeDevice] = (),
@@ -579,3 +581,20 @@ class RemoteRoot(StorageRoot):
 
     def confine(self, path: str | Path, field: str) -> Path:
         return Path(path)
+
+
+@dataclass(frozen=True)
+class RemoteVolumes:
+    """Another host's RBD pool or block storage seen from the source: each disk becomes one raw volume
+    there, named by its volume uuid (or the request's ``dstInstallPath``) and placed by the destination agent
+    (an image in its pool, a device it picks), which confines every name."""
+
+    uuid: str
+    kind: StorageKind
+
+    @property
+    def location(self) -> str:
+        return f"{self.kind} storage {self.uuid} on the destination host"
+
+    def confine(self, path: str | Path, field: str) -> str:
+        return str(path)

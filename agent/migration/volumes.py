@@ -11,20 +11,19 @@ from __future__ import annotations
 import asyncio
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from agent.config import StorageKind
 from agent.errors import AgentError, Code, InvalidRequest, MigrationFailed, PreflightFailed
+from agent.migration.mirrors.speeds import AllocationIndex
+from agent.migration.plan import DiskPlan, allocation_index
 from agent.storage import blockdir, qemuimg, rbdimages
 from agent.storage.blockdir import BlockDir
 from agent.storage.locations import parse_rbd
 from agent.storage.rbdpool import RbdPool
 from agent.storage.roots import Storage, StorageRoot, StorageRoots
+from agent.virt import livemap
 from agent.virt.domxml import DiskXml, RbdAccess, VolumeSource
 from agent.virt.host import VirtHost
-
-if TYPE_CHECKING:
-    from agent.migration.plan import DiskPlan
 
 
 def kind_of_disk(disk: DiskXml) -> StorageKind | None:
@@ -73,6 +72,12 @@ def volume_source(storage: Storage | None, kind: StorageKind, location: str, fmt
         image = parse_rbd(location, "location")
         return VolumeSource(kind, str(image), fmt, rbd_access(storage))
     return VolumeSource(kind, location, fmt)
+
+
+async def source_index(host: VirtHost, vm_uuid: str, disk: DiskPlan) -> AllocationIndex:
+    """Where ``disk``'s source data is: from qemu-img, or for an RBD image from the QEMU that has it open
+    (``agent.virt.livemap``: the agent holds no Ceph key)."""
+    return await allocation_index(disk, lambda: livemap.live_allocation(host, vm_uuid, disk.target))
 
 
 async def create_top(host: VirtHost, dst: Storage, disk: DiskPlan) -> None:

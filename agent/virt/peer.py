@@ -62,7 +62,7 @@ _STATES = {
 
 
 def _tops(xml: str) -> dict[str, str]:
-    return {d.target: d.source for d in parse_disks(xml) if d.device == "disk" and d.source}
+    return {d.target: d.location for d in parse_disks(xml) if d.device == "disk" and d.location}
 
 
 def _look(uri: str, vm_uuid: str) -> PeerDomain:

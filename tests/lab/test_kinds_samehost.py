@@ -21,7 +21,7 @@ from labtools import Guest, Lab
 
 from agent.storage import blockdir
 from labkit import ceph
-from labkit.bodies import dst_host, migration_body
+from labkit.bodies import migration_body
 from labkit.layout import BLOCK_ROOT, host_by_name
 from labkit.state import LabState
 
@@ -351,23 +351,6 @@ async def test_the_agent_killed_mid_copy_onto_rbd_settles_the_truth(
         return "the agent killed and started again"
 
     await _strike_a_copy_onto_rbd(lab_restored, taken_images, make_guest, kill)
-
-
-async def test_a_move_to_another_host_onto_rbd_or_block_is_refused_before_anything_is_copied(
-    lab_agents: Lab, make_guest: Callable[..., Guest]
-) -> None:
-    """Not done yet across hosts: refused naming the storage, the guest stays where it runs, nothing made."""
-    src, dst = lab_agents.host("hostA"), lab_agents.host("hostB")
-    guest = make_guest(bare=True)
-    images = ceph.rbd_images()
-    for storage in (lab_agents.ceph.storage_uuid, dst.root(BLOCK_ROOT).uuid):
-        body = migration_body(storage, dstHostUuid=dst.uuid, dstHost=dst_host(dst))
-        run = await migrate(lab_agents, src, guest.uuid, body)
-        assert run.state == "FAILED", run.task
-        error = run.task["error"]
-        assert error["code"] == "AGENT.STORAGE_KIND_UNSUPPORTED", error
-        assert guest.where() == {"hostA": "running"}
-    assert ceph.rbd_images() == images
 
 
 async def test_a_stopped_guest_moves_onto_block_devices_and_boots_from_them(

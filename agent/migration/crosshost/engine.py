@@ -110,7 +110,7 @@ class CrossHostEngine:
                     on_steering=self._steer_with,
                 )
             await ctx.enter(TaskState.PREPARING)
-            plan = await plan_live_move(self.host, ctx)
+            plan = await plan_live_move(self.host, ctx, peer)
             ctx.note("plan", plan.summary())
             # Every item's size up front (memory too), so the one percent never races ahead.
             for layer in plan.layers:
@@ -123,6 +123,7 @@ class CrossHostEngine:
             try:
                 work.prepared = await peer.prepare(incoming_spec(ctx, plan))
                 await work.checkpoint(ctx, Step.PREPARED)
+                ctx.note("placed", work.prepared.tops())  # where the destination put each disk
                 await ctx.enter(TaskState.COPYING)
                 await send_layers(ctx, peer, work)
                 # libvirt's snapshot metadata travels beside the migration (journalled first): see Migration.

@@ -25,7 +25,8 @@ from agent.migration.crosshost.work import CrossHostWork
 from agent.migration.engine import TaskContext, budget_of
 from agent.migration.mirrors.guestwrites import read_guest_writes
 from agent.migration.peer.wire import Prepared
-from agent.migration.plan import MigrationPlan, allocation_index
+from agent.migration.plan import MigrationPlan
+from agent.migration.volumes import source_index
 from agent.virt.host import DomainEvent, VirtHost
 from agent.virt.writes import WriteHistory
 
@@ -101,7 +102,7 @@ class Migration:
         write_blocking = choose_write_blocking(ctx, plan, write_rates)
         flags = migration_flags(self.config, plan, policy, write_blocking=write_blocking)
         controller = convergence.ConvergenceController(policy)
-        indexes = {d.target: await allocation_index(d) for d in plan.disks}
+        indexes = {d.target: await source_index(host, ctx.vm_uuid, d) for d in plan.disks}
         # Announce every item's size up front so the one percent covers disks and memory from the start
         # (libvirt's own progress restarts from zero when the memory phase begins).
         for disk in plan.disks:

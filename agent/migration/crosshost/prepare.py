@@ -6,23 +6,36 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from agent.errors import Code, PreflightFailed
+from agent.client import ClientError
+from agent.config import StorageKind
+from agent.errors import Code, MigrationFailed, PreflightFailed
 from agent.migration import snapshots
 from agent.migration.crosshost.work import CrossHostWork
 from agent.migration.engine import TaskContext, budget_of
 from agent.migration.peer.client import DestinationAgent
 from agent.migration.peer.layers import LayerToSend, send_layers_to_peer
 from agent.migration.peer.wire import IncomingDisk, IncomingSpec
-from agent.migration.plan import DATA_VOLUME_LEFT, MigrationPlan, RemoteRoot, inspect_chains, plan_migration
+from agent.migration.plan import (
+    DATA_VOLUME_LEFT,
+    KINDS,
+    MigrationPlan,
+    RemoteRoot,
+    RemoteVolumes,
+    inspect_chains,
+    plan_migration,
+)
 from agent.storage import sharedfs
+from agent.storage.locations import is_rbd
 from agent.virt.domxml import parse_disks
 from agent.virt.host import VirtHost
 from agent.virt.states import DomainState
 
 
-async def plan_live_move(host: VirtHost, ctx: TaskContext) -> MigrationPlan:
+async def plan_live_move(host: VirtHost, ctx: TaskContext, peer: DestinationAgent) -> MigrationPlan:
     """Plan from the live XML and the chains; refuse a VM that is not running, a disk with a block job,
-    and libvirt snapshots whose layers a flattening move would lose."""
+    and libvirt snapshots whose layers a flattening move would lose. Disks are read from files, block
+    devices or RBD images; onto the destination's RBD pool or block storage each becomes one raw volume
+    (the destination agent says which kind its storage is)."""
     state = await host.domain_state(ctx.vm_uuid)
     if state != DomainState.RUNNING:
         raise PreflightFailed(
@@ -32,9 +45,16 @@ async def plan_live_move(host: VirtHost, ctx: TaskContext) -> MigrationPlan:
     for disk in disks:
         if disk.mirror:
             raise PreflightFailed(f"disk {disk.target} already has a block job", field="vmUuid")
-    chains = await inspect_chains(disks)
+    rbd_sizes = {
+        d.target: await host.block_capacity(ctx.vm_uuid, d.target)
+        for d in disks
+        if d.device == "disk" and d.type == "network" and d.location and is_rbd(d.location)
+    }
+    chains = await inspect_chains(disks, rbd_sizes)
     dst_uuid = ctx.request.primaryStorageMigrateVm.dstPrimaryStorageUuid
-    plan = plan_migration(ctx.vm_uuid, disks, chains, ctx.request, RemoteRoot(dst_uuid, Path("/")))
+    kind = await destination_kind(peer, dst_uuid)
+    dst = RemoteRoot(dst_uuid, Path("/")) if kind is StorageKind.FILE else RemoteVolumes(dst_uuid, kind)
+    plan = plan_migration(ctx.vm_uuid, disks, chains, ctx.request, dst, kinds=KINDS)
     snapshots.refuse_internal({d.target: chains[d.target] for d in plan.disks})
     refuse_local_disks_left(plan)
     metas = await host.call_domain(ctx.vm_uuid, snapshots.read_snapshots)
@@ -48,6 +68,31 @@ async def plan_live_move(host: VirtHost, ctx: TaskContext) -> MigrationPlan:
             details="move it with withSnapshots: true, or delete the snapshots first",
         )
     return plan
+
+
+async def destination_kind(peer: DestinationAgent, storage_uuid: str) -> StorageKind:
+    """The kind of the destination's storage ``storage_uuid``, from what its agent offers peers. A storage
+    it does not list is left to its ``prepare`` to refuse (it names the storages it has)."""
+    try:
+        offer = await peer.offer()
+    except ClientError as err:
+        raise MigrationFailed(
+            f"destination agent unreachable: {err}",
+            code=Code.PEER_UNREACHABLE,
+            details="check dstHost.agentUrl, the token and the network",
+        ) from err
+    for entry in offer.get("storage", []) if isinstance(offer, dict) else []:
+        if isinstance(entry, dict) and entry.get("uuid") == storage_uuid:
+            try:
+                return StorageKind(entry.get("kind", "file"))
+            except ValueError:
+                raise MigrationFailed(
+                    f"the destination's storage {storage_uuid} is of kind {entry.get('kind')!r}, which this "
+                    "agent does not know",
+                    code=Code.STORAGE_KIND_UNSUPPORTED,
+                    field="primaryStorageMigrateVm.dstPrimaryStorageUuid",
+                ) from None
+    return StorageKind.FILE
 
 
 def refuse_local_disks_left(plan: MigrationPlan, mounts: str | None = None) -> None:

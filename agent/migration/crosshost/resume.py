@@ -17,8 +17,10 @@ from agent.migration.crosshost.settle import job_active, settle
 from agent.migration.crosshost.steering import Steering, disk_aliases
 from agent.migration.crosshost.work import CrossHostWork
 from agent.migration.engine import Step, TaskContext
+from agent.migration.mirrors.speeds import AllocationIndex
 from agent.migration.peer.client import DestinationAgent
-from agent.migration.plan import MigrationPlan, allocation_index
+from agent.migration.plan import DiskPlan, MigrationPlan
+from agent.migration.volumes import source_index
 from agent.virt.host import VirtHost
 
 
@@ -113,7 +115,7 @@ async def _watch_running(
         host,
         ctx,
         plan,
-        {d.target: await allocation_index(d) for d in plan.disks},
+        {d.target: await _index(host, ctx, d) for d in plan.disks},
         convergence.ConvergenceController(policy),
         aliases=aliases,
         tick_s=tick_s,
@@ -130,3 +132,13 @@ async def _watch_running(
     finally:
         await steer.close()
     return steer.verdict
+
+
+async def _index(host: VirtHost, ctx: TaskContext, disk: DiskPlan) -> AllocationIndex:
+    """Where the disk's data is, for the resumed steering; an RBD image whose QEMU cannot be asked now (the
+    domain switching over) counts whole: its mirror is then paced as all data, never faster."""
+    try:
+        return await source_index(host, ctx.vm_uuid, disk)
+    except AgentError as err:
+        ctx.log.info("disk %s: no allocation map (%s); counted whole", disk.target, err.description)
+        return AllocationIndex([(0, disk.virtual_size)])

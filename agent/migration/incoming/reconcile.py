@@ -86,7 +86,7 @@ async def _reconcile_one(
         return False
     if state in (DomainState.RUNNING, DomainState.SHUTOFF):
         xml = await (host.live_xml if state == DomainState.RUNNING else host.inactive_xml)(vm_uuid)
-        live = {d.target: d.source for d in parse_disks(xml)}
+        live = {d.target: d.location for d in parse_disks(xml)}
         if all(live.get(t) == top for t, top in tops.items()):
             records.settle(record, IncomingState.COMMITTED)
             log.info(
@@ -104,7 +104,7 @@ async def _reconcile_one(
         )
         return True
     if state == DomainState.UNDEFINED:
-        removed = remove_created(record, roots)
+        removed = await remove_created(record, roots, host)
         records.forget(migration_id)
         log.info(
             "incoming migration %s for VM %s: the VM is not here and nothing is in flight; removed "

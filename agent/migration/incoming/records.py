@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import enum
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -16,7 +17,11 @@ from pydantic import BaseModel, ConfigDict
 from agent.errors import Code, Forbidden, NotFound
 from agent.migration.peer.wire import IncomingSpec, PreparedDisk
 from agent.migration.request import normalise_uuid
-from agent.storage.roots import StorageRoots
+from agent.migration.volumes import release_created
+from agent.storage.roots import StorageRoot, StorageRoots
+from agent.virt.host import VirtHost
+
+_LOG = logging.LoggerAdapter(logging.getLogger(__name__), {})
 
 
 class IncomingState(enum.StrEnum):
@@ -155,15 +160,21 @@ def check_owner(migration_id: str, owner: str | None, peer: str) -> None:
         )
 
 
-def remove_created(record: IncomingRecord, roots: StorageRoots) -> list[str]:
-    """Remove the files the record says the migration created (inside a storage root only), newest first."""
+async def remove_created(record: IncomingRecord, roots: StorageRoots, host: VirtHost | None) -> list[str]:
+    """Undo what the record says the migration created, newest first, inside this host's storages only: a
+    file is removed, an RBD image removed (through libvirt: ``host``), a block device given back blank."""
     removed = []
-    for path in reversed(record.created):
-        if roots.owner_of(path) is None:
+    for location in reversed(record.created):
+        storage = roots.owner_of_location(location)
+        if storage is None:
             continue
-        try:
-            os.unlink(path)
-            removed.append(path)
-        except FileNotFoundError:
-            pass
+        if isinstance(storage, StorageRoot):
+            try:
+                os.unlink(location)
+                removed.append(location)
+            except FileNotFoundError:
+                pass
+        elif host is not None:
+            await release_created(host, roots, location, _LOG)
+            removed.append(location)
     return removed

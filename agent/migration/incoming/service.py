@@ -34,7 +34,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from agent.errors import Busy, Code, Conflict, InvalidRequest, MigrationFailed, NotFound, PreflightFailed
+from agent.config import StorageKind
+from agent.errors import (
+    Busy,
+    Code,
+    Conflict,
+    InvalidRequest,
+    MigrationFailed,
+    NotFound,
+    PreflightFailed,
+    StorageKindUnsupported,
+)
+from agent.migration.devices import check_device_takes, free_devices, used_here
 from agent.migration.incoming.domain import check_definition, domain_parts, domain_uuid
 from agent.migration.incoming.reconcile import RECONCILE_EVERY_S, RECONCILE_GIVE_UP_S, reconcile
 from agent.migration.incoming.records import (
@@ -45,10 +56,13 @@ from agent.migration.incoming.records import (
     Reservation,
     remove_created,
 )
-from agent.migration.peer.wire import IncomingDisk, IncomingLayer, IncomingSpec, PreparedDisk
+from agent.migration.peer.wire import IncomingDisk, IncomingLayer, IncomingSpec, PreparedDisk, PreparedRbd
 from agent.migration.request import normalise_uuid
 from agent.migration.targets import check_precreated_target
-from agent.storage import qemuimg
+from agent.storage import qemuimg, rbdimages
+from agent.storage.blockdir import BlockDir
+from agent.storage.locations import parse_rbd
+from agent.storage.rbdpool import RbdPool
 from agent.storage.roots import StorageRoot, StorageRoots
 from agent.storage.space import check_free_space
 from agent.transfer.export import IncomingLayer as LayerExport
@@ -117,9 +131,13 @@ class IncomingService:
                     retry_after_s=RETRY_AFTER_S,
                     details="limits.incoming_migrations in agent.toml",
                 )
-            root = self.roots.get(spec.dstPrimaryStorageUuid, field="dstPrimaryStorageUuid")
-            layout = self._layout(spec, root)
-            needed = await self._preflight(spec, root, layout)
+            root = self.roots.storage(spec.dstPrimaryStorageUuid, field="dstPrimaryStorageUuid")
+            if isinstance(root, StorageRoot):
+                layout = self._layout(spec, root)
+                needed = await self._preflight(spec, root, layout)
+            else:
+                layout = await self._volume_layout(spec, root)
+                needed = 0  # Ceph keeps its own books; a device is the disk's whole room
             record = IncomingRecord(
                 migrationId=spec.migrationId,
                 vmUuid=spec.vmUuid,
@@ -134,7 +152,7 @@ class IncomingService:
                 for disk, paths in zip(spec.disks, layout.disks, strict=True):
                     await self._create_disk(record, disk, paths)
             except BaseException:
-                remove_created(record, self.roots)
+                await remove_created(record, self.roots, self.host)
                 raise
             record.state = IncomingState.PREPARED
             self.records.save(record)
@@ -197,6 +215,97 @@ class IncomingService:
                 seen.add(written)
         return Layout(disks=disks)
 
+    async def _volume_layout(self, spec: IncomingSpec, storage: RbdPool | BlockDir) -> Layout:
+        """Every disk's volume in an RBD pool or a directory of block devices, checked before anything is
+        made: one raw volume per disk (the source flattens, a running VM only: the migration's mirror is
+        what writes it). RBD: this host's secret opens the pool (``AGENT.CEPH_ACCESS`` naming it), the
+        image is new (or the caller's, of the disk's size). Block: the device asked for, else the smallest
+        free one that holds the disk, blank and held by no one, and in no other open migration."""
+        if self.host is None:
+            raise MigrationFailed("no libvirt connection on the destination agent")
+        for i, disk in enumerate(spec.disks):
+            if disk.offline or disk.layers or disk.format != "raw" or not disk.flatten:
+                raise StorageKindUnsupported(
+                    f"disk {disk.target}: storage {storage.uuid} is of kind {storage.kind}, which takes one "
+                    "raw volume per disk written by a live migration",
+                    field=f"disks[{i}]",
+                    details="a stopped VM, or a chain kept layer by layer, moves onto file storage only "
+                    "across hosts (docs/storage.md)",
+                )
+            if disk.precreated and isinstance(storage, BlockDir):
+                raise InvalidRequest(
+                    "targetsPrecreated onto block storage is not done: the agent picks and claims the device",
+                    field=f"disks[{i}].precreated",
+                )
+        if isinstance(storage, RbdPool):
+            return await self._rbd_layout(spec, storage)
+        return await self._block_layout(spec, storage)
+
+    async def _rbd_layout(self, spec: IncomingSpec, pool: RbdPool) -> Layout:
+        assert self.host is not None
+        room = await rbdimages.check_access(self.host, pool)
+        wire = PreparedRbd(monitors=pool.monitors, user=pool.user, secretUuid=pool.secret_uuid)
+        disks: list[PreparedDisk] = []
+        for i, disk in enumerate(spec.disks):
+            image = pool.confine(disk.top, f"disks[{i}].top")
+            found = await rbdimages.image_size(self.host, pool, image)
+            if disk.precreated and found != disk.virtualSize:
+                what = "does not exist" if found is None else f"is {found} bytes, the disk {disk.virtualSize}"
+                raise PreflightFailed(
+                    f"the pre-created target {image} {what}",
+                    code=Code.TARGET_MISMATCH,
+                    field=f"disks[{i}].top",
+                )
+            if not disk.precreated and found is not None:
+                raise PreflightFailed(
+                    f"target {image} already exists on this host's pool",
+                    code=Code.TARGET_EXISTS,
+                    field="disks",
+                    details="remove the image or choose another dstInstallPath",
+                )
+            disks.append(PreparedDisk(target=disk.target, top=str(image), kind=StorageKind.RBD, rbd=wire))
+        if len({d.top for d in disks}) < len(disks):
+            raise PreflightFailed("two disks would be written to one image", field="disks")
+        needed = sum(d.estimatedBytes for d in spec.disks if not d.precreated)
+        if room.known and room.available < needed:
+            raise PreflightFailed(
+                f"pool {pool.pool} has {room.available} bytes available, the move needs {needed}",
+                code=Code.NO_SPACE,
+                field="dstPrimaryStorageUuid",
+            )
+        return Layout(disks=disks)
+
+    async def _block_layout(self, spec: IncomingSpec, storage: BlockDir) -> Layout:
+        assert self.host is not None
+        used = await used_here(self.host)
+        for migration_id in self.records.list_ids():  # chosen by an open migration, not written yet
+            with contextlib.suppress(NotFound, ValueError):
+                used.update(self.records.load(migration_id).layout.tops().values())
+        free = [f for f in await free_devices(self.host, storage) if f[0] not in used]
+        disks: list[PreparedDisk] = []
+        for i, disk in enumerate(spec.disks):
+            field = f"disks[{i}].top"
+            if "/" in disk.top:  # the caller's dstInstallPath
+                device = str(storage.confine(disk.top, field))
+            else:
+                fitting = sorted((f for f in free if f[1] >= disk.virtualSize), key=lambda f: (f[1], f[0]))
+                if not fitting:
+                    raise PreflightFailed(
+                        f"no free block device of at least {disk.virtualSize} bytes for disk {disk.target} "
+                        f"in storage {storage.uuid} ({storage.path}) on this host",
+                        code=Code.NO_SPACE,
+                        field="dstPrimaryStorageUuid",
+                        details="free now: " + (", ".join(f"{p} ({n} bytes)" for p, n in free) or "none"),
+                    )
+                device = fitting[0][0]
+            free = [f for f in free if f[0] != device]
+            await check_device_takes(storage, device, disk.target, disk.virtualSize, used, field=field)
+            used.add(device)
+            disks.append(
+                PreparedDisk(target=disk.target, top=device, kind=StorageKind.BLOCK, size=disk.virtualSize)
+            )
+        return Layout(disks=disks)
+
     def _reserved(self, storage_uuid: str) -> int:
         """Bytes the open migrations of this host reserved in ``storage_uuid``."""
         total = 0
@@ -238,8 +347,18 @@ class IncomingService:
         return needed
 
     async def _create_disk(self, record: IncomingRecord, disk: IncomingDisk, paths: PreparedDisk) -> None:
-        """Create the top now; lower layers are created by their transfer (``open_layer``), base first."""
+        """Create the top now; lower layers are created by their transfer (``open_layer``), base first. An
+        RBD image is made thin; a block device is only recorded (the migration's full mirror writes it
+        whole; an abort gives it back blank)."""
         if disk.precreated or disk.offline:
+            return
+        if paths.kind is not StorageKind.FILE:
+            record.created.append(paths.top)
+            self.records.save(record)
+            if paths.kind is StorageKind.RBD:
+                pool = self.roots.storage(record.spec.dstPrimaryStorageUuid)
+                assert isinstance(pool, RbdPool) and self.host is not None
+                await rbdimages.create_image(self.host, pool, parse_rbd(paths.top, "top"), disk.virtualSize)
             return
         below = paths.layers[-1] if paths.layers else None
         below_fmt = disk.layers[-1].format if disk.layers else None
@@ -370,7 +489,7 @@ class IncomingService:
             live = {d.target: d for d in parse_disks(await self.host.live_xml(record.vmUuid))}
             for disk in record.layout.disks:
                 got = live.get(disk.target)
-                if got is None or got.source != disk.top:
+                if got is None or got.location != disk.top:
                     raise MigrationFailed(
                         f"VM {record.vmUuid} does not use {disk.top} for {disk.target} here",
                         code=Code.VERIFY_FAILED,
@@ -421,7 +540,7 @@ class IncomingService:
                 )
             for key in [k for k in self._layers if k[0] == normalise_uuid(migration_id)]:
                 await self._layers.pop(key).abort()
-            removed = remove_created(record, self.roots)
+            removed = await remove_created(record, self.roots, self.host)
             self.records.forget(migration_id)
             log.info("incoming migration %s aborted; removed %d files", migration_id, len(removed))
             return {"migrationId": migration_id, "state": IncomingState.ABORTED, "removed": removed}

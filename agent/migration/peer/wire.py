@@ -13,9 +13,11 @@ from collections.abc import Iterable
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from agent.config import StorageKind
 from agent.errors import Code, MigrationFailed
 from agent.migration.plan import DiskPlan, LayerPlan, MigrationPlan
 from agent.migration.request import normalise_uuid
+from agent.virt.domxml import RbdAccess, VolumeSource
 
 
 class _Wire(BaseModel):
@@ -142,10 +144,33 @@ class _Answer(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=True)
 
 
+class PreparedRbd(_Answer):
+    """How the destination's QEMU reaches the RBD pool of a prepared image (the destination's own monitors,
+    cephx user and libvirt secret: the source writes them into the destination XML only)."""
+
+    monitors: tuple[tuple[str, int], ...] = Field(min_length=1)
+    user: str
+    secretUuid: str
+
+
 class PreparedDisk(_Answer):
     target: str
     top: str = Field(description="the destination top the migration fills (or the last layer sent)")
     layers: tuple[str, ...] = Field(default=(), description="the lower layers' paths there, base first")
+    kind: StorageKind = Field(
+        default=StorageKind.FILE, description="file: a path; rbd: rbd:pool/image; block: a device path"
+    )
+    size: int | None = Field(
+        default=None, ge=0, description="a block device larger than the disk: the bytes the guest sees"
+    )
+    rbd: PreparedRbd | None = None
+
+    def source(self, fmt: str) -> VolumeSource:
+        """The prepared top as libvirt names it in the destination XML."""
+        access = None
+        if self.rbd is not None:
+            access = RbdAccess(self.rbd.monitors, self.rbd.user, self.rbd.secretUuid)
+        return VolumeSource(self.kind, self.top, fmt, access, self.size)
 
 
 class Prepared(_Answer):

@@ -13,11 +13,12 @@ from agent.migration.mirrors.hotdisk import Mode
 from agent.migration.mirrors.speeds import AllocationIndex
 from agent.migration.plan import DiskPlan, MigrationPlan, allocation_index
 from agent.migration.samehost.abandon import abandon
-from agent.migration.samehost.steering import pace, raise_if_stopped, source_index
+from agent.migration.samehost.steering import pace, raise_if_stopped
 from agent.migration.samehost.switch import finish
 from agent.migration.samehost.verify import verify
 from agent.migration.samehost.work import Mirror, Work
 from agent.migration.states import TaskState
+from agent.migration.volumes import source_index
 from agent.storage.roots import StorageRoots
 from agent.virt.domxml import parse_disks
 from agent.virt.host import VirtHost
@@ -91,7 +92,7 @@ async def _pick_up_mirrors(host: VirtHost, ctx: TaskContext, work: Work, *, tick
     written = await host.block_writes(ctx.vm_uuid, [d.target for d in work.plan.disks])
     for disk in work.plan.disks:
         mirror = work.mirrors[disk.target]
-        mirror.index = await source_index(host, ctx, disk)
+        mirror.index = await source_index(host, ctx.vm_uuid, disk)
         if disk.target in blocking and mirror.watch is not None:
             mirror.watch.mode = Mode.WRITE_BLOCKING
         # The guest's writes before the restart are unknown: the background part is estimated from here,

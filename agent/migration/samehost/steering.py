@@ -16,22 +16,16 @@ from agent.migration.mirrors import hotdisk
 from agent.migration.mirrors.guestwrites import read_guest_writes
 from agent.migration.mirrors.hotdisk import DiskWatch, Mode
 from agent.migration.mirrors.pacer import EQUAL_SHARES, JobFigures, MirrorPacer, judge_budget
-from agent.migration.mirrors.speeds import AllocationIndex, SteeringClock
-from agent.migration.plan import DiskPlan, allocation_index
+from agent.migration.mirrors.speeds import SteeringClock
 from agent.migration.request import Strategy
 from agent.migration.samehost.mirrors import on_event, restart_write_blocking, start_mirror
 from agent.migration.samehost.streams import BlockJobStreams
 from agent.migration.samehost.work import Mirror, Work
-from agent.virt import livemap
+from agent.migration.volumes import source_index
 from agent.virt.domxml import parse_disks
 from agent.virt.host import LIBVIRT_OUTAGE_S, UNREACHABLE, DomainEvent, VirtHost
 from agent.virt.states import DomainState
 from agent.virt.writes import WriteHistory
-
-
-async def source_index(host: VirtHost, ctx: TaskContext, disk: DiskPlan) -> AllocationIndex:
-    """Where ``disk``'s source data is: from qemu-img, or for an RBD image from the QEMU that has it open."""
-    return await allocation_index(disk, lambda: livemap.live_allocation(host, ctx.vm_uuid, disk.target))
 
 
 async def mirror_until_ready(
@@ -41,7 +35,7 @@ async def mirror_until_ready(
     events = host.subscribe(ctx.vm_uuid)
     try:
         for disk in work.plan.disks:
-            index = await source_index(host, ctx, disk)
+            index = await source_index(host, ctx.vm_uuid, disk)
             work.mirrors[disk.target] = Mirror.of(disk, index, DiskWatch(disk.target))
         await _measure_writes(host, ctx, work, history)
         shares = hotdisk.disk_shares(ctx.bandwidth, work.watches, set())
