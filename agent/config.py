@@ -95,6 +95,10 @@ class RbdStorageConfig(_Storage):
     monitors: tuple[str, ...] = Field(min_length=1)
     user: str
     secret_uuid: str
+    #: A Ceph keyring holding ``user``'s key (root's, mode 0600), for what the agent does itself where no QEMU
+    #: runs: a stopped VM's copy onto or off the pool, and a chain kept as RBD snapshots. Without it those
+    #: are refused (or the chain flattened, and said so); a running VM's moves need only the libvirt secret.
+    keyring: AbsolutePath | None = None
 
     @field_validator("pool")
     @classmethod

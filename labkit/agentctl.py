@@ -14,6 +14,7 @@ import warnings
 from pathlib import Path
 
 from . import hostsetup
+from .ceph import client_key
 from .layout import (
     AGENT_BIN,
     AGENT_PORT,
@@ -109,10 +110,10 @@ def config_text(host: HostSpec, hs: HostState, ceph: CephState, *, twin_port: in
     lines += [f'path = "{host.block_root}"']
     lines += ["", "[[storage]]", f'uuid = "{ceph.storage_uuid}"', 'kind = "rbd"', f'pool = "{CEPH_POOL}"']
     lines += [f'monitors = ["{CEPH_ADDRESS}:{CEPH_MON_PORTS[1]}"]', f'user = "{CEPH_USER}"']
-    lines += [f'secret_uuid = "{ceph.secret_uuid}"']
+    lines += [f'secret_uuid = "{ceph.secret_uuid}"', f'keyring = "{host.ceph_keyring}"']
     lines += ["", "[[storage]]", f'uuid = "{ceph.storage2_uuid}"', 'kind = "rbd"', f'pool = "{CEPH_POOL2}"']
     lines += [f'monitors = ["{CEPH_ADDRESS}:{CEPH_MON_PORTS[1]}"]', f'user = "{CEPH_USER}"']
-    lines += [f'secret_uuid = "{ceph.secret_uuid}"']
+    lines += [f'secret_uuid = "{ceph.secret_uuid}"', f'keyring = "{host.ceph_keyring}"']
     if twin_port:
         return "\n".join(lines) + "\n"
     # The ZStack dialect, for a management server played from the lab's network or inside a host.
@@ -154,7 +155,10 @@ def config_stale(host: HostSpec, hs: HostState, ceph: CephState) -> bool:
 def write_config(host: HostSpec, hs: HostState, ceph: CephState) -> bool:
     host.agent_state_dir.mkdir(parents=True, exist_ok=True)
     ensure_cluster_token()
-    return write_file(host.agent_config, config_text(host, hs, ceph))
+    # The client's key for the agent's own reads and writes of the pools (stopped VMs, RBD snapshots).
+    keyring = f"[client.{CEPH_USER}]\n\tkey = {client_key()}\n"
+    changed = write_file(host.ceph_keyring, keyring, 0o600)
+    return write_file(host.agent_config, config_text(host, hs, ceph)) or changed
 
 
 def ensure_cluster_token() -> None:

@@ -128,6 +128,11 @@ class HostSpec:
         return self.dir / "agent.toml"
 
     @property
+    def ceph_keyring(self) -> Path:
+        """The lab client's keyring for this host's agent (its rbd storages' ``keyring``)."""
+        return self.dir / f"ceph.client.{CEPH_USER}.keyring"
+
+    @property
     def agent_log(self) -> Path:
         return self.dir / "agent.log"
 

@@ -29,7 +29,18 @@ async def volume_inventory(
             size = moved.virtual_size if moved else None
             top: dict[str, Any] = {"installPath": disk.location, "format": disk.format, "size": size}
             top["actualSize"] = None
-            below: list[dict[str, Any]] = []
+            # Lower layers the move kept as the image's snapshots, newest first as a chain is listed.
+            below: list[dict[str, Any]] = [
+                {
+                    "installPath": layer.dst,
+                    "format": "raw",
+                    "size": layer.virtual_size,
+                    "actualSize": None,
+                    "primaryStorageUuid": plan.dst_storage_uuid,
+                }
+                for layer in reversed(moved.lower_layers if moved else ())
+                if layer.dst.startswith(disk.location + "@")
+            ]
         elif disk.type in ("file", "block") and disk.source:
             chain = await qemuimg.backing_chain(disk.source, disk.format)
             top = _layer(chain[0], roots) | {"size": disk.slice_size or chain[0].virtual_size}

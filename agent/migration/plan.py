@@ -22,6 +22,7 @@ from agent.storage import qemuimg
 from agent.storage.blockdir import BlockDir
 from agent.storage.locations import is_rbd, parse_rbd
 from agent.storage.qemuimg import Extent, ImageInfo
+from agent.storage.rbdkey import snapshot_name
 from agent.storage.rbdpool import RbdPool
 from agent.storage.roots import Storage, StorageRoot
 from agent.virt.domxml import DiskXml, RbdAccess, VolumeSource
@@ -232,8 +233,9 @@ def volume_uuid(disk: DiskXml, request: MigrationRequest) -> str:
 
 #: The kinds of volume a same-host live move takes a disk from.
 KINDS = (StorageKind.FILE, StorageKind.BLOCK, StorageKind.RBD)
-#: A stopped VM's, on one host: the agent reads files and devices itself, and holds no Ceph key.
-OFFLINE_KINDS = (StorageKind.FILE, StorageKind.BLOCK)
+#: A stopped VM's, on one host: the agent reads files, devices and RBD images itself (an image with its
+#: pool's keyring, ``agent.storage.rbdkey``).
+OFFLINE_KINDS = (StorageKind.FILE, StorageKind.BLOCK, StorageKind.RBD)
 #: Files only (a stopped VM across hosts).
 FILES_ONLY = (StorageKind.FILE,)
 
@@ -366,6 +368,7 @@ def plan_migration(
     dst_rbd: RbdAccess | None = None,
     free_devices: Sequence[FreeDevice] = (),
     kinds: Collection[StorageKind] = FILES_ONLY,
+    rbd_snapshots: str | None = "keeping them as RBD snapshots is done on one host only",
 ) -> MigrationPlan:
     """Decide the moves. ``chains`` maps a disk target to its chain (top first) from qemu-img.
 
@@ -378,6 +381,9 @@ def plan_migration(
     the plan says so when ``withSnapshots`` asked to keep it. ``kinds``: the kinds of source volume the
     move reads (``KINDS`` for a same-host live move, ``OFFLINE_KINDS`` for a stopped VM on one host); a root
     disk of another kind is refused (``AGENT.STORAGE_KIND_UNSUPPORTED``), a data volume stays.
+    ``rbd_snapshots``: None when a chain kept onto an RBD pool (``withSnapshots``) can keep its lower layers
+    as snapshots of the image (the engine writes them, with the pool's keyring), else why not (the chain
+    is then flattened, and the plan's notes say why).
     """
     psm = request.primaryStorageMigrateVm
     precreated = request.targetsPrecreated
@@ -433,15 +439,45 @@ def plan_migration(
         top = chain[0]
         uuid = volume_uuid(disk, request)
         dst_top = _dst_top_for(disk, index, request, dst_root, volume=uuid, size=top.virtual_size, free=free)
-        flatten = not psm.withSnapshots or len(chain) == 1 or one_layer
-        if one_layer and psm.withSnapshots and len(chain) > 1:
+        as_snapshots = (
+            rbd_snapshots is None
+            and dst_kind is StorageKind.RBD
+            and psm.withSnapshots
+            and len(chain) > 1
+            and not precreated
+            and all(layer.virtual_size == top.virtual_size for layer in chain)
+        )
+        flatten = not psm.withSnapshots or len(chain) == 1 or (one_layer and not as_snapshots)
+        if one_layer and psm.withSnapshots and len(chain) > 1 and not as_snapshots:
             notes.append(
-                f"{disk.target}: its {len(chain)} layers are flattened into one raw {dst_kind} volume "
-                f"(keeping them as {dst_kind} snapshots is not done yet)"
+                f"{disk.target}: its {len(chain)} layers are flattened into one raw {dst_kind} volume ("
+                + (rbd_snapshots or "its layers differ in size, an RBD snapshot keeps the image's")
+                + ")"
             )
         lower: list[LayerPlan] = []
         dst_backing = dst_backing_fmt = None
-        if not flatten and not precreated:
+        if as_snapshots:
+            # Each lower layer written into the image over the one below it, then snapshotted; the top is
+            # mirrored shallow onto the image, which holds the chain below it by then.
+            for layer in reversed(chain[1:]):  # base first
+                lower.append(
+                    LayerPlan(
+                        src=layer.path,
+                        dst=f"{dst_top}@{snapshot_name(layer.path)}",
+                        format=layer.format,
+                        virtual_size=layer.virtual_size,
+                        actual_size=layer.actual_size,
+                        backing_dst=None,
+                        backing_format=None,
+                        cluster_size=layer.cluster_size,
+                    )
+                )
+                layers[lower[-1].dst] = lower[-1]
+            notes.append(
+                f"{disk.target}: its {len(lower)} lower layers are kept as snapshots of {dst_top}, oldest "
+                "first: " + ", ".join(lp.dst.rsplit("@", 1)[1] for lp in lower)
+            )
+        elif not flatten and not precreated:
             dst_dir = os.path.dirname(dst_top)
             below_dst: str | None = None
             below_fmt: str | None = None

@@ -19,6 +19,7 @@ from agent.migration.plan import DiskPlan, allocation_index
 from agent.storage import blockdir, qemuimg, rbdimages
 from agent.storage.blockdir import BlockDir
 from agent.storage.locations import parse_rbd
+from agent.storage.rbdkey import keyed
 from agent.storage.rbdpool import RbdPool
 from agent.storage.roots import Storage, StorageRoot, StorageRoots
 from agent.virt import livemap
@@ -74,6 +75,15 @@ def volume_source(storage: Storage | None, kind: StorageKind, location: str, fmt
     return VolumeSource(kind, location, fmt)
 
 
+def snapshots_refused(storage: Storage) -> str | None:
+    """None when a chain moved onto ``storage`` can keep its lower layers as RBD snapshots (an RBD pool whose
+    storage names a keyring: the agent writes and snapshots them itself), else why not (for the plan's
+    notes); not an RBD pool: None, nothing to refuse."""
+    if isinstance(storage, RbdPool) and storage.keyring is None:
+        return f"keeping them as RBD snapshots needs a keyring in storage {storage.uuid} (agent.toml)"
+    return None
+
+
 async def source_index(host: VirtHost, vm_uuid: str, disk: DiskPlan) -> AllocationIndex:
     """Where ``disk``'s source data is: from qemu-img, or for an RBD image from the QEMU that has it open
     (``agent.virt.livemap``: the agent holds no Ceph key)."""
@@ -103,6 +113,12 @@ async def start_over(host: VirtHost, dst: Storage, disk: DiskPlan) -> None:
     device is rewritten whole by the next full mirror)."""
     if disk.dst_kind is StorageKind.FILE:
         Path(disk.dst_top).unlink()
+    elif disk.dst_kind is StorageKind.RBD and disk.lower_layers:
+        # The image holds the layers below as snapshots: its head goes back to the newest of them.
+        assert isinstance(dst, RbdPool)
+        async with keyed(dst, "keeping a chain as RBD snapshots") as key:
+            await key.rbd("snap", "rollback", disk.lower_layers[-1].dst.removeprefix("rbd:"))
+        return
     elif disk.dst_kind is StorageKind.RBD:
         assert isinstance(dst, RbdPool)
         await rbdimages.remove_image(host, dst, parse_rbd(disk.dst_top, "volumes"))

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -123,11 +124,13 @@ async def rebase_unsafe(path: str, backing: str, backing_format: str) -> None:
     )
 
 
-async def compare(a: str, b: str) -> bool:
-    """Guest-visible content equal (``qemu-img compare`` exit 0), different (exit 1)."""
+async def compare(a: str, b: str, *, objects: Sequence[str] = ()) -> bool:
+    """Guest-visible content equal (``qemu-img compare`` exit 0), different (exit 1). ``objects``:
+    ``--object`` arguments the images need (an RBD key's secret)."""
     proc = await asyncio.create_subprocess_exec(
         QEMU_IMG,
         "compare",
+        *objects,
         "-U",
         "-q",
         a,

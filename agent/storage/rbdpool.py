@@ -18,6 +18,8 @@ class RbdPool:
     monitors: tuple[tuple[str, int], ...]
     user: str
     secret_uuid: str
+    #: The keyring holding the user's key for the agent's own reads and writes (``rbdkey``), if configured.
+    keyring: str | None = None
 
     kind = StorageKind.RBD
 
@@ -30,6 +32,7 @@ class RbdPool:
             tuple(config.monitor_hosts()),
             config.user,
             config.secret_uuid,
+            None if config.keyring is None else str(config.keyring),
         )
 
     @property

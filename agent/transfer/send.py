@@ -28,7 +28,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +37,8 @@ from qemu.qmp import EventListener
 
 from agent.errors import Code, StorageError
 from agent.storage import qemuimg
+from agent.storage.locations import RbdImage
+from agent.storage.rbdkey import KeyedPool
 from agent.transfer.endpoint import NbdEndpoint, add_psk_credentials
 from agent.transfer.nodes import add_read_only_chain
 from agent.transfer.qsd import DaemonCommandFailed, DaemonError, StorageDaemon, finish_shielded
@@ -86,11 +88,71 @@ async def send_layer(
     ``force_share`` opens the layer even if another process holds it for writing (then the copy is only
     right if that process does not write meanwhile; see ``agent.transfer.nodes``).
     """
+
+    async def connect(daemon: StorageDaemon, virtual_size: int) -> None:
+        await _connect_target(daemon, nbd_host, port, export_name, psk, virtual_size, src_path)
+
+    return await _copy_layer(
+        src_path,
+        src_format,
+        f"{nbd_host}:{port}",
+        connect,
+        rate=rate,
+        on_progress=on_progress,
+        force_share=force_share,
+        poll_s=poll_s,
+        runtime_dir=runtime_dir,
+    )
+
+
+async def copy_layer_into_rbd(
+    src_path: str,
+    src_format: str,
+    keyed: KeyedPool,
+    image: RbdImage,
+    *,
+    rate: RateFn,
+    on_progress: ProgressFn | None = None,
+    poll_s: float = 0.5,
+) -> SendResult:
+    """Copy the layer ``src_path`` (its own clusters: data, and explicit zeroes by unmapping) into the RBD
+    image, whose content is that of the layer's backing chain already (a chain kept as RBD snapshots: each
+    lower layer written over the one below, then snapshotted). The image has the layer's virtual size."""
+
+    async def connect(daemon: StorageDaemon, virtual_size: int) -> None:
+        await daemon.execute("object-add", keyed.secret_object())
+        node = {**keyed.node(image), "node-name": TARGET_NODE, "discard": "unmap"}
+        try:
+            await daemon.execute("blockdev-add", node)
+        except DaemonCommandFailed as err:
+            raise TransferFailed(
+                f"cannot open {image} to write layer {src_path}", details=err.qmp_desc
+            ) from err
+        await _check_target_size(daemon, virtual_size, src_path)
+
+    return await _copy_layer(
+        src_path, src_format, str(image), connect, rate=rate, on_progress=on_progress, poll_s=poll_s
+    )
+
+
+async def _copy_layer(
+    src_path: str,
+    src_format: str,
+    where: str,
+    connect: Callable[[StorageDaemon, int], Awaitable[None]],
+    *,
+    rate: RateFn,
+    on_progress: ProgressFn | None,
+    force_share: bool = False,
+    poll_s: float,
+    runtime_dir: str | None = None,
+) -> SendResult:
+    """The copy itself: the layer (its chain attached, read-only) mirrored ``sync: top`` through the rate's
+    throttle into the target node ``connect`` adds."""
     chain = await qemuimg.backing_chain(src_path)
     if chain[0].format != src_format:
         raise StorageError(f"{src_path} is {chain[0].format}, not {src_format}", field="format")
     daemon = StorageDaemon(f"send:{Path(src_path).name}", runtime_dir=runtime_dir)
-    where = f"{nbd_host}:{port}"
     started = time.monotonic()
     job_started = False
     try:
@@ -104,7 +166,7 @@ async def send_layer(
             "blockdev-add",
             {"driver": "throttle", "node-name": RATE_NODE, "throttle-group": THROTTLE_GROUP, "file": source},
         )
-        await _connect_target(daemon, nbd_host, port, export_name, psk, chain[0].virtual_size, src_path)
+        await connect(daemon, chain[0].virtual_size)
         with daemon.listen("BLOCK_JOB_READY", "BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED") as events:
             await daemon.execute(
                 "blockdev-mirror",
@@ -210,6 +272,10 @@ async def _connect_target(
             f"cannot open the destination export for layer {src_path} at {host}:{port}",
             details=err.qmp_desc,
         ) from err
+    await _check_target_size(daemon, virtual_size, src_path)
+
+
+async def _check_target_size(daemon: StorageDaemon, virtual_size: int, src_path: str) -> None:
     nodes = await daemon.execute("query-named-block-nodes", {"flat": True})
     size = next(int(n["image"]["virtual-size"]) for n in nodes if n["node-name"] == TARGET_NODE)
     if size != virtual_size:

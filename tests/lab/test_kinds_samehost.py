@@ -8,14 +8,13 @@ device, an image) is given back when the test ends."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from agentapi import disk_sources, migrate, start
+from agentapi import disk_sources, images_identical, migrate, qemu_img_chain, start
 from faultkit import assert_no_loss, finish, kill_agent, lab_restored, start_agent, wait_for_progress
 from labtools import Guest, Lab
 
@@ -113,7 +112,7 @@ async def test_a_running_guest_moves_onto_rbd_thin_with_its_chain_flattened(
     guest.wait_for_acks(10)
     before = disk_sources(host, guest.name)
 
-    body = migration_body(pool.storage_uuid, withDataVolumes=True, withSnapshots=True)
+    body = migration_body(pool.storage_uuid, withDataVolumes=True)  # the chain flattened into the image
     run = await migrate(lab_agents, host, guest.uuid, body)
     assert run.state == "SUCCEEDED", run.task.get("error")
     live, defined = disk_sources(host, guest.name), disk_sources(host, guest.name, inactive=True)
@@ -123,7 +122,6 @@ async def test_a_running_guest_moves_onto_rbd_thin_with_its_chain_flattened(
     plan = run.task["details"]["plan"]
     assert {d["target"]: d["to"] for d in plan["disks"]} == {t: f"rbd:{p}" for t, p in live.items()}
     assert all(d["toKind"] == "rbd" and d["flatten"] for d in plan["disks"]), plan
-    assert len(plan["notes"]) == 2 and all("flattened" in n for n in plan["notes"]), plan
     assert host.virsh("dumpxml", guest.name).count("<secret type='ceph'") == 2
 
     # Thin: each image uses the objects its source's data falls in (the source files stay, frozen at the
@@ -216,6 +214,45 @@ async def test_a_guest_born_on_rbd_moves_pool_to_pool_and_onto_files_within_its_
     await _pool_to_pool_then_files(lab_agents, guest, taken_images, cap=CAP_MIB)
 
 
+async def test_a_chain_moved_onto_rbd_with_its_snapshots_keeps_them_as_rbd_snapshots(
+    lab_agents: Lab, taken_images: list[str], make_guest: Callable[..., Guest]
+) -> None:
+    """``withSnapshots`` onto the pool: each lower layer is written into the disk's image and snapshotted
+    there, oldest first, then the top mirrored shallow onto it. Checked from outside: the image's snapshots
+    (``rbd snap ls``), each snapshot's content equal to its source layer with the layers below it, the head
+    the guest's disk (every acknowledged record read back), the inventory listing the snapshots."""
+    host, pool = lab_agents.host("hostA"), lab_agents.ceph
+    guest = make_guest(data_volumes=1, snapshots=2, fill_mib=16)
+    guest.wait_for_acks(10)
+    before = disk_sources(host, guest.name)
+    lower = {t: [layer["filename"] for layer in reversed(qemu_img_chain(p)[1:])] for t, p in before.items()}
+    assert all(len(chain) == 2 for chain in lower.values()), lower
+
+    body = migration_body(pool.storage_uuid, withDataVolumes=True, withSnapshots=True)
+    run = await migrate(lab_agents, host, guest.uuid, body)
+    assert run.state == "SUCCEEDED", run.task.get("error")
+    live = disk_sources(host, guest.name)
+    taken_images.extend(live.values())
+    assert live == disk_sources(host, guest.name, inactive=True) and set(live) == {"vda", "vdb"}, live
+    plan = run.task["details"]["plan"]
+    assert all(d["toKind"] == "rbd" and not d["flatten"] for d in plan["disks"]), plan
+    assert len(plan["notes"]) == 2 and all("kept as snapshots" in n for n in plan["notes"]), plan
+    inventory = {v["deviceName"]: v for v in run.task["inventory"]["volumes"]}
+    for target, spec in live.items():
+        name = spec.split("/", 1)[1]
+        snaps = json.loads(ceph.rbd("snap", "ls", "--format", "json", spec))
+        want = [Path(layer).name.split(".")[0] for layer in lower[target]]
+        assert [s["name"] for s in sorted(snaps, key=lambda s: s["id"])] == want, (target, snaps)
+        for snap, layer in zip(want, lower[target], strict=True):
+            assert images_identical(layer, ceph.qemu_uri(f"{name}@{snap}")), (target, snap, layer)
+        chain = [b["installPath"] for b in inventory[target]["backingChain"]]
+        assert chain == [f"rbd:{spec}@{snap}" for snap in reversed(want)], inventory[target]
+        print(f"{target}: {spec} keeps {', '.join(want)}")
+    guest.wait_for_acks(10)
+    result = guest.verify()
+    assert result.ok and result.disks == 2, result.output
+
+
 async def test_a_running_guest_moves_from_rbd_onto_block_devices(
     lab_agents: Lab,
     taken_devices: list[Path],
@@ -250,12 +287,12 @@ async def test_a_running_guest_moves_from_rbd_onto_block_devices(
     assert result.ok and result.disks == 2, result.output
 
 
-async def test_a_guest_born_on_rbd_moves_live_onto_files_and_stopped_is_refused(
-    lab_agents: Lab, make_guest: Callable[..., Guest]
+async def test_a_stopped_guest_born_on_rbd_moves_pool_to_pool_and_onto_files(
+    lab_agents: Lab, taken_images: list[str], make_guest: Callable[..., Guest]
 ) -> None:
-    """A guest created on the pool (`guest create --storage rbd`): shut off, its move is refused naming
-    the image (no QEMU runs to read it, the agent holds no Ceph key), nothing made; running, it moves onto
-    files, every acknowledged record read back from them."""
+    """A guest created on the pool (`guest create --storage rbd`), shut off: its images read and written by
+    the agent with the pool's keyring (no QEMU runs), onto the second pool and then onto files, each copy
+    compared with its source; it boots from each, every acknowledged record read back."""
     host = lab_agents.host("hostA")
     pool, files = lab_agents.ceph, host.root("ps1")
     guest = make_guest(storage="rbd", data_volumes=1, fill_mib=32)
@@ -263,23 +300,33 @@ async def test_a_guest_born_on_rbd_moves_live_onto_files_and_stopped_is_refused(
     born = disk_sources(host, guest.name)
     assert set(born) == {"vda", "vdb"} and all(p.startswith(f"{pool.pool}/") for p in born.values()), born
 
-    host.virsh("destroy", guest.name)
-    before = os.listdir(files.path)
-    refused = await migrate(lab_agents, host, guest.uuid, migration_body(files.uuid, withDataVolumes=True))
-    assert refused.state == "FAILED", refused.task
-    error = refused.task["error"]
-    assert (
-        error["code"] == "AGENT.STORAGE_KIND_UNSUPPORTED" and f"rbd:{born['vda']}" in error["description"]
-    ), error
-    assert os.listdir(files.path) == before
-
+    host.virsh("destroy", guest.name)  # pulled plug: acknowledged writes were flushed
+    run = await migrate(
+        lab_agents, host, guest.uuid, migration_body(pool.storage2_uuid, withDataVolumes=True)
+    )
+    assert run.state == "SUCCEEDED", run.task.get("error")
+    assert run.task["details"]["engine"] == "offline"
+    moved = disk_sources(host, guest.name, inactive=True)
+    taken_images.extend(moved.values())
+    assert all(p.startswith(f"{pool.pool2}/") for p in moved.values()), moved
+    for target, image in moved.items():
+        used, source = (
+            ceph.rbd_used_bytes(image.split("/", 1)[1], pool.pool2),
+            ceph.rbd_used_bytes(born[target].split("/", 1)[1]),
+        )
+        print(f"{target}: {image} uses {used / MiB:.0f} MiB, its source {source / MiB:.0f} MiB")
+        assert used <= source + RBD_OBJECT, (target, used, source)
     host.virsh("start", guest.name)
     guest.wait_for_acks(10)
-    run = await migrate(lab_agents, host, guest.uuid, migration_body(files.uuid, withDataVolumes=True))
-    assert run.state == "SUCCEEDED", run.task.get("error")
-    live = disk_sources(host, guest.name)
-    assert live == disk_sources(host, guest.name, inactive=True), live
-    assert all(Path(p).parent == files.path and Path(p).is_file() for p in live.values()), live
+    result = guest.verify()
+    assert result.ok and result.disks == 2, result.output
+
+    host.virsh("destroy", guest.name)
+    back = await migrate(lab_agents, host, guest.uuid, migration_body(files.uuid, withDataVolumes=True))
+    assert back.state == "SUCCEEDED", back.task.get("error")
+    defined = disk_sources(host, guest.name, inactive=True)
+    assert all(Path(p).parent == files.path and Path(p).is_file() for p in defined.values()), defined
+    host.virsh("start", guest.name)
     guest.wait_for_acks(10)
     result = guest.verify()
     assert result.ok and result.disks == 2, result.output
@@ -353,20 +400,48 @@ async def test_the_agent_killed_mid_copy_onto_rbd_settles_the_truth(
     await _strike_a_copy_onto_rbd(lab_restored, taken_images, make_guest, kill)
 
 
+async def test_a_stopped_guest_moves_onto_rbd_keeping_its_snapshots_and_boots_from_the_images(
+    lab_agents: Lab, taken_images: list[str], make_guest: Callable[..., Guest]
+) -> None:
+    """A shut-off VM with two-layer chains onto the pool with ``withSnapshots``: each base written into a
+    new image and snapshotted, the top written over it (the agent's own copy, with the pool's keyring),
+    compared; the definition names the images; it boots from them, every acknowledged record read back."""
+    host, pool = lab_agents.host("hostA"), lab_agents.ceph
+    guest = make_guest(data_volumes=1, snapshots=1, fill_mib=32)
+    guest.wait_for_acks(10)
+    host.virsh("destroy", guest.name)
+    before = disk_sources(host, guest.name, inactive=True)
+    bases = {t: qemu_img_chain(p)[1]["filename"] for t, p in before.items()}
+    body = migration_body(pool.storage_uuid, withDataVolumes=True, withSnapshots=True)
+    run = await migrate(lab_agents, host, guest.uuid, body)
+    assert run.state == "SUCCEEDED", run.task.get("error")
+    assert run.task["details"]["engine"] == "offline"
+    defined = disk_sources(host, guest.name, inactive=True)
+    taken_images.extend(defined.values())
+    assert all(p.startswith(f"{pool.pool}/") for p in defined.values()), defined
+    for target, spec in defined.items():
+        name = spec.split("/", 1)[1]
+        snaps = [s["name"] for s in json.loads(ceph.rbd("snap", "ls", "--format", "json", spec))]
+        want = Path(bases[target]).name.split(".")[0]
+        assert snaps == [want], (target, snaps)
+        assert images_identical(bases[target], ceph.qemu_uri(f"{name}@{want}")), target
+        assert images_identical(before[target], ceph.qemu_uri(name)), target
+    host.virsh("start", guest.name)
+    guest.wait_for_acks(10)
+    result = guest.verify()
+    assert result.ok and result.disks == 2, result.output
+
+
 async def test_a_stopped_guest_moves_onto_block_devices_and_boots_from_them(
     lab_agents: Lab, taken_devices: list[Path], make_guest: Callable[..., Guest]
 ) -> None:
     """A shut-off VM's chains written raw onto free devices (flattened, said so), compared, the definition
-    pointing at the devices; onto RBD it is refused with nothing made (no QEMU runs to write the image)."""
+    pointing at the devices; then back onto files."""
     host = lab_agents.host("hostA")
     blk = host.root(BLOCK_ROOT)
     guest = make_guest(data_volumes=1, snapshots=1, fill_mib=32)
     guest.wait_for_acks(10)
     host.virsh("destroy", guest.name)  # pulled plug: acknowledged writes were fsync'd
-    images = ceph.rbd_images()
-    refused = await migrate(lab_agents, host, guest.uuid, migration_body(lab_agents.ceph.storage_uuid))
-    assert refused.state == "FAILED" and refused.task["error"]["code"] == "AGENT.STORAGE_KIND_UNSUPPORTED"
-    assert ceph.rbd_images() == images
 
     body = migration_body(blk.uuid, withDataVolumes=True, withSnapshots=True)
     run = await migrate(lab_agents, host, guest.uuid, body)

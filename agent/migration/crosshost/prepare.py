@@ -54,7 +54,16 @@ async def plan_live_move(host: VirtHost, ctx: TaskContext, peer: DestinationAgen
     dst_uuid = ctx.request.primaryStorageMigrateVm.dstPrimaryStorageUuid
     kind = await destination_kind(peer, dst_uuid)
     dst = RemoteRoot(dst_uuid, Path("/")) if kind is StorageKind.FILE else RemoteVolumes(dst_uuid, kind)
-    plan = plan_migration(ctx.vm_uuid, disks, chains, ctx.request, dst, kinds=KINDS)
+    plan = plan_migration(
+        ctx.vm_uuid,
+        disks,
+        chains,
+        ctx.request,
+        dst,
+        kinds=KINDS,
+        rbd_snapshots="across hosts libvirt 9.0 copies onto an RBD image only by a full mirror, which would "
+        "write the lower layers' data into the image's head again: done on one host",
+    )
     snapshots.refuse_internal({d.target: chains[d.target] for d in plan.disks})
     refuse_local_disks_left(plan)
     metas = await host.call_domain(ctx.vm_uuid, snapshots.read_snapshots)

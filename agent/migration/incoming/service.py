@@ -245,9 +245,16 @@ class IncomingService:
         assert self.host is not None
         room = await rbdimages.check_access(self.host, pool)
         wire = PreparedRbd(monitors=pool.monitors, user=pool.user, secretUuid=pool.secret_uuid)
+        used = await used_here(self.host)
         disks: list[PreparedDisk] = []
         for i, disk in enumerate(spec.disks):
             image = pool.confine(disk.top, f"disks[{i}].top")
+            if str(image) in used:  # a peer never gets another VM's image of this host, pre-created or not
+                raise PreflightFailed(
+                    f"target {image} is used by a domain of this host",
+                    code=Code.TARGET_EXISTS,
+                    field=f"disks[{i}].top",
+                )
             found = await rbdimages.image_size(self.host, pool, image)
             if disk.precreated and found != disk.virtualSize:
                 what = "does not exist" if found is None else f"is {found} bytes, the disk {disk.virtualSize}"

@@ -17,10 +17,19 @@ from agent.migration.limits import AgentTransfer, LiveLimits
 from agent.migration.peer.client import DestinationAgent
 from agent.migration.plan import FILES_ONLY, MigrationPlan, RemoteRoot, inspect_chains, plan_migration
 from agent.migration.states import TaskState
-from agent.migration.volumes import CLAIMED_DEVICES, claim_devices, release_created
+from agent.migration.volumes import (
+    CLAIMED_DEVICES,
+    claim_devices,
+    rbd_access,
+    release_created,
+    snapshots_refused,
+)
+from agent.storage import rbdimages
 from agent.storage.blockdir import BlockDir
+from agent.storage.locations import parse_rbd
+from agent.storage.rbdpool import RbdPool
 from agent.storage.roots import StorageRoot, StorageRoots
-from agent.virt.domxml import parse_disks
+from agent.virt.domxml import DiskXml, parse_disks
 from agent.virt.host import VirtHost
 from agent.virt.states import DomainState
 
@@ -72,7 +81,7 @@ class OfflineEngine:
                 f"VM {ctx.vm_uuid} is {state}; an offline move needs it shut off", field="vmUuid"
             )
         disks = parse_disks(await self.host.inactive_xml(ctx.vm_uuid))
-        chains = await inspect_chains(disks)
+        chains = await inspect_chains(disks, await self._rbd_sizes(disks))
         dst_uuid = ctx.request.primaryStorageMigrateVm.dstPrimaryStorageUuid
         dst = self._root(dst_uuid)
         free = None
@@ -80,7 +89,15 @@ class OfflineEngine:
             # No await from here to the claim: a device another task claimed meanwhile is not offered.
             free = [f for f in await free_devices(self.host, dst) if f[0] not in CLAIMED_DEVICES]
         plan = plan_migration(
-            ctx.vm_uuid, disks, chains, ctx.request, dst, free_devices=free or (), kinds=self.kinds
+            ctx.vm_uuid,
+            disks,
+            chains,
+            ctx.request,
+            dst,
+            dst_rbd=rbd_access(dst) if isinstance(dst, RbdPool) else None,
+            free_devices=free or (),
+            kinds=self.kinds,
+            rbd_snapshots=snapshots_refused(dst),
         )
         if isinstance(dst, BlockDir):
             claim_devices([d.dst_top for d in plan.disks])
@@ -88,8 +105,24 @@ class OfflineEngine:
         ctx.note("plan", plan.summary())
         return await self._move(ctx, plan)
 
-    def _root(self, dst_uuid: str) -> StorageRoot | BlockDir:
+    def _root(self, dst_uuid: str) -> StorageRoot | BlockDir | RbdPool:
         raise NotImplementedError
+
+    async def _rbd_sizes(self, disks: list[DiskXml]) -> dict[str, int]:
+        """The size of every RBD disk in a pool of this agent's configuration, when the engine reads RBD
+        (libvirt's pool knows it: no QEMU of the stopped VM to ask); others stay out of the plan."""
+        if StorageKind.RBD not in self.kinds:
+            return {}
+        sizes: dict[str, int] = {}
+        for disk in disks:
+            if disk.device != "disk" or disk.type != "network" or not disk.location:
+                continue
+            pool = self.roots.owner_of_location(disk.location)
+            if isinstance(pool, RbdPool):
+                size = await rbdimages.image_size(self.host, pool, parse_rbd(disk.location, "source"))
+                if size is not None:
+                    sizes[disk.target] = size
+        return sizes
 
     async def _move(self, ctx: TaskContext, plan: MigrationPlan) -> list[dict[str, Any]]:
         raise NotImplementedError
@@ -104,7 +137,7 @@ class OfflineEngine:
 
     async def _remove(self, paths: list[str]) -> None:
         for path in reversed(paths):
-            if isinstance(self.roots.owner_of_location(path), BlockDir):
+            if isinstance(self.roots.owner_of_location(path), BlockDir | RbdPool):
                 await release_created(self.host, self.roots, path, log)
             elif self.roots.owner_of(path):
                 with contextlib.suppress(FileNotFoundError):

@@ -82,7 +82,7 @@ class SameHostEngine:
         await ctx.checkpoint(work.checkpoint_data(Step.PREPARED))
         try:
             await ctx.enter(TaskState.COPYING)
-            await copy_layers(roots, ctx, work)
+            await copy_layers(host, roots, ctx, work)
             await create_tops(host, roots, ctx, work)
             await mirror_until_ready(host, ctx, work, tick_s=self.tick_s, history=self.history)
         except BaseException:

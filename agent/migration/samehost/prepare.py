@@ -19,7 +19,7 @@ from agent.migration.plan import (
     plan_migration,
 )
 from agent.migration.targets import check_precreated_target, check_same_content_below
-from agent.migration.volumes import CLAIMED_DEVICES, claim_devices, rbd_access
+from agent.migration.volumes import CLAIMED_DEVICES, claim_devices, rbd_access, snapshots_refused
 from agent.storage import qemuimg, rbdimages
 from agent.storage.blockdir import BlockDir
 from agent.storage.locations import is_rbd, parse_rbd
@@ -53,7 +53,15 @@ async def plan_move(host: VirtHost, roots: StorageRoots, ctx: TaskContext) -> Mi
         # No await from here to the claim: a device another task claimed meanwhile is not offered.
         free = [f for f in await free_devices(host, dst) if f[0] not in CLAIMED_DEVICES]
     plan = plan_migration(
-        ctx.vm_uuid, disks, chains, ctx.request, dst, dst_rbd=rbd, free_devices=free or (), kinds=KINDS
+        ctx.vm_uuid,
+        disks,
+        chains,
+        ctx.request,
+        dst,
+        dst_rbd=rbd,
+        free_devices=free or (),
+        kinds=KINDS,
+        rbd_snapshots=snapshots_refused(dst),
     )
     snapshots.refuse_internal({d.target: chains[d.target] for d in plan.disks})
     if isinstance(dst, BlockDir):

@@ -11,9 +11,12 @@ from agent.errors import AgentError, Code, MigrationFailed
 from agent.migration import snapshots
 from agent.migration.engine import TaskContext
 from agent.migration.inventory import volume_inventory
-from agent.migration.plan import MigrationPlan
+from agent.migration.plan import DiskPlan, MigrationPlan
 from agent.migration.samehost.work import Work
 from agent.storage import qemuimg
+from agent.storage.locations import parse_rbd
+from agent.storage.rbdkey import keyed
+from agent.storage.rbdpool import RbdPool
 from agent.storage.roots import StorageRoots
 from agent.virt.domxml import parse_disks, rewrite_disk_sources
 from agent.virt.host import VirtHost
@@ -39,6 +42,8 @@ async def verify(host: VirtHost, roots: StorageRoots, ctx: TaskContext, work: Wo
                 )
     for moved in work.plan.disks:
         total = work.mirrors[moved.target].total
+        if moved.dst_kind is StorageKind.RBD and moved.lower_layers:
+            await _check_snapshots(work, moved)
         if moved.dst_kind is not StorageKind.FILE:
             # One raw volume (a device, an image): no chain to read; libvirt's XML above is the check.
             ctx.progress(f"disk:{moved.target}", total, total)
@@ -56,6 +61,21 @@ async def verify(host: VirtHost, roots: StorageRoots, ctx: TaskContext, work: Wo
             )
         ctx.progress(f"disk:{moved.target}", total, total)
     return await volume_inventory(live, work.plan, roots)
+
+
+async def _check_snapshots(work: Work, disk: DiskPlan) -> None:
+    """The image keeps the disk's lower layers as its snapshots, oldest first, as planned."""
+    pool = work.dst
+    assert isinstance(pool, RbdPool)
+    want = [layer.dst.rsplit("@", 1)[1] for layer in disk.lower_layers]
+    async with keyed(pool, "keeping a chain as RBD snapshots") as key:
+        have = await key.snapshots(parse_rbd(disk.dst_top, "volumes"))
+    if have[: len(want)] != want:
+        raise MigrationFailed(
+            f"{disk.dst_top} does not keep the snapshots planned",
+            code=Code.VERIFY_FAILED,
+            details=f"planned {', '.join(want)}; found {', '.join(have) or 'none'}",
+        )
 
 
 async def carry_snapshots(host: VirtHost, ctx: TaskContext, plan: MigrationPlan) -> None:

@@ -3,6 +3,7 @@ into it (and said so), a device picked smallest-first, confinement, the journal'
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -186,7 +187,7 @@ def _rbd_disk(target: str, image: str, **kw: object) -> DiskXml:
     return disk(target, None, type="network", format="raw", location=f"rbd:{image}", **kw)
 
 
-async def test_from_rbd_an_image_moves_to_a_file_of_its_name_only_on_a_live_move(tmp_path: Path) -> None:
+async def test_from_rbd_an_image_moves_to_a_file_of_its_name_where_the_move_reads_rbd(tmp_path: Path) -> None:
     root = StorageRoot(DST, tmp_path)
     disks = [_rbd_disk("vda", "ksa/vol-a", serial="vol-a"), disk("vdb", "/src/b.qcow2", serial="vol-b")]
     chains = await inspect_chains(disks[:1], {"vda": GiB})
@@ -203,15 +204,16 @@ async def test_from_rbd_an_image_moves_to_a_file_of_its_name_only_on_a_live_move
     )
     assert vda.src_source(ACCESS).disk_type == "network"
     assert MigrationPlan.from_dict(plan.to_dict()) == plan
-    # Elsewhere (across hosts, a stopped VM) the root on RBD is refused, naming the disk and its image.
-    for kinds in (FILES_ONLY, OFFLINE_KINDS):
-        with pytest.raises(StorageKindUnsupported) as err:
-            plan_migration("vm", disks, chains, request(withDataVolumes=True), root, kinds=kinds)
-        assert err.value.field == "vmUuid" and "vda (rbd:ksa/vol-a)" in err.value.description, err.value
+    assert StorageKind.RBD in OFFLINE_KINDS  # a stopped VM's too, with the pool's keyring
+    # Where the move does not read RBD (a stopped VM across hosts) the root on RBD is refused, naming the
+    # disk and its image.
+    with pytest.raises(StorageKindUnsupported) as err:
+        plan_migration("vm", disks, chains, request(withDataVolumes=True), root, kinds=FILES_ONLY)
+    assert err.value.field == "vmUuid" and "vda (rbd:ksa/vol-a)" in err.value.description, err.value
     # A data volume on RBD stays where it is when the move does not read RBD.
     disks.reverse()
     chains["vdb"] = [layer("/src/b.qcow2")]
-    plan = plan_migration("vm", disks, chains, request(withDataVolumes=True), root, kinds=OFFLINE_KINDS)
+    plan = plan_migration("vm", disks, chains, request(withDataVolumes=True), root, kinds=FILES_ONLY)
     assert [d.target for d in plan.disks] == ["vdb"] and [s.target for s in plan.skipped] == ["vda"], plan
 
 
@@ -295,3 +297,54 @@ def test_a_stopped_vms_device_is_read_through_its_slice_into_a_file_named_by_its
     with pytest.raises(StorageKindUnsupported) as err:
         plan_migration("vm", [dev], chains, request(), root)
     assert "vda (/blk/d0)" in err.value.description
+
+
+def test_onto_rbd_with_its_keyring_a_chain_keeps_its_lower_layers_as_snapshots(pool: RbdPool) -> None:
+    disks = [disk("vda", "/src/top.qcow2", serial="vol-a")]
+    plan = plan_migration(
+        "vm",
+        disks,
+        {"vda": chain3("/src")},
+        request(withSnapshots=True),
+        pool,
+        dst_rbd=ACCESS,
+        rbd_snapshots=None,
+    )
+    (vda,) = plan.disks
+    assert (vda.dst_top, vda.dst_format, vda.flatten, vda.shallow) == ("rbd:ksa/vol-a", "raw", False, True)
+    assert [(lp.src, lp.dst) for lp in vda.lower_layers] == [
+        ("/src/base.qcow2", "rbd:ksa/vol-a@base"),
+        ("/src/mid.qcow2", "rbd:ksa/vol-a@mid"),
+    ]
+    assert vda.dst_backing is None and vda.estimated_bytes == 30  # the top's data: the mirror's part
+    assert plan.layers == vda.lower_layers
+    assert "kept as snapshots of rbd:ksa/vol-a, oldest first: base, mid" in plan.summary()["notes"][0]
+    assert MigrationPlan.from_dict(plan.to_dict()) == plan
+
+
+def test_without_the_keyring_or_across_hosts_the_chain_is_flattened_saying_why(pool: RbdPool) -> None:
+    why = "keeping them as RBD snapshots needs a keyring"
+    plan = plan_migration(
+        "vm",
+        [disk("vda", "/src/top.qcow2")],
+        {"vda": chain3("/src")},
+        request(withSnapshots=True),
+        pool,
+        rbd_snapshots=why,
+    )
+    assert plan.disks[0].flatten and plan.layers == ()
+    assert "flattened" in plan.summary()["notes"][0] and why in plan.summary()["notes"][0]
+
+
+def test_layers_of_another_size_than_the_top_are_flattened(pool: RbdPool) -> None:
+    chain = chain3("/src")
+    chain[2] = dataclasses.replace(chain[2], virtual_size=chain[2].virtual_size // 2)  # grown since
+    plan = plan_migration(
+        "vm",
+        [disk("vda", "/src/top.qcow2")],
+        {"vda": chain},
+        request(withSnapshots=True),
+        pool,
+        rbd_snapshots=None,
+    )
+    assert plan.disks[0].flatten and "differ in size" in plan.summary()["notes"][0]
