@@ -124,7 +124,9 @@ def rbd_used_bytes(image: str, pool: str = CEPH_POOL) -> int:
 
 
 def rbd_remove(image: str, pool: str = CEPH_POOL) -> None:
-    """Remove the image from the pool; LabError if it is missing or still open (a watcher: QEMU)."""
+    """Remove the image and its snapshots from the pool; LabError if it is missing or still open (a
+    watcher: QEMU)."""
+    rbd("snap", "purge", "--no-progress", _spec(image, pool))
     rbd("rm", "--no-progress", _spec(image, pool))
 
 
