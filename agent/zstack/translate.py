@@ -31,6 +31,7 @@ from agent.migration.peer.client import DestinationAgent
 from agent.migration.request import MigrationRequest, Strategy, normalise_uuid
 from agent.security import client_context
 from agent.storage import qemuimg
+from agent.storage.locations import is_rbd, parse_rbd
 from agent.storage.rbdpool import RbdPool
 from agent.storage.roots import StorageRoots
 from agent.zstack.wire import BlockLiveMigrationCmd, MigrateVmCmd
@@ -164,20 +165,11 @@ async def destination_host(
 
 
 def _root_holding(paths: list[str], roots: list[dict[str, Any]]) -> str:
+    """The one storage of the destination that holds every target: a directory that contains the path, or
+    the RBD pool (and namespace) a ``ceph://pool/image`` names."""
     found: set[str] = set()
     for path in paths:
-        norm = os.path.normpath(path)
-        owner = next(
-            (
-                str(root["uuid"])
-                for root in roots
-                if root.get("path")  # an RBD pool has none (moves onto RBD: docs/storage.md)
-                and (base := os.path.normpath(str(root["path"])))
-                and norm != base
-                and os.path.commonpath([base, norm]) == base
-            ),
-            None,
-        )
+        owner = _rbd_owner(path, roots) if is_rbd(path) else _directory_owner(path, roots)
         if owner is None:
             raise InvalidRequest(
                 f"{path} is not inside a primary storage of the destination host", field="disks"
@@ -189,6 +181,35 @@ def _root_holding(paths: list[str], roots: list[dict[str, Any]]) -> str:
             field="disks",
         )
     return found.pop()
+
+
+def _directory_owner(path: str, roots: list[dict[str, Any]]) -> str | None:
+    norm = os.path.normpath(path)
+    return next(
+        (
+            str(root["uuid"])
+            for root in roots
+            if root.get("path")  # an RBD pool has none
+            and (base := os.path.normpath(str(root["path"])))
+            and norm != base
+            and os.path.commonpath([base, norm]) == base
+        ),
+        None,
+    )
+
+
+def _rbd_owner(location: str, roots: list[dict[str, Any]]) -> str | None:
+    image = parse_rbd(location, "disks")
+    return next(
+        (
+            str(root["uuid"])
+            for root in roots
+            if root.get("kind") == "rbd"
+            and root.get("pool") == image.pool
+            and (root.get("namespace") or "") == image.namespace
+        ),
+        None,
+    )
 
 
 async def migrate_request(

@@ -328,6 +328,61 @@ async def test_migrate_full_copy_to_host_b(
     assert result.ok, result.output
 
 
+async def test_migrate_full_copy_onto_ceph_images_at_host_b(
+    lab_agents: Lab,
+    taken_images: list[str],
+    make_guest: Callable[..., Guest],
+    mn: ManagementServer,
+    http: aiohttp.ClientSession,
+) -> None:
+    """ZStack moving a VM from local storage to Ceph on another host: it makes one image per volume (`rbd
+    create`, the volume's size) and sends `/vm/migrate` with `ceph://pool/image` targets. The destination's
+    pool is found in its agent's offer; the chains are flattened into the images, thin; the VM runs on
+    hostB from them, every acknowledged record read back."""
+    src, dst, pool = lab_agents.host("hostA"), lab_agents.host("hostB"), lab_agents.ceph
+    guest = make_guest(data_volumes=1, snapshots=1, fill_mib=16)
+    guest.wait_for_acks(10)
+    await connect(http, src, mn)
+    before = disk_sources(src, guest.name)
+    images = {t: f"zs-{uuid.uuid4().hex[:12]}" for t in before}
+    for target, name in images.items():
+        ceph.rbd("create", "--size", f"{virtual_size(before[target]) // MiB}M", f"{pool.pool}/{name}")
+        taken_images.append(f"{pool.pool}/{name}")
+    body = {
+        "vmUuid": guest.uuid.replace("-", ""),
+        "destHostIp": dst.migration_address,
+        "destHostManagementIp": dst.address,
+        "srcHostIp": src.address,
+        "storageMigrationPolicy": "FullCopy",
+        "disks": {
+            before[t]: volume_to(f"ceph://{pool.pool}/{images[t]}", "Root" if t == "vda" else "Data")
+            for t in before
+        },
+        "bandwidth": 200,
+        "downTime": 500,
+        "autoConverge": False,
+        "xbzrle": False,
+        "reload": False,
+        "useNuma": False,
+        "migrateFromDestination": False,
+        "nics": [],
+        "vdpaPaths": [],
+        **context("api-mig-ceph", "5-95"),
+    }
+    call = await mn.answer(await send(http, src, "/vm/migrate", body, mn))
+    assert call.body == {"success": True, "error": None}, call.body
+    assert guest.where() == {"hostB": "running"}
+    wanted = {t: f"{pool.pool}/{name}" for t, name in images.items()}
+    assert disk_sources(dst, guest.name) == wanted and disk_sources(dst, guest.name, inactive=True) == wanted
+    for target, name in images.items():
+        used = ceph.rbd_used_bytes(name)
+        print(f"{target}: {pool.pool}/{name} uses {used / MiB:.0f} MiB")
+        assert used <= 64 * MiB, "thin: the holes were not written"
+    guest.wait_for_acks(10)
+    result = guest.verify()
+    assert result.ok and result.disks == 2, result.output
+
+
 async def test_job_cancel_cancels_a_running_one(
     lab_agents: Lab, make_guest: Callable[..., Guest], mn: ManagementServer, http: aiohttp.ClientSession
 ) -> None:
