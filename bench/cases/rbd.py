@@ -9,15 +9,21 @@ image's used bytes over the agent's COPYING phase, against the cap.
 
 Each repetition: file -> pool 1 -> pool 2 by the agent (uncapped), back to a file; the same two steps by
 `virsh blockcopy`, back to a file; `qemu-img convert` file -> pool 1 -> pool 2 (the guest untouched); file ->
-pool 1 capped by the agent, back to a file. Every image a step left is removed once the guest is off it."""
+pool 1 capped by the agent, back to a file. Then across hosts: file -> pool 1 at the other host by the agent
+(one migration; the other host's agent makes the image) and back onto a file there, and the same move by
+`virsh migrate --live --p2p --copy-storage-all` onto an image made first (the destination XML naming it).
+Every image a step left is removed once the guest is off it."""
 
 from __future__ import annotations
 
 import json
 import logging
 import statistics
+import subprocess
+import tempfile
 import time
 import uuid
+import xml.etree.ElementTree as ET
 from typing import Any
 
 from bench.agentrun import require_clean, run_task
@@ -26,13 +32,15 @@ from bench.labenv import BenchGuest, MiB, _status, bench_guest, run
 from bench.plot import plot_rbd
 from bench.table import Row, Target
 from labkit import ceph
-from labkit.bodies import migration_body
+from labkit.bodies import dst_host, migration_body
+from labkit.virsh import virsh_argv
 
 log = logging.getLogger(__name__)
 
 AGENT = "agent (request to final callback)"
 VIRSH = "virsh blockcopy --reuse-external --wait --pivot"
 QEMU_IMG = "qemu-img convert"
+VIRSH_MIGRATE = "virsh migrate --live --p2p --copy-storage-all"
 DISK_MIB, FILL_MIB, CAP_MIB = 2048, 512, 50
 RBD_OBJECT = 4 * MiB
 PLOT_FILE = "rbd.png"
@@ -109,6 +117,58 @@ def _virsh_onto(guest: BenchGuest, doc: dict[str, Any], pool: str, made: set[str
     return took
 
 
+def _virsh_migrate_onto(
+    ctx: Context, guest: BenchGuest, doc: dict[str, Any], pool: str, made: set[str], tls: bool
+) -> float:
+    """Plain libvirt across hosts onto an image made first: the destination XML names it for vda."""
+    src, dst = guest.host, ctx.lab.other(guest.host)
+    name = f"{guest.name}-virsh-{uuid.uuid4().hex[:6]}"
+    ceph.rbd("create", "--size", f"{DISK_MIB}M", f"{pool}/{name}")
+    made.add(f"{pool}/{name}")
+    root = ET.fromstring(src.virsh("dumpxml", "--migratable", guest.name))
+    image = ET.fromstring(_dest_xml(doc, pool, name))
+    for disk in root.iter("disk"):
+        target = disk.find("target")
+        if target is None or target.get("dev") != "vda":
+            continue
+        disk.set("type", "network")
+        for old in [c for c in disk if c.tag in ("driver", "source", "backingStore", "auth")]:
+            disk.remove(old)
+        for index, new in enumerate(c for c in image if c.tag in ("driver", "source", "auth")):
+            disk.insert(index, new)
+    with tempfile.NamedTemporaryFile("w", suffix=".xml", prefix="bench-rbd-") as xml:
+        xml.write(ET.tostring(root, encoding="unicode"))
+        xml.flush()
+        argv = [*virsh_argv(src.libvirt_uri), "migrate", "--live", "--p2p", "--copy-storage-all"]
+        argv += ["--tls"] if tls else []
+        argv += ["--migrate-disks", "vda", "--persistent", "--undefinesource", "--xml", xml.name]
+        argv += ["--persistent-xml", xml.name, "--migrateuri", f"tcp://{dst.migration_address}"]
+        argv += [guest.name, dst.libvirt_uri]
+        started = time.monotonic()
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=900, check=False)
+        took = time.monotonic() - started
+    guest.locate(ctx.lab)
+    if proc.returncode != 0:
+        raise RuntimeError(f"virsh migrate onto {pool}/{name} failed: {proc.stderr.strip()}")
+    guest.moved_to(dst)
+    if _image(guest.sources()["vda"]) != (pool, name):
+        raise RuntimeError(f"virsh migrate did not put {guest.name} on {pool}/{name}")
+    return took
+
+
+async def _agent_across(ctx: Context, guest: BenchGuest, storage: str) -> float:
+    """The agent's move to the other host onto ``storage`` (its pool, or a file root by uuid)."""
+    dst = ctx.lab.other(guest.host)
+    body = migration_body(storage, dstHostUuid=dst.uuid, dstHost=dst_host(dst), downTime=500)
+    result = await run_task(ctx.lab, guest.host, guest.uuid, body, receiver=ctx.receiver, poll_s=0.5)
+    guest.locate(ctx.lab)
+    require_clean(result, "the agent's move across hosts")
+    guest.moved_to(dst)
+    guest.drop_unused_files()
+    assert result.elapsed is not None
+    return result.elapsed
+
+
 def _convert(src: str, pool: str, made: set[str]) -> tuple[float, str]:
     name = f"convert-{uuid.uuid4().hex[:6]}"
     started = time.monotonic()
@@ -149,6 +209,9 @@ async def run_case(ctx: Context) -> list[Row]:
     times: dict[str, dict[str, list[float]]] = {
         m: {"file->rbd": [], "rbd->rbd": []} for m in (AGENT, VIRSH, QEMU_IMG)
     }
+    across: dict[str, list[float]] = {AGENT: [], VIRSH_MIGRATE: []}  # file -> pool, to the other host
+    across_used: dict[str, list[float]] = {AGENT: [], VIRSH_MIGRATE: []}
+    tls = _status().get("transport") == "tls"
     used: dict[str, dict[str, list[float]]] = {
         m: {"file->rbd": [], "rbd->rbd": []} for m in (AGENT, VIRSH, QEMU_IMG)
     }
@@ -196,6 +259,18 @@ async def run_case(ctx: Context) -> list[Row]:
                     capped.append(_used(guest.sources()["vda"]) / copying / (CAP_MIB * MiB))
                     capped_time.append(took)
                     await _back_to_a_file(ctx, guest, made)
+                    # Across hosts: the agent, then plain libvirt onto an image made first; back each time.
+                    home = guest.host
+                    objects = _objects_with_data(guest.sources()["vda"])
+                    across[AGENT].append(await _agent_across(ctx, guest, doc["storageUuid"]))
+                    made.add("/".join(_image(guest.sources()["vda"])))
+                    across_used[AGENT].append(_used(guest.sources()["vda"]) / objects)
+                    await _agent_across(ctx, guest, home.root("ps1").uuid)
+                    _drop_images(guest, made)
+                    across[VIRSH_MIGRATE].append(_virsh_migrate_onto(ctx, guest, doc, pool1, made, tls))
+                    across_used[VIRSH_MIGRATE].append(_used(guest.sources()["vda"]) / objects)
+                    await _agent_across(ctx, guest, home.root("ps1").uuid)
+                    _drop_images(guest, made)
                     log.info(
                         "case 8 rep %d: %s",
                         rep + 1,
@@ -205,7 +280,13 @@ async def run_case(ctx: Context) -> list[Row]:
                 _drop_images(guest, made)
     finally:
         _remove_left(made)  # an image the guest was on when it was destroyed
-    ctx.raw["8"] = {"times": times, "usedOverData": used, "cappedRateOverCap": capped, "dataBytes": data}
+    ctx.raw["8"] = {
+        "times": times,
+        "usedOverData": used,
+        "cappedRateOverCap": capped,
+        "dataBytes": data,
+        "acrossHosts": {"times": across, "usedOverData": across_used},
+    }
     ctx.figures[PLOT_FILE] = lambda path: plot_rbd(times, used, path)
     note = f"the source's data fills {statistics.median(data) / MiB:.0f} MiB of 4 MiB objects"
     rows: list[Row] = []
@@ -247,6 +328,34 @@ async def run_case(ctx: Context) -> list[Row]:
                     target=Target(high=1.05, on="value") if method == AGENT else None,
                 )
             )
+    title_across = f"onto RBD, {DISK_MIB / 1024:.0f} GiB disk with {FILL_MIB} MiB of data, to the other host"
+    rows += [
+        Row(
+            "8",
+            f"{title_across}: file->rbd",
+            AGENT,
+            "time",
+            "s",
+            across[AGENT],
+            baseline=VIRSH_MIGRATE,
+            baseline_values=across[VIRSH_MIGRATE],
+            target=Target(high=1.10),
+            note=note,
+        ),
+        Row("8", f"{title_across}: file->rbd", VIRSH_MIGRATE, "time", "s", across[VIRSH_MIGRATE]),
+    ]
+    for method in (AGENT, VIRSH_MIGRATE):
+        rows.append(
+            Row(
+                "8",
+                f"{title_across}: file->rbd",
+                method,
+                "RBD used / source data",
+                "x",
+                across_used[method],
+                target=Target(high=1.05, on="value") if method == AGENT else None,
+            )
+        )
     rows.append(
         Row(
             "8",

@@ -9,16 +9,17 @@ before anything is copied, naming the secret; a cancelled move onto the pool lea
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from agentapi import Run, disk_sources, migrate, start
-from faultkit import assert_no_loss, finish, wait_for_progress
+from faultkit import assert_no_loss, finish, kill_agent, lab_restored, start_agent, wait_for_progress
 from labtools import Guest, Lab, LabHost
 
 from agent.storage import blockdir
@@ -27,8 +28,10 @@ from labkit.agents import agent_client
 from labkit.bodies import dst_host, migration_body
 from labkit.layout import BLOCK_ROOT, host_by_name
 from labkit.state import LabState
+from labkit.waits import wait_until
 
 pytestmark = pytest.mark.lab
+__all__ = ["lab_restored"]  # the fixture, imported so that a case can ask for it
 
 MiB = 1 << 20
 #: RBD stores an image in objects of this size: a thin image uses whole objects where data was written.
@@ -215,3 +218,67 @@ async def test_a_cancelled_move_onto_rbd_across_hosts_leaves_no_image(
     left = set(ceph.rbd_images()) & made
     assert not left, f"images of a cancelled move left in the pool: {left}"
     assert_no_loss(guest)
+
+
+async def _strike_a_move_onto_rbd(
+    lab: Lab, taken_images: list[str], make_guest: Callable[..., Guest], strike: Callable[[], Awaitable[str]]
+) -> None:
+    """A writing guest's two disks moved from hostA's files onto the pool at hostB at 8 MiB/s; at 20 % the
+    ``strike`` (it says what it did); then the verdict is where the guest runs: SUCCEEDED on hostB from the
+    images hostB's agent made, or FAILED on hostA from its files with those images gone (hostB's agent
+    removes them once it knows); no acknowledged write lost."""
+    a, b = lab.host("hostA"), lab.host("hostB")
+    pool = lab.ceph
+    guest = make_guest(data_volumes=1, fill_mib=64)
+    guest.wait_for_acks(10)
+    before, images = disk_sources(a, guest.name), set(ceph.rbd_images())
+    task = await start(lab, a, guest.uuid, _body(pool.storage_uuid, b, bandwidth=8))
+    await wait_for_progress(lab, a, task["taskUuid"], 20)
+    made = set(ceph.rbd_images()) - images
+    taken_images.extend(f"{pool.pool}/{name}" for name in made)
+    assert len(made) == 2, made
+    what = await strike()
+    run = await finish(lab, a, task["taskUuid"])
+    print(f"{what}: {run.state} {run.task.get('error')}")
+    if run.state == "SUCCEEDED":
+        assert guest.where() == {"hostB": "running"}, guest.where()
+        live = disk_sources(b, guest.name)
+        assert {p.split("/", 1)[1] for p in live.values()} == made, (live, made)
+    else:
+        assert guest.where() == {"hostA": "running"} and disk_sources(a, guest.name) == before
+        await wait_until(
+            lambda: not set(ceph.rbd_images()) & made, "hostB's agent removing the images it made", within=60
+        )
+    assert_no_loss(guest)
+
+
+async def test_the_destination_agent_killed_mid_copy_onto_rbd_settles_the_truth(
+    lab_restored: Lab, taken_images: list[str], make_guest: Callable[..., Guest]
+) -> None:
+    """hostB's agent is killed (SIGKILL) while the mirrors write into the images it made, and started again
+    10 s later: its record names the images, the source's verdict is the truth, and what the move made is
+    kept (the VM runs from it) or removed (it does not)."""
+    b = lab_restored.host("hostB")
+
+    async def kill() -> str:
+        kill_agent(lab_restored, b)
+        await asyncio.sleep(10)
+        start_agent(lab_restored, b)
+        return "hostB's agent killed, started again 10 s later"
+
+    await _strike_a_move_onto_rbd(lab_restored, taken_images, make_guest, kill)
+
+
+async def test_the_source_agent_killed_mid_copy_onto_rbd_settles_the_truth(
+    lab_restored: Lab, taken_images: list[str], make_guest: Callable[..., Guest]
+) -> None:
+    """hostA's agent is killed (SIGKILL) mid-copy and started again: it takes the migration up from its
+    journal (libvirt runs it peer-to-peer meanwhile), and the verdict is where the guest runs."""
+    a = lab_restored.host("hostA")
+
+    async def kill() -> str:
+        kill_agent(lab_restored, a)
+        start_agent(lab_restored, a)
+        return "hostA's agent killed and started again"
+
+    await _strike_a_move_onto_rbd(lab_restored, taken_images, make_guest, kill)
