@@ -123,6 +123,22 @@ def rbd_used_bytes(image: str, pool: str = CEPH_POOL) -> int:
     return sum(int(entry["used_size"]) for entry in doc.get("images", []) if "snapshot" not in entry)
 
 
+#: RBD stores an image in objects of this size (the pools' default): a thin image uses whole objects.
+RBD_OBJECT = 4 << 20
+
+
+def objects_with_data(path: str) -> int:
+    """Bytes of the 4 MiB objects an image of ``path``'s data would use: every object holding data of its
+    flattened chain (``qemu-img map``)."""
+    out = run(["qemu-img", "map", "-U", "--output=json", path]).stdout
+    objects: set[int] = set()
+    for extent in json.loads(out):
+        if extent["data"]:
+            end = extent["start"] + extent["length"] - 1
+            objects.update(range(extent["start"] // RBD_OBJECT, end // RBD_OBJECT + 1))
+    return len(objects) * RBD_OBJECT
+
+
 def rbd_remove(image: str, pool: str = CEPH_POOL) -> None:
     """Remove the image and its snapshots from the pool; LabError if it is missing or still open (a
     watcher: QEMU)."""

@@ -23,7 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from agent.errors import Code, PreflightFailed, StorageError
+from agent.errors import Code, PreflightFailed
+from agent.storage import qemuimg
 from agent.storage.locations import RbdImage
 from agent.storage.rbdpool import RbdPool
 
@@ -117,38 +118,12 @@ class KeyedPool:
         return "json:" + json.dumps({"driver": "raw", "file": self.node(image, snapshot=snapshot)})
 
     async def rbd(self, *args: str, limit_s: float = 120) -> str:
-        """Run the ``rbd`` tool as the pool's user; a failure is a ``StorageError`` with its stderr."""
+        """Run ``rbd args`` as the pool's user (the command's words first: ``snap``, ``create``, the image;
+        the access options after them); a failure is a ``StorageError`` with its stderr."""
         monitors = ",".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in self.pool.monitors)
-        keyring = self.pool.keyring
-        assert keyring is not None
-        proc = await asyncio.create_subprocess_exec(
-            shutil.which("rbd") or "rbd",
-            "-c",
-            "/dev/null",
-            "-m",
-            monitors,
-            "--id",
-            self.pool.user,
-            "--keyring",
-            keyring,
-            *args,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-        )
-        try:
-            async with asyncio.timeout(limit_s):
-                out, err = await proc.communicate()
-        except BaseException:
-            if proc.returncode is None:
-                proc.kill()
-                await proc.wait()
-            raise
-        if proc.returncode != 0:
-            raise StorageError(
-                f"rbd {' '.join(args[:2])} failed (exit {proc.returncode})",
-                details=err.decode(errors="replace").strip()[-2000:],
-            )
-        return out.decode()
+        assert self.pool.keyring is not None
+        access = ["-c", "/dev/null", "-m", monitors, "--id", self.pool.user, "--keyring", self.pool.keyring]
+        return await qemuimg.run(shutil.which("rbd") or "rbd", *args, *access, limit_s=limit_s)
 
     async def create_snapshot(self, image: RbdImage, name: str) -> None:
         await self.rbd("snap", "create", f"{image.spec}@{name}")

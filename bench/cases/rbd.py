@@ -16,7 +16,6 @@ Every image a step left is removed once the guest is off it."""
 
 from __future__ import annotations
 
-import json
 import logging
 import statistics
 import subprocess
@@ -42,19 +41,7 @@ VIRSH = "virsh blockcopy --reuse-external --wait --pivot"
 QEMU_IMG = "qemu-img convert"
 VIRSH_MIGRATE = "virsh migrate --live --p2p --copy-storage-all"
 DISK_MIB, FILL_MIB, CAP_MIB = 2048, 512, 50
-RBD_OBJECT = 4 * MiB
 PLOT_FILE = "rbd.png"
-
-
-def _objects_with_data(path: str) -> int:
-    """Bytes of the 4 MiB objects an image of ``path``'s data would use (its allocation map)."""
-    extents = json.loads(run(["qemu-img", "map", "-U", "--output=json", path]).stdout)
-    objects: set[int] = set()
-    for extent in extents:
-        if extent["data"]:
-            end = extent["start"] + extent["length"] - 1
-            objects.update(range(extent["start"] // RBD_OBJECT, end // RBD_OBJECT + 1))
-    return len(objects) * RBD_OBJECT
 
 
 def _image(source: str) -> tuple[str, str]:
@@ -224,7 +211,7 @@ async def run_case(ctx: Context) -> list[Row]:
             try:
                 for rep in range(reps):
                     src = guest.sources()["vda"]
-                    objects = _objects_with_data(src)
+                    objects = ceph.objects_with_data(src)
                     data.append(objects)
                     # The agent: file -> pool 1 -> pool 2.
                     took, _ = await _agent(ctx, guest, doc["storageUuid"])
@@ -261,7 +248,7 @@ async def run_case(ctx: Context) -> list[Row]:
                     await _back_to_a_file(ctx, guest, made)
                     # Across hosts: the agent, then plain libvirt onto an image made first; back each time.
                     home = guest.host
-                    objects = _objects_with_data(guest.sources()["vda"])
+                    objects = ceph.objects_with_data(guest.sources()["vda"])
                     across[AGENT].append(await _agent_across(ctx, guest, doc["storageUuid"]))
                     made.add("/".join(_image(guest.sources()["vda"])))
                     across_used[AGENT].append(_used(guest.sources()["vda"]) / objects)

@@ -10,9 +10,7 @@ before anything is copied, naming the secret; a cancelled move onto the pool lea
 from __future__ import annotations
 
 import asyncio
-import json
 import os
-import subprocess
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -34,8 +32,6 @@ pytestmark = pytest.mark.lab
 __all__ = ["lab_restored"]  # the fixture, imported so that a case can ask for it
 
 MiB = 1 << 20
-#: RBD stores an image in objects of this size: a thin image uses whole objects where data was written.
-RBD_OBJECT = 4 * MiB
 #: Objects beyond the source's data an image may use (as on one host, test_kinds_samehost.py): three objects
 #: of zeros after the first, and the guest's records written since the source was read.
 EXTRA_OBJECTS = 4
@@ -48,19 +44,6 @@ def taken_devices(lab: Lab) -> Iterator[list[tuple[LabHost, Path]]]:
     yield taken
     for _host, device in taken:
         blockdir.release(device)
-
-
-def _objects_with_data(path: str) -> int:
-    """Bytes of the 4 MiB objects an image of ``path``'s data would use (its flattened chain's map)."""
-    out = subprocess.run(
-        ["qemu-img", "map", "-U", "--output=json", path], capture_output=True, text=True, check=True
-    ).stdout
-    objects: set[int] = set()
-    for extent in json.loads(out):
-        if extent["data"]:
-            end = extent["start"] + extent["length"] - 1
-            objects.update(range(extent["start"] // RBD_OBJECT, end // RBD_OBJECT + 1))
-    return len(objects) * RBD_OBJECT
 
 
 def _body(storage_uuid: str, dst: LabHost, **extra: Any) -> dict[str, Any]:
@@ -104,7 +87,7 @@ async def test_a_running_guest_tours_rbd_block_and_files_across_hosts(
     guest = make_guest(data_volumes=1, snapshots=1, fill_mib=32)
     guest.wait_for_acks(10)
     before = disk_sources(a, guest.name)
-    data = {t: _objects_with_data(p) for t, p in before.items()}
+    data = {t: ceph.objects_with_data(p) for t, p in before.items()}
 
     # files (a two-layer chain each) -> RBD, across hosts: flattened, said so, thin.
     run = await _move(lab_agents, guest, a, b, pool.storage_uuid, withSnapshots=True)
@@ -124,7 +107,7 @@ async def test_a_running_guest_tours_rbd_block_and_files_across_hosts(
         print(
             f"{target}: RBD uses {n / MiB:.0f} MiB, the source's data {data[target] / MiB:.0f} MiB of objects"
         )
-        assert 0.95 * data[target] <= n <= 1.05 * data[target] + EXTRA_OBJECTS * RBD_OBJECT, (target, n)
+        assert 0.95 * data[target] <= n <= 1.05 * data[target] + EXTRA_OBJECTS * ceph.RBD_OBJECT, (target, n)
 
     # RBD -> the second pool, back to hostA: image to image, as thin.
     await _move(lab_agents, guest, b, a, pool.storage2_uuid)
@@ -138,7 +121,7 @@ async def test_a_running_guest_tours_rbd_block_and_files_across_hosts(
         a.virsh("resume", guest.name)
     for target, n in used2.items():
         print(f"{target}: {n / MiB:.0f} MiB in {pool.pool2}, {used[target] / MiB:.0f} MiB in {pool.pool}")
-        assert n <= used[target] + 2 * RBD_OBJECT, (target, n, used[target])
+        assert n <= used[target] + 2 * ceph.RBD_OBJECT, (target, n, used[target])
 
     # RBD -> files on hostB: sparse raw files holding the images' data.
     files = b.root("ps1")
@@ -148,7 +131,7 @@ async def test_a_running_guest_tours_rbd_block_and_files_across_hosts(
         assert Path(path).parent == files.path and Path(path).is_file(), live
         allocated = os.stat(path).st_blocks * 512
         print(f"{target}: {path} holds {allocated / MiB:.0f} MiB")
-        assert allocated <= used2[target] + 2 * RBD_OBJECT, (target, allocated)
+        assert allocated <= used2[target] + 2 * ceph.RBD_OBJECT, (target, allocated)
 
     # files -> hostA's block devices: each disk a slice of a free device.
     blk = a.root(BLOCK_ROOT)

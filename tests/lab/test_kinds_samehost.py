@@ -28,8 +28,6 @@ pytestmark = pytest.mark.lab
 __all__ = ["lab_restored"]  # the fixture, imported so that a case can ask for it
 
 MiB = 1 << 20
-#: RBD stores an image in objects of this size: a thin image uses whole objects where data was written.
-RBD_OBJECT = 4 * MiB
 #: Objects beyond the source's data an image may use: three objects of zeros right after the first (4-16
 #: MiB) in every move measured, whatever the disk's data (docs/storage.md: not explained yet), and one for
 #: the guest's records written between the switch and the pool's reading.
@@ -48,20 +46,6 @@ def taken_devices(lab: Lab) -> Iterator[list[Path]]:
     yield taken
     for device in taken:
         blockdir.release(device)
-
-
-def _objects_with_data(path: str) -> int:
-    """Bytes of the 4 MiB objects an image of ``path``'s data would use: every object holding data of its
-    flattened chain (qemu-img's allocation map)."""
-    out = subprocess.run(
-        ["qemu-img", "map", "-U", "--output=json", path], capture_output=True, text=True, check=True
-    ).stdout
-    objects: set[int] = set()
-    for extent in json.loads(out):
-        if extent["data"]:
-            end = extent["start"] + extent["length"] - 1
-            objects.update(range(extent["start"] // RBD_OBJECT, end // RBD_OBJECT + 1))
-    return len(objects) * RBD_OBJECT
 
 
 def _image_info(path: str) -> dict[str, Any]:
@@ -131,11 +115,11 @@ async def test_a_running_guest_moves_onto_rbd_thin_with_its_chain_flattened(
     try:
         for target, image in live.items():
             used = ceph.rbd_used_bytes(image.split("/", 1)[1])
-            data = _objects_with_data(before[target])
+            data = ceph.objects_with_data(before[target])
             print(
                 f"{target}: RBD uses {used / MiB:.0f} MiB, the source's data {data / MiB:.0f} MiB of objects"
             )
-            assert 0.95 * data <= used <= 1.05 * data + EXTRA_OBJECTS * RBD_OBJECT, (target, used, data)
+            assert 0.95 * data <= used <= 1.05 * data + EXTRA_OBJECTS * ceph.RBD_OBJECT, (target, used, data)
     finally:
         host.virsh("resume", guest.name)
     guest.wait_for_acks(10)
@@ -171,7 +155,7 @@ async def _pool_to_pool_then_files(
     for target, image in live.items():
         used = ceph.rbd_used_bytes(image.split("/", 1)[1], pool.pool2)
         print(f"{target}: {first[target]} used {images[target] / MiB:.0f} MiB, {image} {used / MiB:.0f} MiB")
-        assert used <= images[target] + RBD_OBJECT, (target, used, images[target])
+        assert used <= images[target] + ceph.RBD_OBJECT, (target, used, images[target])
     images = {t: ceph.rbd_used_bytes(p.split("/", 1)[1], pool.pool2) for t, p in live.items()}
     files = host.root("ps2")
     back = await migrate(
@@ -315,7 +299,7 @@ async def test_a_stopped_guest_born_on_rbd_moves_pool_to_pool_and_onto_files(
             ceph.rbd_used_bytes(born[target].split("/", 1)[1]),
         )
         print(f"{target}: {image} uses {used / MiB:.0f} MiB, its source {source / MiB:.0f} MiB")
-        assert used <= source + RBD_OBJECT, (target, used, source)
+        assert used <= source + ceph.RBD_OBJECT, (target, used, source)
     host.virsh("start", guest.name)
     guest.wait_for_acks(10)
     result = guest.verify()

@@ -133,6 +133,37 @@ def qemu_img(*args: str) -> None:
     subprocess.run(["qemu-img", *args], check=True, capture_output=True, text=True)
 
 
+def migrate_cmd(
+    guest: Guest,
+    src: LabHost,
+    dst: LabHost,
+    targets: dict[str, str],
+    api: str,
+    policy: str = "FullCopy",
+    stage: str = "0-100",
+) -> dict[str, Any]:
+    """ZStack's `/vm/migrate` of ``guest`` to ``dst``: each disk (by target) onto its ``targets`` volume."""
+    before = disk_sources(src, guest.name)
+    return {
+        "vmUuid": guest.uuid.replace("-", ""),
+        "destHostIp": dst.migration_address,
+        "destHostManagementIp": dst.address,
+        "srcHostIp": src.address,
+        "storageMigrationPolicy": policy,
+        "disks": {before[t]: volume_to(targets[t], "Root" if t == "vda" else "Data") for t in targets},
+        "bandwidth": 200,
+        "downTime": 500,
+        "autoConverge": False,
+        "xbzrle": False,
+        "reload": False,
+        "useNuma": False,
+        "migrateFromDestination": False,
+        "nics": [],
+        "vdpaPaths": [],
+        **context(api, stage),
+    }
+
+
 def precreate(path: str, size: int, backing: str | None = None) -> str:
     """What ZStack's primary storage does before it migrates: an empty target volume."""
     if backing is None:
@@ -294,24 +325,7 @@ async def test_migrate_full_copy_to_host_b(
     await connect(http, src, mn)
     before = disk_sources(src, guest.name)
     targets = {t: precreate(new_path(dst, "ps1"), virtual_size(p)) for t, p in before.items()}
-    body = {
-        "vmUuid": guest.uuid.replace("-", ""),
-        "destHostIp": dst.migration_address,
-        "destHostManagementIp": dst.address,
-        "srcHostIp": src.address,
-        "storageMigrationPolicy": "FullCopy",
-        "disks": {before[t]: volume_to(targets[t], "Root" if t == "vda" else "Data") for t in before},
-        "bandwidth": 200,
-        "downTime": 500,
-        "autoConverge": False,
-        "xbzrle": False,
-        "reload": False,
-        "useNuma": False,
-        "migrateFromDestination": False,
-        "nics": [],
-        "vdpaPaths": [],
-        **context("api-mig", "5-95"),
-    }
+    body = migrate_cmd(guest, src, dst, targets, "api-mig", stage="5-95")
     task_uuid = await send(http, src, "/vm/migrate", body, mn)
     call = await mn.answer(task_uuid)
     assert call.body == {"success": True, "error": None}
@@ -348,27 +362,8 @@ async def test_migrate_full_copy_onto_ceph_images_at_host_b(
     for target, name in images.items():
         ceph.rbd("create", "--size", f"{virtual_size(before[target]) // MiB}M", f"{pool.pool}/{name}")
         taken_images.append(f"{pool.pool}/{name}")
-    body = {
-        "vmUuid": guest.uuid.replace("-", ""),
-        "destHostIp": dst.migration_address,
-        "destHostManagementIp": dst.address,
-        "srcHostIp": src.address,
-        "storageMigrationPolicy": "FullCopy",
-        "disks": {
-            before[t]: volume_to(f"ceph://{pool.pool}/{images[t]}", "Root" if t == "vda" else "Data")
-            for t in before
-        },
-        "bandwidth": 200,
-        "downTime": 500,
-        "autoConverge": False,
-        "xbzrle": False,
-        "reload": False,
-        "useNuma": False,
-        "migrateFromDestination": False,
-        "nics": [],
-        "vdpaPaths": [],
-        **context("api-mig-ceph", "5-95"),
-    }
+    targets = {t: f"ceph://{pool.pool}/{name}" for t, name in images.items()}
+    body = migrate_cmd(guest, src, dst, targets, "api-mig-ceph", stage="5-95")
     call = await mn.answer(await send(http, src, "/vm/migrate", body, mn))
     assert call.body == {"success": True, "error": None}, call.body
     assert guest.where() == {"hostB": "running"}
@@ -451,18 +446,7 @@ async def test_migrate_inc_copy_needs_and_keeps_the_chain_in_place(
     before = disk_sources(src, guest.name)
 
     def body(targets: dict[str, str], api: str) -> dict[str, Any]:
-        return {
-            "vmUuid": guest.uuid.replace("-", ""),
-            "destHostIp": dst.migration_address,
-            "destHostManagementIp": dst.address,
-            "srcHostIp": src.address,
-            "storageMigrationPolicy": "IncCopy",
-            "disks": {before[t]: volume_to(targets[t], "Root" if t == "vda" else "Data") for t in before},
-            "bandwidth": 200,
-            "downTime": 500,
-            "reload": False,
-            **context(api),
-        }
+        return migrate_cmd(guest, src, dst, targets, api, policy="IncCopy")
 
     # Flat targets cannot take a top-only copy: refused before anything moves, the targets left alone.
     flat = {t: precreate(new_path(dst, "ps1"), virtual_size(p)) for t, p in before.items()}

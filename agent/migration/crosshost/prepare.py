@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from agent.client import ClientError
 from agent.config import StorageKind
 from agent.errors import Code, MigrationFailed, PreflightFailed
 from agent.migration import snapshots
@@ -82,16 +81,8 @@ async def plan_live_move(host: VirtHost, ctx: TaskContext, peer: DestinationAgen
 async def destination_kind(peer: DestinationAgent, storage_uuid: str) -> StorageKind:
     """The kind of the destination's storage ``storage_uuid``, from what its agent offers peers. A storage
     it does not list is left to its ``prepare`` to refuse (it names the storages it has)."""
-    try:
-        offer = await peer.offer()
-    except ClientError as err:
-        raise MigrationFailed(
-            f"destination agent unreachable: {err}",
-            code=Code.PEER_UNREACHABLE,
-            details="check dstHost.agentUrl, the token and the network",
-        ) from err
-    for entry in offer.get("storage", []) if isinstance(offer, dict) else []:
-        if isinstance(entry, dict) and entry.get("uuid") == storage_uuid:
+    for entry in await peer.storages():
+        if entry.get("uuid") == storage_uuid:
             try:
                 return StorageKind(entry.get("kind", "file"))
             except ValueError:

@@ -67,6 +67,12 @@ class DestinationAgent:
         raises the client's own ``ClientError``: its caller (the ZStack dialect) words that failure itself."""
         return await self.client.request("GET", "v1", "incoming-migrations")
 
+    async def storages(self) -> list[dict[str, Any]]:
+        """The destination's primary storages as it offers them to peers (uuid, kind, location, ...)."""
+        answer = await self._call("GET", (), None)
+        listed = answer.get("storage") if isinstance(answer, dict) else None
+        return [entry for entry in listed or [] if isinstance(entry, dict)]
+
     async def prepare(self, spec: IncomingSpec) -> Prepared:
         """Create the incoming migration's files and record; the answer names them."""
         answer = await self._call("POST", (), spec.model_dump(), when_free=True)
