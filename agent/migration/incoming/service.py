@@ -292,7 +292,7 @@ class IncomingService:
         disks: list[PreparedDisk] = []
         for i, disk in enumerate(spec.disks):
             field = f"disks[{i}].top"
-            if "/" in disk.top:  # the caller's dstInstallPath
+            if "/" in disk.top or os.path.lexists(storage.path / disk.top):  # the caller's dstInstallPath
                 device = str(storage.confine(disk.top, field))
             else:
                 fitting = sorted((f for f in free if f[1] >= disk.virtualSize), key=lambda f: (f[1], f[0]))
