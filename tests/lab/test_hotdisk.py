@@ -91,6 +91,9 @@ def copy_seconds(run: Run) -> float:
     return run.samples[-1][0] - started
 
 
+# It judges the background copy's rate from a copy of about 3 s (three one-second samples): beside the other
+# lab, one late tick made the median 7.0 MB/s against a cap of 6 MiB/s (2026-12-08), so it runs alone.
+@pytest.mark.rates
 async def test_samehost_auto_moves_a_hot_disk_and_says_it_went_over_the_cap(
     lab_agents: Lab, make_guest: Callable[..., Guest], recorder: CallbackRecorder
 ) -> None:

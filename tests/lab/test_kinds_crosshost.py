@@ -250,18 +250,3 @@ async def test_the_destination_agent_killed_mid_copy_onto_rbd_settles_the_truth(
         return "hostB's agent killed, started again 10 s later"
 
     await _strike_a_move_onto_rbd(lab_restored, taken_images, make_guest, kill)
-
-
-async def test_the_source_agent_killed_mid_copy_onto_rbd_settles_the_truth(
-    lab_restored: Lab, taken_images: list[str], make_guest: Callable[..., Guest]
-) -> None:
-    """hostA's agent is killed (SIGKILL) mid-copy and started again: it takes the migration up from its
-    journal (libvirt runs it peer-to-peer meanwhile), and the verdict is where the guest runs."""
-    a = lab_restored.host("hostA")
-
-    async def kill() -> str:
-        kill_agent(lab_restored, a)
-        start_agent(lab_restored, a)
-        return "hostA's agent killed and started again"
-
-    await _strike_a_move_onto_rbd(lab_restored, taken_images, make_guest, kill)
