@@ -42,6 +42,7 @@ from agent.virt.host import VirtHost
 
 class LocalOfflineEngine(OfflineEngine):
     kinds = OFFLINE_KINDS
+
     def __init__(self, host: VirtHost, roots: StorageRoots, config: AgentConfig) -> None:
         super().__init__(host, roots, config)
         #: The RBD pools of the running copy, with their keys, by storage uuid.
